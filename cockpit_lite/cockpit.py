@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import __version__, presets, quantities as qreg
 from .quantities.base import Quantity, Watched
+from .distributed import detect, unwrap
 from .rng import rng_state
 from .runlog import RunLogWriter, load
 from .step_context import MicroBatch, StepContext
@@ -67,11 +68,17 @@ class Cockpit:
             last render is made at ``close()``.
         advisor: run the advisor's rules while training (see ``cockpit_lite.advisor.live``): each
             diagnosis is warned once and logged. A mapping gives thresholds.
+        distributed: data-parallel runs (``torch.distributed``, e.g. DDP): ``"auto"`` (default) reduces
+            the statistics over all processes of the default group when it is initialized with more
+            than one, so that they describe the global batch; a process group to use that one; None to
+            observe this process's shard only. Every process must watch; process 0 writes the log
+            (the others write nothing). See ``cockpit_lite.distributed``.
     """
 
     def __init__(self, model, optimizer, loss_fn=None, logdir=None, quantities: QuantitySpec = "default",
                  *, fsync: bool = False, sinks: Iterable[Any] = (), tensorboard: bool = False,
-                 advisor: Union[bool, Mapping[str, Any]] = False, dashboard: Union[None, bool, str] = None):
+                 advisor: Union[bool, Mapping[str, Any]] = False, dashboard: Union[None, bool, str] = None,
+                 distributed: Any = "auto"):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"watch() needs an nn.Module as model, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -80,6 +87,8 @@ class Cockpit:
             raise RuntimeError(
                 f"this {type(model).__name__} is already watched by another cockpit; close() that one first"
             )
+        model = unwrap(model)  # DDP: hooks and parameter names on the user's module
+        group = detect(distributed)
         names, params = _observed_parameters(model, optimizer)
         if loss_fn is not None and not isinstance(loss_fn, torch.nn.Module):
             warnings.warn(
@@ -93,11 +102,15 @@ class Cockpit:
         self.loss_fn = loss_fn
         self.reduction = getattr(loss_fn, "reduction", "unknown") if isinstance(loss_fn, torch.nn.Module) else "unknown"
         self.quantities: List[Quantity] = _resolve_quantities(quantities)
-        self.watched = Watched(model, optimizer, names, params, loss_fn)
+        self.watched = Watched(model, optimizer, names, params, loss_fn, group)
         self.logdir = os.fspath(logdir) if logdir is not None else os.path.join(
             "runs", datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
-        self._writer = RunLogWriter(self.logdir, self._header(), fsync=fsync)
-        self._sinks = list(sinks)
+        self.writes = group is None or group.rank == 0  # one log per run: process 0 writes it
+        header = self._header()
+        self._writer = RunLogWriter(self.logdir, header, fsync=fsync) if self.writes else _NoLog(self.logdir)
+        self._sinks = list(sinks) if self.writes else []
+        if not self.writes:
+            tensorboard = advisor = dashboard = False
         if tensorboard:
             from .tensorboard.writer import TensorBoardSink
 
@@ -454,11 +467,26 @@ class Cockpit:
             "reduction": self.reduction,
             "params": [{"name": n, "shape": list(p.shape), "numel": p.numel()} for n, p in zip(w.names, w.params)],
             "num_params": sum(p.numel() for p in w.params),
+            "processes": w.dist.size if w.dist is not None else 1,
             "quantities": {q.name: q.describe() for q in self.quantities},
         }
 
 
 # -- helpers ------------------------------------------------------------------------------------
+class _NoLog:
+    """The run log of a process other than 0 in a data-parallel run: process 0 writes the records."""
+
+    def __init__(self, logdir: str):
+        self.path = os.path.join(logdir, "cockpit.jsonl")
+        self.closed = False
+
+    def write(self, record) -> None:
+        pass
+
+    def close(self, footer=None) -> None:
+        self.closed = True
+
+
 def _observed_parameters(model, optimizer):
     model_params = list(model.named_parameters())
     if not model_params:

@@ -7,6 +7,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..distributed import shard_weight, sum_tensors
 from . import backpack_diag
 from .batch_loss import BatchLoss, CurvatureUnavailable, rebuild
 from .hutchinson import hutchinson_diagonal
@@ -26,7 +27,7 @@ def hessian(ctx, subbatch: Optional[int] = None, mode: str = "double_backward") 
         op = HessianOperator(batch_loss(ctx, subbatch), mode)
         if subbatch is None and getattr(op, "loss", None) is not None:
             check_reevaluation(ctx, op.loss)
-        ctx.cache[key] = op
+        ctx.cache[key] = across_processes(ctx, op, subbatch)
     return ctx.cache[key]
 
 
@@ -53,8 +54,38 @@ def ggn(ctx, subbatch: Optional[int] = None) -> GGNOperator:
         op = GGNOperator(batch_loss(ctx, subbatch))
         if subbatch is None:
             check_reevaluation(ctx, torch.tensor(op.loss))
-        ctx.cache[key] = op
+        ctx.cache[key] = across_processes(ctx, op, subbatch)
     return ctx.cache[key]
+
+
+class _AcrossProcesses:
+    """v -> sum_r w_r A_r v: the curvature of the global batch of a data-parallel run from each
+    process's operator A_r on its shard (w_r = its share of the samples for a mean loss, 1 for a
+    sum); one reduction per product. Every process must apply it to the same vectors (the solvers are
+    deterministic and their random probes seeded alike)."""
+
+    def __init__(self, op, weight: float, group):
+        self.op, self.weight, self.group = op, weight, group
+        self.params = op.params
+        self.loss = getattr(op, "loss", None)
+
+    @property
+    def hvps(self) -> int:
+        return self.op.hvps
+
+    def __call__(self, v):
+        return sum_tensors(self.group, [h * self.weight for h in self.op(v)])
+
+    def release(self) -> None:
+        self.op.release()
+
+
+def across_processes(ctx, op, subbatch: Optional[int] = None):
+    """``op`` itself in one process; in a data-parallel run, the operator of the global batch."""
+    group = ctx.watched.dist
+    if group is None:
+        return op
+    return _AcrossProcesses(op, shard_weight(group, batch_loss(ctx, subbatch).num_samples or 0, ctx.reduction), group)
 
 
 class ExactDiagonals:
@@ -84,6 +115,9 @@ class ExactDiagonals:
                 diag = self.engine.compute(batch_loss(ctx, subbatch), kind)
                 if subbatch is None:
                     check_reevaluation(ctx, torch.tensor(self.engine.last_loss))
+                if ctx.watched.dist is not None:  # the global batch's diagonal: shards weighted
+                    w = shard_weight(ctx.watched.dist, batch_loss(ctx, subbatch).num_samples or 0, ctx.reduction)
+                    diag = sum_tensors(ctx.watched.dist, [d * w for d in diag])
                 ctx.cache[key] = diag
             except CurvatureUnavailable:
                 raise

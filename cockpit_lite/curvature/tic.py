@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from ..persample import noise
+
 from . import step as curv
 from .batch_loss import CurvatureUnavailable
 
@@ -53,7 +55,7 @@ def _compute(ctx, exact, probes, generator) -> TIC:
         n = ps.n
         if not n:
             return TIC(None, None, "", 0, "no samples on this step")
-        moments = ps.second_moment()
+        moments = noise.second_moment(ctx)  # over the global batch in a data-parallel run
     except Exception as err:
         return TIC(None, None, "", 0, f"per-sample second moment unavailable ({type(err).__name__}: {err})")
     if any(m is None for m in moments):

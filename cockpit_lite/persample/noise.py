@@ -1,45 +1,51 @@
 """Shared pieces of the gradient-noise quantities (norm/inner/ortho tests, GSNR, early stopping, CABS).
 
 Everything is computed once per step and cached in ``ctx.cache`` so that several active quantities
-reuse it: ||g_i||^2 per parameter, g_i . g per parameter, sum_i g_ij^2, the mean gradient g.
-Final reductions run in float64.
+reuse it: the mean gradient g, and sums over the samples: of ||g_i||^2 and (g_i . g)^2 per parameter,
+of sum_j g_ij^2 elementwise. The quantities are functions of these sums only, so that in a
+data-parallel run (``cockpit_lite.distributed``) adding up the processes' sums gives the statistics of
+the global batch. Final reductions run in float64.
 """
 
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..distributed import sum_numbers, sum_tensors
+
 
 def mean_grad(ctx) -> List[torch.Tensor]:
+    """g, the mean gradient of the (global) batch, per parameter."""
     return ctx.per_sample.mean_grad()
 
 
-def sq_norms_per_param(ctx) -> List[torch.Tensor]:
-    return ctx.per_sample.sq_norms_per_param()
+def sums(ctx, *need: str) -> Dict[str, torch.Tensor]:
+    """Sums over the samples of the (global) batch, float64, for the statistics ``need`` and every
+    one the step's quantities planned (``per_sample_stats``), so that one reduction over the processes
+    of a data-parallel run serves them all:
 
-
-def mean_dots_per_param(ctx) -> List[torch.Tensor]:
-    """g_i . g_j-part, per parameter j ([n] each)."""
-    if "ps_mean_dots" not in ctx.cache:
-        ctx.cache["ps_mean_dots"] = ctx.per_sample.dots_mean_per_param()
-    return ctx.cache["ps_mean_dots"]
-
-
-def sq_norms_matrix(ctx) -> torch.Tensor:
-    """[params, n] float64: ||g_i||^2 restricted to each parameter."""
-    if "ps_sq_mat" not in ctx.cache:
-        ctx.cache["ps_sq_mat"] = torch.stack(sq_norms_per_param(ctx)).double()
-    return ctx.cache["ps_sq_mat"]
-
-
-def mean_dots_matrix(ctx) -> torch.Tensor:
-    """[params, n] float64: g_i . g restricted to each parameter."""
-    if "ps_dots_mat" not in ctx.cache:
-        ctx.cache["ps_dots_mat"] = torch.stack(mean_dots_per_param(ctx)).double()
-    return ctx.cache["ps_dots_mat"]
+    ``"sq"`` gives ``sq``: [params] sum_i ||g_i||^2 restricted to each parameter;
+    ``"dots"`` gives ``dots2``: [params] sum_i p_ij^2 and ``dots2_total``: [1] sum_i (sum_j p_ij)^2,
+    with p_ij = g_i . g restricted to parameter j.
+    """
+    have = ctx.cache.setdefault("ps_sums", {})
+    view = ctx.per_sample
+    todo = ((set(need) | view._planned()) & {"sq", "dots"}) - set(have.get("stats", ()))
+    if todo:
+        parts: Dict[str, torch.Tensor] = {}
+        if "sq" in todo:
+            parts["sq"] = torch.stack(view.sq_norms_per_param()).double().sum(1)
+        if "dots" in todo:
+            p = torch.stack(view.dots_mean_per_param()).double()  # [params, n_local]
+            parts["dots2"] = (p * p).sum(1)
+            parts["dots2_total"] = (p.sum(0) ** 2).sum().reshape(1)
+        keys = list(parts)
+        have.update(zip(keys, sum_tensors(ctx.watched.dist, [parts[k] for k in keys])))
+        have["stats"] = set(have.get("stats", ())) | todo
+    return have
 
 
 def sq_mean_norm_vector(ctx) -> torch.Tensor:
@@ -51,14 +57,26 @@ def sq_mean_norm_vector(ctx) -> torch.Tensor:
 
 
 def second_moment(ctx) -> List[torch.Tensor]:
-    return ctx.per_sample.second_moment()
+    """sum_i g_ij^2 over the (global) batch, shaped like each parameter."""
+    if "ps_m2" not in ctx.cache:
+        ctx.cache["ps_m2"] = sum_tensors(ctx.watched.dist, ctx.per_sample.second_moment())
+    return ctx.cache["ps_m2"]
 
 
-def sq_mean_norms(ctx) -> List[torch.Tensor]:
-    """||g_j||^2 per parameter (0-d, float64)."""
-    if "ps_gg" not in ctx.cache:
-        ctx.cache["ps_gg"] = list(sq_mean_norm_vector(ctx).unbind())
-    return ctx.cache["ps_gg"]
+def mean_loss(ctx) -> Tuple[Optional[torch.Tensor], Optional[str]]:
+    """(mean of the per-sample losses l_i over the (global) batch, None) or (None, reason)."""
+    view = ctx.per_sample
+    losses = view.losses()
+    reason = view.losses_reason()
+    dist = ctx.watched.dist
+    if dist is not None:  # every process takes part, whatever its own losses
+        bad, total = sum_numbers(dist, [1 if reason else 0, 0.0 if reason else float(losses.double().sum())])
+        if bad:
+            return None, reason or "per-sample losses are unavailable on another process"
+        return torch.tensor(total / view.n, dtype=torch.float64), None
+    if reason:
+        return None, reason
+    return losses.double().mean(), None
 
 
 def precheck(ctx, name: str) -> bool:

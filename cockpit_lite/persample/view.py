@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..distributed import sum_numbers, sum_tensors
 from .losses import LossUnavailable, per_sample_losses
 from .norm import BATCHNORM_REASON, batchnorm_mixes_samples
 from .fallback import owned_parameters
@@ -47,7 +48,7 @@ class PerSampleView:
         for k in forwards:
             first = self.calls_by_forward[k][0]
             self.batch_sizes.append(_batch_size(first))
-        self.n = int(sum(self.batch_sizes))
+        self.n_local = int(sum(self.batch_sizes))  # samples of this process
         if not calls:
             self._global_reason = "no layer with observed parameters received a gradient on this step"
         elif self.ctx.reduction not in ("mean", "sum"):
@@ -87,6 +88,14 @@ class PerSampleView:
         if self._global_reason is not None:
             for name in self.names:
                 self._reasons[name] = self._global_reason
+
+    @property
+    def n(self) -> int:
+        """Samples of the step: of the global batch in a data-parallel run (``ctx.dist``), else n_local."""
+        if "n" not in self._cache:
+            dist = self.ctx.watched.dist
+            self._cache["n"] = self.n_local if dist is None else int(sum_numbers(dist, [self.n_local])[0])
+        return self._cache["n"]
 
     def unsupported(self) -> Dict[str, str]:
         """Parameter name -> reason its per-sample information is unavailable on this step."""
@@ -171,7 +180,7 @@ class PerSampleView:
                 self._cache["losses"] = torch.cat(parts)
             except LossUnavailable as err:
                 self._cache["losses_reason"] = str(err)
-                self._cache["losses"] = self._nan((self.n,))
+                self._cache["losses"] = self._nan((self.n_local,))
         return self._cache["losses"]
 
     def losses_reason(self) -> Optional[str]:
@@ -193,12 +202,12 @@ class PerSampleView:
         out = []
         for j, v in enumerate(vecs):
             if v is None:
-                out.append(self._zeros(self.n) if self.names[j] not in self._reasons else self._nan((self.n,)))
+                out.append(self._zeros(self.n_local) if self.names[j] not in self._reasons else self._nan((self.n_local,)))
                 continue
             vf = v.detach().float() if v.dtype in (torch.float16, torch.bfloat16) else v.detach()
             parts = self._per_forward(j, lambda ps: ps.dots(vf),
                                       lambda G: G.reshape(G.shape[0], -1) @ vf.reshape(-1).to(G.dtype), self._zeros)
-            out.append(self._nan((self.n,)) if parts is None else torch.cat(parts))
+            out.append(self._nan((self.n_local,)) if parts is None else torch.cat(parts))
         return out
 
     def dots(self, vecs) -> torch.Tensor:
@@ -246,7 +255,7 @@ class PerSampleView:
         parts = self._param_samples(j)
         if parts is None:
             for s_ in wanted:
-                have[s_] = self._nan((self.n,)) if s_ in ("sq", "dots") else self._nan(p.shape)
+                have[s_] = self._nan((self.n_local,)) if s_ in ("sq", "dots") else self._nan(p.shape)
             return have[stat]
         v = self.mean_grad()[j] if "dots" in wanted else None
         got = dict(parts)
@@ -296,21 +305,29 @@ class PerSampleView:
         return self._cache["sum"]
 
     def mean_grad(self) -> List[torch.Tensor]:
-        """g = (1/n) sum_i g_i per parameter.
+        """g = (1/n) sum_i g_i per parameter (over the global batch in a data-parallel run).
 
         Taken from ``.grad`` times one factor c (``.grad`` is proportional to g whatever the reduction,
-        accumulation factor, loss scale or gradient clipping), with c measured on the cheapest parameter
-        from its per-sample information and checked there; when that check fails (e.g. ``.grad`` holds
-        something else), g is built from the per-sample information of every parameter.
+        accumulation factor, loss scale, gradient clipping or DDP's averaging over equal shards), with
+        c measured on the cheapest parameter from its per-sample information and checked there; when
+        that check fails (e.g. ``.grad`` holds something else, or DDP averaged unequal shards), g is
+        built from the per-sample information of every parameter.
         """
         if "mean" in self._cache:
             return self._cache["mean"]
+        dist = self.ctx.watched.dist
         grads = self.ctx.grads()
         result = None
         j0 = self._cheapest_param()
+        if dist is not None:  # every process must take part in the same reductions
+            k = -1 if j0 is None else j0
+            count, total, squares = sum_numbers(dist, [0 if j0 is None else 1, k, k * k])
+            same = count == dist.size and dist.size * squares == total * total  # the same j0 everywhere
+            j0 = j0 if same else None
         if j0 is not None:
             parts = self._per_forward(j0, lambda ps: ps.total(), lambda G: G.sum(0), lambda b: None)
-            ref = _sum_parts(parts, self.params[j0]).double() / self.n
+            (ref,) = sum_tensors(dist, [_sum_parts(parts, self.params[j0]).double()])
+            ref = ref / self.n
             gr = grads[j0].detach().double()
             gg = float((gr * gr).sum())
             if gg > 0:
@@ -321,8 +338,11 @@ class PerSampleView:
                     self._cache["mean_factor"] = c
                     result = [self._nan(g.shape) if self.names[j] in self._reasons
                               else _scaled(g.detach(), c) for j, g in enumerate(grads)]
+            if dist is not None:  # the same decision everywhere
+                ok = sum_numbers(dist, [1 if result is not None else 0])[0] == dist.size
+                result = result if ok else None
         if result is None:
-            result = [s / self.n for s in self.sum_grads()]
+            result = [s / self.n for s in sum_tensors(dist, self.sum_grads())]
         self._cache["mean"] = result
         return result
 
@@ -332,7 +352,7 @@ class PerSampleView:
         parts = self._per_forward(index, lambda ps: ps.materialize(), lambda G: G,
                                   lambda b: torch.zeros(b, *p.shape, device=p.device))
         if parts is None:
-            return self._nan((self.n, *p.shape))
+            return self._nan((self.n_local, *p.shape))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def chunks(self, index: int):
@@ -340,7 +360,7 @@ class PerSampleView:
         parts = self._param_samples(index)
         p = self.params[index]
         if parts is None:
-            yield self._nan((self.n, *p.shape))
+            yield self._nan((self.n_local, *p.shape))
             return
         got = dict(parts)
         for pos, b in enumerate(self.batch_sizes):

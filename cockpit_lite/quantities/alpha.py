@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..alpha_fit import fit_alpha
+from ..distributed import mean_and_var
 from .base import Quantity
 
 
@@ -58,19 +59,23 @@ def loss_observation(per_sample) -> Tuple[int, torch.Tensor, torch.Tensor]:
     """(n, mean, unbiased variance) of the per-sample losses l_i."""
     losses = per_sample.losses().detach()
     reason = per_sample.losses_reason() if hasattr(per_sample, "losses_reason") else None
+    n, mean, var = mean_and_var(_group(per_sample), losses)  # over the global batch of a data-parallel run
     if reason:
         raise _Unmeasurable(f"per-sample losses are not available: {reason}")
-    n = int(losses.numel())
     if n < 2:
         raise _Unmeasurable(f"the batch has {n} sample(s): the variances of the fit need at least 2")
-    losses = losses.double()
-    return n, losses.mean(), losses.var()
+    return n, mean, var
 
 
 def slope_observation(per_sample, direction: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mean, unbiased variance) of the per-sample directional derivatives g_i . direction."""
-    dots = per_sample.dots(direction).detach().double()
-    return dots.mean(), dots.var()
+    _, mean, var = mean_and_var(_group(per_sample), per_sample.dots(direction))
+    return mean, var
+
+
+def _group(per_sample):
+    ctx = getattr(per_sample, "ctx", None)
+    return ctx.watched.dist if ctx is not None else None
 
 
 def check_supported(per_sample) -> None:

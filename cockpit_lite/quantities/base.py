@@ -84,12 +84,13 @@ class Quantity:
 class Watched:
     """What a quantity may look at once, at ``start``: the model, optimizer and observed parameters."""
 
-    def __init__(self, model, optimizer, names: List[str], params: list, loss_fn):
+    def __init__(self, model, optimizer, names: List[str], params: list, loss_fn, dist=None):
         self.model = model
         self.optimizer = optimizer
         self.names = names
         self.params = params
         self.loss_fn = loss_fn
+        self.dist = dist  # cockpit_lite.distributed.Group of a data-parallel run, None in one process
 
 
 def is_finite_number(x: Any) -> bool:

@@ -39,11 +39,10 @@ class CABS(Quantity):
             first = next(iter(reasons))
             ctx.emit_nan(self.name, f"per-sample information unavailable for {first}: {reasons[first]}")
             return
-        losses = view.losses()
-        if view.losses_reason():
-            ctx.emit_nan(self.name, f"per-sample losses unavailable: {view.losses_reason()}")
+        L, why = noise.mean_loss(ctx)
+        if why:
+            ctx.emit_nan(self.name, f"per-sample losses unavailable: {why}")
             return
-        L = losses.double().mean()
         lr = float(ctx.watched.optimizer.param_groups[0]["lr"])
         var_sum = sum((m2.double() - n * g.double().pow(2)).sum()
                       for g, m2 in zip(noise.mean_grad(ctx), noise.second_moment(ctx)))

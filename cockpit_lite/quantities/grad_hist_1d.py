@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import sum_tensors
 from .base import Quantity
 
 BINS = 100
@@ -51,6 +52,9 @@ class GradHist1d(Quantity):
                 if j not in self._last_max:  # first time: build them once for the exact maximum
                     self._last_max[j] = max((float(G.abs().max()) for G in view.chunks(j)), default=0.0)
                 R = max(R, self._last_max[j])
+        dist = view.ctx.watched.dist
+        if dist is not None:  # one range for all processes (their counts are added)
+            R = float(dist.max_(torch.tensor([R], dtype=torch.float64))[0])
         if not R > 0:
             R = 1e-12
         view._cache["grad_hist_1d_R"] = R
@@ -75,6 +79,10 @@ class GradHist1d(Quantity):
             if cheap[j] is None:
                 self._last_max[j] = top
             clipped = -1 if (k < 0 or clipped < 0) else clipped + k
+        if ctx.watched.dist is not None:  # the global batch: add up the processes' counts
+            counts, flags = sum_tensors(ctx.watched.dist, [counts, torch.tensor(
+                [max(clipped, 0), clipped < 0], dtype=torch.float64)])
+            clipped = -1 if flags[1] else int(flags[0])
         edges = torch.linspace(-R, R, BINS + 1, dtype=torch.float64).tolist()
         data = {"edges": edges, "counts": [int(c) for c in counts.round().tolist()], "scale": "B*g_ij",
                 "clipped": clipped}

@@ -16,6 +16,8 @@ from typing import Sequence, Tuple
 
 import torch
 
+from ..distributed import sum_tensors
+from ..persample import noise
 from .base import Quantity
 
 
@@ -69,7 +71,7 @@ class GradHist2d(Quantity):
             if not keep:
                 ctx.emit_nan(self.name, f"per-sample gradients unavailable: {missing}")
                 return
-            moments = ps.second_moment()
+            moments = noise.second_moment(ctx)  # over the global batch in a data-parallel run
             cheap = ps.cheap_max_abs_per_param()
         except Exception as err:
             ctx.emit_nan(self.name, f"per-sample gradients unavailable ({type(err).__name__}: {err})")
@@ -78,7 +80,10 @@ class GradHist2d(Quantity):
             params = [ctx.params[k].detach() for k in keep]
             # max |g_ij| where the layer gives it cheaply, else the bound sqrt(max_j sum_i g_ij^2)
             bounds = [cheap[k].double() if cheap[k] is not None else moments[k].max().double().sqrt() for k in keep]
-            x_max = float(torch.stack(bounds).max())
+            x_max = torch.stack(bounds).max().reshape(1)
+            if ctx.watched.dist is not None:  # one grid for all processes (their counts are added)
+                x_max = ctx.watched.dist.max_(x_max)
+            x_max = float(x_max[0])
             y_lo = float(torch.stack([p.min().double() for p in params]).min())
             y_hi = float(torch.stack([p.max().double() for p in params]).max())
             x_range = _range(-x_max, x_max)
@@ -88,6 +93,7 @@ class GradHist2d(Quantity):
                 return
             grads = (ps.per_sample_grads(k) for k in keep)
             counts = joint_histogram(grads, params, x_range, y_range, self.bins)
+            (counts,) = sum_tensors(ctx.watched.dist, [counts])
         nx, ny = self.bins
         data = {
             "x_edges": torch.linspace(x_range[0], x_range[1], nx + 1, dtype=torch.float64).tolist(),

@@ -8,9 +8,9 @@ from ..persample import noise
 from .base import Quantity
 
 
-def inner_test_value(p: torch.Tensor, gg: torch.Tensor, n: int) -> torch.Tensor:
-    """p: [k, n] projections, gg: [k] squared norms -> [k] values."""
-    var = ((p * p).sum(1) - n * gg * gg) / (n - 1)
+def inner_test_value(p2: torch.Tensor, gg: torch.Tensor, n: int) -> torch.Tensor:
+    """p2: [k] sums of squared projections sum_i p_i^2, gg: [k] squared norms -> [k] values."""
+    var = (p2 - n * gg * gg) / (n - 1)
     return noise.sqrt0(var / (n * gg * gg))
 
 
@@ -24,8 +24,8 @@ class InnerTest(Quantity):
         if not noise.precheck(ctx, self.name):
             return
         n = ctx.per_sample.n
-        dots = noise.mean_dots_matrix(ctx)  # [params, n]
+        sums = noise.sums(ctx, "dots")
         gg = noise.sq_mean_norm_vector(ctx)
-        parts = inner_test_value(dots, gg, n)
-        total = inner_test_value(dots.sum(0, keepdim=True), gg.sum().reshape(1), n)[0]
+        parts = inner_test_value(sums["dots2"], gg, n)
+        total = inner_test_value(sums["dots2_total"], gg.sum().reshape(1), n)[0]
         noise.emit_total_and_parts(ctx, self.name, total, parts)

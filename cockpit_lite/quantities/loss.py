@@ -1,5 +1,9 @@
-"""``loss``: the mini-batch loss of the step (micro-batches combined as the reduction implies)."""
+"""``loss``: the mini-batch loss of the step (micro-batches combined as the reduction implies).
 
+In a data-parallel run, the loss of the global batch: the shards' losses weighted by their sample
+counts (mean reduction), summed (sum reduction), or averaged (otherwise)."""
+
+from ..distributed import sum_numbers
 from .base import Quantity
 
 
@@ -10,6 +14,17 @@ class Loss(Quantity):
 
     def before_step(self, ctx):
         loss = ctx.loss()
+        dist = ctx.watched.dist
+        if dist is not None:  # every process takes part, with or without a loss of its own
+            n = sum(m.batch_size or 0 for m in ctx.micro_batches if m.backpropagated)
+            weight = 1.0 if ctx.reduction == "sum" else (n if ctx.reduction == "mean" else 1)
+            missing, total, weights = sum_numbers(
+                dist, [loss is None, 0.0 if loss is None else float(loss) * weight, weight])
+            if missing:
+                ctx.emit_nan("loss", "no call of loss_fn was seen in this step on "
+                                     f"{int(missing)} of {dist.size} processes")
+                return
+            loss = total if ctx.reduction == "sum" else total / weights
         if loss is None:
             ctx.emit_nan("loss", "no call of loss_fn was seen in this step (pass loss_fn=<nn.Module> to watch)")
         else:

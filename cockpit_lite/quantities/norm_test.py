@@ -17,7 +17,7 @@ class NormTest(Quantity):
         if not noise.precheck(ctx, self.name):
             return
         n = ctx.per_sample.n
-        sq = noise.sq_norms_matrix(ctx).sum(1)  # [params]: sum_i ||g_i||^2 per parameter
+        sq = noise.sums(ctx, "sq")["sq"]  # [params]: sum_i ||g_i||^2 per parameter
         gg = noise.sq_mean_norm_vector(ctx)
         parts = noise.sqrt0((sq / gg - n) / (n * (n - 1)))
         total = noise.sqrt0((sq.sum() / gg.sum() - n) / (n * (n - 1)))

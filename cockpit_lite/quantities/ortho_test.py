@@ -5,9 +5,9 @@ from ..persample import noise
 from .base import Quantity
 
 
-def ortho_test_value(sq_sum, p, gg, n):
-    """sq_sum: [k], p: [k, n], gg: [k] -> [k] values."""
-    var = (sq_sum - (p * p).sum(1) / gg) / (n - 1)
+def ortho_test_value(sq_sum, p2, gg, n):
+    """sq_sum: [k] sums of ||g_i||^2, p2: [k] sums of p_i^2, gg: [k] -> [k] values."""
+    var = (sq_sum - p2 / gg) / (n - 1)
     return noise.sqrt0(var / (n * gg))
 
 
@@ -21,9 +21,9 @@ class OrthoTest(Quantity):
         if not noise.precheck(ctx, self.name):
             return
         n = ctx.per_sample.n
-        sq = noise.sq_norms_matrix(ctx).sum(1)
-        dots = noise.mean_dots_matrix(ctx)
+        sums = noise.sums(ctx, "sq", "dots")
+        sq = sums["sq"]
         gg = noise.sq_mean_norm_vector(ctx)
-        parts = ortho_test_value(sq, dots, gg, n)
-        total = ortho_test_value(sq.sum().reshape(1), dots.sum(0, keepdim=True), gg.sum().reshape(1), n)[0]
+        parts = ortho_test_value(sq, sums["dots2"], gg, n)
+        total = ortho_test_value(sq.sum().reshape(1), sums["dots2_total"], gg.sum().reshape(1), n)[0]
         noise.emit_total_and_parts(ctx, self.name, total, parts)

@@ -1,0 +1,65 @@
+"""One process of the data-parallel test (tests/test_distributed.py), also run alone as the reference.
+
+    python tests/ddp_worker.py RANK WORLD INIT_FILE LOGDIR MODE   # WORLD > 1: DDP over gloo (CPU)
+    python tests/ddp_worker.py 0 1 - LOGDIR MODE                  # one process on the whole batch
+
+Every step's global batch is the same in both cases; with WORLD processes, rank r trains on the
+r-th contiguous part of it (their concatenation is the global batch). MODE "sgd": plain SGD, one
+backward per step; "adam-accum": Adam with two accumulated micro-batches per step.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cockpit_lite  # noqa: E402
+from cockpit_lite.quantities import REGISTRY  # noqa: E402
+
+STEPS = 3
+BATCH = 16
+# every quantity that describes the batch, on every step (time and energy describe the process)
+QUANTITIES = {q: "every" for q in sorted(REGISTRY) if q not in ("time", "energy")}
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 12), nn.Tanh(),
+                         nn.Linear(12, 5))
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        yield torch.randn(BATCH, 1, 8, 8, generator=g), torch.randint(0, 5, (BATCH,), generator=g)
+
+
+def run(rank: int, world: int, init_file: str, logdir: str, mode: str) -> None:
+    net = model()
+    if world > 1:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        net = DistributedDataParallel(net)
+    accumulate = 2 if mode == "adam-accum" else 1
+    opt = torch.optim.Adam(net.parameters(), lr=0.01) if mode == "adam-accum" else torch.optim.SGD(net.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    with cockpit_lite.watch(net, opt, loss_fn=loss_fn, logdir=logdir, quantities=QUANTITIES):
+        for x, y in batches():
+            x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+            opt.zero_grad()
+            for xm, ym in zip(x.chunk(accumulate), y.chunk(accumulate)):
+                (loss_fn(net(xm), ym) / accumulate).backward()
+            opt.step()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    run(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
