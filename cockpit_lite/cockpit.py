@@ -89,7 +89,11 @@ class Cockpit:
             )
         model = unwrap(model)  # DDP: hooks and parameter names on the user's module
         group = detect(distributed)
-        names, params = _observed_parameters(model, optimizer)
+        # torch.compile: the hooks stay on the compiled wrapper (they run outside its graph); names and
+        # the curvature's re-evaluation use the original module (compiled graphs have no double backward)
+        inner = _uncompiled(model)
+        self.compiled = inner is not model
+        names, params = _observed_parameters(inner, optimizer)
         if loss_fn is not None and not isinstance(loss_fn, torch.nn.Module):
             warnings.warn(
                 "loss_fn is a plain function, which cockpit-lite cannot observe; pass the loss as an "
@@ -102,7 +106,7 @@ class Cockpit:
         self.loss_fn = loss_fn
         self.reduction = getattr(loss_fn, "reduction", "unknown") if isinstance(loss_fn, torch.nn.Module) else "unknown"
         self.quantities: List[Quantity] = _resolve_quantities(quantities)
-        self.watched = Watched(model, optimizer, names, params, loss_fn, group)
+        self.watched = Watched(inner, optimizer, names, params, loss_fn, group)
         self.logdir = os.fspath(logdir) if logdir is not None else os.path.join(
             "runs", datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
         self.writes = group is None or group.rank == 0  # one log per run: process 0 writes it
@@ -253,6 +257,12 @@ class Cockpit:
             from .persample.capture import LayerCapture
 
             self._layer_capture = LayerCapture(self.model, self.watched.names, self.watched.params)
+            if self.compiled:
+                self._warn_once("compiled", (
+                    "cockpit-lite: the model is compiled (torch.compile). Per-sample quantities hook every "
+                    "layer, which breaks the compiled graph on the steps they track (dynamo recompiles when "
+                    "tracking starts and stops); their values are right, those steps run slower. Track them "
+                    "less often, or watch the model before compiling it for exact graphs."))
         self._layer_capture.arm()
 
     def _on_model_forward(self, module, args, output):
@@ -513,6 +523,12 @@ def _observed_parameters(model, optimizer):
             stacklevel=4,
         )
     return names, params
+
+
+def _uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The original module of a ``torch.compile``d one (``OptimizedModule._orig_mod``), else ``model``."""
+    orig = getattr(model, "_orig_mod", None)
+    return orig if isinstance(orig, torch.nn.Module) and type(model).__name__ == "OptimizedModule" else model
 
 
 def _resolve_quantities(spec: QuantitySpec) -> List[Quantity]:
