@@ -309,6 +309,29 @@ class Cockpit:
         return None
 
     def _on_step_pre(self, optimizer, args, kwargs):
+        """Before the parameters change. With ``optimizer.step(closure)`` (e.g. Lightning) the closure
+        computes the gradients inside the step, after this hook: the closure is then replaced by one
+        that runs it and observes once it returns (an optimizer evaluating the closure several times,
+        like L-BFGS, is observed at its first evaluation)."""
+        positional = len(args) > 1 and args[0] is optimizer
+        closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if positional else None)
+        if closure is None:
+            self._before_step()
+            return None
+        done = []
+
+        def closure_then_observe():
+            result = closure()
+            if not done:
+                done.append(True)
+                self._before_step()
+            return result
+
+        if "closure" in kwargs:
+            return args, dict(kwargs, closure=closure_then_observe)
+        return (args[0], closure_then_observe) + tuple(args[2:]), kwargs
+
+    def _before_step(self) -> None:
         t0 = time.perf_counter()
         active = self._activate()
         if not active:

@@ -121,3 +121,43 @@ def test_eval_forward_under_no_grad_is_ignored(logdir):
                 crit(model(x), y)  # validation: not a micro-batch
     run = cockpit_lite.load(logdir)
     assert [r["backward_passes"] for r in run] == [1, 1] and not run.skipped
+
+
+@pytest.mark.parametrize("how", ["positional", "keyword"])
+def test_step_with_a_closure_is_observed_after_the_closure_computed_the_gradients(tmp_path, how):
+    """``optimizer.step(closure)`` runs forward and backward inside the step, after the step pre-hooks
+    (Lightning steps this way): the cockpit must read the gradients the closure computed, not the last
+    step's, and log the same values as the usual loop."""
+    quantities = {q: "every" for q in ("loss", "grad_norm", "update_size", "norm_test", "inner_test", "alpha")}
+    runs = []
+    for name in ("plain", how):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        loss_fn = nn.CrossEntropyLoss()
+        g = torch.Generator().manual_seed(3)
+        with cockpit_lite.watch(model, opt, loss_fn=loss_fn, logdir=tmp_path / name, quantities=quantities):
+            for _ in range(4):
+                x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+                def closure(x=x, y=y):
+                    opt.zero_grad()
+                    loss = loss_fn(model(x), y)
+                    loss.backward()
+                    return loss
+
+                if name == "plain":
+                    closure()
+                    opt.step()
+                elif name == "positional":
+                    opt.step(closure)
+                else:
+                    opt.step(closure=closure)
+        runs.append(cockpit_lite.load(tmp_path / name))
+    plain, closed = runs
+    for key in quantities:
+        s1, v1 = plain.series(key)
+        s2, v2 = closed.series(key)
+        assert list(s1) == list(s2) and len(s1) >= 3, key
+        assert [round(v, 10) for v in v1 if v == v] == [round(v, 10) for v in v2 if v == v], key
+    assert not any(r.get("reasons") for r in closed.records if r.get("type") == "step" and r["step"] < 3)

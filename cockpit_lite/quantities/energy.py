@@ -285,6 +285,10 @@ class Energy(Quantity):
             "devices": sorted(counted), "missing": missing,
             "error_j": math.nan if estimated or not counted else math.fsum(v.error_j for v in counted.values()),
         }
+        dist = ctx.watched.dist
+        if dist is not None:  # not summed over the processes yet: say whose devices these are
+            data["total"]["scope"] = (f"the devices of process 0 only, of {dist.size} processes: the other "
+                                      "processes' energy is not included")
         data["steps"] = self._covers.get(step, 1)
         data["carbon_intensity_g_per_kwh"] = self.intensity
         data["carbon_source"] = self.carbon_source

@@ -1,0 +1,67 @@
+"""What both framework integrations share: finding the loss module and the torch optimizer.
+
+The loss is computed inside framework or model code, so the loss ``nn.Module`` is found by a
+convention (an explicit ``loss_fn`` argument, else a ``loss_fn`` attribute of the model); the
+frameworks wrap the torch optimizer (``LightningOptimizer``, accelerate's ``AcceleratedOptimizer``).
+``optimizer.step(closure)`` (Lightning) is handled by the cockpit itself (``Cockpit._on_step_pre``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+
+LOSS_ATTRIBUTE = "loss_fn"
+
+
+def find_loss_module(loss_fn: Optional[torch.nn.Module], model: torch.nn.Module, where: str) -> Optional[torch.nn.Module]:
+    """The loss ``nn.Module`` to observe: ``loss_fn`` if given, else ``model.loss_fn`` if that is an
+    ``nn.Module``; ``None`` (with a warning saying what is lost and how to fix it) otherwise."""
+    if loss_fn is not None:
+        if not isinstance(loss_fn, torch.nn.Module):
+            raise TypeError(
+                f"loss_fn must be the loss nn.Module that {where} calls (e.g. nn.CrossEntropyLoss()), "
+                f"got {type(loss_fn).__name__}; a plain function cannot be observed")
+        return loss_fn
+    found = getattr(model, LOSS_ATTRIBUTE, None)
+    if isinstance(found, torch.nn.Module):
+        return found
+    warnings.warn(
+        f"cockpit-lite: no loss module found: pass loss_fn=<the loss nn.Module {where} calls> or set "
+        f"{type(model).__name__}.{LOSS_ATTRIBUTE} to it (an nn.Module such as nn.CrossEntropyLoss()). "
+        "Without it 'loss' and the per-sample quantities (alpha, gradient tests, histograms, TIC) are "
+        "unavailable and logged as NaN with that reason.",
+        RuntimeWarning, stacklevel=3)
+    return None
+
+
+def main_process_options(watch_options: dict) -> dict:
+    """``watch`` options for a cockpit that only the main process attaches.
+
+    The callbacks attach a cockpit on the global-zero process only, which then observes its own
+    shard of the batch. ``watch`` would otherwise detect an initialized process group and reduce
+    statistics over all processes, a collective the other processes never join (a hang); hence
+    ``distributed=None``. Observing the global batch needs every process to watch (not supported by
+    the callbacks yet, see docs/integrations.md)."""
+    if "distributed" in watch_options:
+        raise ValueError(
+            "cockpit-lite's framework callbacks attach a cockpit on the main process only, which observes "
+            "its own shard of the batch; distributed= is not supported by them (yet)")
+    return dict(watch_options, distributed=None)
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside framework wrappers (Lightning's ``LightningOptimizer``, accelerate's
+    ``AcceleratedOptimizer``: both keep it as ``.optimizer``)."""
+    seen = 0
+    while not isinstance(optimizer, torch.optim.Optimizer) or type(optimizer).__name__.startswith(
+            ("Lightning", "Accelerated")):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer or seen > 5:
+            break
+        optimizer, seen = inner, seen + 1
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"cockpit-lite needs a torch.optim.Optimizer, found {type(optimizer).__name__}")
+    return optimizer

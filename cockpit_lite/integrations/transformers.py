@@ -1,0 +1,86 @@
+"""Hugging Face ``transformers.Trainer``: ``Trainer(..., callbacks=[CockpitTrainerCallback(...)])``.
+
+    from cockpit_lite.integrations.transformers import CockpitTrainerCallback
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[CockpitTrainerCallback(quantities="economy")])
+    trainer.train()                      # run log in <args.output_dir>/cockpit/cockpit.jsonl
+
+What is observed, and where it comes from:
+
+* model and optimizer: from ``on_train_begin`` (the Trainer's model; accelerate's
+  ``AcceleratedOptimizer`` is unwrapped to the torch optimizer it holds).
+* loss: Hugging Face models compute the loss inside ``forward``; the cockpit observes it when that
+  happens through an ``nn.Module``: ``loss_fn=`` or else ``model.loss_fn``. Without one ``loss`` and
+  the per-sample quantities are unavailable (warned, logged with the reason).
+* steps: one record per optimizer step, however many micro-batches ``gradient_accumulation_steps``
+  puts into it. The Trainer clips the gradients (``max_grad_norm``, 1.0 by default) *before*
+  ``optimizer.step()``: ``grad_norm`` and the gradient statistics are those of the clipped gradients,
+  the ones the optimizer uses (the Trainer's own ``grad_norm`` log is the norm before clipping).
+* written to: the run log; ``tensorboard=True`` (passed on to ``watch``) also writes TensorBoard data
+  into the cockpit's logdir.
+
+Only the main process (``state.is_world_process_zero``) attaches a cockpit, observing its own
+shard of each batch. The Trainer has no exception callback: if ``train()`` raises, call
+``callback.close()`` (the next ``on_train_begin`` also closes a cockpit left open). Importing this module imports ``transformers``
+(``pip install "cockpit-lite[transformers]"``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+
+try:
+    from transformers import TrainerCallback
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "cockpit_lite.integrations.transformers needs transformers: pip install \"cockpit-lite[transformers]\""
+    ) from err
+
+from ..cockpit import watch
+from ._common import find_loss_module, main_process_options, unwrap_optimizer
+
+
+class CockpitTrainerCallback(TrainerCallback):
+    """Attach a cockpit to ``Trainer.train`` (created on train begin, closed on train end).
+
+    Args:
+        loss_fn: the loss ``nn.Module`` the model's ``forward`` calls; default ``model.loss_fn``.
+        logdir: folder of the run log; default ``<args.output_dir>/cockpit``.
+        quantities: as in :func:`cockpit_lite.watch` (a preset, a list, or name -> schedule).
+        **watch_options: passed to :func:`cockpit_lite.watch` (``tensorboard``, ``advisor``, ``sinks``, ...).
+
+    After ``train()`` the run log is at ``callback.logdir``; ``callback.cockpit`` is the (closed) cockpit.
+    """
+
+    def __init__(self, loss_fn: Optional[torch.nn.Module] = None, logdir: Optional[str] = None,
+                 quantities: Any = "default", **watch_options: Any):
+        self.loss_fn = loss_fn
+        self._logdir_arg = os.fspath(logdir) if logdir is not None else None
+        self.logdir = self._logdir_arg  # where the current (or last) run log is
+        self.quantities = quantities
+        self.watch_options = watch_options
+        self.cockpit = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.close()  # a previous train() that raised
+        if model is None or optimizer is None:
+            raise RuntimeError("CockpitTrainerCallback: the Trainer passed no model or optimizer to on_train_begin")
+        optimizer = unwrap_optimizer(optimizer)
+        loss_fn = find_loss_module(self.loss_fn, model, "the model's forward")
+        self.logdir = self._logdir_arg if self._logdir_arg is not None else os.path.join(args.output_dir, "cockpit")
+        self.cockpit = watch(model, optimizer, loss_fn=loss_fn, logdir=self.logdir,
+                             quantities=self.quantities,
+                             **main_process_options(self.watch_options))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """Detach the cockpit and finish its run log (no-op when none is open)."""
+        if self.cockpit is not None and not self.cockpit.closed:
+            self.cockpit.close()

@@ -1,0 +1,265 @@
+"""CockpitCallback with a real Lightning Trainer (CPU, tiny MLP) against the plain-loop ``watch``.
+
+The reference is an independent run: a deep copy of the same initial module, trained by a hand
+written loop over the same batches with the same optimizer (and the same 1/accumulation loss
+scaling as Lightning), observed by ``cockpit_lite.watch``. Every logged scalar (loss, gradient and
+parameter norms, distance, update size, lr, the gradient tests and alpha) must agree.
+"""
+
+import copy
+import math
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import cockpit_lite
+
+L = pytest.importorskip("lightning")
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
+
+from cockpit_lite.integrations.lightning import CockpitCallback  # noqa: E402
+
+QUANTITIES = {name: "every" for name in
+              ("loss", "grad_norm", "param_norm", "distance", "update_size", "lr", "norm_test", "inner_test", "alpha")}
+BATCH = 8
+
+
+class Classifier(L.LightningModule):
+    """A tiny MLP; ``loss_fn`` is the loss module the callback finds by convention."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.loss_fn(self(x), y)
+
+    def configure_optimizers(self):
+        return make_optimizer(self)
+
+
+def make_optimizer(module):
+    return torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+
+
+def data(n=48):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def loader():
+    x, y = data()
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH, shuffle=False)
+
+
+def fresh_module():
+    torch.manual_seed(1)
+    return Classifier()
+
+
+def fit(module, tmp_path, callback, max_steps, accumulate=1, logger=None):
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, accumulate_grad_batches=accumulate,
+                        callbacks=[callback], log_every_n_steps=1,
+                        logger=logger if logger is not None else CSVLogger(tmp_path / "csv"),
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, num_sanity_val_steps=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|LeafSpec).*")
+        trainer.fit(module, loader())
+    return trainer
+
+
+def plain_loop(module, logdir, steps, accumulate=1):
+    """The reference: the same batches, optimizer and loss scaling in a hand-written loop."""
+    optimizer = make_optimizer(module)
+    with cockpit_lite.watch(module, optimizer, loss_fn=module.loss_fn, logdir=logdir, quantities=QUANTITIES):
+        batches = iter(loader())
+        for _ in range(steps):
+            optimizer.zero_grad()
+            for _ in range(accumulate):
+                x, y = next(batches)
+                (module.loss_fn(module(x), y) / accumulate).backward()
+            optimizer.step()
+    return cockpit_lite.load(logdir)
+
+
+def assert_same_series(run, ref, steps):
+    keys = [k for k in ref.keys() if not k.startswith("time")]
+    assert {"loss", "grad_norm", "param_norm", "distance", "update_size", "norm_test", "inner_test", "alpha"} <= {
+        k.split("/")[0] for k in keys}
+    for key in keys:
+        ref_steps, ref_values = ref.series(key)
+        got_steps, got_values = run.series(key)
+        assert list(got_steps) == list(ref_steps), key
+        assert len(ref_steps) >= steps - 1, key  # alpha of the last step needs a next one
+        assert torch.allclose(torch.as_tensor(got_values), torch.as_tensor(ref_values), rtol=1e-6, atol=1e-9,
+                              equal_nan=True), (key, got_values, ref_values)
+    assert not math.isnan(ref.series("norm_test")[1][0])
+
+
+def test_fit_logs_what_the_plain_loop_logs(tmp_path):
+    module = fresh_module()
+    reference_module = copy.deepcopy(module)
+    callback = CockpitCallback(quantities=QUANTITIES)
+    logger = TensorBoardLogger(tmp_path / "tb", name="exp")
+    trainer = fit(module, tmp_path, callback, max_steps=5, logger=logger)
+
+    assert callback.cockpit.closed
+    assert callback.logdir.startswith(logger.log_dir)  # default: inside the logger's version folder
+    run = cockpit_lite.load(callback.logdir)
+    assert [r["step"] for r in run.records if not r.get("amends")] == [0, 1, 2, 3, 4]
+    assert all(r["backward_passes"] == 1 and r["samples"] == BATCH for r in run.records if not r.get("amends"))
+    ref = plain_loop(reference_module, tmp_path / "ref", steps=5)
+    assert_same_series(run, ref, steps=5)
+    # the parameters Lightning trained are the ones of the reference loop
+    for p, q in zip(module.parameters(), reference_module.parameters()):
+        torch.testing.assert_close(p, q)
+
+    # the Trainer's TensorBoard logger got the scalars, at the trainer's global steps
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    scalars = events.Scalars("cockpit/grad_norm")
+    assert [e.step for e in scalars] == [0, 1, 2, 3, 4]
+    assert trainer.global_step == 5
+    torch.testing.assert_close(torch.tensor([e.value for e in scalars]),
+                               torch.as_tensor(ref.series("grad_norm")[1], dtype=torch.float32))
+    alpha_steps, alpha = ref.series("alpha")  # amendments: step t's alpha arrives with step t+1
+    assert [e.step for e in events.Scalars("cockpit/alpha")] == list(alpha_steps)
+    torch.testing.assert_close(torch.tensor([e.value for e in events.Scalars("cockpit/alpha")]),
+                               torch.as_tensor(alpha, dtype=torch.float32), equal_nan=True)
+
+
+def test_gradient_accumulation_gives_one_record_per_optimizer_step(tmp_path):
+    module = fresh_module()
+    reference_module = copy.deepcopy(module)
+    callback = CockpitCallback(quantities=QUANTITIES, logdir=tmp_path / "cockpit")
+    fit(module, tmp_path, callback, max_steps=3, accumulate=2)
+
+    run = cockpit_lite.load(tmp_path / "cockpit")
+    steps = [r for r in run.records if not r.get("amends")]
+    assert [r["step"] for r in steps] == [0, 1, 2]
+    assert all(r["backward_passes"] == 2 and r["samples"] == 2 * BATCH for r in steps)
+    ref = plain_loop(reference_module, tmp_path / "ref", steps=3, accumulate=2)
+    assert_same_series(run, ref, steps=3)
+
+
+def test_amp_with_a_grad_scaler_logs_unscaled_gradients(tmp_path):
+    """16-bit AMP with a GradScaler on the CPU: the cockpit sees the gradients after unscaling."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    module = fresh_module()
+    reference_module = copy.deepcopy(module)
+    callback = CockpitCallback(quantities=QUANTITIES, logdir=tmp_path / "cockpit")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, callbacks=[callback], logger=False,
+                        plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))],
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|LeafSpec).*")
+        trainer.fit(module, loader())
+    run = cockpit_lite.load(tmp_path / "cockpit")
+
+    optimizer, scaler = make_optimizer(reference_module), torch.amp.GradScaler("cpu")
+    with cockpit_lite.watch(reference_module, optimizer, loss_fn=reference_module.loss_fn, logdir=tmp_path / "ref",
+                            quantities=QUANTITIES):
+        for (x, y), _ in zip(loader(), range(3)):
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16, cache_enabled=False):
+                loss = reference_module.loss_fn(reference_module(x), y)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
+    ref = cockpit_lite.load(tmp_path / "ref")
+    assert scaler.get_scale() > 1000  # the gradients were scaled: unscaled ones are what must match
+    assert_same_series(run, ref, steps=3)
+
+
+def test_without_a_loss_module_it_warns_and_still_logs_the_gradients(tmp_path):
+    module = fresh_module()
+    del module.loss_fn
+    module.training_step = lambda batch, batch_idx: nn.functional.cross_entropy(module(batch[0]), batch[1])
+    callback = CockpitCallback(logdir=tmp_path / "cockpit")
+    with pytest.warns(RuntimeWarning, match="no loss module found"):
+        fit(module, tmp_path, callback, max_steps=2)
+    run = cockpit_lite.load(tmp_path / "cockpit")
+    assert len(run.series("grad_norm")[0]) == 2
+    assert all(math.isfinite(v) for v in run.series("grad_norm")[1])
+
+
+def test_training_step_that_bypasses_forward_is_warned_about_and_model_option_fixes_it(tmp_path):
+    def bypassing_module():
+        module = fresh_module()
+        module.training_step = lambda batch, batch_idx: module.loss_fn(module.net(batch[0]), batch[1])
+        return module
+
+    with pytest.warns(RuntimeWarning, match="did not call the forward"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*per-sample statistics need")  # the consequence, logged as NaN
+        fit(bypassing_module(), tmp_path, CockpitCallback(quantities=QUANTITIES, logdir=tmp_path / "a"), max_steps=2)
+    module = bypassing_module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fit(module, tmp_path, CockpitCallback(quantities=QUANTITIES, logdir=tmp_path / "b", model=module.net),
+            max_steps=2)
+    norm_test = cockpit_lite.load(tmp_path / "b").series("norm_test")[1]
+    assert len(norm_test) == 2 and all(math.isfinite(v) for v in norm_test)
+
+
+def test_an_exception_in_fit_closes_the_run_log(tmp_path):
+    module = fresh_module()
+    step = module.training_step
+
+    def failing_step(batch, batch_idx):
+        if batch_idx == 2:
+            raise ValueError("boom")
+        return step(batch, batch_idx)
+
+    module.training_step = failing_step
+    callback = CockpitCallback(logdir=tmp_path / "cockpit")
+    with pytest.raises(ValueError, match="boom"):
+        fit(module, tmp_path, callback, max_steps=5)
+    assert callback.cockpit.closed
+    run = cockpit_lite.load(tmp_path / "cockpit")
+    assert run.finished and len(run.series("grad_norm")[0]) == 2
+
+
+def test_scalar_writer_sink_keeps_each_tags_steps_increasing():
+    from cockpit_lite.integrations.logger_sink import ScalarWriterSink
+
+    class Writer:
+        def __init__(self):
+            self.calls = []
+
+        def add_scalar(self, tag, value, step):
+            self.calls.append((tag, value, step))
+
+    writer = Writer()
+    sink = ScalarWriterSink([writer], step_offset=10)
+    sink.write({"type": "step", "step": 0, "values": {"loss": 2.0, "alpha": "NaN"}})
+    sink.write({"type": "step", "step": 1, "values": {"loss": 1.5}})
+    sink.write({"type": "step", "step": 0, "amends": True, "values": {"alpha": 0.25, "loss": 9.0}})
+    sink.write({"type": "skipped", "step": 2, "reason": "inf"})
+    sink.close()
+    loss = [(v, st) for t, v, st in writer.calls if t == "cockpit/loss"]
+    alpha = [(v, st) for t, v, st in writer.calls if t == "cockpit/alpha"]
+    assert loss == [(2.0, 10), (1.5, 11)]  # the late loss of step 0 would read as a restart: left out
+    assert math.isnan(alpha[0][0]) and alpha[1:] == [(0.25, 10)]
+
+
+def test_importing_cockpit_lite_imports_no_framework():
+    code = ("import sys, cockpit_lite, cockpit_lite.integrations; cockpit_lite.watch; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', "
+            "'transformers', 'accelerate'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
