@@ -55,6 +55,7 @@ class StepContext:
         self.layer_io = None  # per-layer inputs/output gradients, on steps needing "layer_io"
         self.model_calls: List[ModelCall] = []  # on steps needing "model_inputs"
         self._per_sample = None
+        self.active: list = []  # the step's active quantities (set by the engine)
 
     @property
     def per_sample(self):
@@ -62,6 +63,10 @@ class StepContext:
         first use from the captured layer inputs/output gradients and the micro-batches."""
         if self._per_sample is None:
             if self.layer_io is None:
+                if any("layer_io" in q.needs for q in getattr(self, "active", None) or ()):
+                    raise RuntimeError(
+                        "no layer inputs were captured: the watched model's forward did not run in this step "
+                        "(per-sample quantities need the training forward of the module passed to watch())")
                 raise RuntimeError("per-sample statistics need a quantity that declares the 'layer_io' need")
             from .persample import PerSampleView
 

@@ -123,3 +123,20 @@ def test_import_is_light():
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_forward_that_bypasses_the_watched_module_is_named_as_the_reason(tmp_path):
+    """The loop calls a submodule directly (the watched module's forward never runs): per-sample
+    quantities are NaN with a reason that says so, and the gradient norms are still logged."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    with pytest.warns(RuntimeWarning, match="forward did not run"):
+        with cockpit_lite.watch(model, opt, loss_fn=loss_fn, logdir=tmp_path, quantities=["grad_norm", "norm_test"]):
+            x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+            opt.zero_grad()
+            loss_fn(model[0](x), y).backward()
+            opt.step()
+    rec = [r for r in cockpit_lite.load(tmp_path).records if r.get("type") == "step"][0]
+    assert "forward did not run" in rec["reasons"]["norm_test"]
+    assert rec["values"]["grad_norm"] > 0
