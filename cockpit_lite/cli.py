@@ -12,6 +12,7 @@ add a subcommand by adding a subparser there.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from typing import Optional, Sequence
@@ -72,9 +73,30 @@ def cmd_plot(args) -> int:
     if names is not None and not names:
         raise ValueError("--instruments is empty")
     t0 = time.perf_counter()
-    fig = dashboard.render(args.logdirs, args.output, instruments=names, steps=args.steps, title=args.title,
-                           dpi=args.dpi)
-    panels = sum(1 for ax in fig.get_axes() if ax.get_visible() and ax.get_title())
+    # The runs' records are a million objects for 100,000 steps, without reference cycles. Frozen
+    # right after reading (kept out of the cyclic collector's scans; still freed as usual once
+    # unused), they are not rescanned by the collections that matplotlib's allocations trigger
+    # (~1.5 s for 100,000 steps).
+    frozen = gc.get_freeze_count()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        views = dashboard._views(args.logdirs, args.steps)
+        gc.freeze()
+    finally:
+        if collecting:
+            gc.enable()
+    try:
+        fig = dashboard.render(views, args.output, instruments=names, title=args.title, dpi=args.dpi)
+        panels = sum(1 for ax in fig.get_axes() if ax.get_visible() and ax.get_title())
+    finally:
+        # garbage cycles from drawing (tracebacks caught inside matplotlib keep their callers'
+        # frames, and so the runs, alive): collected now, while the records are frozen and not
+        # scanned, the runs are freed here instead of by a full scan of every record later
+        views = fig = None
+        gc.collect()
+        if not frozen:  # a caller that froze objects itself keeps them frozen
+            gc.unfreeze()
     print(f"wrote {args.output} ({panels} panels, {len(args.logdirs)} run(s), {time.perf_counter() - t0:.1f} s)")
     return 0
 

@@ -184,7 +184,18 @@ def figure(lay: Layout, title: Optional[str] = None):
 
     Panels have a fixed size in inches with fixed margins for titles, tick labels and axis labels,
     so text never overlaps and no layout solver runs (constrained layout would triple the time).
+    Titles sit at a fixed height: matplotlib would otherwise measure every axis's tick labels at
+    each draw, to lift a title above top tick labels, which no instrument draws (about a third of
+    the drawing time of a 19-panel dashboard).
     """
+    import matplotlib
+
+    with matplotlib.rc_context({"axes.titley": 1.0}):  # read when each Axes is created
+        return _figure(lay, title)
+
+
+def _figure(lay: Layout, title: Optional[str]):
+    """``figure`` without the title setting (see there)."""
     from matplotlib.patches import Rectangle
 
     multi = len(lay.views) > 1
@@ -248,6 +259,15 @@ def _title(lay: Layout) -> str:
 
 
 def _any_steps(view):
+    from .runlog import Run
+
+    if isinstance(view.run, Run):  # one numpy array, no loop over 100,000 records
+        steps = view.run.steps()
+        if view.start is not None:
+            steps = steps[steps >= view.start]
+        if view.stop is not None:
+            steps = steps[steps < view.stop]
+        return steps.tolist(), None
     records = getattr(view.run, "records", [])
     steps = [r["step"] for r in records if view._in_range(r["step"])]
     return steps, None

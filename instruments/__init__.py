@@ -122,10 +122,13 @@ class RunView:
 
     def keys(self) -> List[str]:
         if self._keys is None:
-            seen: Dict[str, None] = {}
-            for r in getattr(self.run, "records", None) or []:
-                seen.update(dict.fromkeys(r.get("values", ())))
-            self._keys = list(seen) if hasattr(self.run, "records") else list(self.run.keys())
+            if hasattr(self.run, "keys"):
+                self._keys = list(self.run.keys())
+            else:
+                seen: Dict[str, None] = {}
+                for r in getattr(self.run, "records", None) or []:
+                    seen.update(dict.fromkeys(r.get("values", ())))
+                self._keys = list(seen)
         return self._keys
 
     def series(self, key: str):
@@ -139,7 +142,8 @@ class RunView:
         which is what keeps a 100,000-step log quick to plot.
 
         Records with the same set of keys (most of a run's records) are read together with one
-        C-level ``itemgetter`` per record, and converted to numbers by numpy in one go.
+        C-level ``itemgetter`` per record, and converted to numbers by numpy in one go. A
+        ``cockpit_lite.Run`` keeps such columns itself (``Run.columns``): its series are taken from there.
         """
         import numpy as np
 
@@ -148,6 +152,10 @@ class RunView:
         data_wanted = [k for k in dict.fromkeys(data_keys) if k not in self._data]
         if records is None or not (wanted or data_wanted):
             return
+        if hasattr(self.run, "columns"):
+            for k in wanted:
+                self.series(k)
+            wanted = []
         start, stop = self.start, self.stop
         groups: Dict[tuple, Tuple[list, list]] = {}
         found_data: Dict[str, list] = {k: [] for k in data_wanted}

@@ -8,10 +8,29 @@ from . import Instrument
 J_PER_KWH = 3.6e6
 
 
-def _steps_covered(steps, details) -> np.ndarray:
-    """How many optimizer steps each ``energy`` record covers (``data["energy"]["steps"]``, else 1)."""
-    covers = {s: d.get("steps", 1) for s, d in details if isinstance(d, dict)}
-    out = np.array([covers.get(int(s), 1) or 1 for s in steps], dtype=np.float64)
+def _covers(details):
+    """``(steps, covered)``: sorted steps of the ``energy`` records and how many optimizer steps each
+    covers (``data["energy"]["steps"]``, else 1; a step's last record wins)."""
+    covers = {int(s): d.get("steps", 1) for s, d in details if isinstance(d, dict)}
+    at = np.fromiter(covers, dtype=np.int64, count=len(covers))
+    n = np.array([c or 1 for c in covers.values()], dtype=np.float64)
+    order = np.argsort(at)
+    return at[order], n[order]
+
+
+def _steps_covered(steps, details, table=None) -> np.ndarray:
+    """How many optimizer steps each ``energy`` record covers (``data["energy"]["steps"]``, else 1).
+
+    ``table``: ``_covers(details)`` when already computed (one dashboard panel needs it per device).
+    Looked up with numpy: a Python loop over 100,000 steps is slow.
+    """
+    steps = np.asarray(steps, dtype=np.int64)
+    at, n = _covers(details) if table is None else table
+    out = np.ones(len(steps), dtype=np.float64)
+    if len(at) and len(steps):
+        i = np.minimum(np.searchsorted(at, steps), len(at) - 1)
+        hit = at[i] == steps
+        out[hit] = n[i[hit]]
     return np.maximum(out, 1.0)
 
 
@@ -52,14 +71,15 @@ class Energy(Instrument):
     def draw(self, ax, run) -> None:
         steps, joules = run.series("energy")
         details = run.data("energy")
-        covers = _steps_covered(steps, details)  # a record may cover several steps (sparse schedule)
+        table = _covers(details)
+        covers = _steps_covered(steps, details, table)  # a record may cover several steps (sparse schedule)
         per_step = joules / covers
         devices = [k for k in run.subkeys("energy") if k not in ("energy/kwh", "energy/co2_g")]
         draw_line(ax, steps, per_step, color=PALETTE[0], lw=1.4, label="total")
         for i, key in enumerate(devices[:4]):
             d_steps, d_joules = run.series(key)
             if d_steps.size and np.isfinite(d_joules).any():
-                d = d_joules / _steps_covered(d_steps, details)
+                d = d_joules / _steps_covered(d_steps, details, table)
                 draw_line(ax, d_steps, d, color=PALETTE[2 + i], lw=0.9, alpha=0.8, label=key.split("/", 1)[1])
         finite = np.where(np.isfinite(joules), joules, 0.0)
         cumulative_kwh = np.cumsum(finite) / J_PER_KWH

@@ -81,3 +81,20 @@ def test_command_line_entry_in_a_subprocess(runs):
     bad = subprocess.run([sys.executable, "-m", "cockpit_lite.cli", "frobnicate"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_plot_from_the_reader_cache_draws_the_same_image(tmp_path, monkeypatch, capsys):
+    import gc
+
+    from cockpit_lite.runlog_cache import RunCache
+
+    monkeypatch.setattr(RunCache, "MIN_BYTES", 0)  # cache this small log too
+    write_synthetic_log(tmp_path / "run", 400, hist_every=50, curvature_every=7)
+    cold, warm = tmp_path / "cold.png", tmp_path / "warm.png"
+    assert main(["plot", str(tmp_path / "run"), "-o", str(cold)]) == 0
+    assert (tmp_path / "run" / ".cockpit.jsonl.cache").exists()
+    assert main(["plot", str(tmp_path / "run"), "-o", str(warm)]) == 0
+    assert cold.read_bytes() == warm.read_bytes()
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # the command leaves the collector as it was
+    assert main(["plot", str(tmp_path / "run"), "-o", str(tmp_path / "part.png"), "--steps", "100:200"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"wrote {tmp_path / 'part.png'}")

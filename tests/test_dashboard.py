@@ -199,3 +199,24 @@ def test_an_instrument_with_an_unknown_group_is_refused(logs):
 
     with pytest.raises(ValueError, match="group 'misc'"):
         dashboard.render(logs / "partial", instruments=[Odd()])
+
+
+@pytest.mark.parametrize("steps", [None, "10:20", "35:", ":3", "100:200"])
+def test_title_steps_come_from_the_records_in_range(logs, steps):
+    run = cockpit_lite.load(logs / "full")
+    start, stop = dashboard.parse_steps(steps)
+    expected = [r["step"] for r in run.records if (start is None or r["step"] >= start)
+                and (stop is None or r["step"] < stop)]
+    view = dashboard._views(run, steps)[0]
+    assert dashboard._any_steps(view)[0] == expected
+    title = dashboard._title(dashboard.layout([view]))
+    assert (f"steps {expected[0]}–{expected[-1]}" if expected else "no steps") in title
+
+
+def test_titles_sit_at_a_fixed_height_without_changing_global_settings(logs):
+    import matplotlib
+
+    before = matplotlib.rcParams["axes.titley"]
+    fig = dashboard.render(logs / "full")
+    assert matplotlib.rcParams["axes.titley"] == before
+    assert all(ax._autotitlepos is False for ax in fig.get_axes() if ax.get_title())

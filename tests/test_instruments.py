@@ -432,3 +432,24 @@ def test_long_series_are_drawn_as_bucket_means_with_a_min_max_band(tmp_path):
     top = band.get_paths()[0].vertices[:, 1].max()
     assert top == pytest.approx(40.0)
     assert ax.get_yscale() == ("log" if values.max() / values.min() >= 100 else "linear")
+
+
+def test_steps_covered_matches_a_lookup_per_step():
+    from instruments.energy import _covers, _steps_covered
+
+    details = [(2, {"steps": 3}), (5, {"steps": 0}), (8, {}), (8, {"steps": 4}), (11, "not a dict"), (14, {"steps": None}),
+               (20, {"steps": 2.5})]
+    steps = np.array([0, 2, 5, 8, 11, 14, 17, 20, 25])
+
+    def brute(s):  # the rule: the last dict record of the step, "steps" or 1, at least 1
+        value = 1
+        for at, d in details:
+            if at == s and isinstance(d, dict):
+                value = d.get("steps", 1) or 1
+        return max(float(value), 1.0)
+
+    expected = [brute(s) for s in steps]
+    np.testing.assert_array_equal(_steps_covered(steps, details), expected)
+    np.testing.assert_array_equal(_steps_covered(steps, details, _covers(details)), expected)
+    assert _steps_covered(steps, []).tolist() == [1.0] * len(steps)
+    assert _steps_covered(np.empty(0, dtype=np.int64), details).size == 0
