@@ -1,13 +1,26 @@
-"""Benchmark runner: per-step cost of cockpit-lite's quantities and presets against a plain step.
+"""Benchmark runner: per-step time and peak memory of cockpit-lite's quantities and presets against a
+plain step, side by side with Cockpit, and how the overhead scales.
 
-    python benchmarks/run.py --quick                  # about 2-5 minutes on a 2-core machine
-    python benchmarks/run.py                          # more rounds and steps (about 10-15 minutes)
-    python benchmarks/run.py --quick --update-readme  # also rewrite the table in README.md
+    python benchmarks/run.py --quick                  # aimed at under 10 minutes on a quiet 2-core machine
+    python benchmarks/run.py                          # everything, more rounds (about 1.5 hours here)
+    python benchmarks/run.py --quick --update-readme  # also rewrite the generated block in README.md
+    python benchmarks/run.py --smoke --out /tmp/bench # 1 round x 2 steps: checks that everything runs
 
-For each problem (benchmarks/problems.py) and optimizer, every variant is timed interleaved with the
-plain loop in one process (benchmarks/timing.py): the ratio is taken per round, then the median
-over rounds. Results go to benchmarks/results.md (the table, with the machine it came from and the
-command) and benchmarks/results.json. Targets are the issues'; "met" is judged on the median ratio.
+Sections (each can be switched on or off; ``--quick`` and the full run differ in what is on):
+
+* overhead: for each problem (benchmarks/problems.py) and optimizer, every variant
+  (benchmarks/variants.py: every quantity alone, the presets every step and with their default
+  schedules, the issues' sets) timed interleaved with the plain loop in one process
+  (benchmarks/timing.py, ratio per round, median over rounds), and with ``--memory`` its peak memory
+  (benchmarks/memory.py); ``--alone sgd`` (the quick default) times the quantities alone with SGD only,
+  ``--curvature mlp`` (the quick default) times curvature on every step on the MLP only (plus the rows
+  with an issue's target: hess_max_ev, full-like on the CNN), as it costs 1-5 s per step elsewhere;
+* ``--cockpit``: Cockpit and cockpit-lite on the same quantities (benchmarks/cockpit_side.py);
+* ``--scaling``: overhead vs batch size and width, peak memory vs batch size (benchmarks/scaling.py).
+
+Results go to ``--out``.md (all tables, with the machine and the command) and ``--out``.json; the
+tables also print. Targets are the issues'; "met" is judged on the median ratio. The elapsed time of
+every section and the total print at the end.
 """
 
 from __future__ import annotations
@@ -16,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -25,73 +37,24 @@ from datetime import datetime, timezone
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cockpit_lite  # noqa: E402
-from benchmarks import problems, timing  # noqa: E402
+from benchmarks import cockpit_side, report, scaling, suite, variants  # noqa: E402
+from benchmarks import problems as problem_set  # noqa: E402
 from cockpit_lite import presets  # noqa: E402
 
-NOISE = ("grad_norm", "norm_test", "inner_test", "ortho_test", "mean_gsnr")
-CURVATURE = ("hess_max_ev", "hess_trace", "ggn_trace", "tic_diag", "tic_trace", "grad_hist_2d")
-STEADY_STATE = 1000  # "default schedules" variants are timed from this step on (log schedules thin out)
-
-
-def every(names):
-    return {n: "every" for n in names}
-
-
-def variants(optimizer):
-    """name -> (quantities spec, start step, {problem: target ratio}, what it is)."""
-    full_like = every(presets.preset("economy"))
-    full_like.update(every(CURVATURE))
-    v = {
-        "default": (presets.preset("default"), 0, {"mlp": 1.05, "cnn": 1.05}, "first-order quantities, every step (issue 2)"),
-        "alpha": ({"alpha": "every"}, 0, {"mlp": 1.4, "cnn": 1.2}, "alpha every step (issue 4)"),
-    }
-    if optimizer == "sgd":
-        v.update({
-            "noise": (every(NOISE), 0, {"mlp": 2.0, "cnn": 1.4}, "grad_norm + norm/inner/ortho tests + GSNR, every step (issue 3)"),
-            "noise+hist": (every(NOISE + ("grad_hist_1d",)), 0, {"mlp": 4.0, "cnn": 1.6}, "the same + 1D histogram (issue 3)"),
-            "hess_max_ev": ({"hess_max_ev": "every"}, 0, {"cnn": 5.0}, "top eigenvalue, warm-started Lanczos, every step (issue 5)"),
-            "full-like": (full_like, 0, {"cnn": 8.0}, "economy + all curvature + 2D histogram, every step (issue 5)"),
-        })
-    return v
-
-
-def scheduled_variants():
-    """Presets with their default schedules: timed in blocks of whole schedule periods."""
-    return {
-        "economy (default schedules)": (presets.preset("economy"), STEADY_STATE, {},
-                                        f"the economy preset as shipped, from step {STEADY_STATE} on"),
-        "full (default schedules)": (presets.preset("full"), STEADY_STATE, {"cnn": 1.15},
-                                     f"the full preset as shipped, from step {STEADY_STATE} on (issue 5)"),
-    }
-
-
-def measure(problem_name, optimizer, rounds, steps, tmp, specs=None):
-    problem = problems.get(problem_name)
-    specs = variants(optimizer) if specs is None else specs
-    steppers, cockpits = {}, {}
-    steppers["plain"], _, _ = problems.training_step(problem, optimizer=optimizer)
-    for name, (spec, start, _, _) in specs.items():
-        steppers[name], cockpits[name], _ = problems.training_step(problem, spec, os.path.join(tmp, f"{problem_name}-{optimizer}-{name}"),
-                                                   optimizer=optimizer)
-        cockpits[name].step = start  # the schedules depend only on the step index
-    per_round = timing.interleaved(steppers, rounds=rounds, steps=steps, warmup=1)
-    ratios, med = timing.ratios(per_round), timing.medians(per_round)
-    rows = []
-    for name, (spec, start, targets, what) in specs.items():
-        cockpits[name].close()
-        run = cockpit_lite.load(cockpits[name].logdir)
-        _, hvps = run.series("hess_max_ev/hvps")
-        target = targets.get(problem_name)
-        rows.append({
-            "problem": problem_name, "optimizer": optimizer, "variant": name, "what": what,
-            "plain_ms": med["plain"] * 1e3, "ms": med[name] * 1e3, "ratio": ratios[name],
-            "ratio_spread": [min(t / b for t, b in zip(per_round[name], per_round["plain"])),
-                             max(t / b for t, b in zip(per_round[name], per_round["plain"]))],
-            "target": target, "met": (ratios[name] <= target) if target else None,
-            "hvps_per_step": float(statistics.mean(hvps)) if len(hvps) else None,
-        })
-    return rows
+PROBLEMS = "mlp,cnn,transformer,resnet_bn_eval,resnet_bn_train"
+# (rounds, steps per round) of the every-step variants, blocks of per-sample periods for the scheduled
+# ones, steps per memory measurement, cockpit timing (rounds, steps), scaling timing (rounds, steps)
+SETTINGS = {
+    "full": dict(rounds=5, steps=3, periods=2, memory_steps=3, cockpit=(5, 3), scaling=(5, 3),
+                 batches=scaling.BATCHES, widths=scaling.WIDTHS, scaling_problems="mlp,cnn", alone="all",
+                 cockpit_curvature="mlp,cnn", curvature="all"),
+    "quick": dict(rounds=3, steps=1, periods=1, memory_steps=2, cockpit=(3, 1), scaling=(3, 2),
+                  batches=scaling.BATCHES, widths=scaling.WIDTHS, scaling_problems="mlp", alone="sgd",
+                  cockpit_curvature="mlp", curvature="mlp"),
+    "smoke": dict(rounds=1, steps=2, periods=0, memory_steps=2, cockpit=(1, 1), scaling=(1, 2),
+                  batches=(32, 64), widths=(128,), scaling_problems="mlp", alone="all", cockpit_curvature="",
+                  curvature="mlp"),
+}
 
 
 def machine():
@@ -107,24 +70,42 @@ def machine():
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
-def markdown(rows, meta, command):
-    lines = [f"Measured {meta['date']} on {meta['cpu']} ({meta['cores']} cores, {meta['torch_threads']} torch threads, "
-             f"{meta['gpu']}), torch {meta['torch']}; command: `{command}`. Ratio = median over rounds of "
-             "(variant / plain step in the same round); the range is the lowest and highest round.", "",
-             "| problem | optimizer | variant | plain ms | variant ms | ratio (range) | target | met | HVPs/step |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        target = f"<= {r['target']}x" if r["target"] else ""
-        met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
-        hv = f"{r['hvps_per_step']:.1f}" if r["hvps_per_step"] else ""
-        lo, hi = r["ratio_spread"]
-        lines.append(f"| {r['problem']} | {r['optimizer']} | {r['variant']} | {r['plain_ms']:.1f} | {r['ms']:.1f} | "
-                     f"{r['ratio']:.2f}x ({lo:.2f}-{hi:.2f}) | {target} | {met} | {hv} |")
-    described = dict(variants("sgd"), **scheduled_variants())
-    lines += ["", "Variants: " + "; ".join(f"`{name}`: {what}" for name, (_, _, _, what) in described.items()) + ". "
-              f"The default-schedule variants are timed in blocks of {2 * presets.PER_SAMPLE_EVERY} consecutive steps "
-              "(two per-sample periods)."]
-    return "\n".join(lines)
+def overhead(problem_names, optimizers, s, with_memory, tmp, log):
+    rows = []
+    for p in problem_names:
+        problem = problem_set.get(p)
+        for opt in optimizers:
+            alone = s["alone"] == "all" or (s["alone"] == "sgd" and opt == "sgd")
+            curvature = s["curvature"] == "all" or p in s["curvature"].split(",")
+            rows += suite.measure(problem, opt, variants.every_step(p, opt, alone, curvature), s["rounds"], s["steps"], tmp,
+                                  s["memory_steps"] if with_memory else None)
+            # blocks of whole per-sample periods, so tracked and untracked steps mix as in a run
+            block = max(1, s["periods"]) * presets.PER_SAMPLE_EVERY if s["periods"] else s["steps"]
+            # memory: the first steps from STEADY_STATE on, which include a per-sample step (its peak)
+            rows += suite.measure(problem, opt, variants.scheduled(), s["rounds"], block, tmp,
+                                  s["memory_steps"] if with_memory else None)
+            log(f"overhead {p}/{opt}")
+    return rows
+
+
+def tables(result, meta, command, elapsed, s):
+    rows = result["overhead"]
+    described = dict(variants.preset_sets("sgd"), **variants.scheduled())
+    parts = [report.header(meta, command, elapsed), "",
+             "Against the issues' targets:", "", report.targets_table(rows), "",
+             "Time per step, ratio to the plain step (columns: problem and optimizer):", "", report.time_pivot(rows)]
+    if any(r.get("memory") for r in rows):
+        parts += ["", "Peak memory, MB (x the plain loop's):", "", report.memory_pivot(rows)]
+    note = report.notes(rows)
+    if note:
+        parts += ["", note]
+    parts += ["", report.legend(described, presets.PER_SAMPLE_EVERY, s["alone"], s["curvature"])]
+    if result.get("cockpit") is not None:
+        parts += ["", report.cockpit_tables(result["cockpit"])]
+    if result.get("scaling"):
+        parts += ["", report.scaling_tables(result["scaling"])]
+    block = "\n".join(parts)
+    return block, block + "\n\nEvery row:\n\n" + report.full_table(rows)
 
 
 def update_readme(table, path="README.md"):
@@ -139,38 +120,69 @@ def update_readme(table, path="README.md"):
         fh.write(head + start + "\n" + table + "\n" + end + tail)
 
 
+def _switch(ap, name, help_):
+    ap.add_argument(f"--{name}", dest=name, action="store_true", default=None, help=help_)
+    ap.add_argument(f"--no-{name}", dest=name, action="store_false")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 rounds x 2 steps (default 7 x 4)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer rounds and sections (under 10 min here)")
+    mode.add_argument("--smoke", action="store_true", help="1 round x 2 steps everywhere: checks that it all runs")
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--steps", type=int)
-    ap.add_argument("--problems", default="mlp,cnn")
+    ap.add_argument("--problems", default=PROBLEMS)
     ap.add_argument("--optimizers", default="sgd,adam")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--alone", choices=["all", "sgd", "none"], help="time every quantity alone with which optimizers")
+    ap.add_argument("--curvature", help="problems (or 'all') on which curvature is also timed on every step")
+    _switch(ap, "memory", "peak memory of every variant (default: on)")
+    _switch(ap, "cockpit", "side by side with Cockpit on mlp and cnn (default: on)")
+    _switch(ap, "scaling", "overhead vs batch size and width (default: on)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                    help="writes OUT.md and OUT.json (default benchmarks/results)")
     ap.add_argument("--update-readme", action="store_true")
     args = ap.parse_args(argv)
-    rounds = args.rounds or (3 if args.quick else 7)
-    steps = args.steps or (2 if args.quick else 4)
-    command = "python benchmarks/run.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+    s = dict(SETTINGS["smoke" if args.smoke else "quick" if args.quick else "full"])
+    s.update({k: v for k, v in (("rounds", args.rounds), ("steps", args.steps), ("alone", args.alone),
+                                             ("curvature", args.curvature)) if v})
+    command = ("python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    on = {k: True if getattr(args, k) is None else getattr(args, k) for k in ("memory", "cockpit", "scaling")}
+    problem_names = args.problems.split(",")
+    for p in problem_names:
+        problem_set.get(p)  # unknown names fail here, not after an hour
     t0 = time.time()
-    rows = []
+    elapsed = []
+
+    def log(what):
+        elapsed.append((what, time.time() - t0))
+        print(f"{what} done ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+    result = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for p in args.problems.split(","):
-            for opt in args.optimizers.split(","):
-                rows += measure(p, opt, rounds, steps, tmp)
-                if opt == "sgd":  # blocks of two whole per-sample periods, so tracked and untracked steps mix as in a run
-                    rows += measure(p, opt, rounds, 2 * presets.PER_SAMPLE_EVERY, tmp, scheduled_variants())
-                print(f"{p}/{opt} done ({time.time() - t0:.0f} s)", file=sys.stderr)
+        result["overhead"] = overhead(problem_names, args.optimizers.split(","), s, on["memory"], tmp, log)
+        if on["cockpit"]:
+            sides = [p for p in ("mlp", "cnn") if p in problem_names] or ["mlp"]
+            result["cockpit"] = cockpit_side.measure(sides, *s["cockpit"], tmp, s["cockpit_curvature"].split(","))
+            log("cockpit")
+        if on["scaling"]:
+            result["scaling"] = []
+            for p in s["scaling_problems"].split(","):
+                result["scaling"] += scaling.measure(p, *s["scaling"], tmp, s["batches"], s["widths"], on["memory"])
+                log(f"scaling {p}")
     meta = machine()
-    table = markdown(rows, meta, command.strip())
-    print(table)
+    total = time.time() - t0
+    block, everything = tables(result, meta, command, total, s)
+    print(everything)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".md", "w") as fh:
-        fh.write(table + "\n")
+        fh.write(everything + "\n")
     with open(args.out + ".json", "w") as fh:
-        json.dump({"machine": meta, "command": command, "rows": rows}, fh, indent=1)
+        json.dump({"machine": meta, "command": command, "settings": s, "elapsed_s": dict(elapsed, total=total),
+                   **result}, fh, indent=1, default=str)
     if args.update_readme:
-        update_readme(table)
-    print(f"({time.time() - t0:.0f} s)", file=sys.stderr)
+        update_readme(block)
+    print(f"total {total:.0f} s ({total / 60:.1f} min)", file=sys.stderr)
 
 
 if __name__ == "__main__":
