@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from .gc_pause import gc_paused
+
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -78,14 +80,9 @@ def cmd_plot(args) -> int:
     # unused), they are not rescanned by the collections that matplotlib's allocations trigger
     # (~1.5 s for 100,000 steps).
     frozen = gc.get_freeze_count()
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():
         views = dashboard._views(args.logdirs, args.steps)
         gc.freeze()
-    finally:
-        if collecting:
-            gc.enable()
     try:
         fig = dashboard.render(views, args.output, instruments=names, title=args.title, dpi=args.dpi)
         panels = sum(1 for ax in fig.get_axes() if ax.get_visible() and ax.get_title())

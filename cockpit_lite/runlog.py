@@ -29,7 +29,6 @@ only source of truth: a missing, stale, foreign or corrupt cache is ignored (and
 from __future__ import annotations
 
 import bisect
-import gc
 import json
 import math
 import operator
@@ -38,6 +37,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+from .gc_pause import gc_paused
 from .runlog_cache import RunCache
 
 FORMAT = "cockpit-lite-log"
@@ -204,27 +204,23 @@ class Run:
         if self._hasher is not None:
             self._hasher.update(memoryview(chunk)[:len(chunk) - len(tail)])
         added = 0
-        # the records are plain data without reference cycles: pausing the cyclic collector while
-        # they are built saves it from rescanning all earlier records every few thousand objects
-        collecting = gc.isenabled()
-        gc.disable()
         try:
-            for i, raw in enumerate(lines):
-                self._line_no += 1
-                self._offset += len(raw) + 1
-                if not raw.strip():
-                    continue
-                try:
-                    record = _decode_line(raw, texts[i] if texts is not None else None)
-                    if not isinstance(record, dict) or "type" not in record:
-                        raise ValueError("not a record object")
-                except ValueError as err:
-                    raise CorruptLogError(f"{self.path}, line {self._line_no}: not a valid record ({err})") from None
-                self._add(record)
-                added += 1
+            with gc_paused():  # the records are acyclic: see cockpit_lite/gc_pause.py
+                for i, raw in enumerate(lines):
+                    self._line_no += 1
+                    self._offset += len(raw) + 1
+                    if not raw.strip():
+                        continue
+                    try:
+                        record = _decode_line(raw, texts[i] if texts is not None else None)
+                        if not isinstance(record, dict) or "type" not in record:
+                            raise ValueError("not a record object")
+                    except ValueError as err:
+                        raise CorruptLogError(
+                            f"{self.path}, line {self._line_no}: not a valid record ({err})") from None
+                    self._add(record)
+                    added += 1
         finally:
-            if collecting:
-                gc.enable()
             if added:
                 self._columns = None  # new or amended records: rebuild the columns on demand
         self.torn_tail = bool(tail.strip())
@@ -321,13 +317,8 @@ class Run:
         column is converted as ``decode_number`` would, in one numpy call when it holds only numbers.
         """
         if self._columns is None:
-            collecting = gc.isenabled()
-            gc.disable()  # it would rescan every record for each few hundred new tuples
-            try:
+            with gc_paused():  # it would rescan every record for each few hundred new tuples
                 self._columns = _build_columns(self.records)
-            finally:
-                if collecting:
-                    gc.enable()
         return self._columns
 
     def reasons(self, key: str) -> Dict[int, str]:

@@ -4,7 +4,6 @@ stays the source of truth: a cache is used only while the log's first bytes hash
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import os
 import pickle
@@ -12,6 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Tuple
+
+from .gc_pause import gc_paused
 
 if TYPE_CHECKING:
     from .runlog import Run
@@ -75,13 +76,8 @@ class RunCache:
             with open(self.path, "rb") as fh:
                 if fh.read(len(self.MAGIC)) != self.MAGIC:
                     return False
-                collecting = gc.isenabled()
-                gc.disable()
-                try:
+                with gc_paused():
                     state = _PlainDataUnpickler(fh).load()
-                finally:
-                    if collecting:
-                        gc.enable()
             covered, lines = state["covered"], state["lines"]
             if state["byteorder"] != sys.byteorder:  # the columns are raw machine numbers
                 return False
@@ -109,9 +105,11 @@ class RunCache:
 
     def write(self, run: "Run") -> bool:
         """Store ``run``'s state (everything up to its last complete line); atomic, best effort."""
+        with gc_paused():  # copying and pickling a million objects: see cockpit_lite/gc_pause.py
+            return self._write(run)
+
+    def _write(self, run: "Run") -> bool:
         tmp = None
-        collecting = gc.isenabled()
-        gc.disable()  # copying and pickling a million objects: see Run.refresh
         try:
             # the digest of the very bytes the records were decoded from (not of the file now)
             state = {"covered": run._offset, "lines": run._line_no, "digest": run._hasher.hexdigest(),
@@ -135,9 +133,6 @@ class RunCache:
                 except OSError:
                     pass
             return False
-        finally:
-            if collecting:
-                gc.enable()
 
 
 def _columns_from_bytes(stored: Dict[str, Tuple[bytes, bytes]]) -> Dict[str, Tuple[Any, Any]]:
