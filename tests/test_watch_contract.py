@@ -140,3 +140,13 @@ def test_forward_that_bypasses_the_watched_module_is_named_as_the_reason(tmp_pat
     rec = [r for r in cockpit_lite.load(tmp_path).records if r.get("type") == "step"][0]
     assert "forward did not run" in rec["reasons"]["norm_test"]
     assert rec["values"]["grad_norm"] > 0
+
+
+def test_importing_cockpit_lite_imports_no_framework():
+    """The integrations are optional extras: importing the package (and its integrations package)
+    never imports Lightning, transformers or accelerate."""
+    code = ("import sys, cockpit_lite, cockpit_lite.integrations; cockpit_lite.watch; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', "
+            "'transformers', 'accelerate'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
