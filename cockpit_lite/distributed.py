@@ -33,13 +33,15 @@ class Group:
 
     def sum_(self, flat: torch.Tensor) -> torch.Tensor:
         """All-reduce (sum) a 1-d tensor; returns the summed tensor on ``flat``'s device."""
-        buf = flat.to(self.device) if flat.device != self.device else flat
-        self._dist.all_reduce(buf, op=self._dist.ReduceOp.SUM, group=self.group)
-        return buf.to(flat.device) if buf is not flat else buf
+        return self._all_reduce(flat, self._dist.ReduceOp.SUM)
 
     def max_(self, flat: torch.Tensor) -> torch.Tensor:
+        """All-reduce (maximum) a 1-d tensor; returns the result on ``flat``'s device."""
+        return self._all_reduce(flat, self._dist.ReduceOp.MAX)
+
+    def _all_reduce(self, flat: torch.Tensor, op) -> torch.Tensor:
         buf = flat.to(self.device) if flat.device != self.device else flat
-        self._dist.all_reduce(buf, op=self._dist.ReduceOp.MAX, group=self.group)
+        self._dist.all_reduce(buf, op=op, group=self.group)
         return buf.to(flat.device) if buf is not flat else buf
 
 
