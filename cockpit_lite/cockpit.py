@@ -46,6 +46,17 @@ def watch(model, optimizer, loss_fn=None, logdir=None, quantities: QuantitySpec 
     return Cockpit(model, optimizer, loss_fn=loss_fn, logdir=logdir, quantities=quantities, **options)
 
 
+def _autocast_state():
+    """(device type, dtype) of the torch.autocast region the model is called in, or None."""
+    for device in ("cuda", "cpu"):
+        try:
+            if torch.is_autocast_enabled(device):
+                return device, torch.get_autocast_dtype(device)
+        except (TypeError, RuntimeError, AttributeError):  # pragma: no cover - older torch
+            return None
+    return None
+
+
 class Cockpit:
     """Observes ``model`` trained by ``optimizer`` and writes one record per tracked step.
 
@@ -223,6 +234,8 @@ class Cockpit:
             needs = set()
             for q in self._active:
                 needs |= q.needs
+            if "layer_io" in needs and self.watched.rule_check is None:
+                needs.add("model_inputs")  # the per-sample self-check replays the first micro-batch
             if needs & {"layer_io", "model_inputs"}:
                 needs.add("loss_inputs")
             self._needs = frozenset(needs)
@@ -249,7 +262,7 @@ class Cockpit:
             self._model_calls.append(ModelCall(
                 args=tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
                 kwargs={k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
-                rng_state=rng_state()))
+                rng_state=rng_state(), autocast=_autocast_state()))
         return None
 
     def _arm_layer_capture(self) -> None:
@@ -349,6 +362,8 @@ class Cockpit:
                     self._before_buffers = [torch.empty_like(p) for p in self.watched.params]
                 torch._foreach_copy_(self._before_buffers, self.watched.params)
             ctx.params_before = self._before_buffers
+        if ctx.layer_io is not None and self.watched.rule_check is None:
+            self._check_rules(ctx)
         for q in active:
             self._call(q, "before_step", ctx)
         self._overhead += time.perf_counter() - t0
@@ -366,6 +381,19 @@ class Cockpit:
         self.step += 1
         self._reset_step_state()
         return None
+
+    def _check_rules(self, ctx: StepContext) -> None:
+        from .persample import selfcheck
+
+        try:
+            outcome = selfcheck.run(ctx)
+        except Exception as err:  # never stops training; the values stand unverified, as logged
+            outcome = {"status": "unavailable", "reason": f"{type(err).__name__}: {err}", "step": ctx.step}
+            self.watched.rule_check = outcome
+            ctx.emit_data("persample_check", outcome)
+        if outcome is not None and outcome["status"] == "failed":
+            self._warn_once("rules", "cockpit-lite: per-sample values are unavailable (NaN) for " + "; ".join(
+                f"{name}: {why}" for name, why in outcome["failed"].items()))
 
     # -- records --------------------------------------------------------------------------------
     def _call(self, q: Quantity, method: str, ctx: StepContext) -> None:

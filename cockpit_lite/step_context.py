@@ -34,6 +34,7 @@ class ModelCall:
     args: tuple
     kwargs: dict
     rng_state: Any  # (cpu_state, cuda_states or None): restore it to replay dropout exactly
+    autocast: Any = None  # (device type, dtype) of an enclosing torch.autocast, else None
 
 
 class StepContext:

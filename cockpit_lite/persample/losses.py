@@ -27,15 +27,16 @@ class LossUnavailable(Exception):
     pass
 
 
-def elementwise_loss(loss_fn, output, target) -> torch.Tensor:
+def elementwise_loss(loss_fn, output, target, grad: bool = False) -> torch.Tensor:
+    """``loss_fn`` with ``reduction="none"``; differentiable in ``output`` only when ``grad``."""
     if not isinstance(loss_fn, torch.nn.Module) or not hasattr(loss_fn, "reduction"):
         raise LossUnavailable("the loss function has no 'reduction' attribute to evaluate per sample")
     fn = copy.copy(loss_fn)
     fn.reduction = "none"
     fn._forward_hooks = type(fn._forward_hooks)()  # the copy must not be observed as a training loss
     fn._forward_pre_hooks = type(fn._forward_pre_hooks)()
-    with torch.no_grad():
-        return fn(output, *target)
+    with torch.set_grad_enabled(grad):
+        return fn.forward(output, *target)
 
 
 def per_sample_losses(loss_fn, mb, b: int, reduction: str) -> torch.Tensor:
@@ -43,6 +44,12 @@ def per_sample_losses(loss_fn, mb, b: int, reduction: str) -> torch.Tensor:
     if mb.output is None:
         raise LossUnavailable("the loss inputs of this step were not kept")
     elems = elementwise_loss(loss_fn, mb.output, mb.target if mb.target is not None else ())
+    return group_by_sample(elems, b, reduction, float(mb.loss))
+
+
+def group_by_sample(elems: torch.Tensor, b: int, reduction: str, logged: float) -> torch.Tensor:
+    """[b] l_i from the elementwise loss of one micro-batch whose logged (reduced) loss is ``logged``
+    (differentiable when ``elems`` is)."""
     elems = elems.float() if elems.dtype in (torch.float16, torch.bfloat16) else elems
     if elems.dim() == 0:
         raise LossUnavailable("the loss function returns a scalar even with reduction='none'")
@@ -56,7 +63,7 @@ def per_sample_losses(loss_fn, mb, b: int, reduction: str) -> torch.Tensor:
         # the normaliser N of the mean: the number of elements, unless the loss divides by something else
         # (ignored targets, class weights); then N = (sum of elements) / (logged loss)
         N = float(elems.numel())
-        total, logged = float(elems.double().sum()), float(mb.loss)
+        total = float(elems.detach().double().sum())
         if logged != 0.0 and math.isfinite(logged) and math.isfinite(total):
             estimate = total / logged
             if estimate > 0 and abs(estimate - N) > 1e-4 * N:

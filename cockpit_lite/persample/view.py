@@ -85,6 +85,8 @@ class PerSampleView:
                 if bool((self.params[j].grad != 0).any()):
                     self._reasons[name] = ("its gradient comes from no module call that cockpit-lite could observe "
                                            "(used outside a module's forward?)")
+        for name, why in getattr(self.ctx.watched, "rule_failures", {}).items():
+            self._reasons.setdefault(name, why)  # failed the self-check (selfcheck.py)
         if self._global_reason is not None:
             for name in self.names:
                 self._reasons[name] = self._global_reason

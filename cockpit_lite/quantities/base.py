@@ -91,6 +91,8 @@ class Watched:
         self.params = params
         self.loss_fn = loss_fn
         self.dist = dist  # cockpit_lite.distributed.Group of a data-parallel run, None in one process
+        self.rule_check: Optional[dict] = None  # outcome of the per-sample self-check (persample/selfcheck.py)
+        self.rule_failures: Dict[str, str] = {}  # parameter name -> why its per-sample values are NaN for good
 
 
 def is_finite_number(x: Any) -> bool:

@@ -1,0 +1,146 @@
+"""Self-check of the per-sample layer rules against autograd, on the first step that uses them.
+
+The layer rules read dim 0 of every module call as the batch. A module called on an input without the
+batch dimension, whose output is then broadcast over the batch (``nn.Embedding(T, d)(arange(T))``
+added to [B, T, d] token embeddings), breaks that: when T != B the sizes disagree and the rules say
+so, but when T == B nothing in the shapes shows it and the rules would return per-position values as
+if they were per-sample ones. No shape test can tell; a direct computation can.
+
+So on the first step with per-sample quantities, the first sample's gradient r = grad l_0 is computed
+by autograd on a re-evaluation of the step's first micro-batch (same inputs, same dropout masks, same
+autocast; ``torch.func.functional_call``, RNG restored afterwards) and compared, per parameter, with
+g_0 from the rules through two numbers the rules give cheaply (||g_0||^2 and g_0 . r):
+
+    ||g_0 - r||^2 = ||g_0||^2 - 2 g_0 . r + ||r||^2  <=  TOL^2 max(||g_0||^2, ||r||^2).
+
+A parameter that fails gets NaN with the reason in every per-sample quantity for the rest of the run.
+The result is logged once as ``data.persample_check`` ({"status": "passed" | "failed" |
+"unavailable", ...}). When the step cannot be replayed (the model's output is not what the loss
+received, a forward that is not replayable) the check is "unavailable" and the values stand
+unverified, as the log says. In a data-parallel run every process checks its own first sample and a
+parameter failing anywhere fails everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+
+from ..distributed import sum_tensors
+from ..rng import preserved_rng, set_rng_state
+from .losses import LossUnavailable, elementwise_loss, group_by_sample
+
+TOL = 0.1  # relative norm of g_0 - r; a broken rule is off by O(1), autocast rounding by ~1e-2
+FAILED = ("the per-sample layer rule disagrees with autograd on this parameter (relative difference "
+          "{rel:.2g} on the first sample of step {step}); is its module called on an input without the "
+          "batch dimension (e.g. nn.Embedding(T, d)(torch.arange(T)) broadcast over the batch)? Call it "
+          "with the batch dimension (arange(T).expand(B, -1))")
+
+
+class _Unavailable(Exception):
+    pass
+
+
+def run(ctx) -> Optional[dict]:
+    """Check the rules on this step; store the outcome on ``ctx.watched`` and log it. Returns the
+    outcome, or None when this step cannot serve (no per-sample information, a non-finite step):
+    the next one tries again."""
+    from .view import PerSampleView
+
+    watched = ctx.watched
+    view = ctx.per_sample
+    if view._global_reason is not None or not view.batch_sizes:
+        return None
+    names, reasons = view.names, view.unsupported()
+    sq = [s[0] if s.numel() else None for s in view.sq_norms_per_param()]  # same order of reductions everywhere
+    try:
+        refs = _first_sample_gradient(ctx, view)
+        dots = [d[0] if d.numel() else None for d in view.dots_per_param(refs)]
+        local = {}
+        for j, name in enumerate(names):
+            if name in reasons or sq[j] is None:
+                continue
+            rr = float(refs[j].double().pow(2).sum())
+            g2, gr = float(sq[j]), float(dots[j])
+            if not all(math.isfinite(x) for x in (rr, g2, gr)):
+                raise _Unavailable("the step's gradients are not finite")
+            d2 = max(g2 - 2.0 * gr + rr, 0.0)
+            if d2 > TOL * TOL * max(g2, rr):
+                local[j] = math.sqrt(d2 / max(g2, rr))
+        outcome, retry = {}, False
+    except (_Unavailable, LossUnavailable) as err:
+        local, outcome = {}, {"status": "unavailable", "reason": str(err)}
+        retry = "not finite" in str(err)
+    except Exception as err:  # never stop training: the values stand, unverified, as logged
+        local, outcome, retry = {}, {"status": "unavailable", "reason": f"{type(err).__name__}: {err}"}, False
+    failed = _agree(watched.dist, local, len(names), retry)
+    if failed is None:
+        return None
+    if failed:
+        for j, rel in failed.items():
+            reason = FAILED.format(rel=rel, step=ctx.step) if rel is not None else (
+                "the per-sample layer rule disagrees with autograd on this parameter in another process")
+            watched.rule_failures[names[j]] = reason
+        outcome = {"status": "failed", "failed": {names[j]: watched.rule_failures[names[j]] for j in failed}}
+        ctx._per_sample = PerSampleView(ctx)  # rebuilt: the failed parameters are NaN from here on
+    elif not outcome:
+        outcome = {"status": "passed"}
+    outcome.update({"step": ctx.step, "parameters": len(names) - len(reasons), "tolerance": TOL})
+    watched.rule_check = outcome
+    ctx.emit_data("persample_check", outcome)
+    return outcome
+
+
+def _agree(dist, local: Dict[int, float], count: int, retry: bool) -> Optional[Dict[int, Optional[float]]]:
+    """The parameters that failed in any process ({index: local relative difference or None}), or None
+    when some process asks to retry on a later step."""
+    if dist is None:
+        return None if retry else dict(local)
+    flags = torch.zeros(count + 1, dtype=torch.float64)
+    for j in local:
+        flags[j] = 1.0
+    flags[count] = 1.0 if retry else 0.0
+    (flags,) = sum_tensors(dist, [flags])
+    if flags[count] > 0:
+        return None
+    return {j: local.get(j) for j in range(count) if flags[j] > 0}
+
+
+def _first_sample_gradient(ctx, view) -> List[torch.Tensor]:
+    """r = grad l_0 per observed parameter, by autograd on the re-evaluated first micro-batch."""
+    from ..curvature.batch_loss import CurvatureUnavailable, rebuild
+
+    try:
+        bl = rebuild(ctx)
+    except CurvatureUnavailable as err:
+        raise _Unavailable(str(err)) from None
+    call, mb, b = bl.calls[0], view.micro_batches[0], view.batch_sizes[0]
+    params = [p.detach().requires_grad_(True) for p in bl.params]
+    amp = getattr(ctx.model_calls[0], "autocast", None) if ctx.model_calls else None
+    with preserved_rng(), torch.enable_grad(), _autocast(amp):
+        set_rng_state(call.rng_state)
+        try:
+            out, _ = torch.func.functional_call(bl.wrapper, bl._state(params), (call.args, call.kwargs, call.target))
+        except CurvatureUnavailable as err:
+            raise _Unavailable(str(err)) from None
+        losses = group_by_sample(elementwise_loss(ctx.watched.loss_fn, out, call.target, grad=True), b,
+                                 ctx.reduction, float(mb.loss))
+    trained = view.losses()[:b].detach().double()
+    again = losses.detach().double()
+    if not torch.allclose(again, trained, rtol=1e-2, atol=1e-2 * float(trained.abs().max()) + 1e-12):
+        raise _Unavailable("re-evaluating the first micro-batch does not reproduce its per-sample losses "
+                           "(the loss function does not receive the model output itself, or the forward "
+                           "is not replayable)")
+    grads = torch.autograd.grad(losses[0], params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.detach().float() for g, p in zip(grads, params)]
+
+
+def _autocast(amp):
+    if amp is None:
+        from contextlib import nullcontext
+
+        return nullcontext()
+    device, dtype = amp
+    return torch.autocast(device, dtype=dtype)
