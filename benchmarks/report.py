@@ -127,10 +127,16 @@ def full_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def legend(described: Dict[str, tuple], per_sample_every: int, alone: str, curvature: str) -> str:
+def legend(described: Dict[str, tuple], per_sample_every: int, alone: str, curvature: str, adam_on: str = "all",
+           sets_on: str = "all") -> str:
     blank = []
     if alone != "all":
-        blank.append("the quantities alone were timed with " + ("SGD only" if alone == "sgd" else "no optimizer"))
+        blank.append("the quantities alone were timed " + (
+            "with SGD only" if alone == "sgd" else "not at all" if alone == "none" else f"on {alone} with SGD only"))
+    if adam_on != "all":
+        blank.append(f"Adam was timed on {adam_on} only")
+    if sets_on != "all":
+        blank.append(f"the issues' sets (noise, noise+hist, alpha) were timed on {sets_on} only")
     if curvature != "all":
         blank.append(f"curvature on every step (the curvature quantities alone, business/full every step, "
                      f"full-like) was timed on {curvature} only, and where the issues set a target")

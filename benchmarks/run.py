@@ -12,9 +12,13 @@ Sections (each can be switched on or off; ``--quick`` and the full run differ in
   (benchmarks/variants.py: every quantity alone, the presets every step and with their default
   schedules, the issues' sets) timed interleaved with the plain loop in one process
   (benchmarks/timing.py, ratio per round, median over rounds), and with ``--memory`` its peak memory
-  (benchmarks/memory.py); ``--alone sgd`` (the quick default) times the quantities alone with SGD only,
+  (benchmarks/memory.py); ``--alone mlp`` (the quick default) times the quantities alone on the MLP
+  with SGD only (``all``: every problem and optimizer, ``sgd``: every problem with SGD),
   ``--curvature mlp`` (the quick default) times curvature on every step on the MLP only (plus the rows
   with an issue's target: hess_max_ev, full-like on the CNN), as it costs 1-5 s per step elsewhere;
+  ``--adam-on mlp,cnn`` (the quick default) times the second optimizer on those problems only;
+  the issues' sets (noise, noise+hist, alpha) are timed on mlp and cnn only in ``--quick`` (the presets
+  everywhere);
 * ``--cockpit``: Cockpit and cockpit-lite on the same quantities (benchmarks/cockpit_side.py);
 * ``--scaling``: overhead vs batch size and width, peak memory vs batch size (benchmarks/scaling.py).
 
@@ -47,13 +51,13 @@ PROBLEMS = "mlp,cnn,transformer,resnet_bn_eval,resnet_bn_train"
 SETTINGS = {
     "full": dict(rounds=5, steps=3, periods=2, memory_steps=3, cockpit=(5, 3), scaling=(5, 3),
                  batches=scaling.BATCHES, widths=scaling.WIDTHS, scaling_problems="mlp,cnn", alone="all",
-                 cockpit_curvature="mlp,cnn", curvature="all"),
+                 cockpit_curvature="mlp,cnn", curvature="all", adam_on="all", sets_on="all"),
     "quick": dict(rounds=3, steps=1, periods=1, memory_steps=2, cockpit=(3, 1), scaling=(3, 2),
-                  batches=scaling.BATCHES, widths=scaling.WIDTHS, scaling_problems="mlp", alone="sgd",
-                  cockpit_curvature="mlp", curvature="mlp"),
+                  batches=scaling.BATCHES, widths=scaling.WIDTHS, scaling_problems="mlp", alone="mlp",
+                  cockpit_curvature="mlp", curvature="mlp", adam_on="mlp,cnn", sets_on="mlp,cnn"),
     "smoke": dict(rounds=1, steps=2, periods=0, memory_steps=2, cockpit=(1, 1), scaling=(1, 2),
                   batches=(32, 64), widths=(128,), scaling_problems="mlp", alone="all", cockpit_curvature="",
-                  curvature="mlp"),
+                  curvature="mlp", adam_on="all", sets_on="all"),
 }
 
 
@@ -70,14 +74,21 @@ def machine():
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
+def _on(setting: str, problem: str) -> bool:
+    """A setting naming problems ("mlp,cnn") or "all" applies to ``problem``."""
+    return setting == "all" or problem in setting.split(",")
+
+
 def overhead(problem_names, optimizers, s, with_memory, tmp, log):
     rows = []
     for p in problem_names:
         problem = problem_set.get(p)
         for opt in optimizers:
-            alone = s["alone"] == "all" or (s["alone"] == "sgd" and opt == "sgd")
-            curvature = s["curvature"] == "all" or p in s["curvature"].split(",")
-            rows += suite.measure(problem, opt, variants.every_step(p, opt, alone, curvature), s["rounds"], s["steps"], tmp,
+            if opt != optimizers[0] and not _on(s["adam_on"], p):
+                continue
+            alone = s["alone"] == "all" or (opt == "sgd" and (s["alone"] == "sgd" or _on(s["alone"], p)))
+            curvature = _on(s["curvature"], p)
+            rows += suite.measure(problem, opt, variants.every_step(p, opt, alone, curvature, _on(s["sets_on"], p)), s["rounds"], s["steps"], tmp,
                                   s["memory_steps"] if with_memory else None)
             # blocks of whole per-sample periods, so tracked and untracked steps mix as in a run
             block = max(1, s["periods"]) * presets.PER_SAMPLE_EVERY if s["periods"] else s["steps"]
@@ -99,7 +110,7 @@ def tables(result, meta, command, elapsed, s):
     note = report.notes(rows)
     if note:
         parts += ["", note]
-    parts += ["", report.legend(described, presets.PER_SAMPLE_EVERY, s["alone"], s["curvature"])]
+    parts += ["", report.legend(described, presets.PER_SAMPLE_EVERY, s["alone"], s["curvature"], s["adam_on"], s["sets_on"])]
     if result.get("cockpit") is not None:
         parts += ["", report.cockpit_tables(result["cockpit"])]
     if result.get("scaling"):
@@ -134,7 +145,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int)
     ap.add_argument("--problems", default=PROBLEMS)
     ap.add_argument("--optimizers", default="sgd,adam")
-    ap.add_argument("--alone", choices=["all", "sgd", "none"], help="time every quantity alone with which optimizers")
+    ap.add_argument("--alone", help="time every quantity alone: 'all', 'sgd' (every problem with SGD), 'none', "
+                                    "or problems (with SGD)")
+    ap.add_argument("--adam-on", dest="adam_on", help="problems (or 'all') also timed with the second optimizer")
     ap.add_argument("--curvature", help="problems (or 'all') on which curvature is also timed on every step")
     _switch(ap, "memory", "peak memory of every variant (default: on)")
     _switch(ap, "cockpit", "side by side with Cockpit on mlp and cnn (default: on)")
@@ -145,7 +158,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     s = dict(SETTINGS["smoke" if args.smoke else "quick" if args.quick else "full"])
     s.update({k: v for k, v in (("rounds", args.rounds), ("steps", args.steps), ("alone", args.alone),
-                                             ("curvature", args.curvature)) if v})
+                                             ("curvature", args.curvature), ("adam_on", args.adam_on)) if v})
     command = ("python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     on = {k: True if getattr(args, k) is None else getattr(args, k) for k in ("memory", "cockpit", "scaling")}
     problem_names = args.problems.split(",")

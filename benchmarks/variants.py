@@ -68,17 +68,21 @@ def scheduled() -> Dict[str, Variant]:
             for name in PRESETS[1:]}
 
 
-def every_step(problem: str, optimizer: str, alone: bool, curvature: bool = True) -> Dict[str, Variant]:
+def every_step(problem: str, optimizer: str, alone: bool, curvature: bool = True, sets: bool = True) -> Dict[str, Variant]:
     """The every-step variants: presets and sets, and every quantity alone when ``alone``; the
-    curvature quantities (expensive on every step) only when ``curvature``. The variants with a
-    target on ``problem`` are always in."""
+    curvature quantities (expensive on every step) only when ``curvature``; the issues' sets
+    (noise, noise+hist, alpha) only when ``sets``. The variants with a target on ``problem`` are
+    always in."""
     candidates = dict(preset_sets(optimizer), **quantities_alone())
     v = preset_sets(optimizer, curvature)
+    if not sets:
+        v = {name: variant for name, variant in v.items() if name == "default" or name.endswith("(every step)")}
     if alone:
         for name, variant in quantities_alone().items():
             if curvature or name not in CURVATURE:
                 v.setdefault(name, variant)
-    v.setdefault("alpha", candidates["alpha"])  # the issue-4 target row, with every optimizer
+    if sets:
+        v.setdefault("alpha", candidates["alpha"])  # the issue-4 target row, with every optimizer
     for (p, name) in TARGETS:
         if p == problem and name in candidates and optimizer == "sgd":  # with Adam: default and alpha
             v.setdefault(name, candidates[name])
