@@ -82,7 +82,7 @@ def import_cockpit():
 
 
 def _batches(problem, n=4):
-    return [problem.make_batch(s, problem.batch_size) for s in range(n)]
+    return [problems.to_device(problem.make_batch(s, problem.batch_size)) for s in range(n)]
 
 
 def lite_step(model, names, logdir, batches):
@@ -131,7 +131,7 @@ def timings(problem_name: str, rounds: int, steps: int, tmp: str, modules) -> Li
     problem = problems.get(problem_name)
     batches = _batches(problem)
     torch.manual_seed(0)
-    init = problem.make_model()
+    init = problem.make_model().to(problems.DEVICE)
     variants, closers = {}, []
     plain_model = copy.deepcopy(init)
     plain_opt, plain_crit, plain_it = torch.optim.SGD(plain_model.parameters(), lr=LR), nn.CrossEntropyLoss(), itertools.cycle(batches)
@@ -167,7 +167,7 @@ def check_values(problem_name: str, tmp: str, modules, steps: int = 3, names=CHE
     problem = problems.get(problem_name)
     batches = _batches(problem, steps)
     torch.manual_seed(0)
-    init = problem.make_model()
+    init = problem.make_model().to(problems.DEVICE)
     ours_model = copy.deepcopy(init)
     step, cp = lite_step(ours_model, names, os.path.join(tmp, f"values-{problem_name}"), batches)
     for _ in range(steps):

@@ -1,4 +1,8 @@
-"""Peak memory of a training step on the CPU, plain and watched, measured in a fresh subprocess.
+"""Peak memory of a training step, plain and watched, measured in a fresh subprocess.
+
+On a GPU (``benchmarks/problems.py``'s device is CUDA) the peak is CUDA's own allocator statistic,
+``torch.cuda.max_memory_allocated`` above the allocated size before the variant (reset per variant),
+i.e. the device memory the step needs; the rest of this text is about the CPU.
 
 torch's CPU allocator keeps no statistics and ``tracemalloc`` does not see its buffers, so the peak
 is read from the kernel: the process's peak resident set size (``VmHWM`` in ``/proc/self/status``),
@@ -35,6 +39,10 @@ HERE = os.path.abspath(__file__)
 
 def unsupported_reason() -> Optional[str]:
     """Why peak memory cannot be measured here (None when it can)."""
+    from benchmarks import problems
+
+    if problems.on_gpu():
+        return None
     try:
         with open("/proc/self/status") as fh:
             if "VmHWM:" not in fh.read():
@@ -63,8 +71,21 @@ def _release():
 
 
 def _peak_of(run) -> float:
-    """MB by which the resident set peaked above its size before ``run()`` (which frees what it built)."""
+    """MB by which the resident set (on a GPU: CUDA's allocated memory) peaked above its size before
+    ``run()`` (which frees what it built)."""
     _release()
+    from benchmarks import problems
+
+    if problems.on_gpu():
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     base = _status_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # VmHWM := VmRSS

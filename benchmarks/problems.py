@@ -12,17 +12,42 @@
 
 ``make(name, batch_size=..., hidden=...)`` builds the variants of the scaling study (other batch sizes,
 MLP widths); ``Problem.spec`` holds its arguments, so a subprocess can rebuild the same problem.
+
+Device: every problem runs on ``DEVICE`` (``set_device``: "cpu", "cuda", "cuda:1" or "auto" = a GPU when
+there is one), kept in the environment variable ``COCKPIT_BENCH_DEVICE`` so that subprocesses (the
+memory measurement) use the same one. The data are drawn on the CPU (same numbers everywhere) and moved.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import nn
+
+
+DEVICE = os.environ.get("COCKPIT_BENCH_DEVICE", "cpu")
+
+
+def set_device(name: str = "auto") -> str:
+    """Run every problem on ``name`` from now on (also in subprocesses); returns the device chosen."""
+    global DEVICE
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: torch sees no CUDA device here (torch {torch.__version__}); "
+                         "run on the CPU (--device cpu) or on a machine with a GPU")
+    torch.device(name)  # a malformed name fails here
+    DEVICE = os.environ["COCKPIT_BENCH_DEVICE"] = name
+    return name
+
+
+def on_gpu() -> bool:
+    return DEVICE.startswith("cuda")
 
 
 @dataclass
@@ -141,6 +166,10 @@ def make(name: str, batch_size: Optional[int] = None, hidden: Optional[int] = No
                                spec={"name": name, "batch_size": batch_size, "hidden": hidden})
 
 
+def to_device(batch: tuple) -> tuple:
+    return tuple(t.to(DEVICE) for t in batch)
+
+
 def get(name: str) -> Problem:
     try:
         return dataclasses.replace(PROBLEMS[name], spec={"name": name})
@@ -154,7 +183,7 @@ def training_step(problem: Problem, quantities=None, logdir=None, optimizer: str
     import cockpit_lite
 
     torch.manual_seed(0)
-    model = problem.make_model()
+    model = problem.make_model().to(DEVICE)
     model.train(problem.train_mode)
     opt = (torch.optim.SGD(model.parameters(), lr=0.01, momentum=momentum) if optimizer == "sgd"
            else torch.optim.Adam(model.parameters(), lr=1e-3))
@@ -162,7 +191,7 @@ def training_step(problem: Problem, quantities=None, logdir=None, optimizer: str
     cockpit = None
     if quantities is not None:
         cockpit = cockpit_lite.watch(model, opt, loss_fn=crit, logdir=logdir, quantities=quantities)
-    batches = itertools.cycle([problem.make_batch(s, problem.batch_size) for s in range(4)])
+    batches = itertools.cycle([to_device(problem.make_batch(s, problem.batch_size)) for s in range(4)])
 
     def step():
         x, y = next(batches)

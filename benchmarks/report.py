@@ -15,12 +15,15 @@ def _f(x, fmt="{:.1f}", missing="-"):
 
 
 def header(meta: dict, command: str, elapsed_s: float) -> str:
-    return (f"Measured {meta['date']} on {meta['cpu']} ({meta['cores']} cores, {meta['torch_threads']} torch threads, "
-            f"{meta['gpu']}), torch {meta['torch']}; command: `{command}` ({elapsed_s / 60:.1f} min). Time ratio = median "
-            "over rounds of (variant / plain step in the same round; range: lowest and highest round). Peak memory = "
-            "peak resident set above the process's size before the model was built (model, optimizer state, "
-            "activations, cockpit state), plain loop measured right before each variant in one fresh subprocess "
-            "(benchmarks/memory.py).")
+    device = meta.get("device", "cpu")
+    where = (f"on the GPU {meta['gpu']} ({device}; host: {meta['cpu']}, {meta['cores']} cores)" if device.startswith("cuda")
+             else f"on the CPU: {meta['cpu']} ({meta['cores']} cores, {meta['torch_threads']} torch threads, {meta['gpu']})")
+    memory = ("CUDA's peak allocated memory above what was allocated before the variant" if device.startswith("cuda")
+              else "peak resident set above the process's size before the model was built")
+    return (f"Measured {meta['date']} {where}, torch {meta['torch']}; command: `{command}` ({elapsed_s / 60:.1f} min). "
+            "Time ratio = median over rounds of (variant / plain step in the same round; range: lowest and highest "
+            f"round). Peak memory = {memory} (model, optimizer state, activations, cockpit state), plain loop measured "
+            "right before each variant in one fresh subprocess (benchmarks/memory.py).")
 
 
 def _mem(m, with_ratio=True):

@@ -2,7 +2,8 @@
 
 Machines here are shared and noisy, so variants are never timed in separate runs: each round runs
 every variant for a block of steps (in rotating order), and the ratio to the plain loop is taken
-per round before the median over rounds.
+per round before the median over rounds. On a GPU the clock is read only after the device has
+finished the block (``torch.cuda.synchronize``), so queued kernels are not left out.
 """
 
 from __future__ import annotations
@@ -10,6 +11,13 @@ from __future__ import annotations
 import statistics
 import time
 from typing import Callable, Dict, List
+
+import torch
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def interleaved(variants: Dict[str, Callable[[], None]], rounds: int = 7, steps: int = 10,
@@ -24,9 +32,11 @@ def interleaved(variants: Dict[str, Callable[[], None]], rounds: int = 7, steps:
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             fn = variants[name]
+            _sync()
             t0 = time.perf_counter()
             for _ in range(steps):
                 fn()
+            _sync()
             per_round[name].append((time.perf_counter() - t0) / steps)
     return per_round
 
