@@ -152,7 +152,7 @@ class Cockpit:
         self._before_buffers: Optional[List[torch.Tensor]] = None
         self._handles = [
             model.register_forward_pre_hook(self._on_model_forward_pre, with_kwargs=True),
-            model.register_forward_hook(self._on_model_forward),
+            model.register_forward_hook(self._on_model_forward, always_call=True),  # also when it raises
             optimizer.register_step_pre_hook(self._on_step_pre),
             optimizer.register_step_post_hook(self._on_step_post),
         ]
@@ -224,6 +224,7 @@ class Cockpit:
         self._overhead = 0.0
         self._ctx: Optional[StepContext] = None
         self._model_calls = []
+        self._open_forwards: List[dict] = []  # forwards of the model that have begun and not yet returned
         if getattr(self, "_layer_capture", None) is not None:
             self._layer_capture.disarm()  # drop what an unfinished/skipped step captured
 
@@ -248,6 +249,15 @@ class Cockpit:
     def _on_model_forward_pre(self, module, args, kwargs):
         if not torch.is_grad_enabled():
             return None
+        if self._open_forwards:
+            # a forward inside a forward of the same module: the outer one was a redirection (Lightning's
+            # DDP strategy calls training_step through the wrapped module's forward), the inner one is the
+            # model's forward on the batch. Only the inner one counts.
+            outer = self._open_forwards[-1]
+            if outer["call"] is not None and outer["call"] in self._model_calls:
+                self._model_calls.remove(outer["call"])
+            outer["nested"] = True
+        self._open_forwards.append({"call": None, "nested": False})
         if self._pending_backward() and all(p.grad is None for p in self.watched.params):
             # gradients were cleared (model.zero_grad) after backward without an optimizer step
             self._record_skipped("gradients were cleared after backward() without optimizer.step()")
@@ -259,10 +269,12 @@ class Cockpit:
         if "model_inputs" in self._needs:
             from .step_context import ModelCall
 
-            self._model_calls.append(ModelCall(
+            call = ModelCall(
                 args=tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
                 kwargs={k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
-                rng_state=rng_state(), autocast=_autocast_state()))
+                rng_state=rng_state(), autocast=_autocast_state())
+            self._model_calls.append(call)
+            self._open_forwards[-1]["call"] = call
         return None
 
     def _arm_layer_capture(self) -> None:
@@ -281,6 +293,8 @@ class Cockpit:
     def _on_model_forward(self, module, args, output):
         if not torch.is_grad_enabled():
             return None
+        if self._open_forwards and self._open_forwards.pop()["nested"]:
+            return None  # a redirection around the real forward (see _on_model_forward_pre)
         if isinstance(output, torch.Tensor):
             if output.requires_grad:
                 output.register_hook(self._count_backward)
@@ -419,8 +433,13 @@ class Cockpit:
                   "backward_passes": max(self._backward_passes, sum(m.backpropagated for m in ctx.micro_batches)),
                   "values": values}
         samples = sum(m.batch_size or 0 for m in ctx.micro_batches if m.backpropagated)
-        if samples:
-            record["samples"] = samples
+        if self.watched.dist is None:
+            if samples:
+                record["samples"] = samples
+        elif "samples_global" in ctx.cache:  # counted by the loss quantity's reduction
+            record["samples"] = ctx.cache["samples_global"]
+        elif samples:
+            record["samples_local"] = samples  # this process's shard only (no reduction counted the rest)
         if ctx.reasons:
             record["reasons"] = ctx.reasons
         if ctx.data:

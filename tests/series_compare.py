@@ -7,8 +7,8 @@ import math
 import torch
 
 
-def assert_same_series(run, ref, steps, families):
-    """Every key of ``ref`` (but time) has the same steps and values in ``run`` (rtol 1e-6); the
+def assert_same_series(run, ref, steps, families, rtol=1e-6):
+    """Every key of ``ref`` (but time) has the same steps and values in ``run`` (within ``rtol``); the
     quantity ``families`` are among them, and ``norm_test`` was computed on the first step."""
     keys = [k for k in ref.keys() if not k.startswith("time")]
     assert set(families) <= {k.split("/")[0] for k in keys}
@@ -17,6 +17,6 @@ def assert_same_series(run, ref, steps, families):
         got_steps, got_values = run.series(key)
         assert list(got_steps) == list(ref_steps), key
         assert len(ref_steps) >= steps - 1, key  # alpha of the last step needs a next one
-        assert torch.allclose(torch.as_tensor(got_values), torch.as_tensor(ref_values), rtol=1e-6, atol=1e-9,
+        assert torch.allclose(torch.as_tensor(got_values), torch.as_tensor(ref_values), rtol=rtol, atol=1e-9,
                               equal_nan=True), (key, got_values, ref_values)
     assert not math.isnan(ref.series("norm_test")[1][0])

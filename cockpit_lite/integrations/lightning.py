@@ -19,8 +19,9 @@ What is observed, and where it comes from:
 * written to: the run log and, with ``log_to_logger=True``, every ``TensorBoardLogger`` of the trainer
   (``cockpit/<key>`` scalars at the trainer's global step).
 
-Only the global-zero process attaches a cockpit, observing its own shard of each batch (see
-docs/integrations.md for multi-process runs).
+Data parallel (``strategy="ddp"``): every process attaches a cockpit, so the statistics are those of
+the global batch (the shards' per-sample sums are reduced across processes, see
+``cockpit_lite/distributed.py``); the global-zero process writes the log and the logger's scalars.
 Importing this module imports Lightning (``pip install "cockpit-lite[lightning]"``).
 """
 
@@ -40,7 +41,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     ) from err
 
 from ..cockpit import watch
-from ._common import find_loss_module, main_process_options, unwrap_optimizer
+from ._common import find_loss_module, unwrap_optimizer
 from .logger_sink import ScalarWriterSink
 
 
@@ -80,17 +81,15 @@ class CockpitCallback(Callback):
         logdir = self._logdir_arg
         if logdir is None:  # trainer.log_dir broadcasts: every process must ask
             logdir = os.path.join(trainer.log_dir or trainer.default_root_dir, "cockpit")
-        if not trainer.is_global_zero:
-            return
         self._close()  # a previous fit that ended without on_fit_end
         if len(trainer.optimizers) != 1:
             raise ValueError(f"CockpitCallback observes one optimizer; this trainer has {len(trainer.optimizers)}")
         optimizer = unwrap_optimizer(trainer.optimizers[0])
         model = self.model if self.model is not None else pl_module
         loss_fn = find_loss_module(self.loss_fn, pl_module, "training_step")
-        options = main_process_options(self.watch_options)
+        options = dict(self.watch_options)  # distributed="auto": reduced over the DDP processes
         sinks = list(options.pop("sinks", ()))
-        if self.log_to_logger:
+        if self.log_to_logger and trainer.is_global_zero:
             writers = _tensorboard_writers(trainer)
             if writers:
                 sinks.append(ScalarWriterSink(writers, step_offset=trainer.global_step))

@@ -1,7 +1,8 @@
 """``loss``: the mini-batch loss of the step (micro-batches combined as the reduction implies).
 
 In a data-parallel run, the loss of the global batch: the shards' losses weighted by their sample
-counts (mean reduction), summed (sum reduction), or averaged (otherwise)."""
+counts (mean reduction), summed (sum reduction), or averaged (otherwise). The same reduction counts
+the global batch's samples, which the engine writes as the record's ``samples``."""
 
 from ..distributed import sum_numbers
 from .base import Quantity
@@ -18,8 +19,9 @@ class Loss(Quantity):
         if dist is not None:  # every process takes part, with or without a loss of its own
             n = sum(m.batch_size or 0 for m in ctx.micro_batches if m.backpropagated)
             weight = 1.0 if ctx.reduction == "sum" else (n if ctx.reduction == "mean" else 1)
-            missing, total, weights = sum_numbers(
-                dist, [loss is None, 0.0 if loss is None else float(loss) * weight, weight])
+            missing, total, weights, samples = sum_numbers(
+                dist, [loss is None, 0.0 if loss is None else float(loss) * weight, weight, n])
+            ctx.cache["samples_global"] = int(samples)
             if missing:
                 ctx.emit_nan("loss", "no call of loss_fn was seen in this step on "
                                      f"{int(missing)} of {dist.size} processes")
