@@ -37,21 +37,6 @@ def find_loss_module(loss_fn: Optional[torch.nn.Module], model: torch.nn.Module,
     return None
 
 
-def main_process_options(watch_options: dict) -> dict:
-    """``watch`` options for a cockpit that only the main process attaches (the Hugging Face callback).
-
-    The callback attaches a cockpit on the main process only, which then observes its own
-    shard of the batch. ``watch`` would otherwise detect an initialized process group and reduce
-    statistics over all processes, a collective the other processes never join (a hang); hence
-    ``distributed=None``. Observing the global batch needs every process to watch (as the Lightning
-    callback does; see docs/integrations.md)."""
-    if "distributed" in watch_options:
-        raise ValueError(
-            "cockpit-lite's Hugging Face callback attaches a cockpit on the main process only, which observes "
-            "its own shard of the batch; distributed= is not supported by it (yet)")
-    return dict(watch_options, distributed=None)
-
-
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer inside framework wrappers (Lightning's ``LightningOptimizer``, accelerate's
     ``AcceleratedOptimizer``: both keep it as ``.optimizer``)."""

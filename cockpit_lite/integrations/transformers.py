@@ -19,8 +19,9 @@ What is observed, and where it comes from:
 * written to: the run log; ``tensorboard=True`` (passed on to ``watch``) also writes TensorBoard data
   into the cockpit's logdir.
 
-Only the main process (``state.is_world_process_zero``) attaches a cockpit, observing its own
-shard of each batch. The Trainer has no exception callback: if ``train()`` raises, call
+Data parallel (``torchrun``/``accelerate launch``): every process attaches a cockpit, so the
+statistics are those of the global batch (the shards' per-sample sums are reduced across processes,
+see ``cockpit_lite/distributed.py``); process 0 writes the log. The Trainer has no exception callback: if ``train()`` raises, call
 ``callback.close()`` (the next ``on_train_begin`` also closes a cockpit left open). Importing this module imports ``transformers``
 (``pip install "cockpit-lite[transformers]"``).
 """
@@ -40,7 +41,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     ) from err
 
 from ..cockpit import watch
-from ._common import find_loss_module, main_process_options, unwrap_optimizer
+from ._common import find_loss_module, unwrap_optimizer
 
 
 class CockpitTrainerCallback(TrainerCallback):
@@ -65,17 +66,15 @@ class CockpitTrainerCallback(TrainerCallback):
         self.cockpit = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if not state.is_world_process_zero:
-            return
         self.close()  # a previous train() that raised
         if model is None or optimizer is None:
             raise RuntimeError("CockpitTrainerCallback: the Trainer passed no model or optimizer to on_train_begin")
         optimizer = unwrap_optimizer(optimizer)
         loss_fn = find_loss_module(self.loss_fn, model, "the model's forward")
         self.logdir = self._logdir_arg if self._logdir_arg is not None else os.path.join(args.output_dir, "cockpit")
-        self.cockpit = watch(model, optimizer, loss_fn=loss_fn, logdir=self.logdir,
-                             quantities=self.quantities,
-                             **main_process_options(self.watch_options))
+        # distributed="auto" (the default): reduced over the processes of a data-parallel run
+        self.cockpit = watch(model, optimizer, loss_fn=loss_fn, logdir=self.logdir, quantities=self.quantities,
+                             **self.watch_options)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()
