@@ -23,6 +23,7 @@ import platform
 import time
 import warnings
 import weakref
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
@@ -31,7 +32,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import __version__, presets, quantities as qreg
 from .quantities.base import Quantity, Watched
-from .distributed import detect, unwrap
+from .distributed import OutOfStep, detect, unwrap
 from .rng import rng_state
 from .runlog import RunLogWriter, load
 from .step_context import MicroBatch, StepContext
@@ -44,6 +45,25 @@ QuantitySpec = Union[str, Iterable[Union[str, Quantity]], Mapping[str, Any]]
 def watch(model, optimizer, loss_fn=None, logdir=None, quantities: QuantitySpec = "default", **options) -> "Cockpit":
     """Attach a cockpit to an existing training loop; see :class:`Cockpit`."""
     return Cockpit(model, optimizer, loss_fn=loss_fn, logdir=logdir, quantities=quantities, **options)
+
+
+class _Outcome:
+    failed: Optional[BaseException] = None
+
+
+@contextmanager
+def _bracket(dist, step: int, phase: str):
+    """Run a quantity's call as one phase of the processes' reductions (``distributed.Group``): every
+    process announces its end, raised or not; an out-of-step mismatch is reported as the failure."""
+    outcome = _Outcome()
+    if dist is not None:
+        dist.enter(step, phase)
+    yield outcome
+    if dist is not None:
+        try:
+            dist.end(outcome.failed is not None)
+        except OutOfStep as err:
+            outcome.failed = outcome.failed or err
 
 
 def _autocast_state():
@@ -399,9 +419,13 @@ class Cockpit:
     def _check_rules(self, ctx: StepContext) -> None:
         from .persample import selfcheck
 
-        try:
-            outcome = selfcheck.run(ctx)
-        except Exception as err:  # never stops training; the values stand unverified, as logged
+        with _bracket(self.watched.dist, ctx.step, "persample_check") as bracket:
+            try:
+                outcome = selfcheck.run(ctx)
+            except Exception as err:
+                bracket.failed = err
+        if bracket.failed is not None:  # never stops training; the values stand unverified, as logged
+            err = bracket.failed
             outcome = {"status": "unavailable", "reason": f"{type(err).__name__}: {err}", "step": ctx.step}
             self.watched.rule_check = outcome
             ctx.emit_data("persample_check", outcome)
@@ -411,10 +435,18 @@ class Cockpit:
 
     # -- records --------------------------------------------------------------------------------
     def _call(self, q: Quantity, method: str, ctx: StepContext) -> None:
-        try:
-            getattr(q, method)(ctx)
-        except Exception as err:  # a failing quantity never stops training
-            reason = f"{type(err).__name__} in {q.name}.{method}: {err}"
+        dist = self.watched.dist
+        bracket = dist is not None and q.reduces and getattr(type(q), method) is not getattr(Quantity, method)
+        failed = None
+        with _bracket(dist if bracket else None, ctx.step, f"{q.name}.{method}") as outcome:
+            try:
+                getattr(q, method)(ctx)
+            except Exception as err:  # a failing quantity never stops training
+                failed = outcome.failed = err
+        failed = failed or outcome.failed
+        if failed is not None:
+            reason = f"{type(failed).__name__} in {q.name}.{method}: {failed}"
+            ctx.discard(q.name)  # what it emitted before failing may be half-done (or paired wrongly)
             ctx.emit_nan(q.name, reason)
             self._warn_once(f"fail:{q.name}", f"cockpit-lite: quantity {q.name!r} failed ({reason}); "
                                               "it is logged as NaN with this reason")

@@ -12,25 +12,82 @@ Single-process runs have no ``Group`` (``None``) and every helper here is then t
 
 from __future__ import annotations
 
+import zlib
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 
+class OutOfStep(RuntimeError):
+    """The processes' cockpit reductions no longer correspond (a quantity failed in some processes
+    only, between two reductions); the step's remaining reductions are skipped everywhere."""
+
+
 class Group:
-    """The processes of one data-parallel run (a ``torch.distributed`` process group)."""
+    """The processes of one data-parallel run, with the cockpit's own communicator.
+
+    Guard against a failure in one process only. Every process runs the same quantities, so the
+    reductions are called in the same order everywhere, unless a quantity raises in some processes
+    between two of its reductions. Those processes would then skip reductions the others wait in
+    (a hang), or pair them with different ones (wrong values). So:
+
+    * the reductions run on a process group of their own (``new_group`` at ``watch``), never paired
+      with DDP's gradient reductions;
+    * each reduction is announced by a 3-number header ``[tag, size, 0]`` reduced first. The tag names
+      the reduction (step, quantity, its index there). Only when every process announced the same one
+      is the payload reduced;
+    * after every quantity, each process announces its end (``[tag of "end", 0, failed]``), whether the
+      quantity returned or raised. A process that raised early thus meets the others at a header. All
+      of them see the mismatch in the same reduction and raise :class:`OutOfStep`. They then skip the
+      step's remaining reductions (the quantities report NaN with the reason), so they stay matched and
+      resume together on the next step.
+
+    Tags are exact in float64 sums.
+    """
 
     def __init__(self, group=None):
         import torch.distributed as dist
 
         self._dist = dist
-        self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         backend = dist.get_backend(group)
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+        self.group = dist.new_group(ranks=ranks, backend=backend)  # collective: every process calls watch
         # gloo reduces CPU tensors, nccl CUDA tensors; the buffers below live where the backend wants them
         self.device = torch.device("cpu") if backend == "gloo" else torch.device("cuda", torch.cuda.current_device())
+        self._phase, self._index, self._broken = ("", ""), 0, None
 
+    # -- phases: which reduction is which ------------------------------------------------------------
+    def enter(self, step: int, name: str) -> None:
+        """Reductions from here on belong to ``name`` (a quantity) at ``step``; a new step clears an
+        out-of-step state (every process skipped the rest of the previous one)."""
+        if self._phase[0] != step:
+            self._broken = None
+        self._phase, self._index = (step, name), 0
+
+    def end(self, failed: bool) -> int:
+        """The end of the current phase, announced by every process: the number of processes in
+        which it failed. Raises :class:`OutOfStep` if the processes were not at the same point."""
+        if self._broken is not None:
+            raise OutOfStep(self._broken)
+        return int(self._header(self._tag("end"), 0, failed)[2])
+
+    def _tag(self, what) -> float:
+        return float(zlib.crc32(f"{self._phase[0]}:{self._phase[1]}:{what}".encode()) % (1 << 40) + 1)
+
+    def _header(self, tag: float, size: int, failed: bool = False) -> torch.Tensor:
+        head = torch.tensor([tag, float(size), float(failed)], dtype=torch.float64, device=self.device)
+        self._dist.all_reduce(head, op=self._dist.ReduceOp.SUM, group=self.group)
+        head = head.cpu()
+        if float(head[0]) != self.size * tag or float(head[1]) != self.size * size:
+            self._broken = (f"the processes' cockpit reductions went out of step at step {self._phase[0]} "
+                            f"({self._phase[1]}): a quantity failed in some processes only; this step's "
+                            "remaining per-sample and curvature statistics are unavailable")
+            raise OutOfStep(self._broken)
+        return head
+
+    # -- reductions ----------------------------------------------------------------------------------
     def sum_(self, flat: torch.Tensor) -> torch.Tensor:
         """All-reduce (sum) a 1-d tensor; returns the summed tensor on ``flat``'s device."""
         return self._all_reduce(flat, self._dist.ReduceOp.SUM)
@@ -40,6 +97,10 @@ class Group:
         return self._all_reduce(flat, self._dist.ReduceOp.MAX)
 
     def _all_reduce(self, flat: torch.Tensor, op) -> torch.Tensor:
+        if self._broken is not None:
+            raise OutOfStep(self._broken)
+        self._index += 1
+        self._header(self._tag(self._index), flat.numel())
         buf = flat.to(self.device) if flat.device != self.device else flat
         self._dist.all_reduce(buf, op=op, group=self.group)
         return buf.to(flat.device) if buf is not flat else buf

@@ -163,6 +163,13 @@ class StepContext:
             norms = torch.stack(torch._foreach_norm(tensors))
         self._norm_groups.append((key, norms))
 
+    def discard(self, name: str) -> None:
+        """Forget what was recorded for ``name`` and its parts (``name/...``) on this step."""
+        for store in (self.values, self.reasons, self.data):
+            for key in [k for k in store if k == name or k.startswith(name + "/")]:
+                del store[key]
+        self._norm_groups = [(k, v) for k, v in self._norm_groups if not (k == name or k.startswith(name + "/"))]
+
     def emit_nan(self, key: str, reason: str) -> None:
         """Record that ``key`` could not be computed on this step, and why."""
         self.values[key] = math.nan

@@ -5,7 +5,9 @@
 
 Every step's global batch is the same in both cases; with WORLD processes, rank r trains on the
 r-th contiguous part of it (their concatenation is the global batch). MODE "sgd": plain SGD, one
-backward per step; "adam-accum": Adam with two accumulated micro-batches per step.
+backward per step; "adam-accum": Adam with two accumulated micro-batches per step; "flaky": plain SGD
+with a quantity that raises in process 1 only at step 1, between the others' reductions (the guard
+in cockpit_lite/distributed.py); the trained parameters are saved beside the log.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cockpit_lite  # noqa: E402
-from cockpit_lite.quantities import REGISTRY  # noqa: E402
+from cockpit_lite.distributed import sum_numbers  # noqa: E402
+from cockpit_lite.quantities import REGISTRY, make  # noqa: E402
+from cockpit_lite.quantities.base import Quantity  # noqa: E402
 
 STEPS = 3
 BATCH = 16
@@ -38,6 +42,22 @@ def batches():
         yield torch.randn(BATCH, 1, 8, 8, generator=g), torch.randint(0, 5, (BATCH,), generator=g)
 
 
+class Flaky(Quantity):
+    """Reduces one number per step, except in process 1 at step 1, where it raises before reducing."""
+
+    name = "flaky"
+
+    def before_step(self, ctx):
+        dist = ctx.watched.dist
+        if ctx.step == 1 and dist is not None and dist.rank == 1:
+            raise RuntimeError("fails in process 1 only")
+        (total,) = sum_numbers(dist, [1.0])
+        ctx.emit("flaky", total)
+
+
+FLAKY_SET = ("norm_test", "inner_test", "mean_gsnr", "grad_hist_1d", "alpha", "loss", "grad_norm")
+
+
 def run(rank: int, world: int, init_file: str, logdir: str, mode: str) -> None:
     net = model()
     if world > 1:
@@ -49,13 +69,18 @@ def run(rank: int, world: int, init_file: str, logdir: str, mode: str) -> None:
     accumulate = 2 if mode == "adam-accum" else 1
     opt = torch.optim.Adam(net.parameters(), lr=0.01) if mode == "adam-accum" else torch.optim.SGD(net.parameters(), lr=0.1)
     loss_fn = nn.CrossEntropyLoss()
-    with cockpit_lite.watch(net, opt, loss_fn=loss_fn, logdir=logdir, quantities=QUANTITIES):
+    quantities = QUANTITIES
+    if mode == "flaky":
+        quantities = [Flaky()] + [make(q, "every") for q in FLAKY_SET]
+    with cockpit_lite.watch(net, opt, loss_fn=loss_fn, logdir=logdir, quantities=quantities):
         for x, y in batches():
             x, y = x.chunk(world)[rank], y.chunk(world)[rank]
             opt.zero_grad()
             for xm, ym in zip(x.chunk(accumulate), y.chunk(accumulate)):
                 (loss_fn(net(xm), ym) / accumulate).backward()
             opt.step()
+    if mode == "flaky" and rank == 0:
+        torch.save([p.detach() for p in net.parameters()], os.path.join(logdir, "params.pt"))
     if world > 1:
         torch.distributed.destroy_process_group()
 

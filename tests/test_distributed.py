@@ -113,3 +113,27 @@ def test_watch_unwraps_ddp_and_keeps_single_process_names(runs):
     single, multi, _ = runs
     assert [p["name"] for p in multi.header["params"]] == [p["name"] for p in single.header["params"]]
     assert not any(p["name"].startswith("module.") for p in multi.header["params"])
+
+
+def test_a_failure_in_one_process_neither_hangs_nor_corrupts(tmp_path):
+    """A quantity raises in process 1 only, between reductions the others make (tests/ddp_worker.py,
+    mode "flaky"). The processes meet at the next reduction header, see that they are out of step and
+    skip the rest of that step's statistics (NaN with the reason); training is untouched (the
+    cockpit's reductions have their own process group) and the next step's statistics are right."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    procs = [_run([0, 1, "-", single, "flaky"])]
+    procs += [_run([r, 2, tmp_path / "init", multi, "flaky"]) for r in range(2)]
+    _wait(procs, timeout=120)
+    one, two = cockpit_lite.load(single), cockpit_lite.load(multi)
+    for key in ("norm_test", "inner_test", "mean_gsnr", "flaky"):
+        steps, values = two.series(key)
+        assert list(steps) == [0, 1, 2]
+        assert math.isnan(values[1]) and "out of step" in two.reasons(key)[1], (key, two.reasons(key))
+        ref = [2.0] * 3 if key == "flaky" else one.series(key)[1]  # flaky counts the processes
+        for s in (0, 2):
+            assert math.isclose(values[s], ref[s], rel_tol=1e-5), (key, s, values[s], ref[s])
+    # quantities that do not reduce are unaffected
+    assert not math.isnan(two.series("grad_norm")[1][1])
+    # DDP's own gradient reductions were never paired with the cockpit's: training as in one process
+    for a, b in zip(torch.load(single / "params.pt"), torch.load(multi / "params.pt")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

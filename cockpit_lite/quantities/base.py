@@ -44,6 +44,9 @@ class Quantity:
     default_schedule: ClassVar[Any] = "every"
     #: short description shown by ``cockpit-lite quantities`` and in the README table
     description: ClassVar[str] = ""
+    # may reduce across the processes of a data-parallel run: the engine then brackets each of its
+    # calls so that a failure in one process cannot leave the others waiting (distributed.Group)
+    reduces: ClassVar[bool] = True
 
     def __init__(self, schedule: schedules.ScheduleLike = None):
         self.schedule: Callable[[int], bool] = schedules.parse(

@@ -80,6 +80,7 @@ class Energy(Quantity):
     name = "energy"
     description = ("joules per step and device (GPU: NVML counter, CPU: RAPL), labelled measured/estimated/"
                    "unavailable with an error bound; energy/kwh and energy/co2_g for a stated carbon intensity")
+    reduces = False  # reads only what every process has (its own devices, the all-reduced .grad)
 
     def __init__(self, schedule=None, *, estimate: Optional[Mapping[str, Any]] = None,
                  carbon_intensity_g_per_kwh: float = carbon.DEFAULT_CARBON_INTENSITY_G_PER_KWH,

@@ -6,6 +6,7 @@ from .base import Quantity
 class GradNorm(Quantity):
     name = "grad_norm"
     description = "||g||_2 of .grad when the optimizer steps; total and grad_norm/<param>"
+    reduces = False  # reads only what every process has (its own devices, the all-reduced .grad)
 
     def before_step(self, ctx):
         ctx.emit_norms("grad_norm", ctx.grads())

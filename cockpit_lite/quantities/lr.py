@@ -6,6 +6,7 @@ from .base import Quantity
 class LearningRate(Quantity):
     name = "lr"
     description = "learning rate: lr = group 0, lr/group<i> for every group when there are several"
+    reduces = False  # reads only what every process has (its own devices, the all-reduced .grad)
 
     def before_step(self, ctx):
         groups = ctx.watched.optimizer.param_groups

@@ -45,6 +45,7 @@ class StepTime(Quantity):
     name = "time"
     description = ("wall seconds from the step's first forward to the end of optimizer.step(); time/cockpit = own "
                    "overhead; time/device = GPU seconds between CUDA events at step ends")
+    reduces = False  # reads only what every process has (its own devices, the all-reduced .grad)
 
     def __init__(self, schedule=None, *, make_event: Optional[Callable[[int], Any]] = None):
         super().__init__(schedule)
