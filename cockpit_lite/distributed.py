@@ -96,6 +96,16 @@ class Group:
         """All-reduce (maximum) a 1-d tensor; returns the result on ``flat``'s device."""
         return self._all_reduce(flat, self._dist.ReduceOp.MAX)
 
+    def gather_objects(self, obj) -> list:
+        """Every process's ``obj`` (picklable), in rank order."""
+        if self._broken is not None:
+            raise OutOfStep(self._broken)
+        self._index += 1
+        self._header(self._tag(self._index), 0)
+        out = [None] * self.size
+        self._dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def _all_reduce(self, flat: torch.Tensor, op) -> torch.Tensor:
         if self._broken is not None:
             raise OutOfStep(self._broken)

@@ -107,6 +107,13 @@ def test_energy_says_whose_devices_it_counts(runs):
     for x, y in zip(_steps(single), _steps(multi)):
         assert "scope" not in x["data"]["energy"]["total"]
         assert "process 0 only, of 2 processes" in y["data"]["energy"]["total"]["scope"]
+    # at close, every process's totals, combined per physical device (both share this host's CPU)
+    (last, combined), = multi.data("energy_all_processes")
+    assert last == _steps(multi)[-1]["step"] and combined["processes"] == 2
+    shared = {**combined["devices"], **{i: None for i in combined["unavailable"]}}
+    cpu = [i for i in shared if i.endswith(":cpu") or ":cpu0" in i]
+    assert len(cpu) >= 1  # one entry for the socket, not one per process
+    assert not single.data("energy_all_processes")
 
 
 def test_watch_unwraps_ddp_and_keeps_single_process_names(runs):

@@ -19,6 +19,11 @@ A record covers the time since the previous tracked step ended (since ``watch`` 
 after skipped steps). ``energy`` is the sum over devices with a measured or estimated value,
 ``energy/kwh`` and ``energy/co2_g`` derive from it for the stated carbon intensity. The step's
 loss is logged by ``loss``, so energy per unit of loss decrease can be computed from the log.
+
+Data parallel: the per-step records are process 0's devices (``data["energy"]["total"]["scope"]``
+says so); at ``close`` every process's run totals are gathered and combined per physical device
+(a CPU socket shared by processes counted once; ``energy/processes.py``) into
+``data["energy_all_processes"]`` of the last tracked step.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from ..energy import carbon
 from ..energy.attribution import StepEnergy
 from ..energy.estimate import make_estimator
+from ..energy.processes import combine, gpu_identity, host
 from ..energy.rapl import POWERCAP_ROOT, RaplReader, RaplUnavailable, rapl_error_bound_j
 from .base import Quantity
 
@@ -114,6 +120,8 @@ class Energy(Quantity):
         self._prev_cpu: Any = None
         self._prev_est: Any = None
         self._prev_t = 0.0
+        self._totals: Dict[str, Dict[str, Any]] = {}  # device -> run totals (for the processes' sum)
+        self._identity: Dict[str, str] = {}  # device -> physical identity (GPU UUID; else host:device)
 
     def describe(self) -> Dict[str, Any]:
         out = super().describe()
@@ -147,6 +155,7 @@ class Energy(Quantity):
 
         for index in indices or [0]:
             device = f"gpu{index}"
+            self._identity[device] = gpu_identity(index)
             try:
                 opened = (self.nvml_counter or nvml_energy_counter)(index)
                 read, label = opened[0], opened[1]
@@ -182,6 +191,15 @@ class Energy(Quantity):
             self._take(device, meter, meter.finish())
             self._drop_meter(device, meter, reason="the run ended before the counter updated after this step")
         self._flush(ctx)
+        dist = ctx.watched.dist
+        if dist is not None:  # every process closes: the run's energy over all of them
+            dist.enter(ctx.step, "energy.finish")
+            mine = {"rank": dist.rank, "host": host(),
+                    "devices": {d: dict(t, identity=self._identity.get(d, f"{host()}:{d}"))
+                                for d, t in self._totals.items()}}
+            everyone = dist.gather_objects(mine)
+            if self._prev_step >= 0:
+                ctx.emit_for_step(self._prev_step, "energy_all_processes", data=combine(everyone))
 
     def close(self) -> None:
         if self._rapl is not None:
@@ -254,6 +272,19 @@ class Energy(Quantity):
             del self._pending[step]
             self._covers.pop(step, None)
 
+    def _add_to_totals(self, values: Dict[str, DeviceEnergy]) -> None:
+        """Run totals per device: joules and error bound of the steps it was measured (or estimated)
+        on, and how many steps it was unavailable."""
+        for device, v in values.items():
+            t = self._totals.setdefault(device, {"joules": 0.0, "error_j": 0.0, "status": UNAVAILABLE,
+                                                 "unavailable_steps": 0})
+            if v.status == UNAVAILABLE:
+                t["unavailable_steps"] += 1
+                continue
+            t["joules"] += v.joules
+            t["error_j"] = math.nan if v.status == ESTIMATED else t["error_j"] + v.error_j
+            t["status"] = ESTIMATED if ESTIMATED in (v.status, t["status"]) else MEASURED
+
     def _write(self, ctx, step: int, values: Dict[str, DeviceEnergy]) -> None:
         current = step == ctx.step
 
@@ -264,6 +295,7 @@ class Energy(Quantity):
                 ctx.emit_for_step(step, key, value, reason=reason)
 
         counted = {d: v for d, v in values.items() if v.status != UNAVAILABLE}
+        self._add_to_totals(values)
         for device, v in sorted(values.items()):
             if v.status == UNAVAILABLE:
                 emit(f"energy/{device}", reason=f"{v.status}: {v.reason}")
@@ -287,9 +319,10 @@ class Energy(Quantity):
             "error_j": math.nan if estimated or not counted else math.fsum(v.error_j for v in counted.values()),
         }
         dist = ctx.watched.dist
-        if dist is not None:  # not summed over the processes yet: say whose devices these are
+        if dist is not None:  # per step: process 0's devices; all processes at close (finish)
             data["total"]["scope"] = (f"the devices of process 0 only, of {dist.size} processes: the other "
-                                      "processes' energy is not included")
+                                      "processes' energy is not included here; the whole run over all "
+                                      "processes is in data.energy_all_processes of the last step")
         data["steps"] = self._covers.get(step, 1)
         data["carbon_intensity_g_per_kwh"] = self.intensity
         data["carbon_source"] = self.carbon_source
