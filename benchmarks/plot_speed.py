@@ -6,9 +6,11 @@ Reports (JSON on the last line): the time to write the log (not part of plotting
 time of the command in a fresh process (`python -m cockpit_lite.cli plot LOG -o OUT`, imports
 included), first without the reader's cache next to the log (`command_cold_*`: it decodes the whole
 log and writes the cache) and then with it (`command_*`), and an in-process breakdown: reading the
-log without and with the cache (`load_nocache`, `load`), building the columns of every key
-(`columns`, part of the first `series` call when there is no cache), drawing (matplotlib's import
-included), saving. Each as wall seconds
+log without and with the cache (`load_nocache`: decoding the records; `load`: the cache's columns
+and small structures, the records left unbuilt), building the columns of every key from the
+decoded records (`columns`, part of the first `series` call when there is no cache), drawing
+(matplotlib's import included), saving. `orjson` says whether the reader found orjson (its
+optional fast decoder). Each as wall seconds
 and as CPU seconds of the process (`*_cpu_s`): on a machine shared with other jobs the wall time
 is inflated by waiting for a core, the CPU time much less so; `load_avg_1min` tells how busy it was. Lines are downsampled
 for display only (min/max envelope, at most 2,000 points per line); the log is never modified.
@@ -65,7 +67,7 @@ def main(argv=None) -> dict:
     proc, command_s, command_cpu_s = command()  # starts from the cache
 
     import cockpit_lite
-    from cockpit_lite import dashboard
+    from cockpit_lite import dashboard, runlog
 
     clock = {}
 
@@ -79,10 +81,10 @@ def main(argv=None) -> dict:
 
     # as `cockpit-lite plot` does: read with the collector off, then freeze what was read
     gc.disable()
-    timed("load_nocache", lambda: cockpit_lite.load(logdir, cache=False).columns())
+    decoded = timed("load_nocache", lambda: cockpit_lite.load(logdir, cache=False))
+    timed("columns", decoded.columns)  # what a load without a valid cache does on the first series call
+    decoded = None
     run = timed("load", lambda: cockpit_lite.load(logdir))
-    run._columns = None  # what a load without a valid cache does on the first series call
-    timed("columns", run.columns)
     gc.freeze()
     gc.enable()
     fig = timed("draw", lambda: dashboard.figure(dashboard.layout(dashboard._views(run, None))))
@@ -93,7 +95,8 @@ def main(argv=None) -> dict:
               "command_s": command_s, "command_cpu_s": command_cpu_s,
               **{f"{k}_s": round(v[0], 2) for k, v in clock.items()},
               **{f"{k}_cpu_s": round(v[1], 2) for k, v in clock.items()},
-              "png": str(out), "cpus": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 1)}
+              "png": str(out), "orjson": runlog._orjson_loads is not None, "cpus": os.cpu_count(),
+              "load_avg_1min": round(os.getloadavg()[0], 1)}
     print(proc.stdout.strip())
     print(json.dumps(result))
     return result

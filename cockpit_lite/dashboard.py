@@ -113,8 +113,9 @@ def layout(views: List[Any], instruments: Optional[Sequence[Any]] = None) -> Lay
         if hasattr(v, "prefetch"):
             wanted = [k for i in chosen for k in getattr(i, "keys", ())]
             wanted += [k for k in v.keys() if k.split("/", 1)[0] in {"lr", "time", "energy"}]
-            v.prefetch(wanted, [k for i in chosen for k in getattr(i, "data_keys", ())] + ["energy", "hess_max_ev",
-                                                                                          "hess_trace", "ggn_trace"])
+            # not "energy": a structure per step, of which its panel reads data_field and last_data
+            v.prefetch(wanted, [k for i in chosen for k in getattr(i, "data_keys", ())] + ["hess_max_ev", "hess_trace",
+                                                                                          "ggn_trace"])
     for group in inst_pkg.GROUPS:
         rows: List[List[Cell]] = []
         for instrument in (i for i in chosen if i.group == group):

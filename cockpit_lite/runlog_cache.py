@@ -1,10 +1,11 @@
-"""The run log's cache: the decoded records of a large log, kept next to it (``.cockpit.jsonl.cache``)
+"""The run log's cache: what plotting a large log needs, kept next to it (``.cockpit.jsonl.cache``)
 so that plotting a long run does not decode all of its JSON again (see :class:`RunCache`). The log
 stays the source of truth: a cache is used only while the log's first bytes hash to its digest."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import sys
@@ -26,26 +27,97 @@ class _PlainDataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"a run-log cache holds plain data only, not {module}.{name}")
 
 
+def _plain_loads(blob: bytes) -> Any:
+    """``pickle.loads`` restricted to plain data (see ``_PlainDataUnpickler``)."""
+    with gc_paused():
+        return _PlainDataUnpickler(io.BytesIO(blob)).load()
+
+
+def _plain_dumps(obj: Any) -> bytes:
+    """A pickle of plain data, stored inside the cache's own pickle and read by ``_plain_loads``."""
+    return pickle.dumps(obj, protocol=4)
+
+
+class CachedRecords:
+    """A run's records as the cache holds them: the small parts at once, the large ones on demand.
+
+    Plotting needs the columns (``Run.columns``), the steps, the reasons and flags, a few record
+    fields and the structures of a few ``data`` keys; the records themselves (a million objects
+    for 100,000 steps, most of the cache's bytes) are needed only by code that iterates them. So
+    the records (without their ``data``) and each ``data`` key are stored as separate pickles,
+    unpickled (with the same restricted unpickler) only when asked for. What the dashboard reads
+    of the per-step structures is at hand without them: their numeric entries as columns
+    (``data_fields``: the entries ``RunCache.DATA_FIELDS`` names) and each key's last structure
+    (``last``); so are the record fields of ``RunCache.FIELDS``.
+    """
+
+    def __init__(self, state: Dict[str, Any]):
+        import numpy as np
+
+        self.steps = np.frombuffer(state["steps"], dtype=np.int64)
+        self.reasons: Dict[str, Dict[int, str]] = state["reasons"]
+        self.flags: Dict[str, List[int]] = state["flags"]
+        self.fields = _columns_from_bytes(state["fields"], state["step_arrays"])
+        self.data_fields = {(key, name): column for key, stored in state["data_fields"].items()
+                            for name, column in _columns_from_bytes(stored, state["step_arrays"]).items()}
+        self.last: Dict[str, Tuple[int, Any]] = {k: tuple(v) for k, v in state["last"].items()}
+        self._records_blob: bytes = state["records"]
+        self._data_blobs: Dict[str, bytes] = state["data"]
+        self._data: Dict[str, List[Tuple[int, Any]]] = {}
+        if not (isinstance(self.reasons, dict) and isinstance(self.flags, dict)
+                and isinstance(self._records_blob, bytes) and isinstance(self._data_blobs, dict)):
+            raise ValueError("malformed cached records")
+
+    def data(self, key: str) -> List[Tuple[int, Any]]:
+        """``[(step, structure), ...]`` of one ``data`` key (unpickled on first use)."""
+        if key not in self._data:
+            blob = self._data_blobs.get(key)
+            pairs = [] if blob is None else _plain_loads(blob)
+            if not isinstance(pairs, list):
+                raise ValueError(f"cached data {key!r} is malformed")
+            self._data[key] = [tuple(p) for p in pairs]
+        return self._data[key]
+
+    def records(self) -> List[Dict[str, Any]]:
+        """The full records: the stored ones with every ``data`` key put back."""
+        records = _plain_loads(self._records_blob)
+        if not isinstance(records, list) or len(records) != len(self.steps):
+            raise ValueError("cached records are malformed")
+        by_step = {r["step"]: r for r in records}
+        for key in self._data_blobs:
+            for step, structure in self.data(key):
+                by_step[step]["data"][key] = structure
+        return records
+
+
 class RunCache:
-    """The decoded records of a log's first ``covered`` bytes, kept in ``.<log name>.cache``.
+    """The state of a log's first ``covered`` bytes, kept in ``.<log name>.cache``.
 
     File: a magic line, then a pickle of plain data: the digest (SHA-1) of those bytes, how many
-    bytes and lines they are, and the reader's state after them (header, records, skipped,
-    events, footer, and the columns of ``Run.columns`` as raw float64/int64 bytes). The digest
+    bytes and lines they are, and the reader's state after them: header, skipped, events, footer,
+    the columns of ``Run.columns`` as raw float64/int64 bytes (step arrays shared between
+    columns), the record steps, reasons, flags, the numbers named in ``FIELDS`` and
+    ``DATA_FIELDS``, the last structure of each ``data`` key, and (as separate
+    pickles, see :class:`CachedRecords`) the records and each ``data`` key. The digest
     is taken of the bytes the reader decoded, as it decoded them. ``read`` uses the cache only
     when the log is at least that long and its first ``covered`` bytes hash to the digest (so a
     rewritten, truncated or replaced log, whatever its size and mtime, never matches); the bytes
     after them are then decoded from the log as usual, which is how a growing log (appended,
     never rewritten) keeps most of its cache. The log is never modified; failing to read or
-    write the cache only costs time. Safety: the pickle is read with every class and function
-    refused (plain data only), and its magic line carries a format number to bump whenever the
-    reader's merging rules change.
+    write the cache only costs time. Safety: every pickle is read with every class and function
+    refused (plain data only), and the magic line carries a format number to bump whenever the
+    reader's merging rules or this layout change.
     """
 
-    MAGIC = b"cockpit-lite run-log cache 1\n"
+    MAGIC = b"cockpit-lite run-log cache 2\n"
     #: decode at least this many bytes of log before writing a cache: small logs are quick anyway
     MIN_BYTES = 8 * 1024 * 1024
-    _STATE = ("header", "records", "skipped", "events", "footer")
+    #: record fields and ``(data key, entry)`` numbers kept as columns: what the dashboard and the
+    #: advisor read of them (the batch size; how many steps an energy record covers). Any other
+    #: is read from the records or the structures, which a cached run then builds or unpickles.
+    FIELDS = ("samples",)
+    DATA_FIELDS = (("energy", "steps"),)
+    _STATE = ("header", "skipped", "events", "footer")
 
     def __init__(self, log_path: Path):
         self.log_path = Path(log_path)
@@ -81,22 +153,20 @@ class RunCache:
             covered, lines = state["covered"], state["lines"]
             if state["byteorder"] != sys.byteorder:  # the columns are raw machine numbers
                 return False
-            if not (isinstance(covered, int) and isinstance(lines, int) and isinstance(state["records"], list)
-                    and isinstance(state["header"], dict)):
+            if not (isinstance(covered, int) and isinstance(lines, int) and isinstance(state["header"], dict)):
                 return False
             with open(self.log_path, "rb") as log:
                 hasher = self.digest(log, covered)
             if hasher is None or hasher.hexdigest() != state["digest"]:
                 return False
-            records = state["records"]
-            by_step = {r["step"]: r for r in records}
-            columns = _columns_from_bytes(state["columns"])
+            cached = CachedRecords(state)
+            columns = _columns_from_bytes(state["columns"], state["step_arrays"])
         except Exception:  # missing, unreadable, foreign or corrupt: decode the log instead
             return False
         if state["header"]:
             run._check_header(state["header"])  # a log this version cannot read is refused as without cache
-        run.header, run.records, run.skipped, run.events, run.footer = (state[k] for k in self._STATE)
-        run._by_step = by_step
+        run.header, run.skipped, run.events, run.footer = (state[k] for k in self._STATE)
+        run._cached = cached  # records on demand: see Run.records
         run._columns = columns
         run._offset, run._line_no = covered, lines
         run._hasher = hasher  # refresh goes on hashing the lines it decodes after these
@@ -111,12 +181,24 @@ class RunCache:
     def _write(self, run: "Run") -> bool:
         tmp = None
         try:
-            # the digest of the very bytes the records were decoded from (not of the file now)
+            records = run.records
+            step_arrays: Dict[bytes, int] = {}  # most columns have the same steps: stored once
             state = {"covered": run._offset, "lines": run._line_no, "digest": run._hasher.hexdigest(),
-                     "byteorder": sys.byteorder,
-                     **{k: getattr(run, k) for k in self._STATE}}
-            state["records"] = _shared_keys(run.records)
-            state["columns"] = {k: (s.tobytes(), v.tobytes()) for k, (s, v) in run.columns().items()}
+                     "byteorder": sys.byteorder, **{k: getattr(run, k) for k in self._STATE},
+                     "columns": _columns_to_bytes(run.columns(), step_arrays),
+                     "fields": _columns_to_bytes({name: run.field(name) for name in self.FIELDS}, step_arrays),
+                     "steps": run.steps().tobytes(),
+                     "reasons": _by_key(records, "reasons"),
+                     "flags": _flags(records)}
+            data = run.data_index()
+            state["records"] = _plain_dumps(_without_data(records))
+            state["data"] = {k: _plain_dumps(pairs) for k, pairs in data.items()}
+            entries: Dict[str, Dict[str, Tuple[Any, Any]]] = {}  # data key -> entry -> column
+            for key, name in self.DATA_FIELDS:
+                entries.setdefault(key, {})[name] = run.data_field(key, name)
+            state["data_fields"] = {k: _columns_to_bytes(v, step_arrays) for k, v in entries.items()}
+            state["last"] = {k: pairs[-1] for k, pairs in data.items()}
+            state["step_arrays"] = list(step_arrays)
             fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(self.MAGIC)
@@ -135,37 +217,80 @@ class RunCache:
             return False
 
 
-def _columns_from_bytes(stored: Dict[str, Tuple[bytes, bytes]]) -> Dict[str, Tuple[Any, Any]]:
-    """The inverse of the cache's ``(steps.tobytes(), values.tobytes())`` per key (read-only arrays)."""
+def _columns_to_bytes(columns: Dict[str, Tuple[Any, Any]], step_arrays: Dict[bytes, int]) -> Dict[str, Tuple[int, bytes]]:
+    """key -> (index of its steps in ``step_arrays``, values as raw float64 bytes)."""
+    out = {}
+    for key, (steps, values) in columns.items():
+        raw = steps.tobytes()
+        out[key] = (step_arrays.setdefault(raw, len(step_arrays)), values.tobytes())
+    return out
+
+
+def _columns_from_bytes(stored: Dict[str, Tuple[int, bytes]], step_arrays: List[bytes]) -> Dict[str, Tuple[Any, Any]]:
+    """The inverse of ``_columns_to_bytes`` (read-only arrays)."""
     import numpy as np
 
+    steps_of = [np.frombuffer(raw, dtype=np.int64) for raw in step_arrays]
     out = {}
-    for key, (steps, values) in stored.items():
-        s, v = np.frombuffer(steps, dtype=np.int64), np.frombuffer(values, dtype=np.float64)
+    for key, (index, values) in stored.items():
+        s, v = steps_of[index], np.frombuffer(values, dtype=np.float64)
         if not isinstance(key, str) or len(s) != len(v):
             raise ValueError(f"cached column {key!r} is malformed")
         out[key] = (s, v)
     return out
 
 
-def _shared_keys(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Copies of ``records`` whose ``values`` and ``data`` dicts share their key strings, so that
-    pickle stores each key once rather than once per record (a 3x smaller, 2x faster cache)."""
+def _by_key(records: List[Dict[str, Any]], part: str) -> Dict[str, Dict[int, Any]]:
+    """key -> {step: value} over the records' ``part`` dicts (``reasons``), in record order."""
+    out: Dict[str, Dict[int, Any]] = {}
+    for r in records:
+        d = r.get(part)
+        if d and isinstance(d, dict):
+            for k, v in d.items():
+                out.setdefault(k, {})[r["step"]] = v
+    return out
+
+
+def _flags(records: List[Dict[str, Any]]) -> Dict[str, List[int]]:
+    out: Dict[str, List[int]] = {}
+    for r in records:
+        for flag in dict.fromkeys(r.get("flags", ())):
+            out.setdefault(flag, []).append(r["step"])
+    return out
+
+
+def _without_data(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """``records`` with their ``data`` dicts emptied (kept as ``{}``: ``CachedRecords`` refills
+    them from the per-key pickles), their ``values`` dicts sharing their key strings, so that
+    pickle stores each key once rather than once per record (a 3x smaller, 2x faster cache).
+    orjson's records share them already (it caches keys); json's get copies that do."""
+    share = not _keys_shared(records)
     canonical: Dict[tuple, tuple] = {}
-
-    def shared(d):
-        signature = tuple(d)
-        keys = canonical.get(signature)
-        if keys is None:
-            keys = canonical[signature] = tuple(sys.intern(k) for k in signature)
-        return dict(zip(keys, d.values()))
-
     out = []
     for r in records:
-        r = dict(r)
-        for part in ("values", "data"):
-            d = r.get(part)
-            if d and isinstance(d, dict):
-                r[part] = shared(d)
+        values = r.get("values")
+        if share and values and isinstance(values, dict):
+            signature = tuple(values)
+            keys = canonical.get(signature)
+            if keys is None:
+                keys = canonical[signature] = tuple(sys.intern(k) for k in signature)
+            r = dict(r)
+            r["values"] = dict(zip(keys, values.values()))
+        if isinstance(r.get("data"), dict):
+            r = dict(r)
+            r["data"] = {}
         out.append(r)
     return out
+
+
+def _keys_shared(records: List[Dict[str, Any]], sample: int = 1000) -> bool:
+    """Whether the first records with the same ``values`` keys hold the same key strings."""
+    first: Dict[tuple, tuple] = {}
+    for r in records[:sample]:
+        values = r.get("values")
+        if values and isinstance(values, dict):
+            signature = tuple(values)
+            earlier = first.setdefault(signature, signature)
+            if earlier is not signature:
+                return all(a is b for a, b in zip(earlier, signature))
+    return True

@@ -147,15 +147,17 @@ class RunView:
         """
         import numpy as np
 
-        records = getattr(self.run, "records", None)
         wanted = [k for k in dict.fromkeys(keys) if k not in self._series]
         data_wanted = [k for k in dict.fromkeys(data_keys) if k not in self._data]
-        if records is None or not (wanted or data_wanted):
-            return
-        if hasattr(self.run, "columns"):
+        if hasattr(self.run, "columns"):  # a Run: columns and structures without its records
             for k in wanted:
                 self.series(k)
-            wanted = []
+            for k in data_wanted:
+                self.data(k)
+            return
+        records = getattr(self.run, "records", None)
+        if records is None or not (wanted or data_wanted):
+            return
         start, stop = self.start, self.stop
         groups: Dict[tuple, Tuple[list, list]] = {}
         found_data: Dict[str, list] = {k: [] for k in data_wanted}
@@ -210,6 +212,32 @@ class RunView:
     def reasons(self, key: str) -> Dict[int, str]:
         return {s: r for s, r in self.run.reasons(key).items() if self._in_range(s)}
 
+    def data_field(self, key: str, name: str):
+        """``(steps, values)`` of a numeric entry of ``key``'s structures in range (``energy``'s
+        ``steps``): a ``cockpit_lite.Run`` read from its cache answers without decoding them."""
+        import numpy as np
+
+        if key in self._data or not hasattr(self.run, "data_field"):
+            from cockpit_lite.runlog import _entry_column
+
+            return _entry_column(self.data(key), name)
+        steps, values = self.run.data_field(key, name)
+        keep = np.ones(len(steps), dtype=bool)
+        if self.start is not None:
+            keep &= steps >= self.start
+        if self.stop is not None:
+            keep &= steps < self.stop
+        return steps[keep], values[keep]
+
+    def last_data(self, key: str) -> Optional[Tuple[int, Any]]:
+        """``(step, structure)`` of the last step in range that holds ``key`` (None if none)."""
+        if key not in self._data and hasattr(self.run, "last_data"):
+            last = self.run.last_data(key)
+            if last is None or self._in_range(last[0]):
+                return last
+        found = self.data(key)
+        return found[-1] if found else None
+
     def has_finite(self, key: str) -> bool:
         import numpy as np
 
@@ -231,6 +259,15 @@ def as_view(run, start=None, stop=None) -> RunView:
 
 
 # -- "no data" reasons --------------------------------------------------------------------------
+def no_records(run) -> bool:
+    """``run`` has no step records yet; a ``cockpit_lite.Run`` is asked its length, which does not
+    build the records of a run read from its cache."""
+    if hasattr(type(run), "records"):  # a property (hasattr on the run itself would build them)
+        return len(run) == 0
+    records = getattr(run, "records", None)
+    return records is not None and not records
+
+
 # Cockpit's presets, used when cockpit_lite.presets does not (yet) list a quantity
 _COCKPIT_PRESETS = {
     "economy": ("alpha", "distance", "grad_hist_1d", "grad_norm", "inner_test", "loss", "norm_test",
@@ -272,7 +309,7 @@ def enable_hint(quantity: str) -> str:
 
 def missing_reason(run: RunView, keys: Sequence[str]) -> str:
     """Why none of ``keys`` has data: the quantity was not recorded, or only NaN with reasons."""
-    if hasattr(run.run, "records") and not run.run.records:
+    if no_records(run.run):
         return "the log has no step records yet"
     logged = [k for k in keys if run.series(k)[0].size]
     if logged:

@@ -16,8 +16,10 @@ class Advisor(Instrument):
     description = "Rules over the recorded quantities (cockpit_lite.advisor): problem, confidence, action."
 
     def missing(self, run):
+        from . import no_records
+
         base = getattr(run, "run", run)
-        if not getattr(base, "records", None):
+        if no_records(base) or not (hasattr(type(base), "records") or getattr(base, "records", None)):
             return "the log has no step records yet"
         return None
 

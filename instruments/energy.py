@@ -18,6 +18,15 @@ def _covers(details):
     return at[order], n[order]
 
 
+def _covers_of(run):
+    """``_covers`` from the ``steps`` entries alone (``run.data_field``), without the structures: a
+    100,000-step run has one per step. Records without the entry cover 1 step, as in ``_covers``."""
+    at, n = run.data_field("energy", "steps")
+    n = np.where(np.isfinite(n) & (n != 0), n, 1.0)
+    order = np.argsort(at, kind="stable")
+    return at[order], n[order]
+
+
 def _steps_covered(steps, details, table=None) -> np.ndarray:
     """How many optimizer steps each ``energy`` record covers (``data["energy"]["steps"]``, else 1).
 
@@ -70,16 +79,15 @@ class Energy(Instrument):
 
     def draw(self, ax, run) -> None:
         steps, joules = run.series("energy")
-        details = run.data("energy")
-        table = _covers(details)
-        covers = _steps_covered(steps, details, table)  # a record may cover several steps (sparse schedule)
+        table = _covers_of(run)
+        covers = _steps_covered(steps, None, table)  # a record may cover several steps (sparse schedule)
         per_step = joules / covers
         devices = [k for k in run.subkeys("energy") if k not in ("energy/kwh", "energy/co2_g")]
         draw_line(ax, steps, per_step, color=PALETTE[0], lw=1.4, label="total")
         for i, key in enumerate(devices[:4]):
             d_steps, d_joules = run.series(key)
             if d_steps.size and np.isfinite(d_joules).any():
-                d = d_joules / _steps_covered(d_steps, details, table)
+                d = d_joules / _steps_covered(d_steps, None, table)
                 draw_line(ax, d_steps, d, color=PALETTE[2 + i], lw=0.9, alpha=0.8, label=key.split("/", 1)[1])
         finite = np.where(np.isfinite(joules), joules, 0.0)
         cumulative_kwh = np.cumsum(finite) / J_PER_KWH
@@ -88,8 +96,9 @@ class Energy(Instrument):
         twin.plot(s, c, color=PALETTE[1], lw=1.5, label="cumulative")
         twin.set_ylabel("cumulative kWh", color=PALETTE[1])
         twin.tick_params(axis="y", colors=PALETTE[1], labelsize="small")
-        label = provenance(details[-1][1]) if details else "provenance not logged"
-        intensity = details[-1][1].get("carbon_intensity_g_per_kwh") if details else None
+        last = run.last_data("energy")
+        label = provenance(last[1]) if last else "provenance not logged"
+        intensity = last[1].get("carbon_intensity_g_per_kwh") if last else None
         _, co2 = run.series("energy/co2_g")
         if co2.size and np.isfinite(co2).any():
             total_co2 = float(np.nansum(co2))

@@ -220,3 +220,31 @@ def test_titles_sit_at_a_fixed_height_without_changing_global_settings(logs):
     fig = dashboard.render(logs / "full")
     assert matplotlib.rcParams["axes.titley"] == before
     assert all(ax._autotitlepos is False for ax in fig.get_axes() if ax.get_title())
+
+
+def test_a_cached_run_is_plotted_and_diagnosed_without_building_its_records(tmp_path, monkeypatch):
+    """The plot of a run read from its cache (the advisor panel included) reads columns and a few
+    structures only, and shows what the plot of the plainly decoded run shows."""
+    from cockpit_lite.advisor import diagnose
+    from cockpit_lite.runlog import RunLogWriter
+    from cockpit_lite.runlog_cache import CachedRecords, RunCache
+
+    monkeypatch.setattr(RunCache, "MIN_BYTES", 0)
+    w = RunLogWriter(tmp_path, {"model": "m", "optimizer": "SGD", "params": [{"name": "w"}]})
+    for s in range(60):
+        bad = s >= 50
+        w.write({"type": "step", "step": s, "samples": 8, "flags": ["nonfinite_loss"] if bad else [],
+                 "values": {"loss": float("nan") if bad else 1.0 / (s + 1), "grad_norm": float(s),
+                            "grad_norm/w": float("inf") if bad else 0.5, "norm_test": 9.0}})
+    w.close({"steps": 60})
+    plain = cockpit_lite.load(tmp_path, cache=False)
+    cockpit_lite.load(tmp_path)  # writes the cache
+    monkeypatch.setattr(CachedRecords, "records", lambda self: pytest.fail("the records were built"))
+    run = cockpit_lite.load(tmp_path)
+    found = {d.rule: d for d in diagnose(run)}
+    assert [d.to_json() for d in diagnose(run)] == [d.to_json() for d in diagnose(plain)]
+    assert "first parameter (in model order) with a non-finite gradient: w" in found["divergence"].title
+    assert found["divergence"].step == 50 and "(from 8)" in found["gradient_noise_dominates"].action
+    fig = dashboard.render(run, tmp_path / "cached.png")
+    assert "Advisor: diagnoses" in titles(fig) and "Training diverged" in texts(fig)
+    assert titles(fig) == titles(dashboard.render(plain))

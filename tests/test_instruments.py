@@ -453,3 +453,28 @@ def test_steps_covered_matches_a_lookup_per_step():
     np.testing.assert_array_equal(_steps_covered(steps, details, _covers(details)), expected)
     assert _steps_covered(steps, []).tolist() == [1.0] * len(steps)
     assert _steps_covered(np.empty(0, dtype=np.int64), details).size == 0
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_energy_covers_from_the_steps_entries_match_the_structures(tmp_path, monkeypatch, cached):
+    """The energy panel reads only the ``steps`` entries and the last structure (a cached run does
+    not decode its 100,000 structures): the same table and provenance as from every structure."""
+    from cockpit_lite.runlog_cache import RunCache
+    from instruments.energy import _covers, _covers_of
+
+    monkeypatch.setattr(RunCache, "MIN_BYTES", 0)
+    write_synthetic_log(tmp_path, 60, energy_every=3)
+    run = cockpit_lite.load(tmp_path)
+    if cached:
+        run = cockpit_lite.load(tmp_path)
+        assert run._cached is not None
+    for view in (RunView(run), RunView(run, 10, 40)):
+        at, n = _covers_of(view)
+        ref_at, ref_n = _covers(view.data("energy"))
+        np.testing.assert_array_equal(at, ref_at)
+        np.testing.assert_array_equal(n, ref_n)
+        assert n.tolist() == [3.0] * len(at) and len(at) == (20 if view.start is None else 10)
+        assert view.last_data("energy") == view.data("energy")[-1]
+    assert RunView(run, 0, 2).last_data("energy") is None and RunView(run, 0, 3).last_data("energy")[0] == 2
+    h_steps, converged = RunView(run).data_field("hess_max_ev", "converged")
+    assert h_steps.tolist()[:3] == [0, 5, 10] and converged.tolist()[:3] == [0.0, 1.0, 1.0]

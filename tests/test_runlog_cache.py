@@ -340,3 +340,95 @@ def test_cache_has_the_permissions_of_the_log(tmp_path):
     os.chmod(tmp_path / "cockpit.jsonl", 0o640)
     cockpit_lite.load(tmp_path)
     assert (tmp_path / ".cockpit.jsonl.cache").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_cached_run_answers_without_building_its_records(tmp_path, monkeypatch):
+    """Plotting reads steps, series, reasons, flags, fields and data; none of them builds the
+    records of a run read from its cache, and the records built on demand are the plain decode's."""
+    from cockpit_lite.runlog_cache import CachedRecords
+
+    w = write_log(tmp_path, close=False)
+    w.write({"type": "step", "step": 2000, "samples": 32, "values": {"loss": 0.5}})
+    w.close({"steps": 13})
+    plain = cockpit_lite.load(tmp_path, cache=False)
+    cockpit_lite.load(tmp_path)  # writes the cache
+    built = []
+    original = CachedRecords.records
+    monkeypatch.setattr(CachedRecords, "records", lambda self: built.append(1) or original(self))
+    run = cockpit_lite.load(tmp_path)
+    assert run._cached is not None and len(run) == len(plain.records)
+    np.testing.assert_array_equal(run.steps(), plain.steps())
+    assert run.reasons("loss") == plain.reasons("loss") == {4: "diverged"}
+    assert run.flagged("late") == plain.flagged("late") == [2] and run.flagged("nonfinite_loss") == [4]
+    assert run.data("grad_hist_1d") == plain.data("grad_hist_1d") and run.data("alpha") == plain.data("alpha")
+    assert len(run.data("alpha")) == 11 and run.data("alpha")[0] == (0, {"w": [1, 2, 3]})
+    assert run.data("never") == [] and run.reasons("never") == {}
+    assert run.field("samples")[0].tolist() == [2000] and run.field("samples")[1].tolist() == [32.0]
+    assert built == []
+    assert_same_as_reference(run)  # iterating the records builds them, once
+    assert built == [1] and run._cached is None and run.reasons("loss") == {4: "diverged"}
+    for name in ("samples", "step", "absent"):
+        for got, expected in zip(run.field(name), plain.field(name)):
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_fields_the_cache_does_not_keep_are_read_from_the_records(tmp_path):
+    write_log(tmp_path)
+    plain = cockpit_lite.load(tmp_path, cache=False)
+    cockpit_lite.load(tmp_path)
+    run = cockpit_lite.load(tmp_path)
+    assert run.data_field("grad_hist_1d", "counts")[0].size == 0  # a list: not a number
+    steps, energy_steps = run.data_field("energy", "steps")  # kept, and absent in this log
+    assert steps.size == energy_steps.size == 0 and run._cached is not None
+    np.testing.assert_array_equal(run.field("step")[0], plain.steps())  # builds the records
+    np.testing.assert_array_equal(run.field("step")[1], plain.steps().astype(float))
+    assert run._cached is None
+
+
+def test_cached_records_that_do_not_read_back_fall_back_to_the_log(tmp_path):
+    write_log(tmp_path)
+    cockpit_lite.load(tmp_path)
+    run = cockpit_lite.load(tmp_path)
+    run._cached._records_blob = b"not a pickle"
+    assert_same_as_reference(run)
+
+
+@pytest.mark.parametrize("raw", LINES)
+def test_line_decoding_without_orjson_is_json_loads(raw, monkeypatch):
+    """orjson is optional: without it (or for a line it refuses) the json scanner gives the same."""
+    monkeypatch.setattr("cockpit_lite.runlog._orjson_loads", None)
+    test_line_decoding_is_json_loads(raw)
+
+
+def test_logs_read_the_same_without_orjson(tmp_path, monkeypatch):
+    write_log(tmp_path)
+    with_orjson = cockpit_lite.load(tmp_path, cache=False)
+    monkeypatch.setattr("cockpit_lite.runlog._orjson_loads", None)
+    without = cockpit_lite.load(tmp_path, cache=False)
+    assert_same_as_reference(without)
+    assert without.records == with_orjson.records and without.header == with_orjson.header
+
+
+def test_a_growing_log_read_from_a_cache_whose_records_fail_is_read_once(tmp_path):
+    w = write_log(tmp_path, steps=range(6), close=False)
+    cockpit_lite.load(tmp_path)
+    run = cockpit_lite.load(tmp_path)
+    run._cached._records_blob = b"not a pickle"  # the fallback: the log decoded again
+    w.write({"type": "step", "step": 6, "values": {"loss": 6.0}})
+    w.close({"steps": 7})
+    assert run.refresh() == 0  # the fallback read the new lines already, and only once
+    assert run.series("loss")[0].tolist() == [0, 1, 2, 3, 4, 5, 6] and run.finished
+    assert_same_as_reference(run)
+
+
+def test_cache_without_orjson_shares_the_key_strings(tmp_path, monkeypatch):
+    from cockpit_lite.runlog_cache import _keys_shared, _without_data
+
+    monkeypatch.setattr("cockpit_lite.runlog._orjson_loads", None)
+    write_log(tmp_path)
+    plain = cockpit_lite.load(tmp_path, cache=False)
+    assert not _keys_shared(plain.records)  # json decodes each line's keys anew
+    stripped = _without_data(plain.records)
+    assert _keys_shared(stripped) and stripped == [{**r, **({"data": {}} if "data" in r else {})} for r in plain.records]
+    cockpit_lite.load(tmp_path)  # writes the cache
+    assert_same_as_reference(cockpit_lite.load(tmp_path))

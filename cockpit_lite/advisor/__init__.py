@@ -25,7 +25,7 @@ def diagnose(run, thresholds: Optional[Dict[str, Any]] = None, rules: Optional[L
     th = Thresholds().with_overrides(thresholds)
     chosen = RULES if rules is None else {name: RULES[name] for name in rules}
     found = []
-    if not run.records and not run.skipped:
+    if not len(run.steps()) and not run.skipped:
         return found
     for rule in chosen.values():
         d = rule(run, th)
@@ -37,8 +37,8 @@ def diagnose(run, thresholds: Optional[Dict[str, Any]] = None, rules: Optional[L
 def report(run, thresholds: Optional[Dict[str, Any]] = None) -> str:
     """A short text report, as printed by ``cockpit-lite diagnose LOGDIR``."""
     found = diagnose(run, thresholds)
-    steps = [r["step"] for r in run.records]
-    head = (f"cockpit-lite diagnosis of {run.path.parent} ({len(run.records)} tracked steps"
+    steps = run.steps().tolist()
+    head = (f"cockpit-lite diagnosis of {run.path.parent} ({len(steps)} tracked steps"
             f"{f', {steps[0]}..{steps[-1]}' if steps else ''}; {len(run.skipped)} skipped)")
     if not found:
         return head + "\nNo problem found by the rules this run's quantities allow "\

@@ -11,7 +11,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..runlog import decode_number
 from .diagnosis import Diagnosis
 from .thresholds import Thresholds
 
@@ -22,10 +21,15 @@ def _recent(run, key: str, th: Thresholds, stop: Optional[int] = None) -> Tuple[
 
 
 def _first_nonfinite_step(run) -> Optional[int]:
-    for r in run.records:
-        if {"nonfinite_loss", "nonfinite_grad"} & set(r.get("flags", ())):
-            return int(r["step"])
-    return None
+    steps = run.flagged("nonfinite_loss") + run.flagged("nonfinite_grad")
+    return int(min(steps)) if steps else None
+
+
+def _last_step(run) -> int:
+    """The last tracked step (0 without step records); from ``Run.steps``, not the records, which a
+    run read from its cache does not build (the advisor panel is part of every plot)."""
+    steps = run.steps()
+    return int(steps[-1]) if len(steps) else 0
 
 
 def _finite(steps, values):
@@ -75,7 +79,7 @@ def lr_too_large(run, th: Thresholds) -> Optional[Diagnosis]:
     return Diagnosis(
         "lr_too_large", "The learning rate is too large", min(1.0, 0.45 + 0.25 * len(evidence)),
         "Lower the learning rate (try 3-10x smaller) or add warm-up; steps overshoot the minimum along "
-        "their own direction.", evidence, int(run.records[-1]["step"]) if run.records else 0)
+        "their own direction.", evidence, _last_step(run))
 
 
 def lr_too_small(run, th: Thresholds) -> Optional[Diagnosis]:
@@ -96,13 +100,16 @@ def lr_too_small(run, th: Thresholds) -> Optional[Diagnosis]:
     return Diagnosis(
         "lr_too_small", "The learning rate is too small", min(1.0, 0.5 + 0.25 * len(evidence)),
         "Raise the learning rate (try 3-10x larger): the steps barely change the loss along their direction.",
-        evidence, int(run.records[-1]["step"]))
+        evidence, _last_step(run))
 
 
 # -- batch size -----------------------------------------------------------------------------------
 def _batch_size(run) -> Optional[int]:
-    sizes = [r.get("samples") for r in run.records[-20:] if r.get("samples")]
-    return int(np.median(sizes)) if sizes else None
+    """The median ``samples`` of the last 20 step records that state one."""
+    recent = run.steps()[-20:]
+    steps, samples = run.field("samples")
+    sizes = samples[np.isin(steps, recent) & (samples != 0) & np.isfinite(samples)]
+    return int(np.median(sizes)) if len(sizes) else None
 
 
 def gradient_noise_dominates(run, th: Thresholds) -> Optional[Diagnosis]:
@@ -139,7 +146,7 @@ def batch_larger_than_needed(run, th: Thresholds) -> Optional[Diagnosis]:
     return Diagnosis(
         "batch_larger_than_needed", "The batch is larger than the gradient tests require", 0.5,
         f"A batch of {target} would pass the tests; use the compute for more steps or a larger model.",
-        evidence, int(run.records[-1]["step"]))
+        evidence, _last_step(run))
 
 
 # -- gradients by layer ---------------------------------------------------------------------------
@@ -175,7 +182,7 @@ def exploding_gradients(run, th: Thresholds) -> Optional[Diagnosis]:
         min(1.0, 0.6 + 0.1 * len(evidence)),
         "Clip gradients (torch.nn.utils.clip_grad_norm_), use a smaller initialisation scale "
         "(e.g. Kaiming/Xavier), add normalisation layers, or lower the learning rate.",
-        evidence, int(run.records[-1]["step"]))
+        evidence, _last_step(run))
 
 
 def vanishing_gradients(run, th: Thresholds) -> Optional[Diagnosis]:
@@ -193,7 +200,7 @@ def vanishing_gradients(run, th: Thresholds) -> Optional[Diagnosis]:
     return Diagnosis(
         "vanishing_gradients", f"Gradients vanish in {len(evidence)} parameter tensor(s)", 0.6,
         "Use residual connections or normalisation, a non-saturating activation, or a better-scaled init.",
-        evidence, int(run.records[-1]["step"]))
+        evidence, _last_step(run))
 
 
 def dead_layers(run, th: Thresholds) -> Optional[Diagnosis]:
@@ -207,21 +214,15 @@ def dead_layers(run, th: Thresholds) -> Optional[Diagnosis]:
     return Diagnosis(
         "dead_layers", f"Parameters receive exactly zero gradient: {names}", 0.9,
         "Check for dead ReLUs (large negative biases, too high a learning rate earlier), detached tensors, "
-        "or parameters that are not used in the forward pass.", evidence, int(run.records[-1]["step"]))
+        "or parameters that are not used in the forward pass.", evidence, _last_step(run))
 
 
 # -- divergence -------------------------------------------------------------------------------------
 def divergence(run, th: Thresholds) -> Optional[Diagnosis]:
-    first_step, where = None, []
-    for r in run.records:
-        vals = r.get("values", {})
-        bad_loss = "nonfinite_loss" in r.get("flags", ())
-        bad_grad = "nonfinite_grad" in r.get("flags", ())
-        if bad_loss or bad_grad:
-            first_step = r["step"]
-            where = [n for n in _params(run) if _nonfinite(vals.get(f"grad_norm/{n}"))]
-            what = "loss" if bad_loss else "gradient"
-            break
+    first_step, where = _first_nonfinite_step(run), []
+    if first_step is not None:
+        where = [n for n in _params(run) if _nonfinite_at(run, f"grad_norm/{n}", first_step)]
+        what = "loss" if first_step in run.flagged("nonfinite_loss") else "gradient"
     skipped = [s for s in run.skipped if "not finite" in s.get("reason", "")]
     if first_step is None and not skipped:
         return None
@@ -236,8 +237,10 @@ def divergence(run, th: Thresholds) -> Optional[Diagnosis]:
         "numerically stable loss (e.g. CrossEntropyLoss on logits).", evidence, int(first_step))
 
 
-def _nonfinite(v) -> bool:
-    return v is not None and not math.isfinite(decode_number(v))  # stored as "NaN"/"Infinity" or a float
+def _nonfinite_at(run, key: str, step: int) -> bool:
+    """``key`` was logged at ``step`` with a non-finite value (stored as "NaN"/"Infinity")."""
+    _, values = run.series(key, start=step, stop=step + 1)
+    return bool(len(values)) and not math.isfinite(values[0])
 
 
 # -- generalisation and cost ----------------------------------------------------------------------
