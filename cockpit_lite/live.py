@@ -176,7 +176,7 @@ def _serve(logdir, png_path, interval_s, instruments, dpi, cpu_share, stop, rend
                 run = Run(logdir)
             else:
                 run.refresh()
-            n = len(run.records) + len(run.skipped) + (run.footer is not None)
+            n = len(run) + len(run.skipped) + (run.footer is not None)
             pause = interval_s
             if n != drawn_records:
                 cpu = time.thread_time()
