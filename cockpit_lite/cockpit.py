@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 from . import __version__, presets, quantities as qreg
 from .quantities.base import Quantity, Watched
 from .distributed import OutOfStep, detect, unwrap
+from .replay import is_replaying
 from .rng import rng_state
 from .runlog import RunLogWriter, load
 from .step_context import MicroBatch, StepContext
@@ -267,7 +268,7 @@ class Cockpit:
 
     # -- hooks ----------------------------------------------------------------------------------
     def _on_model_forward_pre(self, module, args, kwargs):
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or is_replaying():
             return None
         if self._open_forwards:
             # a forward inside a forward of the same module: the outer one was a redirection (Lightning's
@@ -311,7 +312,7 @@ class Cockpit:
         self._layer_capture.arm()
 
     def _on_model_forward(self, module, args, output):
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or is_replaying():
             return None
         if self._open_forwards and self._open_forwards.pop()["nested"]:
             return None  # a redirection around the real forward (see _on_model_forward_pre)
@@ -330,7 +331,7 @@ class Cockpit:
         return None
 
     def _on_loss(self, module, args, output):
-        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad) or is_replaying():
             return None
         if output.numel() != 1:
             self._warn_once("loss_shape", f"loss_fn returned a tensor of shape {tuple(output.shape)}, not a scalar; "

@@ -456,7 +456,7 @@ def test_loss_not_on_model_output_is_reported_not_mismeasured(tmp_path):
     opt.step()
     cockpit.close()
     run = cockpit_lite.load(tmp_path / "a")
-    assert math.isnan(run.series("hess_max_ev")[1][0]) and "not a tensor" in run.reasons("hess_max_ev")[0]
+    assert math.isnan(run.series("hess_max_ev")[1][0]) and "returns tuple" in run.reasons("hess_max_ev")[0]
     assert math.isfinite(run.series("loss")[1][0])
 
     model2 = tanh_mlp()
@@ -470,3 +470,44 @@ def test_loss_not_on_model_output_is_reported_not_mismeasured(tmp_path):
     run = cockpit_lite.load(tmp_path / "b")
     for key in ("hess_max_ev", "hess_trace", "ggn_trace"):  # Lanczos, BackPACK and GGN paths all check
         assert math.isnan(run.series(key)[1][0]) and "re-evaluating" in run.reasons(key)[0]
+
+
+class LossInside(nn.Module):
+    """The Hugging Face style: ``forward`` returns a dict and computes the loss itself when given labels."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tanh_mlp()
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def forward(self, x, labels=None):
+        out = {"logits": self.net(x)}
+        if labels is not None:
+            out["loss"] = self.loss_fn(out["logits"], labels)
+        return out
+
+
+def test_model_computing_its_loss_inside_forward_gets_curvature(tmp_path):
+    """The re-evaluation catches the loss call inside forward (the model's output is a dict); replays
+    are not counted as training calls (one micro-batch, so per-sample quantities on the same step
+    stay right), and the self-check of the per-sample rules can replay the step too."""
+    model = LossInside()
+    batches = [data(s) for s in range(3)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    thetas = []
+    with cockpit_lite.watch(model, opt, loss_fn=model.loss_fn, logdir=tmp_path / "r",
+                            quantities=[HessMaxEV("every", tol=1e-6), HessTrace("every"), "loss", "norm_test"]):
+        for x, y in batches:
+            opt.zero_grad()
+            model(x, labels=y)["loss"].backward()
+            thetas.append({n[len("net."):]: p.detach().clone() for n, p in model.named_parameters()})
+            opt.step()
+    run = cockpit_lite.load(tmp_path / "r")
+    assert run.records[0]["data"]["persample_check"]["status"] == "passed"
+    assert all(r["backward_passes"] == 1 and r["samples"] == 8 for r in run.records)
+    _, evs = run.series("hess_max_ev")
+    for t, theta in enumerate(thetas):
+        H, _, _ = dense_hessian(tanh_mlp(), nn.CrossEntropyLoss(), [batches[t]], theta)
+        assert evs[t] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-3)
+    assert all(math.isfinite(v) for v in run.series("norm_test")[1])
+    assert all(math.isfinite(v) for v in run.series("hess_trace")[1])

@@ -12,7 +12,9 @@ of the whole step (all micro-batches, combined as the loss reduction implies) wi
   untouched; the model runs in its current (training) mode, i.e. with batch statistics, as trained;
 * scaled-dot-product attention runs on its math kernel (the fused ones cannot be differentiated twice);
 * the model is called through its ``forward`` inside a wrapper and the loss through ``loss_fn.forward``,
-  so the cockpit's own forward hooks on the model and the loss do not fire again.
+  so the cockpit's own forward hooks on the model and the loss do not fire again; a model that calls
+  the loss module itself inside ``forward`` (Hugging Face style) is replayed with that call's input and
+  result, under ``replay.replaying()`` so that no cockpit counts it as a training call.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..replay import replaying
 from ..rng import preserved_rng, set_rng_state
 
 
@@ -32,7 +35,11 @@ class CurvatureUnavailable(RuntimeError):
 
 
 class _ModelAndLoss(nn.Module):
-    """model.forward + loss_fn.forward, without the hooks registered on either top-level module."""
+    """model.forward + the loss, without the hooks registered on either top-level module.
+
+    The loss is ``loss_fn`` on the model output, or, for a model that calls ``loss_fn`` itself inside
+    ``forward`` (the Hugging Face style: it returns a dict or a ModelOutput), that call's input and
+    result, caught by a hook for the duration of the call. Returns (the loss function's input, loss)."""
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module):
         super().__init__()
@@ -40,12 +47,21 @@ class _ModelAndLoss(nn.Module):
         self.loss_fn = loss_fn
 
     def forward(self, args, kwargs, target):
-        out = self.model.forward(*args, **kwargs)
-        if not isinstance(out, torch.Tensor):
-            raise CurvatureUnavailable(
-                f"the model returns {type(out).__name__}, not a tensor: curvature needs the loss function "
-                "to be called on the model output itself")
-        return out, self.loss_fn.forward(out, *target)
+        inside = []
+        handle = self.loss_fn.register_forward_hook(lambda m, a, out: inside.append((a, out)))
+        try:
+            with replaying():
+                out = self.model.forward(*args, **kwargs)
+        finally:
+            handle.remove()
+        if isinstance(out, torch.Tensor) and not inside:
+            return out, self.loss_fn.forward(out, *target)
+        if len(inside) == 1 and inside[0][0] and isinstance(inside[0][0][0], torch.Tensor):
+            (loss_input, *_), loss = inside[0]
+            return loss_input, loss
+        raise CurvatureUnavailable(
+            f"the model returns {type(out).__name__} and called the loss function {len(inside)} times in its "
+            "forward: curvature needs the loss function called once, on the model output or inside forward")
 
 
 @dataclass

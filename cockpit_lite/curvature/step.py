@@ -33,7 +33,8 @@ def hessian(ctx, subbatch: Optional[int] = None, mode: str = "double_backward") 
 
 def check_reevaluation(ctx, loss: torch.Tensor, rtol: float = 1e-2) -> None:
     """The re-evaluated loss must be the loss the step trained on; otherwise the loss function was
-    not fed the model output directly (e.g. ``out.logits``, a slice) or the forward is not replayable.
+    not fed the model output directly (e.g. ``out.logits``, a slice) nor called inside the model's forward,
+    or the forward is not replayable.
     The tolerance is loose (1%) because training may run under autocast while the re-evaluation runs
     in the parameters' precision; feeding the loss something else changes it far more."""
     trained = ctx.loss()
@@ -45,7 +46,8 @@ def check_reevaluation(ctx, loss: torch.Tensor, rtol: float = 1e-2) -> None:
     if not abs(a - b) <= rtol * max(abs(a), abs(b), 1e-12):
         raise CurvatureUnavailable(
             f"re-evaluating the step gives loss {a:.6g}, but training computed {b:.6g}: the loss function must "
-            "receive the model's output directly, and the forward must be replayable from its inputs")
+            "receive the model's output directly (or be called inside the model's forward), and the forward "
+            "must be replayable from its inputs")
 
 
 def ggn(ctx, subbatch: Optional[int] = None) -> GGNOperator:

@@ -131,7 +131,7 @@ def _first_sample_gradient(ctx, view) -> List[torch.Tensor]:
     again = losses.detach().double()
     if not torch.allclose(again, trained, rtol=1e-2, atol=1e-2 * float(trained.abs().max()) + 1e-12):
         raise _Unavailable("re-evaluating the first micro-batch does not reproduce its per-sample losses "
-                           "(the loss function does not receive the model output itself, or the forward "
+                           "(the loss function receives neither the model output itself nor is called inside forward, or the forward "
                            "is not replayable)")
     grads = torch.autograd.grad(losses[0], params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g.detach().float() for g, p in zip(grads, params)]
