@@ -187,12 +187,18 @@ class Energy(Quantity):
 
     def finish(self, ctx) -> None:
         """End of the run: close the GPU windows and write what is still pending."""
-        for device, meter in list(self._meters.items()):
-            self._take(device, meter, meter.finish())
-            self._drop_meter(device, meter, reason="the run ended before the counter updated after this step")
-        self._flush(ctx)
+        try:
+            for device, meter in list(self._meters.items()):
+                self._take(device, meter, meter.finish())
+                self._drop_meter(device, meter, reason="the run ended before the counter updated after this step")
+            self._flush(ctx)
+        finally:  # every process takes part in the gather, whatever happened above
+            self._all_processes(ctx)
+
+    def _all_processes(self, ctx) -> None:
+        """Data parallel: the run's energy over all processes (each closes), combined per device."""
         dist = ctx.watched.dist
-        if dist is not None:  # every process closes: the run's energy over all of them
+        if dist is not None:
             dist.enter(ctx.step, "energy.finish")
             mine = {"rank": dist.rank, "host": host(),
                     "devices": {d: dict(t, identity=self._identity.get(d, f"{host()}:{d}"))
