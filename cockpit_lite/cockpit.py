@@ -167,6 +167,7 @@ class Cockpit:
         self.step = 0
         self.closed = False
         self._warned: set = set()
+        self._open_forwards: List[dict] = []  # forwards of the model begun and not yet returned (kept across steps)
         self._reset_step_state()
         for q in self.quantities:
             q.start(self.watched)
@@ -245,7 +246,6 @@ class Cockpit:
         self._overhead = 0.0
         self._ctx: Optional[StepContext] = None
         self._model_calls = []
-        self._open_forwards: List[dict] = []  # forwards of the model that have begun and not yet returned
         if getattr(self, "_layer_capture", None) is not None:
             self._layer_capture.disarm()  # drop what an unfinished/skipped step captured
 
@@ -270,6 +270,9 @@ class Cockpit:
     def _on_model_forward_pre(self, module, args, kwargs):
         if not torch.is_grad_enabled() or is_replaying():
             return None
+        if self._pending_backward() and all(p.grad is None for p in self.watched.params):
+            # gradients were cleared (model.zero_grad) after backward without an optimizer step
+            self._record_skipped("gradients were cleared after backward() without optimizer.step()")
         if self._open_forwards:
             # a forward inside a forward of the same module: the outer one was a redirection (Lightning's
             # DDP strategy calls training_step through the wrapped module's forward), the inner one is the
@@ -279,9 +282,6 @@ class Cockpit:
                 self._model_calls.remove(outer["call"])
             outer["nested"] = True
         self._open_forwards.append({"call": None, "nested": False})
-        if self._pending_backward() and all(p.grad is None for p in self.watched.params):
-            # gradients were cleared (model.zero_grad) after backward without an optimizer step
-            self._record_skipped("gradients were cleared after backward() without optimizer.step()")
         if self._t_start is None:
             self._t_start = time.perf_counter()
             self._activate()

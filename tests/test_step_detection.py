@@ -161,3 +161,22 @@ def test_step_with_a_closure_is_observed_after_the_closure_computed_the_gradient
         assert list(s1) == list(s2) and len(s1) >= 3, key
         assert [round(v, 10) for v in v1 if v == v] == [round(v, 10) for v in v2 if v == v], key
     assert not any(r.get("reasons") for r in closed.records if r.get("type") == "step" and r["step"] < 3)
+
+
+def test_cleared_gradients_on_a_step_that_keeps_model_inputs(logdir):
+    """The skip is recorded inside the forward pre-hook, which then goes on keeping the model's inputs
+    (curvature needs them): the forward's own bookkeeping must survive the skip record."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with cockpit_lite.watch(net, opt, loss_fn=loss_fn, logdir=logdir, quantities={"hess_trace": "every", "loss": "every"}):
+        loss_fn(net(x), y).backward()
+        net.zero_grad()  # discarded: gradients cleared on the model, not through the optimizer
+        loss_fn(net(x), y).backward()
+        opt.step()
+    run = cockpit_lite.load(logdir)
+    assert len(run.skipped) == 1 and len(run) == 1
+    record = run.records[0]
+    assert record["backward_passes"] == 1 and np.isfinite(record["values"]["hess_trace"])
