@@ -49,7 +49,8 @@ def watch(model, optimizer, loss_fn=None, logdir=None, quantities: QuantitySpec 
 
 
 class _Outcome:
-    failed: Optional[BaseException] = None
+    failed: Optional[BaseException] = None  # what this process raised (or the out-of-step mismatch)
+    anywhere: bool = False  # whether it failed in any process
 
 
 @contextmanager
@@ -62,9 +63,11 @@ def _bracket(dist, step: int, phase: str):
     yield outcome
     if dist is not None:
         try:
-            dist.end(outcome.failed is not None)
+            outcome.anywhere = dist.end(outcome.failed is not None)
         except OutOfStep as err:
-            outcome.failed = outcome.failed or err
+            outcome.failed, outcome.anywhere = outcome.failed or err, True
+    else:
+        outcome.anywhere = outcome.failed is not None
 
 
 def _autocast_state():
@@ -168,6 +171,7 @@ class Cockpit:
         self.closed = False
         self._warned: set = set()
         self._open_forwards: List[dict] = []  # forwards of the model begun and not yet returned (kept across steps)
+        self._rule_check_failures = 0  # steps on which the per-sample self-check failed (retried up to 3)
         self._reset_step_state()
         for q in self.quantities:
             q.start(self.watched)
@@ -425,11 +429,18 @@ class Cockpit:
                 outcome = selfcheck.run(ctx)
             except Exception as err:
                 bracket.failed = err
-        if bracket.failed is not None:  # never stops training; the values stand unverified, as logged
-            err = bracket.failed
-            outcome = {"status": "unavailable", "reason": f"{type(err).__name__}: {err}", "step": ctx.step}
-            self.watched.rule_check = outcome
-            ctx.emit_data("persample_check", outcome)
+        if bracket.anywhere:  # never stops training: tried again on the next per-sample steps, then given up
+            self._rule_check_failures += 1
+            if self._rule_check_failures >= 3:  # the same count everywhere: the same decision
+                err = bracket.failed or RuntimeError("the check failed in another process")
+                outcome = {"status": "unavailable", "reason": f"{type(err).__name__}: {err}", "step": ctx.step}
+                self.watched.rule_check = outcome  # the values stand unverified, as logged
+                ctx.emit_data("persample_check", outcome)
+            else:
+                self.watched.rule_check = None
+                self.watched.rule_failures.clear()
+                ctx.data.pop("persample_check", None)
+                return
         if outcome is not None and outcome["status"] == "failed":
             self._warn_once("rules", "cockpit-lite: per-sample values are unavailable (NaN) for " + "; ".join(
                 f"{name}: {why}" for name, why in outcome["failed"].items()))

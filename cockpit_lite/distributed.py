@@ -33,16 +33,19 @@ class Group:
 
     * the reductions run on a process group of their own (``new_group`` at ``watch``), never paired
       with DDP's gradient reductions;
-    * each reduction is announced by a 3-number header ``[tag, size, 0]`` reduced first. The tag names
-      the reduction (step, quantity, its index there). Only when every process announced the same one
-      is the payload reduced;
+    * each reduction is announced by a header reduced first (with MAX over ``[tag, size, -tag, -size]``,
+      so that equal maxima and minima mean every process announced the same). The tag names the
+      reduction: step, quantity, its index there, and what it reduces (``what=``, e.g. "hvp",
+      "exact_diag"), so that two reductions of the same size but different meaning never pair. Only
+      when every process announced the same one is the payload reduced;
     * after every quantity, each process announces its end (``[tag of "end", 0, failed]``), whether the
       quantity returned or raised. A process that raised early thus meets the others at a header. All
       of them see the mismatch in the same reduction and raise :class:`OutOfStep`. They then skip the
       step's remaining reductions (the quantities report NaN with the reason), so they stay matched and
       resume together on the next step.
 
-    Tags are exact in float64 sums.
+    Tags are integers below 2**40, exact in float64. Quantities keep their own state in agreement
+    too (per-step probe seeds, an agreed warm start, agreed fallbacks; see the curvature code).
     """
 
     def __init__(self, group=None):
@@ -53,7 +56,8 @@ class Group:
         self.size = dist.get_world_size(group)
         backend = dist.get_backend(group)
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
-        self.group = dist.new_group(ranks=ranks, backend=backend)  # collective: every process calls watch
+        # only the group's processes take part (several data-parallel groups may each watch at once)
+        self.group = dist.new_group(ranks=ranks, backend=backend, use_local_synchronization=True)
         # gloo reduces CPU tensors, nccl CUDA tensors; the buffers below live where the backend wants them
         self.device = torch.device("cpu") if backend == "gloo" else torch.device("cuda", torch.cuda.current_device())
         self._phase, self._index, self._broken = ("", ""), 0, None
@@ -66,35 +70,37 @@ class Group:
             self._broken = None
         self._phase, self._index = (step, name), 0
 
-    def end(self, failed: bool) -> int:
-        """The end of the current phase, announced by every process: the number of processes in
-        which it failed. Raises :class:`OutOfStep` if the processes were not at the same point."""
+    def end(self, failed: bool) -> bool:
+        """The end of the current phase, announced by every process: whether it failed in any of
+        them. Raises :class:`OutOfStep` if the processes were not at the same point."""
         if self._broken is not None:
             raise OutOfStep(self._broken)
-        return int(self._header(self._tag("end"), 0, failed)[2])
+        return self._header(self._tag("end"), 0, failed)
 
     def _tag(self, what) -> float:
         return float(zlib.crc32(f"{self._phase[0]}:{self._phase[1]}:{what}".encode()) % (1 << 40) + 1)
 
-    def _header(self, tag: float, size: int, failed: bool = False) -> torch.Tensor:
-        head = torch.tensor([tag, float(size), float(failed)], dtype=torch.float64, device=self.device)
-        self._dist.all_reduce(head, op=self._dist.ReduceOp.SUM, group=self.group)
-        head = head.cpu()
-        if float(head[0]) != self.size * tag or float(head[1]) != self.size * size:
+    def _header(self, tag: float, size: int, failed: bool = False) -> bool:
+        """Check that every process announces (tag, size); returns whether any announced ``failed``."""
+        head = torch.tensor([tag, float(size), -tag, -float(size), float(failed)], dtype=torch.float64,
+                            device=self.device)
+        self._dist.all_reduce(head, op=self._dist.ReduceOp.MAX, group=self.group)
+        top_tag, top_size, low_tag, low_size, any_failed = head.cpu().tolist()
+        if not (top_tag == -low_tag == tag and top_size == -low_size == size):
             self._broken = (f"the processes' cockpit reductions went out of step at step {self._phase[0]} "
                             f"({self._phase[1]}): a quantity failed in some processes only; this step's "
                             "remaining per-sample and curvature statistics are unavailable")
             raise OutOfStep(self._broken)
-        return head
+        return any_failed > 0
 
     # -- reductions ----------------------------------------------------------------------------------
-    def sum_(self, flat: torch.Tensor) -> torch.Tensor:
+    def sum_(self, flat: torch.Tensor, what: str = "") -> torch.Tensor:
         """All-reduce (sum) a 1-d tensor; returns the summed tensor on ``flat``'s device."""
-        return self._all_reduce(flat, self._dist.ReduceOp.SUM)
+        return self._all_reduce(flat, self._dist.ReduceOp.SUM, what)
 
-    def max_(self, flat: torch.Tensor) -> torch.Tensor:
+    def max_(self, flat: torch.Tensor, what: str = "") -> torch.Tensor:
         """All-reduce (maximum) a 1-d tensor; returns the result on ``flat``'s device."""
-        return self._all_reduce(flat, self._dist.ReduceOp.MAX)
+        return self._all_reduce(flat, self._dist.ReduceOp.MAX, what)
 
     def gather_objects(self, obj) -> list:
         """Every process's ``obj`` (picklable), in rank order."""
@@ -106,11 +112,11 @@ class Group:
         self._dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def _all_reduce(self, flat: torch.Tensor, op) -> torch.Tensor:
+    def _all_reduce(self, flat: torch.Tensor, op, what: str = "") -> torch.Tensor:
         if self._broken is not None:
             raise OutOfStep(self._broken)
         self._index += 1
-        self._header(self._tag(self._index), flat.numel())
+        self._header(self._tag(f"{self._index}:{what}"), flat.numel())
         buf = flat.to(self.device) if flat.device != self.device else flat
         self._dist.all_reduce(buf, op=op, group=self.group)
         return buf.to(flat.device) if buf is not flat else buf
@@ -133,19 +139,20 @@ def detect(option) -> Optional[Group]:
     return Group(group)
 
 
-def sum_numbers(group: Optional[Group], values: Sequence[float]) -> List[float]:
-    """Sum a few Python numbers over the processes (float64)."""
+def sum_numbers(group: Optional[Group], values: Sequence[float], what: str = "") -> List[float]:
+    """Sum a few Python numbers over the processes (float64); ``what`` names them (see ``Group``)."""
     if group is None:
         return [float(v) for v in values]
-    return group.sum_(torch.tensor([float(v) for v in values], dtype=torch.float64)).tolist()
+    return group.sum_(torch.tensor([float(v) for v in values], dtype=torch.float64), what).tolist()
 
 
-def sum_tensors(group: Optional[Group], tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """Sum a list of tensors over the processes with one collective (flattened into one buffer)."""
+def sum_tensors(group: Optional[Group], tensors: Sequence[torch.Tensor], what: str = "") -> List[torch.Tensor]:
+    """Sum a list of tensors over the processes with one collective (flattened into one buffer);
+    ``what`` names them (see ``Group``)."""
     if group is None or not tensors:
         return list(tensors)
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    flat = group.sum_(torch.cat([t.reshape(-1).to(dtype) for t in tensors]))
+    flat = group.sum_(torch.cat([t.reshape(-1).to(dtype) for t in tensors]), what)
     out, i = [], 0
     for t in tensors:
         out.append(flat[i:i + t.numel()].view(t.shape).to(t.dtype))

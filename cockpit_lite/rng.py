@@ -33,3 +33,9 @@ def preserved_rng():
         yield
     finally:
         set_rng_state(state)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator for the random probes of ``step``, seeded from (seed, step): the same draws in
+    every process of a data-parallel run, whatever happened in each on earlier steps."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (1 << 62))

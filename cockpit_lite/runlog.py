@@ -101,7 +101,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 def _decode_line(raw: bytes, text: Optional[str] = None) -> Any:
     """``json.loads(raw)``, faster. orjson, where installed, decodes the standard JSON that the
-    writer produces to the same objects; else the scanner of ``json`` runs on the line's text
+    writer produces to the same objects (one difference: integers beyond 64 bits become floats with
+    orjson, whole with json; the writer writes none: steps, counts and sizes are far smaller); else the scanner of ``json`` runs on the line's text
     directly (``text``: already decoded from UTF-8 with the rest of the chunk, see ``_text_lines``;
     None: decoded here). Whatever those do not accept as it stands (NaN literals, huge integers,
     leading whitespace, a byte-order mark, garbage) goes to ``json.loads(raw)``, so the result and

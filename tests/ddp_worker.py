@@ -7,7 +7,9 @@ Every step's global batch is the same in both cases; with WORLD processes, rank 
 r-th contiguous part of it (their concatenation is the global batch). MODE "sgd": plain SGD, one
 backward per step; "adam-accum": Adam with two accumulated micro-batches per step; "flaky": plain SGD
 with a quantity that raises in process 1 only at step 1, between the others' reductions (the guard
-in cockpit_lite/distributed.py); the trained parameters are saved beside the log.
+in cockpit_lite/distributed.py); the trained parameters are saved beside the log; "bpfail": plain
+SGD with hess_trace, whose BackPACK computation raises in process 1 only at step 1 ("hutchinson": the
+same quantities with the estimator forced, the reference for the steps after the fallback).
 """
 
 from __future__ import annotations
@@ -42,6 +44,22 @@ def batches():
         yield torch.randn(BATCH, 1, 8, 8, generator=g), torch.randint(0, 5, (BATCH,), generator=g)
 
 
+def _fail_backpack_at(step: int, cockpit_lite) -> None:
+    """Make BackPACK's exact diagonal raise at ``step`` in this process (an out-of-memory, say)."""
+    from cockpit_lite.curvature import backpack_diag
+
+    original = backpack_diag.ExactDiagonal.compute
+    calls = []
+
+    def compute(self, batch_loss, kind):
+        calls.append(kind)
+        if len(calls) - 1 == step:
+            raise MemoryError("BackPACK ran out of memory in this process only")
+        return original(self, batch_loss, kind)
+
+    backpack_diag.ExactDiagonal.compute = compute
+
+
 class Flaky(Quantity):
     """Reduces one number per step, except in process 1 at step 1, where it raises before reducing."""
 
@@ -66,12 +84,19 @@ def run(rank: int, world: int, init_file: str, logdir: str, mode: str) -> None:
 
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
         net = DistributedDataParallel(net)
-    accumulate = 2 if mode == "adam-accum" else 1
+    accumulate = 2 if mode == "adam-accum" else 1  # the other modes: plain SGD
     opt = torch.optim.Adam(net.parameters(), lr=0.01) if mode == "adam-accum" else torch.optim.SGD(net.parameters(), lr=0.1)
     loss_fn = nn.CrossEntropyLoss()
     quantities = QUANTITIES
     if mode == "flaky":
         quantities = [Flaky()] + [make(q, "every") for q in FLAKY_SET]
+    if mode in ("bpfail", "hutchinson"):
+        from cockpit_lite.quantities.hess_trace import HessTrace
+
+        quantities = [HessTrace("every", method="auto" if mode == "bpfail" else "hutchinson"),
+                      make("norm_test", "every"), make("loss", "every")]
+        if mode == "bpfail" and rank == 1:
+            _fail_backpack_at(1, cockpit_lite)
     with cockpit_lite.watch(net, opt, loss_fn=loss_fn, logdir=logdir, quantities=quantities):
         for x, y in batches():
             x, y = x.chunk(world)[rank], y.chunk(world)[rank]

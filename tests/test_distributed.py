@@ -144,3 +144,23 @@ def test_a_failure_in_one_process_neither_hangs_nor_corrupts(tmp_path):
     # DDP's own gradient reductions were never paired with the cockpit's: training as in one process
     for a, b in zip(torch.load(single / "params.pt"), torch.load(multi / "params.pt")):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_backpack_failure_in_one_process_switches_every_process_to_the_estimator(tmp_path):
+    """BackPACK raises in process 1 only at step 1 (tests/ddp_worker.py, mode "bpfail"): every process
+    drops the exact diagonal together, so their reductions stay matched and nothing is mislabelled.
+    From step 1 on the trace is the Hutchinson estimate, equal to a run with the estimator forced
+    (probes are drawn per step, alike in every process)."""
+    multi, forced = tmp_path / "multi", tmp_path / "forced"
+    procs = [_run([r, 2, tmp_path / "init", multi, "bpfail"]) for r in range(2)]
+    _wait(procs, timeout=120)
+    procs = [_run([r, 2, tmp_path / "init2", forced, "hutchinson"]) for r in range(2)]
+    _wait(procs, timeout=120)
+    run, ref = cockpit_lite.load(multi), cockpit_lite.load(forced)
+    methods = [info["method"] for _, info in run.data("hess_trace")]
+    assert methods == ["exact:backpack-diag-hessian", "hutchinson", "hutchinson"]
+    assert "BackPACK failed in 1 of 2 processes" in run.data("hess_trace")[1][1]["exact_unavailable"]
+    got, want = run.series("hess_trace")[1], ref.series("hess_trace")[1]
+    for s in (1, 2):
+        assert math.isclose(got[s], want[s], rel_tol=1e-5), (s, got[s], want[s])
+    assert all(math.isfinite(v) for v in run.series("norm_test")[1])

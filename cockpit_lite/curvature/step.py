@@ -7,7 +7,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..distributed import shard_weight, sum_tensors
+from ..distributed import OutOfStep, shard_weight, sum_numbers, sum_tensors
 from . import backpack_diag
 from .batch_loss import BatchLoss, CurvatureUnavailable, rebuild
 from .hutchinson import hutchinson_diagonal
@@ -63,8 +63,9 @@ def ggn(ctx, subbatch: Optional[int] = None) -> GGNOperator:
 class _AcrossProcesses:
     """v -> sum_r w_r A_r v: the curvature of the global batch of a data-parallel run from each
     process's operator A_r on its shard (w_r = its share of the samples for a mean loss, 1 for a
-    sum); one reduction per product. Every process must apply it to the same vectors (the solvers are
-    deterministic and their random probes seeded alike)."""
+    sum); one reduction per product. Every process must apply it to the same vectors: the solvers are
+    deterministic, their probes come from per-step seeds (``rng.step_generator``) and the eigenvalue's
+    warm start is agreed (``HessMaxEV``)."""
 
     def __init__(self, op, weight: float, group):
         self.op, self.weight, self.group = op, weight, group
@@ -76,7 +77,7 @@ class _AcrossProcesses:
         return self.op.hvps
 
     def __call__(self, v):
-        return sum_tensors(self.group, [h * self.weight for h in self.op(v)])
+        return sum_tensors(self.group, [h * self.weight for h in self.op(v)], "curvature_product")
 
     def release(self) -> None:
         self.op.release()
@@ -113,19 +114,34 @@ class ExactDiagonals:
             return None, self.reason
         key = ("curvature.exact", kind, subbatch)
         if key not in ctx.cache:
+            dist = ctx.watched.dist
+            diag, unavailable, failed = None, None, None
             try:
                 diag = self.engine.compute(batch_loss(ctx, subbatch), kind)
                 if subbatch is None:
                     check_reevaluation(ctx, torch.tensor(self.engine.last_loss))
-                if ctx.watched.dist is not None:  # the global batch's diagonal: shards weighted
-                    w = shard_weight(ctx.watched.dist, batch_loss(ctx, subbatch).num_samples or 0, ctx.reduction)
-                    diag = sum_tensors(ctx.watched.dist, [d * w for d in diag])
-                ctx.cache[key] = diag
-            except CurvatureUnavailable:
+            except CurvatureUnavailable as err:  # this step only
+                unavailable = err
+            except OutOfStep:
                 raise
-            except Exception as err:
-                self.engine, self.reason = None, f"BackPACK failed ({type(err).__name__}: {err})"
+            except Exception as err:  # BackPACK cannot do it: the estimators take over for the run
+                failed = f"BackPACK failed ({type(err).__name__}: {err})"
+            if dist is not None:  # one decision for every process, or their reductions would differ
+                n_unavailable, n_failed = sum_numbers(dist, [unavailable is not None, failed is not None],
+                                                      "exact_diag_ok")
+                if n_failed and failed is None:
+                    failed = f"BackPACK failed in {int(n_failed)} of {dist.size} processes"
+                if n_unavailable and unavailable is None and failed is None:
+                    unavailable = CurvatureUnavailable(f"unavailable in {int(n_unavailable)} of {dist.size} processes")
+            if failed is not None:
+                self.engine, self.reason = None, failed
                 return None, self.reason
+            if unavailable is not None:
+                raise unavailable
+            if dist is not None:  # the global batch's diagonal: shards weighted
+                w = shard_weight(dist, batch_loss(ctx, subbatch).num_samples or 0, ctx.reduction)
+                diag = sum_tensors(dist, [d * w for d in diag], "exact_diag")
+            ctx.cache[key] = diag
         return ctx.cache[key], backpack_diag.KINDS[kind]
 
 

@@ -10,6 +10,7 @@ from . import step as curv
 from .batch_loss import CurvatureUnavailable
 from .hutchinson import hutchinson_trace, hutchpp_trace
 from ..quantities.base import Quantity
+from ..rng import step_generator
 
 METHODS = ("auto", "exact", "hutchinson", "hutch++")
 
@@ -25,7 +26,7 @@ class TraceQuantity(Quantity):
         if method not in METHODS:
             raise ValueError(f"{self.name}: method must be one of {METHODS}, got {method!r}")
         self.method, self.probes, self.subbatch = method, int(probes), subbatch
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed  # probes of step t from (seed, t): the same in every process (rng.step_generator)
         self.exact = curv.ExactDiagonals()
 
     def operator(self, ctx):
@@ -51,9 +52,9 @@ class TraceQuantity(Quantity):
                 fallback = how
             op = self.operator(ctx)
             if self.method == "hutch++":
-                est = hutchpp_trace(op, op.params, self.probes, self.generator)
+                est = hutchpp_trace(op, op.params, self.probes, step_generator(self.seed, ctx.step))
             else:
-                est = hutchinson_trace(op, op.params, self.probes, self.generator)
+                est = hutchinson_trace(op, op.params, self.probes, step_generator(self.seed, ctx.step))
         except CurvatureUnavailable as err:
             ctx.emit_nan(name, str(err))
             return

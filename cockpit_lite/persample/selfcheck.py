@@ -34,9 +34,10 @@ from .losses import LossUnavailable, elementwise_loss, group_by_sample
 
 TOL = 0.1  # relative norm of g_0 - r; a broken rule is off by O(1), autocast rounding by ~1e-2
 FAILED = ("the per-sample layer rule disagrees with autograd on this parameter (relative difference "
-          "{rel:.2g} on the first sample of step {step}); is its module called on an input without the "
-          "batch dimension (e.g. nn.Embedding(T, d)(torch.arange(T)) broadcast over the batch)? Call it "
-          "with the batch dimension (arange(T).expand(B, -1))")
+          "{rel:.2g} on the first sample of step {step}). Is its module called on an input without the "
+          "batch dimension (e.g. nn.Embedding(T, d)(torch.arange(T)) broadcast over the batch; call it with "
+          "arange(T).expand(B, -1)), or is the parameter also used outside its module (e.g. a weight tied "
+          "through a plain matmul)?")
 
 
 class _Unavailable(Exception):
@@ -52,6 +53,7 @@ def run(ctx) -> Optional[dict]:
     watched = ctx.watched
     view = ctx.per_sample
     if view._global_reason is not None or not view.batch_sizes:
+        _agree(watched.dist, {}, len(view.names), retry=True)  # every process waits for a later step
         return None
     names, reasons = view.names, view.unsupported()
     sq = [s[0] if s.numel() else None for s in view.sq_norms_per_param()]  # same order of reductions everywhere

@@ -10,6 +10,8 @@ from ..curvature import step as curv
 from ..curvature.batch_loss import CurvatureUnavailable
 from ..curvature.hvp import flatten, unflatten
 from ..curvature.lanczos import top_eigenvalue
+from ..distributed import sum_numbers, sum_tensors
+from ..rng import step_generator
 from .base import Quantity
 
 
@@ -23,7 +25,7 @@ class HessMaxEV(Quantity):
                  hvp_mode: str = "double_backward", seed: int = 0):
         super().__init__(schedule)
         self.tol, self.max_iter, self.subbatch, self.hvp_mode = tol, max_iter, subbatch, hvp_mode
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self._v: Optional[torch.Tensor] = None  # previous eigenvector (warm start)
 
     def before_step(self, ctx):
@@ -35,9 +37,15 @@ class HessMaxEV(Quantity):
         params = op.params
         n = sum(p.numel() for p in params)
         p0 = params[0]
+        v0 = self._v
+        dist = ctx.watched.dist
+        if dist is not None:  # one warm start for all processes (each keeps its own copy of the last one)
+            (everywhere,) = sum_numbers(dist, [v0 is not None and v0.numel() == n], "lanczos_warm_start")
+            v0 = sum_tensors(dist, [v0], "lanczos_warm_start_vector")[0] / dist.size if everywhere == dist.size else None
         try:
-            res = top_eigenvalue(lambda x: flatten(op(unflatten(x, params))), n, v0=self._v, tol=self.tol,
-                                 max_iter=self.max_iter, generator=self.generator, dtype=p0.dtype, device=p0.device)
+            res = top_eigenvalue(lambda x: flatten(op(unflatten(x, params))), n, v0=v0, tol=self.tol,
+                                 max_iter=self.max_iter, generator=step_generator(self.seed, ctx.step),
+                                 dtype=p0.dtype, device=p0.device)
         except FloatingPointError as err:
             self._v = None
             ctx.emit_nan(self.name, str(err))

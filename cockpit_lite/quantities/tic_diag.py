@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 
 from ..curvature import step as curv
 from ..curvature import tic
+from ..rng import step_generator
 from .base import Quantity
 
 
@@ -19,11 +19,11 @@ class TICDiag(Quantity):
     def __init__(self, schedule=None, *, probes: int = 10, seed: int = 0):
         super().__init__(schedule)
         self.probes = int(probes)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed  # probes of step t from (seed, t): the same in every process (rng.step_generator)
         self.exact = curv.ExactDiagonals()
 
     def before_step(self, ctx):
-        r = tic.compute(ctx, self.exact, self.probes, self.generator)
+        r = tic.compute(ctx, self.exact, self.probes, step_generator(self.seed, ctx.step))
         if r.reason is not None:
             ctx.emit_nan(self.name, r.reason)
             return
