@@ -164,3 +164,24 @@ def test_a_backpack_failure_in_one_process_switches_every_process_to_the_estimat
     for s in (1, 2):
         assert math.isclose(got[s], want[s], rel_tol=1e-5), (s, got[s], want[s])
     assert all(math.isfinite(v) for v in run.series("norm_test")[1])
+
+
+def test_two_data_parallel_groups_each_reduce_within_their_own(tmp_path):
+    """distributed=<a subgroup>: each group's cockpit communicator is created by its own processes
+    only (torch's new_group would otherwise need every process of the job, with the same ranks)."""
+    worker = os.path.join(os.path.dirname(WORKER), "ddp_subgroup_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, worker, str(r), str(tmp_path / "init")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(4)]
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a subgroup worker did not finish")
+        assert p.returncode == 0, out
+        outs.append(out)
+    for rank, out in enumerate(outs):
+        assert f"rank {rank} sum {2.0 if rank % 2 == 0 else 4.0}" in out, out
