@@ -130,7 +130,7 @@ def summary_text(run, all_keys: bool = False) -> str:
     import numpy as np
 
     h = run.header
-    steps = [r["step"] for r in run.records]
+    steps = run.steps().tolist()  # not run.records: a run read from its cache answers without them
     lines = [f"run: {run.logdir}"]
     if h.get("synthetic"):
         lines.append("  (synthetic log: numbers not computed from a model)")
@@ -166,7 +166,7 @@ def summary_text(run, all_keys: bool = False) -> str:
             why = f": {reasons[max(reasons)]}" if reasons else ""
             text += f"  [{nan} NaN{why}]"
         lines.append(f"  {key:<{width}}  {text}")
-    data_keys = sorted({k for r in run.records for k in r.get("data", {})})
+    data_keys = run.data_keys()
     if data_keys:
         lines.append("structures: " + ", ".join(f"{k} ({len(run.data(k))} steps)" for k in data_keys))
     if hidden:

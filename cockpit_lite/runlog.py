@@ -398,6 +398,12 @@ class Run:
             return list(self._cached.data(key))
         return list(self.data_index().get(key, ()))
 
+    def data_keys(self) -> List[str]:
+        """The ``data`` keys that some step record holds, sorted."""
+        if self._cached is not None:
+            return sorted(self._cached.data_keys())
+        return sorted(self.data_index())
+
     def data_index(self) -> Dict[str, List[Tuple[int, Any]]]:
         """Every ``data`` key -> ``[(step, structure), ...]``, built in one pass over the records
         (a plot asks for several keys; the cache stores each key apart). Do not modify it."""

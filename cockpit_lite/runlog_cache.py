@@ -11,7 +11,7 @@ import pickle
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .gc_pause import gc_paused
 
@@ -45,7 +45,10 @@ class CachedRecords:
     fields and the structures of a few ``data`` keys; the records themselves (a million objects
     for 100,000 steps, most of the cache's bytes) are needed only by code that iterates them. So
     the records (without their ``data``) and each ``data`` key are stored as separate pickles,
-    unpickled (with the same restricted unpickler) only when asked for. What the dashboard reads
+    unpickled (with the same restricted unpickler) only when asked for. The records are stored only
+    while the log can still grow (no footer): new lines are merged into them. A finished log's cache
+    leaves them out (copying and pickling them cost more than a second on the first plot);
+    ``records()`` then raises and ``Run.records`` decodes the log again. What the dashboard reads
     of the per-step structures is at hand without them: their numeric entries as columns
     (``data_fields``: the entries ``RunCache.DATA_FIELDS`` names) and each key's last structure
     (``last``); so are the record fields of ``RunCache.FIELDS``.
@@ -61,12 +64,15 @@ class CachedRecords:
         self.data_fields = {(key, name): column for key, stored in state["data_fields"].items()
                             for name, column in _columns_from_bytes(stored, state["step_arrays"]).items()}
         self.last: Dict[str, Tuple[int, Any]] = {k: tuple(v) for k, v in state["last"].items()}
-        self._records_blob: bytes = state["records"]
+        self._records_blob: Optional[bytes] = state["records"]  # None: a finished log's (see above)
         self._data_blobs: Dict[str, bytes] = state["data"]
         self._data: Dict[str, List[Tuple[int, Any]]] = {}
         if not (isinstance(self.reasons, dict) and isinstance(self.flags, dict)
-                and isinstance(self._records_blob, bytes) and isinstance(self._data_blobs, dict)):
+                and isinstance(self._records_blob, (bytes, type(None))) and isinstance(self._data_blobs, dict)):
             raise ValueError("malformed cached records")
+
+    def data_keys(self) -> List[str]:
+        return list(self._data_blobs)
 
     def data(self, key: str) -> List[Tuple[int, Any]]:
         """``[(step, structure), ...]`` of one ``data`` key (unpickled on first use)."""
@@ -80,6 +86,8 @@ class CachedRecords:
 
     def records(self) -> List[Dict[str, Any]]:
         """The full records: the stored ones with every ``data`` key put back."""
+        if self._records_blob is None:
+            raise LookupError("the cache of a finished log does not hold the records")
         records = _plain_loads(self._records_blob)
         if not isinstance(records, list) or len(records) != len(self.steps):
             raise ValueError("cached records are malformed")
@@ -109,7 +117,7 @@ class RunCache:
     reader's merging rules or this layout change.
     """
 
-    MAGIC = b"cockpit-lite run-log cache 2\n"
+    MAGIC = b"cockpit-lite run-log cache 3\n"
     #: decode at least this many bytes of log before writing a cache: small logs are quick anyway
     MIN_BYTES = 8 * 1024 * 1024
     #: record fields and ``(data key, entry)`` numbers kept as columns: what the dashboard and the
@@ -191,7 +199,7 @@ class RunCache:
                      "reasons": _by_key(records, "reasons"),
                      "flags": _flags(records)}
             data = run.data_index()
-            state["records"] = _plain_dumps(_without_data(records))
+            state["records"] = None if run.finished else _plain_dumps(_without_data(records))
             state["data"] = {k: _plain_dumps(pairs) for k, pairs in data.items()}
             entries: Dict[str, Dict[str, Tuple[Any, Any]]] = {}  # data key -> entry -> column
             for key, name in self.DATA_FIELDS:

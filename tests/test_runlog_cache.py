@@ -156,8 +156,10 @@ def test_cache_of_a_growing_log_gives_the_new_values(tmp_path, monkeypatch):
     assert run.series("alpha")[1][-2] == 7.5 and run.series("loss")[1][7] == 9.0
     assert run.series("new_key")[0].tolist() == [8, 9, 10] and run.finished
     decoded.clear()
-    assert_same_as_reference(cockpit_lite.load(tmp_path))  # the refreshed cache
+    again = cockpit_lite.load(tmp_path)  # the refreshed cache (of a finished log now: without the records)
+    np.testing.assert_array_equal(again.series("loss")[1], run.series("loss")[1])
     assert decoded == []
+    assert_same_as_reference(again)  # the records: decoded from the log
 
 
 def test_refresh_after_a_cached_load_reads_appended_lines(tmp_path):
@@ -432,3 +434,16 @@ def test_cache_without_orjson_shares_the_key_strings(tmp_path, monkeypatch):
     assert _keys_shared(stripped) and stripped == [{**r, **({"data": {}} if "data" in r else {})} for r in plain.records]
     cockpit_lite.load(tmp_path)  # writes the cache
     assert_same_as_reference(cockpit_lite.load(tmp_path))
+
+
+def test_a_finished_logs_cache_leaves_the_records_out(tmp_path):
+    """A finished log cannot grow: its cache skips the records (the slow part of writing it on the
+    first plot); asking for them decodes the log. A growing log's cache keeps them (see above)."""
+    from cockpit_lite.runlog_cache import CachedRecords
+
+    write_log(tmp_path)
+    cockpit_lite.load(tmp_path)  # writes the cache
+    run = cockpit_lite.load(tmp_path)
+    assert run.finished and isinstance(run._cached, CachedRecords) and run._cached._records_blob is None
+    assert run.data_keys() == cockpit_lite.load(tmp_path, cache=False).data_keys()
+    assert_same_as_reference(run)  # decoded from the log
