@@ -448,20 +448,26 @@ class Cockpit:
     # -- records --------------------------------------------------------------------------------
     def _call(self, q: Quantity, method: str, ctx: StepContext) -> None:
         dist = self.watched.dist
-        bracket = dist is not None and q.reduces and getattr(type(q), method) is not getattr(Quantity, method)
-        failed = None
-        with _bracket(dist if bracket else None, ctx.step, f"{q.name}.{method}") as outcome:
-            try:
+        if dist is None or not q.reduces or getattr(type(q), method) is getattr(Quantity, method):
+            try:  # one process (the hot path: no bracket)
                 getattr(q, method)(ctx)
             except Exception as err:  # a failing quantity never stops training
-                failed = outcome.failed = err
-        failed = failed or outcome.failed
-        if failed is not None:
-            reason = f"{type(failed).__name__} in {q.name}.{method}: {failed}"
-            ctx.discard(q.name)  # what it emitted before failing may be half-done (or paired wrongly)
-            ctx.emit_nan(q.name, reason)
-            self._warn_once(f"fail:{q.name}", f"cockpit-lite: quantity {q.name!r} failed ({reason}); "
-                                              "it is logged as NaN with this reason")
+                self._failed(q, method, ctx, err)
+            return
+        with _bracket(dist, ctx.step, f"{q.name}.{method}") as outcome:
+            try:
+                getattr(q, method)(ctx)
+            except Exception as err:
+                outcome.failed = err
+        if outcome.failed is not None:
+            self._failed(q, method, ctx, outcome.failed)
+
+    def _failed(self, q: Quantity, method: str, ctx: StepContext, failed: BaseException) -> None:
+        reason = f"{type(failed).__name__} in {q.name}.{method}: {failed}"
+        ctx.discard(q.name)  # what it emitted before failing may be half-done (or paired wrongly)
+        ctx.emit_nan(q.name, reason)
+        self._warn_once(f"fail:{q.name}", f"cockpit-lite: quantity {q.name!r} failed ({reason}); "
+                                          "it is logged as NaN with this reason")
 
     def _write_step(self, ctx: StepContext) -> None:
         values = ctx.scalar_values()
