@@ -73,9 +73,18 @@ class Group:
     def end(self, failed: bool) -> bool:
         """The end of the current phase, announced by every process: whether it failed in any of
         them. Raises :class:`OutOfStep` if the processes were not at the same point."""
+        self._raise_if_broken()
+        return self._header(self._tag("end"), 0, failed)
+
+    def _raise_if_broken(self) -> None:
         if self._broken is not None:
             raise OutOfStep(self._broken)
-        return self._header(self._tag("end"), 0, failed)
+
+    def _announce(self, size: int, what: str) -> None:
+        """The header of the phase's next reduction (its index, ``what`` it carries, its size)."""
+        self._raise_if_broken()
+        self._index += 1
+        self._header(self._tag(f"{self._index}:{what}"), size)
 
     def _tag(self, what) -> float:
         return float(zlib.crc32(f"{self._phase[0]}:{self._phase[1]}:{what}".encode()) % (1 << 40) + 1)
@@ -104,19 +113,13 @@ class Group:
 
     def gather_objects(self, obj) -> list:
         """Every process's ``obj`` (picklable), in rank order."""
-        if self._broken is not None:
-            raise OutOfStep(self._broken)
-        self._index += 1
-        self._header(self._tag(self._index), 0)
+        self._announce(0, "objects")
         out = [None] * self.size
         self._dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def _all_reduce(self, flat: torch.Tensor, op, what: str = "") -> torch.Tensor:
-        if self._broken is not None:
-            raise OutOfStep(self._broken)
-        self._index += 1
-        self._header(self._tag(f"{self._index}:{what}"), flat.numel())
+        self._announce(flat.numel(), what)
         buf = flat.to(self.device) if flat.device != self.device else flat
         self._dist.all_reduce(buf, op=op, group=self.group)
         return buf.to(flat.device) if buf is not flat else buf

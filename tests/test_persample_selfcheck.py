@@ -12,6 +12,7 @@ from torch import nn
 
 import cockpit_lite
 from reference import flat, norm_test, per_sample_grads_bruteforce
+from test_curvature import TupleOut
 
 B = T = 6
 V, D = 11, 8
@@ -110,18 +111,9 @@ def test_check_waits_for_the_first_per_sample_step(tmp_path):
     assert step == 3 and check["status"] == "failed"
 
 
-class TupleModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.lin(x), x.sum()
-
-
 def test_unreplayable_step_is_labelled_unavailable_and_values_stand(tmp_path):
     torch.manual_seed(0)
-    model = TupleModel()
+    model = TupleOut()  # returns (logits, something else); the loss gets the logits
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     crit = nn.CrossEntropyLoss()
     with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path, quantities=NOISE):

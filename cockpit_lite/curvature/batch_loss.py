@@ -113,13 +113,19 @@ class BatchLoss:
         state.update(zip(self.keys, params))
         return state
 
+    def replay(self, params: Sequence[torch.Tensor], index: int):
+        """(the loss function's input, loss) of micro-batch ``index`` at ``params``, in its training RNG
+        state (the caller restores the generators: ``preserved_rng``)."""
+        c = self.calls[index]
+        set_rng_state(c.rng_state)
+        return functional_call(self.wrapper, self._state(params), (c.args, c.kwargs, c.target))
+
     def outputs_and_losses(self, params: Sequence[torch.Tensor]):
         """[(model output, weighted loss)] per micro-batch, in the training RNG states."""
         out = []
         with preserved_rng(), twice_differentiable_attention():
-            for c in self.calls:
-                set_rng_state(c.rng_state)
-                y, loss = functional_call(self.wrapper, self._state(params), (c.args, c.kwargs, c.target))
+            for i, c in enumerate(self.calls):
+                y, loss = self.replay(params, i)
                 if loss.numel() != 1:
                     loss = loss.mean()
                 out.append((y, loss * c.weight, c))

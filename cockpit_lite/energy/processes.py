@@ -15,6 +15,7 @@ moments the processes do not share).
 from __future__ import annotations
 
 import math
+import os
 import socket
 from typing import Any, Dict, List
 
@@ -33,7 +34,7 @@ def gpu_identity(index: int) -> str:
 
         return f"{host()}:gpu:{torch.cuda.get_device_properties(index).uuid}"
     except Exception:
-        return f"{host()}:pid{__import__('os').getpid()}:gpu{index}"
+        return f"{host()}:pid{os.getpid()}:gpu{index}"
 
 
 def combine(processes: List[Dict[str, Any]]) -> Dict[str, Any]:

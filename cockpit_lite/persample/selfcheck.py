@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..distributed import sum_tensors
-from ..rng import preserved_rng, set_rng_state
+from ..rng import preserved_rng
 from .losses import LossUnavailable, elementwise_loss, group_by_sample
 
 TOL = 0.1  # relative norm of g_0 - r; a broken rule is off by O(1), autocast rounding by ~1e-2
@@ -122,9 +122,8 @@ def _first_sample_gradient(ctx, view) -> List[torch.Tensor]:
     params = [p.detach().requires_grad_(True) for p in bl.params]
     amp = getattr(ctx.model_calls[0], "autocast", None) if ctx.model_calls else None
     with preserved_rng(), torch.enable_grad(), _autocast(amp):
-        set_rng_state(call.rng_state)
         try:
-            out, _ = torch.func.functional_call(bl.wrapper, bl._state(params), (call.args, call.kwargs, call.target))
+            out, _ = bl.replay(params, 0)
         except CurvatureUnavailable as err:
             raise _Unavailable(str(err)) from None
         losses = group_by_sample(elementwise_loss(ctx.watched.loss_fn, out, call.target, grad=True), b,
@@ -133,8 +132,8 @@ def _first_sample_gradient(ctx, view) -> List[torch.Tensor]:
     again = losses.detach().double()
     if not torch.allclose(again, trained, rtol=1e-2, atol=1e-2 * float(trained.abs().max()) + 1e-12):
         raise _Unavailable("re-evaluating the first micro-batch does not reproduce its per-sample losses "
-                           "(the loss function receives neither the model output itself nor is called inside forward, or the forward "
-                           "is not replayable)")
+                           "(the loss function receives neither the model output itself nor is called inside "
+                           "forward, or the forward is not replayable)")
     grads = torch.autograd.grad(losses[0], params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g.detach().float() for g, p in zip(grads, params)]
 
