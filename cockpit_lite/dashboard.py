@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
+from . import dashboard_png
+
 FORMATS = ("png", "pdf", "svg")
 COLUMNS = 3
 PANEL_W, PANEL_H = 5.2, 3.5  # inches
@@ -113,9 +115,7 @@ def layout(views: List[Any], instruments: Optional[Sequence[Any]] = None) -> Lay
         if hasattr(v, "prefetch"):
             wanted = [k for i in chosen for k in getattr(i, "keys", ())]
             wanted += [k for k in v.keys() if k.split("/", 1)[0] in {"lr", "time", "energy"}]
-            # not "energy": a structure per step, of which its panel reads data_field and last_data
-            v.prefetch(wanted, [k for i in chosen for k in getattr(i, "data_keys", ())] + ["hess_max_ev", "hess_trace",
-                                                                                          "ggn_trace"])
+            v.prefetch(wanted, [k for i in chosen for k in getattr(i, "data_keys", ())])
     for group in inst_pkg.GROUPS:
         rows: List[List[Cell]] = []
         for instrument in (i for i in chosen if i.group == group):
@@ -150,16 +150,19 @@ def _missing(instrument, view) -> Optional[str]:
 
 
 def render(runs, path: Union[None, str, os.PathLike] = None, *, instruments: Optional[Sequence[Any]] = None,
-           steps=None, title: Optional[str] = None, dpi: int = 100):
+           steps=None, title: Optional[str] = None, dpi: int = 100, two_processes: bool = False):
     """Draw the dashboard of ``runs`` (a logdir, a ``Run``, or a list of them); save it to ``path``
-    (.png, .pdf or .svg) when given. Returns the matplotlib ``Figure``."""
+    (.png, .pdf or .svg) when given. Returns the matplotlib ``Figure``.
+
+    ``two_processes``: rasterize a PNG in two halves at once, the lower one in a forked child
+    (``cockpit_lite/dashboard_png.py``); only for a process that forks safely (the command line's)."""
     fmt = None
     if path is not None:
         fmt = output_format(path)
     views = _views(runs, steps)
     fig = figure(layout(views, instruments), title=title)
     if path is not None:
-        save(fig, path, dpi=dpi, fmt=fmt)
+        save(fig, path, dpi=dpi, fmt=fmt, two_processes=two_processes)
     return fig
 
 
@@ -210,6 +213,7 @@ def _figure(lay: Layout, title: Optional[str]):
         blocks.append(("notes", 0.3 + NOTE_LINE_H * len(notes)))
     width, height = ncols * PANEL_W, sum(h for _, h in blocks)
     fig = _new_figure(figsize=(width, height))
+    fig.cockpit_rows = []  # (bottom, top) of each panel row, figure fractions, top to bottom (dashboard_png)
     fig.text(0.5, 1 - 0.35 / height, title or _title(lay), ha="center", va="center", fontsize="x-large",
              fontweight="bold")
     top = height - TITLE_H  # inches from the bottom, where the next block starts
@@ -228,6 +232,7 @@ def _figure(lay: Layout, title: Optional[str]):
             y = top - GROUP_TITLE_H
             for row in rows:
                 y -= PANEL_H
+                fig.cockpit_rows.append((y / height, (y + PANEL_H) / height))
                 axes = []
                 for c, cell in enumerate(row):
                     x = c * PANEL_W
@@ -329,15 +334,21 @@ def _share_ylim(axes, row: List[Cell]) -> None:
         ax.set_ylim(min(lows), max(highs))
 
 
-def save(fig, path: Union[str, os.PathLike], *, dpi: int = 100, fmt: Optional[str] = None) -> Path:
-    """Write ``fig`` atomically: into a temporary file next to ``path``, then ``os.replace``."""
+def save(fig, path: Union[str, os.PathLike], *, dpi: int = 100, fmt: Optional[str] = None,
+         two_processes: bool = False) -> Path:
+    """Write ``fig`` atomically: into a temporary file next to ``path``, then ``os.replace``
+    (``two_processes``: see ``render``)."""
     path = Path(path)
     fmt = fmt or output_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp.{fmt}", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=fmt, dpi=dpi)
+            if not (two_processes and fmt == "png" and dashboard_png.usable(fig)
+                    and dashboard_png.write_png(fig, fh, dpi)):
+                fh.seek(0)
+                fh.truncate()
+                fig.savefig(fh, format=fmt, dpi=dpi)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; an image is as readable as any file

@@ -39,16 +39,16 @@ import operator
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .gc_pause import gc_paused
 from .runlog_cache import RunCache
+from .runlog_scan import Scan
 
 FORMAT = "cockpit-lite-log"
 VERSION = 1
 LOG_NAME = "cockpit.jsonl"
 
-_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 class CorruptLogError(ValueError):
@@ -62,8 +62,14 @@ def encode_number(x: float) -> Union[float, str]:
 
 
 def decode_number(x: Any) -> float:
+    """A logged value as a float: the strings ``encode_number`` writes ("NaN", "Infinity",
+    "-Infinity") as what they name, None and any other string that is not a number as NaN. The
+    same as numpy's conversion to float64, which ``_build_columns`` relies on."""
     if isinstance(x, str):
-        return _NONFINITE.get(x, math.nan)
+        try:
+            return float(x)
+        except ValueError:
+            return math.nan
     return math.nan if x is None else float(x)
 
 
@@ -203,10 +209,26 @@ class Run:
         self._data_index: Optional[Dict[str, List[Tuple[int, Any]]]] = None  # see data_index
         self._entries: Dict[Tuple[Optional[str], str], Tuple[Any, Any]] = {}  # field, data_field: on demand
         self._hasher = None  # with a cache: SHA-1 of exactly the bytes decoded so far (the lines before _offset)
+        # with a cache: data key -> {step: (offset, size) of the line whose structure counts}
+        self._data_lines: Optional[Dict[str, Dict[int, Tuple[int, int]]]] = None
+        self._scan: Optional[Scan] = None  # see runlog_scan: a large finished log read without records
         store = RunCache(self.path) if cache else None
         cached = store.read(self) if store is not None else False
         if store is not None and not cached:
             self._hasher = RunCache.hasher()
+            self._data_lines = {}
+            if os.path.getsize(self.path) >= RunCache.MIN_BYTES and _ends_with_footer(self.path):
+                self._scan = Scan(RunCache.FIELDS, RunCache.DATA_FIELDS)
+        if self._scan is not None:
+            try:
+                self.refresh()
+                with gc_paused():
+                    state = store.layout(self, self._scan.state())
+            finally:
+                self._scan = None
+            store.adopt(self, state, self._hasher)
+            store.store(state)
+            return
         self.refresh()
         decoded = self._offset - (store.covered if cached else 0) if store is not None else 0
         if decoded and decoded >= RunCache.MIN_BYTES:  # nothing decoded: the cache is current
@@ -235,7 +257,7 @@ class Run:
         self._offset = self._line_no = 0
         self._columns = self._steps = self._data_index = None
         self._entries = {}
-        self._hasher = None
+        self._hasher = self._data_lines = None
         self.refresh()
 
     @property
@@ -249,6 +271,7 @@ class Run:
     def refresh(self) -> int:
         """Read lines appended since the last read; return how many records were added."""
         if self._cached is not None and os.path.getsize(self.path) > self._offset:
+            self._data_lines = self._cached.data_lines()  # the cache is rewritten with the new lines
             self.records  # noqa: B018 - new lines merge into the records: build them first
         with open(self.path, "rb") as fh:
             fh.seek(self._offset)
@@ -262,21 +285,23 @@ class Run:
         if self._hasher is not None:
             self._hasher.update(memoryview(chunk)[:len(chunk) - len(tail)])
         added = 0
+        add, decode = self._add, _decode_line
         try:
             with gc_paused():  # the records are acyclic: see cockpit_lite/gc_pause.py
                 for i, raw in enumerate(lines):
                     self._line_no += 1
+                    at = self._offset
                     self._offset += len(raw) + 1
-                    if not raw.strip():
+                    if not raw or raw.isspace():
                         continue
                     try:
-                        record = _decode_line(raw, texts[i] if texts is not None else None)
-                        if not isinstance(record, dict) or "type" not in record:
+                        record = decode(raw, texts[i] if texts is not None else None)
+                        if type(record) is not dict or "type" not in record:
                             raise ValueError("not a record object")
                     except ValueError as err:
                         raise CorruptLogError(
                             f"{self.path}, line {self._line_no}: not a valid record ({err})") from None
-                    self._add(record)
+                    add(record, at, len(raw))
                     added += 1
         finally:
             if added:
@@ -306,7 +331,8 @@ class Run:
                 f"({VERSION}); upgrade cockpit-lite"
             )
 
-    def _add(self, record: Dict[str, Any]) -> None:
+    def _add(self, record: Dict[str, Any], at: int = -1, size: int = 0) -> None:
+        """Merge one decoded line (``size`` bytes at offset ``at`` of the log) into the state."""
         kind = record["type"]
         if kind == "header":
             self._check_header(record)
@@ -317,6 +343,17 @@ class Run:
             if "step" not in record:
                 raise CorruptLogError(f"{self.path}, line {self._line_no}: step record without 'step'")
             step = int(record["step"])
+            if self._scan is not None:
+                self._scan.add(step, record, at, size)
+                return
+            if self._data_lines is not None:
+                data = record.get("data")
+                if data and type(data) is dict:  # where the cache finds each structure again
+                    for key in data:
+                        lines = self._data_lines.get(key)
+                        if lines is None:
+                            lines = self._data_lines[key] = {}
+                        lines[step] = (at, size)
             earlier = self._by_step.get(step)
             if earlier is not None:  # an amendment (a value known one step later, e.g. alpha)
                 for part in ("values", "reasons", "data"):
@@ -379,7 +416,7 @@ class Run:
 
         Built in one pass when first asked for after a read: records with the same keys (most
         of a run's records) are read together, one C-level ``itemgetter`` per record, and each
-        column is converted as ``decode_number`` would, in one numpy call when it holds only numbers.
+        column is converted as ``decode_number`` would, in one numpy call per group (``_decode_table``).
         """
         if self._columns is None:
             with gc_paused():  # it would rescan every record for each few hundred new tuples
@@ -395,7 +432,11 @@ class Run:
     def data(self, key: str) -> List[Tuple[int, Any]]:
         """``[(step, structure), ...]`` for a structured quantity (histograms, fit details)."""
         if self._cached is not None:
-            return list(self._cached.data(key))
+            try:
+                return list(self._cached.data(key))
+            except Exception:  # a noted line that does not read back: decode the log instead
+                self._cached = None
+                self._redecode()
         return list(self.data_index().get(key, ()))
 
     def data_keys(self) -> List[str]:
@@ -463,6 +504,22 @@ class Run:
         return f"Run({str(self.path)!r}, {len(self)} step records, {state})"
 
 
+def _ends_with_footer(path: Path) -> bool:
+    """Whether the last line of the log is a complete footer record (the run was closed)."""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, fh.tell() - 65536))
+        tail = fh.read()
+    if not tail.endswith(b"\n"):
+        return False
+    last = tail[:-1].rsplit(b"\n", 1)[-1]
+    try:
+        record = json.loads(last)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and record.get("type") == "footer"
+
+
 def load(path: Union[str, os.PathLike], *, cache: bool = True) -> Run:
     """Read a run log (a logdir or the ``cockpit.jsonl`` file itself), finished or still growing.
 
@@ -494,13 +551,27 @@ def _copies(column: Optional[Tuple[Any, Any]]):
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
     return np.array(column[0], dtype=np.int64), np.array(column[1], dtype=np.float64)
 
-def _decode_column(column: tuple):
-    """``[decode_number(v) for v in column]`` as float64; one numpy call when it holds only numbers."""
+def _decode_column(column: Sequence[Any]):
+    """``[decode_number(v) for v in column]`` as float64."""
     import numpy as np
 
-    if set(map(type, column)) <= {float, int, bool}:
-        return np.array(column, dtype=np.float64)
     return np.fromiter(map(decode_number, column), dtype=np.float64, count=len(column))
+
+
+def _decode_table(rows: List[Any], width: int):
+    """The ``width`` columns of ``rows`` (tuples of ``width`` values; bare values when ``width``
+    is 1) as float64 arrays, each value read as ``decode_number`` reads it. One numpy call for
+    the whole table: numpy converts numbers, None, and the strings that ``encode_number`` writes
+    exactly as ``decode_number`` does; any other string or object is decoded value by value."""
+    import numpy as np
+
+    try:
+        table = np.array(rows, dtype=np.float64)
+        if table.shape == ((len(rows), width) if width > 1 else (len(rows),)):
+            return list(table.T.copy()) if width > 1 else [table]
+    except (ValueError, TypeError):
+        pass
+    return [_decode_column(col) for col in (zip(*rows) if width > 1 else (rows,))]
 
 
 def _build_columns(records: List[Dict[str, Any]]) -> Dict[str, Tuple[Any, Any]]:
@@ -520,13 +591,9 @@ def _build_columns(records: List[Dict[str, Any]]) -> Dict[str, Tuple[Any, Any]]:
     chunks: Dict[str, list] = {}  # first appearance order: the order of the groups' first records
     for signature, (steps, rows) in groups.items():
         steps_arr = np.asarray(steps, dtype=np.int64)
-        if len(signature) == 1:
-            (key,) = signature
-            cols = [tuple(v[key] for v in rows)]
-        else:
-            cols = zip(*map(operator.itemgetter(*signature), rows))
-        for key, col in zip(signature, cols):
-            chunks.setdefault(key, []).append((steps_arr, _decode_column(col)))
+        table = list(map(operator.itemgetter(*signature), rows))
+        for key, col in zip(signature, _decode_table(table, len(signature))):
+            chunks.setdefault(key, []).append((steps_arr, col))
     out = {}
     for key, parts in chunks.items():
         if len(parts) == 1:

@@ -43,20 +43,28 @@ class CachedRecords:
 
     Plotting needs the columns (``Run.columns``), the steps, the reasons and flags, a few record
     fields and the structures of a few ``data`` keys; the records themselves (a million objects
-    for 100,000 steps, most of the cache's bytes) are needed only by code that iterates them. So
-    the records (without their ``data``) and each ``data`` key are stored as separate pickles,
-    unpickled (with the same restricted unpickler) only when asked for. The records are stored only
-    while the log can still grow (no footer): new lines are merged into them. A finished log's cache
-    leaves them out (copying and pickling them cost more than a second on the first plot);
-    ``records()`` then raises and ``Run.records`` decodes the log again. What the dashboard reads
-    of the per-step structures is at hand without them: their numeric entries as columns
-    (``data_fields``: the entries ``RunCache.DATA_FIELDS`` names) and each key's last structure
-    (``last``); so are the record fields of ``RunCache.FIELDS``.
+    for 100,000 steps) are needed only by code that iterates them. So the records (without their
+    ``data``) are a separate pickle, unpickled (with the same restricted unpickler) only when
+    asked for, and stored only while the log can still grow (no footer): new lines are merged into
+    them. A finished log's cache leaves them out (copying and pickling them cost more than a second
+    on the first plot); ``records()`` then raises and ``Run.records`` decodes the log again.
+
+    The structures of each ``data`` key are not copied at all: the cache holds where they are in
+    the log (per step, the offset and size of the line whose structure counts: the last line of
+    that step holding the key, as the reader merges amendments), and ``data(key)`` decodes those
+    lines when first asked (pickling and unpickling 100,000 per-step structures cost more than
+    decoding the few thousand lines a plot reads). The log's first ``covered`` bytes matched the
+    digest, so the lines are where they were; a line that does not hold what was noted is an
+    error (``Run`` then decodes the log again). What the dashboard reads of the per-step
+    structures is at hand without them: their numeric entries as columns (``data_fields``: the
+    entries ``RunCache.DATA_FIELDS`` names) and each key's last structure (``last``); so are
+    the record fields of ``RunCache.FIELDS``.
     """
 
-    def __init__(self, state: Dict[str, Any]):
+    def __init__(self, state: Dict[str, Any], log_path: Path):
         import numpy as np
 
+        self.log_path = log_path
         self.steps = np.frombuffer(state["steps"], dtype=np.int64)
         self.reasons: Dict[str, Dict[int, str]] = state["reasons"]
         self.flags: Dict[str, List[int]] = state["flags"]
@@ -65,24 +73,26 @@ class CachedRecords:
                             for name, column in _columns_from_bytes(stored, state["step_arrays"]).items()}
         self.last: Dict[str, Tuple[int, Any]] = {k: tuple(v) for k, v in state["last"].items()}
         self._records_blob: Optional[bytes] = state["records"]  # None: a finished log's (see above)
-        self._data_blobs: Dict[str, bytes] = state["data"]
+        self._lines = {key: _lines_from_bytes(stored) for key, stored in state["data"].items()}
         self._data: Dict[str, List[Tuple[int, Any]]] = {}
         if not (isinstance(self.reasons, dict) and isinstance(self.flags, dict)
-                and isinstance(self._records_blob, (bytes, type(None))) and isinstance(self._data_blobs, dict)):
+                and isinstance(self._records_blob, (bytes, type(None)))):
             raise ValueError("malformed cached records")
 
     def data_keys(self) -> List[str]:
-        return list(self._data_blobs)
+        return list(self._lines)
 
     def data(self, key: str) -> List[Tuple[int, Any]]:
-        """``[(step, structure), ...]`` of one ``data`` key (unpickled on first use)."""
+        """``[(step, structure), ...]`` of one ``data`` key (decoded from the log on first use)."""
         if key not in self._data:
-            blob = self._data_blobs.get(key)
-            pairs = [] if blob is None else _plain_loads(blob)
-            if not isinstance(pairs, list):
-                raise ValueError(f"cached data {key!r} is malformed")
-            self._data[key] = [tuple(p) for p in pairs]
+            lines = self._lines.get(key)
+            self._data[key] = [] if lines is None else _structures(self.log_path, key, *lines)
         return self._data[key]
+
+    def data_lines(self) -> Dict[str, Dict[int, Tuple[int, int]]]:
+        """``Run._data_lines`` as it was when the cache was written."""
+        return {key: dict(zip(steps.tolist(), zip(offsets.tolist(), sizes.tolist())))
+                for key, (steps, offsets, sizes) in self._lines.items()}
 
     def records(self) -> List[Dict[str, Any]]:
         """The full records: the stored ones with every ``data`` key put back."""
@@ -92,10 +102,47 @@ class CachedRecords:
         if not isinstance(records, list) or len(records) != len(self.steps):
             raise ValueError("cached records are malformed")
         by_step = {r["step"]: r for r in records}
-        for key in self._data_blobs:
+        for key in self._lines:
             for step, structure in self.data(key):
                 by_step[step]["data"][key] = structure
         return records
+
+
+def _lines_to_bytes(lines: Dict[int, Tuple[int, int]]) -> Tuple[bytes, bytes, bytes]:
+    """``{step: (offset, size)}`` as raw int64 arrays (steps, offsets, sizes), in step order."""
+    import numpy as np
+
+    steps = np.fromiter(lines, dtype=np.int64, count=len(lines))
+    where = np.array(list(lines.values()), dtype=np.int64).reshape(-1, 2)
+    order = np.argsort(steps, kind="stable")
+    return steps[order].tobytes(), where[order, 0].tobytes(), where[order, 1].tobytes()
+
+
+def _lines_from_bytes(stored: Tuple[bytes, bytes, bytes]):
+    import numpy as np
+
+    steps, offsets, sizes = (np.frombuffer(raw, dtype=np.int64) for raw in stored)
+    if not len(steps) == len(offsets) == len(sizes):
+        raise ValueError("cached line index is malformed")
+    return steps, offsets, sizes
+
+
+def _structures(log_path: Path, key: str, steps, offsets, sizes) -> List[Tuple[int, Any]]:
+    """``[(step, structure of key), ...]`` read from the noted lines of the log."""
+    import mmap
+
+    from .runlog import _decode_line
+
+    out = []
+    with open(log_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as log:
+        with gc_paused():
+            for step, at, size in zip(steps.tolist(), offsets.tolist(), sizes.tolist()):
+                record = _decode_line(log[at:at + size])
+                data = record.get("data") if type(record) is dict else None
+                if type(data) is not dict or key not in data or record.get("step") != step:
+                    raise ValueError(f"{log_path}: the line at byte {at} does not hold step {step}'s {key!r}")
+                out.append((step, data[key]))
+    return out
 
 
 class RunCache:
@@ -105,8 +152,9 @@ class RunCache:
     bytes and lines they are, and the reader's state after them: header, skipped, events, footer,
     the columns of ``Run.columns`` as raw float64/int64 bytes (step arrays shared between
     columns), the record steps, reasons, flags, the numbers named in ``FIELDS`` and
-    ``DATA_FIELDS``, the last structure of each ``data`` key, and (as separate
-    pickles, see :class:`CachedRecords`) the records and each ``data`` key. The digest
+    ``DATA_FIELDS``, the last structure of each ``data`` key, where in the log each ``data``
+    key's structures are (offset and size of their lines), and (as a separate pickle, see
+    :class:`CachedRecords`) the records of a log that can still grow. The digest
     is taken of the bytes the reader decoded, as it decoded them. ``read`` uses the cache only
     when the log is at least that long and its first ``covered`` bytes hash to the digest (so a
     rewritten, truncated or replaced log, whatever its size and mtime, never matches); the bytes
@@ -117,14 +165,14 @@ class RunCache:
     reader's merging rules or this layout change.
     """
 
-    MAGIC = b"cockpit-lite run-log cache 3\n"
+    MAGIC = b"cockpit-lite run-log cache 4\n"
     #: decode at least this many bytes of log before writing a cache: small logs are quick anyway
     MIN_BYTES = 8 * 1024 * 1024
     #: record fields and ``(data key, entry)`` numbers kept as columns: what the dashboard and the
     #: advisor read of them (the batch size; how many steps an energy record covers). Any other
     #: is read from the records or the structures, which a cached run then builds or unpickles.
     FIELDS = ("samples",)
-    DATA_FIELDS = (("energy", "steps"),)
+    DATA_FIELDS = (("energy", "steps"), ("hess_max_ev", "converged"))
     _STATE = ("header", "skipped", "events", "footer")
 
     def __init__(self, log_path: Path):
@@ -167,46 +215,71 @@ class RunCache:
                 hasher = self.digest(log, covered)
             if hasher is None or hasher.hexdigest() != state["digest"]:
                 return False
-            cached = CachedRecords(state)
-            columns = _columns_from_bytes(state["columns"], state["step_arrays"])
+            self.adopt(run, state, hasher)
         except Exception:  # missing, unreadable, foreign or corrupt: decode the log instead
+            run._cached = run._columns = None
             return False
+        return True
+
+    def adopt(self, run: "Run", state: Dict[str, Any], hasher) -> None:
+        """Make ``state`` (the stored layout, see ``layout``) ``run``'s state; ``hasher`` has
+        hashed the ``state["covered"]`` bytes it stands for."""
+        cached = CachedRecords(state, self.log_path)
+        columns = _columns_from_bytes(state["columns"], state["step_arrays"])
         if state["header"]:
             run._check_header(state["header"])  # a log this version cannot read is refused as without cache
         run.header, run.skipped, run.events, run.footer = (state[k] for k in self._STATE)
         run._cached = cached  # records on demand: see Run.records
         run._columns = columns
-        run._offset, run._line_no = covered, lines
+        run._offset, run._line_no = state["covered"], state["lines"]
         run._hasher = hasher  # refresh goes on hashing the lines it decodes after these
-        self.covered = covered
-        return True
+        self.covered = state["covered"]
+
+    def parts(self, run: "Run") -> Dict[str, Any]:
+        """What the cache keeps of ``run``, a run that has built its records (``Scan.state`` gives
+        the same for a finished log read without them)."""
+        records = run.records
+        last = {k: max(lines) for k, lines in run._data_lines.items()}
+        return {"columns": run.columns(), "steps": run.steps(),
+                "reasons": _by_key(records, "reasons"), "flags": _flags(records),
+                "fields": {name: run.field(name) for name in self.FIELDS},
+                "data_fields": {pair: run.data_field(*pair) for pair in self.DATA_FIELDS},
+                "data_lines": run._data_lines,
+                "last": {k: (step, run._by_step[step]["data"][k]) for k, step in last.items()},
+                "records": None if run.finished else _without_data(records)}
+
+    def layout(self, run: "Run", parts: Dict[str, Any]) -> Dict[str, Any]:
+        """``parts`` of ``run``'s first ``run._offset`` bytes as the cache file holds them."""
+        step_arrays: Dict[bytes, int] = {}  # most columns have the same steps: stored once
+        entries: Dict[str, Dict[str, Tuple[Any, Any]]] = {}  # data key -> entry -> column
+        for (key, name), column in parts["data_fields"].items():
+            entries.setdefault(key, {})[name] = column
+        records = parts.get("records")
+        return {"covered": run._offset, "lines": run._line_no, "digest": run._hasher.hexdigest(),
+                "byteorder": sys.byteorder, **{k: getattr(run, k) for k in self._STATE},
+                "columns": _columns_to_bytes(parts["columns"], step_arrays),
+                "fields": _columns_to_bytes(parts["fields"], step_arrays),
+                "steps": parts["steps"].tobytes(),
+                "reasons": parts["reasons"], "flags": parts["flags"],
+                "records": None if records is None else _plain_dumps(records),
+                "data": {k: _lines_to_bytes(lines) for k, lines in parts["data_lines"].items()},
+                "data_fields": {k: _columns_to_bytes(v, step_arrays) for k, v in entries.items()},
+                "last": parts["last"],
+                "step_arrays": list(step_arrays)}
 
     def write(self, run: "Run") -> bool:
         """Store ``run``'s state (everything up to its last complete line); atomic, best effort."""
         with gc_paused():  # copying and pickling a million objects: see cockpit_lite/gc_pause.py
-            return self._write(run)
+            try:
+                state = self.layout(run, self.parts(run))
+            except Exception:
+                return False
+            return self.store(state)
 
-    def _write(self, run: "Run") -> bool:
+    def store(self, state: Dict[str, Any]) -> bool:
+        """Write ``state`` (the stored layout) as the cache file; atomic, best effort."""
         tmp = None
         try:
-            records = run.records
-            step_arrays: Dict[bytes, int] = {}  # most columns have the same steps: stored once
-            state = {"covered": run._offset, "lines": run._line_no, "digest": run._hasher.hexdigest(),
-                     "byteorder": sys.byteorder, **{k: getattr(run, k) for k in self._STATE},
-                     "columns": _columns_to_bytes(run.columns(), step_arrays),
-                     "fields": _columns_to_bytes({name: run.field(name) for name in self.FIELDS}, step_arrays),
-                     "steps": run.steps().tobytes(),
-                     "reasons": _by_key(records, "reasons"),
-                     "flags": _flags(records)}
-            data = run.data_index()
-            state["records"] = None if run.finished else _plain_dumps(_without_data(records))
-            state["data"] = {k: _plain_dumps(pairs) for k, pairs in data.items()}
-            entries: Dict[str, Dict[str, Tuple[Any, Any]]] = {}  # data key -> entry -> column
-            for key, name in self.DATA_FIELDS:
-                entries.setdefault(key, {})[name] = run.data_field(key, name)
-            state["data_fields"] = {k: _columns_to_bytes(v, step_arrays) for k, v in entries.items()}
-            state["last"] = {k: pairs[-1] for k, pairs in data.items()}
-            state["step_arrays"] = list(step_arrays)
             fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(self.MAGIC)
@@ -214,7 +287,7 @@ class RunCache:
             # mkstemp makes it private: give it the log's permissions (who may read the log may read this)
             os.chmod(tmp, os.stat(self.log_path).st_mode & 0o666)
             os.replace(tmp, self.path)
-            self.covered = run._offset
+            self.covered = state["covered"]
             return True
         except Exception:  # a read-only logdir, a full disk: plotting goes on without a cache
             if tmp is not None:

@@ -63,7 +63,7 @@ class Instrument:
     description: str = ""
 
     def missing(self, run: "RunView") -> Optional[str]:
-        if any(run.data(k) for k in self.data_keys):
+        if any(run.last_data(k) is not None for k in self.data_keys):
             return None
         scalar_keys = [k for k in self.keys if k not in self.data_keys]
         if any(run.has_finite(k) for k in scalar_keys):
@@ -150,10 +150,8 @@ class RunView:
         wanted = [k for k in dict.fromkeys(keys) if k not in self._series]
         data_wanted = [k for k in dict.fromkeys(data_keys) if k not in self._data]
         if hasattr(self.run, "columns"):  # a Run: columns and structures without its records
-            for k in wanted:
+            for k in wanted:  # its structures are read when drawn: a cached Run decodes those lines then
                 self.series(k)
-            for k in data_wanted:
-                self.data(k)
             return
         records = getattr(self.run, "records", None)
         if records is None or not (wanted or data_wanted):

@@ -17,7 +17,7 @@ class GradHist2d(Instrument):
     def draw(self, ax, run) -> None:
         from matplotlib.colors import LogNorm
 
-        step, h = run.data("grad_hist_2d")[-1]
+        step, h = run.last_data("grad_hist_2d")
         xe = np.asarray(h["x_edges"], dtype=np.float64)
         ye = np.asarray(h["y_edges"], dtype=np.float64)
         counts = np.asarray(h["counts"], dtype=np.float64)

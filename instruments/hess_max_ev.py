@@ -15,8 +15,9 @@ class HessMaxEv(LinesInstrument):
 
     def draw(self, ax, run) -> None:
         super().draw(ax, run)
-        unconverged = [s for s, d in run.data("hess_max_ev") if isinstance(d, dict) and d.get("converged") is False]
-        if unconverged:
+        at, converged = run.data_field("hess_max_ev", "converged")  # 0/1 where the structure says
+        unconverged = at[converged == 0]
+        if unconverged.size:
             steps, values = run.series("hess_max_ev")
             mask = np.isin(steps, unconverged)
             ax.plot(steps[mask], values[mask], "x", color="#d62728", ms=6,

@@ -28,9 +28,9 @@ class Traces(Instrument):
             if not steps.size:
                 continue
             method = ""
-            details = run.data(key)
-            if details and isinstance(details[-1][1], dict):
-                d = details[-1][1]
+            last = run.last_data(key)
+            if last is not None and isinstance(last[1], dict):
+                d = last[1]
                 method = str(d.get("method", ""))
                 if d.get("probes"):
                     method += f", {d['probes']} probes"

@@ -84,6 +84,7 @@ def write_log(logdir, steps=range(12), close=True):
         if s == 4:
             values["loss"] = float("nan")
             values["odd"] = None  # not a number: NaN in series, None in records
+            values["text"] = "abc"  # likewise
         rec = {"type": "step", "step": s, "values": values}
         if s == 4:
             rec["reasons"] = {"loss": "diverged"}
@@ -94,6 +95,8 @@ def write_log(logdir, steps=range(12), close=True):
         if s > 0:
             w.write({"type": "step", "step": s - 1, "amends": True, "values": {"alpha": 0.1 * s - 0.5},
                      "data": {"alpha": {"w": [1, 2, 3]}}, **({"flags": ["late"]} if s == 3 else {})})
+    if 5 in steps:  # a structure replaced by a later line: the later one counts
+        w.write({"type": "step", "step": 5, "amends": True, "data": {"grad_hist_1d": {"edges": [0, 1], "counts": [-5]}}})
     w.write({"type": "step", "step": 1000, "amends": True, "values": {"alpha": -1.0}})  # untracked step
     w.write({"type": "event", "level": "warning", "message": "hello"})
     w.write({"type": "skipped", "step": 99, "reason": "inf grads"})
@@ -107,9 +110,9 @@ def count_decoded(monkeypatch):
     seen = []
     original = Run._add
 
-    def counting(self, record):
+    def counting(self, record, *where):
         seen.append(record.get("step"))
-        return original(self, record)
+        return original(self, record, *where)
 
     monkeypatch.setattr(Run, "_add", counting)
     return seen
@@ -393,6 +396,32 @@ def test_cached_records_that_do_not_read_back_fall_back_to_the_log(tmp_path):
     run = cockpit_lite.load(tmp_path)
     run._cached._records_blob = b"not a pickle"
     assert_same_as_reference(run)
+
+
+def test_a_cached_structure_is_read_from_its_line_and_a_stale_index_falls_back(tmp_path):
+    write_log(tmp_path)
+    plain = cockpit_lite.load(tmp_path, cache=False)
+    assert dict(plain.data("grad_hist_1d"))[5] == {"edges": [0, 1], "counts": [-5]}  # the amendment's
+    assert np.isnan(plain.series("text")[1]).all()
+    cockpit_lite.load(tmp_path)
+    run = cockpit_lite.load(tmp_path)
+    assert run._cached is not None and run.data("grad_hist_1d") == plain.data("grad_hist_1d")
+    steps, offsets, sizes = run._cached._lines["alpha"]
+    run._cached._lines["alpha"] = (steps, offsets + 1, sizes)  # points into the middle of lines
+    assert run.data("alpha") == plain.data("alpha")  # decoded from the log instead
+    assert run._cached is None
+    assert_same_as_reference(run)
+
+
+def test_decode_number_reads_what_numpy_reads():
+    import math
+
+    values = ["NaN", "Infinity", "-Infinity", "abc", None, True, 3, 2.5, "1.5"]
+    ours = [decode_number(v) for v in values]
+    assert math.isnan(ours[0]) and math.isnan(ours[3]) and math.isnan(ours[4])  # text that is no number, None
+    assert ours[1:3] == [math.inf, -math.inf] and ours[5:] == [1.0, 3.0, 2.5, 1.5]
+    np.testing.assert_array_equal(np.array([v for v in values if v != "abc"], dtype=np.float64),
+                                  [x for x, v in zip(ours, values) if v != "abc"])
 
 
 @pytest.mark.parametrize("raw", LINES)
