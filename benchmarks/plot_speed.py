@@ -1,19 +1,22 @@
 """Time `cockpit-lite plot` on a synthetic 100,000-step log with every quantity of docs/record-keys.md.
 
-    python benchmarks/plot_speed.py [--steps 100000] [--logdir /tmp/cockpit-plot-speed] [--out plot.png]
+    python benchmarks/plot_speed.py [--steps 100000] [--rounds 3] [--logdir /tmp/cockpit-plot-speed] [--out plot.png]
 
-Reports (JSON on the last line): the time to write the log (not part of plotting), the end-to-end
-time of the command in a fresh process (`python -m cockpit_lite.cli plot LOG -o OUT`, imports
-included), first without the reader's cache next to the log (`command_cold_*`: it decodes the whole
-log and writes the cache) and then with it (`command_*`), and an in-process breakdown: reading the
-log without and with the cache (`load_nocache`: decoding the records; `load`: the cache's columns
-and small structures, the records left unbuilt), building the columns of every key from the
-decoded records (`columns`, part of the first `series` call when there is no cache), drawing
-(matplotlib's import included), saving. `orjson` says whether the reader found orjson (its
-optional fast decoder). Each as wall seconds
-and as CPU seconds of the process (`*_cpu_s`): on a machine shared with other jobs the wall time
-is inflated by waiting for a core, the CPU time much less so; `load_avg_1min` tells how busy it was. Lines are downsampled
-for display only (min/max envelope, at most 2,000 points per line); the log is never modified.
+Reports (JSON on the last line) the time to write the log (not part of plotting) and the
+end-to-end time of the command in a fresh process (`python -m cockpit_lite.cli plot LOG -o OUT`,
+imports included), medians over ``--rounds`` rounds that take turns, each as wall and CPU seconds:
+- `command_cold_*`: no reader's cache next to the log: the whole log is decoded (a finished log
+  without building its records, cockpit_lite/runlog_scan.py) and the cache is written;
+- `command_*`: starting from that cache;
+- the same with `--one-process` (`*_one_process_*`): the PNG rasterized in this process only,
+  where the default draws its two halves at once in two processes (cockpit_lite/dashboard_png.py).
+Then an in-process breakdown: reading the log without a cache (`load_cold`: decoding, columns,
+writing the cache) and with it (`load`), creating the figure's artists (`draw`, matplotlib's import
+included), rasterizing and writing the PNG in one process (`save_png`) and in two (`save_png_two`).
+`orjson` says whether the reader found orjson (its optional fast decoder). On a machine shared
+with other jobs the wall time is inflated by waiting for a core; `load_avg_1min` tells how busy it
+was. Lines are downsampled for display only (min/max envelope, at most 2,000 points per line); the
+log is never modified.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=100_000)
+    p.add_argument("--rounds", type=int, default=3, help="command runs per variant (medians are reported)")
     p.add_argument("--logdir", default=os.path.join(tempfile.gettempdir(), "cockpit-plot-speed"))
     p.add_argument("--out", default=None, help="PNG to write (default: LOGDIR/plot.png)")
     args = p.parse_args(argv)
@@ -49,22 +54,32 @@ def main(argv=None) -> dict:
         write_s = None  # reused from an earlier run
     size_mb = (logdir / "cockpit.jsonl").stat().st_size / 1e6
 
-    def command():
+    from cockpit_lite.runlog_cache import RunCache
+
+    cache = RunCache(logdir / "cockpit.jsonl").path
+
+    def command(*extra, cold=False):
+        if cold:
+            cache.unlink(missing_ok=True)
         t, before = time.perf_counter(), os.times()
-        proc = subprocess.run([sys.executable, "-m", "cockpit_lite.cli", "plot", str(logdir), "-o", str(out)],
+        proc = subprocess.run([sys.executable, "-m", "cockpit_lite.cli", "plot", str(logdir), "-o", str(out), *extra],
                               capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
         wall, after = time.perf_counter() - t, os.times()
         if proc.returncode:
             raise SystemExit(f"cockpit-lite plot failed:\n{proc.stderr}")
         cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
-        return proc, round(wall, 2), round(cpu, 2)
+        return proc, wall, cpu
 
-    from cockpit_lite.runlog_cache import RunCache
-
-    cache = RunCache(logdir / "cockpit.jsonl").path
-    cache.unlink(missing_ok=True)
-    _, cold_s, cold_cpu_s = command()  # decodes the whole log, writes the cache
-    proc, command_s, command_cpu_s = command()  # starts from the cache
+    runs: dict = {}
+    for _ in range(args.rounds):  # the variants take turns: a busy spell of the machine hits all alike
+        for name, extra in (("", ()), ("_one_process", ("--one-process",))):
+            for kind, cold in (("command_cold", True), ("command", False)):
+                proc, wall, cpu = command(*extra, cold=cold)
+                runs.setdefault(f"{kind}{name}", []).append((wall, cpu))
+    commands = {}
+    for key, samples in runs.items():
+        commands[f"{key}_s"] = round(statistics.median(w for w, _ in samples), 2)
+        commands[f"{key}_cpu_s"] = round(statistics.median(c for _, c in samples), 2)
 
     import cockpit_lite
     from cockpit_lite import dashboard, runlog
@@ -81,18 +96,17 @@ def main(argv=None) -> dict:
 
     # as `cockpit-lite plot` does: read with the collector off, then freeze what was read
     gc.disable()
-    decoded = timed("load_nocache", lambda: cockpit_lite.load(logdir, cache=False))
-    timed("columns", decoded.columns)  # what a load without a valid cache does on the first series call
-    decoded = None
+    cache.unlink(missing_ok=True)
+    timed("load_cold", lambda: cockpit_lite.load(logdir))
     run = timed("load", lambda: cockpit_lite.load(logdir))
     gc.freeze()
     gc.enable()
     fig = timed("draw", lambda: dashboard.figure(dashboard.layout(dashboard._views(run, None))))
     timed("save_png", lambda: dashboard.save(fig, out))
+    timed("save_png_two", lambda: dashboard.save(fig, out, two_processes=True))
     gc.unfreeze()
     result = {"steps": args.steps, "log_mb": round(size_mb, 1), "write_log_s": write_s and round(write_s, 2),
-              "command_cold_s": cold_s, "command_cold_cpu_s": cold_cpu_s,
-              "command_s": command_s, "command_cpu_s": command_cpu_s,
+              "rounds": args.rounds, **commands,
               **{f"{k}_s": round(v[0], 2) for k, v in clock.items()},
               **{f"{k}_cpu_s": round(v[1], 2) for k, v in clock.items()},
               "png": str(out), "orjson": runlog._orjson_loads is not None, "cpus": os.cpu_count(),

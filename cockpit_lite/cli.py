@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", help="step range START:STOP (STOP excluded), START: or :STOP")
     p.add_argument("--title", help="figure title")
     p.add_argument("--dpi", type=int, default=100, help="resolution of a PNG (default 100)")
+    p.add_argument("--one-process", action="store_true",
+                   help="draw a PNG in this process only (default: its two halves at once, in this process "
+                        "and a forked one, where there is more than one core)")
     p.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("summary", help="print a run's steps, quantities and last values")
@@ -84,7 +87,8 @@ def cmd_plot(args) -> int:
         views = dashboard._views(args.logdirs, args.steps)
         gc.freeze()
     try:
-        fig = dashboard.render(views, args.output, instruments=names, title=args.title, dpi=args.dpi)
+        fig = dashboard.render(views, args.output, instruments=names, title=args.title, dpi=args.dpi,
+                               two_processes=not args.one_process)
         panels = sum(1 for ax in fig.get_axes() if ax.get_visible() and ax.get_title())
     finally:
         # garbage cycles from drawing (tracebacks caught inside matplotlib keep their callers'
