@@ -224,8 +224,15 @@ class Run:
                 self.refresh()
                 with gc_paused():
                     state = store.layout(self, self._scan.state())
+            except CorruptLogError:
+                raise
+            except Exception:  # something the scan does not take (a value that is no number): build the records
+                state = None
             finally:
                 self._scan = None
+            if state is None:
+                self._redecode()
+                return
             store.adopt(self, state, self._hasher)
             store.store(state)
             return

@@ -146,3 +146,16 @@ def test_a_corrupt_line_in_a_scanned_log_names_its_line(tmp_path):
     (tmp_path / "cockpit.jsonl").write_bytes(b"\n".join(lines))
     with pytest.raises(cockpit_lite.runlog.CorruptLogError, match="line 6"):
         cockpit_lite.load(tmp_path)
+
+
+def test_a_log_the_scan_cannot_take_is_read_with_records(tmp_path):
+    """A value that is no number (a dict) fails the scan's columns: the log is read as before
+    (records built, no cache), and asking for that key's series fails as it always did."""
+    w = RunLogWriter(tmp_path, {"model": "m"})
+    w.write({"type": "step", "step": 0, "values": {"loss": 1.0, "odd": {"a": 1}}})
+    w.close({})
+    run = cockpit_lite.load(tmp_path)
+    assert run._cached is None and run.records == cockpit_lite.load(tmp_path, cache=False).records
+    assert not (tmp_path / ".cockpit.jsonl.cache").exists()
+    with pytest.raises(TypeError):
+        run.series("odd")
