@@ -345,9 +345,7 @@ def save(fig, path: Union[str, os.PathLike], *, dpi: int = 100, fmt: Optional[st
     try:
         with os.fdopen(fd, "wb") as fh:
             if not (two_processes and fmt == "png" and dashboard_png.usable(fig)
-                    and dashboard_png.write_png(fig, fh, dpi)):
-                fh.seek(0)
-                fh.truncate()
+                    and dashboard_png.write_png(fig, fh, dpi)):  # False: nothing written
                 fig.savefig(fh, format=fmt, dpi=dpi)
         umask = os.umask(0)
         os.umask(umask)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import bisect
 import json
 import math
-import operator
 import os
 import warnings
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 from .gc_pause import gc_paused
 from .runlog_cache import RunCache
-from .runlog_scan import Scan
+from .runlog_scan import Scan, note_lines
 
 FORMAT = "cockpit-lite-log"
 VERSION = 1
@@ -64,7 +63,7 @@ def encode_number(x: float) -> Union[float, str]:
 def decode_number(x: Any) -> float:
     """A logged value as a float: the strings ``encode_number`` writes ("NaN", "Infinity",
     "-Infinity") as what they name, None and any other string that is not a number as NaN. The
-    same as numpy's conversion to float64, which ``_build_columns`` relies on."""
+    same as numpy's conversion to float64, which ``_decode_table`` relies on."""
     if isinstance(x, str):
         try:
             return float(x)
@@ -356,11 +355,7 @@ class Run:
             if self._data_lines is not None:
                 data = record.get("data")
                 if data and type(data) is dict:  # where the cache finds each structure again
-                    for key in data:
-                        lines = self._data_lines.get(key)
-                        if lines is None:
-                            lines = self._data_lines[key] = {}
-                        lines[step] = (at, size)
+                    note_lines(self._data_lines, step, data, (at, size))
             earlier = self._by_step.get(step)
             if earlier is not None:  # an amendment (a value known one step later, e.g. alpha)
                 for part in ("values", "reasons", "data"):
@@ -421,9 +416,9 @@ class Run:
     def columns(self) -> Dict[str, Tuple[Any, Any]]:
         """Every scalar key -> ``(steps, values)`` numpy arrays (read-only; ``series`` returns copies).
 
-        Built in one pass when first asked for after a read: records with the same keys (most
-        of a run's records) are read together, one C-level ``itemgetter`` per record, and each
-        column is converted as ``decode_number`` would, in one numpy call per group (``_decode_table``).
+        Built in one pass when first asked for after a read, by ``runlog_scan.Scan``: records with
+        the same keys (most of a run's records) are read together, one C-level ``itemgetter`` per
+        record, and converted as ``decode_number`` would, in one numpy call per group (``_decode_table``).
         """
         if self._columns is None:
             with gc_paused():  # it would rescan every record for each few hundred new tuples
@@ -582,33 +577,8 @@ def _decode_table(rows: List[Any], width: int):
 
 
 def _build_columns(records: List[Dict[str, Any]]) -> Dict[str, Tuple[Any, Any]]:
-    import numpy as np
-
-    groups: Dict[tuple, Tuple[list, list]] = {}  # key signature -> (steps, values dicts)
+    """``Run.columns`` of records (one per step, in step order): as a finished log's scan builds them."""
+    scan = Scan((), ())
     for r in records:
-        vals = r.get("values")
-        if not vals or not isinstance(vals, dict):
-            continue
-        signature = tuple(vals)
-        group = groups.get(signature)
-        if group is None:
-            group = groups[signature] = ([], [])
-        group[0].append(r["step"])
-        group[1].append(vals)
-    chunks: Dict[str, list] = {}  # first appearance order: the order of the groups' first records
-    for signature, (steps, rows) in groups.items():
-        steps_arr = np.asarray(steps, dtype=np.int64)
-        table = list(map(operator.itemgetter(*signature), rows))
-        for key, col in zip(signature, _decode_table(table, len(signature))):
-            chunks.setdefault(key, []).append((steps_arr, col))
-    out = {}
-    for key, parts in chunks.items():
-        if len(parts) == 1:
-            steps_arr, values = parts[0]
-        else:  # a key in records of several signatures: back into step order
-            steps_arr = np.concatenate([p[0] for p in parts])
-            order = np.argsort(steps_arr, kind="stable")
-            steps_arr, values = steps_arr[order], np.concatenate([p[1] for p in parts])[order]
-        steps_arr.flags.writeable = values.flags.writeable = False
-        out[key] = (steps_arr, values)
-    return out
+        scan.add_values(r["step"], r.get("values"))
+    return scan.columns()

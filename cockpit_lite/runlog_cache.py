@@ -217,7 +217,6 @@ class RunCache:
                 return False
             self.adopt(run, state, hasher)
         except Exception:  # missing, unreadable, foreign or corrupt: decode the log instead
-            run._cached = run._columns = None
             return False
         return True
 

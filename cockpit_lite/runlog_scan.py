@@ -52,24 +52,13 @@ class Scan:
 
     def add(self, step: int, record: Dict[str, Any], at: int, size: int) -> None:
         """One step line (``size`` bytes at offset ``at`` of the log)."""
-        self._line += 1
         if step not in self._seen:
             self._seen[step] = None
             for name, column in self._fields.items():
                 value = record.get(name)
                 if isinstance(value, _NUMBER):
                     column[step] = value
-        values = record.get("values")
-        if values and type(values) is dict:
-            signature = tuple(values)
-            group = self._groups.get(signature)
-            if group is None:
-                group = self._groups[signature] = _Group(step, self._line)
-            elif step < group.first[0]:
-                group.first = (step, self._line)
-            group.steps.append(step)
-            group.rows.append(values)
-            group.lines.append(self._line)
+        self.add_values(step, record.get("values"))
         reasons = record.get("reasons")
         if reasons and type(reasons) is dict:
             for key, reason in reasons.items():
@@ -82,15 +71,11 @@ class Scan:
             self._flags.setdefault(step, {}).update(dict.fromkeys(flags))
         data = record.get("data")
         if data and type(data) is dict:
-            where = (at, size)
+            note_lines(self._data_lines, step, data, (at, size))
             for key, structure in data.items():
-                lines = self._data_lines.get(key)
-                if lines is None:
-                    lines = self._data_lines[key] = {}
+                last = self._last.get(key)
+                if last is None or step >= last[0]:
                     self._last[key] = (step, structure)
-                elif step >= self._last[key][0]:
-                    self._last[key] = (step, structure)
-                lines[step] = where
                 entries = self._entries.get(key)
                 if entries is not None:
                     for name, column in entries:
@@ -99,6 +84,20 @@ class Scan:
                             column[step] = entry
                         else:  # this line's structure replaces the earlier one, entry and all
                             column.pop(step, None)
+
+    def add_values(self, step: int, values: Any) -> None:
+        """The ``values`` of one line of ``step`` (``Run.columns`` passes each merged record's)."""
+        self._line += 1
+        if values and type(values) is dict:
+            signature = tuple(values)
+            group = self._groups.get(signature)
+            if group is None:
+                group = self._groups[signature] = _Group(step, self._line)
+            elif step < group.first[0]:
+                group.first = (step, self._line)
+            group.steps.append(step)
+            group.rows.append(values)
+            group.lines.append(self._line)
 
     def state(self) -> Dict[str, Any]:
         """The columns, steps, reasons, flags, fields, line index and last structures, in the
@@ -111,7 +110,7 @@ class Scan:
             for flag in self._flags[step]:
                 flags.setdefault(flag, []).append(step)
         return {
-            "columns": self._columns(),
+            "columns": self.columns(),
             "steps": steps,
             "reasons": {key: dict(sorted(by_step.items())) for key, by_step in self._reasons.items()},
             "flags": flags,
@@ -121,7 +120,7 @@ class Scan:
             "last": self._last,
         }
 
-    def _columns(self) -> Dict[str, Tuple[Any, Any]]:
+    def columns(self) -> Dict[str, Tuple[Any, Any]]:
         """key -> (steps, values) as ``Run.columns`` gives them: for each step the value of the
         last line that has one, keys in the order of their first appearance in the merged records
         (the step where a key first appears, then the line, then its place in the line)."""
@@ -151,6 +150,17 @@ class Scan:
             steps.flags.writeable = values.flags.writeable = False
             out[key] = (steps, values)
         return out
+
+
+def note_lines(index: Dict[str, Dict[int, Tuple[int, int]]], step: int, data: Dict[str, Any],
+               where: Tuple[int, int]) -> None:
+    """Note in ``index`` (data key -> {step: (offset, size)}) that the line at ``where`` holds
+    ``step``'s structure of each key of ``data`` (a later line of the step replaces it)."""
+    for key in data:
+        lines = index.get(key)
+        if lines is None:
+            lines = index[key] = {}
+        lines[step] = where
 
 
 def _column(by_step: Dict[int, Any]):
