@@ -121,17 +121,19 @@ def _emit_checked(ctx, key, v):
         ctx.emit(key, x)
 
 
-def snr_sums(ctx, variance_from, variance_from_lists=None):
-    """sum_j g_j^2 / (variance_from(m2_j, g2_j) + eps) per parameter (float32 elementwise, float64 sums),
-    and the element counts; m2 = sum_i g_ij^2, g2 = g_j^2."""
+def snr_sums(ctx, a: float, b: float, eps: float):
+    """sum_j g_j^2 / v_j per parameter, with the variance estimate v_j = a m2_j - b g_j^2 + eps
+    (m2 = sum_i g_ij^2, g the mean gradient), and the element counts.
+
+    Five multi-tensor kernels over the parameters (v, then g / v times g) and one float32 sum per tensor
+    (torch's pairwise summation; the sums of the parameters are combined in float64)."""
     grads, m2s = mean_grad(ctx), second_moment(ctx)
-    g2s = torch._foreach_mul(grads, grads)
-    if variance_from_lists is not None:  # the same, as a few multi-tensor kernels
-        variances = variance_from_lists(m2s, g2s)
-    else:
-        variances = [variance_from(m2, g2) for m2, g2 in zip(m2s, g2s)]
-    ratios = torch._foreach_div(g2s, variances)
-    sums = torch.stack([r.sum(dtype=torch.float64) for r in ratios])
+    v = torch._foreach_mul(m2s, a)
+    torch._foreach_addcmul_(v, grads, grads, value=-b)
+    torch._foreach_add_(v, eps)
+    ratios = torch._foreach_div(grads, v)
+    torch._foreach_mul_(ratios, grads)
+    sums = torch.stack([r.sum() for r in ratios]).double()
     return sums, torch.tensor([g.numel() for g in grads], dtype=torch.float64)
 
 

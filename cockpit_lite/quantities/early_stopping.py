@@ -19,7 +19,7 @@ class EarlyStopping(Quantity):
         if not noise.precheck(ctx, self.name):
             return
         n = ctx.per_sample.n
-        sums, counts = noise.snr_sums(ctx, lambda m2, g2: (m2 - n * g2).mul_(1.0 / (n - 1)).add_(EPS))
+        sums, counts = noise.snr_sums(ctx, 1.0 / (n - 1), n / (n - 1), EPS)  # s_j^2 = (m2 - n g^2)/(n-1)
         parts = 1 - n * sums / counts
         total = 1 - n * sums.sum() / counts.sum()
         noise.emit_total_and_parts(ctx, self.name, total, parts)

@@ -3,8 +3,6 @@
 The mean runs over all parameter elements (total) or over one tensor's elements (per parameter).
 sum_i g_ij^2 is one GEMM for a Linear layer without sequence axes."""
 
-import torch
-
 from ..persample import noise
 from .base import Quantity
 
@@ -21,16 +19,8 @@ class MeanGSNR(Quantity):
         if not noise.precheck(ctx, self.name):
             return
         n = ctx.per_sample.n
-        sums, counts = noise.snr_sums(ctx, lambda m2, g2: (m2 * (1.0 / n) - g2).add_(EPS),
-                                      variance_from_lists=lambda m2s, g2s: _variances(m2s, g2s, n))
+        sums, counts = noise.snr_sums(ctx, 1.0 / n, 1.0, EPS)  # variance: m2 / n - g^2
         parts = sums / counts
         total = sums.sum() / counts.sum()
         noise.emit_total_and_parts(ctx, self.name, total, parts)
 
-
-def _variances(m2s, g2s, n):
-    """[(m2 * (1/n) - g2) + EPS] per parameter, as three multi-tensor kernels."""
-    v = torch._foreach_mul(m2s, 1.0 / n)
-    torch._foreach_sub_(v, g2s)
-    torch._foreach_add_(v, EPS)
-    return v
