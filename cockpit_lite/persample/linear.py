@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .samples import DenseSamples, ParamSamples, to_float
@@ -121,6 +122,14 @@ def linear_samples(module: torch.nn.Linear, x: torch.Tensor, delta: torch.Tensor
     return out
 
 
+def _sorted_rows(X: torch.Tensor) -> torch.Tensor:
+    """X sorted along dim 1. On the CPU through numpy, whose SIMD sort is ~4x faster than torch's here
+    (0.65 vs 2.8 ms for 128 x 784 float64 on the 2-core machine); the same values either way."""
+    if X.device.type == "cpu" and not X.requires_grad:
+        return torch.from_numpy(np.sort(X.numpy(), axis=1))
+    return X.sort(1).values
+
+
 def outer_product_histogram(D_bo: torch.Tensor, A_bi: torch.Tensor, R: float, bins: int,
                             prefer_dense_above: Optional[float] = None) -> Optional[torch.Tensor]:
     """Histogram of all products d_bo * a_bi over [-R, R] (even ``bins``, outer bins open) without
@@ -146,7 +155,7 @@ def outer_product_histogram(D_bo: torch.Tensor, A_bi: torch.Tensor, R: float, bi
     amin, amax = A.min(1).values, A.max(1).values  # [b]
     big = float((amax - amin).max()) + 2.0  # separates the samples in one sorted sequence
     off = torch.arange(b, dtype=f64, device=dev) * big
-    seq = (A.sort(1).values - amin[:, None] + off[:, None]).reshape(-1)  # sample s occupies [s*big, s*big + span]
+    seq = (_sorted_rows(A) - amin[:, None] + off[:, None]).reshape(-1)  # sample s occupies [s*big, s*big + span]
     ad = D.abs()
     live = ad > 0
     lo, hi = ad * amin[:, None], ad * amax[:, None]  # product range of each row (for the |d| * a orientation)
