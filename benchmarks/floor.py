@@ -1,6 +1,6 @@
 """How close cockpit-lite is to the floor under the issues' speed targets, on the MLP problem.
 
-    python benchmarks/floor.py [--rounds 9] [--steps 10]
+    python benchmarks/floor.py [--rounds 9] [--steps 10] [--cnn]
 
 For three sets of quantities tracked every step, a *minimal* version is written here by hand and
 timed side by side with the plain step and with cockpit-lite (interleaved in one process,
@@ -15,6 +15,12 @@ timed side by side with the plain step and with cockpit-lite (interleaved in one
 * ``alpha`` (issue 4): the per-sample losses from the logits, the projections g_i . d on the previous
   update (step t, one GEMM per layer before the step) and on this step's update (after it, one GEMM
   per layer), the quadratic fit (``cockpit_lite.alpha_fit``); one JSON line.
+
+On the CNN (``--cnn``) no minimal version is written; instead the arithmetic floor of the per-sample
+statistics is measured directly: per conv layer, the time of the ordinary (batched) weight gradient,
+a lower bound for building the B per-sample weight gradients, which sum_i g_i^2 needs (no factored
+form exists for convolutions), against cockpit-lite's per-sample blocks and its fused statistics
+(||g_i||^2, sum_i g_i^2, g_i . g) on the same layer inputs and output gradients.
 
 The minimal versions know the model (three Linear layers, one micro-batch, a mean loss, one process)
 and check nothing: no NaN reasons, no per-sample self-check, no handling of accumulation, AMP, DDP,
@@ -297,6 +303,60 @@ def check(steps: int = 4) -> dict:
     return worst
 
 
+def conv_floor(repeats: int = 5) -> dict:
+    """Per conv layer of the CNN problem, ms: the batched weight gradient (the floor), cockpit-lite's
+    per-sample blocks, and its fused statistics; and the plain step (forward + backward)."""
+    from cockpit_lite.persample.conv import ConvWeightSamples
+
+    problem = problems.get("cnn")
+    torch.manual_seed(0)
+    model, crit = problem.make_model(), nn.CrossEntropyLoss()
+    x, y = problem.make_batch(0, problem.batch_size)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    io = {}
+
+    def keep(module, inputs, output):
+        slot = io[module] = [inputs[0].detach(), None]
+        output.register_hook(lambda g: slot.__setitem__(1, g.detach()))
+    for m in convs:
+        m.register_forward_hook(keep)
+
+    def ms(fn):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) / repeats * 1e3
+
+    out = {"plain": ms(lambda: crit(model(x), y).backward()), "layers": []}
+    for m in convs:
+        X, D = io[m]
+        blocks = ConvWeightSamples(m, X.contiguous(), D.contiguous())
+        v = torch.randn_like(m.weight)
+        out["layers"].append({
+            "layer": f"{m.in_channels}->{m.out_channels}, {X.shape[-2]}x{X.shape[-1]}",
+            "weight_grad": ms(lambda: torch.ops.aten.convolution_backward(
+                D, X, m.weight.detach(), None, list(m.stride), list(m.padding), list(m.dilation), False,
+                [0] * (X.dim() - 2), m.groups, [False, True, False])),
+            "blocks": ms(lambda: list(blocks._raw_chunks())),
+            "method": blocks.method(),
+            "fused": ms(lambda: blocks.fused_stats({"sq", "m2", "dots"}, v)),
+        })
+    return out
+
+
+def conv_table(r) -> str:
+    lines = [f"CNN plain step (forward + backward): {r['plain']:.1f} ms",
+             "| conv layer | batched weight gradient ms (the floor) | per-sample blocks ms (method) "
+             "| blocks + statistics ms |", "| --- | --- | --- | --- |"]
+    for x in r["layers"]:
+        lines.append(f"| {x['layer']} | {x['weight_grad']:.1f} | {x['blocks']:.1f} ({x['method']}) | {x['fused']:.1f} |")
+    tot = {k: sum(x[k] for x in r["layers"]) for k in ("weight_grad", "blocks", "fused")}
+    lines.append(f"| all | {tot['weight_grad']:.1f} ({tot['weight_grad'] / r['plain']:.2f}x plain) "
+                 f"| {tot['blocks']:.1f} | {tot['fused']:.1f} ({tot['fused'] / r['plain']:.2f}x plain) |")
+    return "\n".join(lines)
+
+
 def table(results) -> str:
     lines = ["| set (MLP, every step) | optimizer | plain ms | minimal by hand (x plain) | cockpit-lite (x plain) "
              "| target |", "| --- | --- | --- | --- | --- | --- |"]
@@ -310,6 +370,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--cnn", action="store_true", help="also the per-layer floor of the CNN's per-sample statistics")
     args = ap.parse_args(argv)
     worst = check()
     print("minimal versions vs cockpit-lite, largest relative difference over 4 steps: "
@@ -318,6 +379,8 @@ def main(argv=None):
         raise SystemExit("benchmarks/floor.py: a minimal version computes other numbers than cockpit-lite")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps")
     print(table(measure(args.rounds, args.steps)))
+    if args.cnn:
+        print(conv_table(conv_floor()))
 
 
 if __name__ == "__main__":

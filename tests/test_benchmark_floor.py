@@ -23,3 +23,15 @@ def test_the_timing_table_has_one_row_per_case():
     assert "| first-order | sgd |" in text and "| alpha | adam |" in text
     for r in results.values():
         assert r["plain"] > 0 and r["minimal"] > 0 and r["cockpit-lite"] > 0
+
+
+def test_conv_floor_reports_every_conv_layer(monkeypatch):
+    from benchmarks import problems
+
+    small = problems.make("cnn", batch_size=4)  # the report's shape, not its timings
+    monkeypatch.setattr(problems, "get", lambda name: small)
+    r = floor.conv_floor(repeats=1)
+    assert len(r["layers"]) == 3 and r["plain"] > 0
+    for x in r["layers"]:
+        assert x["weight_grad"] > 0 and x["blocks"] > 0 and x["fused"] > 0 and x["method"] in ("grouped", "shifts")
+    assert "| all |" in floor.conv_table(r)
