@@ -33,5 +33,5 @@ def test_conv_floor_reports_every_conv_layer(monkeypatch):
     r = floor.conv_floor(repeats=1)
     assert len(r["layers"]) == 3 and r["plain"] > 0
     for x in r["layers"]:
-        assert x["weight_grad"] > 0 and x["blocks"] > 0 and x["fused"] > 0 and x["method"] in ("grouped", "shifts")
+        assert x["weight_grad"] > 0 and x["forward"] > 0 and x["blocks"] > 0 and x["fused"] > 0 and x["method"] in ("grouped", "shifts")
     assert "| all |" in floor.conv_table(r)
