@@ -239,10 +239,18 @@ class ConvWeightSamples(ParamSamples):
         return max(G.abs().max() for G in self._raw_chunks())
 
 
-def conv_samples(module, x: torch.Tensor, delta: torch.Tensor):
-    x, D = to_float(x), to_float(delta)
+def conv_samples(module, x: torch.Tensor, grad: torch.Tensor, factor: torch.Tensor):
+    """The weight's and bias's per-sample information for input x and output gradient ``grad``; the
+    per-sample loss gradient is ``grad * factor`` (0-d). The weight's per-sample gradients are
+    bilinear in (x, delta), so the factor scales the smaller of x and grad (an output gradient can be
+    many times the input, e.g. 32 channels out of 3): one pass over fewer floats."""
+    x, D = to_float(x), to_float(grad)
     b = x.shape[0]
-    out = {"weight": ConvWeightSamples(module, x.contiguous(), D.contiguous())}
+    if x.numel() < D.numel():
+        xs, Ds = x * factor.to(x.dtype), D.contiguous()
+    else:
+        xs, Ds = x.contiguous(), D * factor.to(D.dtype)
+    out = {"weight": ConvWeightSamples(module, xs, Ds)}
     if module.bias is not None:
-        out["bias"] = DenseSamples(D.reshape(b, D.shape[1], -1).sum(2))
+        out["bias"] = DenseSamples(D.reshape(b, D.shape[1], -1).sum(2) * factor.to(D.dtype))
     return out

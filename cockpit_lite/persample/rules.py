@@ -21,14 +21,16 @@ class Unsupported(Exception):
     """The per-sample information of this call's parameters is not available (message = reason)."""
 
 
-def layer_samples(call, delta: torch.Tensor, b: int):
-    """{parameter attribute name: ParamSamples} for one captured call with scaled output grad delta."""
+def layer_samples(call, grad: torch.Tensor, b: int, factor: torch.Tensor):
+    """{parameter attribute name: ParamSamples} for one captured call whose output gradient ``grad``
+    times ``factor`` (0-d) is the per-sample loss gradient delta (``PerSampleView``)."""
     m = call.module
     x = call.inputs[0] if call.inputs else None
+    if conv_supported(m) and isinstance(x, torch.Tensor) and x.dim() == m.weight.dim():  # batched input
+        return conv_samples(m, x, grad, factor)  # applies the factor where it is cheaper
+    delta = grad * factor
     if isinstance(m, torch.nn.Linear) and isinstance(x, torch.Tensor):
         return linear_samples(m, x, delta)
-    if conv_supported(m) and isinstance(x, torch.Tensor) and x.dim() == m.weight.dim():  # batched input
-        return conv_samples(m, x, delta)
     if isinstance(m, torch.nn.Embedding) and isinstance(x, torch.Tensor) and not m.max_norm:
         return embedding_samples(m, x, delta)
     if isinstance(m, torch.nn.LayerNorm):

@@ -116,9 +116,9 @@ class PerSampleView:
     def _call_samples(self, pos: int, call):
         key = (pos, call.order)
         if key not in self._samples:
-            delta = call.output_grad * self.factors[pos].to(call.output_grad.device)
+            factor = self.factors[pos].to(call.output_grad.device)
             try:
-                out = layer_samples(call, delta, self.batch_sizes[pos])
+                out = layer_samples(call, call.output_grad, self.batch_sizes[pos], factor)
             except Unsupported as err:
                 out = err
             self._samples[key] = out
