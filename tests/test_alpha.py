@@ -336,3 +336,57 @@ def test_sum_reduction_gives_the_same_fit_as_the_mean(logdir):
     run, thetas = train_watched(make_model, lambda ps: torch.optim.SGD(ps, lr=0.02), batches, logdir,
                                 loss_fn=nn.CrossEntropyLoss(reduction="sum"))
     assert_matches_reference(run, make_model, thetas, batches, steps=[0, 1])
+
+
+def test_run_ending_right_after_a_skipped_step_keeps_the_reason(logdir):
+    """The NaN reason of the step before a skip is written on the next step; when the run ends right after
+    the skip there is none, and the reason is written at close."""
+    torch.manual_seed(0)
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    crit = nn.CrossEntropyLoss()
+    batches = make_batches((6,), steps=3)
+    with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=logdir, quantities={"alpha": "every"}):
+        for i, (x, y) in enumerate(batches):
+            opt.zero_grad()
+            crit(model(x), y).backward()
+            if i < 2:
+                opt.step()
+        # the third backward is never stepped: close() records it as skipped
+    run = cockpit_lite.load(logdir)
+    assert [s["step"] for s in run.skipped] == [2]
+    reasons = run.reasons("alpha")
+    assert 1 in reasons and "skipped" in reasons[1], reasons
+    assert np.isfinite(dict(zip(*run.series("alpha")))[0])
+
+
+def test_frozen_param_group_gives_the_alpha_of_the_trainable_parameters(logdir):
+    """Parameters with requires_grad=False in an optimizer group never move and have no gradient: alpha is
+    that of the trainable parameters, the same as with the frozen ones left out of the optimizer (the
+    per-sample self-check must not differentiate them either)."""
+    batches = make_batches((6,), steps=4)
+    runs = []
+    for name in ("frozen_in_optimizer", "frozen_left_out"):
+        torch.manual_seed(0)
+        model = small_mlp()
+        for p in model[0].parameters():
+            p.requires_grad_(False)
+        if name == "frozen_in_optimizer":
+            opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.05},
+                                   {"params": model[2].parameters()}], lr=0.2, momentum=0.9)
+        else:
+            opt = torch.optim.SGD(model[2].parameters(), lr=0.2, momentum=0.9)
+        crit = nn.CrossEntropyLoss()
+        with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=logdir / name, quantities=["alpha", "norm_test"]):
+            for x, y in batches:
+                opt.zero_grad()
+                crit(model(x), y).backward()
+                opt.step()
+        runs.append(cockpit_lite.load(logdir / name))
+    frozen, left_out = runs
+    assert frozen.records[0]["data"]["persample_check"]["status"] == "passed"
+    s1, a1 = frozen.series("alpha")
+    s2, a2 = left_out.series("alpha")
+    assert list(s1) == list(s2) == [0, 1, 2] and not frozen.reasons("alpha")
+    np.testing.assert_allclose(a1, a2, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(frozen.series("norm_test")[1], left_out.series("norm_test")[1], rtol=1e-5)

@@ -119,7 +119,8 @@ def _first_sample_gradient(ctx, view) -> List[torch.Tensor]:
     except CurvatureUnavailable as err:
         raise _Unavailable(str(err)) from None
     call, mb, b = bl.calls[0], view.micro_batches[0], view.batch_sizes[0]
-    params = [p.detach().requires_grad_(True) for p in bl.params]
+    # frozen parameters (requires_grad=False, e.g. a frozen param group) have no gradient: 0, as in the rules
+    params = [p.detach().requires_grad_(bool(w.requires_grad)) for p, w in zip(bl.params, ctx.watched.params)]
     amp = getattr(ctx.model_calls[0], "autocast", None) if ctx.model_calls else None
     with preserved_rng(), torch.enable_grad(), _autocast(amp):
         try:
@@ -134,8 +135,13 @@ def _first_sample_gradient(ctx, view) -> List[torch.Tensor]:
         raise _Unavailable("re-evaluating the first micro-batch does not reproduce its per-sample losses "
                            "(the loss function receives neither the model output itself nor is called inside "
                            "forward, or the forward is not replayable)")
-    grads = torch.autograd.grad(losses[0], params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g.detach().float() for g, p in zip(grads, params)]
+    trainable = [p for p in params if p.requires_grad]
+    grads = iter(torch.autograd.grad(losses[0], trainable, allow_unused=True) if trainable else ())
+    out = []
+    for p in params:
+        g = next(grads) if p.requires_grad else None
+        out.append(torch.zeros_like(p, dtype=torch.float32) if g is None else g.detach().float())
+    return out
 
 
 def _autocast(amp):

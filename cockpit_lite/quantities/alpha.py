@@ -164,6 +164,16 @@ class Alpha(Quantity):
             self._undelivered = (start.step, f"the next step ({step}) was skipped, so the end point of the fit "
                                              f"was never observed: {reason}")
 
+    def finish(self, ctx) -> None:
+        """At close: a NaN reason still waiting for a step to be written on (the run ended right after a
+        skipped step) is written. The last step's own alpha stays absent: the run ended, nothing failed,
+        and its fit needs a next step that never came (as in Cockpit)."""
+        if self._undelivered is not None:
+            step, reason = self._undelivered
+            self._undelivered = None
+            ctx.emit_for_step(step, "alpha", reason=reason)
+        self._start = None
+
     def close(self) -> None:
         self._start = None
         self._direction = None
