@@ -17,6 +17,7 @@ On steps where no quantity is active the hooks return at once.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import platform
@@ -39,6 +40,7 @@ from .runlog import RunLogWriter, load
 from .step_context import MicroBatch, StepContext
 
 _WATCHED_MODELS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+_WATCHED_LOSSES: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # loss modules of open cockpits
 
 QuantitySpec = Union[str, Iterable[Union[str, Quantity]], Mapping[str, Any]]
 
@@ -122,6 +124,12 @@ class Cockpit:
             raise RuntimeError(
                 f"this {type(model).__name__} is already watched by another cockpit; close() that one first"
             )
+        if isinstance(loss_fn, torch.nn.Module) and loss_fn in _WATCHED_LOSSES:
+            raise RuntimeError(
+                f"this {type(loss_fn).__name__} object is already the loss_fn of another open cockpit; its calls "
+                "cannot be told apart, so both logs would mix the two models' losses. Create one loss module "
+                f"per watched model (e.g. a second {type(loss_fn).__name__}(...)) and call each in its own loss"
+            )
         model = unwrap(model)  # DDP: hooks and parameter names on the user's module
         group = detect(distributed)
         # torch.compile: the hooks stay on the compiled wrapper (they run outside its graph); names and
@@ -172,6 +180,7 @@ class Cockpit:
         self._warned: set = set()
         self._open_forwards: List[dict] = []  # forwards of the model begun and not yet returned (kept across steps)
         self._rule_check_failures = 0  # steps on which the per-sample self-check failed (retried up to 3)
+        self._quiet = 0  # > 0 while the hooks ignore what runs (later closure evaluations of one step)
         self._reset_step_state()
         for q in self.quantities:
             q.start(self.watched)
@@ -183,9 +192,11 @@ class Cockpit:
             optimizer.register_step_post_hook(self._on_step_post),
         ]
         if isinstance(loss_fn, torch.nn.Module):
-            self._handles.append(loss_fn.register_forward_hook(self._on_loss))
+            self._handles.append(loss_fn.register_forward_hook(self._on_loss, with_kwargs=True))
         self._patch_zero_grad()
         _WATCHED_MODELS.add(model)
+        if isinstance(loss_fn, torch.nn.Module):
+            _WATCHED_LOSSES.add(loss_fn)
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -222,6 +233,8 @@ class Cockpit:
             except Exception as err:
                 warnings.warn(f"cockpit-lite: closing {type(sink).__name__} failed: {err!r}", RuntimeWarning)
         _WATCHED_MODELS.discard(self.model)
+        if isinstance(self.loss_fn, torch.nn.Module):
+            _WATCHED_LOSSES.discard(self.loss_fn)
         self._before_buffers = None
         if self._live is not None:
             self._live.stop()  # renders the finished log once more
@@ -272,7 +285,7 @@ class Cockpit:
 
     # -- hooks ----------------------------------------------------------------------------------
     def _on_model_forward_pre(self, module, args, kwargs):
-        if not torch.is_grad_enabled() or is_replaying():
+        if not torch.is_grad_enabled() or is_replaying() or self._quiet:
             return None
         if self._pending_backward() and all(p.grad is None for p in self.watched.params):
             # gradients were cleared (model.zero_grad) after backward without an optimizer step
@@ -316,7 +329,7 @@ class Cockpit:
         self._layer_capture.arm()
 
     def _on_model_forward(self, module, args, output):
-        if not torch.is_grad_enabled() or is_replaying():
+        if not torch.is_grad_enabled() or is_replaying() or self._quiet:
             return None
         if self._open_forwards and self._open_forwards.pop()["nested"]:
             return None  # a redirection around the real forward (see _on_model_forward_pre)
@@ -334,9 +347,12 @@ class Cockpit:
         self._backward_passes += 1
         return None
 
-    def _on_loss(self, module, args, output):
-        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad) or is_replaying():
+    def _on_loss(self, module, args, kwargs, output):
+        if (not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad)
+                or is_replaying() or self._quiet):
             return None
+        if kwargs:  # crit(input=..., target=...): the per-sample losses re-evaluate it with positions
+            args = _positional(module, args, kwargs)
         if output.numel() != 1:
             self._warn_once("loss_shape", f"loss_fn returned a tensor of shape {tuple(output.shape)}, not a scalar; "
                                           "its mean is logged as the loss")
@@ -373,10 +389,15 @@ class Cockpit:
         done = []
 
         def closure_then_observe():
+            if done:  # a later evaluation of the same step (L-BFGS): not a new step, not a skipped one
+                self._quiet += 1
+                try:
+                    return closure()
+                finally:
+                    self._quiet -= 1
             result = closure()
-            if not done:
-                done.append(True)
-                self._before_step()
+            done.append(True)
+            self._before_step()
             return result
 
         if "closure" in kwargs:
@@ -563,23 +584,41 @@ class Cockpit:
         self._event("warning", message)
 
     # -- zero_grad: where a step without optimizer.step() shows ------------------------------------
+    def _zero_grad_owners(self) -> list:
+        """The optimizer and the model (as passed, and unwrapped): their ``zero_grad`` after a backward
+        pass without ``optimizer.step()`` marks a skipped step (e.g. a GradScaler that found inf/NaN),
+        also with ``set_to_none=False``, where the gradients stay tensors."""
+        owners = [self.optimizer, self.model]
+        inner = self.watched.model
+        if all(inner is not o for o in owners):
+            owners.append(inner)
+        return owners
+
     def _patch_zero_grad(self) -> None:
-        original = self.optimizer.zero_grad
         cockpit_ref = weakref.ref(self)
+        self._zero_grad_patches = []
+        for owner in self._zero_grad_owners():
+            original = owner.zero_grad  # may be another cockpit's patch (one optimizer, two models): chained
+            was_instance_attribute = "zero_grad" in owner.__dict__
 
-        def zero_grad(*args, **kwargs):
-            cockpit = cockpit_ref()
-            if cockpit is not None and not cockpit.closed and cockpit._pending_backward():
-                cockpit._record_skipped("zero_grad() was called after backward() without optimizer.step()")
-            return original(*args, **kwargs)
+            def zero_grad(*args, _original=original, **kwargs):
+                cockpit = cockpit_ref()
+                if cockpit is not None and not cockpit.closed and not cockpit._quiet and cockpit._pending_backward():
+                    cockpit._record_skipped("zero_grad() was called after backward() without optimizer.step()")
+                return _original(*args, **kwargs)
 
-        zero_grad.__cockpit_lite_original__ = original
-        self.optimizer.zero_grad = zero_grad
+            object.__setattr__(owner, "zero_grad", zero_grad)
+            self._zero_grad_patches.append((owner, zero_grad, original if was_instance_attribute else None))
 
     def _unpatch_zero_grad(self) -> None:
-        patched = self.optimizer.__dict__.get("zero_grad")
-        if patched is not None and hasattr(patched, "__cockpit_lite_original__"):
-            del self.optimizer.zero_grad
+        for owner, patch, previous in self._zero_grad_patches:
+            if owner.__dict__.get("zero_grad") is not patch:
+                continue  # wrapped again since (e.g. by a later cockpit): that one restores it
+            if previous is None:
+                object.__delattr__(owner, "zero_grad")
+            else:
+                object.__setattr__(owner, "zero_grad", previous)
+        self._zero_grad_patches = []
 
     def _header(self) -> Dict[str, Any]:
         w = self.watched
@@ -615,6 +654,22 @@ class _NoLog:
 
     def close(self, footer=None) -> None:
         self.closed = True
+
+
+def _positional(module, args, kwargs) -> tuple:
+    """The arguments of a loss module's call as positions of its ``forward`` (keywords included), as far
+    as they go without a gap; ``args`` as given where the signature cannot bind them."""
+    try:
+        sig = inspect.signature(module.forward)
+        bound = sig.bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return args
+    out = []
+    for name, param in sig.parameters.items():
+        if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD) or name not in bound:
+            break
+        out.append(bound[name])
+    return tuple(out)
 
 
 def _observed_parameters(model, optimizer):

@@ -180,3 +180,53 @@ def test_cleared_gradients_on_a_step_that_keeps_model_inputs(logdir):
     assert len(run.skipped) == 1 and len(run) == 1
     record = run.records[0]
     assert record["backward_passes"] == 1 and np.isfinite(record["values"]["hess_trace"])
+
+
+def test_lbfgs_evaluating_its_closure_several_times_is_one_step(logdir):
+    """L-BFGS calls the closure (zero_grad, forward, backward) up to max_iter times inside one step: the
+    step is observed at the first evaluation; the later ones are neither micro-batches nor skipped steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    crit = nn.CrossEntropyLoss()
+    batches = data(3, bs=6)
+    first_losses = []
+    with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=logdir,
+                            quantities=["loss", "grad_norm", "update_size", "norm_test"]):
+        for x, y in batches:
+            evaluations = []
+
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                loss = crit(model(x), y)
+                loss.backward()
+                evaluations.append(loss.item())
+                return loss
+
+            opt.step(closure)
+            assert len(evaluations) > 1  # the case under test: several evaluations per step
+            first_losses.append(evaluations[0])
+    run = cockpit_lite.load(logdir)
+    assert [r["step"] for r in run] == [0, 1, 2] and not run.skipped
+    assert run.footer["steps"] == 3
+    assert [r["backward_passes"] for r in run] == [1, 1, 1]
+    np.testing.assert_allclose(run.series("loss")[1], first_losses, rtol=1e-6)
+    assert all(np.isfinite(run.series("norm_test")[1])) and all(np.isfinite(run.series("update_size")[1]))
+
+
+def test_model_zero_grad_keeping_zero_tensors_marks_a_skipped_step(logdir):
+    """``model.zero_grad(set_to_none=False)`` after a backward pass without an optimizer step (a GradScaler
+    skip) leaves zero tensors, which the next forward cannot tell from accumulation: the call itself marks it."""
+    model, opt = model_and_opt()
+    crit = nn.CrossEntropyLoss()
+    with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=logdir):
+        for i, (x, y) in enumerate(data(4)):
+            model.zero_grad(set_to_none=False)
+            crit(model(x), y).backward()
+            if i != 1:
+                opt.step()
+    run = cockpit_lite.load(logdir)
+    assert [r["step"] for r in run] == [0, 2, 3]
+    assert [s["step"] for s in run.skipped] == [1]
+    assert [r["backward_passes"] for r in run] == [1, 1, 1]
+    assert "zero_grad" not in model.__dict__ and "zero_grad" not in opt.__dict__  # unpatched at close

@@ -54,7 +54,7 @@ def test_close_removes_every_hook(logdir):
     cockpit.close()
     assert (len(model._forward_pre_hooks), len(model._forward_hooks), len(crit._forward_hooks)) == before
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
-    assert "zero_grad" not in opt.__dict__
+    assert "zero_grad" not in opt.__dict__ and "zero_grad" not in model.__dict__
     train(model, opt, crit, steps=2)  # still trains, nothing more is logged
     assert len(cockpit_lite.load(logdir)) == 2
     # after close the model can be watched again
@@ -150,3 +150,39 @@ def test_importing_cockpit_lite_imports_no_framework():
             "'transformers', 'accelerate'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_one_loss_module_cannot_serve_two_open_cockpits(tmp_path):
+    """Its calls cannot be told apart (both logs would mix the two models' losses): a clear error at
+    watch(); after the first cockpit is closed, the module can be watched again."""
+    crit = nn.CrossEntropyLoss()
+    a, b = net(0), net(1)
+    first = cockpit_lite.watch(a, torch.optim.SGD(a.parameters(), lr=0.1), loss_fn=crit, logdir=tmp_path / "a")
+    with pytest.raises(RuntimeError, match="one loss module per watched model"):
+        cockpit_lite.watch(b, torch.optim.SGD(b.parameters(), lr=0.1), loss_fn=crit, logdir=tmp_path / "b")
+    first.close()
+    cockpit_lite.watch(b, torch.optim.SGD(b.parameters(), lr=0.1), loss_fn=crit, logdir=tmp_path / "b2").close()
+
+
+def test_loss_called_with_keywords_logs_what_a_positional_call_logs(tmp_path):
+    quantities = ["loss", "alpha", "norm_test"]
+    runs = []
+    for how in ("positional", "keywords"):
+        model = net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        crit = nn.CrossEntropyLoss()
+        g = torch.Generator().manual_seed(5)
+        with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / how, quantities=quantities):
+            for _ in range(3):
+                x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+                opt.zero_grad()
+                out = model(x)
+                loss = crit(out, y) if how == "positional" else crit(input=out, target=y)
+                loss.backward()
+                opt.step()
+        runs.append(cockpit_lite.load(tmp_path / how))
+    for q in quantities:
+        s1, v1 = runs[0].series(q)
+        s2, v2 = runs[1].series(q)
+        assert list(s1) == list(s2) and len(s1) >= 2 and not runs[1].reasons(q), q
+        assert list(v1) == list(v2), q
