@@ -219,3 +219,93 @@ def _only_step(run, step):
         def reasons(self, key):
             return {s: r for s, r in run.reasons(key).items() if s == step}
     return One()
+
+
+@pytest.mark.parametrize("head", [1, 2], ids=["one_output", "two_classes"])
+def test_accumulation_over_micro_batches_of_different_sizes(tmp_path, head):
+    """Micro-batches of 3 and 5 samples, each loss divided by 2: .grad = (mean_3 + mean_5) / 2 is not
+    proportional to the mean over the 8 samples, which a check on a 1-element bias, or on the bias of a
+    2-class softmax (always (a, -a)), cannot see."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, head)).double()
+    g = torch.Generator().manual_seed(7)
+    if head == 1:
+        loss_fn, loss_none = nn.MSELoss(), nn.MSELoss(reduction="none")
+        batches = [(torch.randn(b, 5, generator=g, dtype=torch.float64), torch.randn(b, 1, generator=g, dtype=torch.float64))
+                   for b in (3, 5)]
+    else:
+        loss_fn, loss_none = nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none")
+        batches = [(torch.randn(b, 5, generator=g, dtype=torch.float64), torch.randint(0, 2, (b,), generator=g))
+                   for b in (3, 5)]
+    model0 = copy.deepcopy(model)
+    run = train_one_step(model, loss_fn, batches, tmp_path / "r", quantities=NOISE)
+    G = reference_grads(model0, loss_none, batches)
+    assert G[0].shape[0] == 8
+    names = [n for n, _ in model0.named_parameters()]
+    for q in NOISE:
+        assert value(run, q) == pytest.approx(REF[q](ref.flat(G)), rel=1e-6), q
+        for name, Gj in zip(names, G):
+            expected = float(REF[q](ref.flat([Gj])))
+            if math.isfinite(expected):  # the 2-class bias's ortho test is 0/0 (its g_i are all along g)
+                assert value(run, f"{q}/{name}") == pytest.approx(expected, rel=1e-6, abs=1e-9), (q, name)
+
+
+def test_frozen_parameters_in_the_optimizer_are_left_out(tmp_path):
+    """Parameters with requires_grad=False inside an optimizer group (common when fine-tuning) are not
+    trained: the statistics are those of the trainable parameters; their own per-parameter values are
+    NaN with that reason, and the histogram holds no elements of theirs."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    for p in model[2].parameters():  # a frozen middle layer
+        p.requires_grad_(False)
+    x, y = torch.randn(7, 5), torch.randint(0, 3, (7,))
+    model0 = copy.deepcopy(model)
+    run = train_one_step(model, nn.CrossEntropyLoss(), [(x, y)], tmp_path / "r", quantities=NOISE + ["grad_hist_1d"],
+                         opt=torch.optim.SGD(model.parameters(), lr=0.05))
+    trainable = [n for n, p in model0.named_parameters() if p.requires_grad]
+    G = ref.per_sample_grads_bruteforce(model0, nn.CrossEntropyLoss(reduction="none"), x, y,
+                                        params=[p for p in model0.parameters() if p.requires_grad])
+    Gf = ref.flat(G)
+    for q in NOISE:
+        assert value(run, q) == pytest.approx(REF[q](Gf), rel=1e-3, abs=1e-6), q
+        for name, Gj in zip(trainable, G):
+            assert value(run, f"{q}/{name}") == pytest.approx(REF[q](ref.flat([Gj])), rel=1e-3, abs=1e-6), (q, name)
+        assert "frozen" in run.reasons(f"{q}/2.weight")[0]
+    assert_hist_matches(run, G)
+
+
+def test_a_module_called_without_the_batch_dimension_is_named_not_miscounted(tmp_path):
+    """A position embedding on arange(T) (T != B) broadcast over the batch, with the usual language-model
+    loss on flattened logits (the self-check cannot replay that, so it says 'unavailable'): its rows are
+    positions, not samples. Every total that would include it is NaN with the reason naming the module,
+    never a finite value computed over positions."""
+
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos, self.head = nn.Embedding(7, 4), nn.Embedding(6, 4), nn.Linear(4, 7)
+
+        def forward(self, idx):
+            return self.head(self.tok(idx) + self.pos(torch.arange(idx.shape[1])))
+
+    class FlatCE(nn.CrossEntropyLoss):
+        pass
+
+    torch.manual_seed(6)
+    model, crit = TinyLM(), FlatCE()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    quantities = NOISE + ["grad_hist_1d"]
+    with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "r", quantities=quantities):
+        for _ in range(2):
+            idx, y = torch.randint(0, 7, (4, 6)), torch.randint(0, 7, (4, 6))
+            opt.zero_grad()
+            crit(model(idx).reshape(-1, 7), y.reshape(-1)).backward()
+            opt.step()
+    run = cockpit_lite.load(tmp_path / "r")
+    for q in NOISE:
+        steps, values = run.series(q)
+        assert len(steps) == 2 and all(math.isnan(v) for v in values), q
+        assert all("'pos'" in why and "batch dimension" in why for why in run.reasons(q).values()), q
+        assert all("'pos'" in why for why in run.reasons(f"{q}/pos.weight").values())
+    hist = run.data("grad_hist_1d")[0][1]
+    assert "pos.weight" in hist["excluded"]

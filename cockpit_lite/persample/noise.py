@@ -17,6 +17,9 @@ import torch
 from ..distributed import sum_numbers, sum_tensors
 
 
+FROZEN = "the parameter is frozen (requires_grad=False) on this step: it has no gradient; the totals leave it out"
+
+
 def mean_grad(ctx) -> List[torch.Tensor]:
     """g, the mean gradient of the (global) batch, per parameter."""
     return ctx.per_sample.mean_grad()
@@ -93,13 +96,16 @@ def emit_total_and_parts(ctx, name: str, total: Optional[torch.Tensor], parts, p
     parameters (and the total, if any is) as NaN with the reason; non-finite results (e.g. a zero
     gradient) as NaN with that reason."""
     reasons = ctx.per_sample.unsupported()
+    frozen = ctx.per_sample.frozen
     if per_param and len(ctx.names) > 1:
         values = (parts.tolist() if isinstance(parts, torch.Tensor)
                   else [float(v) if v is not None else math.nan for v in parts])
-        for pname, v in zip(ctx.names, values):
+        for j, (pname, v) in enumerate(zip(ctx.names, values)):
             key = f"{name}/{pname}"
             if pname in reasons:
                 ctx.emit_nan(key, reasons[pname])
+            elif j in frozen:
+                ctx.emit_nan(key, FROZEN)
             else:
                 _emit_checked(ctx, key, v)
     if reasons:
@@ -134,7 +140,8 @@ def snr_sums(ctx, a: float, b: float, eps: float):
     ratios = torch._foreach_div(grads, v)
     torch._foreach_mul_(ratios, grads)
     sums = torch.stack([r.sum() for r in ratios]).double()
-    return sums, torch.tensor([g.numel() for g in grads], dtype=torch.float64)
+    frozen = ctx.per_sample.frozen  # not trained: not among the means' elements
+    return sums, torch.tensor([0 if j in frozen else g.numel() for j, g in enumerate(grads)], dtype=torch.float64)
 
 
 def sqrt0(x: torch.Tensor) -> torch.Tensor:

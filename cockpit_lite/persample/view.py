@@ -45,9 +45,17 @@ class PerSampleView:
         self.calls_by_forward = {k: [c for c in calls if c.forward == k] for k in forwards}
         self.batch_sizes: List[int] = []
         self.factors: List[torch.Tensor] = []
+        off_batch = []  # (call, its size, the forward's batch size): a module called without the batch dimension
         for k in forwards:
-            first = self.calls_by_forward[k][0]
-            self.batch_sizes.append(_batch_size(first))
+            sizes = [_batch_size(c) for c in self.calls_by_forward[k]]
+            # the batch: where attention declares its batch dimension (batch_first), its size (the layers
+            # around a sequence-first attention see T along dim 0); else the size most calls agree on
+            # (ties: the first call's)
+            declared = [n for c, n in zip(self.calls_by_forward[k], sizes)
+                        if isinstance(c.module, torch.nn.MultiheadAttention)]
+            b = declared[0] if declared else max(sizes, key=lambda v: (sizes.count(v), -sizes.index(v)))
+            self.batch_sizes.append(b)
+            off_batch += [(c, n, b) for c, n in zip(self.calls_by_forward[k], sizes) if n != b]
         self.n_local = int(sum(self.batch_sizes))  # samples of this process
         if not calls:
             self._global_reason = "no layer with observed parameters received a gradient on this step"
@@ -68,6 +76,7 @@ class PerSampleView:
         self.micro_batches = mbs
         # parameter -> [(forward position, call, attribute name)]
         self.feeds: Dict[int, list] = {j: [] for j in range(len(self.params))}
+        self.frozen = {j for j, p in enumerate(self.params) if not p.requires_grad}  # no gradient: 0 here
         for pos, k in enumerate(forwards):
             fcalls = self.calls_by_forward[k]
             bn_orders = [c.order for c in fcalls if batchnorm_mixes_samples(c.module, c.training)]
@@ -75,7 +84,7 @@ class PerSampleView:
             for c in fcalls:
                 for attr, p in owned_parameters(c.module):
                     j = self._index.get(id(p))
-                    if j is None:
+                    if j is None or j in self.frozen:
                         continue
                     self.feeds[j].append((pos, c, attr))
                     if c.order <= last_bn:
@@ -85,6 +94,15 @@ class PerSampleView:
                 if bool((self.params[j].grad != 0).any()):
                     self._reasons[name] = ("its gradient comes from no module call that cockpit-lite could observe "
                                            "(used outside a module's forward?)")
+        for c, n, b in off_batch:
+            for attr, p in owned_parameters(c.module):
+                j = self._index.get(id(p))
+                if j is not None and j not in self.frozen:
+                    self._reasons.setdefault(self.names[j], (
+                        f"its module ('{c.module_name}') was called on {n} entries along the batch dimension where "
+                        f"the other layers of the forward saw {b} samples: a module called without the batch "
+                        "dimension (e.g. nn.Embedding(T, d)(torch.arange(T)) broadcast over the batch; call it with "
+                        "arange(T).expand(B, -1)) has no per-sample gradients"))
         for name, why in getattr(self.ctx.watched, "rule_failures", {}).items():
             self._reasons.setdefault(name, why)  # failed the self-check (selfcheck.py)
         if self._global_reason is not None:
@@ -311,30 +329,34 @@ class PerSampleView:
 
         Taken from ``.grad`` times one factor c (``.grad`` is proportional to g whatever the reduction,
         accumulation factor, loss scale, gradient clipping or DDP's averaging over equal shards), with
-        c measured on the cheapest parameter from its per-sample information and checked there; when
-        that check fails (e.g. ``.grad`` holds something else, or DDP averaged unequal shards), g is
-        built from the per-sample information of every parameter.
+        c measured on two cheap parameters of different modules from their per-sample information and
+        checked there; when the micro-batches entered ``.grad`` with different weights per sample (sizes
+        3 and 5, the loss divided by 2) or the check fails (e.g. ``.grad`` holds something else, or DDP
+        averaged unequal shards), g is built from the per-sample information of every parameter.
         """
         if "mean" in self._cache:
             return self._cache["mean"]
         dist = self.ctx.watched.dist
         grads = self.ctx.grads()
         result = None
-        j0 = self._cheapest_param()
+        checks = self._check_params() if self._equal_weights() else []
         if dist is not None:  # every process must take part in the same reductions
-            k = -1 if j0 is None else j0
-            count, total, squares = sum_numbers(dist, [0 if j0 is None else 1, k, k * k])
-            same = count == dist.size and dist.size * squares == total * total  # the same j0 everywhere
-            j0 = j0 if same else None
-        if j0 is not None:
-            parts = self._per_forward(j0, lambda ps: ps.total(), lambda G: G.sum(0), lambda b: None)
-            (ref,) = sum_tensors(dist, [_sum_parts(parts, self.params[j0]).double()])
-            ref = ref / self.n
-            gr = grads[j0].detach().double()
-            gg = float((gr * gr).sum())
+            k = -1 if not checks else sum((j + 1) * (len(self.params) + 1) ** i for i, j in enumerate(checks))
+            count, total, squares = sum_numbers(dist, [1 if checks else 0, k, k * k])
+            same = count == dist.size and dist.size * squares == total * total  # the same parameters everywhere
+            checks = checks if same else []
+        if checks:
+            parts = [self._per_forward(j, lambda ps: ps.total(), lambda G: G.sum(0), lambda b: None) for j in checks]
+            refs = sum_tensors(dist, [_sum_parts(pt, self.params[j]).double().reshape(-1) for pt, j in zip(parts, checks)])
+            refs = [r / self.n for r in refs]
+            grs = [grads[j].detach().double().reshape(-1) for j in checks]
+            # c by least squares over the checked parameters, then each one must agree on its own
+            sums = torch.stack([torch.stack([gr @ gr, gr @ r, r @ r]) for gr, r in zip(grs, refs)]).tolist()
+            gg = sum(x[0] for x in sums)
             if gg > 0:
-                c = float((gr * ref).sum()) / gg
-                if float((gr * c - ref).norm()) <= 1e-3 * float(ref.norm()) + 1e-30:
+                c = sum(x[1] for x in sums) / gg
+                # ||c gr - r||^2 = c^2 gr.gr - 2c gr.r + r.r, each within 1e-3 of ||r||
+                if all(c * c * x[0] - 2 * c * x[1] + x[2] <= 1e-6 * x[2] + 1e-60 for x in sums):
                     if abs(c - 1.0) < 1e-6:
                         c = 1.0  # mean reduction without accumulation: .grad is g (no copy)
                     self._cache["mean_factor"] = c
@@ -431,19 +453,39 @@ class PerSampleView:
         self._cache["cheap_max"] = out
         return out
 
-    def _cheapest_param(self) -> Optional[int]:
-        best, best_size = None, None
+    def _equal_weights(self) -> bool:
+        """Whether every micro-batch entered ``.grad`` with the same weight per sample (its factor b_k / s_k
+        or 1 / s_k). Only then is ``.grad`` proportional to g: micro-batches of 3 and 5 samples with the
+        loss divided by 2 give .grad = (mean_3 + mean_5) / 2, not the mean over the 8 samples."""
+        if len(self.factors) < 2:
+            return True
+        f = torch.stack([x.detach().double().reshape(()).cpu() for x in self.factors]).tolist()
+        return max(f) - min(f) <= 1e-6 * max(abs(x) for x in f)
+
+    def _check_params(self) -> List[int]:
+        """Parameters on which ``.grad`` is checked against the per-sample sum (cheap to build): the
+        smallest, preferring ones of 3 or more elements (a 1-element bias, or the bias of a 2-class softmax
+        whose gradient is always (a, -a), agrees with any multiple), and the smallest of another module."""
+        cands = []
         for j, p in enumerate(self.params):
             if self.names[j] in self._reasons or not self.feeds[j] or self.params[j].grad is None:
                 continue
             if len({pos for pos, _, _ in self.feeds[j]}) != len(self.feeds[j]):
                 continue  # shared within a forward: dense path, not cheap
-            if best is None or p.numel() < best_size:
-                if self._param_samples(j) is None:
-                    continue
-                best, best_size = j, p.numel()
-        return best
-
+            cands.append((p.numel() < 3, p.numel(), j))
+        cands.sort()
+        chosen, modules = [], set()
+        for _, _, j in cands:
+            mods = {id(c.module) for _, c, _ in self.feeds[j]}
+            if chosen and mods & modules:
+                continue
+            if self._param_samples(j) is None:
+                continue
+            chosen.append(j)
+            modules |= mods
+            if len(chosen) == 2:
+                break
+        return chosen
 
 def _scaled(g: torch.Tensor, c: float) -> torch.Tensor:
     if g.dtype in (torch.float16, torch.bfloat16):

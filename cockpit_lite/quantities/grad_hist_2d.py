@@ -67,7 +67,8 @@ class GradHist2d(Quantity):
         try:
             ps = ctx.per_sample
             missing = dict(ps.unsupported())
-            keep = [k for k, n in enumerate(ctx.names) if n not in missing]
+            frozen = getattr(ps, "frozen", set())  # requires_grad=False: not trained, no gradient elements
+            keep = [k for k, n in enumerate(ctx.names) if n not in missing and k not in frozen]
             if not keep:
                 ctx.emit_nan(self.name, f"per-sample gradients unavailable: {missing}")
                 return
