@@ -511,3 +511,37 @@ def test_model_computing_its_loss_inside_forward_gets_curvature(tmp_path):
         assert evs[t] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-3)
     assert all(math.isfinite(v) for v in run.series("norm_test")[1])
     assert all(math.isfinite(v) for v in run.series("hess_trace")[1])
+
+
+@pytest.mark.parametrize("model_kind", ["backpack", "lnattention"])
+def test_frozen_parameters_in_the_optimizer_are_constants_of_the_hessian(tmp_path, model_kind):
+    """Parameters with requires_grad=False in an optimizer group (fine-tuning) are not variables of the
+    loss: the top eigenvalue and the exact traces are those of the Hessian over the trainable parameters
+    (dense reference), on the exact (BackPACK) path and on the HVP path (a model BackPACK cannot take)."""
+    if model_kind == "backpack":
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3))
+        frozen = [model[2].weight, model[2].bias]
+        batches = [data(s) for s in range(2)]
+        qs = [HessMaxEV("every", tol=1e-6), HessTrace("every"), GGNTrace("every")]
+    else:
+        torch.manual_seed(0)
+        model = LNAttention()
+        frozen = [model.norm.weight, model.norm.bias]
+        g = torch.Generator().manual_seed(4)
+        batches = [(torch.randn(6, 3, 4, generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(2)]
+        qs = [HessMaxEV("every", tol=1e-6)]
+    for p in frozen:
+        p.requires_grad_(False)
+    loss_fn = nn.CrossEntropyLoss()
+    run, thetas = train(model, loss_fn, batches, qs, tmp_path / "r")
+    names = [n for n, p in model.named_parameters()]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) < len(names)
+    for t, theta in enumerate(thetas):
+        H, hnames, shapes = dense_hessian(model, loss_fn, [batches[t]], {n: theta[n] for n in trainable})
+        assert run.series("hess_max_ev")[1][t] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-3)
+        if model_kind == "backpack":
+            assert run.series("hess_trace")[1][t] == pytest.approx(float(torch.trace(H)), rel=1e-5, abs=1e-7)
+            G, _, _ = dense_ggn(model, loss_fn, *batches[t], {n: theta[n] for n in trainable})
+            assert run.series("ggn_trace")[1][t] == pytest.approx(float(torch.trace(G)), rel=1e-5, abs=1e-7)

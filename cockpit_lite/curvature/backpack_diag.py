@@ -113,6 +113,8 @@ class ExactDiagonal:
                     warnings.simplefilter("ignore")  # BackPACK's full backward hooks on the first layer
                     loss.backward()
                 for n, p in own.items():
+                    if not p.requires_grad:
+                        continue  # frozen: a constant of the loss, its diagonal stays 0
                     total[n].add_(getattr(p, attr).detach(), alpha=call.weight)
                     delattr(p, attr)
                     p.grad = None

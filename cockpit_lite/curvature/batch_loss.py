@@ -99,6 +99,9 @@ class BatchLoss:
             raise CurvatureUnavailable(f"parameters not in the model cannot be re-evaluated: {missing[:3]}")
         self.keys = ["model." + model_names[id(p)] for p in params]
         self.params = [p.detach() for p in params]
+        # frozen parameters (requires_grad=False, e.g. in a fine-tuning optimizer's group) are constants of
+        # the loss: their rows and columns of the Hessian are 0 (``trainable`` masks them in the operators)
+        self.trainable = [bool(p.requires_grad) for p in params]
         self.buffers = {"model." + n: b for n, b in model.named_buffers()}
         self.calls = calls
         self.subbatch = subbatch

@@ -39,33 +39,55 @@ class HessianOperator:
         self.batch_loss = batch_loss
         self.mode = mode
         self.params = batch_loss.params
+        self.trainable = list(getattr(batch_loss, "trainable", [True] * len(self.params)))
+        self._idx = [j for j, t in enumerate(self.trainable) if t]  # frozen parameters: rows/columns of 0
         self.hvps = 0
         self._grad = None
         self._leaves = None
         if mode == "double_backward":
-            self._leaves = [p.detach().requires_grad_(True) for p in self.params]
+            self._leaves = [p.detach().requires_grad_(t) for p, t in zip(self.params, self.trainable)]
+            live = [self._leaves[j] for j in self._idx]
             with torch.enable_grad():
                 loss = batch_loss.evaluate(self._leaves)
                 self.loss = loss.detach()
-                self._grad = torch.autograd.grad(loss, self._leaves, create_graph=True, allow_unused=True)
+                self._grad = torch.autograd.grad(loss, live, create_graph=True, allow_unused=True) if live else ()
             if any(g is None for g in self._grad):
                 self._grad = tuple(g if g is not None else torch.zeros_like(p, requires_grad=True)
-                                   for g, p in zip(self._grad, self._leaves))
+                                   for g, p in zip(self._grad, live))
             if not any(g.requires_grad for g in self._grad):
                 self._grad = None  # the loss is linear in theta (H = 0)
 
     def __call__(self, v: Sequence[torch.Tensor]) -> Vector:
         self.hvps += 1
+        out = [torch.zeros_like(p) for p in self.params]
         if self.mode == "double_backward":
             if self._grad is None:
-                return [torch.zeros_like(p) for p in self.params]
+                return out
+            live = [self._leaves[j] for j in self._idx]
             with torch.enable_grad():
-                hv = torch.autograd.grad(self._grad, self._leaves, list(v), retain_graph=True, allow_unused=True)
-            return [h.detach() if h is not None else torch.zeros_like(p) for h, p in zip(hv, self.params)]
-        grad_fn = torch.func.grad(lambda ps: self.batch_loss.evaluate(ps))
+                hv = torch.autograd.grad(self._grad, live, [v[j] for j in self._idx], retain_graph=True,
+                                         allow_unused=True)
+            for j, h in zip(self._idx, hv):
+                if h is not None:
+                    out[j] = h.detach()
+            return out
+        if len(self._idx) == len(self.params):
+            grad_fn = torch.func.grad(lambda ps: self.batch_loss.evaluate(ps))
+            with torch.enable_grad():
+                _, hv = torch.func.jvp(grad_fn, (list(self.params),), (list(v),))
+            return [h.detach() for h in hv]
+
+        def loss_of_trainable(live):  # frozen parameters held at their values
+            ps = list(self.params)
+            for j, p in zip(self._idx, live):
+                ps[j] = p
+            return self.batch_loss.evaluate(ps)
         with torch.enable_grad():
-            _, hv = torch.func.jvp(grad_fn, (list(self.params),), (list(v),))
-        return [h.detach() for h in hv]
+            _, hv = torch.func.jvp(torch.func.grad(loss_of_trainable), ([self.params[j] for j in self._idx],),
+                                   ([v[j] for j in self._idx],))
+        for j, h in zip(self._idx, hv):
+            out[j] = h.detach()
+        return out
 
     def release(self) -> None:
         self._grad = None
@@ -78,7 +100,11 @@ class GGNOperator:
     def __init__(self, batch_loss: BatchLoss):
         self.params = batch_loss.params
         self.hvps = 0
-        self._leaves = [p.detach().requires_grad_(True) for p in self.params]
+        # frozen parameters (requires_grad=False) are constants: their rows/columns of G are 0
+        trainable = getattr(batch_loss, "trainable", [True] * len(self.params))
+        self._leaves = [p.detach().requires_grad_(t) for p, t in zip(self.params, trainable)]
+        self._idx = [j for j, t in enumerate(trainable) if t]
+        live = [self._leaves[j] for j in self._idx]
         self._parts = []
         self.loss = 0.0  # the re-evaluated step loss
         loss_fn = batch_loss.wrapper.loss_fn
@@ -90,7 +116,7 @@ class GGNOperator:
                 self.loss += float(loss.detach())
                 (g_out,) = torch.autograd.grad(loss, out_d, create_graph=True)
                 dummy = torch.zeros_like(out, requires_grad=True)
-                jt_dummy = torch.autograd.grad(out, self._leaves, dummy, create_graph=True, allow_unused=True)
+                jt_dummy = torch.autograd.grad(out, live, dummy, create_graph=True, allow_unused=True) if live else ()
                 self._parts.append((out, out_d, g_out, dummy, jt_dummy))
 
     def __call__(self, v: Sequence[torch.Tensor]) -> Vector:
@@ -98,17 +124,18 @@ class GGNOperator:
         total = [torch.zeros_like(p) for p in self.params]
         with torch.enable_grad():
             for out, out_d, g_out, dummy, jt_dummy in self._parts:
-                pairs = [(j, vi) for j, vi in zip(jt_dummy, v) if j is not None and j.requires_grad]
+                pairs = [(j, v[k]) for j, k in zip(jt_dummy, self._idx) if j is not None and j.requires_grad]
                 if not pairs:
                     continue
                 (jv,) = torch.autograd.grad([j for j, _ in pairs], dummy, [vi for _, vi in pairs], retain_graph=True)
                 if not g_out.requires_grad:
                     continue  # loss linear in the output: H_L = 0
                 (hjv,) = torch.autograd.grad(g_out, out_d, jv, retain_graph=True)
-                gv = torch.autograd.grad(out, self._leaves, hjv, retain_graph=True, allow_unused=True)
-                for t, x in zip(total, gv):
+                gv = torch.autograd.grad(out, [self._leaves[k] for k in self._idx], hjv, retain_graph=True,
+                                         allow_unused=True)
+                for k, x in zip(self._idx, gv):
                     if x is not None:
-                        t.add_(x)
+                        total[k].add_(x)
         return total
 
     def release(self) -> None:

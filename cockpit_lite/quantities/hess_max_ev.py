@@ -42,9 +42,17 @@ class HessMaxEV(Quantity):
         if dist is not None:  # one warm start for all processes (each keeps its own copy of the last one)
             (everywhere,) = sum_numbers(dist, [v0 is not None and v0.numel() == n], "lanczos_warm_start")
             v0 = sum_tensors(dist, [v0], "lanczos_warm_start_vector")[0] / dist.size if everywhere == dist.size else None
+        generator = step_generator(self.seed, ctx.step)
+        frozen = [not p.requires_grad for p in ctx.watched.params]
+        if any(frozen) and len(frozen) == len(params):
+            # frozen parameters are constants (their Hessian rows are 0): a start without their coordinates
+            # keeps the Krylov space in the trainable ones, so the eigenvalue is that of their Hessian
+            if v0 is None or v0.numel() != n:
+                v0 = torch.randn(n, generator=generator, dtype=p0.dtype)
+            v0 = flatten([x * (0.0 if f else 1.0) for x, f in zip(unflatten(v0.to(p0.device), params), frozen)])
         try:
             res = top_eigenvalue(lambda x: flatten(op(unflatten(x, params))), n, v0=v0, tol=self.tol,
-                                 max_iter=self.max_iter, generator=step_generator(self.seed, ctx.step),
+                                 max_iter=self.max_iter, generator=generator,
                                  dtype=p0.dtype, device=p0.device)
         except FloatingPointError as err:
             self._v = None
