@@ -37,15 +37,20 @@ def downsample(steps: np.ndarray, values: np.ndarray, max_points: int = MAX_POIN
 
 
 def envelope(steps: np.ndarray, values: np.ndarray, buckets: int = MAX_POINTS // 2):
-    """Per bucket of consecutive points: (first step, mean, min, max), NaN ignored. Display only."""
+    """Per bucket of consecutive points: (first step, mean, min, max). Display only. A bucket holding a
+    non-finite value has a NaN mean, so the line shows a gap there as a short series does (a NaN loss
+    must not vanish into a bucket mean); its band spans the bucket's finite values."""
     n = len(steps)
     starts = np.unique(np.linspace(0, n, buckets + 1, dtype=np.int64)[:-1])
     finite = np.isfinite(values)
     v = np.where(finite, values, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.add.reduceat(v, starts) / np.add.reduceat(finite.astype(np.float64), starts)
-        lo = np.fmin.reduceat(values, starts)
-        hi = np.fmax.reduceat(values, starts)
+        count = np.add.reduceat(finite.astype(np.float64), starts)
+        sizes = np.diff(np.append(starts, n))
+        mean = np.add.reduceat(v, starts) / count
+        mean[count < sizes] = np.nan
+        lo = np.fmin.reduceat(np.where(finite, values, np.nan), starts)
+        hi = np.fmax.reduceat(np.where(finite, values, np.nan), starts)
     return steps[starts], mean, lo, hi
 
 

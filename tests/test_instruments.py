@@ -478,3 +478,19 @@ def test_energy_covers_from_the_steps_entries_match_the_structures(tmp_path, mon
     assert RunView(run, 0, 2).last_data("energy") is None and RunView(run, 0, 3).last_data("energy")[0] == 2
     h_steps, converged = RunView(run).data_field("hess_max_ev", "converged")
     assert h_steps.tolist()[:3] == [0, 5, 10] and converged.tolist()[:3] == [0.0, 1.0, 1.0]
+
+
+def test_long_series_envelope_keeps_a_nan_as_a_gap():
+    """Above MAX_POINTS a line is drawn as bucket means: a bucket holding a NaN must show a gap (as a
+    short series does), not the mean of its other values."""
+    import numpy as np
+    from instruments._draw import MAX_POINTS, envelope
+
+    n = 4 * MAX_POINTS
+    steps = np.arange(n)
+    values = np.ones(n)
+    values[3001] = np.nan
+    s, mean, lo, hi = envelope(steps, values)
+    bucket = np.searchsorted(s, 3001, side="right") - 1
+    assert np.isnan(mean[bucket]) and np.isfinite(np.delete(mean, bucket)).all()
+    assert lo[bucket] == hi[bucket] == 1.0  # the band spans the finite values

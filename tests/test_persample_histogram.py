@@ -32,3 +32,34 @@ def test_outer_product_histogram_declines_when_dense_is_cheaper():
     R = float((D.abs().amax(1) * A.abs().amax(1)).max())
     assert outer_product_histogram(D, A, R, 100, prefer_dense_above=1e6) is None
     assert outer_product_histogram(D, A, R, 100, prefer_dense_above=1e-6) is not None
+
+
+def test_nonfinite_per_sample_gradients_give_no_histogram_but_a_reason(tmp_path):
+    """A NaN in one sample's gradient made the range max(0, nan) = 0 -> 1e-12 and half the elements vanished
+    from a histogram drawn as normal; now the step's histogram is absent with the reason, and the next
+    finite step is counted over its own range again. (The loop repairs .grad before stepping, so the
+    layer inputs that feed the per-sample gradients are NaN only on that step.)"""
+    import cockpit_lite
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    crit = nn.CrossEntropyLoss()
+    with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "r", quantities=["grad_hist_1d"]):
+        for i in range(3):
+            x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+            if i == 1:
+                x[2, 0] = float("nan")
+            opt.zero_grad()
+            crit(model(x), y).backward()
+            if i == 1:
+                for p in model.parameters():  # keep theta finite for the next step
+                    p.grad = torch.nan_to_num(p.grad, nan=0.0)
+            opt.step()
+    run = cockpit_lite.load(tmp_path / "r")
+    hist = dict(run.data("grad_hist_1d"))
+    assert hist[1]["counts"] is None and "not finite" in hist[1]["reason"]
+    P = sum(p.numel() for p in model.parameters())
+    for step in (0, 2):
+        assert sum(hist[step]["counts"]) == 6 * P and hist[step]["edges"][-1] > 1e-6

@@ -259,6 +259,8 @@ class PerSampleView:
             for q in getattr(self.ctx, "active", None) or ():
                 if "hist" in getattr(q, "per_sample_stats", ()) and hasattr(q, "hist_range"):
                     R = q.hist_range(self)
+                    if R is not None and not R == R:
+                        R = None  # non-finite gradients: no shared histogram pass (the quantity says why)
                     break
             self._cache["hist_R"] = R
         return self._cache["hist_R"]

@@ -17,6 +17,8 @@ the other layers are built a block of samples at a time and counted with ``torch
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..distributed import sum_tensors
@@ -42,20 +44,22 @@ class GradHist1d(Quantity):
             return view._cache["grad_hist_1d_R"]
         reasons = view.unsupported()
         cheap = view.cheap_max_abs_per_param()
-        R = 0.0
+        tops = [0.0]
         for j, name in enumerate(view.names):
             if name in reasons:
                 continue
             if cheap[j] is not None:
-                R = max(R, float(cheap[j]))
+                tops.append(float(cheap[j]))
             else:
                 if j not in self._last_max:  # first time: build them once for the exact maximum
                     self._last_max[j] = max((float(G.abs().max()) for G in view.chunks(j)), default=0.0)
-                R = max(R, self._last_max[j])
+                tops.append(self._last_max[j])
+        # a NaN maximum (non-finite per-sample gradients) must not vanish in max(): NaN range, reported
+        R = max(tops) if all(math.isfinite(t) for t in tops) else math.nan
         dist = view.ctx.watched.dist
         if dist is not None:  # one range for all processes (their counts are added)
             R = float(dist.max_(torch.tensor([R], dtype=torch.float64))[0])
-        if not R > 0:
+        if R == R and not R > 0:
             R = 1e-12
         view._cache["grad_hist_1d_R"] = R
         return R
@@ -72,6 +76,12 @@ class GradHist1d(Quantity):
             return
         cheap = view.cheap_max_abs_per_param()
         R = self.hist_range(view)
+        if not math.isfinite(R):
+            for j in usable:  # a later step measures the range again
+                self._last_max.pop(j, None)
+            ctx.emit_data(self.name, {"edges": None, "counts": None, "scale": "B*g_ij",
+                                      "reason": "the per-sample gradients are not finite on this step"})
+            return
         counts = torch.zeros(BINS, dtype=torch.float64)
         clipped = 0
         for j in usable:
