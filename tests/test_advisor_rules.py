@@ -154,3 +154,30 @@ def test_live_checks_thin_out_as_the_run_grows_and_the_first_alarm_is_immediate(
     assert 5001 in checked  # the first flagged step, at once
     assert len(checked) < 150  # not every 25 steps (4,000 checks), not every flagged step
     assert all(b - a >= 25 for a, b in zip(checked, checked[1:]))
+
+
+def test_exploding_gradients_pairs_the_norms_by_step_not_by_position(tmp_path):
+    """param_norm logged every 10 steps, grad_norm every step: the ratio at step t must use param_norm of
+    step t. Here the gradients are large only at steps whose param_norm is not logged; the logged steps
+    have a ratio of 0.01, so nothing explodes."""
+    run = log(tmp_path, n=60,
+              **{"grad_norm/0.weight": lambda t: 0.05 if t % 10 == 0 else 500.0,
+                 "param_norm/0.weight": lambda t: 5.0 if t % 10 == 0 else None})
+    assert "exploding_gradients" not in rules(run)
+
+
+def test_divergence_names_the_earliest_of_a_skipped_and_a_flagged_step(tmp_path):
+    w = RunLogWriter(tmp_path, {"optimizer": "SGD", "optimizer_defaults": {}, "params": PARAMS})
+    for t in range(60):
+        if t == 10:
+            w.write({"type": "skipped", "step": t, "reason": "zero_grad() was called after backward() without "
+                     "optimizer.step(); gradients were not finite in 0.weight (a GradScaler skips such steps)"})
+            continue
+        loss = float("nan") if t == 50 else 1.0
+        rec = {"type": "step", "step": t, "values": {"loss": loss}}
+        if t == 50:
+            rec["flags"] = ["nonfinite_loss"]
+        w.write(rec)
+    w.close({"steps": 60})
+    (d,) = [d for d in diagnose(cockpit_lite.load(tmp_path)) if d.rule == "divergence"]
+    assert d.step == 10 and "first at step 10" in d.title

@@ -37,6 +37,13 @@ def _finite(steps, values):
     return steps[ok], values[ok]
 
 
+def _paired(s1, v1, s2, v2):
+    """(steps, a, b): the values of two series at the steps they share (they may be logged on different
+    schedules, so pairing them by position would compare different steps)."""
+    steps, i, j = np.intersect1d(s1, s2, assume_unique=True, return_indices=True)
+    return steps, v1[i], v2[j]
+
+
 def _params(run) -> List[str]:
     return [p["name"] for p in run.header.get("params", [])]
 
@@ -167,9 +174,8 @@ def exploding_gradients(run, th: Thresholds) -> Optional[Diagnosis]:
     for name, (s, g) in grads.items():
         if name not in params:
             continue
-        p = params[name][1]
-        n = min(len(g), len(p))
-        ratio = g[-n:] / np.maximum(p[-n:], 1e-12)
+        s, g, p = _paired(s, g, *params[name])
+        ratio = g / np.maximum(p, 1e-12)
         ratio = ratio[np.isfinite(ratio)]
         if len(ratio) >= min(th.min_points, 2) and np.median(ratio) > th.grad_param_ratio_high:
             evidence.append(_ev(f"grad_norm/{name} / param_norm/{name}", s, np.median(ratio),
@@ -190,10 +196,10 @@ def vanishing_gradients(run, th: Thresholds) -> Optional[Diagnosis]:
     st, total = _recent(run, "grad_norm", th)
     evidence = []
     for name, (s, g) in grads.items():
-        n = min(len(g), len(total))
-        share = g[-n:] / np.maximum(total[-n:], 1e-30)
+        s, g, tot = _paired(s, g, st, total)
+        share = g / np.maximum(tot, 1e-30)
         share = share[np.isfinite(share)]
-        if len(share) >= th.min_points and 0 < np.median(share) < th.grad_share_low and np.all(g[-n:] > 0):
+        if len(share) >= th.min_points and 0 < np.median(share) < th.grad_share_low and np.all(g > 0):
             evidence.append(_ev(f"grad_norm/{name} / grad_norm", s, np.median(share), th.grad_share_low, "median <"))
     if not evidence:
         return None
@@ -226,8 +232,8 @@ def divergence(run, th: Thresholds) -> Optional[Diagnosis]:
     skipped = [s for s in run.skipped if "not finite" in s.get("reason", "")]
     if first_step is None and not skipped:
         return None
-    if first_step is None:
-        first_step, what = skipped[0]["step"], "gradient (step skipped)"
+    if skipped and (first_step is None or skipped[0]["step"] < first_step):  # the earliest of both kinds
+        first_step, what, where = skipped[0]["step"], "gradient (step skipped)", []
     evidence = [{"quantity": "loss/grad_norm flags", "steps": [first_step], "observed": what,
                  "threshold": "finite", "comparison": "not"}]
     layer = f"; first parameter (in model order) with a non-finite gradient: {where[0]}" if where else ""
