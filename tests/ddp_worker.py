@@ -113,3 +113,8 @@ def run(rank: int, world: int, init_file: str, logdir: str, mode: str) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     run(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
+    # everything is written and closed; skip the interpreter's teardown, where a gloo thread left over from
+    # the process group occasionally aborts the process ("terminate called without an active exception")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
