@@ -57,12 +57,6 @@ TARGETS = {("first-order", "sgd"): 1.05, ("first-order", "adam"): 1.05, ("noise"
            ("alpha", "sgd"): 1.4, ("alpha", "adam"): 1.4}
 
 
-def _optimizer(model, name):
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=0.01)
-    return torch.optim.Adam(model.parameters(), lr=1e-3)
-
-
 class _Minimal:
     """One training loop on the MLP with one set computed by hand (see the module docstring)."""
 
@@ -72,7 +66,7 @@ class _Minimal:
         self.linears = [m for m in self.model if isinstance(m, nn.Linear)]
         if any(not isinstance(m, (nn.Linear, nn.ReLU, nn.Flatten)) for m in self.model):
             raise SystemExit("benchmarks/floor.py: the minimal versions handle Linear/ReLU/Flatten models only")
-        self.opt = _optimizer(self.model, optimizer)
+        self.opt = problems.make_optimizer(self.model, optimizer, momentum=0.0)
         self.crit = nn.CrossEntropyLoss()
         self.params = list(self.model.parameters())
         self.kind = kind
@@ -205,40 +199,14 @@ class _Minimal:
 
 
 def _cockpit_step(problem, kind, optimizer, logdir):
-    import cockpit_lite
-
-    torch.manual_seed(0)
-    model = problem.make_model()
-    opt = _optimizer(model, optimizer)
-    crit = nn.CrossEntropyLoss()
-    cp = cockpit_lite.watch(model, opt, loss_fn=crit, logdir=logdir, quantities=SETS[kind])
-    batches = [problem.make_batch(s, problem.batch_size) for s in range(4)]
-    state = {"i": 0}
-
-    def step():
-        x, y = batches[state["i"] % 4]
-        state["i"] += 1
-        opt.zero_grad()
-        crit(model(x), y).backward()
-        opt.step()
+    """(step, cockpit): the usual loop with cockpit-lite tracking ``kind``'s set, from the same seed and
+    batches as the minimal versions (``problems.training_step``)."""
+    step, cp, _ = problems.training_step(problem, SETS[kind], logdir, optimizer=optimizer, momentum=0.0)
     return step, cp
 
 
 def _plain_step(problem, optimizer):
-    torch.manual_seed(0)
-    model = problem.make_model()
-    opt = _optimizer(model, optimizer)
-    crit = nn.CrossEntropyLoss()
-    batches = [problem.make_batch(s, problem.batch_size) for s in range(4)]
-    state = {"i": 0}
-
-    def step():
-        x, y = batches[state["i"] % 4]
-        state["i"] += 1
-        opt.zero_grad()
-        crit(model(x), y).backward()
-        opt.step()
-    return step
+    return problems.training_step(problem, None, None, optimizer=optimizer, momentum=0.0)[0]
 
 
 def measure(rounds: int, steps: int, cases=(("first-order", "sgd"), ("noise", "sgd"), ("alpha", "sgd"),

@@ -177,6 +177,12 @@ def get(name: str) -> Problem:
         raise ValueError(f"unknown problem {name!r}; known: {', '.join(PROBLEMS)}") from None
 
 
+def make_optimizer(model: nn.Module, optimizer: str = "sgd", momentum: float = 0.9) -> torch.optim.Optimizer:
+    """The benchmarks' optimizers: SGD (lr 0.01, ``momentum``) or Adam (lr 1e-3)."""
+    return (torch.optim.SGD(model.parameters(), lr=0.01, momentum=momentum) if optimizer == "sgd"
+            else torch.optim.Adam(model.parameters(), lr=1e-3))
+
+
 def training_step(problem: Problem, quantities=None, logdir=None, optimizer: str = "sgd", momentum: float = 0.9):
     """A plain training step on ``problem`` (4 fixed batches, cycled), watched by a cockpit tracking
     ``quantities`` when given. Returns ``(step, cockpit or None, model)``; close the cockpit after use."""
@@ -185,8 +191,7 @@ def training_step(problem: Problem, quantities=None, logdir=None, optimizer: str
     torch.manual_seed(0)
     model = problem.make_model().to(DEVICE)
     model.train(problem.train_mode)
-    opt = (torch.optim.SGD(model.parameters(), lr=0.01, momentum=momentum) if optimizer == "sgd"
-           else torch.optim.Adam(model.parameters(), lr=1e-3))
+    opt = make_optimizer(model, optimizer, momentum)
     crit = nn.CrossEntropyLoss()  # one loss module per loop: cockpit-lite observes its calls
     cockpit = None
     if quantities is not None:
