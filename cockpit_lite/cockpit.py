@@ -193,10 +193,9 @@ class Cockpit:
         ]
         if isinstance(loss_fn, torch.nn.Module):
             self._handles.append(loss_fn.register_forward_hook(self._on_loss, with_kwargs=True))
+            _WATCHED_LOSSES.add(loss_fn)
         self._patch_zero_grad()
         _WATCHED_MODELS.add(model)
-        if isinstance(loss_fn, torch.nn.Module):
-            _WATCHED_LOSSES.add(loss_fn)
 
     # -- public ---------------------------------------------------------------------------------
     @property

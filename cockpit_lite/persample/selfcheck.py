@@ -120,7 +120,7 @@ def _first_sample_gradient(ctx, view) -> List[torch.Tensor]:
         raise _Unavailable(str(err)) from None
     call, mb, b = bl.calls[0], view.micro_batches[0], view.batch_sizes[0]
     # frozen parameters (requires_grad=False, e.g. a frozen param group) have no gradient: 0, as in the rules
-    params = [p.detach().requires_grad_(bool(w.requires_grad)) for p, w in zip(bl.params, ctx.watched.params)]
+    params = [p.detach().requires_grad_(t) for p, t in zip(bl.params, bl.trainable)]
     amp = getattr(ctx.model_calls[0], "autocast", None) if ctx.model_calls else None
     with preserved_rng(), torch.enable_grad(), _autocast(amp):
         try:

@@ -45,7 +45,7 @@ class PerSampleView:
         self.calls_by_forward = {k: [c for c in calls if c.forward == k] for k in forwards}
         self.batch_sizes: List[int] = []
         self.factors: List[torch.Tensor] = []
-        off_batch = []  # (call, its size, the forward's batch size): a module called without the batch dimension
+        off_batch = {}  # id(call) -> (its size, the forward's batch size): a module called without the batch dimension
         for k in forwards:
             sizes = [_batch_size(c) for c in self.calls_by_forward[k]]
             # the batch: where attention declares its batch dimension (batch_first), its size (the layers
@@ -55,7 +55,7 @@ class PerSampleView:
                         if isinstance(c.module, torch.nn.MultiheadAttention)]
             b = declared[0] if declared else max(sizes, key=lambda v: (sizes.count(v), -sizes.index(v)))
             self.batch_sizes.append(b)
-            off_batch += [(c, n, b) for c, n in zip(self.calls_by_forward[k], sizes) if n != b]
+            off_batch.update((id(c), (n, b)) for c, n in zip(self.calls_by_forward[k], sizes) if n != b)
         self.n_local = int(sum(self.batch_sizes))  # samples of this process
         if not calls:
             self._global_reason = "no layer with observed parameters received a gradient on this step"
@@ -89,20 +89,18 @@ class PerSampleView:
                     self.feeds[j].append((pos, c, attr))
                     if c.order <= last_bn:
                         self._reasons.setdefault(self.names[j], BATCHNORM_REASON)
+                    if id(c) in off_batch:
+                        n, b = off_batch[id(c)]
+                        self._reasons.setdefault(self.names[j], (
+                            f"its module ('{c.module_name}') was called on {n} entries along the batch dimension "
+                            f"where the other layers of the forward saw {b} samples: a module called without the "
+                            "batch dimension (e.g. nn.Embedding(T, d)(torch.arange(T)) broadcast over the batch; call "
+                            "it with arange(T).expand(B, -1)) has no per-sample gradients"))
         for j, name in enumerate(self.names):
             if not self.feeds[j] and self.params[j].grad is not None and name not in self._reasons:
                 if bool((self.params[j].grad != 0).any()):
                     self._reasons[name] = ("its gradient comes from no module call that cockpit-lite could observe "
                                            "(used outside a module's forward?)")
-        for c, n, b in off_batch:
-            for attr, p in owned_parameters(c.module):
-                j = self._index.get(id(p))
-                if j is not None and j not in self.frozen:
-                    self._reasons.setdefault(self.names[j], (
-                        f"its module ('{c.module_name}') was called on {n} entries along the batch dimension where "
-                        f"the other layers of the forward saw {b} samples: a module called without the batch "
-                        "dimension (e.g. nn.Embedding(T, d)(torch.arange(T)) broadcast over the batch; call it with "
-                        "arange(T).expand(B, -1)) has no per-sample gradients"))
         for name, why in getattr(self.ctx.watched, "rule_failures", {}).items():
             self._reasons.setdefault(name, why)  # failed the self-check (selfcheck.py)
         if self._global_reason is not None:

@@ -67,8 +67,7 @@ class GradHist1d(Quantity):
     def before_step(self, ctx):
         view = ctx.per_sample
         reasons = view.unsupported()
-        frozen = getattr(view, "frozen", set())  # requires_grad=False: not trained, no gradient elements
-        usable = [j for j, n in enumerate(ctx.names) if n not in reasons and j not in frozen]
+        usable = [j for j, n in enumerate(ctx.names) if n not in reasons and j not in view.frozen]  # frozen: untrained
         if not usable:
             ctx.emit_data(self.name, {"edges": None, "counts": None, "scale": "B*g_ij",
                                       "reason": "no parameter has per-sample information: " + "; ".join(

@@ -67,8 +67,7 @@ class GradHist2d(Quantity):
         try:
             ps = ctx.per_sample
             missing = dict(ps.unsupported())
-            frozen = getattr(ps, "frozen", set())  # requires_grad=False: not trained, no gradient elements
-            keep = [k for k, n in enumerate(ctx.names) if n not in missing and k not in frozen]
+            keep = [k for k, n in enumerate(ctx.names) if n not in missing and k not in ps.frozen]  # frozen: untrained
             if not keep:
                 ctx.emit_nan(self.name, f"per-sample gradients unavailable: {missing}")
                 return
