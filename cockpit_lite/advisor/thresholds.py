@@ -1,4 +1,4 @@
-"""The advisor's thresholds, each with the reasoning behind its default (README: "The advisor")."""
+"""The advisor's thresholds, each with the reasoning behind its default (docs/advisor.md)."""
 
 from __future__ import annotations
 
