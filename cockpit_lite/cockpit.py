@@ -54,6 +54,12 @@ class _Outcome:
     failed: Optional[BaseException] = None  # what this process raised (or the out-of-step mismatch)
     anywhere: bool = False  # whether it failed in any process
 
+    def fail(self, err: BaseException) -> None:
+        """Keep ``err`` without its traceback: the traceback holds the frame that holds this outcome
+        (a reference cycle keeping the step's context and captured tensors alive until a gc run)."""
+        if self.failed is None:
+            self.failed = err.with_traceback(None)
+
 
 @contextmanager
 def _bracket(dist, step: int, phase: str):
@@ -67,7 +73,8 @@ def _bracket(dist, step: int, phase: str):
         try:
             outcome.anywhere = dist.end(outcome.failed is not None)
         except OutOfStep as err:
-            outcome.failed, outcome.anywhere = outcome.failed or err, True
+            outcome.fail(err)
+            outcome.anywhere = True
     else:
         outcome.anywhere = outcome.failed is not None
 
@@ -448,7 +455,7 @@ class Cockpit:
             try:
                 outcome = selfcheck.run(ctx)
             except Exception as err:
-                bracket.failed = err
+                bracket.fail(err)
         if bracket.anywhere:  # never stops training: tried again on the next per-sample steps, then given up
             self._rule_check_failures += 1
             if self._rule_check_failures >= 3:  # the same count everywhere: the same decision
@@ -478,7 +485,7 @@ class Cockpit:
             try:
                 getattr(q, method)(ctx)
             except Exception as err:
-                outcome.failed = err
+                outcome.fail(err)
         if outcome.failed is not None:
             self._failed(q, method, ctx, outcome.failed)
 

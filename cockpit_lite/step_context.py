@@ -8,7 +8,7 @@ that several quantities share (gradients, the update d) are computed once, on fi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Set
 
 import torch
@@ -35,6 +35,40 @@ class ModelCall:
     kwargs: dict
     rng_state: Any  # (cpu_state, cuda_states or None): restore it to replay dropout exactly
     autocast: Any = None  # (device type, dtype) of an enclosing torch.autocast, else None
+
+
+@dataclass
+class StepInputs:
+    """What a step's derived views (``PerSampleView``) read: the step's inputs, not the ``StepContext``.
+
+    The context owns the view; the view must not point back at the context (nor at anything that does),
+    or the two form a reference cycle that keeps every tracked step's captured activations alive until
+    Python's cyclic garbage collector happens to run.
+    """
+
+    step: int
+    watched: Any
+    micro_batches: List[MicroBatch]
+    reduction: str
+    active: list
+    layer_io: Any = None
+    model_calls: List[ModelCall] = field(default_factory=list)
+
+    @property
+    def names(self) -> List[str]:
+        return self.watched.names
+
+    @property
+    def params(self) -> List[torch.Tensor]:
+        return self.watched.params
+
+    def grads(self) -> List[torch.Tensor]:
+        return current_grads(self.watched.params)
+
+
+def current_grads(params: List[torch.Tensor]) -> List[torch.Tensor]:
+    """``.grad`` of every parameter (zeros where it is None), as the optimizer sees it."""
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
 
 class StepContext:
@@ -71,8 +105,13 @@ class StepContext:
                 raise RuntimeError("per-sample statistics need a quantity that declares the 'layer_io' need")
             from .persample import PerSampleView
 
-            self._per_sample = PerSampleView(self)
+            self._per_sample = PerSampleView(self.inputs())
         return self._per_sample
+
+    def inputs(self) -> StepInputs:
+        """The step's inputs, for a view the context keeps (no reference back to the context)."""
+        return StepInputs(self.step, self.watched, self.micro_batches, self.reduction, list(self.active),
+                          self.layer_io, self.model_calls)
 
     # -- inputs ------------------------------------------------------------------------------
     @property
@@ -87,8 +126,7 @@ class StepContext:
         """``.grad`` of every observed parameter (zeros where it is None), as the optimizer sees it."""
         grads = self.cache.get("grads")
         if grads is None:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.watched.params]
-            self.cache["grads"] = grads
+            grads = self.cache["grads"] = current_grads(self.watched.params)
         return grads
 
     def loss(self) -> Optional[torch.Tensor]:

@@ -14,9 +14,14 @@ import torch
 import cockpit_lite
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_worker.py")
-# tic_diag = sum_j M_j / (c_j + 1e-5) divides by Hessian diagonal entries that cross -1e-5 on this net:
-# float32 rounding of c_j (a different summation order over the two shards) moves it by ~1e-4 relative
-ILL_CONDITIONED = {"tic_diag": 1e-3}
+# tic_diag = sum_j M_j / (c_j + 1e-7) adds terms of both signs divided by tiny Hessian diagonal entries, each
+# a cancelling float32 sum over samples: a different summation order (two shards) moves such c_j by up to
+# 1.3e-4 relative (measured on this net), the total by up to that fraction of abs_terms = sum_j |term_j|
+# (logged with it): at step 2 of "sgd" the value is -69.5 from terms summing to 3876, and the two runs
+# differed by 7.5e-4 of the value, 1.3e-5 of abs_terms. A tolerance relative to the value itself fails
+# on CPUs whose float32 kernels sum in another order; 3e-4 of abs_terms is the first-order worst case
+# (every term off by the largest relative change of c_j seen, same sign) with a margin of 2.
+ABS_TERMS_TOL = {"tic_diag": 3e-4}
 
 
 def _run(args, timeout=240):
@@ -75,12 +80,15 @@ def test_every_quantity_equals_one_process_on_the_concatenated_batch(runs):
         assert {k for k in reasons if not k.startswith("energy")} <= {"cabs"}, reasons
         for key, v in x["values"].items():
             w = y["values"][key]
-            rel = ILL_CONDITIONED.get(key, 1e-5)
             families.add(key.split("/")[0])
             if key in reasons:
                 continue
             assert math.isfinite(v), key
-            assert abs(v - w) <= rel * max(abs(v), abs(w)) + 1e-9, (x["step"], key, v, w)
+            if key in ABS_TERMS_TOL:
+                scale = max(x["data"][key]["abs_terms"], y["data"][key]["abs_terms"])
+                assert abs(v - w) <= ABS_TERMS_TOL[key] * scale, (x["step"], key, v, w, scale)
+                continue
+            assert abs(v - w) <= 1e-5 * max(abs(v), abs(w)) + 1e-9, (x["step"], key, v, w)
     # the per-sample and curvature families are all there (not only the first-order ones)
     assert {"loss", "grad_norm", "norm_test", "inner_test", "ortho_test", "mean_gsnr", "early_stopping",
             "cabs", "alpha", "hess_max_ev", "hess_trace", "ggn_trace", "tic_diag", "tic_trace"} <= families

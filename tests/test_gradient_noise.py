@@ -64,7 +64,13 @@ def assert_hist_matches(run, G_list, step_index=0, exact_range=True):
     assert edges[0] == pytest.approx(-R)
     if exact_range:
         assert R == pytest.approx(float(vals.abs().max()), rel=1e-4)  # the range fits this step's values
-    assert h["clipped"] == int((vals.abs() > R).sum())
+    # clipped: the elements beyond R. R is the exact maximum of the step's values where that is cheap, so the
+    # largest element sits on the edge, and the brute-force reference (per-sample forwards: another float32
+    # summation order) may put it 1 ulp outside (0.99198240 vs R = 0.99198234 with 2 threads): an element
+    # within float32 rounding of R (1e-6 relative, as in test_grad_hist_2d) may count either way
+    surely_out = int((vals.abs() > R * (1 + 1e-6)).sum())
+    maybe_out = int((vals.abs() > R * (1 - 1e-6)).sum())
+    assert surely_out <= h["clipped"] <= maybe_out, (h["clipped"], surely_out, maybe_out)
     # bins [e_k, e_k+1), the outer ones open (clamping), in float64 (zero lands in bin 50)
     expected = torch.bincount(((vals.double() + R) / (2 * R) * 100).floor().clamp(0, 99).long(), minlength=100)
     counts = np.asarray(h["counts"])

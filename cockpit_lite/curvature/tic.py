@@ -6,6 +6,12 @@ c = diag of the Hessian: exact through BackPACK where the model allows it, other
 estimate (labelled ``estimate:hutchinson-diag-hessian``).
 
 tic_diag = sum_j M_j / (c_j + 1e-7);  tic_trace = sum_j M_j / (sum_j c_j + 1e-7).
+
+tic_diag is a sum of terms of both signs (c_j < 0 where the Hessian is not positive), many divided by
+tiny c_j that are themselves a cancelling sum over samples: float32 rounding moves such a c_j by
+~1e-4 relative (a different summation order, e.g. over data-parallel shards), and the total by up
+to ~1e-4 of ``abs_terms`` = sum_j |M_j / (c_j + 1e-7)|, which can be far more than 1e-4 of the total
+(-69.5 from terms summing to 3876 in absolute value). ``abs_terms`` is logged with the value.
 """
 
 from __future__ import annotations
@@ -30,13 +36,16 @@ class TIC:
     curvature: str  # which diagonal was used
     probes: int
     reason: Optional[str] = None
+    abs_terms: Optional[float] = None  # sum_j |M_j / (c_j + eps)|: the scale of tic_diag's rounding error
 
 
 def tic_of(second_moment_mean, curvature_diag):
-    """(tic_diag, tic_trace) from M_j and c_j (lists of tensors shaped like the parameters)."""
+    """(tic_diag, tic_trace, sum_j |M_j / (c_j + eps)|) from M_j and c_j (lists of tensors shaped like
+    the parameters)."""
     m = torch.cat([x.reshape(-1).double() for x in second_moment_mean])
     c = torch.cat([x.reshape(-1).double() for x in curvature_diag])
-    return float((m / (c + EPS)).sum()), float(m.sum() / (c.sum() + EPS))
+    terms = m / (c + EPS)
+    return float(terms.sum()), float(m.sum() / (c.sum() + EPS)), float(terms.abs().sum())
 
 
 def compute(ctx, exact: "curv.ExactDiagonals", probes: int, generator: torch.Generator) -> TIC:
@@ -68,5 +77,5 @@ def _compute(ctx, exact, probes, generator) -> TIC:
             how, used = "estimate:hutchinson-diag-hessian", probes
     except CurvatureUnavailable as err:
         return TIC(None, None, "", 0, str(err))
-    d, t = tic_of([m / n for m in moments], diag)
-    return TIC(d, t, how, used)
+    d, t, abs_terms = tic_of([m / n for m in moments], diag)
+    return TIC(d, t, how, used, abs_terms=abs_terms)

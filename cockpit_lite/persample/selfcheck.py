@@ -86,7 +86,7 @@ def run(ctx) -> Optional[dict]:
                 "the per-sample layer rule disagrees with autograd on this parameter in another process")
             watched.rule_failures[names[j]] = reason
         outcome = {"status": "failed", "failed": {names[j]: watched.rule_failures[names[j]] for j in failed}}
-        ctx._per_sample = PerSampleView(ctx)  # rebuilt: the failed parameters are NaN from here on
+        ctx._per_sample = PerSampleView(ctx.inputs())  # rebuilt: the failed parameters are NaN from here on
     elif not outcome:
         outcome = {"status": "passed"}
     outcome.update({"step": ctx.step, "parameters": len(names) - len(reasons), "tolerance": TOL})

@@ -26,6 +26,8 @@ from .rules import Unsupported, layer_samples
 
 class PerSampleView:
     def __init__(self, ctx):
+        """``ctx``: the step's inputs (``StepContext.inputs()``), never the context itself, which keeps
+        this view: a reference back would make a cycle holding the step's captured activations."""
         self.ctx = ctx
         self.params: List[torch.Tensor] = list(ctx.params)
         self.names: List[str] = list(ctx.names)

@@ -28,4 +28,7 @@ class TICDiag(Quantity):
             ctx.emit_nan(self.name, r.reason)
             return
         ctx.emit(self.name, getattr(r, self.field))
-        ctx.emit_data(self.name, {"curvature": r.curvature, "probes": r.probes})
+        data = {"curvature": r.curvature, "probes": r.probes}
+        if self.field == "diag":  # the scale of its float32 rounding error (curvature/tic.py)
+            data["abs_terms"] = r.abs_terms
+        ctx.emit_data(self.name, data)
