@@ -439,6 +439,11 @@ class Run:
         """Merge one decoded line (``size`` bytes at offset ``at`` of the log) into the state."""
         kind = record["type"]
         if kind == "header":
+            if self.header:
+                raise CorruptLogError(
+                    f"{self.path}, line {self._line_no}: a second header: this file holds two runs (two "
+                    "processes wrote into one logdir, or a log was appended to another). cockpit-lite reads "
+                    f"one run per file; split the file before line {self._line_no} to read each run")
             self._check_header(record)
             self.header = record
         elif not self.header:
