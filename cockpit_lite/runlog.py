@@ -45,7 +45,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 from .gc_pause import gc_paused
 from .runlog_cache import RunCache
 from .runlog_files import claim, open_for_reading
-from .runlog_scan import Scan, note_lines
+from .runlog_keys import is_known, unknown_key
+from .runlog_scan import Scan, as_float, note_lines
 
 FORMAT = "cockpit-lite-log"
 VERSION = 1
@@ -54,7 +55,62 @@ LOG_NAME = "cockpit.jsonl"
 
 
 class CorruptLogError(ValueError):
-    """A line of a run log, other than a torn last line, is not a valid record."""
+    """The log cannot be read as one run (no header, a second header, a version this release does not
+    read), or (``strict=True``) a line other than a torn last line is not a valid record."""
+
+
+class BadRecordError(ValueError):
+    """One line that is not a valid record: it is skipped and reported (``Run.bad_lines``)."""
+
+
+#: a line longer than this is reported as bad without being read into memory
+MAX_LINE_BYTES = 64 * 1024 * 1024
+_INT64 = 1 << 63
+_PLAIN_VALUES = frozenset((float, str, type(None)))  # what a logged value is: a number, "NaN", None
+
+
+def _check_step_number(record: Dict[str, Any]) -> int:
+    if "step" not in record:
+        raise BadRecordError(f"{record.get('type')} record without 'step'")
+    step = record["step"]
+    if type(step) is not int or not -_INT64 <= step < _INT64:
+        raise BadRecordError(f"'step' is {_short(step)}, not an integer step")
+    return step
+
+
+def _check_step_record(record: Dict[str, Any]) -> int:
+    """The step of a step record whose parts have the types the reader merges (else BadRecordError)."""
+    step = _check_step_number(record)
+    values = record.get("values")
+    if values is not None:
+        if type(values) is not dict:
+            raise BadRecordError(f"'values' is {_short(values)}, not an object")
+        if not _PLAIN_VALUES.issuperset(map(type, values.values())):
+            for key, v in values.items():
+                kind = type(v)
+                if kind is int or kind is bool:
+                    if not -_MAX_FLOAT < v < _MAX_FLOAT:
+                        raise BadRecordError(f"value of {key!r} is an integer too large for a float")
+                elif kind not in _PLAIN_VALUES:
+                    raise BadRecordError(f"value of {key!r} is {_short(v)}, not a number")
+    for part in ("reasons", "data"):
+        if part in record and type(record[part]) is not dict:
+            raise BadRecordError(f"{part!r} is {_short(record[part])}, not an object")
+    flags = record.get("flags")
+    if flags is not None and (type(flags) is not list or not all(type(f) is str for f in flags)):
+        raise BadRecordError(f"'flags' is {_short(flags)}, not a list of names")
+    return step
+
+
+_MAX_FLOAT = 2 ** 1024  # integers beyond do not convert to float64
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut short, for a message."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 30 else f"an integer of {len(str(abs(value)))} digits"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 
 
 def encode_number(x: float) -> Union[float, str]:
@@ -72,7 +128,12 @@ def decode_number(x: Any) -> float:
             return float(x)
         except ValueError:
             return math.nan
-    return math.nan if x is None else float(x)
+    if x is None:
+        return math.nan
+    try:
+        return float(x)
+    except (OverflowError, TypeError):  # the reader refuses such lines; a value built by hand
+        return math.nan
 
 
 def _clean(obj: Any) -> Any:
@@ -286,11 +347,15 @@ class Run:
     and writes one when at least ``RunCache.MIN_BYTES`` of the log had to be decoded.
     """
 
-    def __init__(self, path: Union[str, os.PathLike], *, cache: bool = False):
+    def __init__(self, path: Union[str, os.PathLike], *, cache: bool = False, strict: bool = False):
         p = Path(path)
         self.path = p / LOG_NAME if p.is_dir() else p
         if not self.path.exists():
             raise FileNotFoundError(f"no cockpit-lite run log at {self.path}")
+        open_for_reading(self.path).close()  # a FIFO, a device, ...: refused before anything is read
+        self.strict = strict
+        #: ``[(line number, reason), ...]``: lines that are not valid records, skipped (``strict``: refused)
+        self.bad_lines: List[Tuple[int, str]] = []
         self.header: Dict[str, Any] = {}
         self._records: List[Dict[str, Any]] = []  # step records, in order (see ``records``)
         self._by_step: Dict[int, Dict[str, Any]] = {}
@@ -311,6 +376,8 @@ class Run:
         self._scan: Optional[Scan] = None  # see runlog_scan: a large finished log read without records
         store = RunCache(self.path) if cache else None
         cached = store.read(self) if store is not None else False
+        if cached and self.bad_lines:
+            self._warn_bad(self.bad_lines)
         if store is not None and not cached:
             self._hasher = RunCache.hasher()
             self._data_lines = {}
@@ -358,6 +425,7 @@ class Run:
         """Forget everything read and decode the log again from its first byte (no cache)."""
         self.header, self._records, self._by_step = {}, [], {}
         self.skipped, self.events, self.footer = [], [], None
+        self.bad_lines = []
         self._offset = self._line_no = 0
         self._columns = self._steps = self._data_index = None
         self._entries = {}
@@ -373,51 +441,64 @@ class Run:
         return self.footer is not None
 
     def refresh(self) -> int:
-        """Read lines appended since the last read; return how many records were added."""
+        """Read lines appended since the last read; return how many records were added.
+
+        The log is read in blocks; a line longer than ``MAX_LINE_BYTES`` is skipped without being
+        held in memory and reported like any other bad line (see ``bad_lines``)."""
         if self._cached is not None and os.path.getsize(self.path) > self._offset:
             self._data_lines = self._cached.data_lines()  # the cache is rewritten with the new lines
             self.records  # noqa: B018 - new lines merge into the records: build them first
-        with open(self.path, "rb") as fh:
-            fh.seek(self._offset)
-            chunk = fh.read()
-        if not chunk:
-            return 0
-        lines = chunk.split(b"\n")
-        tail = lines.pop()  # b"" when the chunk ends with a newline
-        # the text of every line at once, for json's scanner; orjson reads the bytes themselves
-        texts = None if _orjson_loads is not None else _text_lines(chunk, len(chunk) - len(tail))
-        if self._hasher is not None:
-            self._hasher.update(memoryview(chunk)[:len(chunk) - len(tail)])
         added = 0
-        add, decode = self._add, _decode_line
+        bad_before = len(self.bad_lines)
+        carry = b""  # the start of a line not yet complete
+        long_line = None  # a hasher copy while a line over MAX_LINE_BYTES is skipped (or True: no cache)
+        long_size = 0
         try:
-            with gc_paused():  # the records are acyclic: see cockpit_lite/gc_pause.py
-                for i, raw in enumerate(lines):
-                    self._line_no += 1
-                    at = self._offset
-                    self._offset += len(raw) + 1
-                    if not raw or raw.isspace():
-                        continue
-                    try:
-                        record = decode(raw, texts[i] if texts is not None else None)
-                        if type(record) is not dict or "type" not in record:
-                            raise ValueError("not a record object")
-                    except ValueError as err:
-                        raise CorruptLogError(
-                            f"{self.path}, line {self._line_no}: not a valid record ({err})") from None
-                    add(record, at, len(raw))
-                    added += 1
+            with open_for_reading(self.path) as fh:
+                fh.seek(self._offset)
+                while True:
+                    block = fh.read(self.READ_BYTES)
+                    if not block:
+                        break
+                    if long_line is not None:  # skip to the end of the long line
+                        nl = block.find(b"\n")
+                        part = block if nl < 0 else block[:nl + 1]
+                        if self._hasher is not None:
+                            long_line.update(part)
+                        long_size += len(part)
+                        if nl < 0:
+                            continue
+                        self._line_no += 1
+                        self._offset += long_size
+                        if self._hasher is not None:
+                            self._hasher = long_line
+                        self._bad(f"a line of {long_size - 1} bytes, over the limit of {MAX_LINE_BYTES} bytes")
+                        long_line, long_size, block = None, 0, block[nl + 1:]
+                    chunk = carry + block if carry else block
+                    end = chunk.rfind(b"\n") + 1
+                    carry = chunk[end:]
+                    if end:
+                        added += self._decode_lines(chunk[:end] if carry else chunk)
+                    if len(carry) > MAX_LINE_BYTES:
+                        long_line = self._hasher.copy() if self._hasher is not None else True
+                        if self._hasher is not None:
+                            long_line.update(carry)
+                        long_size, carry = len(carry), b""
         finally:
             if added:
                 # new or amended records: rebuild these on demand
                 self._columns = self._steps = self._data_index = None
                 self._entries = {}
-        self.torn_tail = bool(tail.strip())
+            if len(self.bad_lines) > bad_before:
+                self._warn_bad(self.bad_lines[bad_before:])
+        self.torn_tail = bool(carry.strip()) or long_line is not None
         if self.torn_tail:
             # an unterminated last line: either still being written or cut by a crash
             try:
-                json.loads(tail)
-            except ValueError:
+                if long_line is not None:
+                    raise ValueError("over the line limit")
+                json.loads(carry)
+            except (ValueError, RecursionError):
                 warnings.warn(
                     f"{self.path}: the last line (line {self._line_no + 1}) is incomplete "
                     "(the run was killed mid-write or is still writing); it was ignored",
@@ -426,10 +507,58 @@ class Run:
                 )
         return added
 
+    #: bytes read from the log at once
+    READ_BYTES = 32 * 1024 * 1024
+
+    def _decode_lines(self, chunk: bytes) -> int:
+        """Decode and merge the whole lines of ``chunk`` (it ends with a newline); how many were records."""
+        lines = chunk.split(b"\n")
+        lines.pop()  # b"" after the last newline
+        # the text of every line at once, for json's scanner; orjson reads the bytes themselves
+        texts = None if _orjson_loads is not None else _text_lines(chunk, len(chunk))
+        if self._hasher is not None:
+            self._hasher.update(chunk)
+        added = 0
+        add, decode = self._add, _decode_line
+        with gc_paused():  # the records are acyclic: see cockpit_lite/gc_pause.py
+            for i, raw in enumerate(lines):
+                self._line_no += 1
+                at = self._offset
+                self._offset += len(raw) + 1
+                if not raw or raw.isspace():
+                    continue
+                try:
+                    record = decode(raw, texts[i] if texts is not None else None)
+                    if type(record) is not dict or "type" not in record:
+                        raise ValueError("not a record object")
+                    add(record, at, len(raw))
+                except CorruptLogError:
+                    raise
+                except (ValueError, RecursionError, OverflowError, TypeError) as err:
+                    self._bad(f"{type(err).__name__}: {err}" if isinstance(err, RecursionError) else str(err))
+                    continue
+                added += 1
+        return added
+
+    def _bad(self, reason: str) -> None:
+        """The line just counted is not a valid record: refused (``strict``) or skipped and noted."""
+        if self.strict:
+            raise CorruptLogError(f"{self.path}, line {self._line_no}: not a valid record ({reason})")
+        self.bad_lines.append((self._line_no, reason))
+
+    def _warn_bad(self, bad: List[Tuple[int, str]]) -> None:
+        shown = "; ".join(f"line {n}: {why}" for n, why in bad[:5])
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        warnings.warn(f"{self.path}: {len(bad)} line(s) are not valid records and were skipped ({shown}{more})",
+                      RuntimeWarning, stacklevel=3)
+
     def _check_header(self, record: Dict[str, Any]) -> None:
         if record.get("format") != FORMAT:
-            raise CorruptLogError(f"{self.path}: not a cockpit-lite log (format={record.get('format')!r})")
-        if int(record.get("version", 0)) > VERSION:
+            raise CorruptLogError(f"{self.path}: not a cockpit-lite log (format={_short(record.get('format'))})")
+        version = record.get("version", 0)
+        if type(version) is not int:
+            raise CorruptLogError(f"{self.path}: the header's version is {_short(version)}, not an integer")
+        if version > VERSION:
             raise CorruptLogError(
                 f"{self.path}: log version {record.get('version')} is newer than this cockpit-lite reads "
                 f"({VERSION}); upgrade cockpit-lite"
@@ -449,9 +578,7 @@ class Run:
         elif not self.header:
             raise CorruptLogError(f"{self.path}, line {self._line_no}: records before the header")
         elif kind == "step":
-            if "step" not in record:
-                raise CorruptLogError(f"{self.path}, line {self._line_no}: step record without 'step'")
-            step = int(record["step"])
+            step = _check_step_record(record)
             if self._scan is not None:
                 self._scan.add(step, record, at, size)
                 return
@@ -477,8 +604,13 @@ class Run:
                 else:
                     records.append(record)
         elif kind == "skipped":
+            _check_step_number(record)
+            if not isinstance(record.get("reason", ""), str):
+                raise BadRecordError(f"'reason' is {_short(record['reason'])}, not text")
             self.skipped.append(record)
         elif kind == "event":
+            if not isinstance(record.get("message", ""), str):
+                raise BadRecordError(f"'message' is {_short(record['message'])}, not text")
             self.events.append(record)
         elif kind == "footer":
             self.footer = record
@@ -503,12 +635,17 @@ class Run:
     def series(self, key: str, *, start: Optional[int] = None, stop: Optional[int] = None):
         """``(steps, values)`` as numpy arrays over the records that hold ``key``.
 
-        Values that could not be computed are NaN (``reasons(key)`` says why).
+        Values that could not be computed are NaN (``reasons(key)`` says why). A quantity's key
+        with no values in this run gives empty arrays; a key that is in no record and belongs to
+        no quantity (a typo) raises ``KeyError`` suggesting the close matches (``runlog_keys``).
         """
         import numpy as np
 
-        column = self.columns().get(key)
+        columns = self.columns()
+        column = columns.get(key)
         if column is None:
+            if not is_known(key, self.header):  # a typo, not a quantity without values
+                raise unknown_key(key, columns)
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
         steps, values = column
         lo = 0 if start is None else int(np.searchsorted(steps, start, side="left"))
@@ -611,7 +748,7 @@ class Run:
 
 def _ends_with_footer(path: Path) -> bool:
     """Whether the last line of the log is a complete footer record (the run was closed)."""
-    with open(path, "rb") as fh:
+    with open_for_reading(path) as fh:
         fh.seek(0, os.SEEK_END)
         fh.seek(max(0, fh.tell() - 65536))
         tail = fh.read()
@@ -620,18 +757,24 @@ def _ends_with_footer(path: Path) -> bool:
     last = tail[:-1].rsplit(b"\n", 1)[-1]
     try:
         record = json.loads(last)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(record, dict) and record.get("type") == "footer"
 
 
-def load(path: Union[str, os.PathLike], *, cache: bool = True) -> Run:
+def load(path: Union[str, os.PathLike], *, cache: bool = True, strict: bool = False) -> Run:
     """Read a run log (a logdir or the ``cockpit.jsonl`` file itself), finished or still growing.
 
     ``cache``: start from the cache next to a large log when it is still valid and refresh it
     (see ``cockpit_lite.runlog_cache``); ``False`` decodes the whole log and writes nothing.
+    A line that is not a valid record (not JSON, too deep, over ``MAX_LINE_BYTES``, a step that is
+    not an integer, a value that is no number, ...) costs that line only: it is skipped, listed in
+    ``Run.bad_lines`` with its line number and reason, and a ``RuntimeWarning`` says so;
+    ``strict=True`` raises ``CorruptLogError`` naming the line instead. A file that is not one
+    run's log (no or a bad header, a second header) and a path that is not a regular file (a FIFO,
+    a device) are refused with a clear error.
     """
-    return Run(path, cache=cache)
+    return Run(path, cache=cache, strict=strict)
 
 
 # -- columns --------------------------------------------------------------------------------------
@@ -643,7 +786,7 @@ def _entry_column(pairs: Iterable[Tuple[int, Any]], name: str):
     (``[(step, dict), ...]``), over those that hold one."""
     import numpy as np
 
-    hits = [(s, d[name]) for s, d in pairs if isinstance(d, dict) and isinstance(d.get(name), _NUMBER)]
+    hits = [(s, d[name]) for s, d in pairs if isinstance(d, dict) and as_float(d.get(name)) is not None]
     return (np.array([h[0] for h in hits], dtype=np.int64).reshape(-1),
             np.array([h[1] for h in hits], dtype=np.float64).reshape(-1))
 
@@ -674,7 +817,7 @@ def _decode_table(rows: List[Any], width: int):
         table = np.array(rows, dtype=np.float64)
         if table.shape == ((len(rows), width) if width > 1 else (len(rows),)):
             return list(table.T.copy()) if width > 1 else [table]
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         pass
     return [_decode_column(col) for col in (zip(*rows) if width > 1 else (rows,))]
 
