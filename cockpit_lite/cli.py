@@ -85,6 +85,7 @@ def cmd_plot(args) -> int:
     frozen = gc.get_freeze_count()
     with gc_paused():
         views = dashboard._views(args.logdirs, args.steps)
+        bad = bad_lines_text(getattr(v, "run", None) for v in views)
         gc.freeze()
     try:
         fig = dashboard.render(views, args.output, instruments=names, title=args.title, dpi=args.dpi,
@@ -99,7 +100,21 @@ def cmd_plot(args) -> int:
         if not frozen:  # a caller that froze objects itself keeps them frozen
             gc.unfreeze()
     print(f"wrote {args.output} ({panels} panels, {len(args.logdirs)} run(s), {time.perf_counter() - t0:.1f} s)")
+    for line in bad:
+        print(line)
     return 0
+
+
+def bad_lines_text(runs) -> list:
+    """One line per run with lines that were not valid records (skipped): which, and why."""
+    out = []
+    for run in runs:
+        bad = getattr(run, "bad_lines", None)
+        if bad:
+            shown = "; ".join(f"line {n}: {why}" for n, why in bad[:5])
+            more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+            out.append(f"warning: {run.path}: skipped {len(bad)} line(s) that are not valid records ({shown}{more})")
+    return out
 
 
 def cmd_diagnose(args) -> int:
@@ -125,7 +140,10 @@ def cmd_diagnose(args) -> int:
 def cmd_summary(args) -> int:
     from .runlog import load
 
-    print(summary_text(load(args.logdir), all_keys=args.all_keys))
+    run = load(args.logdir)
+    print(summary_text(run, all_keys=args.all_keys))
+    for line in bad_lines_text([run]):
+        print(line)
     return 0
 
 

@@ -117,12 +117,18 @@ class Cockpit:
             than one, so that they describe the global batch; a process group to use that one; None to
             observe this process's shard only. Every process must watch; process 0 writes the log
             (the others write nothing). See ``cockpit_lite.distributed``.
+        if_exists: what to do when ``logdir`` already holds a run log (re-running a script):
+            ``"error"`` (default) raises ``FileExistsError`` naming these choices; ``"increment"``
+            writes into the first free numbered folder ``LOGDIR-2``, ``LOGDIR-3``, ... (``cockpit.logdir``
+            says which); ``"overwrite"`` replaces the old log, unless a running process still writes
+            it. Two runs started on one logdir at once never share a log: one gets it, the other
+            gets the error (or, with ``"increment"``, its own numbered folder).
     """
 
     def __init__(self, model, optimizer, loss_fn=None, logdir=None, quantities: QuantitySpec = "default",
                  *, fsync: bool = False, sinks: Iterable[Any] = (), tensorboard: bool = False,
                  advisor: Union[bool, Mapping[str, Any]] = False, dashboard: Union[None, bool, str] = None,
-                 distributed: Any = "auto"):
+                 distributed: Any = "auto", if_exists: str = "error"):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"watch() needs an nn.Module as model, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -161,7 +167,11 @@ class Cockpit:
             "runs", datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
         self.writes = group is None or group.rank == 0  # one log per run: process 0 writes it
         header = self._header()
-        self._writer = RunLogWriter(self.logdir, header, fsync=fsync) if self.writes else _NoLog(self.logdir)
+        if self.writes:
+            self._writer = RunLogWriter(self.logdir, header, fsync=fsync, if_exists=if_exists)
+            self.logdir = os.fspath(self._writer.logdir)  # LOGDIR-2, ... with if_exists="increment"
+        else:
+            self._writer = _NoLog(self.logdir)
         self._sinks = list(sinks) if self.writes else []
         if not self.writes:
             tensorboard = advisor = dashboard = False
@@ -550,8 +560,16 @@ class Cockpit:
         self._write_amendments(ctx, time.time())
 
     def _emit_record(self, record: Dict[str, Any]) -> None:
-        """Write a record to the run log, then hand it to every sink (a failing sink is dropped)."""
-        self._writer.write(record)
+        """Write a record to the run log, then hand it to every sink (a failing sink is dropped).
+        A failing write never reaches the training loop (the writer retries or counts it)."""
+        try:
+            self._writer.write(record)
+        except Exception as err:  # e.g. a record the encoder refuses: lost, counted, said once
+            self._writer.dropped = getattr(self._writer, "dropped", 0) + 1
+            if "log" not in self._warned:
+                self._warned.add("log")
+                warnings.warn(f"cockpit-lite: a {record.get('type')} record could not be written to the run log "
+                              f"({err!r}); it was dropped (the footer counts it)", RuntimeWarning, stacklevel=3)
         for sink in list(self._sinks):
             try:
                 sink.write(record)

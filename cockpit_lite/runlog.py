@@ -33,16 +33,20 @@ A run read from a cache answers ``series``, ``steps``, ``reasons``, ``flagged``,
 from __future__ import annotations
 
 import bisect
+import errno
 import json
 import math
 import os
 import warnings
+from collections import deque
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .gc_pause import gc_paused
 from .runlog_cache import RunCache
-from .runlog_scan import Scan, note_lines
+from .runlog_files import claim, open_for_reading
+from .runlog_keys import is_known, unknown_key
+from .runlog_scan import Scan, as_float, note_lines
 
 FORMAT = "cockpit-lite-log"
 VERSION = 1
@@ -51,7 +55,62 @@ LOG_NAME = "cockpit.jsonl"
 
 
 class CorruptLogError(ValueError):
-    """A line of a run log, other than a torn last line, is not a valid record."""
+    """The log cannot be read as one run (no header, a second header, a version this release does not
+    read), or (``strict=True``) a line other than a torn last line is not a valid record."""
+
+
+class BadRecordError(ValueError):
+    """One line that is not a valid record: it is skipped and reported (``Run.bad_lines``)."""
+
+
+#: a line longer than this is reported as bad without being read into memory
+MAX_LINE_BYTES = 64 * 1024 * 1024
+_INT64 = 1 << 63
+_PLAIN_VALUES = frozenset((float, str, type(None)))  # what a logged value is: a number, "NaN", None
+
+
+def _check_step_number(record: Dict[str, Any]) -> int:
+    if "step" not in record:
+        raise BadRecordError(f"{record.get('type')} record without 'step'")
+    step = record["step"]
+    if type(step) is not int or not -_INT64 <= step < _INT64:
+        raise BadRecordError(f"'step' is {_short(step)}, not an integer step")
+    return step
+
+
+def _check_step_record(record: Dict[str, Any]) -> int:
+    """The step of a step record whose parts have the types the reader merges (else BadRecordError)."""
+    step = _check_step_number(record)
+    values = record.get("values")
+    if values is not None:
+        if type(values) is not dict:
+            raise BadRecordError(f"'values' is {_short(values)}, not an object")
+        if not _PLAIN_VALUES.issuperset(map(type, values.values())):
+            for key, v in values.items():
+                kind = type(v)
+                if kind is int or kind is bool:
+                    if not -_MAX_FLOAT < v < _MAX_FLOAT:
+                        raise BadRecordError(f"value of {key!r} is an integer too large for a float")
+                elif kind not in _PLAIN_VALUES:
+                    raise BadRecordError(f"value of {key!r} is {_short(v)}, not a number")
+    for part in ("reasons", "data"):
+        if part in record and type(record[part]) is not dict:
+            raise BadRecordError(f"{part!r} is {_short(record[part])}, not an object")
+    flags = record.get("flags")
+    if flags is not None and (type(flags) is not list or not all(type(f) is str for f in flags)):
+        raise BadRecordError(f"'flags' is {_short(flags)}, not a list of names")
+    return step
+
+
+_MAX_FLOAT = 2 ** 1024  # integers beyond do not convert to float64
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut short, for a message."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 30 else f"an integer of {len(str(abs(value)))} digits"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 
 
 def encode_number(x: float) -> Union[float, str]:
@@ -69,7 +128,12 @@ def decode_number(x: Any) -> float:
             return float(x)
         except ValueError:
             return math.nan
-    return math.nan if x is None else float(x)
+    if x is None:
+        return math.nan
+    try:
+        return float(x)
+    except (OverflowError, TypeError):  # the reader refuses such lines; a value built by hand
+        return math.nan
 
 
 def _clean(obj: Any) -> Any:
@@ -133,52 +197,147 @@ def _decode_line(raw: bytes, text: Optional[str] = None) -> Any:
 
 
 class RunLogWriter:
-    """Appends records to ``LOGDIR/cockpit.jsonl``; every record is one flushed line."""
+    """Appends records to ``LOGDIR/cockpit.jsonl``; every record is one flushed line.
 
-    def __init__(self, logdir: Union[str, os.PathLike], header: Dict[str, Any], fsync: bool = False):
-        self.logdir = Path(logdir)
+    The log is created exclusively and locked (``runlog_files.claim``; ``if_exists`` says what to do
+    when ``LOGDIR`` already holds one; ``logdir`` is then the folder actually used). A write that
+    fails (a full disk: ``OSError`` 28, a quota, an I/O error) never raises: the line's partial
+    bytes are cut off again (the log stays valid JSON lines), the record is kept to be retried
+    before the next one (up to ``MAX_PENDING_BYTES`` of them; older ones are then dropped and
+    counted in ``dropped``), and one ``RuntimeWarning`` says so. ``close`` writes the count of
+    dropped records into the footer (``dropped_records``).
+    """
+
+    #: records kept for a retry while writes fail (bytes of JSON); beyond, the oldest are dropped
+    MAX_PENDING_BYTES = 8 * 1024 * 1024
+
+    def __init__(self, logdir: Union[str, os.PathLike], header: Dict[str, Any], fsync: bool = False,
+                 if_exists: str = "error"):
         try:
-            self.logdir.mkdir(parents=True, exist_ok=True)
-            self.path = self.logdir / LOG_NAME
-            # line-buffered text would split long lines into several writes; write bytes ourselves
-            self._fh = open(self.path, "ab", buffering=0)
+            folder, fd = claim(logdir, LOG_NAME, if_exists)
+        except (FileExistsError, ValueError):
+            raise
         except OSError as err:
             raise OSError(f"cockpit-lite cannot write its run log in {str(logdir)!r}: {err.strerror or err}") from err
+        self.logdir = folder
+        self.path = folder / LOG_NAME
+        # line-buffered text would split long lines into several writes; write bytes ourselves
+        self._fh = open(fd, "ab", buffering=0)
         self.fsync = fsync
         self.closed = False
-        if self.path.stat().st_size > 0:
-            raise FileExistsError(
-                f"{self.path} already holds a run log; use a new logdir for each run (or delete the old log)"
-            )
+        self.dropped = 0  # records given up (see the class docstring)
+        self.failures = 0  # writes that failed
+        self.last_error: Optional[str] = None
+        self._size = 0  # bytes of whole lines in the log: where a failed write is cut back to
+        self._torn = False  # a failed write's bytes could not be cut off: the next line starts a new one
+        self._pending: "deque[bytes]" = deque()
+        self._pending_bytes = 0
         self.write({"type": "header", "format": FORMAT, "version": VERSION, **header})
 
-    def write(self, record: Dict[str, Any]) -> None:
-        if self.closed:
-            raise RuntimeError("the run log is closed")
+    @staticmethod
+    def encode(record: Dict[str, Any]) -> bytes:
+        """``record`` as one line of JSON (non-finite numbers as strings)."""
         values = record.get("values")
-        if values is not None:  # the hot path: a flat dict of floats
+        if values is not None and type(values) is dict:  # the hot path: a flat dict of floats
             record = dict(record)
             record["values"] = {k: (v if (isinstance(v, float) and v - v == 0) else _clean(v)) for k, v in values.items()}
             line = json.dumps({k: (v if k == "values" else _clean(v)) for k, v in record.items()},
                               separators=(",", ":"), allow_nan=False) + "\n"
         else:
             line = json.dumps(_clean(record), separators=(",", ":"), allow_nan=False) + "\n"
-        data = line.encode("utf-8")
-        # a raw (unbuffered) file may write fewer bytes than asked; loop until the line is out
+        return line.encode("utf-8")
+
+    def write(self, record: Dict[str, Any]) -> bool:
+        """Append ``record``; False if it could not be written now (kept for a retry, or dropped)."""
+        if self.closed:
+            raise RuntimeError("the run log is closed")
+        data = self.encode(record)
+        if self._pending and not self._flush_pending():
+            self._keep(data)
+            return False
+        if self._write_line(data):
+            return True
+        self._keep(data)
+        return False
+
+    def _flush_pending(self) -> bool:
+        """Write the records kept from failed writes, oldest first; False if one fails again."""
+        while self._pending:
+            if not self._write_line(self._pending[0]):
+                return False
+            self._pending_bytes -= len(self._pending.popleft())
+        return True
+
+    def _keep(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        while self._pending_bytes > self.MAX_PENDING_BYTES and self._pending:
+            self._pending_bytes -= len(self._pending.popleft())
+            self.dropped += 1
+
+    def _write_line(self, data: bytes) -> bool:
+        """One whole line, or nothing: on a failure the bytes written are cut off again."""
+        if self._torn:  # an earlier line's bytes are still there: end that line first
+            data = b"\n" + data
         view = memoryview(data)
-        while view:
-            n = self._fh.write(view)
-            view = view[n:]
-        if self.fsync:
-            os.fsync(self._fh.fileno())
+        try:
+            # a raw (unbuffered) file may write fewer bytes than asked; loop until the line is out
+            while view:
+                n = self._fh.write(view)
+                if n is None or n <= 0:
+                    raise OSError(errno.EIO, "the file accepted no bytes")
+                view = view[n:]
+            if self.fsync:
+                os.fsync(self._fh.fileno())
+        except OSError as err:
+            self._failed(err, partial=len(view) < len(data))
+            return False
+        self._size += len(data)
+        self._torn = False
+        return True
+
+    def _failed(self, err: OSError, partial: bool) -> None:
+        self.failures += 1
+        self.last_error = f"{type(err).__name__} {err.errno}: {err.strerror or err}" if err.errno else repr(err)
+        if partial or self._torn:
+            try:  # cut the torn line off: the log ends with a whole line again
+                os.ftruncate(self._fh.fileno(), self._size)
+                self._torn = False
+            except OSError:
+                self._torn = True  # the reader skips the torn line; the next line starts on its own
+        if self.failures == 1:
+            warnings.warn(
+                f"cockpit-lite: writing the run log {self.path} failed ({self.last_error}); training goes on, "
+                "records are kept and written again once writes succeed (the oldest are dropped and counted "
+                "beyond a limit; the footer says how many)", RuntimeWarning, stacklevel=4)
 
     def close(self, footer: Optional[Dict[str, Any]] = None) -> None:
+        """Write the footer (with ``dropped_records``) and close; never raises for a failing write."""
         if self.closed:
             return
-        if footer is not None:
-            self.write({"type": "footer", **footer})
-        self._fh.close()
-        self.closed = True
+        try:
+            if footer is not None:
+                footer = {"type": "footer", **footer}
+                if self.failures:
+                    footer["write_failures"] = self.failures
+                if not self._flush_pending():
+                    # records still kept and the footer: dropped now (with the footer itself)
+                    footer["dropped_records"] = self.dropped + len(self._pending)
+                elif self.dropped or self.failures:
+                    footer["dropped_records"] = self.dropped
+                if not self._write_line(self.encode(footer)):
+                    self.dropped += 1
+            self.dropped += len(self._pending)
+            self._pending.clear()
+            if self.dropped:
+                warnings.warn(f"cockpit-lite: {self.dropped} record(s) could not be written to {self.path} "
+                              f"({self.last_error})", RuntimeWarning, stacklevel=3)
+        finally:
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+            self.closed = True
 
 
 class Run:
@@ -188,11 +347,15 @@ class Run:
     and writes one when at least ``RunCache.MIN_BYTES`` of the log had to be decoded.
     """
 
-    def __init__(self, path: Union[str, os.PathLike], *, cache: bool = False):
+    def __init__(self, path: Union[str, os.PathLike], *, cache: bool = False, strict: bool = False):
         p = Path(path)
         self.path = p / LOG_NAME if p.is_dir() else p
         if not self.path.exists():
             raise FileNotFoundError(f"no cockpit-lite run log at {self.path}")
+        open_for_reading(self.path).close()  # a FIFO, a device, ...: refused before anything is read
+        self.strict = strict
+        #: ``[(line number, reason), ...]``: lines that are not valid records, skipped (``strict``: refused)
+        self.bad_lines: List[Tuple[int, str]] = []
         self.header: Dict[str, Any] = {}
         self._records: List[Dict[str, Any]] = []  # step records, in order (see ``records``)
         self._by_step: Dict[int, Dict[str, Any]] = {}
@@ -213,6 +376,8 @@ class Run:
         self._scan: Optional[Scan] = None  # see runlog_scan: a large finished log read without records
         store = RunCache(self.path) if cache else None
         cached = store.read(self) if store is not None else False
+        if cached and self.bad_lines:
+            self._warn_bad(self.bad_lines)
         if store is not None and not cached:
             self._hasher = RunCache.hasher()
             self._data_lines = {}
@@ -260,6 +425,7 @@ class Run:
         """Forget everything read and decode the log again from its first byte (no cache)."""
         self.header, self._records, self._by_step = {}, [], {}
         self.skipped, self.events, self.footer = [], [], None
+        self.bad_lines = []
         self._offset = self._line_no = 0
         self._columns = self._steps = self._data_index = None
         self._entries = {}
@@ -275,51 +441,64 @@ class Run:
         return self.footer is not None
 
     def refresh(self) -> int:
-        """Read lines appended since the last read; return how many records were added."""
+        """Read lines appended since the last read; return how many records were added.
+
+        The log is read in blocks; a line longer than ``MAX_LINE_BYTES`` is skipped without being
+        held in memory and reported like any other bad line (see ``bad_lines``)."""
         if self._cached is not None and os.path.getsize(self.path) > self._offset:
             self._data_lines = self._cached.data_lines()  # the cache is rewritten with the new lines
             self.records  # noqa: B018 - new lines merge into the records: build them first
-        with open(self.path, "rb") as fh:
-            fh.seek(self._offset)
-            chunk = fh.read()
-        if not chunk:
-            return 0
-        lines = chunk.split(b"\n")
-        tail = lines.pop()  # b"" when the chunk ends with a newline
-        # the text of every line at once, for json's scanner; orjson reads the bytes themselves
-        texts = None if _orjson_loads is not None else _text_lines(chunk, len(chunk) - len(tail))
-        if self._hasher is not None:
-            self._hasher.update(memoryview(chunk)[:len(chunk) - len(tail)])
         added = 0
-        add, decode = self._add, _decode_line
+        bad_before = len(self.bad_lines)
+        carry = b""  # the start of a line not yet complete
+        long_line = None  # a hasher copy while a line over MAX_LINE_BYTES is skipped (or True: no cache)
+        long_size = 0
         try:
-            with gc_paused():  # the records are acyclic: see cockpit_lite/gc_pause.py
-                for i, raw in enumerate(lines):
-                    self._line_no += 1
-                    at = self._offset
-                    self._offset += len(raw) + 1
-                    if not raw or raw.isspace():
-                        continue
-                    try:
-                        record = decode(raw, texts[i] if texts is not None else None)
-                        if type(record) is not dict or "type" not in record:
-                            raise ValueError("not a record object")
-                    except ValueError as err:
-                        raise CorruptLogError(
-                            f"{self.path}, line {self._line_no}: not a valid record ({err})") from None
-                    add(record, at, len(raw))
-                    added += 1
+            with open_for_reading(self.path) as fh:
+                fh.seek(self._offset)
+                while True:
+                    block = fh.read(self.READ_BYTES)
+                    if not block:
+                        break
+                    if long_line is not None:  # skip to the end of the long line
+                        nl = block.find(b"\n")
+                        part = block if nl < 0 else block[:nl + 1]
+                        if self._hasher is not None:
+                            long_line.update(part)
+                        long_size += len(part)
+                        if nl < 0:
+                            continue
+                        self._line_no += 1
+                        self._offset += long_size
+                        if self._hasher is not None:
+                            self._hasher = long_line
+                        self._bad(f"a line of {long_size - 1} bytes, over the limit of {MAX_LINE_BYTES} bytes")
+                        long_line, long_size, block = None, 0, block[nl + 1:]
+                    chunk = carry + block if carry else block
+                    end = chunk.rfind(b"\n") + 1
+                    carry = chunk[end:]
+                    if end:
+                        added += self._decode_lines(chunk[:end] if carry else chunk)
+                    if len(carry) > MAX_LINE_BYTES:
+                        long_line = self._hasher.copy() if self._hasher is not None else True
+                        if self._hasher is not None:
+                            long_line.update(carry)
+                        long_size, carry = len(carry), b""
         finally:
             if added:
                 # new or amended records: rebuild these on demand
                 self._columns = self._steps = self._data_index = None
                 self._entries = {}
-        self.torn_tail = bool(tail.strip())
+            if len(self.bad_lines) > bad_before:
+                self._warn_bad(self.bad_lines[bad_before:])
+        self.torn_tail = bool(carry.strip()) or long_line is not None
         if self.torn_tail:
             # an unterminated last line: either still being written or cut by a crash
             try:
-                json.loads(tail)
-            except ValueError:
+                if long_line is not None:
+                    raise ValueError("over the line limit")
+                json.loads(carry)
+            except (ValueError, RecursionError):
                 warnings.warn(
                     f"{self.path}: the last line (line {self._line_no + 1}) is incomplete "
                     "(the run was killed mid-write or is still writing); it was ignored",
@@ -328,10 +507,58 @@ class Run:
                 )
         return added
 
+    #: bytes read from the log at once
+    READ_BYTES = 32 * 1024 * 1024
+
+    def _decode_lines(self, chunk: bytes) -> int:
+        """Decode and merge the whole lines of ``chunk`` (it ends with a newline); how many were records."""
+        lines = chunk.split(b"\n")
+        lines.pop()  # b"" after the last newline
+        # the text of every line at once, for json's scanner; orjson reads the bytes themselves
+        texts = None if _orjson_loads is not None else _text_lines(chunk, len(chunk))
+        if self._hasher is not None:
+            self._hasher.update(chunk)
+        added = 0
+        add, decode = self._add, _decode_line
+        with gc_paused():  # the records are acyclic: see cockpit_lite/gc_pause.py
+            for i, raw in enumerate(lines):
+                self._line_no += 1
+                at = self._offset
+                self._offset += len(raw) + 1
+                if not raw or raw.isspace():
+                    continue
+                try:
+                    record = decode(raw, texts[i] if texts is not None else None)
+                    if type(record) is not dict or "type" not in record:
+                        raise ValueError("not a record object")
+                    add(record, at, len(raw))
+                except CorruptLogError:
+                    raise
+                except (ValueError, RecursionError, OverflowError, TypeError) as err:
+                    self._bad(f"{type(err).__name__}: {err}" if isinstance(err, RecursionError) else str(err))
+                    continue
+                added += 1
+        return added
+
+    def _bad(self, reason: str) -> None:
+        """The line just counted is not a valid record: refused (``strict``) or skipped and noted."""
+        if self.strict:
+            raise CorruptLogError(f"{self.path}, line {self._line_no}: not a valid record ({reason})")
+        self.bad_lines.append((self._line_no, reason))
+
+    def _warn_bad(self, bad: List[Tuple[int, str]]) -> None:
+        shown = "; ".join(f"line {n}: {why}" for n, why in bad[:5])
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        warnings.warn(f"{self.path}: {len(bad)} line(s) are not valid records and were skipped ({shown}{more})",
+                      RuntimeWarning, stacklevel=3)
+
     def _check_header(self, record: Dict[str, Any]) -> None:
         if record.get("format") != FORMAT:
-            raise CorruptLogError(f"{self.path}: not a cockpit-lite log (format={record.get('format')!r})")
-        if int(record.get("version", 0)) > VERSION:
+            raise CorruptLogError(f"{self.path}: not a cockpit-lite log (format={_short(record.get('format'))})")
+        version = record.get("version", 0)
+        if type(version) is not int:
+            raise CorruptLogError(f"{self.path}: the header's version is {_short(version)}, not an integer")
+        if version > VERSION:
             raise CorruptLogError(
                 f"{self.path}: log version {record.get('version')} is newer than this cockpit-lite reads "
                 f"({VERSION}); upgrade cockpit-lite"
@@ -341,14 +568,17 @@ class Run:
         """Merge one decoded line (``size`` bytes at offset ``at`` of the log) into the state."""
         kind = record["type"]
         if kind == "header":
+            if self.header:
+                raise CorruptLogError(
+                    f"{self.path}, line {self._line_no}: a second header: this file holds two runs (two "
+                    "processes wrote into one logdir, or a log was appended to another). cockpit-lite reads "
+                    f"one run per file; split the file before line {self._line_no} to read each run")
             self._check_header(record)
             self.header = record
         elif not self.header:
             raise CorruptLogError(f"{self.path}, line {self._line_no}: records before the header")
         elif kind == "step":
-            if "step" not in record:
-                raise CorruptLogError(f"{self.path}, line {self._line_no}: step record without 'step'")
-            step = int(record["step"])
+            step = _check_step_record(record)
             if self._scan is not None:
                 self._scan.add(step, record, at, size)
                 return
@@ -374,8 +604,13 @@ class Run:
                 else:
                     records.append(record)
         elif kind == "skipped":
+            _check_step_number(record)
+            if not isinstance(record.get("reason", ""), str):
+                raise BadRecordError(f"'reason' is {_short(record['reason'])}, not text")
             self.skipped.append(record)
         elif kind == "event":
+            if not isinstance(record.get("message", ""), str):
+                raise BadRecordError(f"'message' is {_short(record['message'])}, not text")
             self.events.append(record)
         elif kind == "footer":
             self.footer = record
@@ -400,12 +635,17 @@ class Run:
     def series(self, key: str, *, start: Optional[int] = None, stop: Optional[int] = None):
         """``(steps, values)`` as numpy arrays over the records that hold ``key``.
 
-        Values that could not be computed are NaN (``reasons(key)`` says why).
+        Values that could not be computed are NaN (``reasons(key)`` says why). A quantity's key
+        with no values in this run gives empty arrays; a key that is in no record and belongs to
+        no quantity (a typo) raises ``KeyError`` suggesting the close matches (``runlog_keys``).
         """
         import numpy as np
 
-        column = self.columns().get(key)
+        columns = self.columns()
+        column = columns.get(key)
         if column is None:
+            if not is_known(key, self.header):  # a typo, not a quantity without values
+                raise unknown_key(key, columns)
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
         steps, values = column
         lo = 0 if start is None else int(np.searchsorted(steps, start, side="left"))
@@ -508,7 +748,7 @@ class Run:
 
 def _ends_with_footer(path: Path) -> bool:
     """Whether the last line of the log is a complete footer record (the run was closed)."""
-    with open(path, "rb") as fh:
+    with open_for_reading(path) as fh:
         fh.seek(0, os.SEEK_END)
         fh.seek(max(0, fh.tell() - 65536))
         tail = fh.read()
@@ -517,18 +757,24 @@ def _ends_with_footer(path: Path) -> bool:
     last = tail[:-1].rsplit(b"\n", 1)[-1]
     try:
         record = json.loads(last)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(record, dict) and record.get("type") == "footer"
 
 
-def load(path: Union[str, os.PathLike], *, cache: bool = True) -> Run:
+def load(path: Union[str, os.PathLike], *, cache: bool = True, strict: bool = False) -> Run:
     """Read a run log (a logdir or the ``cockpit.jsonl`` file itself), finished or still growing.
 
     ``cache``: start from the cache next to a large log when it is still valid and refresh it
     (see ``cockpit_lite.runlog_cache``); ``False`` decodes the whole log and writes nothing.
+    A line that is not a valid record (not JSON, too deep, over ``MAX_LINE_BYTES``, a step that is
+    not an integer, a value that is no number, ...) costs that line only: it is skipped, listed in
+    ``Run.bad_lines`` with its line number and reason, and a ``RuntimeWarning`` says so;
+    ``strict=True`` raises ``CorruptLogError`` naming the line instead. A file that is not one
+    run's log (no or a bad header, a second header) and a path that is not a regular file (a FIFO,
+    a device) are refused with a clear error.
     """
-    return Run(path, cache=cache)
+    return Run(path, cache=cache, strict=strict)
 
 
 # -- columns --------------------------------------------------------------------------------------
@@ -540,7 +786,7 @@ def _entry_column(pairs: Iterable[Tuple[int, Any]], name: str):
     (``[(step, dict), ...]``), over those that hold one."""
     import numpy as np
 
-    hits = [(s, d[name]) for s, d in pairs if isinstance(d, dict) and isinstance(d.get(name), _NUMBER)]
+    hits = [(s, d[name]) for s, d in pairs if isinstance(d, dict) and as_float(d.get(name)) is not None]
     return (np.array([h[0] for h in hits], dtype=np.int64).reshape(-1),
             np.array([h[1] for h in hits], dtype=np.float64).reshape(-1))
 
@@ -571,7 +817,7 @@ def _decode_table(rows: List[Any], width: int):
         table = np.array(rows, dtype=np.float64)
         if table.shape == ((len(rows), width) if width > 1 else (len(rows),)):
             return list(table.T.copy()) if width > 1 else [table]
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         pass
     return [_decode_column(col) for col in (zip(*rows) if width > 1 else (rows,))]
 

@@ -132,9 +132,10 @@ def _structures(log_path: Path, key: str, steps, offsets, sizes) -> List[Tuple[i
     import mmap
 
     from .runlog import _decode_line
+    from .runlog_files import open_for_reading
 
     out = []
-    with open(log_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as log:
+    with open_for_reading(log_path) as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as log:
         with gc_paused():
             for step, at, size in zip(steps.tolist(), offsets.tolist(), sizes.tolist()):
                 record = _decode_line(log[at:at + size])
@@ -165,7 +166,7 @@ class RunCache:
     reader's merging rules or this layout change.
     """
 
-    MAGIC = b"cockpit-lite run-log cache 4\n"
+    MAGIC = b"cockpit-lite run-log cache 5\n"
     #: decode at least this many bytes of log before writing a cache: small logs are quick anyway
     MIN_BYTES = 8 * 1024 * 1024
     #: record fields and ``(data key, entry)`` numbers kept as columns: what the dashboard and the
@@ -173,7 +174,7 @@ class RunCache:
     #: is read from the records or the structures, which a cached run then builds or unpickles.
     FIELDS = ("samples",)
     DATA_FIELDS = (("energy", "steps"), ("hess_max_ev", "converged"))
-    _STATE = ("header", "skipped", "events", "footer")
+    _STATE = ("header", "skipped", "events", "footer", "bad_lines")
 
     def __init__(self, log_path: Path):
         self.log_path = Path(log_path)
@@ -200,8 +201,10 @@ class RunCache:
 
     def read(self, run: "Run") -> bool:
         """Put the cached state into ``run`` (fresh, nothing read yet) if the cache is valid."""
+        from .runlog_files import open_for_reading
+
         try:
-            with open(self.path, "rb") as fh:
+            with open_for_reading(self.path) as fh:
                 if fh.read(len(self.MAGIC)) != self.MAGIC:
                     return False
                 with gc_paused():
@@ -209,9 +212,10 @@ class RunCache:
             covered, lines = state["covered"], state["lines"]
             if state["byteorder"] != sys.byteorder:  # the columns are raw machine numbers
                 return False
-            if not (isinstance(covered, int) and isinstance(lines, int) and isinstance(state["header"], dict)):
+            if not (isinstance(covered, int) and isinstance(lines, int) and isinstance(state["header"], dict)
+                    and isinstance(state["bad_lines"], list)):
                 return False
-            with open(self.log_path, "rb") as log:
+            with open_for_reading(self.log_path) as log:
                 hasher = self.digest(log, covered)
             if hasher is None or hasher.hexdigest() != state["digest"]:
                 return False
@@ -227,7 +231,8 @@ class RunCache:
         columns = _columns_from_bytes(state["columns"], state["step_arrays"])
         if state["header"]:
             run._check_header(state["header"])  # a log this version cannot read is refused as without cache
-        run.header, run.skipped, run.events, run.footer = (state[k] for k in self._STATE)
+        for name in self._STATE:
+            setattr(run, name, state[name])
         run._cached = cached  # records on demand: see Run.records
         run._columns = columns
         run._offset, run._line_no = state["covered"], state["lines"]

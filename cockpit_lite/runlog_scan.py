@@ -15,9 +15,20 @@ reason or structure wins; flags add up; the record fields are those of the step'
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 _NUMBER = (int, float)  # bool included: a flag reads as 0/1
+
+
+def as_float(value: Any) -> Optional[float]:
+    """A JSON number (bool included, as 0/1) as a float; None for anything else or too large
+    for a float (an integer of 400 digits is no value the log can stand for)."""
+    if isinstance(value, _NUMBER):
+        try:
+            return float(value)
+        except OverflowError:
+            return None
+    return None
 
 
 class _Group:
@@ -55,8 +66,8 @@ class Scan:
         if step not in self._seen:
             self._seen[step] = None
             for name, column in self._fields.items():
-                value = record.get(name)
-                if isinstance(value, _NUMBER):
+                value = as_float(record.get(name))
+                if value is not None:
                     column[step] = value
         self.add_values(step, record.get("values"))
         reasons = record.get("reasons")
@@ -79,8 +90,8 @@ class Scan:
                 entries = self._entries.get(key)
                 if entries is not None:
                     for name, column in entries:
-                        entry = structure.get(name) if type(structure) is dict else None
-                        if isinstance(entry, _NUMBER):
+                        entry = as_float(structure.get(name)) if type(structure) is dict else None
+                        if entry is not None:
                             column[step] = entry
                         else:  # this line's structure replaces the earlier one, entry and all
                             column.pop(step, None)

@@ -133,7 +133,12 @@ class RunView:
 
     def series(self, key: str):
         if key not in self._series:
-            self._series[key] = self.run.series(key, start=self.start, stop=self.stop)
+            try:
+                self._series[key] = self.run.series(key, start=self.start, stop=self.stop)
+            except KeyError:  # a key in no record and of no quantity (Run.series): nothing to draw
+                import numpy as np
+
+                self._series[key] = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64))
         return self._series[key]
 
     def prefetch(self, keys: Iterable[str], data_keys: Iterable[str] = ()) -> None:

@@ -83,3 +83,39 @@ def test_renderer_errors_are_reported_not_raised(tmp_path):
     live.stop()
     errors = live.errors()
     assert errors and "not a cockpit-lite log" in errors[0]
+
+
+def test_without_a_cpu_share_the_interval_is_the_pace():
+    from cockpit_lite.live import pause_after
+
+    # before: a 1.6 CPU-s render on 2 cores at the 1 % default share waited 80 s, whatever the interval
+    assert pause_after(1.6, 10.0, None, 2) == 10.0
+    assert pause_after(1.6, 10.0, None, 2, render_wall_s=3.0) == 7.0  # counted from the render's start
+    assert pause_after(1.6, 10.0, 0.01, 2) == pytest.approx(80.0)  # the budget, when asked for
+
+
+@pytest.mark.slow
+def test_process_renderer_draws_at_the_interval_asked_for(tmp_path):
+    png = tmp_path / "live.png"
+    writer = RunLogWriter(tmp_path / "run", {})
+    live = LiveDashboard(tmp_path / "run", png, interval_s=1.0, instruments=["performance"]).start()
+    try:
+        step = 0
+        end = time.monotonic() + 120
+        while live.renders < 1 and time.monotonic() < end:  # the renderer starts (imports) first
+            _step(writer, step)
+            step += 1
+            time.sleep(0.05)
+        assert live.renders >= 1, live.errors()
+        first, t0 = live.renders, time.monotonic()
+        while time.monotonic() < t0 + 10:
+            _step(writer, step)
+            step += 1
+            time.sleep(0.05)
+        # a frame every second (plus the render's own time on a loaded machine); the former 1 %
+        # CPU budget allowed one per 35-80 s here
+        assert live.renders - first >= 3, (live.renders, live.errors())
+        writer.close({"steps": step})
+    finally:
+        live.stop()
+    assert not live.running and live.errors() == []

@@ -374,8 +374,9 @@ def test_prefetched_series_equal_the_runs_own_series(request, which):
     keys = full_run.keys()
     for start, stop in ((None, None), (5, 30)):
         view = RunView(full_run, start, stop)
-        view.prefetch(keys + ["no_such_key"], ["grad_hist_1d", "alpha", "energy", "nothing"])
-        for key in keys + ["no_such_key"]:
+        view.prefetch(keys + ["no_such_key", "hess_trace"], ["grad_hist_1d", "alpha", "energy", "nothing"])
+        assert view.series("no_such_key")[0].size == 0  # Run.series raises KeyError for it: nothing drawn
+        for key in keys + ["hess_trace"]:
             s_ref, v_ref = full_run.series(key, start=start, stop=stop)
             s, v = view.series(key)
             np.testing.assert_array_equal(s, s_ref)

@@ -66,14 +66,17 @@ def test_torn_last_line_is_accepted_with_warning(tmp_path):
     assert all(v != v for v in run.series("bad")[1])  # NaN survives the round trip
 
 
-def test_corrupt_line_is_refused_with_its_number(tmp_path):
+def test_corrupt_line_costs_that_line_with_its_number(tmp_path):
     w = _write_log(tmp_path)
     w.close()
     lines = w.path.read_text().splitlines()
     lines[2] = lines[2][:1] + "#garbage#" + lines[2][1:]
     w.path.write_text("\n".join(lines) + "\n")
+    with pytest.warns(RuntimeWarning, match="line 3"):
+        run = cockpit_lite.load(tmp_path)
+    assert run.steps().tolist() == [0, 2] and [n for n, _ in run.bad_lines] == [3]
     with pytest.raises(CorruptLogError, match="line 3"):
-        cockpit_lite.load(tmp_path)
+        cockpit_lite.load(tmp_path, strict=True)
 
 
 def test_file_is_standard_json_and_versioned(tmp_path):

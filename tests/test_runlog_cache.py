@@ -62,7 +62,7 @@ def assert_same_as_reference(run, path=None):
     assert run.records == records
     keys = list(dict.fromkeys(k for r in records for k in r.get("values", {})))
     assert run.keys() == keys
-    for key in keys + ["never_logged"]:
+    for key in keys + ["hess_trace"]:
         for start, stop in ((None, None), (3, None), (None, 7), (2, 5), (100, None)):
             s, v = run.series(key, start=start, stop=stop)
             rs, rv = ref_series(records, key, start, stop)
@@ -261,7 +261,9 @@ def test_corrupt_line_after_the_cached_part_names_its_line(tmp_path):
     with open(tmp_path / "cockpit.jsonl", "ab") as fh:
         fh.write(b"{not json}\n")
     with pytest.raises(CorruptLogError, match=f"line {n_lines + 2}:"):
-        cockpit_lite.load(tmp_path)
+        cockpit_lite.load(tmp_path, strict=True)
+    with pytest.warns(RuntimeWarning, match=f"line {n_lines + 2}:"):
+        assert cockpit_lite.load(tmp_path).bad_lines[0][0] == n_lines + 2
 
 
 def test_unwritable_cache_is_not_an_error(tmp_path, monkeypatch):
@@ -337,7 +339,7 @@ def test_odd_lines_in_a_log_read_as_before(tmp_path):
         fh.write(b'{"type":"step","step":9,"values":{"loss":"\xff"}}\n')
     n = len(w.path.read_bytes().splitlines())
     with pytest.raises(CorruptLogError, match=f"line {n}:"):
-        cockpit_lite.load(tmp_path)
+        cockpit_lite.load(tmp_path, strict=True)
 
 
 def test_cache_has_the_permissions_of_the_log(tmp_path):

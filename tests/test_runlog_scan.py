@@ -63,7 +63,7 @@ def assert_same(run, plain):
     assert len(run) == len(plain)
     np.testing.assert_array_equal(run.steps(), plain.steps())
     assert run.keys() == plain.keys()
-    for key in plain.keys() + ["never"]:
+    for key in plain.keys() + ["hess_trace"]:
         for a, b in zip(run.series(key), plain.series(key)):
             np.testing.assert_array_equal(a, b)
         assert run.reasons(key) == plain.reasons(key)
@@ -145,17 +145,18 @@ def test_a_corrupt_line_in_a_scanned_log_names_its_line(tmp_path):
     lines[5] = b'{"type": "step", "step": 3, "values": {'
     (tmp_path / "cockpit.jsonl").write_bytes(b"\n".join(lines))
     with pytest.raises(cockpit_lite.runlog.CorruptLogError, match="line 6"):
-        cockpit_lite.load(tmp_path)
+        cockpit_lite.load(tmp_path, strict=True)
+    with pytest.warns(RuntimeWarning, match="line 6"):
+        assert [n for n, _ in cockpit_lite.load(tmp_path).bad_lines] == [6]
 
 
-def test_a_log_the_scan_cannot_take_is_read_with_records(tmp_path):
-    """A value that is no number (a dict) fails the scan's columns: the log is read as before
-    (records built, no cache), and asking for that key's series fails as it always did."""
+def test_a_value_that_is_no_number_costs_its_line_in_a_scanned_log(tmp_path):
+    """A value that is no number (a dict) is a bad line, in the scan as in the plain reader."""
     w = RunLogWriter(tmp_path, {"model": "m"})
     w.write({"type": "step", "step": 0, "values": {"loss": 1.0, "odd": {"a": 1}}})
+    w.write({"type": "step", "step": 1, "values": {"loss": 2.0}})
     w.close({})
-    run = cockpit_lite.load(tmp_path)
-    assert run._cached is None and run.records == cockpit_lite.load(tmp_path, cache=False).records
-    assert not (tmp_path / ".cockpit.jsonl.cache").exists()
-    with pytest.raises(TypeError):
-        run.series("odd")
+    for cache in (True, False):
+        with pytest.warns(RuntimeWarning, match="line 2: value of 'odd' is"):
+            run = cockpit_lite.load(tmp_path, cache=cache)
+        assert run.series("loss")[0].tolist() == [1] and [n for n, _ in run.bad_lines] == [2]
