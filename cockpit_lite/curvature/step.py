@@ -7,11 +7,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..rng import step_generator
 from ..distributed import OutOfStep, shard_weight, sum_numbers, sum_tensors
 from . import backpack_diag
 from .diagonal_check import disagreement
 from .batch_loss import BatchLoss, CurvatureUnavailable, rebuild
-from .hutchinson import hutchinson_diagonal
+from .hutchinson import hutchinson_trace
 from .hvp import GGNOperator, HessianOperator
 
 
@@ -176,9 +177,11 @@ class ExactDiagonals:
         return ctx.cache[key]
 
 
-def hessian_diagonal_estimate(ctx, probes: int, generator: torch.Generator, subbatch=None) -> List[torch.Tensor]:
-    key = ("curvature.diag_h_estimate", subbatch, probes)
+def hessian_trace_estimate(ctx, probes: int, seed: int, subbatch=None):
+    """Hutchinson estimate of tr(H) with its standard error, probes from (seed, step): shared by the quantities
+    of one step that ask for the same probes (hess_trace's default and the TIC fallback)."""
+    key = ("curvature.hutchinson_trace", "diag_h", subbatch, probes, seed)
     if key not in ctx.cache:
         op = hessian(ctx, subbatch)
-        ctx.cache[key] = hutchinson_diagonal(op, op.params, probes, generator)
+        ctx.cache[key] = hutchinson_trace(op, op.params, probes, step_generator(seed, ctx.step))
     return ctx.cache[key]

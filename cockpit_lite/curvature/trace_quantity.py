@@ -50,10 +50,13 @@ class TraceQuantity(Quantity):
                     ctx.emit_nan(name, f"exact trace unavailable: {how}")
                     return
                 fallback = how
-            op = self.operator(ctx)
             if self.method == "hutch++":
+                op = self.operator(ctx)
                 est = hutchpp_trace(op, op.params, self.probes, step_generator(self.seed, ctx.step))
+            elif self.kind == "diag_h":  # shared with the TIC fallback when the probes are the same
+                est = curv.hessian_trace_estimate(ctx, self.probes, self.seed, self.subbatch)
             else:
+                op = self.operator(ctx)
                 est = hutchinson_trace(op, op.params, self.probes, step_generator(self.seed, ctx.step))
         except CurvatureUnavailable as err:
             ctx.emit_nan(name, str(err))
