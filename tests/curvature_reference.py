@@ -51,7 +51,7 @@ def ggn(model, loss64: Callable, x, y, theta, split: Optional[Callable[[nn.Modul
     head, tail = (m, nn.Identity()) if split is None else split(m)
     out_of = lambda f: functional_call(head, {k[len(prefix):]: v for k, v in _split(f, names, shapes).items()},
                                        (_d(x),))
-    prefix = "" if split is None else "0."
+    prefix = "" if split is None else next(n for n, mod in m.named_modules() if mod is head) + "."
     out = out_of(flat)
     J = torch.autograd.functional.jacobian(out_of, flat).reshape(out.numel(), -1)
     HL = torch.autograd.functional.hessian(lambda o: loss64(tail(o.view_as(out)), _d(y)), out.detach().reshape(-1))

@@ -34,6 +34,7 @@ class TraceQuantity(Quantity):
 
     def before_step(self, ctx):
         name = self.name
+        op = None
         try:
             fallback = None
             if self.method in ("auto", "exact"):
@@ -67,6 +68,8 @@ class TraceQuantity(Quantity):
             for pname, x in zip(ctx.names, est.per_block):
                 ctx.emit(f"{name}/{pname}", x)
         data = {"method": est.method, "probes": est.probes, "subbatch": self.subbatch}
+        if self.kind == "diag_ggn" and getattr(op, "split", "loss input") != "loss input":
+            data["ggn_split"] = op.split  # e.g. at the logits, before a LogSoftmax module
         if fallback:
             data["exact_unavailable"] = fallback
         ctx.emit_data(name, data)
