@@ -15,6 +15,7 @@ from torch import nn
 
 from cockpit_lite.curvature import backpack_diag
 from cockpit_lite.quantities.ggn_trace import GGNTrace
+from cockpit_lite.quantities.hess_max_ev import HessMaxEV
 from cockpit_lite.quantities.hess_trace import HessTrace
 from curvature_reference import ggn, hessian, one_step, record, value
 
@@ -70,9 +71,13 @@ CASES = {  # name: (model, loss_fn, float64 loss for the reference, x, y, expect
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_traces_are_exact_or_estimates_with_honest_error(tmp_path, case):
     model, loss_fn, loss64, x, y, expect = CASES[case]()
-    qs = [HessTrace("every", probes=PROBES), GGNTrace("every", probes=PROBES)]
+    qs = [HessTrace("every", probes=PROBES), GGNTrace("every", probes=PROBES), HessMaxEV("every")]
     run, theta = one_step(model, loss_fn, x, y, qs, tmp_path / "r")
     refs = {"hess_trace": hessian(model, loss64, x, y, theta), "ggn_trace": ggn(model, loss64, x, y, theta)}
+    top = float(torch.linalg.eigvalsh(refs["hess_trace"])[-1])  # default settings: converged => within 1e-3
+    assert record(run, "hess_max_ev")["converged"]
+    assert abs(value(run, "hess_max_ev") - top) <= 1e-3 * abs(top)
+    assert abs(value(run, "hess_max_ev") - top) <= value(run, "hess_max_ev/error_bound") + 1e-6 * abs(top)
     for key, M in refs.items():
         truth = float(torch.trace(M))
         got, se, info = value(run, key), value(run, f"{key}/stderr"), record(run, key)
