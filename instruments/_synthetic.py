@@ -94,8 +94,10 @@ def write_synthetic_log(logdir, steps: int = 200, *, quantities: Optional[Iterab
         if "hess_max_ev" in q and step % curvature_every == 0:
             values["hess_max_ev"] = 40 * math.exp(-frac) + 2 * noise[9, step]
             values["hess_max_ev/hvps"] = 20
+            values["hess_max_ev/error_bound"] = 4e-3 * values["hess_max_ev"]
             data["hess_max_ev"] = {"converged": step % (7 * curvature_every) != 0, "hvps": 20, "method": "lanczos",
-                                   "residual": 1e-4, "subbatch": None}
+                                   "residual": 1e-4, "error_bound": values["hess_max_ev/error_bound"], "tol": 1e-3,
+                                   "subbatch": None}
         for name, scale in (("hess_trace", 300.0), ("ggn_trace", 250.0)):
             if name in q and step % curvature_every == 0:
                 value = scale * math.exp(-1.5 * frac) * (1 + 0.05 * noise[10, step])
@@ -106,8 +108,12 @@ def write_synthetic_log(logdir, steps: int = 200, *, quantities: Optional[Iterab
                 data[name] = {"method": "hutchinson", "probes": 20}
         if "tic_diag" in q and step % curvature_every == 0:
             values["tic_diag"] = 3 + frac + 0.1 * noise[11, step]
+            values["tic_diag/stderr"] = 0.0
+            data["tic_diag"] = {"curvature": "exact:backpack-diag-hessian", "probes": 0}
         if "tic_trace" in q and step % curvature_every == 0:
             values["tic_trace"] = 1.5 + 0.5 * frac
+            values["tic_trace/stderr"] = 0.05 * values["tic_trace"]
+            data["tic_trace"] = {"curvature": "estimate:hutchinson-diag-hessian", "probes": 30}
         if "energy" in q and step % energy_every == energy_every - 1:  # a record covers energy_every steps
             cpu_status = "estimated" if energy_status == "measured" else "unavailable"
             if energy_status == "unavailable":

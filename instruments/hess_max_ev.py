@@ -1,7 +1,10 @@
-"""Largest Hessian eigenvalue over steps; steps where the eigensolver did not converge are marked."""
+"""Largest Hessian eigenvalue over steps; steps where the eigensolver did not converge are marked, and the
+Lanczos residual bound (an eigenvalue lies within it) is shaded where it is visible."""
 
 import numpy as np
 
+from ._draw import PALETTE
+from ._error_band import error_band
 from ._lines import LinesInstrument
 
 
@@ -11,10 +14,13 @@ class HessMaxEv(LinesInstrument):
     group = "curvature"
     keys = ("hess_max_ev",)
     ylabel = "λ_max"
-    description = "Top eigenvalue of the mini-batch loss Hessian (Lanczos); x marks a non-converged estimate."
+    description = ("Top eigenvalue of the mini-batch loss Hessian (Lanczos); x marks a non-converged estimate, "
+                   "the band its residual bound.")
 
     def draw(self, ax, run) -> None:
         super().draw(ax, run)
+        if error_band(ax, run, "hess_max_ev", "hess_max_ev/error_bound", color=PALETTE[0], label="± residual bound"):
+            ax.legend(fontsize="small", loc="best", framealpha=0.8)
         at, converged = run.data_field("hess_max_ev", "converged")  # 0/1 where the structure says
         unconverged = at[converged == 0]
         if unconverged.size:

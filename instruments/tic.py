@@ -1,12 +1,37 @@
-"""Takeuchi information criterion approximations (Thomas et al. 2020) over steps."""
+"""Takeuchi information criterion approximations (Thomas et al. 2020) over steps.
 
+``tic_diag`` exists only with an exact Hessian diagonal; ``tic_trace`` may be an estimate: its band is
++- 1 standard error (exact values record 0: no band)."""
+
+from ._draw import PALETTE, finish, plot_series, scale_y
+from ._error_band import error_band
 from ._lines import LinesInstrument
+
+import numpy as np
 
 
 class Tic(LinesInstrument):
     name = "tic"
     title = "TIC (generalization gap proxy)"
     group = "curvature"
-    keys = ("tic_diag", "tic_trace")
+    keys = ("tic_diag", "tic_trace", "tic_trace/stderr")
     ylabel = "TIC"
-    description = "Gradient second moment relative to curvature: diagonal and trace approximations."
+    description = ("Gradient second moment relative to curvature: diagonal (exact Hessian diagonal only) and "
+                   "trace approximations; estimates ± 1 standard error.")
+
+    def missing(self, run):
+        if run.has_finite("tic_diag") or run.has_finite("tic_trace"):
+            return None
+        from . import missing_reason
+
+        return missing_reason(run, ["tic_diag", "tic_trace"])
+
+    def draw(self, ax, run) -> None:
+        drawn = []
+        for color, key in zip(PALETTE, ("tic_diag", "tic_trace")):
+            drawn.append(plot_series(ax, run, key, label=self.label(key), color=color))
+            if key == "tic_trace":
+                error_band(ax, run, key, key + "/stderr", color=color, label="tic_trace ± 1 standard error (estimate)")
+        scale_y(ax, np.concatenate(drawn) if drawn else [])
+        ax.set_title(self.title)
+        finish(ax, self.ylabel, legend=True)

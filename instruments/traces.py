@@ -3,6 +3,7 @@
 import numpy as np
 
 from ._draw import PALETTE, draw_line, finish, scale_y
+from ._error_band import error_band
 from . import Instrument
 
 
@@ -36,13 +37,7 @@ class Traces(Instrument):
                     method += f", {d['probes']} probes"
             label = key.replace("_trace", "") + " trace" + (f" ({method})" if method else "")
             draw_line(ax, steps, values, color=color, lw=1.2, label=label)
-            err_steps, err = run.series(key + "/stderr")
-            if err_steps.size and (np.nan_to_num(err) > 0).any() and len(err_steps) <= 5000:  # 0: exact
-                at = np.isin(steps, err_steps)
-                e = np.full_like(values, np.nan)
-                e[at] = err[np.isin(err_steps, steps)]
-                ax.fill_between(steps, values - e, values + e, color=color, alpha=0.2, lw=0,
-                                label="± 1 standard error")
+            error_band(ax, run, key, key + "/stderr", color=color, label="± 1 standard error")
             drawn.append(values)
         scale_y(ax, np.concatenate(drawn) if drawn else [])
         ax.set_title(self.title)

@@ -74,6 +74,8 @@ def lr_too_large(run, th: Thresholds) -> Optional[Diagnosis]:
             if np.median(fl) > 1.5 * first:
                 evidence.append(_ev("loss", fs, np.median(fl) / first, 1.5, "recent median / first median >"))
     if run.header.get("optimizer") == "SGD":
+        # every logged value counts, converged or not: a Lanczos Ritz value is a Rayleigh quotient, hence a lower
+        # bound of the top eigenvalue, so "above the stability edge" holds for the true value too
         s, ev = _finite(*_recent(run, "hess_max_ev", th))
         _, lr = run.series("lr")
         if len(ev) and len(lr):

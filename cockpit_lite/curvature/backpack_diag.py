@@ -8,6 +8,20 @@ implements, and a CrossEntropyLoss / MSELoss with mean or sum reduction. Anythin
 attention, a custom forward, in-place activations, label smoothing) returns a reason and the caller
 falls back to a Hutchinson estimate. A BackPACK failure at run time is also reported, never raised
 into training.
+
+BackPACK's rules are exact only for the plain forms of its modules; checked against dense float64
+Hessians (tests/test_exact_diag_guard.py), these are silently wrong and are refused up front:
+
+* CrossEntropyLoss with class weights or label smoothing (BackPACK's loss Hessian ignores both);
+* CrossEntropyLoss on a step whose targets contain ``ignore_index`` (BackPACK counts the ignored samples
+  and divides by the full batch: 14-126% off): refused per step by :func:`step_reason`, so steps without
+  padding stay exact;
+* convolutions with ``padding_mode`` other than 'zeros' (reflect / circular / replicate padding is
+  treated as zero padding: 14-67% off);
+* AvgPool with ``divisor_override`` or ``count_include_pad=False``.
+
+Whatever else may be wrong is caught by the first-use cross-check against Hessian-vector products
+(:mod:`.diagonal_check`).
 """
 
 from __future__ import annotations
@@ -53,6 +67,39 @@ def unsupported_reason(model: nn.Module, loss_fn) -> Optional[str]:
         return f"loss reduction {getattr(loss_fn, 'reduction', None)!r} is not supported by BackPACK"
     if isinstance(loss_fn, nn.CrossEntropyLoss) and (loss_fn.weight is not None or loss_fn.label_smoothing != 0):
         return "CrossEntropyLoss with class weights or label smoothing is not supported by BackPACK"
+    for name, m in model.named_modules():
+        reason = _module_reason(m)
+        if reason is not None:
+            return f"layer {name} ({type(m).__name__}): {reason}"
+    return None
+
+
+def _module_reason(m: nn.Module) -> Optional[str]:
+    """Why BackPACK's rule for this (supported) layer type is not exact for its settings, or None."""
+    if isinstance(m, nn.modules.conv._ConvNd) and getattr(m, "padding_mode", "zeros") != "zeros":
+        return f"padding_mode={m.padding_mode!r}, which BackPACK's second-order rules treat as zero padding"
+    if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+        if getattr(m, "divisor_override", None) is not None:
+            return "divisor_override is ignored by BackPACK's second-order rule"
+        if not m.count_include_pad:
+            return "count_include_pad=False is not supported by BackPACK's second-order rule"
+    if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)) and m.return_indices:
+        return "return_indices=True is not supported by BackPACK"
+    return None
+
+
+def step_reason(loss_fn: nn.Module, batch_loss: BatchLoss) -> Optional[str]:
+    """None when this step's targets are ones BackPACK's loss rules are exact for, else why not."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        for call in batch_loss.calls:
+            target = call.target[0] if call.target else None
+            if isinstance(target, torch.Tensor) and target.is_floating_point():
+                return "CrossEntropyLoss with class-probability targets: BackPACK's rule assumes class indices"
+            if isinstance(target, torch.Tensor):
+                ignored = int((target == loss_fn.ignore_index).sum())
+                if ignored:
+                    return (f"{ignored} target(s) equal ignore_index={loss_fn.ignore_index} on this step: BackPACK "
+                            "counts ignored samples in its CrossEntropyLoss Hessian")
     return None
 
 

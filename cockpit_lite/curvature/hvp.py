@@ -21,11 +21,13 @@ output, and J^T by one more backward.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import List, Sequence
 
 import torch
+from torch import nn
 
-from .batch_loss import BatchLoss
+from .batch_loss import BatchLoss, CurvatureUnavailable
 
 Vector = List[torch.Tensor]  # one tensor per parameter, shaped like it
 
@@ -95,7 +97,14 @@ class HessianOperator:
 
 
 class GGNOperator:
-    """v -> G v, G = sum_k w_k J_k^T H_{L,k} J_k (generalized Gauss-Newton) of the step's loss."""
+    """v -> G v, G = sum_k w_k J_k^T H_{L,k} J_k (generalized Gauss-Newton) of the step's loss.
+
+    The split between the network (J) and the loss (H_L) is at the loss function's input, except when that
+    input is the output of an ``nn.LogSoftmax`` module (NLLLoss after LogSoftmax): NLL is linear in the
+    log-probabilities, so H_L would be 0 there; the split moves to the LogSoftmax's input (the logits), where
+    the loss's curvature lives, as for CrossEntropyLoss on logits. A loss that is still linear in its input
+    (e.g. NLLLoss after a functional log_softmax, which cannot be found) raises :class:`CurvatureUnavailable`
+    with the reason instead of reporting a GGN of 0."""
 
     def __init__(self, batch_loss: BatchLoss):
         self.params = batch_loss.params
@@ -107,17 +116,27 @@ class GGNOperator:
         live = [self._leaves[j] for j in self._idx]
         self._parts = []
         self.loss = 0.0  # the re-evaluated step loss
+        self.split = "loss input"
         loss_fn = batch_loss.wrapper.loss_fn
-        with torch.enable_grad():
+        with torch.enable_grad(), _log_softmax_outputs(batch_loss.wrapper.model) as seen:
             for out, _, call in batch_loss.outputs_and_losses(self._leaves):
+                tail = next((m for m, x, y in seen if y is out), None)
+                if tail is not None:  # split at the logits: the loss is loss_fn(log_softmax(z))
+                    out = next(x for m, x, y in seen if y is out)
+                    self.split = f"input of {type(tail).__name__}"
                 out_d = out.detach().requires_grad_(True)
-                loss = loss_fn.forward(out_d, *call.target)
+                loss = loss_fn.forward(out_d if tail is None else tail(out_d), *call.target)
                 loss = (loss.mean() if loss.numel() != 1 else loss) * call.weight
                 self.loss += float(loss.detach())
                 (g_out,) = torch.autograd.grad(loss, out_d, create_graph=True)
                 dummy = torch.zeros_like(out, requires_grad=True)
                 jt_dummy = torch.autograd.grad(out, live, dummy, create_graph=True, allow_unused=True) if live else ()
                 self._parts.append((out, out_d, g_out, dummy, jt_dummy))
+        if self._parts and all(_linear(g_out, out_d) for _, out_d, g_out, _, _ in self._parts):
+            raise CurvatureUnavailable(
+                f"{type(loss_fn).__name__} is linear in its input, so the generalized Gauss-Newton matrix split there "
+                "is 0 and says nothing about the curvature; for NLLLoss after log_softmax, end the model with an "
+                "nn.LogSoftmax module (the GGN is then split at the logits) or use CrossEntropyLoss on logits")
 
     def __call__(self, v: Sequence[torch.Tensor]) -> Vector:
         self.hvps += 1
@@ -140,6 +159,31 @@ class GGNOperator:
 
     def release(self) -> None:
         self._parts = []
+
+
+def _linear(g_out: torch.Tensor, out_d: torch.Tensor) -> bool:
+    """Whether the loss is linear in its input: H_L r is exactly 0 for a random r (autograd's derivative of
+    a linear loss's gradient is an exact zero; a curved loss gives exact zeros for a random r only on
+    a set of measure zero)."""
+    if not g_out.requires_grad:
+        return True
+    r = torch.randn(out_d.shape, generator=torch.Generator().manual_seed(0), dtype=out_d.dtype).to(out_d.device)
+    with torch.enable_grad():
+        (h,) = torch.autograd.grad(g_out, out_d, r, retain_graph=True, allow_unused=True)
+    return h is None or not bool(h.ne(0).any())
+
+
+@contextmanager
+def _log_softmax_outputs(model: nn.Module):
+    """Collects (module, input, output) of every nn.LogSoftmax call in ``model`` while active."""
+    seen = []
+    handles = [m.register_forward_hook(lambda m, a, y: seen.append((m, a[0], y)))
+               for m in model.modules() if isinstance(m, nn.LogSoftmax)]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -7,10 +7,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..rng import step_generator
 from ..distributed import OutOfStep, shard_weight, sum_numbers, sum_tensors
 from . import backpack_diag
+from .diagonal_check import disagreement
 from .batch_loss import BatchLoss, CurvatureUnavailable, rebuild
-from .hutchinson import hutchinson_diagonal
+from .hutchinson import hutchinson_trace
 from .hvp import GGNOperator, HessianOperator
 
 
@@ -92,12 +94,18 @@ def across_processes(ctx, op, subbatch: Optional[int] = None):
 
 
 class ExactDiagonals:
-    """Per-quantity holder of the BackPACK copy (created on first use; None when unsupported)."""
+    """Per-quantity holder of the BackPACK copy (created on first use; None when unsupported).
+
+    A diagonal is handed out as exact only (1) for a model and loss that :func:`backpack_diag.unsupported_reason`
+    accepts, (2) on a step whose targets :func:`backpack_diag.step_reason` accepts (else that step takes the
+    estimators, the run keeps the exact path), and (3) once its first result agreed with the step's own
+    curvature-vector products (:mod:`.diagonal_check`); a disagreement turns the exact path off for the run."""
 
     def __init__(self):
         self.engine: Optional[backpack_diag.ExactDiagonal] = None
         self.reason: Optional[str] = None
         self.checked = False
+        self.verified = set()  # kinds whose diagonal passed the cross-check
 
     def get(self, ctx, kind: str, subbatch: Optional[int] = None) -> Tuple[Optional[List[torch.Tensor]], str]:
         """(diagonal, method) or (None, reason) when BackPACK cannot handle the model."""
@@ -112,9 +120,16 @@ class ExactDiagonals:
                     self.reason = f"BackPACK could not extend a copy of the model: {err!r}"
         if self.engine is None:
             return None, self.reason
+        dist = ctx.watched.dist
+        skip = backpack_diag.step_reason(w.loss_fn, batch_loss(ctx, subbatch))
+        if dist is not None:  # one decision for every process
+            (n_skip,) = sum_numbers(dist, [skip is not None], "exact_diag_step")
+            if n_skip and skip is None:
+                skip = f"not exact on this step in {int(n_skip)} of {dist.size} processes"
+        if skip is not None:
+            return None, skip
         key = ("curvature.exact", kind, subbatch)
         if key not in ctx.cache:
-            dist = ctx.watched.dist
             diag, unavailable, failed = None, None, None
             try:
                 diag = self.engine.compute(batch_loss(ctx, subbatch), kind)
@@ -142,12 +157,31 @@ class ExactDiagonals:
                 w = shard_weight(dist, batch_loss(ctx, subbatch).num_samples or 0, ctx.reduction)
                 diag = sum_tensors(dist, [d * w for d in diag], "exact_diag")
             ctx.cache[key] = diag
+        if kind not in self.verified:
+            wrong = self._cross_check(ctx, kind, subbatch)
+            if wrong is not None:
+                self.engine, self.reason = None, wrong
+                return None, wrong
+            self.verified.add(kind)
         return ctx.cache[key], backpack_diag.KINDS[kind]
 
+    @staticmethod
+    def _cross_check(ctx, kind: str, subbatch: Optional[int]) -> Optional[str]:
+        """Shared by the quantities of one step (each checks once per run, the products are made once)."""
+        key = ("curvature.exact_check", kind, subbatch)
+        if key not in ctx.cache:
+            op = hessian(ctx, subbatch) if kind == "diag_h" else ggn(ctx, subbatch)
+            bl = batch_loss(ctx, subbatch)
+            ctx.cache[key] = disagreement(ctx.cache[("curvature.exact", kind, subbatch)], op, op.params,
+                                          bl.trainable, ctx.names)
+        return ctx.cache[key]
 
-def hessian_diagonal_estimate(ctx, probes: int, generator: torch.Generator, subbatch=None) -> List[torch.Tensor]:
-    key = ("curvature.diag_h_estimate", subbatch, probes)
+
+def hessian_trace_estimate(ctx, probes: int, seed: int, subbatch=None):
+    """Hutchinson estimate of tr(H) with its standard error, probes from (seed, step): shared by the quantities
+    of one step that ask for the same probes (hess_trace's default and the TIC fallback)."""
+    key = ("curvature.hutchinson_trace", "diag_h", subbatch, probes, seed)
     if key not in ctx.cache:
         op = hessian(ctx, subbatch)
-        ctx.cache[key] = hutchinson_diagonal(op, op.params, probes, generator)
+        ctx.cache[key] = hutchinson_trace(op, op.params, probes, step_generator(seed, ctx.step))
     return ctx.cache[key]

@@ -1,11 +1,19 @@
-"""Takeuchi information criterion (Thomas et al. 2020) from the per-sample second moment and a
-curvature diagonal, shared by ``tic_diag`` and ``tic_trace`` (computed once per step).
+"""Takeuchi information criterion (Thomas et al. 2020) from the per-sample second moment and the
+Hessian's diagonal, shared by ``tic_diag`` and ``tic_trace`` (computed once per step).
 
 M_j = (1/B) sum_i g_ij^2 (``ctx.per_sample.second_moment()``, factored, no B x P tensor),
-c = diag of the Hessian: exact through BackPACK where the model allows it, otherwise a Hutchinson
-estimate (labelled ``estimate:hutchinson-diag-hessian``).
+c = diag of the Hessian, exact through BackPACK where the model allows it (step.ExactDiagonals).
 
-tic_diag = sum_j M_j / (c_j + 1e-7);  tic_trace = sum_j M_j / (sum_j c_j + 1e-7).
+tic_diag = sum_j M_j / (c_j + 1e-7): only with the exact diagonal. Dividing elementwise by a Hutchinson
+estimate of c_j (each entry from a handful of probes, often near zero or of the wrong sign) has no finite
+variance: that gave values 19% to 117x off, with the wrong sign, logged as plain numbers. Without an
+exact diagonal ``tic_diag`` is NaN with the reason.
+
+tic_trace = sum_j M_j / (tr(H) + 1e-7): with the exact diagonal, exact (stderr 0); otherwise tr(H) is a
+Hutchinson estimate T +- s_T (the sum of the Hutchinson diagonal: the same number) and the value carries
+the delta-method standard error |M| s_T / (T + 1e-7)^2 (M is exact for the batch). The delta method needs
+the denominator well away from zero: when s_T > MAX_REL_SE |T| the value is NaN with the reason (more
+probes help).
 
 tic_diag is a sum of terms of both signs (c_j < 0 where the Hessian is not positive), many divided by
 tiny c_j that are themselves a cancelling sum over samples: float32 rounding moves such a c_j by
@@ -16,6 +24,7 @@ to ~1e-4 of ``abs_terms`` = sum_j |M_j / (c_j + 1e-7)|, which can be far more th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,15 +36,19 @@ from . import step as curv
 from .batch_loss import CurvatureUnavailable
 
 EPS = 1e-7
+MAX_REL_SE = 0.25  # largest relative standard error of the trace estimate a ratio is formed with
 
 
 @dataclass
 class TIC:
     diag: Optional[float]
     trace: Optional[float]
-    curvature: str  # which diagonal was used
+    curvature: str  # which diagonal / trace was used
     probes: int
-    reason: Optional[str] = None
+    reason: Optional[str] = None  # neither value (and why)
+    trace_stderr: float = 0.0
+    diag_reason: Optional[str] = None  # why tic_diag alone is unavailable
+    trace_reason: Optional[str] = None  # why tic_trace alone is unavailable
     abs_terms: Optional[float] = None  # sum_j |M_j / (c_j + eps)|: the scale of tic_diag's rounding error
 
 
@@ -48,14 +61,26 @@ def tic_of(second_moment_mean, curvature_diag):
     return float(terms.sum()), float(m.sum() / (c.sum() + EPS)), float(terms.abs().sum())
 
 
-def compute(ctx, exact: "curv.ExactDiagonals", probes: int, generator: torch.Generator) -> TIC:
-    if "curvature.tic" in ctx.cache:
-        return ctx.cache["curvature.tic"]
-    ctx.cache["curvature.tic"] = result = _compute(ctx, exact, probes, generator)
-    return result
+def trace_ratio(m_sum: float, trace: float, trace_se: float):
+    """(m_sum / (trace + eps), its delta-method standard error, reason or None)."""
+    denom = trace + EPS
+    if not (math.isfinite(trace) and math.isfinite(trace_se)):
+        return math.nan, math.nan, f"the Hutchinson trace estimate is not finite ({trace} +- {trace_se})"
+    if not trace_se <= MAX_REL_SE * abs(denom):
+        return math.nan, math.nan, (
+            f"the Hutchinson estimate of tr(H) = {trace:.4g} +- {trace_se:.2g} (1 s.e.) is too noisy to divide by "
+            f"(relative s.e. above {MAX_REL_SE}); more probes or an exact diagonal (BackPACK) are needed")
+    return m_sum / denom, abs(m_sum) * trace_se / denom ** 2, None
 
 
-def _compute(ctx, exact, probes, generator) -> TIC:
+def compute(ctx, exact: "curv.ExactDiagonals", probes: int, seed: int) -> TIC:
+    key = ("curvature.tic", probes, seed)
+    if key not in ctx.cache:
+        ctx.cache[key] = _compute(ctx, exact, probes, seed)
+    return ctx.cache[key]
+
+
+def _compute(ctx, exact, probes, seed) -> TIC:
     try:
         ps = ctx.per_sample
         missing = ps.unsupported()
@@ -69,13 +94,19 @@ def _compute(ctx, exact, probes, generator) -> TIC:
         return TIC(None, None, "", 0, f"per-sample second moment unavailable ({type(err).__name__}: {err})")
     if any(m is None for m in moments):
         return TIC(None, None, "", 0, "per-sample second moment unavailable for some parameters")
+    means = [m / n for m in moments]
     try:
         diag, how = exact.get(ctx, "diag_h")
-        used = 0
-        if diag is None:
-            diag = curv.hessian_diagonal_estimate(ctx, probes, generator)
-            how, used = "estimate:hutchinson-diag-hessian", probes
+        if diag is not None:
+            d, t, abs_terms = tic_of(means, diag)
+            return TIC(d, t, how, 0, abs_terms=abs_terms)
+        no_exact = how
+        est = curv.hessian_trace_estimate(ctx, probes, seed)
     except CurvatureUnavailable as err:
         return TIC(None, None, "", 0, str(err))
-    d, t, abs_terms = tic_of([m / n for m in moments], diag)
-    return TIC(d, t, how, used, abs_terms=abs_terms)
+    m_sum = float(sum(float(m.double().sum()) for m in means))
+    t, se, why = trace_ratio(m_sum, est.total, est.stderr)
+    return TIC(None, None if why else t, "estimate:hutchinson-diag-hessian", probes, None, se,
+               diag_reason=("needs the exact Hessian diagonal (an elementwise ratio with a Hutchinson diagonal "
+                            f"estimate has no finite variance), which is unavailable: {no_exact}"),
+               trace_reason=why)

@@ -34,6 +34,7 @@ class TraceQuantity(Quantity):
 
     def before_step(self, ctx):
         name = self.name
+        op = None
         try:
             fallback = None
             if self.method in ("auto", "exact"):
@@ -50,10 +51,13 @@ class TraceQuantity(Quantity):
                     ctx.emit_nan(name, f"exact trace unavailable: {how}")
                     return
                 fallback = how
-            op = self.operator(ctx)
             if self.method == "hutch++":
+                op = self.operator(ctx)
                 est = hutchpp_trace(op, op.params, self.probes, step_generator(self.seed, ctx.step))
+            elif self.kind == "diag_h":  # shared with the TIC fallback when the probes are the same
+                est = curv.hessian_trace_estimate(ctx, self.probes, self.seed, self.subbatch)
             else:
+                op = self.operator(ctx)
                 est = hutchinson_trace(op, op.params, self.probes, step_generator(self.seed, ctx.step))
         except CurvatureUnavailable as err:
             ctx.emit_nan(name, str(err))
@@ -64,6 +68,8 @@ class TraceQuantity(Quantity):
             for pname, x in zip(ctx.names, est.per_block):
                 ctx.emit(f"{name}/{pname}", x)
         data = {"method": est.method, "probes": est.probes, "subbatch": self.subbatch}
+        if self.kind == "diag_ggn" and getattr(op, "split", "loss input") != "loss input":
+            data["ggn_split"] = op.split  # e.g. at the logits, before a LogSoftmax module
         if fallback:
             data["exact_unavailable"] = fallback
         ctx.emit_data(name, data)

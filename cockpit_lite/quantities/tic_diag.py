@@ -1,11 +1,12 @@
-"""``tic_diag``: sum_j [(1/B) sum_i g_ij^2] / (c_j + 1e-7), c = Hessian diagonal (Thomas et al. 2020)."""
+"""``tic_diag``: sum_j [(1/B) sum_i g_ij^2] / (c_j + 1e-7), c = Hessian diagonal (Thomas et al. 2020).
+
+Only with the exact diagonal (BackPACK, cross-checked): otherwise NaN with the reason (curvature/tic.py).
+Records ``tic_diag/stderr`` = 0 (exact) and, in the data, which curvature was used."""
 
 from __future__ import annotations
 
-
 from ..curvature import step as curv
 from ..curvature import tic
-from ..rng import step_generator
 from .base import Quantity
 
 
@@ -13,22 +14,26 @@ class TICDiag(Quantity):
     name = "tic_diag"
     needs = frozenset({"layer_io", "model_inputs"})
     default_schedule = "log"
-    description = "Takeuchi information criterion with the Hessian diagonal (exact via BackPACK, else estimated)"
-    field = "diag"
+    description = "Takeuchi information criterion with the Hessian diagonal (exact via BackPACK, else NaN + reason)"
 
-    def __init__(self, schedule=None, *, probes: int = 10, seed: int = 0):
+    def __init__(self, schedule=None, *, probes: int = 30, seed: int = 0):
         super().__init__(schedule)
-        self.probes = int(probes)
+        self.probes = int(probes)  # Hutchinson probes of tr(H) for tic_trace when no exact diagonal is available
         self.seed = seed  # probes of step t from (seed, t): the same in every process (rng.step_generator)
         self.exact = curv.ExactDiagonals()
 
     def before_step(self, ctx):
-        r = tic.compute(ctx, self.exact, self.probes, step_generator(self.seed, ctx.step))
+        r = tic.compute(ctx, self.exact, self.probes, self.seed)
         if r.reason is not None:
             ctx.emit_nan(self.name, r.reason)
             return
-        ctx.emit(self.name, getattr(r, self.field))
-        data = {"curvature": r.curvature, "probes": r.probes}
-        if self.field == "diag":  # the scale of its float32 rounding error (curvature/tic.py)
-            data["abs_terms"] = r.abs_terms
-        ctx.emit_data(self.name, data)
+        self.emit(ctx, r)
+
+    def emit(self, ctx, r: "tic.TIC") -> None:
+        if r.diag is None:
+            ctx.emit_nan(self.name, f"{self.name} {r.diag_reason}")
+            return
+        ctx.emit(self.name, r.diag)
+        ctx.emit(f"{self.name}/stderr", 0.0)
+        # abs_terms: the scale of its float32 rounding error (curvature/tic.py)
+        ctx.emit_data(self.name, {"curvature": r.curvature, "probes": r.probes, "abs_terms": r.abs_terms})

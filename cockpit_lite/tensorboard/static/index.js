@@ -349,27 +349,36 @@ function histPanel(run) {
 function curvaturePanel(run) {
   const keys = ['hess_max_ev', 'hess_trace', 'ggn_trace', 'tic_diag', 'tic_trace'];
   const list = keys.map((k, i) => series(run, k, COLORS[i])).filter(Boolean);
+  // estimates carry their error: a standard error (<key>/stderr, band ±2 s.e.) or, for the top eigenvalue,
+  // the Lanczos residual bound (hess_max_ev/error_bound, band ±1 bound); exact values record 0: no band
+  const errorOf = (name) => name === 'hess_max_ev' ? ['error_bound', 1, '±1 residual bound'] : ['stderr', 2, '±2 standard errors'];
   for (const s of list) {
-    const se = run.scalars[`${s.name}/stderr`];
+    const [suffix, k, text] = errorOf(s.name);
+    const se = run.scalars[`${s.name}/${suffix}`];
     if (se) {
       const byStep = new Map(se.steps.map((x, i) => [x, num(se.values[i])]));
       if (![...byStep.values()].some((v) => v > 0)) continue;  // exact values: no band to draw
-      s.band = [s.steps.map((x, i) => s.values[i] - 2 * (byStep.get(x) ?? NaN)), s.steps.map((x, i) => s.values[i] + 2 * (byStep.get(x) ?? NaN))];
+      s.band = [s.steps.map((x, i) => s.values[i] - k * (byStep.get(x) ?? NaN)), s.steps.map((x, i) => s.values[i] + k * (byStep.get(x) ?? NaN))];
+      s.bandText = text;
     }
   }
   const body = [];
   for (const s of list) {  // one chart each: eigenvalue, traces and TIC live on different scales
     const chart = lineChart([s], { H: 120 });
-    if (chart) body.push(el('p', { class: 'chart-title', text: s.band ? `${s.name} (band: ±2 standard errors)` : s.name }), chart);
+    if (chart) body.push(el('p', { class: 'chart-title', text: s.band ? `${s.name} (band: ${s.bandText})` : s.name }), chart);
   }
   const ev = run.data.hess_max_ev;
   if (ev && ev.value) {
     const v = ev.value;
-    body.push(el('p', { class: 'note', text: `Top eigenvalue at step ${ev.step}: ${v.converged ? 'converged' : 'NOT converged'} after ${v.hvps} Hessian-vector products (${v.method || 'lanczos'}, residual ${fmt(num(v.residual))}${v.subbatch ? `, sub-batch ${v.subbatch}` : ''}).` }));
+    body.push(el('p', { class: 'note', text: `Top eigenvalue at step ${ev.step}: ${v.converged ? 'converged' : 'NOT converged'} after ${v.hvps} Hessian-vector products (${v.method || 'lanczos'}, residual ${fmt(num(v.residual))}${v.error_bound !== undefined ? `, an eigenvalue within ±${fmt(num(v.error_bound))}` : ''}${v.subbatch ? `, sub-batch ${v.subbatch}` : ''}).` }));
   }
   for (const k of ['hess_trace', 'ggn_trace']) {
     const d = run.data[k];
-    if (d && d.value) body.push(el('p', { class: 'note', text: `${k}: ${d.value.method}${d.value.probes ? `, ${d.value.probes} probes` : ''}` }));
+    if (d && d.value) body.push(el('p', { class: 'note', text: `${k}: ${d.value.method}${d.value.probes ? `, ${d.value.probes} probes` : ''}${d.value.exact_unavailable ? ` (not exact: ${d.value.exact_unavailable})` : ''}` }));
+  }
+  for (const k of ['tic_diag', 'tic_trace']) {
+    const d = run.data[k];
+    if (d && d.value && d.value.curvature) body.push(el('p', { class: 'note', text: `${k}: ${String(d.value.curvature).startsWith('estimate') ? 'estimate' : 'exact'} (${d.value.curvature}${d.value.probes ? `, ${d.value.probes} probes` : ''})` }));
   }
   const note = nanNote(run, keys);
   if (note) body.push(note);
