@@ -278,15 +278,15 @@ def write_outputs(results: Dict[str, dict], args, elapsed: float) -> dict:
     return summary
 
 
-def apply_block(path: str) -> int:
+def apply_block(path: str, docs: str = os.path.join(ROOT, "docs", "benchmarks.md")) -> int:
     from benchmarks import run
 
     with open(path) as fh:
         text = fh.read().strip()
     if "Dry run on the CPU" in text:
         raise SystemExit(f"{path} holds a dry run on the CPU, not GPU figures: not applied")
-    run.update_readme(text, path=os.path.join(ROOT, "docs", "benchmarks.md"), block="benchmarks-gpu")
-    print(f"docs/benchmarks.md: GPU block replaced from {path}")
+    run.update_readme(text, path=docs, block="benchmarks-gpu")
+    print(f"{docs}: GPU block replaced from {path}")
     return 0
 
 
