@@ -102,6 +102,13 @@ def wide_mlp(width: int) -> nn.Module:
                          nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
 
 
+def energy_quantity(cuda: bool, read) -> Energy:
+    """What a user gets on a GPU (NVML, CUDA events); on the CPU the simulated counter and events."""
+    if cuda:
+        return Energy()
+    return Energy(nvml_counter=lambda i: (read, "simulated"), make_event=lambda i: DoneEvent())
+
+
 def watched_run(make_model, make_batch, device: str, logdir: str, cuda: bool, read, *, seconds=None, steps=None):
     """Train until ``seconds`` passed or ``steps`` were taken. Returns (run, direct reading): the
     counter's joules from just before ``watch`` to just after the last step, and how long the run
@@ -111,7 +118,7 @@ def watched_run(make_model, make_batch, device: str, logdir: str, cuda: bool, re
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     crit = nn.CrossEntropyLoss()
     x, y = (t.to(device) for t in make_batch())
-    energy = Energy() if cuda else Energy(nvml_counter=lambda i: (read, "simulated"), make_event=lambda i: DoneEvent())
+    energy = energy_quantity(cuda, read)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     e0 = wait_for_change(read)  # just after an update: the reading is fresh
@@ -134,6 +141,11 @@ def watched_run(make_model, make_batch, device: str, logdir: str, cuda: bool, re
 
 def analyse(run, direct: dict, period_s: float) -> dict:
     """Figures of one run: steps, labels, windows, bounds, the sum against the direct reading."""
+    if "energy/gpu0" not in run.keys():
+        return {"steps": 0, "measured": 0, "n_unlabelled": 0, "unlabelled": [], "missing": "no energy/gpu0 key in the log",
+                "step_s_median": math.nan, "window_steps_median": math.nan, "own_window_fraction": 0.0,
+                "rel_bound_median": math.nan, "sum_j": 0.0, "sum_error_j": 0.0, "direct_j": direct["joules"],
+                "allowance_j": math.nan, "sum_matches_direct": False}
     steps, joules = run.series("energy/gpu0")
     data = dict(run.data("energy"))
     reasons = run.reasons("energy/gpu0")

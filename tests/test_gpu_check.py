@@ -172,3 +172,37 @@ def test_the_whole_check_runs_on_the_cpu_and_writes_what_a_gpu_run_writes(tmp_pa
     assert "stage timing" in (out / "gpu_check.log").read_text()
     values = json.loads((out / "values.json").read_text())
     assert {p["problem"] for p in values["problems"]} == {"demo", "transformer"}
+
+
+@pytest.mark.slow
+def test_the_gpu_branches_of_syncs_and_energy_report_on_fake_counts(tmp_path, monkeypatch):
+    """The GPU-only analysis runs once, on a machine lent for minutes: here it runs on the CPU with
+    the device calls replaced (sync counts: 0 on plain steps, 1 on step 5; a simulated counter)."""
+    from benchmarks import gpu_energy
+
+    monkeypatch.setattr(gpu_common, "cuda_ok", lambda device: True)
+    monkeypatch.setattr(gpu_syncs.torch.cuda, "synchronize", lambda *a: None)
+    calls = {"n": 0}
+
+    def fake_warnings(fn):
+        fn()
+        calls["n"] += 1
+        return 1 if calls["n"] == 3 + 1 + 5 else 0  # 3 plain steps, then steps 0.. of every:4: step 5 syncs
+
+    monkeypatch.setattr(gpu_syncs, "count_sync_warnings", fake_warnings)
+    monkeypatch.setattr(gpu_syncs, "count_profiler_syncs", lambda fn: fn() or 0)
+    make = gpu_syncs.problems.make
+    monkeypatch.setattr(gpu_syncs.problems, "make", lambda name, batch_size=None: make("mlp", batch_size=4))
+    result = gpu_syncs.run("cpu", True, str(tmp_path))
+    (c,) = result["checks"]
+    assert c["status"] == gpu_common.FAIL and "(1, 0)" in c["detail"]
+
+    monkeypatch.setattr(gpu_energy.problems, "make", lambda name, batch_size=None: make("mlp", batch_size=4))
+    monkeypatch.setattr(gpu_energy, "open_counter", lambda cuda: (gpu_energy.SimulatedCounter(), "simulated", lambda: None))
+    monkeypatch.setattr(gpu_energy, "energy_quantity", lambda cuda, read: gpu_energy.Energy(
+        nvml_counter=lambda i: (read, "simulated"), make_event=lambda i: gpu_energy.DoneEvent()))
+    result = gpu_energy.run("cpu", True, str(tmp_path))
+    statuses = {c["name"]: c["status"] for c in result["checks"]}
+    assert statuses["energy labelled on every step, short steps (cnn)"] == gpu_common.PASS
+    assert statuses["energy sum vs counter read directly, short steps (cnn)"] == gpu_common.PASS
+    assert all(s in (gpu_common.PASS, gpu_common.FAIL, gpu_common.SKIPPED) for s in statuses.values())
