@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 __all__ = ["watch", "load", "Cockpit", "Run", "schedules", "presets", "__version__"]
 
 
-_LAZY = {"watch": "cockpit", "Cockpit": "cockpit", "load": "runlog", "Run": "runlog"}
+_LAZY = {"watch": "engine", "Cockpit": "engine", "load": "runlog", "Run": "runlog"}
 
 
 def __getattr__(name):  # lazy: keep ``import cockpit_lite`` cheap

@@ -91,6 +91,11 @@ class StepContext:
         self.model_calls: List[ModelCall] = []  # on steps needing "model_inputs"
         self._per_sample = None
         self.active: list = []  # the step's active quantities (set by the engine)
+        # timings and counts the engine and quantities hand each other (declared, not cache keys)
+        self.t_start: Optional[float] = None  # perf_counter at the step's first training forward
+        self.t_hook: Optional[float] = None  # perf_counter when the step post-hook began
+        self.t_overhead: float = 0.0  # seconds the hooks spent before the post-hook
+        self.samples_global: Optional[int] = None  # samples of the global batch (DDP; set by 'loss')
 
     @property
     def per_sample(self):

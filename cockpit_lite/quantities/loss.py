@@ -21,7 +21,7 @@ class Loss(Quantity):
             weight = 1.0 if ctx.reduction == "sum" else (n if ctx.reduction == "mean" else 1)
             missing, total, weights, samples = sum_numbers(
                 dist, [loss is None, 0.0 if loss is None else float(loss) * weight, weight, n])
-            ctx.cache["samples_global"] = int(samples)
+            ctx.samples_global = int(samples)
             if missing:
                 ctx.emit_nan("loss", "no call of loss_fn was seen in this step on "
                                      f"{int(missing)} of {dist.size} processes")

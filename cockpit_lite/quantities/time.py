@@ -66,14 +66,14 @@ class StepTime(Quantity):
         return event
 
     def after_step(self, ctx):
-        start = ctx.cache.get("t_start")
+        start = ctx.t_start
         if start is None:
             ctx.emit_nan("time", "no forward call of the model was seen before this step")
         else:
             ctx.emit("time", _time.perf_counter() - start)
         if self._device is not None:
             self._device_time(ctx)
-        ctx.emit("time/cockpit", ctx.cache.get("t_overhead", 0.0) + (_time.perf_counter() - ctx.cache["t_hook"]))
+        ctx.emit("time/cockpit", ctx.t_overhead + (_time.perf_counter() - ctx.t_hook))
 
     def _device_time(self, ctx) -> None:
         end = self._new_event()

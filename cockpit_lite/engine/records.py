@@ -1,0 +1,141 @@
+"""From a finished step to the run log and the sinks: the step record, amendments of earlier steps,
+events and once-only warnings, the log header. A failing write or sink never reaches the training loop."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+import warnings
+from typing import Any, Dict, Iterable
+
+import torch
+
+from .. import __version__
+from .setup import finite, jsonable, now
+
+
+class Recorder:
+    """Writes records to the run log (``RunLogWriter``, or ``NoLog`` off process 0) and every sink."""
+
+    def __init__(self, writer, sinks: Iterable[Any] = ()):
+        self.writer = writer
+        self.sinks = list(sinks)
+        self.warned: set = set()
+
+    def emit(self, record: Dict[str, Any]) -> None:
+        """Write a record to the run log, then hand it to every sink (a failing sink is dropped).
+        A failing write never reaches the training loop (the writer retries or counts it)."""
+        try:
+            self.writer.write(record)
+        except Exception as err:  # e.g. a record the encoder refuses: lost, counted, said once
+            self.writer.dropped = getattr(self.writer, "dropped", 0) + 1
+            if "log" not in self.warned:
+                self.warned.add("log")
+                warnings.warn(f"cockpit-lite: a {record.get('type')} record could not be written to the run log "
+                              f"({err!r}); it was dropped (the footer counts it)", RuntimeWarning, stacklevel=4)
+        for sink in list(self.sinks):
+            try:
+                sink.write(record)
+            except Exception as err:
+                self.sinks.remove(sink)
+                self.warn_once(f"sink:{type(sink).__name__}",
+                               f"cockpit-lite: {type(sink).__name__} failed ({err!r}) and was detached; "
+                               "the run log is unaffected", step=record.get("step", 0))
+
+    def event(self, step: int, level: str, message: str, **fields: Any) -> None:
+        if not self.writer.closed:
+            self.emit({"type": "event", "step": step, "wall": time.time(), "level": level,
+                       "message": message, **fields})
+
+    def warn_once(self, key: str, message: str, step: int, stacklevel: int = 4) -> None:
+        if key in self.warned:
+            return
+        self.warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+        self.event(step, "warning", message)
+
+    def write_step(self, ctx, backward_passes: int, dist) -> None:
+        """One ``step`` record for the tracked step ``ctx``, after the amendments it carries."""
+        values = ctx.scalar_values()
+        flags = set(ctx.flags)
+        if not finite(values.get("loss")) and "loss" in values and "loss" not in ctx.reasons:
+            flags.add("nonfinite_loss")
+        if not finite(values.get("grad_norm")) and "grad_norm" in values and "grad_norm" not in ctx.reasons:
+            flags.add("nonfinite_grad")
+        for flag in sorted(flags):
+            if flag.startswith("nonfinite"):
+                self.warn_once(flag, f"cockpit-lite: {flag.replace('_', ' ')} at step {ctx.step} (logged and flagged)",
+                               step=ctx.step, stacklevel=5)
+        record = {"type": "step", "step": ctx.step, "wall": time.time(),
+                  "backward_passes": max(backward_passes, sum(m.backpropagated for m in ctx.micro_batches)),
+                  "values": values}
+        samples = sum(m.batch_size or 0 for m in ctx.micro_batches if m.backpropagated)
+        if dist is None:
+            if samples:
+                record["samples"] = samples
+        elif ctx.samples_global is not None:  # counted by the loss quantity's reduction
+            record["samples"] = ctx.samples_global
+        elif samples:
+            record["samples_local"] = samples  # this process's shard only (no reduction counted the rest)
+        if ctx.reasons:
+            record["reasons"] = ctx.reasons
+        if ctx.data:
+            record["data"] = ctx.data
+        if flags:
+            record["flags"] = sorted(flags)
+        # amendments first: they complete earlier steps (the reader merges them by step)
+        self.write_amendments(ctx, record["wall"])
+        self.emit(record)
+
+    def write_amendments(self, ctx, wall: float) -> None:
+        for step, late in sorted(ctx.late.items()):
+            amend = {"type": "step", "step": step, "amends": True, "wall": wall, "values": late["values"]}
+            for part in ("reasons", "data"):
+                if late[part]:
+                    amend[part] = late[part]
+            self.emit(amend)
+
+    def close(self, footer: Dict[str, Any]) -> None:
+        """Close the run log with ``footer``, then every sink (a failing sink is said, not raised)."""
+        self.writer.close(footer)
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as err:
+                warnings.warn(f"cockpit-lite: closing {type(sink).__name__} failed: {err!r}", RuntimeWarning)
+
+
+class NoLog:
+    """The run log of a process other than 0 in a data-parallel run: process 0 writes the records."""
+
+    def __init__(self, logdir: str):
+        self.path = os.path.join(logdir, "cockpit.jsonl")
+        self.closed = False
+
+    def write(self, record) -> None:
+        pass
+
+    def close(self, footer=None) -> None:
+        self.closed = True
+
+
+def header(model, optimizer, loss_fn, reduction: str, watched, quantities) -> Dict[str, Any]:
+    """The run log's first record: versions, host, model, optimizer, parameters, quantities."""
+    return {
+        "created": now(),
+        "cockpit_lite": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "model": type(model).__name__,
+        "optimizer": type(optimizer).__name__,
+        "optimizer_defaults": {k: jsonable(v) for k, v in optimizer.defaults.items()},
+        "param_groups": len(optimizer.param_groups),
+        "loss_fn": type(loss_fn).__name__ if loss_fn is not None else None,
+        "reduction": reduction,
+        "params": [{"name": n, "shape": list(p.shape), "numel": p.numel()} for n, p in zip(watched.names, watched.params)],
+        "num_params": sum(p.numel() for p in watched.params),
+        "processes": watched.dist.size if watched.dist is not None else 1,
+        "quantities": {q.name: q.describe() for q in quantities},
+    }

@@ -1,0 +1,148 @@
+"""Where a step begins and ends, seen from hooks only (no change to the user's loop).
+
+* a forward pre-hook on the model marks the start of a step (the first training forward after the
+  previous step) and keeps the call's inputs on steps that replay the batch;
+* a tensor hook on the model output counts backward passes;
+* a forward hook on ``loss_fn`` keeps each micro-batch's loss, and a tensor hook on the loss output reads
+  the factor the backward pass was started with (1/accumulation, AMP scale);
+* the optimizer's step pre-hook runs when ``.grad`` is final; with ``optimizer.step(closure)`` the closure
+  is wrapped so that the step is observed once the closure has computed the gradients.
+
+``StepDetection`` is the hook half of ``Cockpit``: it fills the step state (``_micro_batches``,
+``_model_calls``, ``_backward_passes``, ``_t_start``) that ``Cockpit._before_step`` turns into a context.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+from ..replay import is_replaying
+from ..rng import rng_state
+from ..step_context import MicroBatch, ModelCall
+from .setup import autocast_state, positional
+
+
+class StepDetection:
+    def _pending_backward(self) -> bool:
+        return self._backward_passes > 0 or any(m.backpropagated for m in self._micro_batches)
+
+    def _on_model_forward_pre(self, module, args, kwargs):
+        if not torch.is_grad_enabled() or is_replaying() or self._quiet:
+            return None
+        if self._pending_backward() and all(p.grad is None for p in self.watched.params):
+            # gradients were cleared (model.zero_grad) after backward without an optimizer step
+            self._record_skipped("gradients were cleared after backward() without optimizer.step()")
+        if self._open_forwards:
+            # a forward inside a forward of the same module: the outer one was a redirection (Lightning's
+            # DDP strategy calls training_step through the wrapped module's forward), the inner one is the
+            # model's forward on the batch. Only the inner one counts.
+            outer = self._open_forwards[-1]
+            if outer["call"] is not None and outer["call"] in self._model_calls:
+                self._model_calls.remove(outer["call"])
+            outer["nested"] = True
+        self._open_forwards.append({"call": None, "nested": False})
+        if self._t_start is None:
+            self._t_start = time.perf_counter()
+            self._activate()
+            if "layer_io" in self._needs:
+                self._arm_layer_capture()
+        if "model_inputs" in self._needs:
+            call = ModelCall(
+                args=tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                kwargs={k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
+                rng_state=rng_state(), autocast=autocast_state())
+            self._model_calls.append(call)
+            self._open_forwards[-1]["call"] = call
+        return None
+
+    def _arm_layer_capture(self) -> None:
+        if self._layer_capture is None:
+            from ..persample.capture import LayerCapture
+
+            self._layer_capture = LayerCapture(self.model, self.watched.names, self.watched.params)
+            if self.compiled:
+                self._warn_once("compiled", (
+                    "cockpit-lite: the model is compiled (torch.compile). Per-sample quantities hook every "
+                    "layer, which breaks the compiled graph on the steps they track (dynamo recompiles when "
+                    "tracking starts and stops); their values are right, those steps run slower. Track them "
+                    "less often, or watch the model before compiling it for exact graphs."))
+        self._layer_capture.arm()
+
+    def _on_model_forward(self, module, args, output):
+        if not torch.is_grad_enabled() or is_replaying() or self._quiet:
+            return None
+        if self._open_forwards and self._open_forwards.pop()["nested"]:
+            return None  # a redirection around the real forward (see _on_model_forward_pre)
+        if isinstance(output, torch.Tensor):
+            if output.requires_grad:
+                output.register_hook(self._count_backward)
+            return None
+        for leaf in tree_leaves(output):
+            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                leaf.register_hook(self._count_backward)
+                break
+        return None
+
+    def _count_backward(self, grad):
+        self._backward_passes += 1
+        return None
+
+    def _on_loss(self, module, args, kwargs, output):
+        if (not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad)
+                or is_replaying() or self._quiet):
+            return None
+        if kwargs:  # crit(input=..., target=...): the per-sample losses re-evaluate it with positions
+            args = positional(module, args, kwargs)
+        if output.numel() != 1:
+            self._warn_once("loss_shape", f"loss_fn returned a tensor of shape {tuple(output.shape)}, not a scalar; "
+                                          "its mean is logged as the loss")
+        t0 = time.perf_counter()
+        self._activate()
+        first = args[0] if args else None
+        mb = MicroBatch(
+            loss=output.detach().mean(),
+            batch_size=int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else None,
+        )
+        if "loss_inputs" in self._needs:
+            mb.output = first.detach() if isinstance(first, torch.Tensor) else first
+            mb.target = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:])
+
+        def on_loss_grad(grad, mb=mb):
+            mb.loss_scale = grad.detach()
+            mb.backpropagated = True
+
+        output.register_hook(on_loss_grad)
+        self._micro_batches.append(mb)
+        self._overhead += time.perf_counter() - t0
+        return None
+
+    def _on_step_pre(self, optimizer, args, kwargs):
+        """Before the parameters change. With ``optimizer.step(closure)`` (e.g. Lightning) the closure
+        computes the gradients inside the step, after this hook: the closure is then replaced by one
+        that runs it and observes once it returns (an optimizer evaluating the closure several times,
+        like L-BFGS, is observed at its first evaluation)."""
+        positional_call = len(args) > 1 and args[0] is optimizer
+        closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if positional_call else None)
+        if closure is None:
+            self._before_step()
+            return None
+        done = []
+
+        def closure_then_observe():
+            if done:  # a later evaluation of the same step (L-BFGS): not a new step, not a skipped one
+                self._quiet += 1
+                try:
+                    return closure()
+                finally:
+                    self._quiet -= 1
+            result = closure()
+            done.append(True)
+            self._before_step()
+            return result
+
+        if "closure" in kwargs:
+            return args, dict(kwargs, closure=closure_then_observe)
+        return (args[0], closure_then_observe) + tuple(args[2:]), kwargs
