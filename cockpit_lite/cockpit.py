@@ -252,6 +252,8 @@ class Cockpit:
         if isinstance(self.loss_fn, torch.nn.Module):
             _WATCHED_LOSSES.discard(self.loss_fn)
         self._before_buffers = None
+        if self.watched.dist is not None:
+            self.watched.dist.release()  # no process group of ours outlives the run (issue 24 item 10)
         if self._live is not None:
             self._live.stop()  # renders the finished log once more
 
