@@ -45,6 +45,12 @@ class RecentRun:
         self._reasons: Dict[str, Deque[Tuple[int, str]]] = {}
         self.skipped: List[Dict[str, Any]] = []
         self._pinned: Dict[str, Tuple[int, float]] = {}  # the values of the first flagged step
+        # what else a Run has, for a rule that reads it: a live run is unfinished, its log is not re-read
+        self.events: List[Dict[str, Any]] = []
+        self.footer: Optional[Dict[str, Any]] = None
+        self.finished = False
+        self.torn_tail = False
+        self.bad_lines: List[Tuple[int, str]] = []
         self._pinned_step: Optional[int] = None
 
     # -- feeding --------------------------------------------------------------------------------
