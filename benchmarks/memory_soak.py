@@ -13,6 +13,7 @@ batch (B x its per-sample size). The plain loop (no cockpit) is measured the sam
 
     python benchmarks/memory_soak.py --steps 200          # the full soak (slow on a CPU)
     python benchmarks/memory_soak.py --steps 30 --json    # a reduced one
+    python benchmarks/memory_soak.py --advisor            # with the live advisor
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def largest_activation_mb(model, x) -> float:
     return max(sizes) / 2 ** 20
 
 
-def soak(steps: int, batch: int, size: int, preset: str, schedule: str, warmup: int, watched: bool) -> dict:
+def soak(steps: int, batch: int, size: int, preset: str, schedule: str, warmup: int, watched: bool,
+         advisor: bool = False) -> dict:
     import torch
     import torch.nn as nn
 
@@ -82,7 +84,8 @@ def soak(steps: int, batch: int, size: int, preset: str, schedule: str, warmup: 
     cockpit = None
     if watched:
         spec = presets.preset(preset, None if schedule == "preset" else schedule)
-        cockpit = cockpit_lite.watch(model, opt, loss_fn=crit, logdir=os.path.join(tmp.name, "run"), quantities=spec)
+        cockpit = cockpit_lite.watch(model, opt, loss_fn=crit, logdir=os.path.join(tmp.name, "run"), quantities=spec,
+                                     advisor=advisor)
 
     def step():
         opt.zero_grad()
@@ -121,6 +124,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--preset", default="economy")
     ap.add_argument("--schedule", default="every", help="'every', or 'preset' for the preset's own schedules")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--advisor", action="store_true", help="watch with advisor=True (its windows are bounded too)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
 
@@ -129,10 +133,11 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     act = largest_activation_mb(resnet18_groupnorm(), torch.randn(args.batch, 3, args.size, args.size))
     out = {"model": "resnet18 (GroupNorm)", "batch": args.batch, "image": args.size, "steps": args.steps,
-           "preset": args.preset, "schedule": args.schedule, "gc": "disabled",
+           "preset": args.preset, "schedule": args.schedule, "gc": "disabled", "advisor": args.advisor,
            "largest_activation_mb": round(act, 1)}
     out["plain"] = soak(args.steps, args.batch, args.size, args.preset, args.schedule, args.warmup, watched=False)
-    out["watched"] = soak(args.steps, args.batch, args.size, args.preset, args.schedule, args.warmup, watched=True)
+    out["watched"] = soak(args.steps, args.batch, args.size, args.preset, args.schedule, args.warmup, watched=True,
+                          advisor=args.advisor)
     growth = out["watched"]["growth_mb"]
     out["goal_mb"] = out["largest_activation_mb"]
     out["within_goal"] = growth < out["goal_mb"]

@@ -62,6 +62,21 @@ class Group:
         self.device = torch.device("cpu") if backend == "gloo" else torch.device("cuda", torch.cuda.current_device())
         self._phase, self._index, self._broken = ("", ""), 0, None
 
+    def release(self) -> None:
+        """Destroy the cockpit's own process group (at ``close``): nothing of it (gloo's threads, its
+        store) outlives the run into the user's ``destroy_process_group()`` and interpreter exit. Local,
+        no collective; a group already destroyed (the user's ``destroy_process_group()`` came first) is
+        left alone."""
+        group, self.group = self.group, None
+        self._broken = "the cockpit was closed; its process group is released"
+        if group is None:
+            return
+        try:
+            if self._dist.is_initialized():
+                self._dist.destroy_process_group(group)
+        except (ValueError, RuntimeError):
+            pass
+
     # -- phases: which reduction is which ------------------------------------------------------------
     def enter(self, step: int, name: str) -> None:
         """Reductions from here on belong to ``name`` (a quantity) at ``step``; a new step clears an

@@ -64,6 +64,8 @@ def assert_hist_matches(run, G_list, step_index=0, exact_range=True):
     assert edges[0] == pytest.approx(-R)
     if exact_range:
         assert R == pytest.approx(float(vals.abs().max()), rel=1e-4)  # the range fits this step's values
+        # and R is the product's own maximum of them: none of its own values lies beyond it
+        assert h["clipped"] == 0
     # clipped: the elements beyond R. R is the exact maximum of the step's values where that is cheap, so the
     # largest element sits on the edge, and the brute-force reference (per-sample forwards: another float32
     # summation order) may put it 1 ulp outside (0.99198240 vs R = 0.99198234 with 2 threads): an element

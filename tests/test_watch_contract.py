@@ -75,8 +75,10 @@ def test_bad_input_gives_clear_errors(tmp_path):
     with pytest.raises(RuntimeError, match="already watched"):
         cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "e")
     cockpit.close()
-    with pytest.raises(RuntimeError, match="already closed"):
-        cockpit.close()
+    written = (tmp_path / "d" / "cockpit.jsonl").read_bytes()
+    cockpit.close()  # a second close() does nothing: no error, no second footer
+    assert (tmp_path / "d" / "cockpit.jsonl").read_bytes() == written
+    assert cockpit_lite.load(tmp_path / "d").finished
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(OSError, match="cannot write its run log"):
