@@ -735,6 +735,13 @@ class Run:
                 return r["step"], r["data"][key]
         return None
 
+    def to_pandas(self, keys: Optional[Iterable[str]] = None, *, fields: bool = True):
+        """A pandas DataFrame, one row per step, amendments applied, NaN as float
+        (``cockpit_lite.frames.to_pandas``: which columns; pandas is optional)."""
+        from .frames import to_pandas
+
+        return to_pandas(self, keys, fields=fields)
+
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         return iter(self.records)
 
