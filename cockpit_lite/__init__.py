@@ -9,7 +9,14 @@
 Importing this package imports neither matplotlib nor TensorBoard; ``watch`` imports torch.
 """
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"  # the one version: pyproject.toml reads it (tool.setuptools.dynamic)
+
+if TYPE_CHECKING:  # what type checkers see; at run time the names load lazily (__getattr__)
+    from . import presets, schedules
+    from .cockpit import Cockpit, watch
+    from .runlog import Run, load
 
 __all__ = ["watch", "load", "Cockpit", "Run", "schedules", "presets", "__version__"]
 
