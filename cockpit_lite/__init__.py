@@ -16,12 +16,14 @@ __version__ = "0.1.0"  # the one version: pyproject.toml reads it (tool.setuptoo
 if TYPE_CHECKING:  # what type checkers see; at run time the names load lazily (__getattr__)
     from . import presets, schedules
     from .cockpit import Cockpit, watch
+    from .notebook import compare, plot
     from .runlog import Run, load
 
-__all__ = ["watch", "load", "Cockpit", "Run", "schedules", "presets", "__version__"]
+__all__ = ["watch", "load", "Cockpit", "Run", "plot", "compare", "schedules", "presets", "__version__"]
 
 
-_LAZY = {"watch": "cockpit", "Cockpit": "cockpit", "load": "runlog", "Run": "runlog"}
+_LAZY = {"watch": "cockpit", "Cockpit": "cockpit", "load": "runlog", "Run": "runlog", "plot": "notebook",
+         "compare": "notebook"}
 
 
 def __getattr__(name):  # lazy: keep ``import cockpit_lite`` cheap

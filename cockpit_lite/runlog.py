@@ -748,6 +748,12 @@ class Run:
 
         return to_pandas(self, keys, fields=fields)
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view of a run: a small summary table (``cockpit_lite.notebook.run_html``)."""
+        from .notebook import run_html
+
+        return run_html(self)
+
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         return iter(self.records)
 

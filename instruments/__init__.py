@@ -343,6 +343,7 @@ def builtin() -> List[Instrument]:
     from .distance import Distance
     from .early_stopping import EarlyStopping
     from .energy import Energy
+    from .grad_flow import GradFlow
     from .grad_hist_1d import GradHist1d
     from .grad_hist_2d import GradHist2d
     from .grad_norm import GradNorm
@@ -358,7 +359,7 @@ def builtin() -> List[Instrument]:
     from .traces import Traces
 
     classes = (AlphaGauge, AlphaTrace, Distance, Hyperparameters, Cabs,
-               GradNorm, GradNormPreclip, GradientTests, GradientTestsHistory, GradHist1d, GradHist2d, Gsnr, EarlyStopping,
+               GradNorm, GradNormPreclip, GradFlow, GradientTests, GradientTestsHistory, GradHist1d, GradHist2d, Gsnr, EarlyStopping,
                HessMaxEv, Traces, Tic,
                Performance, Advisor,
                StepTime, Energy)
