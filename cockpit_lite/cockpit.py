@@ -225,9 +225,10 @@ class Cockpit:
         return load(self.logdir)
 
     def close(self) -> None:
-        """Remove every hook, flush and close the run log. Calling it twice is an error."""
+        """Remove every hook, flush and close the run log. A second call does nothing (``with watch(...)``
+        after an explicit ``close()``, a cleanup handler and a ``finally`` both closing are fine)."""
         if self.closed:
-            raise RuntimeError("this cockpit is already closed")
+            return
         self.closed = True
         for h in self._handles:
             h.remove()

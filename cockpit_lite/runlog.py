@@ -659,6 +659,11 @@ class Run:
         hi = max(lo, hi)
         return np.array(steps[lo:hi], dtype=np.int64), np.array(values[lo:hi], dtype=np.float64)
 
+    def has(self, key: str) -> bool:
+        """Whether some step record holds the scalar ``key`` (a value, or NaN with a reason): ask this
+        where an absent key is expected, since ``series`` raises ``KeyError`` for a key of no quantity."""
+        return key in self.columns()
+
     def columns(self) -> Dict[str, "Series"]:
         """Every scalar key -> ``(steps, values)`` numpy arrays (read-only; ``series`` returns copies).
 

@@ -98,6 +98,7 @@ def test_selected_keys_and_typos(tmp_path):
     assert frame.at[0, "loss"] == 2.0 and math.isnan(frame.at[0, "grad_norm"])
     with pytest.raises(KeyError, match="did you mean 'loss'"):
         run.to_pandas(["losss"])
+    assert run.has("loss") and not run.has("losss") and not run.has("grad_norm")
 
 
 def test_cached_large_log_gives_the_same_frame(tmp_path, monkeypatch):
