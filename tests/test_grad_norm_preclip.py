@@ -225,3 +225,38 @@ def _log_without_preclip(tmp_path):
         loss_fn(model(x), y).backward()
         opt.step()
     return logdir
+
+
+def test_a_failure_at_the_end_of_backward_is_nan_with_the_error(tmp_path, monkeypatch):
+    from cockpit_lite.quantities.grad_norm_preclip import GradNormPreclip
+
+    def fail(self):
+        raise RuntimeError("no norm today")
+
+    monkeypatch.setattr(GradNormPreclip, "_norms_now", fail)
+    model, loss_fn = _net(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with cockpit_lite.watch(model, opt, loss_fn=loss_fn, logdir=tmp_path, quantities=["grad_norm_preclip", "loss"]):
+        x, y = _batches([4])[0]
+        loss_fn(model(x), y).backward()
+        opt.step()
+    run = cockpit_lite.load(tmp_path)
+    assert math.isnan(run.series("grad_norm_preclip")[1][0]) and len(run.series("loss")[1]) == 1
+    assert run.reasons("grad_norm_preclip")[0] == "RuntimeError at the end of backward: no norm today"
+
+
+def test_sparse_gradients(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 3))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with cockpit_lite.watch(model, opt, loss_fn=loss_fn, logdir=tmp_path, quantities=["grad_norm_preclip"]):
+        loss_fn(model(torch.randint(0, 10, (5, 2))), torch.randint(0, 3, (5,))).backward()
+        opt.step()
+    run = cockpit_lite.load(tmp_path)
+    steps, values = run.series("grad_norm_preclip")
+    if math.isfinite(values[0]):  # a torch whose norms take sparse gradients: then it must be right
+        grads = [p.grad.to_dense().double() if p.grad.is_sparse else p.grad.double() for p in model.parameters()]
+        assert values[0] == pytest.approx(torch.stack([g.norm() for g in grads]).norm().item(), rel=1e-5)
+    else:
+        assert "at the end of backward" in run.reasons("grad_norm_preclip")[0]

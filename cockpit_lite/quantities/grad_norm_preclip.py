@@ -42,9 +42,18 @@ class GradNormPreclip(Quantity):
         self._step: Optional[int] = None
         self._scale: Optional[torch.Tensor] = None
         self._at_step: Optional[torch.Tensor] = None
+        self._error: Optional[str] = None
 
     def on_backward_end(self, step: int) -> None:
         amp_scale.take(self._optimizer)  # a scale noted before this pass is not this gradient's
+        self._step = step
+        try:
+            self._norms = self._norms_now()
+            self._error = None
+        except Exception as err:  # e.g. sparse gradients: NaN with this reason at the step
+            self._norms, self._error = None, f"{type(err).__name__} at the end of backward: {err}"
+
+    def _norms_now(self) -> torch.Tensor:
         grads = [p.grad for p in self._params]
         present = [g.float() if g.dtype in (torch.float16, torch.bfloat16) else g for g in grads if g is not None]
         with torch.no_grad():
@@ -52,8 +61,7 @@ class GradNormPreclip(Quantity):
             ref = present[0] if present else self._params[0]
             norms = [next(found) if g is not None else torch.zeros((), dtype=ref.dtype, device=ref.device)
                      for g in grads]
-            self._norms = torch.stack([n.to(ref.device, torch.float32) for n in norms])
-        self._step = step
+            return torch.stack([n.to(ref.device, torch.float32) for n in norms])
 
     def before_step(self, ctx) -> None:
         self._scale = amp_scale.take(self._optimizer)
@@ -71,6 +79,9 @@ class GradNormPreclip(Quantity):
             self._reset()
 
     def _emit(self, ctx) -> None:
+        if self._error is not None and self._step == ctx.step:
+            ctx.emit_nan(self.name, self._error)
+            return
         if self._norms is None or self._step != ctx.step or self._at_step is None:
             ctx.emit_nan(self.name, "no backward pass through the watched model's output was observed on this step")
             return
