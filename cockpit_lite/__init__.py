@@ -9,12 +9,21 @@
 Importing this package imports neither matplotlib nor TensorBoard; ``watch`` imports torch.
 """
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING
 
-__all__ = ["watch", "load", "Cockpit", "Run", "schedules", "presets", "__version__"]
+__version__ = "0.1.0"  # the one version: pyproject.toml reads it (tool.setuptools.dynamic)
+
+if TYPE_CHECKING:  # what type checkers see; at run time the names load lazily (__getattr__)
+    from . import presets, schedules
+    from .engine import Cockpit, watch
+    from .notebook import compare, plot
+    from .runlog import Run, load
+
+__all__ = ["watch", "load", "Cockpit", "Run", "plot", "compare", "schedules", "presets", "__version__"]
 
 
-_LAZY = {"watch": "engine", "Cockpit": "engine", "load": "runlog", "Run": "runlog"}
+_LAZY = {"watch": "engine", "Cockpit": "engine", "load": "runlog", "Run": "runlog", "plot": "notebook",
+         "compare": "notebook"}
 
 
 def __getattr__(name):  # lazy: keep ``import cockpit_lite`` cheap

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--one-process", action="store_true",
                    help="draw a PNG in this process only (default: its two halves at once, in this process "
                         "and a forked one, where there is more than one core)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress lines on stderr once the work takes more than 2 s (default: when stderr "
+                        "is a terminal)")
     p.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("summary", help="print a run's steps, quantities and last values")
@@ -77,6 +80,10 @@ def cmd_plot(args) -> int:
     names = [n.strip() for n in args.instruments.split(",") if n.strip()] if args.instruments else None
     if names is not None and not names:
         raise ValueError("--instruments is empty")
+    from .progress import Progress
+    from .runlog import load
+
+    progress = Progress("cockpit-lite plot", enabled=args.progress)
     t0 = time.perf_counter()
     # The runs' records are a million objects for 100,000 steps, without reference cycles. Frozen
     # right after reading (kept out of the cyclic collector's scans; still freed as usual once
@@ -84,21 +91,32 @@ def cmd_plot(args) -> int:
     # (~1.5 s for 100,000 steps).
     frozen = gc.get_freeze_count()
     with gc_paused():
-        views = dashboard._views(args.logdirs, args.steps)
+        dashboard.parse_steps(args.steps)  # refuse a bad range before reading
+        runs = []
+        for i, logdir in enumerate(args.logdirs):
+            progress.stage(f"reading {logdir} ({i + 1}/{len(args.logdirs)})")
+            runs.append(load(logdir))
+        views = dashboard._views(runs, args.steps)
+        runs = []
         bad = bad_lines_text(getattr(v, "run", None) for v in views)
         gc.freeze()
     try:
-        fig = dashboard.render(views, args.output, instruments=names, title=args.title, dpi=args.dpi,
-                               two_processes=not args.one_process)
+        progress.stage("choosing the panels")
+        lay = dashboard.layout(views, names)
+        progress.stage(f"drawing {len(lay.panels)} panels")
+        fig = dashboard.figure(lay, title=args.title)
+        progress.stage(f"writing {args.output}")
+        dashboard.save(fig, args.output, dpi=args.dpi, two_processes=not args.one_process)
         panels = sum(1 for ax in fig.get_axes() if ax.get_visible() and ax.get_title())
     finally:
         # garbage cycles from drawing (tracebacks caught inside matplotlib keep their callers'
         # frames, and so the runs, alive): collected now, while the records are frozen and not
         # scanned, the runs are freed here instead of by a full scan of every record later
-        views = fig = None
+        views = fig = lay = None
         gc.collect()
         if not frozen:  # a caller that froze objects itself keeps them frozen
             gc.unfreeze()
+    progress.done()
     print(f"wrote {args.output} ({panels} panels, {len(args.logdirs)} run(s), {time.perf_counter() - t0:.1f} s)")
     for line in bad:
         print(line)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
-FIRST_ORDER = ("loss", "grad_norm", "param_norm", "distance", "update_size", "lr", "time")
+FIRST_ORDER = ("loss", "grad_norm", "grad_norm_preclip", "param_norm", "distance", "update_size", "lr", "time")
 PER_SAMPLE_EVERY = 10
 PER_SAMPLE = "every:%d" % PER_SAMPLE_EVERY
 CURVATURE = "log"

@@ -40,13 +40,19 @@ import os
 import warnings
 from collections import deque
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .gc_pause import gc_paused
 from .runlog_cache import RunCache
 from .runlog_files import claim, open_for_reading
 from .runlog_keys import is_known, unknown_key
 from .runlog_scan import Scan, as_float, note_lines
+
+if TYPE_CHECKING:  # numpy is imported where it is used (reading a log does not need it at import)
+    import numpy as np
+    import pandas
+
+    Series = Tuple[np.ndarray, np.ndarray]
 
 FORMAT = "cockpit-lite-log"
 VERSION = 1
@@ -622,7 +628,7 @@ class Run:
         in the order of first appearance."""
         return list(self.columns())
 
-    def steps(self):
+    def steps(self) -> "np.ndarray":
         """The steps of the step records, in order, as a numpy array."""
         import numpy as np
 
@@ -632,7 +638,7 @@ class Run:
             self._steps = np.fromiter((r["step"] for r in self._records), dtype=np.int64, count=len(self._records))
         return self._steps.copy()
 
-    def series(self, key: str, *, start: Optional[int] = None, stop: Optional[int] = None):
+    def series(self, key: str, *, start: Optional[int] = None, stop: Optional[int] = None) -> "Series":
         """``(steps, values)`` as numpy arrays over the records that hold ``key``.
 
         Values that could not be computed are NaN (``reasons(key)`` says why). A quantity's key
@@ -653,7 +659,12 @@ class Run:
         hi = max(lo, hi)
         return np.array(steps[lo:hi], dtype=np.int64), np.array(values[lo:hi], dtype=np.float64)
 
-    def columns(self) -> Dict[str, Tuple[Any, Any]]:
+    def has(self, key: str) -> bool:
+        """Whether some step record holds the scalar ``key`` (a value, or NaN with a reason): ask this
+        where an absent key is expected, since ``series`` raises ``KeyError`` for a key of no quantity."""
+        return key in self.columns()
+
+    def columns(self) -> Dict[str, "Series"]:
         """Every scalar key -> ``(steps, values)`` numpy arrays (read-only; ``series`` returns copies).
 
         Built in one pass when first asked for after a read, by ``runlog_scan.Scan``: records with
@@ -707,7 +718,7 @@ class Run:
             return list(self._cached.flags.get(flag, ()))
         return [r["step"] for r in self._records if flag in r.get("flags", ())]
 
-    def field(self, name: str):
+    def field(self, name: str) -> "Series":
         """``(steps, values)`` numpy arrays of a numeric top-level field of the step records
         (``samples``, ``backward_passes``, ``wall``) over the records that hold it."""
         if self._cached is not None and name in self._cached.fields:
@@ -716,7 +727,7 @@ class Run:
             self._entries[None, name] = _entry_column(((r["step"], r) for r in self.records), name)
         return _copies(self._entries[None, name])
 
-    def data_field(self, key: str, name: str):
+    def data_field(self, key: str, name: str) -> "Series":
         """``(steps, values)`` numpy arrays of a numeric entry of ``key``'s structures (``energy``'s
         ``steps``, ``hess_max_ev``'s ``converged`` as 0/1), over the structures that hold it;
         a run read from its cache answers those of ``RunCache.DATA_FIELDS`` without the structures."""
@@ -734,6 +745,19 @@ class Run:
             if key in r.get("data", {}):
                 return r["step"], r["data"][key]
         return None
+
+    def to_pandas(self, keys: Optional[Iterable[str]] = None, *, fields: bool = True) -> "pandas.DataFrame":
+        """A pandas DataFrame, one row per step, amendments applied, NaN as float
+        (``cockpit_lite.frames.to_pandas``: which columns; pandas is optional)."""
+        from .frames import to_pandas
+
+        return to_pandas(self, keys, fields=fields)
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view of a run: a small summary table (``cockpit_lite.notebook.run_html``)."""
+        from .notebook import run_html
+
+        return run_html(self)
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         return iter(self.records)

@@ -206,6 +206,11 @@ class StepContext:
             norms = torch.stack(torch._foreach_norm(tensors))
         self._norm_groups.append((key, norms))
 
+    def emit_norm_values(self, key: str, norms: torch.Tensor) -> None:
+        """Record per-parameter norms already computed (a 1-D tensor in parameter order) as
+        ``key/<param name>`` and their combined L2 norm as ``key``, like ``emit_norms``."""
+        self._norm_groups.append((key, norms.detach().reshape(-1)))
+
     def discard(self, name: str) -> None:
         """Forget what was recorded for ``name`` and its parts (``name/...``) on this step."""
         for store in (self.values, self.reasons, self.data):

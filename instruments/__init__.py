@@ -343,9 +343,11 @@ def builtin() -> List[Instrument]:
     from .distance import Distance
     from .early_stopping import EarlyStopping
     from .energy import Energy
+    from .grad_flow import GradFlow
     from .grad_hist_1d import GradHist1d
     from .grad_hist_2d import GradHist2d
     from .grad_norm import GradNorm
+    from .grad_norm_preclip import GradNormPreclip
     from .gradient_tests import GradientTests
     from .gradient_tests_history import GradientTestsHistory
     from .gsnr import Gsnr
@@ -357,7 +359,7 @@ def builtin() -> List[Instrument]:
     from .traces import Traces
 
     classes = (AlphaGauge, AlphaTrace, Distance, Hyperparameters, Cabs,
-               GradNorm, GradientTests, GradientTestsHistory, GradHist1d, GradHist2d, Gsnr, EarlyStopping,
+               GradNorm, GradNormPreclip, GradFlow, GradientTests, GradientTestsHistory, GradHist1d, GradHist2d, Gsnr, EarlyStopping,
                HessMaxEv, Traces, Tic,
                Performance, Advisor,
                StepTime, Energy)

@@ -14,7 +14,7 @@ import numpy as np
 
 ALL = ("loss", "grad_norm", "param_norm", "distance", "update_size", "lr", "time", "norm_test", "inner_test",
        "ortho_test", "mean_gsnr", "early_stopping", "cabs", "grad_hist_1d", "alpha", "hess_max_ev", "hess_trace",
-       "ggn_trace", "tic_diag", "tic_trace", "grad_hist_2d", "energy")
+       "ggn_trace", "tic_diag", "tic_trace", "grad_hist_2d", "energy", "grad_norm_preclip")
 PARAMS = ("0.weight", "0.bias", "2.weight", "2.bias")
 
 
@@ -49,6 +49,8 @@ def write_synthetic_log(logdir, steps: int = 200, *, quantities: Optional[Iterab
             values["grad_norm"] = g
             for i, p in enumerate(PARAMS):
                 values[f"grad_norm/{p}"] = g / (i + 2)
+        if "grad_norm_preclip" in q:
+            values["grad_norm_preclip"] = g * (1 + 2 * abs(noise[1, step]))  # clipping fired where larger
         if "param_norm" in q:
             values["param_norm"] = 10 + frac
         lr = 0.1 * (0.1 if frac > 0.7 else 1.0)

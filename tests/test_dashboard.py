@@ -54,7 +54,7 @@ def test_full_log_shows_every_instrument_grouped(logs, tmp_path):
 def test_partial_log_lays_out_only_instruments_with_data_and_lists_the_rest(logs):
     lay = dashboard.layout(dashboard._views(logs / "partial", None))
     shown = {c.instrument.name for c in lay.panels}
-    assert shown == {"distance", "hyperparameters", "grad_norm", "performance", "advisor", "step_time"}
+    assert shown == {"distance", "hyperparameters", "grad_norm", "grad_flow", "performance", "advisor", "step_time"}
     missing = {title: reason for _, title, reason in lay.missing}
     assert "optimizer is Adam" in missing["CABS suggested batch size"]
     assert "quantities='economy'" in missing["Alpha: where steps land on the local parabola"]

@@ -176,9 +176,10 @@ class Cockpit(StepDetection):
         return load(self.logdir)
 
     def close(self) -> None:
-        """Remove every hook, flush and close the run log. Calling it twice is an error."""
+        """Remove every hook, flush and close the run log. A second call does nothing (``with watch(...)``
+        after an explicit ``close()``, a cleanup handler and a ``finally`` both closing are fine)."""
         if self.closed:
-            raise RuntimeError("this cockpit is already closed")
+            return
         self.closed = True
         for h in self._handles:
             h.remove()
@@ -200,6 +201,8 @@ class Cockpit(StepDetection):
         if isinstance(self.loss_fn, torch.nn.Module):
             _WATCHED_LOSSES.discard(self.loss_fn)
         self._before_buffers = None
+        if self.watched.dist is not None:
+            self.watched.dist.release()  # no process group of ours outlives the run (issue 24 item 10)
         if self._live is not None:
             self._live.stop()  # renders the finished log once more
 
@@ -227,6 +230,7 @@ class Cockpit(StepDetection):
         self._overhead = 0.0
         self._ctx: Optional[StepContext] = None
         self._model_calls = []
+        self._backward_end_queued = False
         if getattr(self, "_layer_capture", None) is not None:
             self._layer_capture.disarm()  # drop what an unfinished/skipped step captured
 

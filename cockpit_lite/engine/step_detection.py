@@ -19,6 +19,7 @@ import time
 import torch
 from torch.utils._pytree import tree_leaves
 
+from ..backward_end import queue_after_backward
 from ..replay import is_replaying
 from ..rng import rng_state
 from ..step_context import MicroBatch, ModelCall
@@ -88,7 +89,21 @@ class StepDetection:
 
     def _count_backward(self, grad):
         self._backward_passes += 1
+        if "backward_end" in self._needs and not self._backward_end_queued:
+            self._backward_end_queued = True
+            queue_after_backward(self._on_backward_end)
         return None
+
+    def _on_backward_end(self) -> None:
+        """End of a backward pass (after DDP's all-reduce): quantities needing "backward_end"."""
+        self._backward_end_queued = False
+        for q in self._active or ():
+            if "backward_end" in q.needs:
+                try:
+                    q.on_backward_end(self.step)
+                except Exception as err:  # never reaches the loop; the quantity reports NaN at the step
+                    self._warn_once(f"fail:{q.name}", f"cockpit-lite: quantity {q.name!r} failed at the end of "
+                                                      f"backward ({type(err).__name__}: {err})")
 
     def _on_loss(self, module, args, kwargs, output):
         if (not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad)

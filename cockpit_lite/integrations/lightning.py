@@ -40,7 +40,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "cockpit_lite.integrations.lightning needs PyTorch Lightning: pip install \"cockpit-lite[lightning]\""
     ) from err
 
-from ..cockpit import watch
+from ..engine import watch
 from ._common import find_loss_module, unwrap_optimizer
 from .logger_sink import ScalarWriterSink
 

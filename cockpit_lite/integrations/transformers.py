@@ -40,7 +40,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "cockpit_lite.integrations.transformers needs transformers: pip install \"cockpit-lite[transformers]\""
     ) from err
 
-from ..cockpit import watch
+from ..engine import watch
 from ._common import find_loss_module, unwrap_optimizer
 
 

@@ -20,6 +20,7 @@ from .energy import Energy
 from .ggn_trace import GGNTrace
 from .grad_hist_2d import GradHist2d
 from .grad_norm import GradNorm
+from .grad_norm_preclip import GradNormPreclip
 from .hess_max_ev import HessMaxEV
 from .hess_trace import HessTrace
 from .loss import Loss
@@ -40,7 +41,7 @@ def register(cls: Type[Quantity]) -> Type[Quantity]:
     return cls
 
 
-for _cls in (Loss, GradNorm, ParamNorm, Distance, UpdateSize, LearningRate, StepTime, Alpha, HessMaxEV, HessTrace, GGNTrace, TICDiag, TICTrace, GradHist2d, Energy,
+for _cls in (Loss, GradNorm, GradNormPreclip, ParamNorm, Distance, UpdateSize, LearningRate, StepTime, Alpha, HessMaxEV, HessTrace, GGNTrace, TICDiag, TICTrace, GradHist2d, Energy,
              NormTest, InnerTest, OrthoTest, MeanGSNR, EarlyStopping, CABS, GradHist1d):
     register(_cls)
 

@@ -20,7 +20,10 @@ Needs the engine understands:
 * ``"layer_io"``: per-layer inputs and output gradients are captured on the step (per-sample work);
   ``ctx.per_sample`` then gives per-sample statistics (implies ``"loss_inputs"``);
 * ``"model_inputs"``: the model's forward arguments and the RNG state before each training forward
-  are kept (``ctx.model_calls``), to re-evaluate the mini-batch (curvature); implies ``"loss_inputs"``.
+  are kept (``ctx.model_calls``), to re-evaluate the mini-batch (curvature); implies ``"loss_inputs"``;
+* ``"backward_end"``: ``on_backward_end(step)`` is called at the end of every backward pass through the
+  model on the step (after DDP's all-reduce), when ``.grad`` holds what that pass accumulated, before
+  anything the user does between ``backward`` and ``step`` (unscaling, clipping).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from .. import schedules
 if TYPE_CHECKING:
     from ..step_context import StepContext
 
-KNOWN_NEEDS = frozenset({"loss", "update", "loss_inputs", "layer_io", "model_inputs"})
+KNOWN_NEEDS = frozenset({"loss", "update", "loss_inputs", "layer_io", "model_inputs", "backward_end"})
 
 
 class Quantity:
@@ -70,6 +73,9 @@ class Quantity:
 
     def after_step(self, ctx: "StepContext") -> None:
         """Parameters are theta_{t+1}; ``ctx.update`` holds d when ``"update"`` is needed."""
+
+    def on_backward_end(self, step: int) -> None:
+        """A backward pass through the model ended on ``step`` (quantities needing ``"backward_end"``)."""
 
     def on_skipped(self, step: int, reason: str) -> None:
         """The step ``step`` was skipped (no optimizer.step after backward); drop pending state."""

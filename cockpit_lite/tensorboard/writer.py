@@ -5,6 +5,9 @@ What goes where (one event file per run, in the run's logdir, next to ``cockpit.
 * every scalar ``values[key]`` -> TensorBoard's stock scalars, tag ``cockpit/<key>`` (a
   ``simple_value``, which TensorBoard files under the ``scalars`` plugin with data class SCALAR),
   so the Scalars and Time Series dashboards show it;
+* 1D histograms (``data["grad_hist_1d"]``) -> also TensorBoard's stock histograms, tag
+  ``histograms/<key>`` (a ``HistogramProto`` with the logged edges and counts), so the Histograms and
+  Distributions tabs and tbparse's ``histograms`` read them;
 * structures and explanations -> tensor summaries of this plugin (``cockpit_lite``, data class
   TENSOR), each a 0-d string tensor holding one JSON document:
 
@@ -25,6 +28,8 @@ step t, known at t+1) adds keys that step t did not have; when it completes a ta
 already wrote (reasons, flags), the merged document is written again at the same step, and the
 plugin keeps the last document of each step. Events are numbered by their own counter.
 
+All summaries of one step record go into one event (one call of the writer per record).
+
 Only ``tensorboard`` (its protobufs and ``EventFileWriter``) is used: no TensorFlow.
 """
 
@@ -43,6 +48,9 @@ from . import PLUGIN_NAME, SCALAR_PREFIX
 from ..runlog import _clean, decode_number
 
 FILENAME_SUFFIX = ".cockpit_lite"
+#: ``data`` keys that are also written as TensorBoard's stock histograms, tag ``histograms/<key>``
+NATIVE_HISTOGRAMS = ("grad_hist_1d",)
+HISTOGRAM_PREFIX = "histograms/"  # not cockpit/<key>: a failed quantity's NaN scalar has that tag
 
 
 def cockpit_metadata(key: str) -> summary_pb2.SummaryMetadata:
@@ -91,6 +99,7 @@ class TensorBoardSink:
                                        filename_suffix=FILENAME_SUFFIX)
         self._last: Dict[str, Tuple[int, Any]] = {}  # tag -> (last step, last document) of JSON tags
         self._last_scalar: Dict[str, int] = {}  # tag -> last step of scalar tags
+        self._last_histogram: Dict[str, int] = {}  # tag -> last step of stock histogram tags
         self._events = 0
         self._described: set = set()  # tags whose metadata was written (TensorBoard reads the first)
         self._warned: set = set()
@@ -126,6 +135,7 @@ class TensorBoardSink:
 
     # -- internals ------------------------------------------------------------------------------
     def _write_step(self, record: Dict[str, Any]) -> None:
+        """All of a step record's summaries in one event (one writer call, one lock, per record)."""
         step = int(record["step"])
         wall = record.get("wall")
         values = []
@@ -143,29 +153,43 @@ class TensorBoardSink:
             self._last_scalar[tag] = step
             # simple_value: the stock scalar encoding (both loaders file it under plugin "scalars")
             values.append(summary_pb2.Summary.Value(tag=tag, simple_value=x))
-        if values:
-            self._add(step, summary_pb2.Summary(value=values), wall)
         for key, obj in record.get("data", {}).items():
-            self._json_tag(f"data/{key}", step, obj, wall, merge=_replace)
+            values.append(self._json_tag(f"data/{key}", step, obj, wall, merge=_replace))
+            if key in NATIVE_HISTOGRAMS:
+                values.append(self._histogram(HISTOGRAM_PREFIX + key, step, obj))
         by_quantity: Dict[str, Dict[str, str]] = {}
         for key, reason in record.get("reasons", {}).items():
             by_quantity.setdefault(key.split("/", 1)[0], {})[key] = str(reason)
         for name, reasons in by_quantity.items():
-            self._json_tag(f"reasons/{name}", step, reasons, wall, merge=_merge_dicts)
+            values.append(self._json_tag(f"reasons/{name}", step, reasons, wall, merge=_merge_dicts))
         if record.get("flags"):
-            self._json_tag("flags", step, sorted(set(record["flags"])), wall, merge=_merge_lists)
+            values.append(self._json_tag("flags", step, sorted(set(record["flags"])), wall, merge=_merge_lists))
+        values = [v for v in values if v is not None]
+        if values:
+            self._add(step, summary_pb2.Summary(value=values), wall)
 
-    def _json_tag(self, tag: str, step: int, doc: Any, wall, merge) -> None:
+    def _json_tag(self, tag: str, step: int, doc: Any, wall, merge) -> Optional[summary_pb2.Summary.Value]:
         last = self._last.get(tag)
         if last is not None and step < last[0]:
             # an amendment older than what this tag already holds: TensorBoard would read it as a
             # restart and drop later steps, so it goes to the events stream instead
             self._late(tag, step, doc, wall)
-            return
+            return None
         if last is not None and step == last[0]:
             doc = merge(last[1], doc)
         self._last[tag] = (step, doc)
-        self._summary(tag, step, json_tensor(doc), cockpit_metadata(tag), wall)
+        return self._value(tag, json_tensor(doc), lambda: cockpit_metadata(tag))
+
+    def _histogram(self, tag: str, step: int, hist: Any) -> Optional[summary_pb2.Summary.Value]:
+        """A 1D histogram structure as TensorBoard's stock histogram (Histograms and Distributions
+        tabs, tbparse's ``histograms``); None where it has no bins or would go back in steps (the
+        JSON document under ``data/<key>`` keeps it then)."""
+        proto = histogram_proto(hist)
+        last = self._last_histogram.get(tag)
+        if proto is None or (last is not None and step <= last):
+            return None
+        self._last_histogram[tag] = step
+        return summary_pb2.Summary.Value(tag=tag, histo=proto)
 
     def _late(self, tag: str, step: int, payload: Any, wall) -> None:
         last = self._last_scalar.get(tag, self._last.get(tag, (None,))[0])
@@ -175,8 +199,10 @@ class TensorBoardSink:
                     "message": f"{tag} of step {step} arrived after step {last}", "payload": payload, "wall": wall})
 
     def _summary(self, tag: str, step: int, tensor, metadata, wall) -> None:
-        value = summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=self._metadata(tag, lambda: metadata))
-        self._add(step, summary_pb2.Summary(value=[value]), wall)
+        self._add(step, summary_pb2.Summary(value=[self._value(tag, tensor, lambda: metadata)]), wall)
+
+    def _value(self, tag: str, tensor, make_metadata) -> summary_pb2.Summary.Value:
+        return summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=self._metadata(tag, make_metadata))
 
     def _metadata(self, tag: str, make):
         if tag in self._described:
@@ -192,6 +218,30 @@ class TensorBoardSink:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def histogram_proto(hist: Any) -> Optional[summary_pb2.HistogramProto]:
+    """``{"edges": [k+1 floats], "counts": [k numbers]}`` as a ``HistogramProto``: bucket i spans
+    edges[i]..edges[i+1], ``bucket_limit`` = edges[1:]. TensorBoard drops the empty buckets at both
+    ends and takes the left edge of the first remaining bucket from ``min``, the right edge of the last
+    from ``max``: they are those buckets' edges (the narrowest range the counts allow for the values).
+    ``sum``/``sum_squares`` are not known from binned counts: NaN. None when the structure has no bins."""
+    if not isinstance(hist, dict):
+        return None
+    edges, counts = hist.get("edges"), hist.get("counts")
+    if not isinstance(edges, list) or not isinstance(counts, list) or not counts or len(edges) != len(counts) + 1:
+        return None
+    try:
+        edges = [float(e) for e in edges]
+        counts = [float(c) for c in counts]
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(x) for x in edges + counts):
+        return None
+    filled = [i for i, c in enumerate(counts) if c > 0]
+    lo, hi = (edges[filled[0]], edges[filled[-1] + 1]) if filled else (edges[0], edges[-1])
+    return summary_pb2.HistogramProto(min=lo, max=hi, num=sum(counts), sum=math.nan,
+                                      sum_squares=math.nan, bucket_limit=edges[1:], bucket=counts)
 
 
 def _replace(old, new):
