@@ -23,7 +23,9 @@ class AdvisorSink:
         self.logdir = logdir
         self.emit_event = emit_event  # emit_event(level, message, **fields)
         self.every = max(1, int(every))
-        self.thresholds = thresholds
+        from .thresholds import validate
+
+        self.thresholds = validate(thresholds) or None  # a misspelled name fails here, as on the command line
         self._seen: set = set()
         self._records = 0
         self._next_check = self.every
