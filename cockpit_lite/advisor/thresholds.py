@@ -27,6 +27,9 @@ class Thresholds:
     alpha_low: float = -0.8
     #: a loss above this multiple of the window's running median is a spike
     loss_spike_factor: float = 3.0
+    #: a loss anywhere in the run above this multiple of the median of its first losses: the loss blew up
+    #: (one such step is evidence on its own: a 10x jump is far outside the noise of a mini-batch loss)
+    loss_blowup_factor: float = 10.0
     #: share of recent steps that are spikes before it counts as evidence
     loss_spike_share: float = 0.15
     #: median ||d|| / ||theta|| below this: updates too small to change the network
