@@ -214,7 +214,7 @@ def test_cockpit_tab_in_headless_chromium(logroot, tmp_path):
                 frame.wait_for_selector("section[data-panel='histograms'][data-state='data'] canvas")
                 assert frame.eval_on_selector_all("section[data-panel='histograms'] rect[data-count]", "rs => rs.length") > 50
                 assert frame.get_attribute("section[data-panel='alpha']", "data-state") == "data"
-                assert "mean α" in frame.inner_text("section[data-panel='alpha']")
+                assert "median α" in frame.inner_text("section[data-panel='alpha']")
                 assert frame.get_attribute("section[data-panel='energy'] .badge", "data-status") == "estimated"
                 assert "TDP model" in frame.inner_text("section[data-panel='energy']")
                 curvature = frame.inner_text("section[data-panel='curvature']")

@@ -35,6 +35,9 @@ class AdvisorSink:
     def write(self, record: Dict[str, Any]) -> None:
         if record.get("type") not in ("step", "skipped") or record.get("amends"):
             return
+        if not self._records:  # said once in the log, so that a quiet advisor reads as "on, nothing found"
+            self.emit_event("info", "advisor on: its rules run while training; a diagnosis is logged when one "
+                                    "holds", advisor="on")
         self._records += 1
         alarm = bool(record.get("flags")) or record.get("type") == "skipped"
         if self._records >= self._next_check or (alarm and not self._alarm_checked):
