@@ -68,7 +68,7 @@ def test_the_tab_reads_right(root, tmp_path, monkeypatch):
             advisor = frame.inner_text("section[data-panel='advisor']")
             assert "advisor=True) and has made no diagnosis" in advisor and "runs live with" not in advisor
             # log10 histogram counts labelled as counts
-            assert frame.eval_on_selector("section[data-panel='histograms'] svg text.ylabel", "t => t.textContent") == "count (log scale)"
+            assert frame.eval_on_selector("section[data-panel='histograms'] svg text.ylabel", "t => t.textContent") == "y: count (log scale)"
             ticks = frame.eval_on_selector_all("section[data-panel='histograms'] svg text.ytick", "ts => ts.map(t => t.textContent)")
             assert ticks[:3] == ["1", "10", "100"]
             # NaN counts: 92 steps of the gradient tests had no value (more than the 50 reason rows sent)

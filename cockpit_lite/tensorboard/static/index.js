@@ -139,7 +139,7 @@ function frame(xlo, xhi, ylo, yhi, { logY = false, xLabel = 'step', H = 180, yTi
     root.appendChild(label);
   });
   if (yLabel) {
-    const yl = svg('text', { x: M.l + 4, y: M.t + 10, 'text-anchor': 'start', class: 'ylabel' });
+    const yl = svg('text', { x: 2, y: H - 1, 'text-anchor': 'start', class: 'ylabel' });  // below the ticks, off the data
     yl.textContent = yLabel;
     root.appendChild(yl);
   }
@@ -206,7 +206,7 @@ function barChart(edges, counts, { logY = true, color = COLORS[0], markers = [] 
   const top = Math.max(...ys, 1e-12);
   // log heights: ticks at 1, 10, 100, ... counts, labelled with those counts (not with their logarithms)
   const yTicks = logY ? Array.from({ length: Math.floor(Math.log10(Math.max(...counts, 1))) + 1 }, (_, k) => [Math.log10(1 + 10 ** k), fmt(10 ** k)]) : null;
-  const { root, sx, H } = frame(edges[0], edges[edges.length - 1], 0, top, { xLabel: '', yTicks, yLabel: logY ? 'count (log scale)' : 'count' });
+  const { root, sx, H } = frame(edges[0], edges[edges.length - 1], 0, top, { xLabel: '', yTicks, yLabel: logY ? 'y: count (log scale)' : 'y: count', H: 190 });
   const y0 = H - M.b, h = H - M.t - M.b;
   counts.forEach((c, i) => {
     const x0 = sx(edges[i]), x1 = sx(edges[i + 1]);
