@@ -192,7 +192,7 @@ def test_cockpit_tab_in_headless_chromium(logroot, tmp_path):
                 frame.wait_for_selector("body[data-ready='true']")
 
                 # the run list: names rendered as text, the XSS name inert
-                options = frame.eval_on_selector_all("select option", "os => os.map(o => o.textContent)")
+                options = frame.eval_on_selector_all("select[aria-label='run'] option", "os => os.map(o => o.textContent)")
                 assert options == sorted(["sgd_run", "structured", "live", XSS_RUN])
                 assert frame.evaluate("document.querySelectorAll('img').length") == 0
                 assert frame.evaluate("window.__xss === undefined") and page.evaluate("window.__xss === undefined")
@@ -247,7 +247,7 @@ def test_cockpit_tab_in_headless_chromium(logroot, tmp_path):
 
 def _show(frame, run):
     """Choose ``run`` in the tab's run list and wait until its panels are drawn."""
-    frame.select_option("select", run)
+    frame.select_option("select[aria-label='run']", run)
     frame.wait_for_function("name => document.querySelector('.grid').dataset.run === name", arg=run)
 
 
