@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="draw the dashboard of one run, or of several side by side",
                        description="Draw the dashboard of one or more runs into a PNG, PDF or SVG file.")
     p.add_argument("logdirs", nargs="+", metavar="LOGDIR", help="run folder(s) holding cockpit.jsonl (or the file)")
-    p.add_argument("-o", "--output", required=True, help="output file: .png, .pdf or .svg")
+    p.add_argument("-o", "--output", required=True, help="output file: .png, .pdf or .svg (its folder must exist)")
+    p.add_argument("--mkdir", action="store_true", help="create the output file's folder if it does not exist")
     p.add_argument("--instruments", help="comma-separated instrument names (see 'cockpit-lite instruments'); "
                                          "named instruments without data are shown greyed with the reason")
     p.add_argument("--steps", help="step range START:STOP (STOP excluded), START: or :STOP")
@@ -63,20 +64,77 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: exit status of a command whose reader went away (``cockpit-lite summary RUN | head``): what a shell
+#: reports for a process ended by SIGPIPE (128 + 13)
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader of our output is gone: nothing to say, to no one
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except (FileNotFoundError, ValueError, OSError) as err:  # user errors: one clear line, no traceback
         print(f"cockpit-lite {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush of what is still buffered
+    does not fail again (and print "Exception ignored ... BrokenPipeError") at exit."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (captured): nothing to flush
+        pass
+
+
+class NothingToPlot(ValueError):
+    """A run log without step records, or a step range outside the run: no image is written."""
+
+
+def check_output_folder(path, mkdir: bool) -> None:
+    """The folder of ``-o`` must exist (a typo must not silently create a tree); ``--mkdir`` creates it."""
+    from pathlib import Path
+
+    folder = Path(path).parent
+    if folder.is_dir():
+        return
+    if folder.exists():
+        raise ValueError(f"cannot write {str(path)!r}: {str(folder)!r} is not a folder")
+    if not mkdir:
+        raise ValueError(f"cannot write {str(path)!r}: the folder {str(folder)!r} does not exist "
+                         "(create it, or pass --mkdir)")
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def check_steps_in_range(views, steps_text) -> None:
+    """Every run has step records, and some in the chosen range; else ``NothingToPlot`` saying which."""
+    from .dashboard import _any_steps
+
+    for v in views:
+        in_range, _ = _any_steps(v)
+        if in_range:
+            continue
+        where = getattr(getattr(v, "run", None), "path", v.label)
+        all_steps = v.run.steps() if hasattr(v.run, "steps") else [r["step"] for r in getattr(v.run, "records", [])]
+        if not len(all_steps):
+            raise NothingToPlot(f"{where}: the log has no step records (nothing to plot; no image written)")
+        raise NothingToPlot(f"{where}: no step records in --steps {steps_text} (the run has steps "
+                            f"{int(all_steps[0])}..{int(all_steps[-1])}; no image written)")
 
 
 def cmd_plot(args) -> int:
     from . import dashboard
 
     dashboard.output_format(args.output)  # refuse a bad suffix before loading anything
+    check_output_folder(args.output, args.mkdir)
     names = [n.strip() for n in args.instruments.split(",") if n.strip()] if args.instruments else None
     if names is not None and not names:
         raise ValueError("--instruments is empty")
@@ -99,6 +157,12 @@ def cmd_plot(args) -> int:
         views = dashboard._views(runs, args.steps)
         runs = []
         bad = bad_lines_text(getattr(v, "run", None) for v in views)
+        try:
+            check_steps_in_range(views, args.steps)
+        except NothingToPlot:
+            for line in bad:  # bad lines may be why a log looks empty
+                print(line, file=sys.stderr)
+            raise
         gc.freeze()
     try:
         progress.stage("choosing the panels")
@@ -139,14 +203,10 @@ def cmd_diagnose(args) -> int:
     import json
 
     from .advisor import diagnose, report
+    from .advisor.thresholds import parse
     from .runlog import load
 
-    overrides = {}
-    for item in args.threshold:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--threshold takes NAME=VALUE, got {item!r}")
-        overrides[name.strip()] = int(value) if name.strip() in ("window", "min_points") else float(value)
+    overrides = parse(args.threshold)  # the same check as diagnose() and watch(..., advisor={...})
     run = load(args.logdir)
     if args.json:
         print(json.dumps([d.to_json() for d in diagnose(run, overrides)], indent=2))

@@ -129,8 +129,23 @@ def layout(views: List[Any], instruments: Optional[Sequence[Any]] = None) -> Lay
                     out.missing.append((c.view.label, instrument.title, c.reason))
         if rows:
             per_row = instruments_per_row(len(views))  # one run: rows of COLUMNS panels; two: pairs
-            rows = [sum(rows[i:i + per_row], []) for i in range(0, len(rows), per_row)]
+            rows = [sum(part, []) for part in balanced(rows, per_row)]
             out.sections.append((group, rows))
+    return out
+
+
+def balanced(items: List[Any], per_row: int) -> List[List[Any]]:
+    """``items`` in as few rows of at most ``per_row`` as possible, as even as possible (4 in rows of 3:
+    2 + 2, not 3 + 1); each row's panels then share the full width (no empty slots)."""
+    if not items:
+        return []
+    n_rows = -(-len(items) // per_row)
+    base, extra = divmod(len(items), n_rows)
+    out, at = [], 0
+    for r in range(n_rows):
+        k = base + (1 if r < extra else 0)
+        out.append(items[at:at + k])
+        at += k
     return out
 
 
@@ -234,10 +249,11 @@ def _figure(lay: Layout, title: Optional[str]):
                 y -= PANEL_H
                 fig.cockpit_rows.append((y / height, (y + PANEL_H) / height))
                 axes = []
+                cell_w = width / len(row)  # a row of fewer panels than columns: wider panels, no empty slots
                 for c, cell in enumerate(row):
-                    x = c * PANEL_W
+                    x = c * cell_w
                     rect = ((x + MARGIN_L) / width, (y + MARGIN_B) / height,
-                            (PANEL_W - MARGIN_L - MARGIN_R) / width, (PANEL_H - MARGIN_B - MARGIN_T) / height)
+                            (cell_w - MARGIN_L - MARGIN_R) / width, (PANEL_H - MARGIN_B - MARGIN_T) / height)
                     ax = fig.add_axes(rect)
                     _draw_cell(ax, cell, multi)
                     axes.append(ax)
@@ -307,6 +323,10 @@ def _draw_cell(ax, cell: Cell, multi: bool) -> None:
             reason = f"could not draw: {type(err).__name__}: {err}"
             warnings.warn(f"cockpit-lite: instrument {cell.instrument.name!r} failed on {cell.view.label}: {reason}",
                           RuntimeWarning, stacklevel=3)
+        else:
+            from instruments._tidy import tidy
+
+            tidy(ax)
     if reason is not None:
         _no_data(ax, cell.instrument.title, reason)
     if multi:

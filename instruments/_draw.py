@@ -58,11 +58,28 @@ def draw_line(ax, steps, values, *, label=None, color=None, lw: float = 1.2, **k
     """A line over steps; a series longer than MAX_POINTS is drawn as its bucket means with a light
     min-max band (every spike stays visible, the trend stays readable)."""
     if len(steps) <= MAX_POINTS:
+        if sparse(steps, values):  # a few points (curvature every k steps, NaN between): each one visible
+            kw.setdefault("marker", "o")
+            kw.setdefault("ms", 3.5)
         return ax.plot(steps, values, label=label, color=color, lw=lw, **kw)[0]
     s, mean, lo, hi = envelope(steps, values)
     line = ax.plot(s, mean, label=label, color=color, lw=lw, **kw)[0]
     ax.fill_between(s, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
     return line
+
+
+#: a series with at most this many finite points is drawn with a marker at each
+SPARSE_POINTS = 60
+
+
+def sparse(steps, values) -> bool:
+    """Few finite points, or finite points isolated between NaNs (which a line alone would not show)."""
+    finite = np.isfinite(np.asarray(values, dtype=np.float64))
+    n = int(finite.sum())
+    if n <= SPARSE_POINTS:
+        return True
+    isolated = finite & ~np.r_[False, finite[:-1]] & ~np.r_[finite[1:], False]
+    return bool(isolated.any())
 
 
 def subsample(steps: np.ndarray, values: np.ndarray, max_points: int = MAX_POINTS):
@@ -106,8 +123,13 @@ def plot_series(ax, run, key: str, *, label: Optional[str] = None, color=None, *
 
 
 def scale_y(ax, values: Sequence[float]) -> None:
+    """A log axis for positive values over decades; a flat series on an axis from 0 (``_tidy.flat_ylim``)."""
+    from ._tidy import flat_ylim
+
     if spans_decades(values):
         ax.set_yscale("log")
+    else:
+        flat_ylim(ax, values)
 
 
 def finish(ax, ylabel: str = "", xlabel: str = "step", legend: bool = False) -> None:
@@ -117,7 +139,9 @@ def finish(ax, ylabel: str = "", xlabel: str = "step", legend: bool = False) -> 
         ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3, lw=0.5)
     if legend and ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small", loc="best", framealpha=0.8)
+        from ._tidy import legend_above_data
+
+        legend_above_data(ax)
     if xlabel == "step":
         from matplotlib.ticker import MaxNLocator
 

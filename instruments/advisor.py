@@ -29,18 +29,28 @@ class Advisor(Instrument):
         return diagnose(getattr(run, "run", run))  # the whole run: rules look at its recent steps
 
     def draw(self, ax, run) -> None:
+        from cockpit_lite.advisor.coverage import unchecked
+
         found = self.diagnoses(run)
+        missed = unchecked(getattr(run, "run", run))
         ax.set_axis_off()
         ax.set_title(self.title)
-        if not found:
-            ax.text(0.02, 0.9, "No problem found by the rules the recorded quantities allow.",
-                    va="top", fontsize=9, transform=ax.transAxes)
-            return
         lines = []
+        if not found:
+            lines.append("No problem found by the checks that could run." if missed else
+                         "No problem found by the rules the recorded quantities allow.")
         for d in found[:4]:
-            lines += textwrap.wrap(f"• {d.title} [{d.rule}, confidence {d.confidence:.2f}]", 70)
-            lines += textwrap.wrap(f"   → {d.action}", 70, subsequent_indent="     ")
+            lines += textwrap.wrap(f"• {d.title} [{d.rule}, confidence {d.confidence:.2f}]", 62)
+            lines += textwrap.wrap(f"   → {d.action}", 62, subsequent_indent="     ")
         if len(found) > 4:
             lines.append(f"(+{len(found) - 4} more: cockpit-lite diagnose LOGDIR)")
-        ax.text(0.0, 1.0, "\n".join(lines[:16]), va="top", ha="left", fontsize=7.5, family="monospace",
+        budget = 16 - len(lines[:16])
+        if missed and budget > 1:  # what a quiet advisor could not look at, and why
+            more = ["Could not check:"]
+            for key, why in missed:
+                more += textwrap.wrap(f"- {key}: {why}", 62, subsequent_indent="   ")
+            if len(more) > budget:
+                more = more[:budget - 1] + ["  (cockpit-lite diagnose LOGDIR lists all)"]
+            lines = lines[:16] + more
+        ax.text(0.0, 1.0, "\n".join(lines[:16]), va="top", ha="left", fontsize=7, family="monospace",
                 transform=ax.transAxes)

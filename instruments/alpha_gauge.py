@@ -4,7 +4,8 @@ The loss along the update direction is fitted by a parabola and rescaled to the 
 y = x²: every step starts at x = -1, and alpha is where it lands. alpha < 0: the step stops short
 of the minimum (understepping), 0: it lands on the minimum, > 0: it overshoots, 1: it lands at
 the starting height on the opposite slope. The histograms show the distribution of alpha over
-all steps and over the most recent 10 % of the steps.
+all steps and over the most recent 10 % of the steps, with their medians (dashed) and quartiles (shaded):
+robust statistics, which one outlier does not move (a mean would).
 """
 
 import numpy as np
@@ -24,6 +25,8 @@ class AlphaGauge(Instrument):
     description = "Distribution of alpha on the unit parabola (-1: no progress, 0: minimum, 1: overshoot)."
 
     def draw(self, ax, run) -> None:
+        from ._tidy import legend_above_data
+
         _, alpha = run.series("alpha")
         alpha = alpha[np.isfinite(alpha)]
         n = len(alpha)
@@ -34,19 +37,22 @@ class AlphaGauge(Instrument):
         ax.annotate("start", (-1, 1), xytext=(-30, -2), textcoords="offset points", fontsize="small", color="0.25")
         bins = np.linspace(-XLIM, XLIM, 31)
         height = XLIM ** 2  # y-range of the panel: the top of the parabola
-        outside = int(np.sum(np.abs(alpha) > XLIM))
-        beyond = f", {outside} beyond ±{XLIM}" if outside else ""
-        for values, color, label in ((alpha, ALL_COLOR, f"all steps (n={n}, mean {np.mean(alpha):+.2f}{beyond})"),
-                                     (recent, RECENT_COLOR, f"last {len(recent)} steps (mean {np.mean(recent):+.2f})")):
+        for values, color, who in ((alpha, ALL_COLOR, f"all {n} steps"), (recent, RECENT_COLOR, f"last {len(recent)}")):
+            # robust statistics: the median and quartiles, which one alpha of 93 cannot move
+            q1, med, q3 = np.percentile(values, [25, 50, 75])
+            above, below = int(np.sum(values > XLIM)), int(np.sum(values < -XLIM))
+            off = f"; {below} < -{XLIM}, {above} > +{XLIM} (edge bins)" if above or below else ""
             counts, _ = np.histogram(np.clip(values, -XLIM, XLIM), bins=bins)
-            density = counts / max(1, counts.max()) * height * 0.62  # bars stay below the legend
+            density = counts / max(1, counts.max()) * height * 0.62
             ax.stairs(density, bins, fill=True, color=color, alpha=0.3)
-            ax.stairs(density, bins, color=color, lw=1.2, label=label)
-            ax.axvline(np.clip(np.mean(values), -XLIM, XLIM), ymax=0.66, color=color, ls="--", lw=1)
+            ax.stairs(density, bins, color=color, lw=1.2,
+                      label=f"{who}: median {med:+.2f}, quartiles {q1:+.2f}..{q3:+.2f}{off}")
+            ax.axvspan(np.clip(q1, -XLIM, XLIM), np.clip(q3, -XLIM, XLIM), ymax=0.66 / 1.05, color=color, alpha=0.08)
+            ax.axvline(np.clip(med, -XLIM, XLIM), ymax=0.66 / 1.05, color=color, ls="--", lw=1)
         ax.set_xlim(-XLIM, XLIM)
         ax.set_ylim(0, height * 1.05)
         ax.set_xticks([-1, -0.5, 0, 0.5, 1])
         ax.set_yticks([])
         ax.set_title(self.title)
         ax.set_xlabel("alpha  (−1: no progress, 0: minimum, 1: overshoot)")
-        ax.legend(fontsize="x-small", loc="upper center", framealpha=0.9)
+        legend_above_data(ax, loc="upper center", ncol=1)

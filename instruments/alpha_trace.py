@@ -1,8 +1,13 @@
-"""Alpha over steps with a moving average (0: the step lands on the fitted minimum)."""
+"""Alpha over steps with a moving median (0: the step lands on the fitted minimum).
+
+The axis holds the bulk of the values (their 2nd to 98th percentile, at least +-1.5); values beyond
+it are drawn as triangles on its edge and counted in the legend ("3 above the axis (max 93.4)")."""
 
 import numpy as np
 
-from ._draw import ALL_COLOR, RECENT_COLOR, draw_line, finish, moving_average, subsample
+from ._draw import ALL_COLOR, RECENT_COLOR, draw_line, finish, subsample
+from ._moving import moving_median
+from ._tidy import OFF_AXIS_COLOR, mark_off_axis
 from . import Instrument
 
 
@@ -16,16 +21,21 @@ class AlphaTrace(Instrument):
 
     def draw(self, ax, run) -> None:
         steps, alpha = run.series("alpha")
-        s, v = subsample(steps, alpha)
-        ax.plot(s, v, ".", color=ALL_COLOR, ms=3, alpha=0.6, label="alpha" if len(s) == len(steps) else
-                f"alpha ({len(s)} of {len(steps)} steps shown)")
+        finite = alpha[np.isfinite(alpha)]
+        top = float(np.clip(np.percentile(np.abs(finite), 98) * 1.15, 1.5, None)) if finite.size else 1.5
+        inside = np.abs(alpha) <= top
+        s, v = subsample(steps[inside], alpha[inside])
+        ax.plot(s, v, ".", color=ALL_COLOR, ms=3, alpha=0.6, label="alpha" if len(s) == inside.sum() else
+                f"alpha ({len(s)} of {int(inside.sum())} steps shown)")
         window = max(1, min(200, len(alpha) // 20))
-        if window > 1:
-            draw_line(ax, steps, moving_average(alpha, window), color=RECENT_COLOR, lw=1.5,
-                      label=f"moving average ({window})")
+        if window > 1:  # a median: one alpha of 93 must not drag the line off the axis for `window` steps
+            draw_line(ax, steps, moving_median(alpha, window), color=RECENT_COLOR, lw=1.5,
+                      label=f"moving median ({window})")
         ax.axhline(0, color="k", lw=0.8, ls="--")
-        finite = np.abs(alpha[np.isfinite(alpha)])
-        top = float(np.clip(np.percentile(finite, 98) * 1.15, 1.5, 10)) if finite.size else 1.5
-        ax.set_ylim(-top, top)
+        if mark_off_axis(ax, steps, alpha, -top, top):
+            for y in (-top, top):
+                ax.axhline(y, color=OFF_AXIS_COLOR, lw=0.6, ls=":")
+        else:
+            ax.set_ylim(-top, top)
         ax.set_title(self.title)
         finish(ax, "alpha", legend=True)

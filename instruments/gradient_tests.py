@@ -51,7 +51,10 @@ class GradientTests(Instrument):
         ax.set_ylabel("inner-product test")
         ax.set_title(self.title)
         ax.grid(True, alpha=0.3, lw=0.5)
-        ax.legend(fontsize="x-small", loc="upper right", framealpha=0.8)
+        from ._tidy import legend_above_data
+
+        legend_above_data(ax, loc="upper right", ncol=1)
+        ax.set_xlim(ax.get_ylim())  # the same range on both axes: the circle stays a circle
         bar = ax.figure.colorbar(points, ax=ax, fraction=0.046, pad=0.03)
         bar.set_label("step", fontsize="small")
         bar.ax.tick_params(labelsize="x-small")

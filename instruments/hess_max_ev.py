@@ -6,6 +6,7 @@ import numpy as np
 from ._draw import PALETTE
 from ._error_band import error_band
 from ._lines import LinesInstrument
+from ._tidy import legend_above_data
 
 
 class HessMaxEv(LinesInstrument):
@@ -19,8 +20,8 @@ class HessMaxEv(LinesInstrument):
 
     def draw(self, ax, run) -> None:
         super().draw(ax, run)
-        if error_band(ax, run, "hess_max_ev", "hess_max_ev/error_bound", color=PALETTE[0], label="± residual bound"):
-            ax.legend(fontsize="small", loc="best", framealpha=0.8)
+        banded = error_band(ax, run, "hess_max_ev", "hess_max_ev/error_bound", color=PALETTE[0],
+                            label="± residual bound")
         at, converged = run.data_field("hess_max_ev", "converged")  # 0/1 where the structure says
         unconverged = at[converged == 0]
         if unconverged.size:
@@ -28,4 +29,5 @@ class HessMaxEv(LinesInstrument):
             mask = np.isin(steps, unconverged)
             ax.plot(steps[mask], values[mask], "x", color="#d62728", ms=6,
                     label=f"not converged ({int(mask.sum())})")
-            ax.legend(fontsize="small", loc="best", framealpha=0.8)
+        if banded or unconverged.size:
+            legend_above_data(ax)

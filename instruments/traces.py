@@ -37,8 +37,22 @@ class Traces(Instrument):
                     method += f", {d['probes']} probes"
             label = key.replace("_trace", "") + " trace" + (f" ({method})" if method else "")
             draw_line(ax, steps, values, color=color, lw=1.2, label=label)
-            error_band(ax, run, key, key + "/stderr", color=color, label="± 1 standard error")
+            error_band(ax, run, key, key + "/stderr", color=color, label=f"{key} ± 1 standard error")
             drawn.append(values)
         scale_y(ax, np.concatenate(drawn) if drawn else [])
+        note_negative(ax, run, "hess_trace")
         ax.set_title(self.title)
         finish(ax, "trace", legend=True)
+
+
+def note_negative(ax, run, key: str) -> int:
+    """A Hessian trace below 0 is not an error: the loss curves down along some directions more than up
+    along others (a non-convex region; the GGN trace, positive semi-definite, cannot do this). Said in
+    the legend, with the count, and the zero line drawn."""
+    _, values = run.series(key)
+    negative = int(np.sum(np.isfinite(values) & (values < 0)))
+    if negative:
+        ax.axhline(0, color="0.3", lw=0.7, ls=":")
+        ax.plot([], [], ls="none", label=f"tr(H) < 0 on {negative} step(s): non-convex region "
+                                          "(negative curvature dominates), not an error")
+    return negative

@@ -49,14 +49,18 @@ def _draw(name, run):
 
 
 def _bands(ax):
-    return [c for c in ax.collections if isinstance(c, PolyCollection)]
+    """Shaded bands (dense series) and error bars (sparse series): the error drawn with the estimate."""
+    return [c for c in ax.collections if isinstance(c, PolyCollection)] + list(ax.containers)
 
 
 def test_tic_trace_estimate_has_a_band_of_its_standard_error(tmp_path):
     run = _write(tmp_path / "a", _records(6, tic_se=0.2, ev_bound=0.0))
     bands = _bands(_draw("tic", run))
     assert len(bands) == 1 and "standard error" in bands[0].get_label()
-    ys = np.concatenate([p.vertices[:, 1] for p in bands[0].get_paths()])
+    if hasattr(bands[0], "get_paths"):
+        ys = np.concatenate([p.vertices[:, 1] for p in bands[0].get_paths()])
+    else:  # error bars of a sparse series
+        ys = np.concatenate([seg[:, 1] for seg in bands[0].lines[2][0].get_segments()])
     assert ys.min() == pytest.approx(1.0 - 0.2) and ys.max() == pytest.approx(1.5 + 0.2)
     assert not _bands(_draw("tic", _write(tmp_path / "b", _records(6, tic_se=0.0, ev_bound=0.0))))
 

@@ -192,7 +192,7 @@ def test_cockpit_tab_in_headless_chromium(logroot, tmp_path):
                 frame.wait_for_selector("body[data-ready='true']")
 
                 # the run list: names rendered as text, the XSS name inert
-                options = frame.eval_on_selector_all("select option", "os => os.map(o => o.textContent)")
+                options = frame.eval_on_selector_all("select[aria-label='run'] option", "os => os.map(o => o.textContent)")
                 assert options == sorted(["sgd_run", "structured", "live", XSS_RUN])
                 assert frame.evaluate("document.querySelectorAll('img').length") == 0
                 assert frame.evaluate("window.__xss === undefined") and page.evaluate("window.__xss === undefined")
@@ -214,7 +214,7 @@ def test_cockpit_tab_in_headless_chromium(logroot, tmp_path):
                 frame.wait_for_selector("section[data-panel='histograms'][data-state='data'] canvas")
                 assert frame.eval_on_selector_all("section[data-panel='histograms'] rect[data-count]", "rs => rs.length") > 50
                 assert frame.get_attribute("section[data-panel='alpha']", "data-state") == "data"
-                assert "mean α" in frame.inner_text("section[data-panel='alpha']")
+                assert "median α" in frame.inner_text("section[data-panel='alpha']")
                 assert frame.get_attribute("section[data-panel='energy'] .badge", "data-status") == "estimated"
                 assert "TDP model" in frame.inner_text("section[data-panel='energy']")
                 curvature = frame.inner_text("section[data-panel='curvature']")
@@ -247,7 +247,7 @@ def test_cockpit_tab_in_headless_chromium(logroot, tmp_path):
 
 def _show(frame, run):
     """Choose ``run`` in the tab's run list and wait until its panels are drawn."""
-    frame.select_option("select", run)
+    frame.select_option("select[aria-label='run']", run)
     frame.wait_for_function("name => document.querySelector('.grid').dataset.run === name", arg=run)
 
 

@@ -40,9 +40,13 @@ def report(run, thresholds: Optional[Dict[str, Any]] = None) -> str:
     steps = run.steps().tolist()
     head = (f"cockpit-lite diagnosis of {run.path.parent} ({len(steps)} tracked steps"
             f"{f', {steps[0]}..{steps[-1]}' if steps else ''}; {len(run.skipped)} skipped)")
+    from .coverage import lines as coverage_lines
+
+    missed = coverage_lines(run, thresholds)
     if not found:
-        return head + "\nNo problem found by the rules this run's quantities allow "\
-                      f"(recorded: {', '.join(sorted({k.split('/')[0] for k in run.keys()}))})."
+        checked = "the checks that could run" if missed else "the rules this run's quantities allow"
+        return "\n".join([head + f"\nNo problem found by {checked} "
+                                 f"(recorded: {', '.join(sorted({k.split('/')[0] for k in run.keys()}))})."] + missed)
     lines = [head]
     for d in found:
         lines.append(f"\n* {d.title}  [{d.rule}, confidence {d.confidence:.2f}, step {d.step}]")
@@ -50,8 +54,14 @@ def report(run, thresholds: Optional[Dict[str, Any]] = None) -> str:
         for e in d.evidence[:4]:
             obs = e["observed"]
             obs = f"{obs:.3g}" if isinstance(obs, float) else obs
-            span = f" over steps {e['steps'][0]}..{e['steps'][-1]}" if len(e.get("steps", [])) > 1 else ""
+            if e.get("interval"):
+                obs += f" (95% interval {e['interval'][0]:.3g}..{e['interval'][1]:.3g})"
+            at = e.get("steps") or []
+            span = (f" over steps {at[0]}..{at[-1]}" if len(at) > 1 and at[0] != at[-1] else
+                    f" at step {at[0]}" if at else "")
             lines.append(f"  evidence: {e['quantity']} {e['comparison']} {e['threshold']}: {obs}{span}")
         if len(d.evidence) > 4:
             lines.append(f"  evidence: ... and {len(d.evidence) - 4} more of the same kind (--json lists all)")
-    return "\n".join(lines)
+    if missed:
+        lines.append("")
+    return "\n".join(lines + missed)

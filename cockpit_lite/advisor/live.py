@@ -27,7 +27,9 @@ class AdvisorSink:
         self.logdir = logdir
         self.emit_event = emit_event  # emit_event(level, message, **fields)
         self.every = max(1, int(every))
-        self.thresholds = thresholds
+        from .thresholds import validate
+
+        self.thresholds = validate(thresholds) or None  # a misspelled name fails here, as on the command line
         self._seen: set = set()
         self._records = 0
         self._next_check = self.every
@@ -43,6 +45,9 @@ class AdvisorSink:
         self._run.add(record)
         if record.get("amends"):
             return
+        if not self._records:  # said once in the log, so that a quiet advisor reads as "on, nothing found"
+            self.emit_event("info", "advisor on: its rules run while training; a diagnosis is logged when one "
+                                    "holds", advisor="on")
         self._records += 1
         alarm = bool(record.get("flags")) or record.get("type") == "skipped"
         if self._records >= self._next_check or (alarm and not self._alarm_checked):

@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from .diagnosis import Diagnosis
+from .stats import clearly_above, clearly_below, median_interval
 from .thresholds import Thresholds
 
 
@@ -48,18 +49,38 @@ def _params(run) -> List[str]:
     return [p["name"] for p in run.header.get("params", [])]
 
 
-def _ev(quantity, steps, observed, threshold, comparison) -> Dict:
+def _ev(quantity, steps, observed, threshold, comparison, values=None) -> Dict:
+    """One piece of evidence; with ``values``, the 95% interval of their median ("interval")."""
     steps = list(np.asarray(steps).tolist())
-    return {"quantity": quantity, "steps": [steps[0], steps[-1]] if steps else [], "n": len(steps),
-            "observed": float(observed), "threshold": threshold, "comparison": comparison}
+    out = {"quantity": quantity, "steps": [steps[0], steps[-1]] if steps else [], "n": len(steps),
+           "observed": float(observed), "threshold": threshold, "comparison": comparison}
+    if values is not None:
+        out["interval"] = list(median_interval(values))
+    return out
+
+
+def _moving_steps(run, th: Thresholds):
+    """Recent steps on which the gradient was not exactly zero: on a zero gradient no step is taken, which
+    says nothing about the learning rate (alpha is -1 there by definition, the update 0)."""
+    s, g = _recent(run, "grad_norm", th)
+    if not len(s):
+        return None  # grad_norm not recorded: no way to tell, every step counts
+    return set(s[g != 0].tolist())
+
+
+def _only(steps, values, keep):
+    if keep is None:
+        return steps, values
+    mask = np.isin(steps, list(keep))
+    return steps[mask], values[mask]
 
 
 # -- learning rate --------------------------------------------------------------------------------
 def lr_too_large(run, th: Thresholds) -> Optional[Diagnosis]:
     evidence = []
     s, a = _finite(*_recent(run, "alpha", th))
-    if len(a) >= th.min_points and np.median(a) > th.alpha_high:
-        evidence.append(_ev("alpha", s, np.median(a), th.alpha_high, "median >"))
+    if len(a) >= th.min_points and clearly_above(a, th.alpha_high):  # the median's 95% interval, not the median
+        evidence.append(_ev("alpha", s, np.median(a), th.alpha_high, "median >", a))
     s, loss = _recent(run, "loss", th)
     fs, fl = _finite(s, loss)
     if len(fl) >= th.min_points:
@@ -71,8 +92,12 @@ def lr_too_large(run, th: Thresholds) -> Optional[Diagnosis]:
         all_s, all_l = _finite(*run.series("loss"))
         if len(all_l) >= 2 * th.min_points:
             first = np.median(all_l[: th.min_points])
-            if np.median(fl) > 1.5 * first:
+            if clearly_above(fl, 1.5 * first):
                 evidence.append(_ev("loss", fs, np.median(fl) / first, 1.5, "recent median / first median >"))
+            worst = int(np.argmax(all_l))
+            if first > 0 and all_l[worst] > th.loss_blowup_factor * first:
+                evidence.append(_ev("loss", [all_s[worst]], all_l[worst] / first, th.loss_blowup_factor,
+                                    "largest / first median >"))
     if run.header.get("optimizer") == "SGD":
         # every logged value counts, converged or not: a Lanczos Ritz value is a Rayleigh quotient, hence a lower
         # bound of the top eigenvalue, so "above the stability edge" holds for the true value too
@@ -93,23 +118,28 @@ def lr_too_large(run, th: Thresholds) -> Optional[Diagnosis]:
 
 def lr_too_small(run, th: Thresholds) -> Optional[Diagnosis]:
     evidence = []
-    s, a = _finite(*_recent(run, "alpha", th))
-    if len(a) >= th.min_points and np.median(a) < th.alpha_low:
-        evidence.append(_ev("alpha", s, np.median(a), th.alpha_low, "median <"))
-    su, upd = _recent(run, "update_size", th)
+    moving = _moving_steps(run, th)
+    s, a = _finite(*_only(*_recent(run, "alpha", th), moving))
+    if len(a) >= th.min_points and clearly_below(a, th.alpha_low):
+        evidence.append(_ev("alpha", s, np.median(a), th.alpha_low, "median <", a))
+    su, upd = _only(*_recent(run, "update_size", th), moving)
     sp, par = run.series("param_norm")
     if len(upd) >= th.min_points and len(par):
         lookup = dict(zip(sp.tolist(), par.tolist()))
         rel = np.array([u / lookup[int(t)] for t, u in zip(su, upd) if lookup.get(int(t))])
         rel = rel[np.isfinite(rel)]
-        if len(rel) >= th.min_points and np.median(rel) < th.rel_update_small:
-            evidence.append(_ev("update_size / param_norm", su, np.median(rel), th.rel_update_small, "median <"))
+        if len(rel) >= th.min_points and clearly_below(rel, th.rel_update_small):
+            evidence.append(_ev("update_size / param_norm", su, np.median(rel), th.rel_update_small, "median <", rel))
     if not evidence:
         return None
     return Diagnosis(
         "lr_too_small", "The learning rate is too small", min(1.0, 0.5 + 0.25 * len(evidence)),
         "Raise the learning rate (try 3-10x larger): the steps barely change the loss along their direction.",
         evidence, _last_step(run))
+
+
+#: below this batch size the gradient tests' own estimates are too noisy to size a batch from
+SMALL_BATCH = 16
 
 
 # -- batch size -----------------------------------------------------------------------------------
@@ -123,20 +153,39 @@ def _batch_size(run) -> Optional[int]:
 
 def gradient_noise_dominates(run, th: Thresholds) -> Optional[Diagnosis]:
     s, nt = _finite(*_recent(run, "norm_test", th))
+    # act only when the median's 95% interval (from the test's own spread) lies above the threshold
     if len(nt) < th.min_points or np.median(nt) <= th.norm_test_high:
         return None
     med = float(np.median(nt))
+    lo, hi = median_interval(nt)
     batch = _batch_size(run)
-    # the norm test scales as 1/sqrt(B): a batch B' = B * (test / threshold)^2 brings it to the threshold
+    if lo <= th.norm_test_high:
+        if not (batch and batch < SMALL_BATCH):
+            return None  # at the noise level of the test itself: no advice
+        # a batch this small cannot tell: no batch size to suggest, only a batch large enough to measure
+        return Diagnosis(
+            "gradient_noise_dominates", f"Gradient noise may dominate: a batch of {batch} is too small for the "
+            "norm test to decide", 0.4,
+            f"Use a batch of at least {SMALL_BATCH * 2} and check again: the norm test's median {med:.3g} has a "
+            f"95% interval {lo:.3g}..{hi:.3g} that includes its threshold {th.norm_test_high:g}.",
+            [_ev("norm_test", s, med, th.norm_test_high, "median >", nt)], int(s[-1]))
+    # the norm test scales as 1/sqrt(B): a batch B' = B * (test / threshold)^2 brings it to the threshold;
+    # the interval of the median gives the range of batches the evidence supports
     factor = (med / th.norm_test_high) ** 2
-    target = f"about {int(math.ceil(batch * factor))} (from {batch})" if batch else f"about {factor:.1f}x larger"
-    small = (" With so small a batch the test's own estimate is noisy: try at least 32 and check again."
-             if batch and batch < 16 else "")
+    f_lo, f_hi = (lo / th.norm_test_high) ** 2, (hi / th.norm_test_high) ** 2
+    if batch:
+        b_lo, b_hi = int(math.ceil(batch * f_lo)), int(math.ceil(batch * f_hi))
+        span = f", {b_lo}-{b_hi} within the test's 95% interval" if b_hi > b_lo else ""
+        target = f"about {int(math.ceil(batch * factor))} (from {batch}{span})"
+    else:
+        target = f"about {factor:.1f}x larger"
+    small = (f" With so small a batch the test's own estimate is noisy: try at least {SMALL_BATCH * 2} and check "
+             "again." if batch and batch < SMALL_BATCH else "")
     return Diagnosis(
         "gradient_noise_dominates", "Gradient noise dominates the mini-batch gradient",
         min(1.0, 0.5 + 0.1 * med), f"Increase the batch size to {target}, or lower the learning rate "
         f"(the norm test says the gradient's direction is mostly noise).{small}",
-        [_ev("norm_test", s, med, th.norm_test_high, "median >")], int(s[-1]))
+        [_ev("norm_test", s, med, th.norm_test_high, "median >", nt)], int(s[-1]))
 
 
 def batch_larger_than_needed(run, th: Thresholds) -> Optional[Diagnosis]:
@@ -146,9 +195,9 @@ def batch_larger_than_needed(run, th: Thresholds) -> Optional[Diagnosis]:
         if len(v) < th.min_points:
             return None
         meds.append(float(np.median(v)))
-        if meds[-1] >= th.tests_low:
+        if not clearly_below(v, th.tests_low):
             return None
-        evidence.append(_ev(key, s, meds[-1], th.tests_low, "median <"))
+        evidence.append(_ev(key, s, meds[-1], th.tests_low, "median <", v))
     batch = _batch_size(run)
     factor = max((max(meds) / th.norm_test_high) ** 2, 1e-3)
     target = f"about {max(1, int(batch * factor))} (from {batch})" if batch else "a smaller batch"
@@ -226,23 +275,60 @@ def dead_layers(run, th: Thresholds) -> Optional[Diagnosis]:
 
 
 # -- divergence -------------------------------------------------------------------------------------
+def _empty_steps(run) -> set:
+    """Steps whose batch had no samples: their mean loss is 0/0 by construction, not a divergence."""
+    steps, samples = run.field("samples")
+    return set(steps[samples == 0].tolist())
+
+
+def _recovered_after(run, step: int) -> bool:
+    """The last recorded loss (else gradient norm) after ``step`` is finite again."""
+    for key in ("loss", "grad_norm"):
+        s, v = run.series(key, start=step + 1)
+        if len(v):
+            return bool(math.isfinite(v[-1]))
+    return False
+
+
 def divergence(run, th: Thresholds) -> Optional[Diagnosis]:
-    first_step, where = _first_nonfinite_step(run), []
+    empty = _empty_steps(run)
+    flagged = sorted(set(run.flagged("nonfinite_loss") + run.flagged("nonfinite_grad")) - empty)
+    first_step, where = (int(flagged[0]) if flagged else None), []
     if first_step is not None:
         where = [n for n in _params(run) if _nonfinite_at(run, f"grad_norm/{n}", first_step)]
         what = "loss" if first_step in run.flagged("nonfinite_loss") else "gradient"
     skipped = [s for s in run.skipped if "not finite" in s.get("reason", "")]
     if first_step is None and not skipped:
-        return None
+        return empty_batches(run, th) if empty else None
     if skipped and (first_step is None or skipped[0]["step"] < first_step):  # the earliest of both kinds
         first_step, what, where = skipped[0]["step"], "gradient (step skipped)", []
     evidence = [{"quantity": "loss/grad_norm flags", "steps": [first_step], "observed": what,
                  "threshold": "finite", "comparison": "not"}]
     layer = f"; first parameter (in model order) with a non-finite gradient: {where[0]}" if where else ""
+    action = ("Lower the learning rate, clip gradients, check the inputs of that step for NaN/inf, and use a "
+              "numerically stable loss (e.g. CrossEntropyLoss on logits).")
+    if _recovered_after(run, int(first_step)):  # one bad step, not a run that diverged: say so, less sure
+        n_bad = len(flagged) + len(skipped)
+        return Diagnosis(
+            "divergence", f"Non-finite {what} first at step {first_step}{layer} ({n_bad} such step(s); later "
+            "steps are finite again)", 0.6, "Check the inputs of that step for NaN/inf; if it recurs, " + action[0].lower()
+            + action[1:], evidence, int(first_step))
     return Diagnosis(
         "divergence", f"Training diverged: non-finite {what} first at step {first_step}{layer}", 1.0,
-        "Lower the learning rate, clip gradients, check the inputs of that step for NaN/inf, and use a "
-        "numerically stable loss (e.g. CrossEntropyLoss on logits).", evidence, int(first_step))
+        action, evidence, int(first_step))
+
+
+def empty_batches(run, th: Thresholds) -> Optional[Diagnosis]:
+    """Steps whose batch had no samples (their loss is NaN by construction)."""
+    empty = sorted(_empty_steps(run))
+    if not empty:
+        return None
+    return Diagnosis(
+        "empty_batches", f"{len(empty)} step(s) had an empty batch (0 samples), first at step {empty[0]}", 0.5,
+        "Check the data loader (drop_last=True, filters that can empty a batch); the loss of an empty batch is "
+        "undefined (NaN), which is not a divergence.",
+        [{"quantity": "samples", "steps": [empty[0], empty[-1]], "n": len(empty), "observed": 0.0,
+          "threshold": 0, "comparison": "=="}], int(empty[0]))
 
 
 def _nonfinite_at(run, key: str, step: int) -> bool:

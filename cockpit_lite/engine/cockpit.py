@@ -73,12 +73,21 @@ class Cockpit(StepDetection):
             says which); ``"overwrite"`` replaces the old log, unless a running process still writes
             it. Two runs started on one logdir at once never share a log: one gets it, the other
             gets the error (or, with ``"increment"``, its own numbered folder).
+        overhead_budget: a share of the step time (e.g. 0.5): warn once, and log a warning event, when
+            cockpit-lite's own work takes more than that over recent tracked steps (needs ``time``;
+            ``cockpit_lite/overhead.py``). The dashboard's "Time per step" panel shows the share.
     """
 
     def __init__(self, model, optimizer, loss_fn=None, logdir=None, quantities: QuantitySpec = "default",
                  *, fsync: bool = False, sinks: Iterable[Any] = (), tensorboard: bool = False,
                  advisor: Union[bool, Mapping[str, Any]] = False, dashboard: Union[None, bool, str] = None,
-                 distributed: Any = "auto", if_exists: str = "error"):
+                 distributed: Any = "auto", if_exists: str = "error", overhead_budget: Optional[float] = None):
+        from ..advisor.thresholds import validate as _validate_thresholds
+        from ..overhead import check_budget
+
+        if isinstance(advisor, Mapping):  # the same check as `cockpit-lite diagnose --threshold`, before any log
+            _validate_thresholds(advisor)
+        overhead_budget = check_budget(overhead_budget)
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"watch() needs an nn.Module as model, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -133,6 +142,11 @@ class Cockpit(StepDetection):
 
             self._records.sinks.append(AdvisorSink(self.logdir, self._event, thresholds=dict(advisor)
                                                    if isinstance(advisor, Mapping) else None))
+        if overhead_budget is not None:
+            from ..overhead import OverheadSink
+
+            self._records.sinks.append(OverheadSink(overhead_budget, self._event,
+                                                    quantities if isinstance(quantities, str) else None))
         self._live = None
         if dashboard:
             from ..live import LiveDashboard

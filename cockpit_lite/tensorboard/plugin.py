@@ -181,6 +181,9 @@ class CockpitPlugin(base_plugin.TBPlugin):
         reasons: Dict[str, List[Dict[str, Any]]] = {}
         flags: List[Dict[str, Any]] = []
         events: List[Any] = []
+        overflow: List[Dict[str, Any]] = []
+        reason_counts: Dict[str, int] = {}  # key -> steps with a reason (all steps read)
+        reason_counts_partial: List[str] = []  # quantities whose reasons were downsampled (counts are at least)
         if tensor_tags:
             read = dp.read_tensors(ctx, experiment_id=eid, plugin_name=PLUGIN_NAME, downsample=MAX_TENSORS,
                                    run_tag_filter=provider.RunTagFilter(runs=[run], tags=sorted(tensor_tags))).get(run, {})
@@ -191,11 +194,19 @@ class CockpitPlugin(base_plugin.TBPlugin):
                     data[tag[len("data/"):]] = {"step": step, "value": docs[step], "steps": len(docs)}
                 elif tag.startswith("reasons/"):
                     reasons[tag[len("reasons/"):]] = [{"step": s, "reasons": docs[s]} for s in sorted(docs)][-MAX_REASON_STEPS:]
+                    for doc in docs.values():  # every step read, not only the most recent MAX_REASON_STEPS
+                        for key in doc if isinstance(doc, dict) else ():
+                            reason_counts[key] = reason_counts.get(key, 0) + 1
+                    if len(datums) >= MAX_TENSORS:
+                        reason_counts_partial.append(tag[len("reasons/"):])
+                elif tag == "overflow":
+                    overflow = [{"step": s, "values": docs[s]} for s in sorted(docs)]
                 elif tag == "flags":
                     flags = [{"step": s, "flags": docs[s]} for s in sorted(docs)]
                 elif tag == "events":  # (the "meta" tag only marks a cockpit run)
                     events = [docs[s] for s in sorted(docs)][-MAX_EVENTS:]
-        return {"run": run, "scalars": scalars, "data": data, "reasons": reasons, "flags": flags, "events": events}
+        return {"run": run, "scalars": scalars, "data": data, "reasons": reasons, "flags": flags, "events": events,
+                "reason_counts": reason_counts, "reason_counts_partial": reason_counts_partial, "overflow": overflow}
 
 
 def _last_per_step(datums) -> Dict[int, Any]:

@@ -17,6 +17,7 @@ What goes where (one event file per run, in the run's logdir, next to ``cockpit.
   ``data/<key>``              the record's step      ``data[key]`` (alpha fit, histograms, ...)
   ``reasons/<quantity>``      the record's step      ``{key: reason}`` for NaN values
   ``flags``                   the record's step      ``["nonfinite_loss", ...]``
+  ``overflow``                the record's step      ``{key: "2e+299"}``: finite values beyond float32
   ``events``                  0, 1, 2, ... (count)   a ``skipped`` or ``event`` record
   ``meta``                    0                      ``{"writer": "cockpit-lite", "format": 1}``
   ==========================  =====================  ==========================================
@@ -51,6 +52,9 @@ FILENAME_SUFFIX = ".cockpit_lite"
 #: ``data`` keys that are also written as TensorBoard's stock histograms, tag ``histograms/<key>``
 NATIVE_HISTOGRAMS = ("grad_hist_1d",)
 HISTOGRAM_PREFIX = "histograms/"  # not cockpit/<key>: a failed quantity's NaN scalar has that tag
+#: the largest float32: TensorBoard's scalars (simple_value) hold float32, so a finite value beyond this
+#: would read as inf; such values also go to the ``overflow`` tag ({key: repr(value)}) at their step
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def cockpit_metadata(key: str) -> summary_pb2.SummaryMetadata:
@@ -139,6 +143,7 @@ class TensorBoardSink:
         step = int(record["step"])
         wall = record.get("wall")
         values = []
+        overflow: Dict[str, str] = {}
         for key, v in record.get("values", {}).items():
             x = as_float(v)
             if x is None:
@@ -151,8 +156,12 @@ class TensorBoardSink:
                 self._late(tag, step, {key: v if isinstance(v, (str, int, float)) else x}, wall)
                 continue
             self._last_scalar[tag] = step
+            if math.isfinite(x) and abs(x) > FLOAT32_MAX:  # simple_value is float32: it would read as inf
+                overflow[key] = repr(x)
             # simple_value: the stock scalar encoding (both loaders file it under plugin "scalars")
             values.append(summary_pb2.Summary.Value(tag=tag, simple_value=x))
+        if overflow:  # the exact values, as text, for the tab to show next to the float32 infinity
+            values.append(self._json_tag("overflow", step, overflow, wall, merge=_merge_dicts))
         for key, obj in record.get("data", {}).items():
             values.append(self._json_tag(f"data/{key}", step, obj, wall, merge=_replace))
             if key in NATIVE_HISTOGRAMS:

@@ -72,6 +72,22 @@ function fmt(x) {
   return Number(x.toPrecision(4)).toString();
 }
 
+// tick labels with as many significant digits as keep them distinct (no "1 1 1 1" on a near-constant axis)
+function tickLabels(ticks) {
+  for (let digits = 4; digits <= 12; digits++) {
+    const labels = ticks.map((t) => fmtDigits(t, digits));
+    if (new Set(labels).size === labels.length) return labels;
+  }
+  return ticks.map((t) => String(t));
+}
+
+function fmtDigits(x, digits) {
+  if (!Number.isFinite(x)) return String(x);
+  const a = Math.abs(x);
+  if (a !== 0 && (a >= 1e4 || a < 1e-3)) return x.toExponential(Math.max(2, digits - 2));
+  return Number(x.toPrecision(digits)).toString();
+}
+
 function niceTicks(lo, hi, n = 5) {
   if (!(hi > lo)) return [lo];
   const raw = (hi - lo) / n;
@@ -99,7 +115,7 @@ function logTicks(lo, hi) {
   return niceTicks(lo, hi, 4).filter((t) => t > 0);  // less than two decades: plain values
 }
 
-function frame(xlo, xhi, ylo, yhi, { logY = false, xLabel = 'step', H = 180 } = {}) {
+function frame(xlo, xhi, ylo, yhi, { logY = false, xLabel = 'step', H = 180, yTicks = null, yLabel = '' } = {}) {
   const root = svg('svg', { viewBox: `0 0 ${W} ${H}`, width: '100%', role: 'img' });
   const ty = (y) => (logY ? Math.log10(y) : y);
   const [a, b] = [ty(ylo), ty(yhi)];
@@ -113,12 +129,19 @@ function frame(xlo, xhi, ylo, yhi, { logY = false, xLabel = 'step', H = 180 } = 
     label.textContent = fmt(t);
     root.appendChild(label);
   }
-  const yt = logY ? logTicks(ylo, yhi) : niceTicks(ylo, yhi, 4);
-  for (const t of yt) {
+  // yTicks: [[position, label]] chosen by the chart (log10 counts labelled with the counts themselves)
+  const yt = yTicks || (logY ? logTicks(ylo, yhi) : niceTicks(ylo, yhi, 4)).map((t) => [t, null]);
+  const yLabels = yTicks ? yt.map(([, l]) => l) : tickLabels(yt.map(([t]) => t));
+  yt.forEach(([t], i) => {
     root.appendChild(svg('line', { x1: M.l, x2: W - M.r, y1: sy(t), y2: sy(t), stroke: '#f1f3f4' }));
-    const label = svg('text', { x: M.l - 4, y: sy(t) + 3, 'text-anchor': 'end' });
-    label.textContent = fmt(t);
+    const label = svg('text', { x: M.l - 4, y: sy(t) + 3, 'text-anchor': 'end', class: 'ytick' });
+    label.textContent = yLabels[i];
     root.appendChild(label);
+  });
+  if (yLabel) {
+    const yl = svg('text', { x: 2, y: H - 1, 'text-anchor': 'start', class: 'ylabel' });  // below the ticks, off the data
+    yl.textContent = yLabel;
+    root.appendChild(yl);
   }
   const xl = svg('text', { x: W - M.r, y: H - 2, 'text-anchor': 'end' });
   xl.textContent = xLabel;
@@ -138,6 +161,11 @@ function lineChart(series, { logY = false, refY = null, xLabel = 'step', H = 180
   if (!ys.length) return null;
   let [ylo, yhi] = [Math.min(...ys), Math.max(...ys)];
   if (refY !== null && (!logY || refY > 0)) { ylo = Math.min(ylo, refY); yhi = Math.max(yhi, refY); }
+  // a constant (to 1e-3) series: an axis from 0, not a zoom into its rounding noise
+  if (!logY && yhi - ylo <= 1e-3 * Math.max(Math.abs(ylo), Math.abs(yhi))) {
+    const c = (ylo + yhi) / 2;
+    if (c > 0) { ylo = 0; yhi = 1.3 * c; } else if (c < 0) { ylo = 1.3 * c; yhi = 0; } else { ylo = -1; yhi = 1; }
+  }
   if (ylo === yhi) { const d = logY ? ylo * 0.5 : Math.abs(ylo) * 0.1 || 1; ylo -= d; yhi += d; }
   if (!logY) { const pad = (yhi - ylo) * 0.05; ylo -= pad; yhi += pad; }
   let [xlo, xhi] = [Math.min(...xs), Math.max(...xs)];
@@ -161,7 +189,7 @@ function lineChart(series, { logY = false, refY = null, xLabel = 'step', H = 180
       for (let i = s.steps.length - 1; i >= 0; i--) if (Number.isFinite(lo[i])) area += `L${sx(s.steps[i]).toFixed(1)},${sy(logY ? Math.max(lo[i], ylo) : lo[i]).toFixed(1)}`;
       if (area) root.appendChild(svg('path', { d: area + 'Z', fill: s.color, 'fill-opacity': 0.15, stroke: 'none' }));
     }
-    const path = svg('path', { d: s.dots ? '' : d, fill: 'none', stroke: s.color, 'stroke-width': 1.6, 'data-series': s.name, 'data-points': points });
+    const path = svg('path', { d: s.dots ? '' : d, fill: 'none', stroke: s.color, 'stroke-width': 1.6, 'stroke-dasharray': s.dash || '', 'data-series': s.name, 'data-points': points });
     root.appendChild(path);
     if (s.dots || points === 1 || s.steps.length <= 30) {
       s.steps.forEach((x, i) => {
@@ -176,7 +204,9 @@ function lineChart(series, { logY = false, refY = null, xLabel = 'step', H = 180
 function barChart(edges, counts, { logY = true, color = COLORS[0], markers = [] } = {}) {
   const ys = counts.map((c) => (logY ? Math.log10(1 + c) : c));
   const top = Math.max(...ys, 1e-12);
-  const { root, sx, H } = frame(edges[0], edges[edges.length - 1], 0, top, { xLabel: '' });
+  // log heights: ticks at 1, 10, 100, ... counts, labelled with those counts (not with their logarithms)
+  const yTicks = logY ? Array.from({ length: Math.floor(Math.log10(Math.max(...counts, 1))) + 1 }, (_, k) => [Math.log10(1 + 10 ** k), fmt(10 ** k)]) : null;
+  const { root, sx, H } = frame(edges[0], edges[edges.length - 1], 0, top, { xLabel: '', yTicks, yLabel: logY ? 'y: count (log scale)' : 'y: count', H: 190 });
   const y0 = H - M.b, h = H - M.t - M.b;
   counts.forEach((c, i) => {
     const x0 = sx(edges[i]), x1 = sx(edges[i + 1]);
@@ -239,10 +269,14 @@ function series(run, key, color, name = key) {
 
 function nanNote(run, keys) {
   const lines = [];
+  for (const o of run.overflow || []) {
+    for (const key of keys) if (o.values && key in o.values) lines.push(`${key} at step ${o.step} is ${o.values[key]}: finite, beyond float32 (drawn as inf, left off the axis)`);
+  }
   for (const key of keys) {
     const s = run.scalars[key];
     if (!s) continue;
-    const nans = s.values.map(num).filter((v) => !Number.isFinite(v)).length;
+    const over = new Set((run.overflow || []).filter((o) => o.values && key in o.values).map((o) => o.step));
+    const nans = s.values.map(num).filter((v, i) => !Number.isFinite(v) && !over.has(s.steps[i])).length;
     if (nans) {
       const why = (run.reasons[key.split('/')[0]] || []).slice(-1)[0];
       const reason = why ? why.reasons[key] : null;
@@ -278,9 +312,17 @@ function panel(id, title, sub, body, { wide = false, emptyText } = {}) {
 
 function linesPanel(run, id, title, sub, keys, opts = {}) {
   const list = keys.map((k, i) => series(run, k, COLORS[i % COLORS.length])).filter(Boolean);
+  if (run.overlay) {  // a second run on the same axes: its series dashed, named with the run
+    for (const s of list) s.name = `${run.run}: ${s.name}`;
+    keys.forEach((k, i) => {
+      const o = series(run.overlay, k, COLORS[i % COLORS.length], `${run.overlay.run}: ${k}`);
+      if (o) { o.dash = '5 3'; list.push(o); }
+    });
+  }
   const chart = list.length ? lineChart(list, opts) : null;
   const drawn = list.filter((x) => x.values.some(Number.isFinite));
-  const body = chart ? [chart, drawn.length > 1 ? legend(drawn) : null, nanNote(run, keys)] : null;
+  const body = chart ? [chart, drawn.length > 1 ? legend(drawn) : null, nanNote(run, keys),
+    run.overlayError ? el('p', { class: 'note', text: `overlay not loaded: ${run.overlayError}` }) : null] : null;
   const empty = list.length
     ? `No finite values yet. ${nanNote(run, keys)?.textContent || ''}`
     : `No data: this run did not log ${keys.filter((k) => !k.includes('/')).join(', ')}.`;
@@ -306,9 +348,14 @@ function alphaPanel(run) {
       const edges = Array.from({ length: bins + 1 }, (_, i) => lo + ((hi - lo) * i) / bins);
       const counts = new Array(bins).fill(0);
       for (const a of finite) counts[Math.min(bins - 1, Math.max(0, Math.floor(((a - lo) / (hi - lo)) * bins)))] += 1;
-      const mean = finite.reduce((a, b) => a + b, 0) / finite.length;
-      body.push(barChart(edges, counts, { logY: false, markers: [{ x: 0, color: '#188038', dash: '4 3' }, { x: mean, color: '#d93025' }] }));
-      body.push(legend([{ name: `mean α = ${fmt(mean)} over ${finite.length} steps (clipped to ±1.5)`, color: '#d93025' }, { name: 'α = 0', color: '#188038' }]));
+      // robust statistics: one α of 93 moves a mean, not the median and quartiles
+      const sorted = [...finite].sort((a, b) => a - b);
+      const q = (p) => { const i = (sorted.length - 1) * p, lo = Math.floor(i), hi = Math.ceil(i); return sorted[lo] + (sorted[hi] - sorted[lo]) * (i - lo); };
+      const [q1, med, q3] = [q(0.25), q(0.5), q(0.75)];
+      const above = finite.filter((a) => a > hi).length, below = finite.filter((a) => a < lo).length;
+      body.push(barChart(edges, counts, { logY: false, markers: [{ x: 0, color: '#188038', dash: '4 3' }, { x: med, color: '#d93025' }] }));
+      body.push(legend([{ name: `median α = ${fmt(med)}, quartiles ${fmt(q1)}..${fmt(q3)} over ${finite.length} steps`, color: '#d93025' }, { name: 'α = 0', color: '#188038' }]));
+      if (above || below) body.push(el('p', { class: 'note', 'data-offaxis': String(above + below), text: `${below} below -1.5 and ${above} above +1.5, counted in the edge bins (min ${fmt(sorted[0])}, max ${fmt(sorted[sorted.length - 1])})` }));
     }
     const note = nanNote(run, ['alpha']);
     if (note) body.push(note);
@@ -421,9 +468,17 @@ function energyPanel(run) {
 
 function problemsPanel(run) {
   const rows = [];
+  const counts = run.reason_counts || {};
+  const partial = new Set(run.reason_counts_partial || []);
   for (const [quantity, entries] of Object.entries(run.reasons)) {
     const last = entries[entries.length - 1];
-    for (const [key, reason] of Object.entries(last.reasons)) rows.push([String(last.step), key, `${reason} (${entries.length} step${entries.length > 1 ? 's' : ''})`]);
+    for (const [key, reason] of Object.entries(last.reasons)) {
+      const n = counts[key] ?? entries.filter((e) => key in e.reasons).length;  // every step with a reason
+      rows.push([String(last.step), key, `${reason} (${partial.has(quantity) ? 'at least ' : ''}${n} step${n > 1 ? 's' : ''} not computed)`]);
+    }
+  }
+  for (const o of (run.overflow || []).slice(-10)) {
+    for (const [key, text] of Object.entries(o.values)) rows.push([String(o.step), key, `${text}: finite, beyond float32 (TensorBoard's scalar type), so its scalar reads inf`]);
   }
   for (const f of run.flags.slice(-10)) rows.push([String(f.step), 'flags', f.flags.join(', ')]);
   for (const e of run.events.slice(-10)) rows.push([e.step === undefined ? '' : String(e.step), e.type === 'skipped' ? 'skipped step' : (e.level || e.type || 'event'), e.reason || e.message || JSON.stringify(e.payload ?? '')]);
@@ -436,9 +491,12 @@ function problemsPanel(run) {
 
 function advisorPanel(run) {
   const found = run.events.filter((e) => e.level === 'diagnosis');
+  const on = run.events.some((e) => e.advisor === 'on');
   if (!found.length) {
     return panel('advisor', 'Advisor', 'diagnoses made while training', null,
-      { wide: true, emptyText: 'No diagnosis was logged: the advisor runs live with watch(..., advisor=True); `cockpit-lite diagnose LOGDIR` reads any run.' });
+      { wide: true, emptyText: on
+        ? 'The advisor ran while training (advisor=True) and has made no diagnosis so far. `cockpit-lite diagnose LOGDIR` prints what it checked and what it could not.'
+        : 'No diagnosis was logged: the advisor runs live with watch(..., advisor=True); `cockpit-lite diagnose LOGDIR` reads any run.' });
   }
   const list = el('ul');
   for (const e of found) list.appendChild(el('li', { text: `step ${e.step}: ${e.message}` }));
@@ -471,9 +529,10 @@ function renderRun(grid, run) {
 export async function render() {
   document.head.appendChild(el('style', { text: STYLE }));
   const select = el('select', { 'aria-label': 'run' });
+  const overlay = el('select', { 'aria-label': 'overlay run' });
   const status = el('span', { class: 'status', text: 'loading…' });
   const grid = el('div', { class: 'grid' });
-  document.body.appendChild(el('header', {}, el('h1', { text: 'Cockpit' }), select, status));
+  document.body.appendChild(el('header', {}, el('h1', { text: 'Cockpit' }), select, overlay, status));
   document.body.appendChild(grid);
 
   let runs = [];
@@ -492,11 +551,35 @@ export async function render() {
         shown = '';
         return;
       }
+      const others = runs.filter((r) => r.run !== select.value).map((r) => r.run);
+      if (others.join('\u0000') !== Array.from(overlay.options).slice(1).map((o) => o.value).join('\u0000')) {
+        const chosen = overlay.value;
+        const none = el('option', { text: 'overlay: none' }); none.value = '';
+        overlay.replaceChildren(none, ...others.map((r) => { const o = el('option', { text: `overlay: ${r}` }); o.value = r; return o; }));
+        overlay.value = others.includes(chosen) ? chosen : '';
+      }
       const meta = runs.find((r) => r.run === select.value) || runs[0];
-      const key = `${meta.run}\u0000${meta.max_step}\u0000${meta.max_wall_time}`;
+      const extra = runs.find((r) => r.run === overlay.value);
+      const key = `${meta.run}\u0000${meta.max_step}\u0000${meta.max_wall_time}\u0000${extra ? `${extra.run}\u0000${extra.max_step}` : ''}`;
       if (force || key !== shown) {
-        const run = await getJSON(`run?run=${encodeURIComponent(meta.run)}`);
-        renderRun(grid, run);
+        shown = '';
+        grid.dataset.run = '';
+        let run;
+        try {
+          run = await getJSON(`run?run=${encodeURIComponent(meta.run)}`);
+        } catch (err) {  // never leave the previous run's panels under this run's name
+          grid.replaceChildren(el('p', { class: 'message', 'data-error': 'true', text: `Could not load run ${meta.run}: ${err.message}` }));
+          throw err;
+        }
+        if (extra) {
+          try { run.overlay = await getJSON(`run?run=${encodeURIComponent(extra.run)}`); } catch (err) { run.overlayError = `${extra.run}: ${err.message}`; }
+        }
+        try {
+          renderRun(grid, run);
+        } catch (err) {
+          grid.replaceChildren(el('p', { class: 'message', 'data-error': 'true', text: `Could not draw run ${meta.run}: ${err.message}` }));
+          throw err;
+        }
         shown = key;
       }
       status.textContent = `${runs.length} run${runs.length > 1 ? 's' : ''} · last step ${meta.max_step ?? '–'} · updated ${new Date().toLocaleTimeString()}`;
@@ -506,6 +589,7 @@ export async function render() {
     }
   };
   select.addEventListener('change', () => refresh(true));
+  overlay.addEventListener('change', () => refresh(true));
   await refresh(true);
   setInterval(() => { if (!document.hidden) refresh(false); }, REFRESH_MS);
 }
