@@ -150,6 +150,12 @@ class Cockpit:
         inner = _uncompiled(model)
         self.compiled = inner is not model
         names, params = _observed_parameters(inner, optimizer)
+        self._model_loss = None  # a Hugging Face model computes its loss in forward: observed there
+        if loss_fn is None:
+            from .integrations.hf_loss import observe_model_loss
+
+            self._model_loss = observe_model_loss(inner)
+            loss_fn = self._model_loss.module if self._model_loss is not None else None
         if loss_fn is not None and not isinstance(loss_fn, torch.nn.Module):
             warnings.warn(
                 "loss_fn is a plain function, which cockpit-lite cannot observe; pass the loss as an "
@@ -173,6 +179,9 @@ class Cockpit:
         else:
             self._writer = _NoLog(self.logdir)
         self._sinks = list(sinks) if self.writes else []
+        for sink in self._sinks:  # a sink may ask for the run's header (its parameter names)
+            if callable(getattr(sink, "open_run", None)):
+                sink.open_run(header)
         if not self.writes:
             tensorboard = advisor = dashboard = False
         if tensorboard:
@@ -212,6 +221,8 @@ class Cockpit:
             self._handles.append(loss_fn.register_forward_hook(self._on_loss, with_kwargs=True))
             _WATCHED_LOSSES.add(loss_fn)
         self._patch_zero_grad()
+        if self._model_loss is not None:
+            self._model_loss.install()
         _WATCHED_MODELS.add(model)
 
     # -- public ---------------------------------------------------------------------------------
@@ -232,6 +243,8 @@ class Cockpit:
             h.remove()
         self._handles = []
         self._unpatch_zero_grad()
+        if self._model_loss is not None:
+            self._model_loss.remove()
         if self._layer_capture is not None:
             self._layer_capture.remove()
         if self._pending_backward():

@@ -220,27 +220,35 @@ def test_an_exception_in_fit_closes_the_run_log(tmp_path):
     assert run.finished and len(run.series("grad_norm")[0]) == 2
 
 
-def test_scalar_writer_sink_keeps_each_tags_steps_increasing():
-    from cockpit_lite.integrations.logger_sink import ScalarWriterSink
+def test_logger_sink_keeps_each_keys_steps_increasing_and_sends_totals_by_default():
+    from cockpit_lite.integrations.logger_sink import LoggerSink
 
-    class Writer:
+    class Logger:
         def __init__(self):
-            self.calls = []
+            self.calls, self.saved = [], 0
 
-        def add_scalar(self, tag, value, step):
-            self.calls.append((tag, value, step))
+        def log_metrics(self, metrics, step):
+            self.calls.extend((k, v, step) for k, v in metrics.items())
 
-    writer = Writer()
-    sink = ScalarWriterSink([writer], step_offset=10)
-    sink.write({"type": "step", "step": 0, "values": {"loss": 2.0, "alpha": "NaN"}})
+        def save(self):
+            self.saved += 1
+
+    logger = Logger()
+    sink = LoggerSink([logger], step_offset=10)
+    sink.open_run({"params": [{"name": "fc.weight"}]})
+    sink.write({"type": "step", "step": 0, "values": {"loss": 2.0, "alpha": "NaN", "grad_norm/fc.weight": 1.0,
+                                                      "hess_trace/stderr": 0.5}})
     sink.write({"type": "step", "step": 1, "values": {"loss": 1.5}})
     sink.write({"type": "step", "step": 0, "amends": True, "values": {"alpha": 0.25, "loss": 9.0}})
     sink.write({"type": "skipped", "step": 2, "reason": "inf"})
     sink.close()
-    loss = [(v, st) for t, v, st in writer.calls if t == "cockpit/loss"]
-    alpha = [(v, st) for t, v, st in writer.calls if t == "cockpit/alpha"]
+    loss = [(v, st) for t, v, st in logger.calls if t == "cockpit/loss"]
+    alpha = [(v, st) for t, v, st in logger.calls if t == "cockpit/alpha"]
     assert loss == [(2.0, 10), (1.5, 11)]  # the late loss of step 0 would read as a restart: left out
     assert math.isnan(alpha[0][0]) and alpha[1:] == [(0.25, 10)]
+    tags = {t for t, _, _ in logger.calls}
+    assert "cockpit/hess_trace/stderr" in tags and "cockpit/grad_norm/fc.weight" not in tags  # totals only
+    assert logger.saved == 1
 
 
 def test_ddp_fit_observes_the_global_batch(tmp_path):
