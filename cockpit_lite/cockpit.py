@@ -222,7 +222,7 @@ class Cockpit:
             _WATCHED_LOSSES.add(loss_fn)
         self._patch_zero_grad()
         if self._model_loss is not None:
-            self._model_loss.install()
+            self._model_loss.install(self.watched)
         _WATCHED_MODELS.add(model)
 
     # -- public ---------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ Nothing is recomputed in training: at the end of a training forward, when exactl
 seen and its result *is* the ``loss`` the model returns, that tensor is handed to the cockpit as the
 output of ``ModelLoss`` (so ``loss`` is exactly the model's). When the returned loss is something else
 (several loss calls, an auxiliary loss added afterwards), ``loss`` is still the returned value, but the
-per-sample quantities and curvature are NaN with the reason: their decomposition would be wrong.
+per-sample quantities (for the rest of the run) and curvature are NaN with the reason: their
+decomposition would be wrong.
 """
 
 from __future__ import annotations
@@ -100,11 +101,15 @@ class ModelLossObserver:
         self._in_loss = 0  # > 0 while a caught loss computes (loss modules inside it are part of it)
         self._warned = False
         self._opaque: Optional[str] = None  # why the last training loss cannot be re-evaluated
+        self.watched: Any = None
 
     # -- install / remove -----------------------------------------------------------------------
-    def install(self) -> "ModelLossObserver":
+    def install(self, watched: Any = None) -> "ModelLossObserver":
+        """Add the hooks; ``watched`` (the cockpit's ``Watched``) receives the per-parameter reasons when
+        the loss cannot be decomposed."""
         from torch.nn.modules.module import register_module_forward_hook
 
+        self.watched = watched
         model = self.model
         self._handles = [
             model.register_forward_pre_hook(self._enter, prepend=True),
@@ -196,6 +201,10 @@ class ModelLossObserver:
             warnings.warn(f"cockpit-lite: {reason}; 'loss' is logged, per-sample quantities and curvature are NaN",
                           RuntimeWarning, stacklevel=2)
         self._opaque = reason
+        failures = getattr(getattr(self, "watched", None), "rule_failures", None)
+        if failures is not None:  # every per-sample value of the rest of the run: NaN with this reason
+            for name in self.watched.names:
+                failures.setdefault(name, reason)
         opaque = LossForm("returned loss", lambda *a: loss, unavailable=reason)
         self.module.hand_over(opaque, (loss,), loss)
         return None
