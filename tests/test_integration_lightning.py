@@ -282,3 +282,100 @@ def test_ddp_fit_observes_the_global_batch(tmp_path):
             optimizer.step()
     # float32 sums in another order (two shards, then across processes): 1e-5 relative
     assert_same_series(run, cockpit_lite.load(tmp_path / "ref"), families=QUANTITIES, steps=worker.STEPS, rtol=1e-5)
+
+
+def _fit_with_loggers(tmp_path, loggers, **callback_options):
+    callback = CockpitCallback(quantities={"loss": "every", "grad_norm": "every", "alpha": "every"},
+                               **callback_options)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=5, callbacks=[callback], log_every_n_steps=1,
+                        logger=loggers, enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|LeafSpec).*")
+        trainer.fit(fresh_module(), loader())
+    return callback, trainer
+
+
+def test_every_logger_receives_the_totals_through_log_metrics(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import Logger
+
+    class Recording(Logger):
+        name, version = "recording", 0
+
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def log_metrics(self, metrics, step=None):
+            self.rows.append((step, dict(metrics)))
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    csv_logger, recording = CSVLogger(tmp_path / "csv", name="exp"), Recording()
+    callback, _ = _fit_with_loggers(tmp_path, [csv_logger, recording])
+    run = cockpit_lite.load(callback.logdir)
+    steps, grad_norm = run.series("grad_norm")
+    assert list(steps) == [0, 1, 2, 3, 4]
+
+    with open(csv_logger.experiment.metrics_file_path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("cockpit/grad_norm")]
+    assert [int(r["step"]) for r in rows] == list(steps)
+    assert [float(r["cockpit/grad_norm"]) for r in rows] == pytest.approx(list(grad_norm), rel=1e-6)
+    assert not any(k.startswith("cockpit/grad_norm/") for k in rows[0])  # totals only, by default
+
+    got = {}
+    for step, metrics in recording.rows:
+        for key, value in metrics.items():
+            got.setdefault(key, []).append((step, value))
+    alpha_steps, alpha = run.series("alpha")  # amendments: each at its own step
+    assert [s for s, _ in got["cockpit/alpha"] if not math.isnan(_)] == [s for s, a in zip(alpha_steps, alpha)
+                                                                         if not math.isnan(a)]
+    assert [v for _, v in got["cockpit/grad_norm"]] == pytest.approx(list(grad_norm), rel=1e-9)
+
+
+def test_logger_keys_choose_what_the_loggers_get(tmp_path):
+    from lightning.pytorch.loggers import Logger
+
+    class Keys(Logger):
+        name, version = "keys", 0
+
+        def __init__(self):
+            super().__init__()
+            self.keys = set()
+
+        def log_metrics(self, metrics, step=None):
+            self.keys.update(metrics)
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    every, chosen = Keys(), Keys()
+    _fit_with_loggers(tmp_path / "a", [every], logger_keys="all")
+    _fit_with_loggers(tmp_path / "b", [chosen], logger_keys=["loss", "grad_norm"])
+    assert "cockpit/grad_norm/net.0.weight" in every.keys
+    assert {k for k in chosen.keys if k.startswith("cockpit/")} == {"cockpit/loss", "cockpit/grad_norm"}
+
+
+def test_mlflow_logger_receives_the_values(tmp_path):
+    pytest.importorskip("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.tracking import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    logger = MLFlowLogger(experiment_name="cockpit", tracking_uri=uri)
+    callback, _ = _fit_with_loggers(tmp_path, [logger])
+    history = MlflowClient(tracking_uri=uri).get_metric_history(logger.run_id, "cockpit/grad_norm")
+    steps, grad_norm = cockpit_lite.load(callback.logdir).series("grad_norm")
+    assert sorted(m.step for m in history) == list(steps)
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(list(grad_norm), rel=1e-6)
+
+
+def test_if_exists_increment_is_followed(tmp_path):
+    logdir = tmp_path / "cockpit"
+    first, _ = _fit_with_loggers(tmp_path, False, logdir=logdir, if_exists="increment")
+    second, _ = _fit_with_loggers(tmp_path, False, logdir=logdir, if_exists="increment")
+    assert first.logdir == str(logdir) and second.logdir == str(logdir) + "-2"
+    assert len(cockpit_lite.load(second.logdir).series("grad_norm")[0]) == 5
