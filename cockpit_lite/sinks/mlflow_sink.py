@@ -3,7 +3,7 @@
     cockpit_lite.watch(model, optimizer, loss_fn=crit, sinks=[MLflowSink()])        # the active run
     MLflowSink(run_id="...", tracking_uri="file:./mlruns")                            # a given run
 
-Without ``run_id`` the values go to the active run (``mlflow.start_run()`` before ``watch``), or to a run
+``tracking_uri`` is set globally (``mlflow.set_tracking_uri``). Without ``run_id`` the values go to the active run (``mlflow.start_run()`` before ``watch``), or to a run
 this sink starts (and ends at ``close``). Values are sent with ``log_metrics(..., step=)`` once per step.
 """
 
@@ -28,14 +28,12 @@ class MLflowSink(MetricsSink):
                  prefix: str = "cockpit/", step_offset: int = 0):
         super().__init__(keys=keys, prefix=prefix, step_offset=step_offset)
         self._mlflow = _import_mlflow()
-        self._client = None
         self._started = False
+        if tracking_uri is not None:
+            self._mlflow.set_tracking_uri(tracking_uri)
         if run_id is not None:
-            self._client = self._mlflow.MlflowClient(tracking_uri=tracking_uri)
             self.run_id = run_id
         else:
-            if tracking_uri is not None:
-                self._mlflow.set_tracking_uri(tracking_uri)
             run = self._mlflow.active_run()
             if run is None:
                 run = self._mlflow.start_run()
@@ -43,14 +41,7 @@ class MLflowSink(MetricsSink):
             self.run_id = run.info.run_id
 
     def emit(self, metrics: Dict[str, float], step: int) -> None:
-        if self._client is not None:
-            from mlflow.entities import Metric
-            import time
-
-            now = int(time.time() * 1000)
-            self._client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
-        else:
-            self._mlflow.log_metrics(metrics, step=step, run_id=self.run_id)
+        self._mlflow.log_metrics(metrics, step=step, run_id=self.run_id)  # mlflow >= 2.14 (run_id=)
 
     def close(self) -> None:
         super().close()
