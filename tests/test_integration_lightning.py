@@ -379,3 +379,37 @@ def test_if_exists_increment_is_followed(tmp_path):
     second, _ = _fit_with_loggers(tmp_path, False, logdir=logdir, if_exists="increment")
     assert first.logdir == str(logdir) and second.logdir == str(logdir) + "-2"
     assert len(cockpit_lite.load(second.logdir).series("grad_norm")[0]) == 5
+
+
+def test_a_hugging_face_model_inside_a_lightning_module_needs_no_loss_fn(tmp_path):
+    """``training_step`` returns ``self.model(**batch).loss``: the callback observes the stock model's own loss."""
+    pytest.importorskip("transformers")
+    from test_integration_hf_models import V, gpt2
+
+    class LanguageModel(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = gpt2()
+
+        def training_step(self, batch, batch_idx):
+            out = self.model(input_ids=batch[0], labels=batch[0])
+            self.losses.append(float(out.loss))
+            return out.loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    module = LanguageModel()
+    module.losses = []
+    x = torch.randint(0, V, (16, 8), generator=torch.Generator().manual_seed(0))
+    callback = CockpitCallback(model=module.model, quantities={"loss": "every", "grad_norm": "every"})
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, callbacks=[callback], logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "no loss module found"
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|LeafSpec).*")
+        warnings.filterwarnings("ignore", category=UserWarning)
+        trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4))
+    steps, loss = cockpit_lite.load(callback.logdir).series("loss")
+    assert list(steps) == [0, 1, 2] and list(loss) == module.losses

@@ -100,6 +100,7 @@ class ModelLossObserver:
         self._entered: List[bool] = []  # per open forward of the model: whether it is a training forward
         self._in_loss = 0  # > 0 while a caught loss computes (loss modules inside it are part of it)
         self._warned = False
+        self._global: Any = None  # the global module forward hook (for loss modules made inside forward)
         self._opaque: Optional[str] = None  # why the last training loss cannot be re-evaluated
         self.watched: Any = None
 
@@ -111,10 +112,11 @@ class ModelLossObserver:
 
         self.watched = watched
         model = self.model
+        self._global = register_module_forward_hook(self._on_module, with_kwargs=True)
         self._handles = [
             model.register_forward_pre_hook(self._enter, prepend=True),
             model.register_forward_hook(self._exit, prepend=True, always_call=True),
-            register_module_forward_hook(self._on_module, with_kwargs=True),
+            self._global,
         ]
         original = getattr(model, "loss_function", None) if hasattr(type(model), "loss_function") else None
         if callable(original):
@@ -192,6 +194,11 @@ class ModelLossObserver:
         self._opaque = None
         if len(calls) == 1 and calls[0].value is loss:
             self.module.hand_over(calls[0].form, calls[0].positional, loss)
+            if calls[0].form.order and self._global is not None:
+                # the model computes its loss with loss_function: the global hook (which puts every module
+                # call of the process on torch's slow path) is not needed
+                self._global.remove()
+                self._global = None
             return None
         reason = (f"the loss {type(module).__name__}.forward returns is not the result of one loss call "
                   f"({len(calls)} call(s) seen; e.g. an auxiliary loss added to it), so it cannot be split into "

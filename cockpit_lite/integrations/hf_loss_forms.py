@@ -18,6 +18,7 @@ the logged ``loss``) and its per-sample quantities are NaN with a reason naming 
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -116,9 +117,14 @@ ELEMENTWISE = {  # loss_utils function name -> (elementwise form, name of the mo
 }
 
 
+@functools.lru_cache(maxsize=64)
+def _signature(fn) -> inspect.Signature:
+    return inspect.signature(fn)
+
+
 def _parameters(fn) -> Tuple[str, ...]:
     try:
-        params = inspect.signature(fn).parameters.values()
+        params = _signature(fn).parameters.values()
     except (TypeError, ValueError):
         return ()
     return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
@@ -153,13 +159,14 @@ def function_form(fn: Callable) -> LossForm:
 def function_positional(form: LossForm, fn: Callable, args: tuple, kwargs: dict) -> Optional[tuple]:
     """A call ``fn(*args, **kwargs)`` as ``(model output, *target, Keywords(rest))``; None if unbindable."""
     try:
-        bound = inspect.signature(fn).bind(*args, **kwargs)
+        signature = _signature(fn)
+        bound = signature.bind(*args, **kwargs)
     except (TypeError, ValueError):
         return None
     bound.apply_defaults()
     values = dict(bound.arguments)
     extra = Keywords()
-    for name, param in inspect.signature(fn).parameters.items():
+    for name, param in signature.parameters.items():
         if param.kind == param.VAR_KEYWORD:
             extra.update(values.pop(name, {}))
         elif param.kind == param.VAR_POSITIONAL:
