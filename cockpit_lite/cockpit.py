@@ -179,9 +179,13 @@ class Cockpit:
         else:
             self._writer = _NoLog(self.logdir)
         self._sinks = list(sinks) if self.writes else []
-        for sink in self._sinks:  # a sink may ask for the run's header (its parameter names)
-            if callable(getattr(sink, "open_run", None)):
-                sink.open_run(header)
+        for sink in list(self._sinks):  # a sink may ask for the run's header (its parameter names)
+            try:
+                if callable(getattr(sink, "open_run", None)):
+                    sink.open_run(header)
+            except Exception as err:  # a failing sink never stops training: detached, the run log is unaffected
+                self._sinks.remove(sink)
+                warnings.warn(f"cockpit-lite: {type(sink).__name__} failed ({err!r}) and was detached", RuntimeWarning)
         if not self.writes:
             tensorboard = advisor = dashboard = False
         if tensorboard:
