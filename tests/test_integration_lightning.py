@@ -220,27 +220,35 @@ def test_an_exception_in_fit_closes_the_run_log(tmp_path):
     assert run.finished and len(run.series("grad_norm")[0]) == 2
 
 
-def test_scalar_writer_sink_keeps_each_tags_steps_increasing():
-    from cockpit_lite.integrations.logger_sink import ScalarWriterSink
+def test_logger_sink_keeps_each_keys_steps_increasing_and_sends_totals_by_default():
+    from cockpit_lite.integrations.logger_sink import LoggerSink
 
-    class Writer:
+    class Logger:
         def __init__(self):
-            self.calls = []
+            self.calls, self.saved = [], 0
 
-        def add_scalar(self, tag, value, step):
-            self.calls.append((tag, value, step))
+        def log_metrics(self, metrics, step):
+            self.calls.extend((k, v, step) for k, v in metrics.items())
 
-    writer = Writer()
-    sink = ScalarWriterSink([writer], step_offset=10)
-    sink.write({"type": "step", "step": 0, "values": {"loss": 2.0, "alpha": "NaN"}})
+        def save(self):
+            self.saved += 1
+
+    logger = Logger()
+    sink = LoggerSink([logger], step_offset=10)
+    sink.open_run({"params": [{"name": "fc.weight"}]})
+    sink.write({"type": "step", "step": 0, "values": {"loss": 2.0, "alpha": "NaN", "grad_norm/fc.weight": 1.0,
+                                                      "hess_trace/stderr": 0.5}})
     sink.write({"type": "step", "step": 1, "values": {"loss": 1.5}})
     sink.write({"type": "step", "step": 0, "amends": True, "values": {"alpha": 0.25, "loss": 9.0}})
     sink.write({"type": "skipped", "step": 2, "reason": "inf"})
     sink.close()
-    loss = [(v, st) for t, v, st in writer.calls if t == "cockpit/loss"]
-    alpha = [(v, st) for t, v, st in writer.calls if t == "cockpit/alpha"]
+    loss = [(v, st) for t, v, st in logger.calls if t == "cockpit/loss"]
+    alpha = [(v, st) for t, v, st in logger.calls if t == "cockpit/alpha"]
     assert loss == [(2.0, 10), (1.5, 11)]  # the late loss of step 0 would read as a restart: left out
     assert math.isnan(alpha[0][0]) and alpha[1:] == [(0.25, 10)]
+    tags = {t for t, _, _ in logger.calls}
+    assert "cockpit/hess_trace/stderr" in tags and "cockpit/grad_norm/fc.weight" not in tags  # totals only
+    assert logger.saved == 1
 
 
 def test_ddp_fit_observes_the_global_batch(tmp_path):
@@ -274,3 +282,134 @@ def test_ddp_fit_observes_the_global_batch(tmp_path):
             optimizer.step()
     # float32 sums in another order (two shards, then across processes): 1e-5 relative
     assert_same_series(run, cockpit_lite.load(tmp_path / "ref"), families=QUANTITIES, steps=worker.STEPS, rtol=1e-5)
+
+
+def _fit_with_loggers(tmp_path, loggers, **callback_options):
+    callback = CockpitCallback(quantities={"loss": "every", "grad_norm": "every", "alpha": "every"},
+                               **callback_options)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=5, callbacks=[callback], log_every_n_steps=1,
+                        logger=loggers, enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|LeafSpec).*")
+        trainer.fit(fresh_module(), loader())
+    return callback, trainer
+
+
+def test_every_logger_receives_the_totals_through_log_metrics(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import Logger
+
+    class Recording(Logger):
+        name, version = "recording", 0
+
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def log_metrics(self, metrics, step=None):
+            self.rows.append((step, dict(metrics)))
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    csv_logger, recording = CSVLogger(tmp_path / "csv", name="exp"), Recording()
+    callback, _ = _fit_with_loggers(tmp_path, [csv_logger, recording])
+    run = cockpit_lite.load(callback.logdir)
+    steps, grad_norm = run.series("grad_norm")
+    assert list(steps) == [0, 1, 2, 3, 4]
+
+    with open(csv_logger.experiment.metrics_file_path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("cockpit/grad_norm")]
+    assert [int(r["step"]) for r in rows] == list(steps)
+    assert [float(r["cockpit/grad_norm"]) for r in rows] == pytest.approx(list(grad_norm), rel=1e-6)
+    assert not any(k.startswith("cockpit/grad_norm/") for k in rows[0])  # totals only, by default
+
+    got = {}
+    for step, metrics in recording.rows:
+        for key, value in metrics.items():
+            got.setdefault(key, []).append((step, value))
+    alpha_steps, alpha = run.series("alpha")  # amendments: each at its own step
+    assert [s for s, _ in got["cockpit/alpha"] if not math.isnan(_)] == [s for s, a in zip(alpha_steps, alpha)
+                                                                         if not math.isnan(a)]
+    assert [v for _, v in got["cockpit/grad_norm"]] == pytest.approx(list(grad_norm), rel=1e-9)
+
+
+def test_logger_keys_choose_what_the_loggers_get(tmp_path):
+    from lightning.pytorch.loggers import Logger
+
+    class Keys(Logger):
+        name, version = "keys", 0
+
+        def __init__(self):
+            super().__init__()
+            self.keys = set()
+
+        def log_metrics(self, metrics, step=None):
+            self.keys.update(metrics)
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    every, chosen = Keys(), Keys()
+    _fit_with_loggers(tmp_path / "a", [every], logger_keys="all")
+    _fit_with_loggers(tmp_path / "b", [chosen], logger_keys=["loss", "grad_norm"])
+    assert "cockpit/grad_norm/net.0.weight" in every.keys
+    assert {k for k in chosen.keys if k.startswith("cockpit/")} == {"cockpit/loss", "cockpit/grad_norm"}
+
+
+def test_mlflow_logger_receives_the_values(tmp_path):
+    pytest.importorskip("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.tracking import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    logger = MLFlowLogger(experiment_name="cockpit", tracking_uri=uri)
+    callback, _ = _fit_with_loggers(tmp_path, [logger])
+    history = MlflowClient(tracking_uri=uri).get_metric_history(logger.run_id, "cockpit/grad_norm")
+    steps, grad_norm = cockpit_lite.load(callback.logdir).series("grad_norm")
+    assert sorted(m.step for m in history) == list(steps)
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(list(grad_norm), rel=1e-6)
+
+
+def test_if_exists_increment_is_followed(tmp_path):
+    logdir = tmp_path / "cockpit"
+    first, _ = _fit_with_loggers(tmp_path, False, logdir=logdir, if_exists="increment")
+    second, _ = _fit_with_loggers(tmp_path, False, logdir=logdir, if_exists="increment")
+    assert first.logdir == str(logdir) and second.logdir == str(logdir) + "-2"
+    assert len(cockpit_lite.load(second.logdir).series("grad_norm")[0]) == 5
+
+
+def test_a_hugging_face_model_inside_a_lightning_module_needs_no_loss_fn(tmp_path):
+    """``training_step`` returns ``self.model(**batch).loss``: the callback observes the stock model's own loss."""
+    pytest.importorskip("transformers")
+    from test_integration_hf_models import V, gpt2
+
+    class LanguageModel(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = gpt2()
+
+        def training_step(self, batch, batch_idx):
+            out = self.model(input_ids=batch[0], labels=batch[0])
+            self.losses.append(float(out.loss))
+            return out.loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    module = LanguageModel()
+    module.losses = []
+    x = torch.randint(0, V, (16, 8), generator=torch.Generator().manual_seed(0))
+    callback = CockpitCallback(model=module.model, quantities={"loss": "every", "grad_norm": "every"})
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, callbacks=[callback], logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "no loss module found"
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|LeafSpec).*")
+        warnings.filterwarnings("ignore", category=UserWarning)
+        trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4))
+    steps, loss = cockpit_lite.load(callback.logdir).series("loss")
+    assert list(steps) == [0, 1, 2] and list(loss) == module.losses

@@ -112,10 +112,10 @@ def test_train_logs_what_the_plain_loop_logs(tmp_path):
     assert callback.cockpit.closed
     assert callback.logdir == str(tmp_path / "out" / "cockpit")
     run = cockpit_lite.load(callback.logdir)
-    assert [r["step"] for r in step_records(run)] == [0, 1, 2, 3]
+    assert [r["step"] for r in step_records(run)] == [1, 2, 3, 4]  # the Trainer's global_step
     assert all(r["backward_passes"] == 1 and r["samples"] == BATCH for r in step_records(run))
     ref = plain_loop(reference_model, tmp_path / "ref", steps=4)
-    assert_same_series(run, ref, families=QUANTITIES, steps=4)
+    assert_same_series(run, ref, families=QUANTITIES, steps=4, step_offset=1)
     assert list(run.series("lr")[1]) == pytest.approx([0.1, 0.05, 0.1 / 3, 0.025])
     for p, q in zip(model.parameters(), reference_model.parameters()):
         torch.testing.assert_close(p, q)
@@ -128,10 +128,10 @@ def test_accumulation_and_clipping_log_the_gradients_the_optimizer_uses(tmp_path
     train(model, tmp_path, callback, max_steps=3, accumulate=2, max_grad_norm=0.3)
 
     run = cockpit_lite.load(tmp_path / "cockpit")
-    assert [r["step"] for r in step_records(run)] == [0, 1, 2]
+    assert [r["step"] for r in step_records(run)] == [1, 2, 3]
     assert all(r["backward_passes"] == 2 and r["samples"] == 2 * BATCH for r in step_records(run))
     ref = plain_loop(reference_model, tmp_path / "ref", steps=3, accumulate=2, max_grad_norm=0.3)
-    assert_same_series(run, ref, families=QUANTITIES, steps=3)
+    assert_same_series(run, ref, families=QUANTITIES, steps=3, step_offset=1)
     # the logged norm is the clipped one (clipping happens before optimizer.step)
     assert max(run.series("grad_norm")[1]) <= 0.3 * (1 + 1e-6)
 
@@ -164,7 +164,7 @@ def test_ddp_train_observes_the_global_batch(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = cockpit_lite.load(tmp_path / "cockpit")
     steps = step_records(run)
-    assert [r["step"] for r in steps] == list(range(worker.STEPS))
+    assert [r["step"] for r in steps] == list(range(1, worker.STEPS + 1))  # the Trainer's global_step
     assert all(r["backward_passes"] == 1 and r["samples"] == 2 * BATCH for r in steps)
     # the model returns a dict and computes its loss inside forward: the self-check replays it all the same
     assert run.records[0]["data"]["persample_check"]["status"] == "passed"
@@ -180,4 +180,5 @@ def test_ddp_train_observes_the_global_batch(tmp_path):
             schedule.step()
             model.zero_grad()
     # float32 sums in another order (two shards, then across processes): 1e-5 relative
-    assert_same_series(run, cockpit_lite.load(tmp_path / "ref"), families=QUANTITIES, steps=worker.STEPS, rtol=1e-5)
+    assert_same_series(run, cockpit_lite.load(tmp_path / "ref"), families=QUANTITIES, steps=worker.STEPS, rtol=1e-5,
+                       step_offset=1)

@@ -109,6 +109,12 @@ class Cockpit(StepDetection):
         inner = uncompiled(model)
         self.compiled = inner is not model
         names, params = observed_parameters(inner, optimizer)
+        self._model_loss = None  # a Hugging Face model computes its loss in forward: observed there
+        if loss_fn is None:
+            from ..integrations.hf_loss import observe_model_loss
+
+            self._model_loss = observe_model_loss(inner)
+            loss_fn = self._model_loss.module if self._model_loss is not None else None
         if loss_fn is not None and not isinstance(loss_fn, torch.nn.Module):
             warnings.warn(
                 "loss_fn is a plain function, which cockpit-lite cannot observe; pass the loss as an "
@@ -125,14 +131,15 @@ class Cockpit(StepDetection):
         self.logdir = os.fspath(logdir) if logdir is not None else os.path.join(
             "runs", datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
         self.writes = group is None or group.rank == 0  # one log per run: process 0 writes it
+        run_header = header(model, optimizer, loss_fn, self.reduction, self.watched, self.quantities)
         if self.writes:
-            writer = RunLogWriter(self.logdir, header(model, optimizer, loss_fn, self.reduction, self.watched,
-                                                      self.quantities), fsync=fsync, if_exists=if_exists)
+            writer = RunLogWriter(self.logdir, run_header, fsync=fsync, if_exists=if_exists)
             self.logdir = os.fspath(writer.logdir)  # LOGDIR-2, ... with if_exists="increment"
         else:
             writer = NoLog(self.logdir)
             tensorboard = advisor = dashboard = False
         self._records = Recorder(writer, sinks if self.writes else ())
+        self._records.open_sinks(run_header)
         if tensorboard:
             from ..tensorboard.writer import TensorBoardSink
 
@@ -174,6 +181,8 @@ class Cockpit(StepDetection):
             self._handles.append(loss_fn.register_forward_hook(self._on_loss, with_kwargs=True))
             _WATCHED_LOSSES.add(loss_fn)
         self._zero_grad_patches = patch_zero_grad(self, zero_grad_owners(optimizer, model, inner))
+        if self._model_loss is not None:
+            self._model_loss.install(self.watched)
         _WATCHED_MODELS.add(model)
 
     # -- public ---------------------------------------------------------------------------------
@@ -200,6 +209,8 @@ class Cockpit(StepDetection):
         self._handles = []
         unpatch_zero_grad(self._zero_grad_patches)
         self._zero_grad_patches = []
+        if self._model_loss is not None:
+            self._model_loss.remove()
         if self._layer_capture is not None:
             self._layer_capture.remove()
         if self._pending_backward():

@@ -23,6 +23,18 @@ class Recorder:
         self.sinks = list(sinks)
         self.warned: set = set()
 
+    def open_sinks(self, run_header: Dict[str, Any]) -> None:
+        """Hand the run's header to every sink that asks for it (``open_run``, e.g. its parameter names);
+        a sink that fails here is detached with a warning and never stops training."""
+        for sink in list(self.sinks):
+            try:
+                if callable(getattr(sink, "open_run", None)):
+                    sink.open_run(run_header)
+            except Exception as err:
+                self.sinks.remove(sink)
+                warnings.warn(f"cockpit-lite: {type(sink).__name__} failed ({err!r}) and was detached",
+                              RuntimeWarning, stacklevel=4)
+
     def emit(self, record: Dict[str, Any]) -> None:
         """Write a record to the run log, then hand it to every sink (a failing sink is dropped).
         A failing write never reaches the training loop (the writer retries or counts it)."""

@@ -16,9 +16,12 @@ import torch
 LOSS_ATTRIBUTE = "loss_fn"
 
 
-def find_loss_module(loss_fn: Optional[torch.nn.Module], model: torch.nn.Module, where: str) -> Optional[torch.nn.Module]:
+def find_loss_module(loss_fn: Optional[torch.nn.Module], model: torch.nn.Module, where: str,
+                     observed: Optional[torch.nn.Module] = None) -> Optional[torch.nn.Module]:
     """The loss ``nn.Module`` to observe: ``loss_fn`` if given, else ``model.loss_fn`` if that is an
-    ``nn.Module``; ``None`` (with a warning saying what is lost and how to fix it) otherwise."""
+    ``nn.Module``; ``None`` otherwise: silently when the ``observed`` model (default ``model``) is a
+    Hugging Face model (``watch`` then observes the loss its forward computes, see ``hf_loss``), else
+    with a warning saying what is lost and how to fix it."""
     if loss_fn is not None:
         if not isinstance(loss_fn, torch.nn.Module):
             raise TypeError(
@@ -28,6 +31,10 @@ def find_loss_module(loss_fn: Optional[torch.nn.Module], model: torch.nn.Module,
     found = getattr(model, LOSS_ATTRIBUTE, None)
     if isinstance(found, torch.nn.Module):
         return found
+    from .hf_loss import computes_loss_inside
+
+    if computes_loss_inside(observed if observed is not None else model):
+        return None
     warnings.warn(
         f"cockpit-lite: no loss module found: pass loss_fn=<the loss nn.Module {where} calls> or set "
         f"{type(model).__name__}.{LOSS_ATTRIBUTE} to it (an nn.Module such as nn.CrossEntropyLoss()). "

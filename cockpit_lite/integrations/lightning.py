@@ -16,8 +16,10 @@ What is observed, and where it comes from:
   it. Lightning runs forward and backward in a closure inside ``optimizer.step(closure)``; the cockpit
   reads the gradients after that closure: accumulated, unscaled (AMP's ``GradScaler``) and after
   Lightning's gradient clipping, i.e. the gradients the optimizer uses.
-* written to: the run log and, with ``log_to_logger=True``, every ``TensorBoardLogger`` of the trainer
-  (``cockpit/<key>`` scalars at the trainer's global step).
+* written to: the run log and, with ``log_to_logger=True``, every logger of the trainer through
+  ``Logger.log_metrics`` (CSV, TensorBoard, MLflow, W&B, ...): ``cockpit/<key>`` at the step Lightning
+  logs that optimizer step at; ``logger_keys`` chooses the keys (default ``"totals"``: no
+  per-parameter values).
 
 Data parallel (``strategy="ddp"``): every process attaches a cockpit, so the statistics are those of
 the global batch (the shards' per-sample sums are reduced across processes, see
@@ -42,7 +44,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from ..engine import watch
 from ._common import find_loss_module, unwrap_optimizer
-from .logger_sink import ScalarWriterSink
+from .logger_sink import LoggerSink
 
 
 class CockpitCallback(Callback):
@@ -53,7 +55,9 @@ class CockpitCallback(Callback):
         logdir: folder of the run log; default ``<trainer.log_dir>/cockpit`` (the logger's version
             folder, or ``default_root_dir`` without a logger).
         quantities: as in :func:`cockpit_lite.watch` (a preset, a list, or name -> schedule).
-        log_to_logger: also add each step's scalars to the trainer's ``TensorBoardLogger``\\ s.
+        log_to_logger: also send each step's scalars to every logger of the trainer (``log_metrics``).
+        logger_keys: which keys the loggers get: ``"totals"`` (default: one value per quantity, no
+            per-parameter values), ``"all"``, a list of ``fnmatch`` patterns, or a callable ``key -> bool``.
         model: the module to observe; default the ``LightningModule``.
         **watch_options: passed to :func:`cockpit_lite.watch` (``tensorboard``, ``advisor``, ``sinks``, ...).
 
@@ -62,13 +66,14 @@ class CockpitCallback(Callback):
 
     def __init__(self, loss_fn: Optional[torch.nn.Module] = None, logdir: Optional[str] = None,
                  quantities: Any = "default", log_to_logger: bool = True,
-                 model: Optional[torch.nn.Module] = None, **watch_options: Any):
+                 model: Optional[torch.nn.Module] = None, logger_keys: Any = "totals", **watch_options: Any):
         super().__init__()
         self.loss_fn = loss_fn
         self._logdir_arg = os.fspath(logdir) if logdir is not None else None
         self.logdir = self._logdir_arg  # where the current (or last) fit's run log is
         self.quantities = quantities
         self.log_to_logger = log_to_logger
+        self.logger_keys = logger_keys
         self.model = model
         self.watch_options = watch_options
         self.cockpit = None
@@ -86,16 +91,14 @@ class CockpitCallback(Callback):
             raise ValueError(f"CockpitCallback observes one optimizer; this trainer has {len(trainer.optimizers)}")
         optimizer = unwrap_optimizer(trainer.optimizers[0])
         model = self.model if self.model is not None else pl_module
-        loss_fn = find_loss_module(self.loss_fn, pl_module, "training_step")
+        loss_fn = find_loss_module(self.loss_fn, pl_module, "training_step", observed=model)
         options = dict(self.watch_options)  # distributed="auto": reduced over the DDP processes
         sinks = list(options.pop("sinks", ()))
-        if self.log_to_logger and trainer.is_global_zero:
-            writers = _tensorboard_writers(trainer)
-            if writers:
-                sinks.append(ScalarWriterSink(writers, step_offset=trainer.global_step))
-        self.logdir = logdir
+        if self.log_to_logger and trainer.is_global_zero and trainer.loggers:
+            sinks.append(LoggerSink(trainer.loggers, keys=self.logger_keys, step_offset=trainer.global_step))
         self.cockpit = watch(model, optimizer, loss_fn=loss_fn, logdir=logdir,
                              quantities=self.quantities, sinks=sinks, **options)
+        self.logdir = self.cockpit.logdir  # the folder chosen (if_exists="increment": LOGDIR-2, ...)
         self._forward_calls, self._checked_forward = 0, False
         self._forward_handle = model.register_forward_pre_hook(self._count_forward)
 
@@ -129,9 +132,3 @@ class CockpitCallback(Callback):
                 "self(x) in training_step, or pass CockpitCallback(model=<the submodule training_step calls>).",
                 RuntimeWarning, stacklevel=2)
 
-
-def _tensorboard_writers(trainer) -> list:
-    """The ``SummaryWriter`` of every ``TensorBoardLogger`` of the trainer (imported only here)."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
