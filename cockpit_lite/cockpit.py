@@ -279,6 +279,7 @@ class Cockpit:
         self._overhead = 0.0
         self._ctx: Optional[StepContext] = None
         self._model_calls = []
+        self._last_output = None  # weak reference to the model's last training output (persample/output_view.py)
         if getattr(self, "_layer_capture", None) is not None:
             self._layer_capture.disarm()  # drop what an unfinished/skipped step captured
 
@@ -315,6 +316,7 @@ class Cockpit:
                 self._model_calls.remove(outer["call"])
             outer["nested"] = True
         self._open_forwards.append({"call": None, "nested": False})
+        self._last_output = None
         if self._t_start is None:
             self._t_start = time.perf_counter()
             self._activate()
@@ -349,6 +351,8 @@ class Cockpit:
             return None
         if self._open_forwards and self._open_forwards.pop()["nested"]:
             return None  # a redirection around the real forward (see _on_model_forward_pre)
+        if "loss_inputs" in self._needs:
+            self._last_output = _output_ref(output)
         if isinstance(output, torch.Tensor):
             if output.requires_grad:
                 output.register_hook(self._count_backward)
@@ -380,6 +384,10 @@ class Cockpit:
             batch_size=int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else None,
         )
         if "loss_inputs" in self._needs:
+            from .persample.output_view import observe
+
+            observe(mb, self._last_output() if self._last_output is not None else None, first)
+            self._last_output = None
             mb.output = first.detach() if isinstance(first, torch.Tensor) else first
             mb.target = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:])
 
@@ -754,6 +762,13 @@ def _nonfinite_grad_names(watched) -> List[str]:
             if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
                 bad.append(n)
     return bad
+
+
+def _output_ref(output):
+    """A weak reference to the model output's first tensor (the loss input may be a view of it)."""
+    leaf = output if isinstance(output, torch.Tensor) else next(
+        (x for x in tree_leaves(output) if isinstance(x, torch.Tensor)), None)
+    return weakref.ref(leaf) if leaf is not None else None
 
 
 def _finite(x) -> bool:

@@ -30,7 +30,7 @@ import torch
 
 from ..distributed import sum_tensors
 from ..rng import preserved_rng
-from .losses import LossUnavailable, elementwise_loss, group_by_sample
+from .losses import LossUnavailable, elementwise_loss, group_elements
 
 TOL = 0.1  # relative norm of g_0 - r; a broken rule is off by O(1), autocast rounding by ~1e-2
 FAILED = ("the per-sample layer rule disagrees with autograd on this parameter (relative difference "
@@ -127,8 +127,8 @@ def _first_sample_gradient(ctx, view) -> List[torch.Tensor]:
             out, _ = bl.replay(params, 0)
         except CurvatureUnavailable as err:
             raise _Unavailable(str(err)) from None
-        losses = group_by_sample(elementwise_loss(ctx.watched.loss_fn, out, call.target, grad=True), b,
-                                 ctx.reduction, float(mb.loss))
+        losses = group_elements(ctx.watched.loss_fn, mb, elementwise_loss(ctx.watched.loss_fn, out, call.target,
+                                                                          grad=True), b, ctx.reduction)
     trained = view.losses()[:b].detach().double()
     again = losses.detach().double()
     if not torch.allclose(again, trained, rtol=1e-2, atol=1e-2 * float(trained.abs().max()) + 1e-12):
