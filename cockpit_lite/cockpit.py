@@ -290,8 +290,8 @@ class Cockpit:
             needs = set()
             for q in self._active:
                 needs |= q.needs
-            if "layer_io" in needs and self.watched.rule_check is None:
-                needs.add("model_inputs")  # the per-sample self-check replays the first micro-batch
+            if "layer_io" in needs:  # the self-check and the per-sample replay (persample/replayed.py) re-run it
+                needs.add("model_inputs")
             if needs & {"layer_io", "model_inputs"}:
                 needs.add("loss_inputs")
             self._needs = frozenset(needs)

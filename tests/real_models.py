@@ -95,7 +95,7 @@ class BiasTable(nn.Module):
         self.head = nn.Linear(D, V)
 
     def forward(self, idx):
-        x = self.emb(idx) + self.table(torch.eye(idx.shape[1], T))
+        x = self.emb(idx) + self.table(torch.eye(idx.shape[1], T, dtype=self.table.weight.dtype))
         return self.head(torch.tanh(x))
 
 

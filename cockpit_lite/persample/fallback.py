@@ -17,6 +17,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_leaves
 
+from ..replay import replaying
 from .samples import DenseSamples, to_float
 
 
@@ -67,7 +68,8 @@ def fallback_samples(module, call, delta: torch.Tensor, b: int):
         full = [next(it).unsqueeze(bdim) if flag else a for flag, a in zip(batched_args, args)]
         kwargs = dict(kw_fixed)
         kwargs.update({k: v.unsqueeze(0) for k, v in kw_b1.items()})
-        out = functional_call(module, params, tuple(full), kwargs)
+        with replaying():  # a watched model's own hooks must not take this for a training forward
+            out = functional_call(module, params, tuple(full), kwargs)
         out = next(leaf for leaf in tree_leaves(out) if isinstance(leaf, torch.Tensor))
         return (to_float(out) * delta_i.unsqueeze(bdim)).sum()
 

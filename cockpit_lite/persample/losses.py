@@ -124,6 +124,12 @@ def group_by_sample(elems: torch.Tensor, b: int, reduction: str, logged: float) 
     return _normalised(per, elems, b, reduction, logged)
 
 
+def mean_factor(elems: torch.Tensor, b: int, reduction: str, logged: float) -> float:
+    """The factor taking a sample's sum of loss elements to its l_i: 1 (sum) or b / N (mean)."""
+    one = torch.ones((), dtype=torch.float64)
+    return float(_normalised(one, elems, b, reduction, logged))
+
+
 def _normalised(per: torch.Tensor, elems: torch.Tensor, b: int, reduction: str, logged: float) -> torch.Tensor:
     if reduction == "sum":
         return per
