@@ -113,6 +113,19 @@ class SeqFirstRNN(nn.Module):
         return self.head(h)
 
 
+class RNNLM(nn.Module):
+    """Batch-first recurrent LM read through its output sequence."""
+
+    def __init__(self, kind: str = "gru"):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.rnn = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}[kind](D, D, batch_first=True)
+        self.head = nn.Linear(D, V)
+
+    def forward(self, idx):
+        return self.head(self.rnn(self.emb(idx))[0])
+
+
 class RNNClassifier(nn.Module):
     """Batch-first recurrent classifier read through its last hidden state h_n."""
 
@@ -232,6 +245,11 @@ def cases(B: int = 4, seed: int = 0) -> Dict[str, Callable[[], Case]]:
             x, y = lm_tokens(B, seed=seed, seq_first=True)
             return Case(f"seq_first_{kind}", SeqFirstRNN(kind), ce(), x, y, _flat, batch_dim=1, layout="sequence-first")
         out[f"seq_first_{kind}"] = seeded(seq_first)
+
+        def rnn_lm(kind=kind):
+            x, y = lm_tokens(B, seed=seed)
+            return Case(f"{kind}_lm", RNNLM(kind), ce(), x, y, _flat)
+        out[f"{kind}_lm"] = seeded(rnn_lm)
 
         def classifier(kind=kind):
             g = torch.Generator().manual_seed(seed)

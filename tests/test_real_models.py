@@ -12,13 +12,14 @@ import torch
 
 import cockpit_lite
 from cockpit_lite.presets import preset
+from cockpit_lite.quantities.norm_test import NormTest
 
 from reference import flat, inner_test, norm_test, ortho_test
 from real_models import cases, reference_losses_and_grads
 from test_loss_reshape import Probe
 
 BROADCAST = ["nanogpt", "gpt_position_ids", "gpt_param_table", "gpt_flinear_tie", "bias_table", "gpt_loss_module",
-             "gpt_sum", "gpt_transpose"]
+             "gpt_sum", "gpt_transpose", "gru_lm", "lstm_lm", "rnn_lm", "gru_h_n", "lstm_h_n", "rnn_h_n"]
 
 
 def probe_run(case, tmp_path, quantities=()):
@@ -49,6 +50,23 @@ def test_per_sample_gradients_of_broadcast_and_tied_parameters(tmp_path, name):
     # F.linear tying: the embedding rule misses the head's use; the self-check finds it and the parameter
     # is then taken from the per-sample replay (the values above)
     assert check.get("status") == ("failed" if name == "gpt_flinear_tie" else "passed"), check
+
+
+@pytest.mark.parametrize("name", ["seq_first_gru", "seq_first_lstm", "seq_first_rnn", "seq_first_mha"])
+def test_sequence_first_layouts_are_nan_with_a_reason_naming_the_module(tmp_path, name):
+    """[T, B] inputs: the T positions must not be taken as samples; no per-sample value stands."""
+    case = cases()[name]()
+    probe, before, run = probe_run(case, tmp_path, quantities=[NormTest("every")])
+    names = [n for n, _ in case.model.named_parameters()]
+    unsupported = set(probe.reasons)
+    mod = "attn" if name.endswith("mha") else "rnn"
+    assert any(f"'{mod}'" in r or "'emb'" in r for r in probe.reasons.values()), probe.reasons
+    _, G, _ = reference_losses_and_grads(case, before)
+    for j, n in enumerate(names):  # a parameter with values has the reference's (MultiheadAttention's own)
+        if n not in unsupported:
+            assert n.startswith("attn."), n
+            torch.testing.assert_close(probe.G[j].double(), G[j], rtol=1e-4, atol=1e-6 * float(G[j].abs().max()))
+    assert math.isnan(run.series("norm_test")[1][0]) and run.reasons("norm_test")
 
 
 def test_dropout_in_a_broadcast_model_is_nan_with_reason(tmp_path):

@@ -99,13 +99,20 @@ def replayed_grads(model: torch.nn.Module, loss_fn, call, mb, b: int, reduction:
                                  randomness="error")(theta, args_b, kw_b, t_vals)
     except ViewUnavailable as err:
         raise ReplayUnavailable(str(err)) from None
-    except RuntimeError as err:
-        if "randomness" in str(err) or "random" in str(err):
+    except Exception as err:
+        if isinstance(err, RuntimeError) and "random" in str(err):
             raise ReplayUnavailable("the model draws random numbers in forward (dropout?), which a per-sample "
                                     "replay cannot reproduce; use dropout=0 for per-sample quantities") from None
-        raise ReplayUnavailable(f"the per-sample replay failed: {type(err).__name__}: {err}") from None
-    except Exception as err:
-        raise ReplayUnavailable(f"the per-sample replay failed: {type(err).__name__}: {err}") from None
+        # modules vmap cannot batch (nn.GRU/nn.RNN creating their initial state): one sample at a time
+        try:
+            with preserved_rng(), _attention_math(), _autocast(getattr(call, "autocast", None)):
+                set_rng_state(call.rng_state)
+                grads, losses = _loop(one_sample, theta, args_b, kw_b, targets, b)
+        except ViewUnavailable as err2:
+            raise ReplayUnavailable(str(err2)) from None
+        except Exception as err2:
+            raise ReplayUnavailable(f"the per-sample replay failed: {type(err).__name__}: {err}; one sample at a "
+                                    f"time: {type(err2).__name__}: {err2}") from None
     losses = losses[1] if isinstance(losses, tuple) else losses
     if trained_losses is None or not bool(torch.isfinite(trained_losses).all()):
         raise ReplayUnavailable("the step's per-sample losses are unavailable, so the replay cannot be verified")
@@ -116,6 +123,23 @@ def replayed_grads(model: torch.nn.Module, loss_fn, call, mb, b: int, reduction:
                                 "losses (the forward mixes samples or is not replayable)")
     return {j: g.detach().float() if g.dtype in (torch.float16, torch.bfloat16) else g.detach()
             for j, g in grads.items()}
+
+
+def _loop(one_sample, theta, args_b, kw_b, targets, b: int):
+    """The per-sample gradients by a loop of autograd over single samples (vmap's fallback)."""
+    keys = list(theta)
+    grads = {j: [] for j in keys}
+    losses = []
+    for i in range(b):
+        th = {j: theta[j].detach().requires_grad_(True) for j in keys}
+        t_i = [(t[i] if flag else t, flag) for t, flag in targets]
+        with torch.enable_grad():
+            loss, _ = one_sample(th, [a[i] for a in args_b], [k[i] for k in kw_b], t_i)
+            got = torch.autograd.grad(loss, [th[j] for j in keys], allow_unused=True)
+        for j, g in zip(keys, got):
+            grads[j].append(torch.zeros_like(theta[j]) if g is None else g.detach())
+        losses.append(loss.detach())
+    return {j: torch.stack(v) for j, v in grads.items()}, torch.stack(losses)
 
 
 def _split_batched(values: Tuple, b: int):

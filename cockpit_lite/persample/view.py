@@ -62,8 +62,15 @@ class PerSampleView:
             self.batch_sizes.append(b)
             off_batch.update((id(c), (n, b)) for c, n in zip(self.calls_by_forward[k], sizes) if n != b)
         self.n_local = int(sum(self.batch_sizes))  # samples of this process
+        seq_first = next((c for c in calls if isinstance(c.module, torch.nn.RNNBase) and not c.module.batch_first
+                          and c.inputs and isinstance(c.inputs[0], torch.Tensor) and c.inputs[0].dim() == 3), None)
         if not calls:
             self._global_reason = "no layer with observed parameters received a gradient on this step"
+        elif seq_first is not None:
+            self._global_reason = (
+                f"sequence-first layout: '{seq_first.module_name}' ({type(seq_first.module).__name__}, batch_first="
+                "False) reads dim 1 as the batch, which the per-sample layer rules (dim 0) cannot tell from the "
+                "sequence; per-sample values are unavailable (use batch_first=True)")
         elif self.ctx.reduction not in ("mean", "sum"):
             self._global_reason = (f"the loss reduction is {self.ctx.reduction!r}; per-sample gradients need the "
                                    "loss module passed as watch(..., loss_fn=...) with reduction 'mean' or 'sum'")
