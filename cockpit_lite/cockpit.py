@@ -486,9 +486,10 @@ class Cockpit:
                 self.watched.rule_failures.clear()
                 ctx.data.pop("persample_check", None)
                 return
-        if outcome is not None and outcome["status"] == "failed":
+        lost = {n: why for n, why in (outcome or {}).get("failed", {}).items() if n not in outcome.get("replayed", ())}
+        if outcome is not None and outcome["status"] == "failed" and lost:
             self._warn_once("rules", "cockpit-lite: per-sample values are unavailable (NaN) for " + "; ".join(
-                f"{name}: {why}" for name, why in outcome["failed"].items()))
+                f"{name}: {why}" for name, why in lost.items()))
 
     # -- records --------------------------------------------------------------------------------
     def _call(self, q: Quantity, method: str, ctx: StepContext) -> None:

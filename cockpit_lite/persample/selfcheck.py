@@ -86,7 +86,10 @@ def run(ctx) -> Optional[dict]:
                 "the per-sample layer rule disagrees with autograd on this parameter in another process")
             watched.rule_failures[names[j]] = reason
         outcome = {"status": "failed", "failed": {names[j]: watched.rule_failures[names[j]] for j in failed}}
-        ctx._per_sample = PerSampleView(ctx.inputs())  # rebuilt: the failed parameters are NaN from here on
+        # rebuilt: the failed parameters come from the per-sample replay (replayed.py) or are NaN from here on
+        ctx._per_sample = PerSampleView(ctx.inputs())
+        still = ctx._per_sample.unsupported()
+        outcome["replayed"] = sorted(names[j] for j in failed if names[j] not in still)
     elif not outcome:
         outcome = {"status": "passed"}
     outcome.update({"step": ctx.step, "parameters": len(names) - len(reasons), "tolerance": TOL})
