@@ -86,20 +86,46 @@ def test_full_preset_gradient_tests_against_brute_force(tmp_path, name):
     opt = torch.optim.SGD(case.model.parameters(), lr=0.05)
     cp = cockpit_lite.watch(case.model, opt, loss_fn=case.loss_fn, logdir=tmp_path / "run",
                             quantities=preset("full", "every"))
+    snaps = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(2):
+            fresh = cases()[name]().model  # the watched model holds hooks: a copy by its state
+            fresh.load_state_dict(case.model.state_dict())
+            snaps.append(fresh)
             opt.zero_grad()
             case.loss().backward()
             opt.step()
     cp.close()
     run = cockpit_lite.load(tmp_path / "run")
     rec = run.records[0]
+    assert run.series("alpha")[1][0] == pytest.approx(reference_alpha(case, *snaps), abs=1e-3)
     for key, v in rec["values"].items():
         assert (isinstance(v, (int, float)) and math.isfinite(v)) or key in rec.get("reasons", {}), (key, v)
     _, G, _ = reference_losses_and_grads(case, before)
     Gf = flat(G)
     for key, ref in (("norm_test", norm_test(Gf)), ("inner_test", inner_test(Gf)), ("ortho_test", ortho_test(Gf))):
         assert rec["values"][key] == pytest.approx(ref, rel=1e-4), key
-    assert math.isfinite(run.series("alpha")[1][0])
     assert np.isfinite(run.series("hess_max_ev")[1][0])
+
+
+def reference_alpha(case, m0, m1) -> float:
+    """alpha from QUANTITIES.md on float64 brute force: losses and projections g_i . d/||d|| at theta_t (m0)
+    and theta_{t+1} (m1), the parabola fitted by weighted least squares (inverse unbiased variances)."""
+    d = torch.cat([(b.detach() - a.detach()).double().reshape(-1) for a, b in zip(m0.parameters(), m1.parameters())])
+    t = float(d.norm())
+    u = d / t
+    obs = []
+    for m in (m0, m1):
+        l, G, _ = reference_losses_and_grads(case, m)
+        p = flat(G) @ u
+        obs.append((float(l.mean()), float(l.var()), float(p.mean()), float(p.var())))
+    (f0, vf0, df0, vd0), (f1, vf1, df1, vd1) = obs
+    Phi = np.array([[1, 0, 0], [1, t, t * t], [0, 1, 0], [0, 1, 2 * t]], dtype=np.float64)
+    y = np.array([f0, f1, df0, df1])
+    var = np.array([vf0, vf1, vd0, vd1])
+    w = np.sqrt(1.0 / np.where(var == 0, 1e-10, var))
+    w0, w1, w2 = np.linalg.lstsq(Phi * w[:, None], y * w, rcond=None)[0]
+    if w2 <= 0:
+        return -1.0
+    return 2 * t / (-w1 / w2) - 1
