@@ -162,3 +162,20 @@ def test_curvature_sub_batch_takes_the_first_sequences(tmp_path):
         _, before, run = run_probe(case, tmp_path, extra=[HessMaxEV("every", tol=1e-6, max_iter=200, subbatch=2)])
     top = float(torch.linalg.eigvalsh(_dense(case, before, B=2))[-1])
     assert run.series("hess_max_ev")[1][0] == pytest.approx(top, rel=1e-4)
+
+
+def test_backpack_is_not_used_through_a_view(tmp_path):
+    """An nn.Sequential BackPACK supports, its [B, T, V] output flattened for the loss: the exact diagonals
+    would see the output itself; the trace is the HVP estimate with its error, near the dense trace."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(4, T, 4), torch.randint(0, 3, (4, T))
+    case = Case("seq", model, nn.CrossEntropyLoss(), x, y, lambda o, y: (o.reshape(-1, 3), y.reshape(-1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, before, run = run_probe(case, tmp_path, extra=[HessTrace("every", probes=50)])
+    info = run.data("hess_trace")[0][1]
+    assert "view" in info.get("exact_unavailable", ""), info
+    exact = float(torch.trace(_dense(case, before)))
+    value, se = run.series("hess_trace")[1][0], run.series("hess_trace/stderr")[1][0]
+    assert se > 0 and abs(value - exact) <= 4 * se
