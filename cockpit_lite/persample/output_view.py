@@ -205,6 +205,11 @@ def input_sample_ids(view: OutputView, bdim: int) -> torch.Tensor:
     return _unravel_dim(view, _positions(view, [None] * len(view.size)).expand(view.size), bdim)
 
 
+def row_sample_ids(view: OutputView, bdim: int) -> torch.Tensor:
+    """[L.shape[0]] sample index of each row of the loss input (its first element's)."""
+    return _unravel_dim(view, _positions(view, [None] + [0] * (len(view.size) - 1)), bdim).reshape(-1)
+
+
 _CLASS_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
 _ELEMENTWISE_LOSSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss,
                        nn.KLDivLoss, nn.SoftMarginLoss, nn.PoissonNLLLoss, nn.GaussianNLLLoss)

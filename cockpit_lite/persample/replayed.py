@@ -35,7 +35,7 @@ from ..replay import replaying
 from ..rng import preserved_rng, set_rng_state
 from .losses import LossUnavailable, elementwise_loss, mean_factor
 from .norm import batchnorm_mixes_samples
-from .output_view import ViewUnavailable, replay as replay_view
+from .output_view import ViewUnavailable, replay as replay_view, row_sample_ids
 
 
 class ReplayUnavailable(Exception):
@@ -43,7 +43,8 @@ class ReplayUnavailable(Exception):
 
 
 def replayed_grads(model: torch.nn.Module, loss_fn, call, mb, b: int, reduction: str,
-                   wanted: Dict[int, torch.Tensor], trained_losses: Optional[torch.Tensor]) -> Dict[int, torch.Tensor]:
+                   wanted: Dict[int, torch.Tensor], trained_losses: Optional[torch.Tensor],
+                   dim: int = 0) -> Dict[int, torch.Tensor]:
     """{index: [b, *shape] per-sample gradients} of the ``wanted`` parameters ({index: parameter}) in the
     micro-batch whose model call is ``call`` (``ModelCall``) and loss call ``mb`` (``MicroBatch``)."""
     if not isinstance(loss_fn, torch.nn.Module) or not hasattr(loss_fn, "reduction"):
@@ -65,10 +66,10 @@ def replayed_grads(model: torch.nn.Module, loss_fn, call, mb, b: int, reduction:
     state = {n: p.detach() for n, p in model.named_parameters()}
     state.update({n: buf.clone() for n, buf in model.named_buffers()})
 
-    args_b, args_fixed, arg_flags = _split_batched(call.args, b)
+    args_b, args_fixed, arg_flags = _split_batched(call.args, b, dim)
     kw_names = sorted(call.kwargs)
-    kw_b, kw_fixed, kw_flags = _split_batched(tuple(call.kwargs[k] for k in kw_names), b)
-    targets = _per_sample_targets(tuple(mb.target), view, b)
+    kw_b, kw_fixed, kw_flags = _split_batched(tuple(call.kwargs[k] for k in kw_names), b, dim)
+    targets = _per_sample_targets(tuple(mb.target), view, b, dim)
     try:
         factor = mean_factor(elementwise_loss(loss_fn, mb.output, tuple(mb.target)), b, reduction, float(mb.loss))
     except LossUnavailable as err:
@@ -78,12 +79,12 @@ def replayed_grads(model: torch.nn.Module, loss_fn, call, mb, b: int, reduction:
     def one_sample(theta, a_b, k_b, t_b):
         st = dict(state)
         st.update({keys[j]: t for j, t in theta.items()})
-        args = _merge(a_b, args_fixed, arg_flags)
-        kwargs = dict(zip(kw_names, _merge(k_b, kw_fixed, kw_flags)))
+        args = _merge(a_b, args_fixed, arg_flags, dim)
+        kwargs = dict(zip(kw_names, _merge(k_b, kw_fixed, kw_flags, dim)))
         with replaying():
             out = functional_call(model, st, tuple(args), kwargs)
         leaf = out if isinstance(out, torch.Tensor) else next(x for x in tree_leaves(out) if isinstance(x, torch.Tensor))
-        L = replay_view(view, leaf, (b, 1))
+        L = replay_view(view, leaf.movedim(dim, 0) if dim else leaf, (b, 1))
         elems = fn(L, *(t.unsqueeze(0) if flag == 1 else t for t, flag in t_b))
         loss = elems.float().sum() * factor if elems.dtype in (torch.float16, torch.bfloat16) else elems.sum() * factor
         return loss, loss.detach()
@@ -95,7 +96,7 @@ def replayed_grads(model: torch.nn.Module, loss_fn, call, mb, b: int, reduction:
     try:
         with preserved_rng(), _attention_math(), _autocast(getattr(call, "autocast", None)):
             set_rng_state(call.rng_state)
-            grads, losses = vmap(grad_and_value(f, has_aux=True), in_dims=(None, 0, 0, t_dims),
+            grads, losses = vmap(grad_and_value(f, has_aux=True), in_dims=(None, dim, dim, t_dims),
                                  randomness="error")(theta, args_b, kw_b, t_vals)
     except ViewUnavailable as err:
         raise ReplayUnavailable(str(err)) from None
@@ -107,7 +108,7 @@ def replayed_grads(model: torch.nn.Module, loss_fn, call, mb, b: int, reduction:
         try:
             with preserved_rng(), _attention_math(), _autocast(getattr(call, "autocast", None)):
                 set_rng_state(call.rng_state)
-                grads, losses = _loop(one_sample, theta, args_b, kw_b, targets, b)
+                grads, losses = _loop(one_sample, theta, args_b, kw_b, targets, b, dim)
         except ViewUnavailable as err2:
             raise ReplayUnavailable(str(err2)) from None
         except Exception as err2:
@@ -125,7 +126,7 @@ def replayed_grads(model: torch.nn.Module, loss_fn, call, mb, b: int, reduction:
             for j, g in grads.items()}
 
 
-def _loop(one_sample, theta, args_b, kw_b, targets, b: int):
+def _loop(one_sample, theta, args_b, kw_b, targets, b: int, dim: int = 0):
     """The per-sample gradients by a loop of autograd over single samples (vmap's fallback)."""
     keys = list(theta)
     grads = {j: [] for j in keys}
@@ -134,7 +135,7 @@ def _loop(one_sample, theta, args_b, kw_b, targets, b: int):
         th = {j: theta[j].detach().requires_grad_(True) for j in keys}
         t_i = [(t[i] if flag else t, flag) for t, flag in targets]
         with torch.enable_grad():
-            loss, _ = one_sample(th, [a[i] for a in args_b], [k[i] for k in kw_b], t_i)
+            loss, _ = one_sample(th, [a.select(dim, i) for a in args_b], [k.select(dim, i) for k in kw_b], t_i)
             got = torch.autograd.grad(loss, [th[j] for j in keys], allow_unused=True)
         for j, g in zip(keys, got):
             grads[j].append(torch.zeros_like(theta[j]) if g is None else g.detach())
@@ -142,26 +143,30 @@ def _loop(one_sample, theta, args_b, kw_b, targets, b: int):
     return {j: torch.stack(v) for j, v in grads.items()}, torch.stack(losses)
 
 
-def _split_batched(values: Tuple, b: int):
-    """(batched tensors, the others, flags): tensors with b entries along dim 0 are split per sample."""
-    flags = [isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b for v in values]
+def _split_batched(values: Tuple, b: int, dim: int = 0):
+    """(batched tensors, the others, flags): tensors with b entries along ``dim`` are split per sample."""
+    flags = [isinstance(v, torch.Tensor) and v.dim() > dim and v.shape[dim] == b for v in values]
     return ([v for v, f in zip(values, flags) if f], [v for v, f in zip(values, flags) if not f], flags)
 
 
-def _merge(batched, fixed, flags) -> List:
+def _merge(batched, fixed, flags, dim: int = 0) -> List:
     it_b, it_f = iter(batched), iter(fixed)
-    return [next(it_b).unsqueeze(0) if f else next(it_f) for f in flags]
+    return [next(it_b).unsqueeze(dim) if f else next(it_f) for f in flags]
 
 
-def _per_sample_targets(target: Tuple, view, b: int):
+def _per_sample_targets(target: Tuple, view, b: int, dim: int = 0):
     """[(tensor, how)]: a target with b rows is split by rows; one whose rows follow a batch-major
     flattening of the output (``logits.view(-1, V)``, ``y.view(-1)``) is split into b blocks."""
     out = []
     for t in target:
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             out.append((t, 0))
-        elif t.shape[0] == b:
+        elif t.shape[0] == b and dim == 0:
             out.append((t, 1))
+        elif dim and view.size and t.shape[0] == view.size[0] and view.kind != "copy":
+            # rows of a flattened sequence-first output: each row's sample from the view's positions
+            rows = row_sample_ids(view, dim).to(t.device)
+            out.append((torch.stack([t[rows == i] for i in range(b)]), 2))
         elif (view.kind in ("reshape", "identity", "cast") and view.size and t.shape[0] == view.size[0]
               and t.shape[0] % b == 0):
             out.append((t.reshape(b, t.shape[0] // b, *t.shape[1:]), 2))

@@ -131,7 +131,8 @@ def _first_sample_gradient(ctx, view) -> List[torch.Tensor]:
         except CurvatureUnavailable as err:
             raise _Unavailable(str(err)) from None
         losses = group_elements(ctx.watched.loss_fn, mb, elementwise_loss(ctx.watched.loss_fn, out, call.target,
-                                                                          grad=True), b, ctx.reduction)
+                                                                          grad=True), b, ctx.reduction,
+                                getattr(view, "sample_dim", 0))
     trained = view.losses()[:b].detach().double()
     again = losses.detach().double()
     if not torch.allclose(again, trained, rtol=1e-2, atol=1e-2 * float(trained.abs().max()) + 1e-12):

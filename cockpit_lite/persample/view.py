@@ -61,16 +61,24 @@ class PerSampleView:
             b = declared[0] if declared else max(sizes, key=lambda v: (sizes.count(v), -sizes.index(v)))
             self.batch_sizes.append(b)
             off_batch.update((id(c), (n, b)) for c, n in zip(self.calls_by_forward[k], sizes) if n != b)
+        self.sample_dim = 0  # of the model inputs and output
+        seq_first = [c for c in calls if isinstance(c.module, torch.nn.RNNBase) and not c.module.batch_first
+                     and c.inputs and isinstance(c.inputs[0], torch.Tensor) and c.inputs[0].dim() == 3]
+        seq_first_reason = None
+        if seq_first and len({c.forward for c in seq_first}) == len(forwards):
+            # a recurrent module with batch_first=False declares dim 1 as the batch: every parameter is taken
+            # from the per-sample replay along dim 1 (the layer rules read dim 0)
+            first = {}
+            for c in seq_first:
+                first.setdefault(c.forward, c)
+            self.batch_sizes = [int(first[k].inputs[0].shape[1]) for k in forwards]
+            self.sample_dim = 1
+            c = seq_first[0]
+            seq_first_reason = (f"sequence-first layout: '{c.module_name}' ({type(c.module).__name__}, batch_first="
+                                "False) reads dim 1 as the batch, which the per-sample layer rules (dim 0) do not")
         self.n_local = int(sum(self.batch_sizes))  # samples of this process
-        seq_first = next((c for c in calls if isinstance(c.module, torch.nn.RNNBase) and not c.module.batch_first
-                          and c.inputs and isinstance(c.inputs[0], torch.Tensor) and c.inputs[0].dim() == 3), None)
         if not calls:
             self._global_reason = "no layer with observed parameters received a gradient on this step"
-        elif seq_first is not None:
-            self._global_reason = (
-                f"sequence-first layout: '{seq_first.module_name}' ({type(seq_first.module).__name__}, batch_first="
-                "False) reads dim 1 as the batch, which the per-sample layer rules (dim 0) cannot tell from the "
-                "sequence; per-sample values are unavailable (use batch_first=True)")
         elif self.ctx.reduction not in ("mean", "sum"):
             self._global_reason = (f"the loss reduction is {self.ctx.reduction!r}; per-sample gradients need the "
                                    "loss module passed as watch(..., loss_fn=...) with reduction 'mean' or 'sum'")
@@ -114,6 +122,10 @@ class PerSampleView:
                 if bool((self.params[j].grad != 0).any()):
                     self._replay.setdefault(j, "its gradient comes from no module call that cockpit-lite could observe "
                                                "(used outside a module's forward?)")
+        if seq_first_reason is not None:
+            for j, name in enumerate(self.names):
+                if j not in self.frozen and name not in self._reasons and self.params[j].grad is not None:
+                    self._replay[j] = seq_first_reason
         index = {name: j for j, name in enumerate(self.names)}
         for name, why in getattr(self.ctx.watched, "rule_failures", {}).items():
             if name in index and name not in self._reasons:
@@ -144,7 +156,7 @@ class PerSampleView:
             out, start = {j: [] for j in wanted}, 0
             for pos, (call, mb, b) in enumerate(zip(calls, self.micro_batches, self.batch_sizes)):
                 got = replayed_grads(self.ctx.watched.model, self.ctx.watched.loss_fn, call, mb, b, self.ctx.reduction,
-                                     {j: self.params[j] for j in wanted}, losses[start:start + b])
+                                     {j: self.params[j] for j in wanted}, losses[start:start + b], self.sample_dim)
                 start += b
                 for j in wanted:
                     out[j].append((pos, [DenseSamples(got[j])]))
@@ -241,7 +253,7 @@ class PerSampleView:
             try:
                 if self._global_reason is not None:
                     raise LossUnavailable(self._global_reason)
-                parts = [per_sample_losses(self.ctx.watched.loss_fn, mb, b, self.ctx.reduction)
+                parts = [per_sample_losses(self.ctx.watched.loss_fn, mb, b, self.ctx.reduction, self.sample_dim)
                          for mb, b in zip(self.micro_batches, self.batch_sizes)]
                 self._cache["losses"] = torch.cat(parts)
             except LossUnavailable as err:
