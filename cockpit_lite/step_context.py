@@ -24,6 +24,7 @@ class MicroBatch:
     target: Any = None  # the loss function's other arguments, if kept
     loss_scale: Optional[torch.Tensor] = None  # d(backward root)/d(loss): 1/accum, AMP scale, ...
     backpropagated: bool = False
+    view: Any = None  # persample.output_view.OutputView: the loss input as a view of the model output
 
 
 @dataclass

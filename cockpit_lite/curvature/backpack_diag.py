@@ -90,6 +90,11 @@ def _module_reason(m: nn.Module) -> Optional[str]:
 
 def step_reason(loss_fn: nn.Module, batch_loss: BatchLoss) -> Optional[str]:
     """None when this step's targets are ones BackPACK's loss rules are exact for, else why not."""
+    for call in batch_loss.calls:
+        view = getattr(call, "view", None)
+        if view is not None and not view.identity:
+            return (f"the loss input is a {view.kind} view {tuple(view.size)} of the model output "
+                    f"{tuple(view.out_shape)}; BackPACK's loss rules see the output itself")
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         for call in batch_loss.calls:
             target = call.target[0] if call.target else None

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..persample.output_view import ViewUnavailable, head_target, replay as replay_view
 from ..replay import replaying
 from ..rng import preserved_rng, set_rng_state
 
@@ -46,7 +47,7 @@ class _ModelAndLoss(nn.Module):
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, args, kwargs, target):
+    def forward(self, args, kwargs, target, view=None, batch=None):
         inside = []
         handle = self.loss_fn.register_forward_hook(lambda m, a, out: inside.append((a, out)))
         try:
@@ -55,6 +56,10 @@ class _ModelAndLoss(nn.Module):
         finally:
             handle.remove()
         if isinstance(out, torch.Tensor) and not inside:
+            try:  # the loss input as the training loop read it from the output (logits.view(-1, V), ...)
+                out = replay_view(view, out, batch)
+            except ViewUnavailable as err:
+                raise CurvatureUnavailable(str(err)) from None
             return out, self.loss_fn.forward(out, *target)
         if len(inside) == 1 and inside[0][0] and isinstance(inside[0][0][0], torch.Tensor):
             (loss_input, *_), loss = inside[0]
@@ -72,6 +77,8 @@ class Call:
     rng_state: Any
     weight: float  # factor of this micro-batch's loss in the step's loss
     batch_size: Optional[int]
+    view: Any = None  # the loss input as a view of the model output (persample/output_view.py)
+    batch: Optional[tuple] = None  # (b, m): a sub-batch of the first m of b samples
 
 
 def twice_differentiable_attention():
@@ -121,7 +128,7 @@ class BatchLoss:
         state (the caller restores the generators: ``preserved_rng``)."""
         c = self.calls[index]
         set_rng_state(c.rng_state)
-        return functional_call(self.wrapper, self._state(params), (c.args, c.kwargs, c.target))
+        return functional_call(self.wrapper, self._state(params), (c.args, c.kwargs, c.target, c.view, c.batch))
 
     def outputs_and_losses(self, params: Sequence[torch.Tensor]):
         """[(model output, weighted loss)] per micro-batch, in the training RNG states."""
@@ -171,11 +178,12 @@ def rebuild(ctx, subbatch: Optional[int] = None) -> BatchLoss:
     calls = []
     for mc, mb, w, s in zip(calls_in, mbs, weights, sizes):
         args, kwargs, target = mc.args, mc.kwargs, tuple(mb.target)
+        view, batch = getattr(mb, "view", None), None
         if subbatch is not None and s is not None and subbatch < s:
-            args, kwargs, target = (_head(args, s, subbatch), {k: _head1(v, s, subbatch) for k, v in kwargs.items()},
-                                    _head(target, s, subbatch))
-            s = subbatch
-        calls.append(Call(args, kwargs, target, mc.rng_state, w, s))
+            args, kwargs = _head(args, s, subbatch), {k: _head1(v, s, subbatch) for k, v in kwargs.items()}
+            target = tuple(head_target(view, t, s, subbatch) for t in target)
+            s, batch = subbatch, (s, subbatch)
+        calls.append(Call(args, kwargs, target, mc.rng_state, w, s, view, batch))
     if subbatch is not None and reduction == "mean":
         tot = sum(c.batch_size for c in calls if c.batch_size)
         if tot:

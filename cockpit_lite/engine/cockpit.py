@@ -256,6 +256,7 @@ class Cockpit(StepDetection):
         self._ctx: Optional[StepContext] = None
         self._model_calls = []
         self._backward_end_queued = False
+        self._last_output = None  # weak reference to the model's last training output (persample/output_view.py)
         if getattr(self, "_layer_capture", None) is not None:
             self._layer_capture.disarm()  # drop what an unfinished/skipped step captured
 
@@ -266,8 +267,8 @@ class Cockpit(StepDetection):
             needs = set()
             for q in self._active:
                 needs |= q.needs
-            if "layer_io" in needs and self.watched.rule_check is None:
-                needs.add("model_inputs")  # the per-sample self-check replays the first micro-batch
+            if "layer_io" in needs:  # the self-check and the per-sample replay (persample/replayed.py) re-run it
+                needs.add("model_inputs")
             if needs & {"layer_io", "model_inputs"}:
                 needs.add("loss_inputs")
             self._needs = frozenset(needs)
@@ -332,9 +333,11 @@ class Cockpit(StepDetection):
                 self.watched.rule_failures.clear()
                 ctx.data.pop("persample_check", None)
                 return
-        if result is not None and result["status"] == "failed":
+        lost = {} if result is None or result["status"] != "failed" else {
+            n: why for n, why in result.get("failed", {}).items() if n not in result.get("replayed", ())}
+        if lost:  # parameters the replay (persample/replayed.py) recovered are not lost
             self._warn_once("rules", "cockpit-lite: per-sample values are unavailable (NaN) for " + "; ".join(
-                f"{name}: {why}" for name, why in result["failed"].items()))
+                f"{name}: {why}" for name, why in lost.items()))
 
     def _failed(self, q: Quantity, method: str, ctx: StepContext, failed: BaseException) -> None:
         reason = f"{type(failed).__name__} in {q.name}.{method}: {failed}"

@@ -15,11 +15,13 @@
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 from torch.utils._pytree import tree_leaves
 
 from ..backward_end import queue_after_backward
+from ..persample.output_view import observe
 from ..replay import is_replaying
 from ..rng import rng_state
 from ..step_context import MicroBatch, ModelCall
@@ -45,6 +47,7 @@ class StepDetection:
                 self._model_calls.remove(outer["call"])
             outer["nested"] = True
         self._open_forwards.append({"call": None, "nested": False})
+        self._last_output = None
         if self._t_start is None:
             self._t_start = time.perf_counter()
             self._activate()
@@ -77,6 +80,8 @@ class StepDetection:
             return None
         if self._open_forwards and self._open_forwards.pop()["nested"]:
             return None  # a redirection around the real forward (see _on_model_forward_pre)
+        if "loss_inputs" in self._needs:
+            self._last_output = output_ref(output)
         if isinstance(output, torch.Tensor):
             if output.requires_grad:
                 output.register_hook(self._count_backward)
@@ -122,6 +127,8 @@ class StepDetection:
             batch_size=int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else None,
         )
         if "loss_inputs" in self._needs:
+            observe(mb, self._last_output() if self._last_output is not None else None, first)
+            self._last_output = None
             mb.output = first.detach() if isinstance(first, torch.Tensor) else first
             mb.target = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:])
 
@@ -161,3 +168,10 @@ class StepDetection:
         if "closure" in kwargs:
             return args, dict(kwargs, closure=closure_then_observe)
         return (args[0], closure_then_observe) + tuple(args[2:]), kwargs
+
+
+def output_ref(output):
+    """A weak reference to the model output's first tensor (the loss input may be a view of it)."""
+    leaf = output if isinstance(output, torch.Tensor) else next(
+        (x for x in tree_leaves(output) if isinstance(x, torch.Tensor)), None)
+    return weakref.ref(leaf) if leaf is not None else None

@@ -17,6 +17,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_leaves
 
+from ..replay import replaying
 from .samples import DenseSamples, to_float
 
 
@@ -60,14 +61,19 @@ def fallback_samples(module, call, delta: torch.Tensor, b: int):
     kw_fixed = {k: v for k, v in call.kwargs.items() if k not in kw_batched}
     if isinstance(module, torch.nn.MultiheadAttention):
         kw_fixed["need_weights"] = False
+    if isinstance(module, (torch.nn.GRU, torch.nn.RNN)) and len(args) == 1 and "hx" not in call.kwargs:
+        # their own zero initial state is not batched by vmap: give it, one per sample
+        layers = module.num_layers * (2 if module.bidirectional else 1)
+        kw_b["hx"] = torch.zeros(b, layers, module.hidden_size, dtype=first.dtype, device=first.device)
     delta = to_float(delta)
 
     def inner(params, args_b, kw_b1, delta_i):
         it = iter(args_b)
         full = [next(it).unsqueeze(bdim) if flag else a for flag, a in zip(batched_args, args)]
         kwargs = dict(kw_fixed)
-        kwargs.update({k: v.unsqueeze(0) for k, v in kw_b1.items()})
-        out = functional_call(module, params, tuple(full), kwargs)
+        kwargs.update({k: v.unsqueeze(1 if k == "hx" else 0) for k, v in kw_b1.items()})
+        with replaying():  # a watched model's own hooks must not take this for a training forward
+            out = functional_call(module, params, tuple(full), kwargs)
         out = next(leaf for leaf in tree_leaves(out) if isinstance(leaf, torch.Tensor))
         return (to_float(out) * delta_i.unsqueeze(bdim)).sum()
 

@@ -30,7 +30,7 @@ import torch
 
 from ..distributed import sum_tensors
 from ..rng import preserved_rng
-from .losses import LossUnavailable, elementwise_loss, group_by_sample
+from .losses import LossUnavailable, elementwise_loss, group_elements
 
 TOL = 0.1  # relative norm of g_0 - r; a broken rule is off by O(1), autocast rounding by ~1e-2
 FAILED = ("the per-sample layer rule disagrees with autograd on this parameter (relative difference "
@@ -86,7 +86,10 @@ def run(ctx) -> Optional[dict]:
                 "the per-sample layer rule disagrees with autograd on this parameter in another process")
             watched.rule_failures[names[j]] = reason
         outcome = {"status": "failed", "failed": {names[j]: watched.rule_failures[names[j]] for j in failed}}
-        ctx._per_sample = PerSampleView(ctx.inputs())  # rebuilt: the failed parameters are NaN from here on
+        # rebuilt: the failed parameters come from the per-sample replay (replayed.py) or are NaN from here on
+        ctx._per_sample = PerSampleView(ctx.inputs())
+        still = ctx._per_sample.unsupported()
+        outcome["replayed"] = sorted(names[j] for j in failed if names[j] not in still)
     elif not outcome:
         outcome = {"status": "passed"}
     outcome.update({"step": ctx.step, "parameters": len(names) - len(reasons), "tolerance": TOL})
@@ -127,8 +130,9 @@ def _first_sample_gradient(ctx, view) -> List[torch.Tensor]:
             out, _ = bl.replay(params, 0)
         except CurvatureUnavailable as err:
             raise _Unavailable(str(err)) from None
-        losses = group_by_sample(elementwise_loss(ctx.watched.loss_fn, out, call.target, grad=True), b,
-                                 ctx.reduction, float(mb.loss))
+        losses = group_elements(ctx.watched.loss_fn, mb, elementwise_loss(ctx.watched.loss_fn, out, call.target,
+                                                                          grad=True), b, ctx.reduction,
+                                getattr(view, "sample_dim", 0))
     trained = view.losses()[:b].detach().double()
     again = losses.detach().double()
     if not torch.allclose(again, trained, rtol=1e-2, atol=1e-2 * float(trained.abs().max()) + 1e-12):

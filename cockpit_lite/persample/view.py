@@ -22,6 +22,7 @@ from .losses import LossUnavailable, per_sample_losses
 from .norm import BATCHNORM_REASON, batchnorm_mixes_samples
 from .fallback import owned_parameters
 from .rules import Unsupported, layer_samples
+from .samples import DenseSamples
 
 
 class PerSampleView:
@@ -36,6 +37,8 @@ class PerSampleView:
         self._global_reason: Optional[str] = None
         self._cache: Dict[object, object] = {}
         self._samples = {}  # (call order) -> {param index: ParamSamples}
+        self._replay: Dict[int, str] = {}  # parameters for the per-sample replay -> why no layer rule serves
+        self._replayed: Dict[int, list] = {}  # their [(forward position, [DenseSamples])]
         self._setup(ctx.layer_io)
 
     # -- set-up: micro-batches, scales, which calls feed which parameter --------------------------
@@ -58,6 +61,21 @@ class PerSampleView:
             b = declared[0] if declared else max(sizes, key=lambda v: (sizes.count(v), -sizes.index(v)))
             self.batch_sizes.append(b)
             off_batch.update((id(c), (n, b)) for c, n in zip(self.calls_by_forward[k], sizes) if n != b)
+        self.sample_dim = 0  # of the model inputs and output
+        seq_first = [c for c in calls if isinstance(c.module, torch.nn.RNNBase) and not c.module.batch_first
+                     and c.inputs and isinstance(c.inputs[0], torch.Tensor) and c.inputs[0].dim() == 3]
+        seq_first_reason = None
+        if seq_first and len({c.forward for c in seq_first}) == len(forwards):
+            # a recurrent module with batch_first=False declares dim 1 as the batch: every parameter is taken
+            # from the per-sample replay along dim 1 (the layer rules read dim 0)
+            first = {}
+            for c in seq_first:
+                first.setdefault(c.forward, c)
+            self.batch_sizes = [int(first[k].inputs[0].shape[1]) for k in forwards]
+            self.sample_dim = 1
+            c = seq_first[0]
+            seq_first_reason = (f"sequence-first layout: '{c.module_name}' ({type(c.module).__name__}, batch_first="
+                                "False) reads dim 1 as the batch, which the per-sample layer rules (dim 0) do not")
         self.n_local = int(sum(self.batch_sizes))  # samples of this process
         if not calls:
             self._global_reason = "no layer with observed parameters received a gradient on this step"
@@ -93,7 +111,8 @@ class PerSampleView:
                         self._reasons.setdefault(self.names[j], BATCHNORM_REASON)
                     if id(c) in off_batch:
                         n, b = off_batch[id(c)]
-                        self._reasons.setdefault(self.names[j], (
+                        self._replay.setdefault(j, (
+
                             f"its module ('{c.module_name}') was called on {n} entries along the batch dimension "
                             f"where the other layers of the forward saw {b} samples: a module called without the "
                             "batch dimension (e.g. nn.Embedding(T, d)(torch.arange(T)) broadcast over the batch; call "
@@ -101,13 +120,50 @@ class PerSampleView:
         for j, name in enumerate(self.names):
             if not self.feeds[j] and self.params[j].grad is not None and name not in self._reasons:
                 if bool((self.params[j].grad != 0).any()):
-                    self._reasons[name] = ("its gradient comes from no module call that cockpit-lite could observe "
-                                           "(used outside a module's forward?)")
+                    self._replay.setdefault(j, "its gradient comes from no module call that cockpit-lite could observe "
+                                               "(used outside a module's forward?)")
+        if seq_first_reason is not None:
+            for j, name in enumerate(self.names):
+                if j not in self.frozen and name not in self._reasons and self.params[j].grad is not None:
+                    self._replay[j] = seq_first_reason
+        index = {name: j for j, name in enumerate(self.names)}
         for name, why in getattr(self.ctx.watched, "rule_failures", {}).items():
-            self._reasons.setdefault(name, why)  # failed the self-check (selfcheck.py)
+            if name in index and name not in self._reasons:
+                self._replay.setdefault(index[name], why)  # failed the self-check (selfcheck.py)
         if self._global_reason is not None:
             for name in self.names:
                 self._reasons[name] = self._global_reason
+        else:
+            self._resolve_replays()
+
+    def _resolve_replays(self) -> None:
+        """Per-sample gradients of the parameters no layer rule covers, by a per-sample replay of the model
+        (``replayed.py``); where it is impossible, NaN with the layer rules' reason and the replay's."""
+        from .replayed import ReplayUnavailable, replayed_grads
+
+        wanted = {j: why for j, why in self._replay.items() if self.names[j] not in self._reasons}
+        if not wanted:
+            return
+        calls = list(self.ctx.model_calls or [])
+        all_mbs = list(self.ctx.micro_batches)
+        if len(calls) == len(all_mbs) and len(all_mbs) != len(self.micro_batches):
+            calls = [c for c, m in zip(calls, all_mbs) if m.backpropagated]
+        try:
+            if len(calls) != len(self.micro_batches):
+                raise ReplayUnavailable(f"{len(calls)} model forward(s) kept for {len(self.micro_batches)} "
+                                        "back-propagated loss call(s)")
+            losses = self.losses()
+            out, start = {j: [] for j in wanted}, 0
+            for pos, (call, mb, b) in enumerate(zip(calls, self.micro_batches, self.batch_sizes)):
+                got = replayed_grads(self.ctx.watched.model, self.ctx.watched.loss_fn, call, mb, b, self.ctx.reduction,
+                                     {j: self.params[j] for j in wanted}, losses[start:start + b], self.sample_dim)
+                start += b
+                for j in wanted:
+                    out[j].append((pos, [DenseSamples(got[j])]))
+            self._replayed.update(out)
+        except ReplayUnavailable as err:
+            for j, why in wanted.items():
+                self._reasons[self.names[j]] = f"{why}; a per-sample replay of the model was not possible: {err}"
 
     @property
     def n(self) -> int:
@@ -146,6 +202,8 @@ class PerSampleView:
         """[(forward position, [ParamSamples, ...])] for parameter j, or None when unavailable."""
         if self.names[j] in self._reasons:
             return None
+        if j in self._replayed:
+            return self._replayed[j]
         ck = ("ps", j)
         if ck in self._cache:
             return self._cache[ck]
@@ -195,7 +253,7 @@ class PerSampleView:
             try:
                 if self._global_reason is not None:
                     raise LossUnavailable(self._global_reason)
-                parts = [per_sample_losses(self.ctx.watched.loss_fn, mb, b, self.ctx.reduction)
+                parts = [per_sample_losses(self.ctx.watched.loss_fn, mb, b, self.ctx.reduction, self.sample_dim)
                          for mb, b in zip(self.micro_batches, self.batch_sizes)]
                 self._cache["losses"] = torch.cat(parts)
             except LossUnavailable as err:

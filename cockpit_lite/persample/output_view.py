@@ -1,0 +1,275 @@
+"""The loss input as a view of the model output: which sample each loss element belongs to, and the replay.
+
+A language model's loop reads the loss input L from the model output O by a view,
+``crit(logits.view(-1, V), y.view(-1))``, ``logits.flatten(0, 1)``, ``logits.transpose(1, 2)``. L then
+shares O's storage, and its size, stride and storage offset say exactly where each element of L sits in
+O, hence which sample it belongs to (its coordinate along O's batch dimension). :func:`describe` keeps
+those numbers (``OutputView``) when the loss is called; they serve twice:
+
+* per-sample losses (``losses.py``): each element of the elementwise loss (``reduction="none"``) is
+  assigned to its sample: for the torch losses whose elements are known (cross-entropy / NLL: L without
+  its class dimension 1; elementwise losses: L itself) from the positions directly; for any other loss
+  module by two forward-mode probes of the loss (:func:`probed_sample_ids`), which also prove that no loss
+  element mixes samples;
+* replays (curvature, the per-sample self-check, ``curvature/batch_loss.py``): the same view is applied
+  to the re-evaluated model output (:func:`replay`), for a sub-batch too when the view is a reshape or a
+  permutation of the output.
+
+A loss input that is not a view of the model output (a copy: ``.contiguous()`` after a transpose, ``.float()``)
+has no ``OutputView``: its rows are the samples when there are as many as the batch has, otherwise the
+per-sample losses say why they are unavailable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+class ViewUnavailable(Exception):
+    """The loss elements cannot be assigned to samples (message = reason)."""
+
+
+@dataclass(frozen=True)
+class OutputView:
+    """L = O.as_strided(size, stride, O.storage_offset() + offset), O of shape ``out_shape`` / ``out_stride``."""
+
+    out_shape: Tuple[int, ...]
+    out_stride: Tuple[int, ...]
+    size: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    offset: int
+    kind: str  # "identity" | "reshape" (of a contiguous O) | "permute" | "strided"
+    perm: Optional[Tuple[int, ...]] = None
+
+    @property
+    def identity(self) -> bool:
+        return self.kind in ("identity", "cast")
+
+    def copy_reason(self) -> str:
+        return (f"the loss input {tuple(self.size)} is a copy of the model output {tuple(self.out_shape)} in another "
+                "layout (e.g. .contiguous() or .reshape of a transposed tensor): which sample each loss element belongs "
+                "to cannot be established; pass the model output or a view of it (e.g. logits.view(-1, V))")
+
+
+def _contiguous_strides(shape: Sequence[int]) -> Tuple[int, ...]:
+    out, acc = [], 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= max(int(s), 1)
+    return tuple(reversed(out))
+
+
+def _same_strides(shape, a, b) -> bool:
+    return all(s <= 1 or x == y for s, x, y in zip(shape, a, b))
+
+
+def describe(output, loss_input) -> Optional[OutputView]:
+    """The view that reads ``loss_input`` from ``output``, or None when it is not one (a copy, another tensor)."""
+    if not (isinstance(output, torch.Tensor) and isinstance(loss_input, torch.Tensor)):
+        return None
+    if output.dtype != loss_input.dtype or output.device != loss_input.device or output.dim() == 0:
+        return None
+    try:
+        same = output.untyped_storage().data_ptr() == loss_input.untyped_storage().data_ptr()
+    except Exception:  # tensors without storage (functional tensors, ...)
+        return None
+    if not same:
+        return _copy_of(output, loss_input)
+    shape, stride = tuple(output.shape), tuple(output.stride())
+    size, lstride = tuple(loss_input.shape), tuple(loss_input.stride())
+    offset = loss_input.storage_offset() - output.storage_offset()
+    if offset == 0 and size == shape and _same_strides(shape, lstride, stride):
+        kind, perm = "identity", None
+    elif (offset == 0 and math.prod(size) == math.prod(shape) and _same_strides(shape, stride, _contiguous_strides(shape))
+          and _same_strides(size, lstride, _contiguous_strides(size))):
+        kind, perm = "reshape", None
+    else:
+        perm = _permutation(shape, stride, size, lstride) if offset == 0 else None
+        kind = "permute" if perm is not None else "strided"
+    return OutputView(shape, stride, size, lstride, offset, kind, perm)
+
+
+_COPY_NODES = ("Clone", "View", "UnsafeView", "Transpose", "Permute", "ToCopy", "ReshapeAlias", "Slice", "Select",
+               "Squeeze", "Unsqueeze", "AsStrided", "Alias", "Contiguous", "Flatten", "Unflatten")
+
+
+def _copy_of(output: torch.Tensor, loss_input: torch.Tensor) -> Optional[OutputView]:
+    """A loss input made from the output by copies of views (``.contiguous()``, ``.float()``, ``.reshape`` of a
+    transposed tensor): kind "cast" when it keeps the output's shape (a dtype cast), else "copy" (which sample
+    each element belongs to is then unknown). None when it is computed otherwise (or not from the output)."""
+    target, node = output.grad_fn, loss_input.grad_fn
+    if target is None or node is None:
+        return None
+    for _ in range(16):
+        if node is target:
+            shape = tuple(output.shape)
+            kind = "cast" if tuple(loss_input.shape) == shape else "copy"
+            return OutputView(shape, _contiguous_strides(shape), tuple(loss_input.shape),
+                              _contiguous_strides(loss_input.shape), 0, kind)
+        name = type(node).__name__
+        if node is None or not any(name.startswith(k + "Backward") for k in _COPY_NODES):
+            return None
+        nxt = [f for f, _ in node.next_functions if f is not None]
+        if len(nxt) != 1:
+            return None
+        node = nxt[0]
+    return None
+
+
+def _permutation(shape, stride, size, lstride) -> Optional[Tuple[int, ...]]:
+    if len(size) != len(shape):
+        return None
+    perm, used = [], set()
+    for s, st in zip(size, lstride):
+        k = next((d for d in range(len(shape)) if d not in used and shape[d] == s and (s <= 1 or stride[d] == st)), None)
+        if k is None:
+            return None
+        used.add(k)
+        perm.append(k)
+    return tuple(perm)
+
+
+def replay(view: Optional[OutputView], out: torch.Tensor, batch: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """The loss input read from a re-evaluated model output ``out`` as ``view`` read it in training.
+
+    ``batch = (b, m)``: ``out`` holds the first m of the b samples along dim 0 (a sub-batch replay)."""
+    if view is None or view.identity:
+        return out
+    if view.kind == "copy":
+        raise ViewUnavailable(view.copy_reason())
+    if view.kind == "permute":
+        return out.permute(*view.perm)
+    if view.kind == "reshape":
+        if batch is None:
+            return out.reshape(view.size)
+        b, m = batch
+        if not view.size or view.size[0] % b:
+            raise ViewUnavailable(f"the loss input {tuple(view.size)} is not a batch-major reshape of the model "
+                                  f"output {tuple(view.out_shape)}: a sub-batch cannot be replayed")
+        return out.reshape(view.size[0] // b * m, *view.size[1:])
+    if batch is not None or tuple(out.shape) != view.out_shape or not _same_strides(view.out_shape, tuple(out.stride()),
+                                                                                       view.out_stride):
+        raise ViewUnavailable(f"the loss input is a strided view {tuple(view.size)} of the model output "
+                              f"{view.out_shape} that the re-evaluated output ({tuple(out.shape)}) cannot reproduce")
+    return out.as_strided(view.size, view.stride, out.storage_offset() + view.offset)
+
+
+def head_target(view: Optional[OutputView], t, b: int, m: int):
+    """The first m samples' part of a loss target (its rows follow the loss input's rows)."""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return t
+    if t.shape[0] == b:
+        return t[:m]
+    if view is not None and view.kind == "reshape" and view.size and t.shape[0] == view.size[0] and t.shape[0] % b == 0:
+        return t[: t.shape[0] // b * m]
+    return t
+
+
+# -- which sample each element belongs to -------------------------------------------------------------------------
+def _unravel_dim(view: OutputView, positions: torch.Tensor, bdim: int) -> torch.Tensor:
+    """Coordinate along O's dim ``bdim`` of storage positions (relative to O's offset) in a dense O."""
+    dims = sorted((d for d in range(len(view.out_shape)) if view.out_shape[d] > 1),
+                  key=lambda d: -view.out_stride[d])
+    acc = 1
+    for d in reversed(dims):  # dense (no gaps, no overlap) in this order
+        if view.out_stride[d] != acc:
+            raise ViewUnavailable(f"the model output {view.out_shape} with strides {view.out_stride} is not dense")
+        acc *= view.out_shape[d]
+    if view.out_shape[bdim] <= 1:
+        return torch.zeros_like(positions)
+    return (positions // view.out_stride[bdim]) % view.out_shape[bdim]
+
+
+def _positions(view: OutputView, shape_of: Sequence[Optional[int]]) -> torch.Tensor:
+    """Storage positions of the loss-input elements at the grid ``shape_of`` (an int: that fixed index)."""
+    p = torch.tensor(view.offset, dtype=torch.int64)
+    nd = len(view.size)
+    for k, (n, st) in enumerate(zip(view.size, view.stride)):
+        fixed = shape_of[k]
+        if fixed is not None:
+            p = p + int(fixed) * st
+            continue
+        shape = [1] * nd
+        shape[k] = n
+        p = p + torch.arange(n, dtype=torch.int64).view(shape) * st
+    return p
+
+
+def input_sample_ids(view: OutputView, bdim: int) -> torch.Tensor:
+    """[*L.shape] sample index of every element of the loss input (int64; use for small inputs)."""
+    return _unravel_dim(view, _positions(view, [None] * len(view.size)).expand(view.size), bdim)
+
+
+def row_sample_ids(view: OutputView, bdim: int) -> torch.Tensor:
+    """[L.shape[0]] sample index of each row of the loss input (its first element's)."""
+    return _unravel_dim(view, _positions(view, [None] + [0] * (len(view.size) - 1)), bdim).reshape(-1)
+
+
+_CLASS_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
+_ELEMENTWISE_LOSSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss,
+                       nn.KLDivLoss, nn.SoftMarginLoss, nn.PoissonNLLLoss, nn.GaussianNLLLoss)
+
+
+def known_sample_ids(loss_fn, view: OutputView, elems_shape, bdim: int) -> Optional[torch.Tensor]:
+    """Sample index of each loss element for the torch losses whose elements are known, else None."""
+    if view.kind == "copy":
+        raise ViewUnavailable(view.copy_reason())
+    size = view.size
+    if type(loss_fn) in _CLASS_LOSSES and len(size) >= 2 and tuple(elems_shape) == size[:1] + size[2:]:
+        grid = [None] * len(size)
+        grid[1] = 0
+        ids = _unravel_dim(view, _positions(view, grid), bdim).reshape(elems_shape)
+        grid[1] = size[1] - 1
+        if not torch.equal(ids, _unravel_dim(view, _positions(view, grid), bdim).reshape(elems_shape)):
+            raise ViewUnavailable("the class dimension of the loss input runs across samples of the model output")
+        return ids
+    if type(loss_fn) in _CLASS_LOSSES and len(size) == 1 and len(elems_shape) == 0:
+        return None
+    if type(loss_fn) in _ELEMENTWISE_LOSSES and tuple(elems_shape) == size:
+        return input_sample_ids(view, bdim)
+    return None
+
+
+def probed_sample_ids(fn, loss_input: torch.Tensor, target, input_ids: torch.Tensor, b: int) -> torch.Tensor:
+    """Sample index of each element of ``fn(loss_input, *target)`` (elementwise), from two forward-mode
+    probes: with tangents r and c[ids] * r (r random, c_i = i + 1), an element that depends on sample i
+    alone has the ratio c_i exactly; any other ratio means the element mixes samples. Elements that
+    depend on nothing (ignored targets) get -1."""
+    try:  # float64 where the loss allows it (class weights stored in float32 may refuse)
+        return _probe(fn, loss_input.detach().double(), target, input_ids, b, 1e-6)
+    except ViewUnavailable:
+        raise
+    except Exception:
+        return _probe(fn, loss_input.detach().float(), target, input_ids, b, 1e-2)
+
+
+def _probe(fn, x, target, input_ids, b, tol):
+    from torch.func import jvp
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    r = torch.rand(x.shape, generator=gen, dtype=torch.float64).add_(0.5).to(device=x.device, dtype=x.dtype)
+    c = (input_ids.to(x.device) + 1).to(x.dtype)
+    f = lambda z: fn(z, *target)
+    e1 = jvp(f, (x,), (r,))[1]
+    e2 = jvp(f, (x,), (r * c,))[1]
+    scale = float(e1.abs().max()) if e1.numel() else 0.0
+    live = e1.abs() > 1e-7 * scale
+    ratio = torch.where(live, e2 / torch.where(live, e1, torch.ones_like(e1)), torch.zeros_like(e1))
+    ids = ratio.round()
+    if bool(((ratio - ids).abs() > tol * b)[live].any()) or bool(((ids < 1) | (ids > b))[live].any()):
+        raise ViewUnavailable("an element of the loss depends on several samples (checked by forward-mode probes)")
+    return torch.where(live, ids.long() - 1, torch.full_like(ids, -1, dtype=torch.long))
+
+
+def observe(mb, output, loss_input) -> None:
+    """At a loss call: keep how its input was read from the model output (``mb.view``); the samples of the
+    micro-batch are then the model output's rows, not the loss input's (B sequences, not B*T tokens)."""
+    view = describe(output, loss_input)
+    mb.view = view
+    if view is not None and view.out_shape and not view.identity:
+        mb.batch_size = int(view.out_shape[0])
