@@ -139,8 +139,8 @@ def legend_above_data(ax, *, loc: str = "upper left", fontsize="x-small", ncol: 
         ncol = 1 if len(handles) <= 2 or max(len(s) for s in labels) > 28 else 2
     legend = ax.legend(handles, labels, loc=loc, fontsize=fontsize, framealpha=0.95, ncol=ncol,
                        borderaxespad=0.3, handlelength=1.6)
-    renderer = ax.figure.canvas.get_renderer()
-    box, frame = legend.get_window_extent(renderer), ax.get_window_extent(renderer)
+    # no renderer argument: matplotlib finds one for any canvas (a bare Figure() has no get_renderer)
+    box, frame = legend.get_window_extent(), ax.get_window_extent()
     share = min(0.6, (box.height + 4) / max(frame.height, 1))  # of the axes' height, from the top
     lo, hi = ax.get_ylim()
     if ax.get_yscale() == "log":
