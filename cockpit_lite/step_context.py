@@ -25,6 +25,9 @@ class MicroBatch:
     loss_scale: Optional[torch.Tensor] = None  # d(backward root)/d(loss): 1/accum, AMP scale, ...
     backpropagated: bool = False
     view: Any = None  # persample.output_view.OutputView: the loss input as a view of the model output
+    #: "sum" when the loss is already divided by the whole step's count (Hugging Face's num_items_in_batch):
+    #: the step's loss is then the sum of its micro-batch losses, not their mean
+    combine: Optional[str] = None
 
 
 @dataclass
@@ -149,14 +152,8 @@ class StepContext:
             value = mbs[0].loss
         elif mbs:
             losses = torch.stack([m.loss.float() for m in mbs])
-            sizes = [m.batch_size for m in mbs]
-            if self.reduction == "sum":
-                value = losses.sum()
-            elif self.reduction == "mean" and all(s for s in sizes):
-                w = torch.tensor(sizes, dtype=losses.dtype, device=losses.device)
-                value = (losses * w).sum() / w.sum()
-            else:
-                value = losses.mean()
+            w = torch.tensor(micro_batch_weights(mbs, self.reduction), dtype=losses.dtype, device=losses.device)
+            value = (losses * w).sum()
         self.cache["loss"] = value
         return value
 
@@ -274,3 +271,21 @@ class StepContext:
                     out[key] = flat[i]
                 i += n
         return out
+
+
+def micro_batch_weights(mbs: List[MicroBatch], reduction: str) -> List[float]:
+    """The factor of each micro-batch's loss in the step's loss, as the loss reduction implies.
+
+    ``sum`` (or losses already divided by the step's total count, ``MicroBatch.combine == "sum"``): 1 each;
+    ``mean`` with known batch sizes: the sample share; otherwise: the plain mean."""
+    sizes = [m.batch_size for m in mbs]
+    if reduction == "sum" or (mbs and all(m.combine == "sum" for m in mbs)):
+        return [1.0] * len(mbs)
+    if reduction == "mean" and all(sizes):
+        return [s / sum(sizes) for s in sizes]
+    return [1.0 / len(mbs)] * len(mbs)
+
+
+def step_normalised(mbs: List[MicroBatch]) -> bool:
+    """Whether every micro-batch loss is already divided by the step's total count (combined by a sum)."""
+    return bool(mbs) and all(m.combine == "sum" for m in mbs)
