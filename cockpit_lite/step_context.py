@@ -13,6 +13,8 @@ from typing import Any, Dict, List, Optional, Set
 
 import torch
 
+from .loss_combine import micro_batch_weights
+
 
 @dataclass
 class MicroBatch:
@@ -272,20 +274,3 @@ class StepContext:
                 i += n
         return out
 
-
-def micro_batch_weights(mbs: List[MicroBatch], reduction: str) -> List[float]:
-    """The factor of each micro-batch's loss in the step's loss, as the loss reduction implies.
-
-    ``sum`` (or losses already divided by the step's total count, ``MicroBatch.combine == "sum"``): 1 each;
-    ``mean`` with known batch sizes: the sample share; otherwise: the plain mean."""
-    sizes = [m.batch_size for m in mbs]
-    if reduction == "sum" or (mbs and all(m.combine == "sum" for m in mbs)):
-        return [1.0] * len(mbs)
-    if reduction == "mean" and all(sizes):
-        return [s / sum(sizes) for s in sizes]
-    return [1.0 / len(mbs)] * len(mbs)
-
-
-def step_normalised(mbs: List[MicroBatch]) -> bool:
-    """Whether every micro-batch loss is already divided by the step's total count (combined by a sum)."""
-    return bool(mbs) and all(m.combine == "sum" for m in mbs)

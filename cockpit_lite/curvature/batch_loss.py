@@ -29,7 +29,7 @@ from torch.func import functional_call
 from ..persample.output_view import ViewUnavailable, head_target, replay as replay_view
 from ..replay import replaying
 from ..rng import preserved_rng, set_rng_state
-from ..step_context import micro_batch_weights, step_normalised
+from ..loss_combine import micro_batch_weights, step_normalised
 
 
 class CurvatureUnavailable(RuntimeError):

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..distributed import sum_numbers, sum_tensors
-from ..step_context import step_normalised
+from ..loss_combine import step_normalised
 from .losses import LossUnavailable, per_sample_losses
 from .norm import BATCHNORM_REASON, batchnorm_mixes_samples
 from .fallback import owned_parameters

@@ -5,7 +5,7 @@ counts (mean reduction), summed (sum reduction), or averaged (otherwise). The sa
 the global batch's samples, which the engine writes as the record's ``samples``."""
 
 from ..distributed import sum_numbers
-from ..step_context import step_normalised
+from ..loss_combine import step_normalised
 from .base import Quantity
 
 

@@ -29,7 +29,7 @@ from tensorboard.data import provider
 from tensorboard.plugins import base_plugin
 
 from ..runlog import encode_number
-from . import PLUGIN_NAME, SCALAR_PREFIX
+from .names import PLUGIN_NAME, SCALAR_PREFIX
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.(js|css|svg)$")
