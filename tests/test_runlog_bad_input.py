@@ -2,7 +2,6 @@
 and in the CLI's output), on every read path; files that are not regular files are refused; the
 writer never follows a planted link; a typo'd key is a KeyError with suggestions."""
 
-import json
 import os
 import signal
 

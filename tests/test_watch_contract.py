@@ -1,6 +1,5 @@
 """watch(): bad input, hook removal, and the promise not to perturb training."""
 
-import os
 import subprocess
 import sys
 
