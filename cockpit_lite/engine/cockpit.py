@@ -347,15 +347,14 @@ class Cockpit(StepDetection):
                                           "it is logged as NaN with this reason")
 
     def _finish_quantities(self) -> None:
-        """At close, quantities with a ``finish(ctx)`` method record what only the end of the run
-        resolves (values of earlier steps, via ``ctx.emit_for_step``); written as amendments."""
+        """At close, every quantity's ``finish(ctx)`` records what only the end of the run resolves
+        (values of earlier steps, via ``ctx.emit_for_step``); written as amendments."""
         ctx = StepContext(self.step, self.watched, [], self.reduction)
         for q in self.quantities:
-            finish = getattr(q, "finish", None)
-            if finish is None:
-                continue
+            if getattr(type(q), "finish", Quantity.finish) is Quantity.finish:
+                continue  # nothing to resolve: no call
             try:
-                finish(ctx)
+                q.finish(ctx)
             except Exception as err:  # closing must not fail because one quantity does
                 self._event("warning", f"quantity {q.name!r} failed to finish: {err!r}")
         self._records.write_amendments(ctx, time.time())
