@@ -12,7 +12,9 @@ An instrument is a small object with
 * ``missing(run) -> str | None``: ``None`` when the run has something to draw, otherwise the reason
   (which quantity is absent and how to enable it, or the reasons logged with its NaN values);
 * ``draw(ax, run)``: draw on a matplotlib ``Axes``;
-* ``describe() -> dict``: the JSON description (name, title, group, keys, kind).
+* ``tab``: the TensorBoard tab's panel that shows it (default: its own panel, named like it);
+  instruments with the same ``tab`` share one panel there (:func:`instruments.tab_panels.tab_panels`);
+* ``describe() -> dict``: the JSON description (name, title, group, keys, kind, tab).
 
 ``run`` is a :class:`RunView`: the ``Run`` of :func:`cockpit_lite.load` restricted to a step
 range, with the same read methods (``series``, ``data``, ``reasons``, ``keys``, ``header``).
@@ -44,6 +46,12 @@ GROUPS: Tuple[str, ...] = ("step size", "gradients", "curvature", "performance",
 
 KINDS = ("lines", "histogram", "histogram2d", "parabola", "scatter", "text")
 
+#: built-in quantities that no built-in instrument reads, and why (tests/test_registries.py checks that
+#: every other quantity has a panel)
+PANEL_LESS: Dict[str, str] = {
+    "param_norm": "context for distance: drawn in the TensorBoard tab's distances panel, no dashboard panel",
+}
+
 
 class Instrument:
     """Base class: set the class attributes, override ``draw`` (and ``missing`` if needed).
@@ -61,6 +69,8 @@ class Instrument:
     kind: str = "lines"
     #: one line under the title in the TensorBoard tab / ``cockpit-lite instruments``
     description: str = ""
+    #: the TensorBoard tab's panel that shows this instrument ("": a panel of its own, named like it)
+    tab: str = ""
 
     def missing(self, run: "RunView") -> Optional[str]:
         if any(run.last_data(k) is not None for k in self.data_keys):
@@ -75,7 +85,8 @@ class Instrument:
 
     def describe(self) -> Dict[str, Any]:
         return {"name": self.name, "title": self.title, "group": self.group, "keys": list(self.keys),
-                "data_keys": list(self.data_keys), "kind": self.kind, "description": self.description}
+                "data_keys": list(self.data_keys), "kind": self.kind, "description": self.description,
+                "tab": self.tab or self.name}
 
     def __repr__(self):
         return f"{type(self).__name__}(name={self.name!r})"
@@ -271,15 +282,6 @@ def no_records(run) -> bool:
     return records is not None and not records
 
 
-# Cockpit's presets, used when cockpit_lite.presets does not (yet) list a quantity
-_COCKPIT_PRESETS = {
-    "economy": ("alpha", "distance", "grad_hist_1d", "grad_norm", "inner_test", "loss", "norm_test",
-                "ortho_test", "update_size"),
-    "business": ("tic_diag", "hess_trace"),
-    "full": ("hess_max_ev", "grad_hist_2d"),
-}
-
-
 def quantity_of(key: str) -> str:
     """The quantity that writes ``key`` (``"hess_trace/stderr"`` -> ``"hess_trace"``)."""
     return key.split("/", 1)[0]
@@ -297,13 +299,6 @@ def enable_hint(quantity: str) -> str:
                 break
     except Exception:  # the hint is a courtesy; never fail a plot for it
         pass
-    if smallest is None:
-        cumulative: Tuple[str, ...] = ()
-        for preset, names in _COCKPIT_PRESETS.items():
-            cumulative += names
-            if quantity in cumulative:
-                smallest = preset
-                break
     how = f"quantities=[..., {quantity!r}]"
     if smallest is not None:
         how = f"quantities={smallest!r} or {how}"
@@ -434,5 +429,5 @@ def downsample(steps, values, max_points: Optional[int] = None):
     return _downsample(steps, values, max_points or MAX_POINTS)
 
 
-__all__ = ["Instrument", "RunView", "downsample", "GROUPS", "KINDS", "GROUP_ENTRY_POINTS", "builtin", "third_party",
+__all__ = ["Instrument", "RunView", "downsample", "GROUPS", "KINDS", "PANEL_LESS", "GROUP_ENTRY_POINTS", "builtin", "third_party",
            "discover", "select", "as_view", "missing_reason", "enable_hint", "quantity_of"]
