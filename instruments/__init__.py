@@ -13,7 +13,7 @@ An instrument is a small object with
   (which quantity is absent and how to enable it, or the reasons logged with its NaN values);
 * ``draw(ax, run)``: draw on a matplotlib ``Axes``;
 * ``tab``: the TensorBoard tab's panel that shows it (default: its own panel, named like it);
-  instruments with the same ``tab`` share one panel there (:func:`instruments.tab_panels.tab_panels`);
+  instruments with the same ``tab`` share one panel there (:func:`tab_panels`);
 * ``describe() -> dict``: the JSON description (name, title, group, keys, kind, tab).
 
 ``run`` is a :class:`RunView`: the ``Run`` of :func:`cockpit_lite.load` restricted to a step
@@ -329,36 +329,39 @@ def missing_reason(run: RunView, keys: Sequence[str]) -> str:
 
 
 # -- discovery ----------------------------------------------------------------------------------
-def builtin() -> List[Instrument]:
-    """The instruments shipped with cockpit-lite, in dashboard order."""
-    from .advisor import Advisor
-    from .alpha_gauge import AlphaGauge
-    from .alpha_trace import AlphaTrace
-    from .cabs import Cabs
-    from .distance import Distance
-    from .early_stopping import EarlyStopping
-    from .energy import Energy
-    from .grad_flow import GradFlow
-    from .grad_hist_1d import GradHist1d
-    from .grad_hist_2d import GradHist2d
-    from .grad_norm import GradNorm
-    from .grad_norm_preclip import GradNormPreclip
-    from .gradient_tests import GradientTests
-    from .gradient_tests_history import GradientTestsHistory
-    from .gsnr import Gsnr
-    from .hess_max_ev import HessMaxEv
-    from .hyperparameters import Hyperparameters
-    from .performance import Performance
-    from .step_time import StepTime
-    from .tic import Tic
-    from .traces import Traces
+#: dashboard order within a group (a display preference, not a list to keep complete: an instrument
+#: module not named here comes after these, by name)
+ORDER = ("alpha_gauge", "alpha_trace", "distance", "hyperparameters", "cabs",
+         "grad_norm", "grad_norm_preclip", "grad_flow", "gradient_tests", "gradient_tests_history", "grad_hist_1d",
+         "grad_hist_2d", "gsnr", "early_stopping",
+         "hess_max_ev", "traces", "tic",
+         "performance", "advisor",
+         "step_time", "energy")
 
-    classes = (AlphaGauge, AlphaTrace, Distance, Hyperparameters, Cabs,
-               GradNorm, GradNormPreclip, GradFlow, GradientTests, GradientTestsHistory, GradHist1d, GradHist2d, Gsnr, EarlyStopping,
-               HessMaxEv, Traces, Tic,
-               Performance, Advisor,
-               StepTime, Energy)
-    return [cls() for cls in classes]
+
+def builtin_modules() -> List[str]:
+    """The modules of this package that hold an instrument (one each, named like it; support modules
+    start with ``_``), in :data:`ORDER`."""
+    import pkgutil
+
+    found = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+    rank = {name: n for n, name in enumerate(ORDER)}
+    return sorted(found, key=lambda name: (rank.get(name, len(rank)), name))
+
+
+def builtin() -> List[Instrument]:
+    """The instruments shipped with cockpit-lite, in dashboard order: one per module of this package."""
+    import importlib
+
+    out = []
+    for name in builtin_modules():
+        module = importlib.import_module(f"{__name__}.{name}")
+        found = [obj for obj in vars(module).values() if isinstance(obj, type) and issubclass(obj, Instrument)
+                 and obj.__module__ == module.__name__ and obj.name]
+        if len(found) != 1:
+            raise ImportError(f"instruments/{name}.py must define one Instrument subclass with a name")
+        out.append(found[0]())
+    return out
 
 
 def _entry_points():
@@ -422,6 +425,13 @@ def select(names: Optional[Iterable[str]], available: Optional[List[Instrument]]
     return [by_name[n] for n in wanted]
 
 
+def tab_panels(found: Optional[Iterable[Any]] = None) -> List[Dict[str, Any]]:
+    """The TensorBoard tab's panels: the instruments grouped by their ``tab`` (see ``_tab_panels``)."""
+    from ._tab_panels import tab_panels as _tab_panels
+
+    return _tab_panels(found)
+
+
 def downsample(steps, values, max_points: Optional[int] = None):
     """Reduce a long series for display (min/max per bucket, spikes kept); see ``_draw.downsample``."""
     from ._draw import MAX_POINTS, downsample as _downsample
@@ -430,4 +440,4 @@ def downsample(steps, values, max_points: Optional[int] = None):
 
 
 __all__ = ["Instrument", "RunView", "downsample", "GROUPS", "KINDS", "PANEL_LESS", "GROUP_ENTRY_POINTS", "builtin", "third_party",
-           "discover", "select", "as_view", "missing_reason", "enable_hint", "quantity_of"]
+           "discover", "select", "tab_panels", "builtin_modules", "ORDER", "as_view", "missing_reason", "enable_hint", "quantity_of"]

@@ -17,7 +17,7 @@ import pytest
 import instruments
 from cockpit_lite import runlog_keys
 from cockpit_lite.presets import PRESETS
-from instruments.tab_panels import tab_panels
+from instruments import tab_panels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 INDEX_JS = ROOT / "cockpit_lite" / "tensorboard" / "static" / "index.js"
@@ -37,6 +37,14 @@ def test_quantity_registry_is_the_quantity_files():
     assert set(files) <= set(REGISTRY)
     for name in files:
         assert REGISTRY[name].name == name and REGISTRY[name].__module__ == f"cockpit_lite.quantities.{name}"
+
+
+def test_instrument_registry_is_the_instrument_files():
+    files = sorted(p.stem for p in (ROOT / "instruments").glob("*.py") if not p.stem.startswith("_"))
+    found = instruments.builtin()
+    assert sorted(i.name for i in found) == files
+    assert set(instruments.ORDER) <= set(files), set(instruments.ORDER) - set(files)
+    assert [i.name for i in found][:len(instruments.ORDER)] == [n for n in instruments.ORDER if n in files]
 
 
 def test_every_quantity_has_a_panel_or_says_why_not():
