@@ -65,7 +65,7 @@ def test_presets_name_only_registered_quantities():
 
 def test_synthetic_log_has_every_quantity(tmp_path):
     from cockpit_lite import load
-    from instruments._synthetic import ALL, write_synthetic_log
+    from cockpit_lite.testing import ALL, write_synthetic_log
 
     assert list(ALL) == quantity_files()
     write_synthetic_log(tmp_path, 12, hist_every=5, curvature_every=5)
