@@ -125,7 +125,7 @@ def test_panels_route_serves_the_registry_including_a_new_instrument(tmp_path, m
 
     from cockpit_lite.tensorboard.loader import CockpitLoader
 
-    monkeypatch.setattr(instruments, "third_party", lambda: [_NewPanel()])
+    monkeypatch.setattr(instruments._registry, "third_party", lambda: [_NewPanel()])
     multiplexer = pem.EventMultiplexer()
     provider = mdp.MultiplexerDataProvider(multiplexer, str(tmp_path))
     context = base_plugin.TBContext(logdir=str(tmp_path), data_provider=provider, multiplexer=multiplexer, flags=None)
