@@ -145,8 +145,6 @@ class RunView:
         import numpy as np
 
         if key in self._data or not hasattr(self.run, "data_field"):
-            from cockpit_lite.runlog import _entry_column
-
             return _entry_column(self.data(key), name)
         steps, values = self.run.data_field(key, name)
         keep = np.ones(len(steps), dtype=bool)
@@ -174,6 +172,18 @@ class RunView:
     def subkeys(self, prefix: str) -> List[str]:
         """Keys ``prefix/<part>`` in the run (per-parameter values, groups), in log order."""
         return [k for k in self.keys() if k.startswith(prefix + "/")]
+
+
+def _entry_column(pairs, name: str):
+    """``(steps, values)`` of the numeric entry ``name`` of the structures in ``pairs`` (``[(step, dict)]``),
+    over those that hold one: what ``Run.data_field`` answers, for a view's own reads."""
+    import numpy as np
+
+    from cockpit_lite.runlog_scan import as_float
+
+    hits = [(s, d[name]) for s, d in pairs if isinstance(d, dict) and as_float(d.get(name)) is not None]
+    return (np.array([h[0] for h in hits], dtype=np.int64).reshape(-1),
+            np.array([h[1] for h in hits], dtype=np.float64).reshape(-1))
 
 
 def _run_label(run) -> str:
