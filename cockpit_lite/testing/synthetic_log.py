@@ -1,5 +1,4 @@
-"""Test support: a synthetic run log with every key of docs/record-keys.md, for tests, demos and
-benchmarks (``from cockpit_lite.testing import write_synthetic_log``). Nothing in the library imports it.
+"""A synthetic run log with every key of docs/record-keys.md, for tests, demos and benchmarks.
 
 The numbers follow plausible training dynamics (a decaying loss, a growing distance, alpha that
 drifts from understepping to overshooting) but are not computed from any model: the file says so
