@@ -31,10 +31,11 @@ def _theta(model) -> Dict[str, torch.Tensor]:
 
 
 def watched_training(model, opt, loss_fn, batches: Iterable[Tuple[Any, Any]], logdir=None, *, accumulate: int = 1,
-                  clip: Optional[float] = None, scheduler=None, forward=None,
-                  before_step: Optional[Callable[[int], None]] = None,
-                  after_backward: Optional[Callable[[int], None]] = None, **watch_options) -> Trained:
-    """Train ``model`` on ``batches`` (``(x, y)`` pairs; ``accumulate`` of them per optimizer step),
+                     divide: bool = True, clip: Optional[float] = None, scheduler=None, forward=None,
+                     before_step: Optional[Callable[[int], None]] = None,
+                     after_backward: Optional[Callable[[int], None]] = None, **watch_options) -> Trained:
+    """Train ``model`` on ``batches`` (``(x, y)`` pairs; ``accumulate`` of them per optimizer step, each
+    loss divided by ``accumulate`` unless ``divide=False``),
     watched by ``cockpit_lite.watch(forward or model, opt, loss_fn=loss_fn, logdir=logdir, **watch_options)``
     when ``logdir`` is given. ``before_step(k)`` runs before step ``k``'s ``zero_grad``,
     ``after_backward(k)`` after its backward passes (before clipping and ``opt.step()``)."""
@@ -51,7 +52,7 @@ def watched_training(model, opt, loss_fn, batches: Iterable[Tuple[Any, Any]], lo
             opt.zero_grad()
             for x, y in batches[start:start + accumulate]:
                 loss = loss_fn(forward(x), y)
-                (loss / accumulate if accumulate > 1 else loss).backward()
+                (loss / accumulate if divide and accumulate > 1 else loss).backward()
             if after_backward is not None:
                 after_backward(k)
             if clip is not None:
