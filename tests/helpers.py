@@ -61,4 +61,4 @@ def watched_training(model, opt, loss_fn, batches: Iterable[Tuple[Any, Any]], lo
             if scheduler is not None:
                 scheduler.step()
         thetas.append(_theta(model))
-    return Trained(cockpit_lite.load(logdir) if watching else None, thetas, cockpit)
+    return Trained(cockpit_lite.load(cockpit.logdir) if watching else None, thetas, cockpit)
