@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="PNG to write (default: LOGDIR/plot.png)")
     args = p.parse_args(argv)
 
-    from instruments._synthetic import write_synthetic_log
+    from cockpit_lite.testing import write_synthetic_log
 
     logdir = Path(args.logdir) / f"steps{args.steps}"
     out = Path(args.out or Path(args.logdir) / f"plot{args.steps}.png")

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from cockpit_lite.cli import main
-from instruments._synthetic import write_synthetic_log
+from cockpit_lite.testing import write_synthetic_log
 
 pytest.importorskip("matplotlib")
 

@@ -12,7 +12,7 @@ from torch import nn
 import cockpit_lite
 import instruments
 from cockpit_lite import dashboard
-from instruments._synthetic import write_synthetic_log
+from cockpit_lite.testing import write_synthetic_log
 
 pytest.importorskip("matplotlib")
 

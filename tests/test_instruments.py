@@ -14,7 +14,7 @@ import cockpit_lite
 import instruments
 from instruments import RunView
 from instruments._draw import downsample, moving_average, spans_decades
-from instruments._synthetic import write_synthetic_log
+from cockpit_lite.testing import write_synthetic_log
 
 pytest.importorskip("matplotlib")
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402

@@ -295,7 +295,7 @@ def test_small_logs_get_no_cache_and_gc_state_is_restored(tmp_path, monkeypatch)
 
 
 def test_synthetic_log_with_every_quantity(tmp_path):
-    from instruments._synthetic import write_synthetic_log
+    from cockpit_lite.testing import write_synthetic_log
 
     write_synthetic_log(tmp_path, 300, hist_every=50, curvature_every=7, energy_every=3)
     cold = cockpit_lite.load(tmp_path)
