@@ -150,7 +150,10 @@ def _bin_counts(G: torch.Tensor, R: float, bins: int) -> torch.Tensor:
 def _histc(G: torch.Tensor, R: float, bins: int):
     """(counts, max |G|, number outside [-R, R]) with outside values counted in the edge bins."""
     G = G.float()
-    m = float(G.abs().max()) if G.numel() else 0.0
+    m = 0.0
+    if G.numel():  # max |G| from one pass that allocates nothing (NaN propagates as with abs().max())
+        lo, hi = torch.aminmax(G)
+        m = max(-float(lo), float(hi)) if not (lo != lo or hi != hi) else float("nan")
     k = 0
     if m > R:
         k = int((G.abs() > R).sum())
@@ -165,7 +168,7 @@ def _histc(G: torch.Tensor, R: float, bins: int):
     # arithmetic can put them one bin lower for some R
     z_bin = int(count(G.new_zeros(1), R, bins).argmax())
     if z_bin != bins // 2:
-        z = float((G == 0).sum())
+        z = float(G.numel() - int(torch.count_nonzero(G)))  # exact zeros, in one pass without a mask
         counts[z_bin] -= z
         counts[bins // 2] += z
     return counts, m, k

@@ -22,7 +22,7 @@ from .losses import LossUnavailable, per_sample_losses
 from .norm import BATCHNORM_REASON, batchnorm_mixes_samples
 from .fallback import owned_parameters
 from .rules import Unsupported, layer_samples
-from .plan import HIST_BINS, hist_range as plan_hist_range, plan_for
+from .plan import HIST_BINS, hist_range as plan_hist_range, layer_pass, plan_for, summed as _summed
 from .samples import DenseSamples
 
 
@@ -235,10 +235,7 @@ class PerSampleView:
             elif len(ps_list) == 1:
                 out.append(single(ps_list[0]))
             else:
-                G = ps_list[0].materialize()
-                for ps in ps_list[1:]:
-                    G = G + ps.materialize()
-                out.append(dense(G))
+                out.append(dense(_summed(ps_list)))
         return out
 
     def _nan(self, shape) -> torch.Tensor:
@@ -330,49 +327,16 @@ class PerSampleView:
     def _run_pass(self, j: int, wanted: set, have: dict) -> None:
         p = self.params[j]
         R = self._hist_range() if "hist" in wanted else None
-        hist = R is not None
         wanted = wanted - {"hist"}
         parts = self._param_samples(j)
         if parts is None:
             for s_ in wanted:
                 have[s_] = self._nan((self.n_local,)) if s_ in ("sq", "dots") else self._nan(p.shape)
-            if hist:
+            if R is not None:
                 have["hist"] = (R, {})
             return
         v = self.mean_grad()[j] if "dots" in wanted else None
-        got = dict(parts)
-        pieces: Dict[str, list] = {s_: [] for s_ in wanted}
-        counted: Dict[int, tuple] = {}
-        for pos, b in enumerate(self.batch_sizes):
-            ps_list = got.get(pos)
-            if not ps_list:
-                for s_ in wanted:
-                    if s_ != "m2":
-                        pieces[s_].append(self._zeros(b))
-                continue
-            if len(ps_list) == 1:
-                ps = ps_list[0]
-                # the histogram joins the pass where the layer builds its per-sample gradients anyway (no
-                # cheap maximum: convolutions, sequence Linear, fallback); cheap layers count on their own
-                with_hist = hist and not getattr(ps, "cheap_max", False)
-                if with_hist or any(ps.materializes(s_) for s_ in wanted):
-                    res = ps.fused_stats(wanted | {"hist"} if with_hist else wanted, v, R, HIST_BINS)
-                else:
-                    res = ps.factored_stats(wanted, v)
-            else:  # weight sharing inside one forward: sum the calls' per-sample gradients, once
-                with_hist = hist
-                res = DenseSamples(_summed(ps_list)).fused_stats(wanted | {"hist"} if hist else wanted, v, R, HIST_BINS)
-            if with_hist:
-                counted[pos] = res["hist"]
-            for s_ in wanted:
-                pieces[s_].append(res[s_])
-        if hist:
-            have["hist"] = (R, counted)
-        for s_ in wanted:
-            if s_ == "m2":
-                have[s_] = _sum_parts(pieces[s_], p)
-            else:
-                have[s_] = pieces[s_][0] if len(pieces[s_]) == 1 else torch.cat(pieces[s_])
+        have.update(layer_pass(parts, self.batch_sizes, wanted, v, R, self._zeros, p))
 
     def sum_grads(self) -> List[torch.Tensor]:
         """sum_i g_i per parameter (n times the mean gradient), from the per-sample information."""
@@ -454,10 +418,7 @@ class PerSampleView:
             elif len(ps_list) == 1:
                 yield from ps_list[0].chunks()
             else:
-                G = ps_list[0].materialize()
-                for ps in ps_list[1:]:
-                    G = G + ps.materialize()
-                yield G
+                yield _summed(ps_list)
 
     def histogram(self, index: int, R: float, bins: int):
         """(counts [bins] float64, max |g_ik|, clipped) of parameter ``index``'s per-sample gradient
@@ -550,14 +511,6 @@ def _scaled(g: torch.Tensor, c: float) -> torch.Tensor:
     if g.dtype in (torch.float16, torch.bfloat16):
         g = g.float()
     return g if c == 1.0 else g * c
-
-
-def _summed(ps_list) -> torch.Tensor:
-    """The per-sample gradients of a parameter used by several calls of one forward: their sum."""
-    G = ps_list[0].materialize()
-    for ps in ps_list[1:]:
-        G = G + ps.materialize()
-    return G
 
 
 def _sum_parts(parts, p):
