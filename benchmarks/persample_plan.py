@@ -7,6 +7,8 @@ over rounds of the ratio to a plain step of the same round:
 
 * ``hist_first``:  grad_hist_1d, norm_test, inner_test, ortho_test, mean_gsnr
 * ``noise_first``: norm_test, inner_test, ortho_test, mean_gsnr, grad_hist_1d
+* ``economy``:     the economy preset, every quantity every step (alpha's end-point projections join the
+  step's pass)
 
 Before the per-step plan (``cockpit_lite/persample/plan.py``) the first order built the conv layers'
 per-sample gradients twice (3.43x vs 2.62x in issue 21). With the plan both orders cost the same.
@@ -30,6 +32,12 @@ SET = ["grad_hist_1d", "norm_test", "inner_test", "ortho_test", "mean_gsnr"]
 ORDERS = {"hist_first": SET, "noise_first": SET[1:] + SET[:1]}
 
 
+def economy():
+    from cockpit_lite.presets import preset
+
+    return preset("economy", schedule="every")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
@@ -40,7 +48,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         variants, cockpits = {}, {}
         variants["plain"], _, _ = problems.training_step(problem, momentum=0.0)
-        for name, qs in ORDERS.items():
+        for name, qs in list(ORDERS.items()) + [("economy", economy())]:
             variants[name], cockpits[name], _ = problems.training_step(
                 problem, qs, os.path.join(tmp, name), momentum=0.0)
         per_round = timing.interleaved(variants, rounds=args.rounds, steps=args.steps, warmup=2)

@@ -90,8 +90,10 @@ def _numbers(path):
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_orders_log_the_same_values(tmp_path, model):
     make, shape = MODELS[model]
-    # grad_hist_2d (its range from the planned second moment) after, then before the others
-    lists = [qs + ["grad_hist_2d"] if k < 2 else ["grad_hist_2d"] + qs for k, qs in enumerate(ORDERS)]
+    # grad_hist_2d (its range from the planned second moment) after, then before the others,
+    # and alpha (its end point's projections from the pass) first, last, last
+    lists = [["alpha"] + SET + ["grad_hist_2d"], ORDERS[1] + ["grad_hist_2d", "alpha"],
+             ["grad_hist_2d"] + ORDERS[2] + ["alpha"]]
     logs = [_numbers(_run(make, shape, qs, tmp_path / f"o{k}")) for k, qs in enumerate(lists)]
     assert any("grad_hist_1d" in str(k) for k in logs[0]) and any("norm_test" in str(k) for k in logs[0])
     for other in logs[1:]:
@@ -155,3 +157,58 @@ def test_plan_is_order_independent_and_declared():
         per_sample_stats = frozenset({"hist"})
 
     assert plan_for([HistWithoutRange(), NormTest()]).stats == frozenset({"sq"})
+
+
+def test_alpha_end_point_projection_from_the_pass_matches_bruteforce(tmp_path, monkeypatch):
+    """alpha's projections at t+1 onto the previous update come from the step's shared pass (with the
+    noise tests and the histogram building the conv blocks): the fit's observations still match the
+    brute-force float64 reference of test_alpha.py, and the pass did serve them."""
+    from test_alpha import make_batches, reference_alpha
+    from cockpit_lite.persample import plan as plan_mod, view as view_mod
+
+    served = []
+    orig = plan_mod.layer_pass
+
+    def recording(parts, batch_sizes, wanted, *a, **k):
+        served.append("dir" in wanted)
+        return orig(parts, batch_sizes, wanted, *a, **k)
+
+    monkeypatch.setattr(view_mod, "layer_pass", recording)
+
+    def make():
+        return nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                             nn.Linear(3 * 4 * 4, 3))
+
+    batches = make_batches((2, 6, 6), steps=4)
+    torch.manual_seed(0)
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    crit = nn.CrossEntropyLoss()
+    thetas = []
+    with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "a", quantities=["alpha"] + SET) as cp:
+        for x, y in batches:
+            thetas.append([p.detach().clone() for p in model.parameters()])
+            opt.zero_grad()
+            crit(model(x), y).backward()
+            opt.step()
+        thetas.append([p.detach().clone() for p in model.parameters()])
+    assert any(served)
+    run = cockpit_lite.load(cp.log_path)
+    details = dict(run.data("alpha"))
+    assert sorted(details) == [0, 1, 2], run.reasons("alpha")
+    for step in (0, 1, 2):
+        _, obs, _ = reference_alpha(make, thetas, batches, step)
+        for key, value in obs.items():
+            assert details[step][key] == pytest.approx(value, rel=2e-4, abs=1e-6), (step, key)
+
+
+def test_planned_direction_changed_in_place_is_not_served():
+    """The view serves the planned direction's projections only while its tensors are the same and
+    unchanged (alpha overwrites its direction buffer in place after the step)."""
+    d = [torch.ones(3), torch.zeros(2)]
+    q = type("Q", (), {"per_sample_direction": lambda self, step: d})()
+    p = plan_for([q], step=5)
+    assert "dir" in p.stats and p.serves(d)
+    assert not p.serves([d[0].clone(), d[1]])
+    d[1].add_(1.0)
+    assert not p.serves(d)

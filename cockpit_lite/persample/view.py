@@ -274,13 +274,18 @@ class PerSampleView:
         return self._cache["sq_total"]
 
     def dots_per_param(self, vecs) -> List[torch.Tensor]:
-        """g_i . v per parameter ([n] each); ``vecs`` aligned with ctx.params (None = zero)."""
+        """g_i . v per parameter ([n] each); ``vecs`` aligned with ctx.params (None = zero). The direction
+        the step's plan names (alpha's) comes from the step's shared pass."""
         out = []
+        planned = self.plan().serves(vecs)
         for j, v in enumerate(vecs):
             if v is None:
                 out.append(self._zeros(self.n_local) if self.names[j] not in self._reasons else self._nan((self.n_local,)))
                 continue
-            vf = v.detach().float() if v.dtype in (torch.float16, torch.bfloat16) else v.detach()
+            if planned:
+                out.append(self._stat(j, "dir"))
+                continue
+            vf = _float(v.detach())
             parts = self._per_forward(j, lambda ps: ps.dots(vf),
                                       lambda G: G.reshape(G.shape[0], -1) @ vf.reshape(-1).to(G.dtype), self._zeros)
             out.append(self._nan((self.n_local,)) if parts is None else torch.cat(parts))
@@ -302,7 +307,7 @@ class PerSampleView:
         """What the step's active quantities need from the per-sample data (``plan.StepPlan``), decided
         once per step, before any of them runs."""
         if "plan" not in self._cache:
-            self._cache["plan"] = plan_for(getattr(self.ctx, "active", None))
+            self._cache["plan"] = plan_for(getattr(self.ctx, "active", None), getattr(self.ctx, "step", None))
         return self._cache["plan"]
 
     def _planned(self) -> frozenset:
@@ -331,12 +336,16 @@ class PerSampleView:
         parts = self._param_samples(j)
         if parts is None:
             for s_ in wanted:
-                have[s_] = self._nan((self.n_local,)) if s_ in ("sq", "dots") else self._nan(p.shape)
+                have[s_] = self._nan((self.n_local,)) if s_ in ("sq", "dots", "dir") else self._nan(p.shape)
             if R is not None:
                 have["hist"] = (R, {})
             return
         v = self.mean_grad()[j] if "dots" in wanted else None
-        have.update(layer_pass(parts, self.batch_sizes, wanted, v, R, self._zeros, p))
+        d = None
+        if "dir" in wanted:
+            d = self.plan().direction[j]
+            d = _float(d.detach()) if d is not None else self._zeros(p.shape)
+        have.update(layer_pass(parts, self.batch_sizes, wanted, v, R, self._zeros, p, d))
 
     def sum_grads(self) -> List[torch.Tensor]:
         """sum_i g_i per parameter (n times the mean gradient), from the per-sample information."""
@@ -506,6 +515,10 @@ class PerSampleView:
             if len(chosen) == 2:
                 break
         return chosen
+
+def _float(v: torch.Tensor) -> torch.Tensor:
+    return v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
+
 
 def _scaled(g: torch.Tensor, c: float) -> torch.Tensor:
     if g.dtype in (torch.float16, torch.bfloat16):
