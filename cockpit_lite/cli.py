@@ -276,7 +276,7 @@ def summary_text(run, all_keys: bool = False) -> str:
 
 def _is_part(key: str) -> bool:
     """Summary parts of a quantity (``hess_trace/stderr``, ``lr/group1``) rather than per-parameter values."""
-    from .runlog_keys import is_summary_part
+    from .runlog.keys import is_summary_part
 
     return is_summary_part(key) or key.split("/", 1)[1].startswith("group")
 

@@ -179,7 +179,7 @@ def _entry_column(pairs, name: str):
     over those that hold one: what ``Run.data_field`` answers, for a view's own reads."""
     import numpy as np
 
-    from cockpit_lite.runlog_scan import as_float
+    from cockpit_lite.runlog.codec import as_float
 
     hits = [(s, d[name]) for s, d in pairs if isinstance(d, dict) and as_float(d.get(name)) is not None]
     return (np.array([h[0] for h in hits], dtype=np.int64).reshape(-1),

@@ -467,7 +467,7 @@ def test_steps_covered_matches_a_lookup_per_step():
 def test_energy_covers_from_the_steps_entries_match_the_structures(tmp_path, monkeypatch, cached):
     """The energy panel reads only the ``steps`` entries and the last structure (a cached run does
     not decode its 100,000 structures): the same table and provenance as from every structure."""
-    from cockpit_lite.runlog_cache import RunCache
+    from cockpit_lite.runlog.cache import RunCache
     from instruments.energy import _covers, _covers_of
 
     monkeypatch.setattr(RunCache, "MIN_BYTES", 0)

@@ -15,7 +15,7 @@ import re
 import pytest
 
 import instruments
-from cockpit_lite import runlog_keys
+from cockpit_lite.runlog import keys as runlog_keys
 from cockpit_lite.presets import PRESETS
 from instruments import tab_panels
 

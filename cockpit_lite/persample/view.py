@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..distributed import sum_numbers, sum_tensors
+from ..loss_combine import step_normalised
 from .losses import LossUnavailable, per_sample_losses
 from .norm import BATCHNORM_REASON, batchnorm_mixes_samples
 from .fallback import owned_parameters
@@ -93,6 +94,12 @@ class PerSampleView:
                     break
                 s = s.detach().reshape(()).float()
                 self.factors.append((b / s) if self.ctx.reduction == "mean" else (1.0 / s))
+        # a micro-batch loss already divided by the step's count (num_items_in_batch) is a part of the step's
+        # mean, not a mean of its own: its samples' l_i scale by n_local / b_k (``step_context.step_normalised``)
+        self.shares = [self.n_local / b if step_normalised(mbs) and self.ctx.reduction == "mean" and b else 1.0
+                       for b in self.batch_sizes]
+        self.factors = [f * s for f, s in zip(self.factors, self.shares)] if len(self.factors) == len(mbs) \
+            else self.factors
         self.micro_batches = mbs
         # parameter -> [(forward position, call, attribute name)]
         self.feeds: Dict[int, list] = {j: [] for j in range(len(self.params))}
@@ -154,12 +161,13 @@ class PerSampleView:
                                         "back-propagated loss call(s)")
             losses = self.losses()
             out, start = {j: [] for j in wanted}, 0
-            for pos, (call, mb, b) in enumerate(zip(calls, self.micro_batches, self.batch_sizes)):
+            for pos, (call, mb, b, share) in enumerate(zip(calls, self.micro_batches, self.batch_sizes, self.shares)):
                 got = replayed_grads(self.ctx.watched.model, self.ctx.watched.loss_fn, call, mb, b, self.ctx.reduction,
-                                     {j: self.params[j] for j in wanted}, losses[start:start + b], self.sample_dim)
+                                     {j: self.params[j] for j in wanted}, losses[start:start + b] / share,
+                                     self.sample_dim)
                 start += b
                 for j in wanted:
-                    out[j].append((pos, [DenseSamples(got[j])]))
+                    out[j].append((pos, [DenseSamples(got[j] * share if share != 1.0 else got[j])]))
             self._replayed.update(out)
         except ReplayUnavailable as err:
             for j, why in wanted.items():
@@ -253,8 +261,8 @@ class PerSampleView:
             try:
                 if self._global_reason is not None:
                     raise LossUnavailable(self._global_reason)
-                parts = [per_sample_losses(self.ctx.watched.loss_fn, mb, b, self.ctx.reduction, self.sample_dim)
-                         for mb, b in zip(self.micro_batches, self.batch_sizes)]
+                parts = [per_sample_losses(self.ctx.watched.loss_fn, mb, b, self.ctx.reduction, self.sample_dim) * share
+                         for mb, b, share in zip(self.micro_batches, self.batch_sizes, self.shares)]
                 self._cache["losses"] = torch.cat(parts)
             except LossUnavailable as err:
                 self._cache["losses_reason"] = str(err)

@@ -31,8 +31,8 @@ from tensorboard.data import provider
 from tensorboard.plugins import base_plugin
 
 from ..runlog import encode_number
-from ..runlog_keys import is_summary_part
-from . import PLUGIN_NAME, SCALAR_PREFIX
+from ..runlog.keys import is_summary_part
+from .names import PLUGIN_NAME, SCALAR_PREFIX
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.(js|css|svg)$")
@@ -45,7 +45,7 @@ MAX_EVENTS = 200
 
 
 def panel_key(key: str) -> bool:
-    """Whether a run-log key is drawn in a panel (totals and their named parts, ``runlog_keys.SUMMARY_PARTS``;
+    """Whether a run-log key is drawn in a panel (totals and their named parts, ``runlog.keys.SUMMARY_PARTS``;
     not per-parameter values)."""
     return "/" not in key or is_summary_part(key)
 

@@ -12,7 +12,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from cockpit_lite.runlog_keys import builtin_quantities
+from cockpit_lite.runlog.keys import builtin_quantities
 
 #: every built-in quantity (the modules of cockpit_lite.quantities); tests check each has values here
 ALL = builtin_quantities()
