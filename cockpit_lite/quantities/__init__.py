@@ -22,7 +22,7 @@ def register(cls: Type[Quantity]) -> Type[Quantity]:
 
 def builtin_names() -> List[str]:
     """The built-in quantities: one module per quantity, named like it (``grad_norm.py``), in name order.
-    This package's modules are the one list of quantities; the log reader (``runlog/keys.py``), the
+    This package's modules are the one list of quantities; the log reader (``runlog.keys``), the
     synthetic log (``cockpit_lite.testing``) and the panel registry's drift test derive from it."""
     return list(builtin_quantities())
 

@@ -45,7 +45,7 @@ MAX_EVENTS = 200
 
 
 def panel_key(key: str) -> bool:
-    """Whether a run-log key is drawn in a panel (totals and their named parts, ``runlog/keys.py: SUMMARY_PARTS``;
+    """Whether a run-log key is drawn in a panel (totals and their named parts, ``runlog.keys.SUMMARY_PARTS``;
     not per-parameter values)."""
     return "/" not in key or is_summary_part(key)
 
