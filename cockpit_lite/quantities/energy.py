@@ -33,7 +33,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from ..energy import carbon
+from ..energy import carbon as carbon_units
+from ..energy.carbon_tables import intensity_from_tables
 from ..energy.attribution import StepEnergy
 from ..energy.estimate import make_estimator
 from ..energy.processes import combine, gpu_identity, host
@@ -82,6 +83,21 @@ class _CudaEvent:
         return self.event.query()
 
 
+def _carbon_setting(table: Optional[Mapping[str, str]], intensity: Optional[float],
+                    source: Optional[str]) -> Tuple[float, str]:
+    """The carbon intensity and its source: a number the user states, a CodeCarbon table entry
+    (``carbon={"country": "FRA"}``, see ``energy/carbon_tables.py``), or the world-average default."""
+    if table is not None:
+        if intensity is not None or source is not None:
+            raise ValueError("pass either carbon={...} (a CodeCarbon table entry) or carbon_intensity_g_per_kwh "
+                             "(and carbon_source), not both")
+        return intensity_from_tables(table)
+    if intensity is None:
+        return carbon_units.DEFAULT_CARBON_INTENSITY_G_PER_KWH, source or carbon_units.DEFAULT_CARBON_SOURCE
+    carbon_units.check_intensity(intensity)
+    return float(intensity), source or "stated by the user"
+
+
 class Energy(Quantity):
     name = "energy"
     description = ("joules per step and device (GPU: NVML counter, CPU: RAPL), labelled measured/estimated/"
@@ -89,20 +105,17 @@ class Energy(Quantity):
     reduces = False  # reads only what every process has (its own devices, the all-reduced .grad)
 
     def __init__(self, schedule=None, *, estimate: Optional[Mapping[str, Any]] = None,
-                 carbon_intensity_g_per_kwh: float = carbon.DEFAULT_CARBON_INTENSITY_G_PER_KWH,
-                 carbon_source: Optional[str] = None, pue: float = 1.0, rel_error: float = 0.05,
+                 carbon_intensity_g_per_kwh: Optional[float] = None, carbon_source: Optional[str] = None,
+                 carbon: Optional[Mapping[str, str]] = None, pue: float = 1.0, rel_error: float = 0.05,
                  powercap_root=POWERCAP_ROOT, gpu: bool = True,
                  nvml_counter: Optional[Callable[[int], Tuple[Callable[[], float], str]]] = None,
                  make_event: Optional[Callable[[int], Any]] = None, poll_s: float = 0.005):
         super().__init__(schedule)
-        carbon.check_intensity(carbon_intensity_g_per_kwh, pue)
+        self.intensity, self.carbon_source = _carbon_setting(carbon, carbon_intensity_g_per_kwh, carbon_source)
+        carbon_units.check_intensity(self.intensity, pue)
         if not rel_error > 0:
             raise ValueError(f"rel_error must be > 0, got {rel_error!r}")
         self.estimator = make_estimator(estimate)
-        self.intensity = float(carbon_intensity_g_per_kwh)
-        self.carbon_source = carbon_source or (
-            carbon.DEFAULT_CARBON_SOURCE if carbon_intensity_g_per_kwh == carbon.DEFAULT_CARBON_INTENSITY_G_PER_KWH
-            else "stated by the user")
         self.pue = float(pue)
         self.rel_error = float(rel_error)
         self.powercap_root = powercap_root
@@ -311,8 +324,8 @@ class Energy(Quantity):
         if counted:
             total = math.fsum(v.joules for v in counted.values())
             emit("energy", total)
-            emit("energy/kwh", carbon.joules_to_kwh(total))
-            emit("energy/co2_g", carbon.co2_grams(total, self.intensity, self.pue))
+            emit("energy/kwh", carbon_units.joules_to_kwh(total))
+            emit("energy/co2_g", carbon_units.co2_grams(total, self.intensity, self.pue))
         else:
             why = "; ".join(f"{d}: {values[d].reason}" for d in missing) or "no device to measure"
             for key in ("energy", "energy/kwh", "energy/co2_g"):
