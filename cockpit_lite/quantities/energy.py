@@ -155,6 +155,11 @@ class Energy(Quantity):
         if self._rapl.available:
             self._prev_cpu = self._rapl.read_uj()
             return
+        if self.estimator is not None and not self.estimator.available:  # tdp_w="auto", CPU not in the table
+            self._static["cpu"] = DeviceEnergy(UNAVAILABLE, "estimate", reason=(
+                f"RAPL unavailable ({self._rapl.reason}); the requested estimate is unavailable: "
+                f"{self.estimator.reason}"), model=self.estimator.model)
+            return
         if self.estimator is not None:
             self._prev_est = self.estimator.read()
             return
@@ -250,7 +255,7 @@ class Energy(Quantity):
                 out[d.device] = DeviceEnergy(MEASURED, f"rapl:{d.zone} ({d.name}; whole socket, all processes)",
                                              joules, rapl_error_bound_j(joules, seconds))
             self._prev_cpu = cur
-        elif self.estimator is not None:
+        elif self.estimator is not None and self.estimator.available:
             cur = self.estimator.read()
             joules, utilisation = self.estimator.joules(self._prev_est, cur)
             self._prev_est = cur
