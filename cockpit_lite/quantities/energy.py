@@ -6,7 +6,7 @@ Devices (names used in the log keys ``energy/<device>``):
   read at the end of each tracked step; ``cpu`` when they cannot be read (``unavailable`` with the
   reason, or ``estimated`` if the user asked for an estimate, ``Energy(estimate={"tdp_w": 65})``);
 * ``gpu0``, ...: for each CUDA device holding watched parameters, the NVML cumulative counter
-  sampled by a thread, with CUDA events as step ends. Its per-step values are known only once the
+  (or Zeus's, ``energy/zeus_counter.py``, where NVML cannot be used and zeus is installed) sampled by a thread, with CUDA events as step ends. Its per-step values are known only once the
   counter has updated after a window of steps long enough for the error bound (``rel_error``), so
   they are written as amendments of the earlier steps (and at ``close`` for the last window).
 
@@ -169,13 +169,14 @@ class Energy(Quantity):
         indices = sorted({p.device.index or 0 for p in watched.params if p.device.type == "cuda"})
         if not indices and self.make_event is None:
             return  # a CPU model: no GPU device is reported at all
-        from ..energy.nvml import GpuEnergyMeter, NvmlUnavailable, nvml_energy_counter
+        from ..energy.nvml import GpuEnergyMeter, NvmlUnavailable
+        from ..energy.zeus_counter import gpu_energy_counter  # NVML, else Zeus when installed
 
         for index in indices or [0]:
             device = f"gpu{index}"
             self._identity[device] = gpu_identity(index)
             try:
-                opened = (self.nvml_counter or nvml_energy_counter)(index)
+                opened = (self.nvml_counter or gpu_energy_counter)(index)
                 read, label = opened[0], opened[1]
                 if len(opened) > 2:
                     self._gpu_closers.append(opened[2])
