@@ -49,8 +49,8 @@ def zeus_energy_counter(cuda_index: int, get_gpus: Optional[Callable[[], Any]] =
     return read, f"zeus:{name}"
 
 
-def gpu_energy_counter(cuda_index: int):
-    """NVML's counter; if NVML cannot be used and Zeus is installed, Zeus's. Otherwise
+def gpu_energy_counter(cuda_index: int) -> Tuple[Any, ...]:
+    """``(read, label[, shutdown])``: NVML's counter; if NVML cannot be used and Zeus is installed, Zeus's. Otherwise
     NvmlUnavailable with the reason(s)."""
     try:
         return nvml_energy_counter(cuda_index)

@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from ..energy import carbon as carbon_units
 from ..energy.carbon_tables import intensity_from_tables
 from ..energy.attribution import StepEnergy
-from ..energy.estimate import make_estimator
+from ..energy.estimate import TdpEstimator, UnavailableEstimate, make_estimator
 from ..energy.processes import combine, gpu_identity, host
 from ..energy.rapl import POWERCAP_ROOT, RaplReader, RaplUnavailable, rapl_error_bound_j
 from .base import Quantity
@@ -155,12 +155,12 @@ class Energy(Quantity):
         if self._rapl.available:
             self._prev_cpu = self._rapl.read_uj()
             return
-        if self.estimator is not None and not self.estimator.available:  # tdp_w="auto", CPU not in the table
+        if isinstance(self.estimator, UnavailableEstimate):  # tdp_w="auto", CPU not in the table
             self._static["cpu"] = DeviceEnergy(UNAVAILABLE, "estimate", reason=(
                 f"RAPL unavailable ({self._rapl.reason}); the requested estimate is unavailable: "
                 f"{self.estimator.reason}"), model=self.estimator.model)
             return
-        if self.estimator is not None:
+        if isinstance(self.estimator, TdpEstimator):
             self._prev_est = self.estimator.read()
             return
         self._static["cpu"] = DeviceEnergy(UNAVAILABLE, "rapl", reason=self._rapl.reason)
@@ -256,7 +256,7 @@ class Energy(Quantity):
                 out[d.device] = DeviceEnergy(MEASURED, f"rapl:{d.zone} ({d.name}; whole socket, all processes)",
                                              joules, rapl_error_bound_j(joules, seconds))
             self._prev_cpu = cur
-        elif self.estimator is not None and self.estimator.available:
+        elif isinstance(self.estimator, TdpEstimator):
             cur = self.estimator.read()
             joules, utilisation = self.estimator.joules(self._prev_est, cur)
             self._prev_est = cur
