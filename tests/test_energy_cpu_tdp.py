@@ -51,6 +51,18 @@ def test_models_not_in_the_table_are_not_guessed(cpuinfo_name):
         lookup_tdp(cpuinfo_name)
 
 
+def test_malformed_or_conflicting_rows_are_reported_not_used():
+    tdps = table_tdps()
+    with pytest.raises(ValueError):
+        float(tdps["Intel Celeron 1200"])  # the table's cell is not a number ("29.32.9")
+    with pytest.raises(TdpNotFound, match="'Intel Celeron 1200'.*not a number"):
+        lookup_tdp("Intel(R) Celeron(R) 1200")
+    # two spellings of one model (one with a no-break space) with different TDPs: ambiguous
+    assert {float(v) for k, v in tdps.items() if " ".join(k.split()) == "Intel Atom E625CT"} == {3.0, 2.7}
+    with pytest.raises(TdpNotFound, match="different TDPs"):
+        lookup_tdp("Intel(R) Atom(TM) E625CT")
+
+
 def test_cpuinfo_model_and_packages(tmp_path):
     path = tmp_path / "cpuinfo"
     path.write_text("".join(f"processor\t: {i}\nmodel name\t: AMD EPYC 7763 64-Core Processor\n"

@@ -6,13 +6,14 @@ normalisation on both sides (lower case; ``(R)``, ``(TM)``, "CPU", "Processor", 
 ``@ 2.50GHz`` clock removed). A match is the table name itself, or the table name followed only by a
 core count ("16-Core") and/or integrated graphics ("with Radeon Graphics"); never a neighbouring model
 (``6248`` is not ``6248R``, ``E5-2686`` is not ``E5-2686 v4``). No match, or matches with different TDPs,
-is :class:`TdpNotFound` with a reason naming the model: the estimate is then unavailable, never guessed.
+or a malformed TDP cell, is :class:`TdpNotFound` with a reason naming the model: the estimate is then unavailable, never guessed.
 The TDP is per package; the number of packages is the count of distinct "physical id" in cpuinfo.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -64,12 +65,13 @@ def _load() -> Dict[str, List[Tuple[str, float]]]:
     out: Dict[str, List[Tuple[str, float]]] = {}
     with open(table("estimate={'tdp_w': 'auto'}", CPU_TABLE), encoding="utf-8-sig", newline="") as f:
         for row in csv.DictReader(f):
+            if not row.get("Name"):
+                continue
             try:
                 tdp = float(row["TDP"])
             except (KeyError, TypeError, ValueError):
-                continue
-            if tdp > 0 and row.get("Name"):
-                out.setdefault(normalise(row["Name"]), []).append((row["Name"], tdp))
+                tdp = math.nan  # a malformed cell ("27.29.5"): kept, so that a match on it is reported
+            out.setdefault(normalise(row["Name"]), []).append((row["Name"], tdp if tdp > 0 else math.nan))
     return out
 
 
@@ -90,8 +92,11 @@ def lookup_tdp(cpu_model: Optional[str]) -> TdpMatch:
     if found is None:
         raise TdpNotFound(f"CPU model {cpu_model!r} is not in CodeCarbon's CPU power table ({label(CPU_TABLE)}); "
                           "pass the TDP as estimate={'tdp_w': W}")
-    tdps = sorted({tdp for _, tdp in rows[found]})
     names = [n for n, _ in rows[found]]
+    if any(math.isnan(tdp) for _, tdp in rows[found]):
+        raise TdpNotFound(f"CPU model {cpu_model!r} matches {names} in {label(CPU_TABLE)}, whose TDP cell is not "
+                          "a number of watts; pass the TDP as estimate={'tdp_w': W}")
+    tdps = sorted({tdp for _, tdp in rows[found]})
     if len(tdps) > 1:
         raise TdpNotFound(f"CPU model {cpu_model!r} matches {names} in {label(CPU_TABLE)} with different TDPs "
                           f"{tdps} W; pass the TDP as estimate={{'tdp_w': W}}")
