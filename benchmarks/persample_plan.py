@@ -7,10 +7,10 @@ over rounds of the ratio to a plain step of the same round:
 
 * ``hist_first``:  grad_hist_1d, norm_test, inner_test, ortho_test, mean_gsnr
 * ``noise_first``: norm_test, inner_test, ortho_test, mean_gsnr, grad_hist_1d
-* ``economy``:     the economy preset, every quantity every step (alpha's end-point projections join the
-  step's pass)
-* ``economy_unfused``: the same, alpha's end-point projections computed apart (its own route per layer,
-  as before the plan took them)
+* ``economy``:     the economy preset, every quantity every step (alpha's projections from the step's
+  pass: at t+1 in it, at t from the conv blocks it kept)
+* ``economy_unfused``: the same, alpha's projections (at t after the step, at t+1 onto d_t) computed
+  apart: its own route per layer, as before the plan took them
 
 Before the per-step plan (``cockpit_lite/persample/plan.py``) the first order built the conv layers'
 per-sample gradients twice (3.43x vs 2.62x in issue 21). With the plan both orders cost the same.
@@ -42,19 +42,21 @@ def economy():
 
 
 def _without_direction(step):
-    """The step with alpha's end-point projections taken apart from the shared pass (as before the plan
-    took them): its ``per_sample_direction`` says None while this variant runs."""
+    """The step with alpha's projections taken apart from the shared pass (as before the plan took
+    them): its ``per_sample_direction`` says None and ``per_sample_keep`` False while this variant runs."""
     from cockpit_lite.quantities.alpha import Alpha
 
     def run():
         planned = getattr(Alpha, "per_sample_direction", None)
-        if planned is None:  # a version without the plan's direction (the comparison with main)
+        keep = getattr(Alpha, "per_sample_keep", None)
+        if planned is None or keep is None:  # a version without them (the comparison with main)
             return step()
         Alpha.per_sample_direction = lambda self, step: None
+        Alpha.per_sample_keep = lambda self, step: False
         try:
             step()
         finally:
-            Alpha.per_sample_direction = planned
+            Alpha.per_sample_direction, Alpha.per_sample_keep = planned, keep
     return run
 
 
