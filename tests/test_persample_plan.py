@@ -226,3 +226,33 @@ def test_planned_direction_changed_in_place_is_not_served():
     assert not p.serves([d[0].clone(), d[1]])
     d[1].add_(1.0)
     assert not p.serves(d)
+
+
+def test_alpha_fused_equals_apart_with_accumulation(tmp_path, monkeypatch):
+    """Two micro-batches of different sizes per step: alpha's observations with its projections from
+    the step's pass (kept blocks per micro-batch) equal those computed apart, to 1e-5."""
+    from cockpit_lite.quantities.alpha import Alpha
+
+    def run(logdir):
+        torch.manual_seed(0)
+        model = cnn()
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        crit = nn.CrossEntropyLoss()
+        g = torch.Generator().manual_seed(5)
+        with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=logdir, quantities=["alpha"] + SET) as cp:
+            for _ in range(3):
+                opt.zero_grad()
+                for b in (5, 3):
+                    x, y = torch.randn(b, 2, 5, 5, generator=g), torch.randint(0, 3, (b,), generator=g)
+                    (crit(model(x), y) / 2).backward()
+                opt.step()
+        return dict(cockpit_lite.load(cp.log_path).data("alpha"))
+
+    fused = run(tmp_path / "fused")
+    monkeypatch.setattr(Alpha, "per_sample_direction", lambda self, step: None)
+    monkeypatch.setattr(Alpha, "per_sample_keep", lambda self, step: False)
+    apart = run(tmp_path / "apart")
+    assert sorted(fused) == sorted(apart) == [0, 1]
+    for step in fused:
+        for key in ("df0", "df1", "var_df0", "var_df1", "f0", "f1", "t"):
+            assert fused[step][key] == pytest.approx(apart[step][key], rel=1e-5, abs=1e-8), (step, key)
