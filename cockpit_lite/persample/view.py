@@ -9,8 +9,9 @@ the loss output (``MicroBatch.loss_scale``) and b_k its number of samples.
 Statistics are computed per parameter with the cheapest route its layer rule offers (factored where
 possible, one layer materialized at a time otherwise) and cached for the step. What the step's
 quantities need is decided once, up front (``plan.py``), so each layer's per-sample data is built at
-most once per step, in one pass that yields every planned statistic, whatever the quantities' order. A parameter whose
-per-sample information is not available gets NaN values and a reason in ``unsupported()``.
+most once per step, in one pass that yields every planned statistic, whatever the quantities' order.
+A parameter whose per-sample information is not available gets NaN values and a reason in
+``unsupported()``.
 """
 
 from __future__ import annotations
