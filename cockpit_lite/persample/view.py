@@ -7,8 +7,11 @@ multiplied by b_k / s_k (mean reduction) or 1 / s_k (sum), with s_k the gradient
 the loss output (``MicroBatch.loss_scale``) and b_k its number of samples.
 
 Statistics are computed per parameter with the cheapest route its layer rule offers (factored where
-possible, one layer materialized at a time otherwise) and cached for the step. A parameter whose
-per-sample information is not available gets NaN values and a reason in ``unsupported()``.
+possible, one layer materialized at a time otherwise) and cached for the step. What the step's
+quantities need is decided once, up front (``plan.py``), so each layer's per-sample data is built at
+most once per step, in one pass that yields every planned statistic, whatever the quantities' order.
+A parameter whose per-sample information is not available gets NaN values and a reason in
+``unsupported()``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from .losses import LossUnavailable, per_sample_losses
 from .norm import BATCHNORM_REASON, batchnorm_mixes_samples
 from .fallback import owned_parameters
 from .rules import Unsupported, layer_samples
-from .plan import HIST_BINS, hist_range as plan_hist_range, layer_pass, plan_for, summed as _summed
+from .plan import HIST_BINS, KEEP_FLOATS, hist_range as plan_hist_range, layer_pass, plan_for, summed as _summed
 from .samples import DenseSamples
 
 
@@ -228,9 +231,10 @@ class PerSampleView:
         self._cache[ck] = out
         return out
 
-    def _per_forward(self, j: int, single, dense, empty):
-        """Apply ``single(ps)`` (one call in the forward) or ``dense(G)`` (summed materialized calls:
-        weight sharing) per forward; ``empty(b)`` for forwards where the parameter was not used."""
+    def _per_forward(self, j: int, single, dense, empty, at: bool = False):
+        """Apply ``single(ps)`` (one call in the forward; ``single(ps, pos)`` with ``at``) or ``dense(G)``
+        (summed materialized calls: weight sharing) per forward; ``empty(b)`` for forwards where the
+        parameter was not used."""
         parts = self._param_samples(j)
         if parts is None:
             return None
@@ -241,7 +245,7 @@ class PerSampleView:
             if not ps_list:
                 out.append(empty(b))
             elif len(ps_list) == 1:
-                out.append(single(ps_list[0]))
+                out.append(single(ps_list[0], pos) if at else single(ps_list[0]))
             else:
                 out.append(dense(_summed(ps_list)))
         return out
@@ -294,8 +298,10 @@ class PerSampleView:
                 out.append(self._stat(j, "dir"))
                 continue
             vf = _float(v.detach())
-            parts = self._per_forward(j, lambda ps: ps.dots(vf),
-                                      lambda G: G.reshape(G.shape[0], -1) @ vf.reshape(-1).to(G.dtype), self._zeros)
+            kept = self._cache.get(("kept", j), {})  # conv blocks the step's pass kept (plan.py)
+            parts = self._per_forward(j, lambda ps, pos: ps.kept_dots(kept[pos], vf) if pos in kept else ps.dots(vf),
+                                      lambda G: G.reshape(G.shape[0], -1) @ vf.reshape(-1).to(G.dtype), self._zeros,
+                                      at=True)
             out.append(self._nan((self.n_local,)) if parts is None else torch.cat(parts))
         return out
 
@@ -353,7 +359,13 @@ class PerSampleView:
         if "dir" in wanted:
             d = self.plan().direction[j]
             d = _float(d.detach()) if d is not None else self._zeros(p.shape)
-        have.update(layer_pass(parts, self.batch_sizes, wanted, v, R, self._zeros, p, d))
+        keep_left = None
+        if self.plan().keep:
+            keep_left = self._cache.setdefault("keep_left", [KEEP_FLOATS])
+        got = layer_pass(parts, self.batch_sizes, wanted, v, R, self._zeros, p, d, keep_left)
+        if "blocks" in got:
+            self._cache[("kept", j)] = got.pop("blocks")
+        have.update(got)
 
     def sum_grads(self) -> List[torch.Tensor]:
         """sum_i g_i per parameter (n times the mean gradient), from the per-sample information."""
