@@ -151,7 +151,7 @@ def layer_pass(parts, batch_sizes: List[int], wanted: set, v: Optional[torch.Ten
         out["blocks"] = kept
     for s_ in wanted:
         if s_ == "m2":
-            out[s_] = _sum_shaped(pieces[s_], p)
+            out[s_] = sum_parts(pieces[s_], p)
         else:
             out[s_] = pieces[s_][0] if len(pieces[s_]) == 1 else torch.cat(pieces[s_])
     return out
@@ -165,7 +165,9 @@ def summed(ps_list) -> torch.Tensor:
     return G
 
 
-def _sum_shaped(parts, p):
+def sum_parts(parts, p):
+    """The sum of a parameter's per-forward parts (None entries skipped), shaped like ``p``."""
+    parts = [x for x in parts if x is not None]
     if not parts:
         return torch.zeros(p.shape, device=p.device)
     out = parts[0]

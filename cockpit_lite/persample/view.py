@@ -26,7 +26,7 @@ from .losses import LossUnavailable, per_sample_losses
 from .norm import BATCHNORM_REASON, batchnorm_mixes_samples
 from .fallback import owned_parameters
 from .rules import Unsupported, layer_samples
-from .plan import HIST_BINS, KEEP_FLOATS, hist_range as plan_hist_range, layer_pass, plan_for, summed as _summed
+from .plan import HIST_BINS, KEEP_FLOATS, hist_range as plan_hist_range, layer_pass, plan_for, sum_parts, summed as _summed
 from .samples import DenseSamples
 
 
@@ -373,7 +373,7 @@ class PerSampleView:
             out = []
             for j, p in enumerate(self.params):
                 parts = self._per_forward(j, lambda ps: ps.total(), lambda G: G.sum(0), lambda b: None)
-                out.append(self._nan(p.shape) if parts is None else _sum_parts(parts, p))
+                out.append(self._nan(p.shape) if parts is None else sum_parts(parts, p))
             self._cache["sum"] = out
         return self._cache["sum"]
 
@@ -400,7 +400,7 @@ class PerSampleView:
             checks = checks if same else []
         if checks:
             parts = [self._per_forward(j, lambda ps: ps.total(), lambda G: G.sum(0), lambda b: None) for j in checks]
-            refs = sum_tensors(dist, [_sum_parts(pt, self.params[j]).double().reshape(-1) for pt, j in zip(parts, checks)])
+            refs = sum_tensors(dist, [sum_parts(pt, self.params[j]).double().reshape(-1) for pt, j in zip(parts, checks)])
             refs = [r / self.n for r in refs]
             grs = [grads[j].detach().double().reshape(-1) for j in checks]
             # c by least squares over the checked parameters, then each one must agree on its own
@@ -545,15 +545,6 @@ def _scaled(g: torch.Tensor, c: float) -> torch.Tensor:
         g = g.float()
     return g if c == 1.0 else g * c
 
-
-def _sum_parts(parts, p):
-    parts = [x for x in parts if x is not None]
-    if not parts:
-        return torch.zeros(p.shape, device=p.device)
-    out = parts[0]
-    for x in parts[1:]:
-        out = out + x
-    return out.reshape(p.shape)
 
 
 def _batch_size(call) -> int:
