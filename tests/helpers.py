@@ -62,3 +62,21 @@ def watched_training(model, opt, loss_fn, batches: Iterable[Tuple[Any, Any]], lo
                 scheduler.step()
         thetas.append(_theta(model))
     return Trained(cockpit_lite.load(cockpit.logdir) if watching else None, thetas, cockpit)
+
+
+def wait_for_processes(procs, what: str = "a worker process", timeout: float = 240) -> List[str]:
+    """The outputs of ``subprocess.Popen`` workers (stdout with stderr), each of which must exit 0; on a
+    timeout every worker is killed and the test fails (a collective waited for a process that never came)."""
+    import pytest
+
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except Exception:  # subprocess.TimeoutExpired
+            for q in procs:
+                q.kill()
+            pytest.fail(f"{what} did not finish within {timeout} s")
+        assert p.returncode == 0, out
+        outs.append(out)
+    return outs

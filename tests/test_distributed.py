@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import cockpit_lite
+from helpers import wait_for_processes
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_worker.py")
 # tic_diag = sum_j M_j / (c_j + 1e-7) adds terms of both signs divided by tiny Hessian diagonal entries, each
@@ -31,14 +32,7 @@ def _run(args, timeout=240):
 
 
 def _wait(procs, timeout=240):
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a DDP worker did not finish (a collective waited for a process that never came)")
-        assert p.returncode == 0, out
+    wait_for_processes(procs, "a DDP worker", timeout)
 
 
 @pytest.fixture(scope="module", params=["sgd", "adam-accum"])
@@ -181,15 +175,6 @@ def test_two_data_parallel_groups_each_reduce_within_their_own(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, worker, str(r), str(tmp_path / "init")], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(4)]
-    outs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a subgroup worker did not finish")
-        assert p.returncode == 0, out
-        outs.append(out)
+    outs = wait_for_processes(procs, "a subgroup worker", timeout=120)
     for rank, out in enumerate(outs):
         assert f"rank {rank} sum {2.0 if rank % 2 == 0 else 4.0}" in out, out

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import cockpit_lite
+from helpers import wait_for_processes
 
 
 def _net():
@@ -175,14 +176,7 @@ def test_ddp_value_is_the_global_batch_norm_after_all_reduce(tmp_path):
     logdir = tmp_path / "log"
     procs = [subprocess.Popen([sys.executable, worker, str(r), "2", str(tmp_path / "init"), str(logdir)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a DDP worker did not finish")
-        assert p.returncode == 0, out
+    wait_for_processes(procs, "a DDP worker", timeout=120)
     expected = json.loads((logdir / "expected.json").read_text())
     steps, values = cockpit_lite.load(logdir).series("grad_norm_preclip")
     assert list(steps) == [0, 1, 2]
