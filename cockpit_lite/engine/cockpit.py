@@ -297,6 +297,7 @@ class Cockpit(StepDetection):
             self._check_rules(ctx)
         for q in active:
             call_quantity(q, "before_step", ctx, self.watched.dist, self._failed)
+        ctx.flush_norms()  # every norm asked for, in one reduction, before the optimizer changes the parameters
         self._overhead += time.perf_counter() - t0
         return None
 

@@ -1,0 +1,81 @@
+"""The first-order set every step on the MLP (784-256-128-10, B=128): its ratio to a plain step (issue 21 item 2).
+
+    python benchmarks/first_order_fused.py                         # this checkout
+    python benchmarks/first_order_fused.py --code /tmp/before      # another checkout (e.g. ``git archive``)
+    python benchmarks/first_order_fused.py --compare /tmp/before   # both, in alternating processes
+
+Each process times the plain loop and the watched loop interleaved (``benchmarks/timing.py``: ratio
+per round, median over rounds). ``--compare`` alternates processes of the two checkouts (``--pairs``
+of them) so that both see the same machine load, and prints the two medians side by side. A run takes
+about 20-40 s on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def measure(rounds: int, steps: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from benchmarks import problems, timing
+    from cockpit_lite import presets
+
+    problem = problems.get("mlp")
+    with tempfile.TemporaryDirectory() as logdir:
+        watched, cockpit, _ = problems.training_step(problem, presets.preset("default"), logdir=logdir)
+        plain, _, _ = problems.training_step(problem)
+        per_round = timing.interleaved({"plain": plain, "first-order": watched}, rounds=rounds, steps=steps,
+                                       warmup=10)
+        cockpit.close()
+    med = timing.medians(per_round)
+    return {"ratio": timing.ratios(per_round)["first-order"], "plain_ms": med["plain"] * 1e3,
+            "watched_ms": med["first-order"] * 1e3}
+
+
+def run_in(code: str, rounds: int, steps: int, threads: int) -> dict:
+    """``measure`` in a fresh process importing cockpit_lite (and these benchmarks) from ``code``."""
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(code), OMP_NUM_THREADS=str(threads))
+    script = (f"import sys, json, importlib.util; sys.path.insert(0, {os.path.abspath(code)!r});"
+              f"spec = importlib.util.spec_from_file_location('fof', {os.path.abspath(__file__)!r});"
+              f"mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); measure = mod.measure;"
+              f"import cockpit_lite;"
+              f"assert cockpit_lite.__file__.startswith({os.path.abspath(code)!r}), cockpit_lite.__file__;"
+              f"print(json.dumps(measure({rounds}, {steps}, {threads})))")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
+                         cwd=tempfile.gettempdir())
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--code", default=HERE, help="checkout whose cockpit_lite is timed")
+    parser.add_argument("--compare", default=None, help="a second checkout, timed in alternating processes")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    labels = {"this": args.code} if args.compare is None else {"before": args.compare, "after": args.code}
+    results = {k: [] for k in labels}
+    for _ in range(args.pairs if args.compare else 1):
+        for label, code in labels.items():
+            results[label].append(run_in(code, args.rounds, args.steps, args.threads))
+    for label, runs in results.items():
+        ratios = [r["ratio"] for r in runs]
+        print(f"{label:>7}: ratio {statistics.median(ratios):.2f}x (runs: {', '.join(f'{x:.2f}' for x in ratios)}); "
+              f"plain {statistics.median(r['plain_ms'] for r in runs):.2f} ms, "
+              f"watched {statistics.median(r['watched_ms'] for r in runs):.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
