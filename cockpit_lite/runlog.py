@@ -257,14 +257,17 @@ class RunLogWriter:
         """Append ``record``; False if it could not be written now (kept for a retry, or dropped)."""
         if self.closed:
             raise RuntimeError("the run log is closed")
-        data = self.encode(record)
-        if self._pending and not self._flush_pending():
-            self._keep(data)
+        return self.write_encoded([self.encode(record)])
+
+    def write_encoded(self, lines: List[bytes]) -> bool:
+        """Append encoded records (``encode``) in one write; on a failure each is kept for a retry."""
+        if self.closed:
+            raise RuntimeError("the run log is closed")
+        if (self._pending and not self._flush_pending()) or not self._write_line(b"".join(lines)):
+            for data in lines:
+                self._keep(data)
             return False
-        if self._write_line(data):
-            return True
-        self._keep(data)
-        return False
+        return True
 
     def _flush_pending(self) -> bool:
         """Write the records kept from failed writes, oldest first; False if one fails again."""

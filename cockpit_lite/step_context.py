@@ -227,9 +227,10 @@ class StepContext:
         return group
 
     def after_values(self, name: str, check) -> None:
-        """Run ``check()`` once the step's values are floats (before the record is assembled): it may
+        """Run ``check(ctx)`` once the step's values are floats (before the record is assembled): it may
         read ``NormGroup.values`` / ``.total`` and replace what was emitted (``discard``, ``emit_nan``).
-        If it raises, what ``name`` emitted is replaced by NaN with the error as reason."""
+        If it raises, what ``name`` emitted is replaced by NaN with the error as reason. (``check`` must not
+        hold the context itself: it gets it as argument, so that no reference cycle keeps the step alive.)"""
         self._checks.append((name, check))
 
     def discard(self, name: str) -> None:
@@ -272,9 +273,10 @@ class StepContext:
         self.flush_norms()
         scalars = {k: v for k, v in self.values.items() if isinstance(v, torch.Tensor)}
         converted = convert([g for _, g in self._norm_groups] + self._norms.groups, scalars)
-        for name, check in self._checks:
+        checks, self._checks = self._checks, []
+        for name, check in checks:
             try:
-                check()
+                check(self)
             except Exception as err:
                 self.discard(name)
                 self.emit_nan(name, f"{type(err).__name__} in {name} (checking its values): {err}")

@@ -24,6 +24,7 @@ import torch
 from ..distributed import detect, unwrap
 from ..quantities.base import Quantity, Watched
 from ..runlog import RunLogWriter, load
+from ..runlog_batch import LOG_BATCH, BatchedWriter
 from ..step_context import MicroBatch, StepContext
 from .calls import bracket, call_quantity
 from .records import NoLog, Recorder, header
@@ -135,6 +136,8 @@ class Cockpit(StepDetection):
         if self.writes:
             writer = RunLogWriter(self.logdir, run_header, fsync=fsync, if_exists=if_exists)
             self.logdir = os.fspath(writer.logdir)  # LOGDIR-2, ... with if_exists="increment"
+            # step records in batches of LOG_BATCH (runlog_batch.py); fsync=True: every record at once
+            writer = BatchedWriter(writer, batch=1 if fsync else LOG_BATCH)
         else:
             writer = NoLog(self.logdir)
             tensorboard = advisor = dashboard = False
@@ -195,8 +198,15 @@ class Cockpit(StepDetection):
         return self._records.writer
 
     def load(self):
-        """The run log as written so far (see :func:`cockpit_lite.load`)."""
+        """The run log as written so far (see :func:`cockpit_lite.load`), the waiting records included."""
+        self.flush()
         return load(self.logdir)
+
+    def flush(self) -> None:
+        """Write the step records still waiting for their batch (``cockpit_lite.runlog_batch``) now."""
+        flush = getattr(self._writer, "flush", None)
+        if flush is not None and not self._writer.closed:
+            flush()
 
     def close(self) -> None:
         """Remove every hook, flush and close the run log. A second call does nothing (``with watch(...)``

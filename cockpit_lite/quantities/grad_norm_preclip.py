@@ -14,6 +14,7 @@ pass that did not go through the model's output, or an unknown scaler, changed t
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -87,7 +88,7 @@ class GradNormPreclip(Quantity):
         if self._scale is not None:
             norms = norms / self._scale.to(norms.device, torch.float32)
         before, at_step = ctx.emit_norm_values(self.name, norms), self._at_step
-        ctx.after_values(self.name, lambda: self._check(ctx, before, at_step))
+        ctx.after_values(self.name, functools.partial(self._check, before=before, at_step=at_step))
         if self._scale is not None:
             ctx.emit_data(self.name, {"unscaled_by": float(self._scale)})
 
