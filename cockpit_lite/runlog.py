@@ -169,9 +169,9 @@ def _text_lines(chunk: bytes, end: int) -> Optional[List[str]]:
 
 
 try:  # optional: not a dependency, only faster
-    from orjson import JSONDecodeError as _OrjsonError, loads as _orjson_loads
+    from orjson import JSONDecodeError as _OrjsonError, dumps as _orjson_dumps, loads as _orjson_loads
 except ImportError:  # pragma: no cover - depends on the environment
-    _orjson_loads = None
+    _orjson_loads = _orjson_dumps = None
 
 
 def _decode_line(raw: bytes, text: Optional[str] = None) -> Any:
@@ -245,13 +245,16 @@ class RunLogWriter:
         """``record`` as one line of JSON (non-finite numbers as strings)."""
         values = record.get("values")
         if values is not None and type(values) is dict:  # the hot path: a flat dict of floats
-            record = dict(record)
-            record["values"] = {k: (v if (isinstance(v, float) and v - v == 0) else _clean(v)) for k, v in values.items()}
-            line = json.dumps({k: (v if k == "values" else _clean(v)) for k, v in record.items()},
-                              separators=(",", ":"), allow_nan=False) + "\n"
+            values = {k: (v if (isinstance(v, float) and v - v == 0) else _clean(v)) for k, v in values.items()}
+            record = {k: (values if k == "values" else _clean(v)) for k, v in record.items()}
         else:
-            line = json.dumps(_clean(record), separators=(",", ":"), allow_nan=False) + "\n"
-        return line.encode("utf-8")
+            record = _clean(record)
+        if _orjson_dumps is not None:  # the same JSON values, about 10x faster; anything it refuses: json
+            try:
+                return _orjson_dumps(record) + b"\n"
+            except TypeError:  # orjson.JSONEncodeError: huge integers, surrogates, foreign types
+                pass
+        return (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
 
     def write(self, record: Dict[str, Any]) -> bool:
         """Append ``record``; False if it could not be written now (kept for a retry, or dropped)."""

@@ -58,6 +58,9 @@ class GradNormPreclip(Quantity):
         grads = [p.grad for p in self._params]
         present = [g.float() if g.dtype in (torch.float16, torch.bfloat16) else g for g in grads if g is not None]
         with torch.no_grad():
+            if len(present) == len(grads) and all(g.dtype == torch.float32 and g.device == present[0].device
+                                                  for g in present):
+                return torch.stack(torch._foreach_norm(present))  # the common case: one kernel, one stack
             found = iter(torch._foreach_norm(present)) if present else iter(())
             ref = present[0] if present else self._params[0]
             norms = [next(found) if g is not None else torch.zeros((), dtype=ref.dtype, device=ref.device)
