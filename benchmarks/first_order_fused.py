@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+import torch
+
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -42,22 +44,76 @@ def cpu_interleaved(variants, rounds: int, steps: int, warmup: int = 10):
     return per_round
 
 
-def measure(rounds: int, steps: int, threads: int) -> dict:
-    import torch
+def tensor_work_step(problem):
+    """The plain step (SGD with momentum, as ``problems.training_step``) plus exactly the tensor work the
+    fused first-order set does, and nothing else (no hooks, no records): the gradient norms at the end of
+    backward (grad_norm_preclip), the snapshot of theta_t, theta_t - theta_0, one norm reduction over the
+    gradients, the parameters and that difference, the update and its norms, one host transfer."""
+    import itertools
 
+    from torch import nn
+
+    from benchmarks import problems
+    from cockpit_lite.norm_batch import norms_on_device
+
+    torch.manual_seed(0)
+    model = problem.make_model()
+    opt = problems.make_optimizer(model, "sgd", 0.9)
+    crit = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    with torch.no_grad():
+        theta0 = [p.detach().clone() for p in params]
+        before = [torch.empty_like(p) for p in params]
+        scratch = [torch.empty_like(p) for p in params]
+    batches = itertools.cycle([problem.make_batch(s, problem.batch_size) for s in range(4)])
+
+    def step():
+        x, y = next(batches)
+        opt.zero_grad()
+        loss = crit(model(x), y)
+        loss.backward()
+        with torch.no_grad():
+            grads = [p.grad for p in params]
+            at_backward_end = norms_on_device(grads)
+            torch._foreach_copy_(before, params)
+            torch._foreach_copy_(scratch, params)
+            torch._foreach_sub_(scratch, theta0)
+            pre = norms_on_device(grads + params + scratch)
+            opt.step()
+            torch._foreach_sub_(before, params)
+            post = norms_on_device(before)
+            torch.cat([at_backward_end, pre, post, loss.detach().reshape(1)]).tolist()
+
+    return step
+
+
+def measure(rounds: int, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     from benchmarks import problems, timing
     from cockpit_lite import presets
+
+    from benchmarks import floor
 
     problem = problems.get("mlp")
     with tempfile.TemporaryDirectory() as logdir:
         watched, cockpit, _ = problems.training_step(problem, presets.preset("default"), logdir=logdir)
         plain, _, _ = problems.training_step(problem)
-        per_round = cpu_interleaved({"plain": plain, "first-order": watched}, rounds, steps)
+        # the hand-written minimum of benchmarks/floor.py (without grad_norm_preclip), with its own plain step
+        # (SGD without momentum, as it uses)
+        minimal = floor._Minimal(problem, "first-order", "sgd", os.path.join(logdir, "floor.jsonl"))
+        plain0 = floor._plain_step(problem, "sgd")
+        variants = {"plain": plain, "first-order": watched, "plain0": plain0, "floor": minimal}
+        try:
+            variants["tensor work"] = tensor_work_step(problem)
+        except ImportError:  # a checkout without cockpit_lite.norm_batch
+            pass
+        per_round = cpu_interleaved(variants, rounds, steps)
         cockpit.close()
+        minimal.close()
     med = timing.medians(per_round)
-    return {"ratio": timing.ratios(per_round)["first-order"], "plain_ms": med["plain"] * 1e3,
-            "watched_ms": med["first-order"] * 1e3}
+    ratios = timing.ratios(per_round)
+    return {"ratio": ratios["first-order"], "plain_ms": med["plain"] * 1e3, "watched_ms": med["first-order"] * 1e3,
+            "floor": timing.ratios(per_round, "plain0")["floor"], "tensor_work": ratios.get("tensor work")}
 
 
 def run_in(code: str, rounds: int, steps: int, threads: int) -> dict:
@@ -92,7 +148,10 @@ def main(argv=None) -> None:
         ratios = [r["ratio"] for r in runs]
         print(f"{label:>7}: ratio {statistics.median(ratios):.2f}x (runs: {', '.join(f'{x:.2f}' for x in ratios)}); "
               f"plain {statistics.median(r['plain_ms'] for r in runs):.2f} ms, "
-              f"watched {statistics.median(r['watched_ms'] for r in runs):.2f} ms")
+              f"watched {statistics.median(r['watched_ms'] for r in runs):.2f} ms; hand-written floor "
+              f"{statistics.median(r['floor'] for r in runs):.2f}x" + (
+                  f"; its tensor work alone {statistics.median(r['tensor_work'] for r in runs):.2f}x"
+                  if runs[0].get("tensor_work") else ""))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from .. import amp_scale
+from ..norm_batch import norms_on_device
 from .base import Quantity
 
 GREW_TOLERANCE = 1e-3  # relative; rounding of unscaling in float32 is ~1e-7
@@ -60,7 +61,7 @@ class GradNormPreclip(Quantity):
         with torch.no_grad():
             if len(present) == len(grads) and all(g.dtype == torch.float32 and g.device == present[0].device
                                                   for g in present):
-                return torch.stack(torch._foreach_norm(present))  # the common case: one kernel, one stack
+                return norms_on_device(present)  # the common case: as grad_norm computes them
             found = iter(torch._foreach_norm(present)) if present else iter(())
             ref = present[0] if present else self._params[0]
             norms = [next(found) if g is not None else torch.zeros((), dtype=ref.dtype, device=ref.device)
