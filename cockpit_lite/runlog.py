@@ -11,7 +11,8 @@ Layout of ``LOGDIR/cockpit.jsonl``::
 
 Each record is written with one ``write`` of a whole line and flushed, so a process killed with
 SIGKILL keeps every line written before the kill (the OS holds it); at most the line being written
-is torn. Non-finite numbers are stored as the strings "NaN", "Infinity", "-Infinity" so that the file
+is torn. (``Cockpit`` hands step records over in batches of 16, ``runlog_batch.py``: a kill loses at
+most those.) Non-finite numbers are stored as the strings "NaN", "Infinity", "-Infinity" so that the file
 is standard JSON. The reader accepts a torn last line (and says so in ``Run.torn_tail`` and a
 warning), refuses any other malformed line with its line number, and reads logs that are still
 growing (``Run.refresh``).

@@ -53,7 +53,8 @@ class Cockpit(StepDetection):
         quantities: a preset name (``"default"``, ``"economy"``, ``"business"``, ``"full"``), a list of
             quantity names or ``Quantity`` objects, or a mapping name -> schedule
             (``{"grad_norm": "every", "loss": "every:10"}``).
-        fsync: also ``fsync`` every record (survives power loss, not only a killed process).
+        fsync: write every record at once and ``fsync`` it (survives power loss); otherwise step records
+            are written 16 at a time (``cockpit_lite.runlog_batch``: a killed process loses at most those).
         sinks: extra consumers of every record (objects with ``write(record)`` and ``close()``),
             e.g. the TensorBoard writer.
         tensorboard: also write every record into a TensorBoard event file in ``logdir`` (scalars
