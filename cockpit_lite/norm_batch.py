@@ -66,11 +66,15 @@ def norms_on_device(tensors: List[torch.Tensor]) -> torch.Tensor:
     elements, ~6e-5 instead of ~1e-3 at 2.5e7, against float64). Elsewhere (CUDA: one fused kernel for
     all tensors), and for other tensors (half precision, sparse, complex), ``torch._foreach_norm``.
     """
-    if tensors[0].device.type == "cpu" and all(t.dtype in _DOT_DTYPES and t.layout == torch.strided
-                                               for t in tensors):
+    if tensors[0].device.type != "cpu":
+        return torch.stack(torch._foreach_norm(_as_float(tensors)))
+    dot = [t.dtype in _DOT_DTYPES and t.layout == torch.strided for t in tensors]
+    if all(dot):
         flat = [t if t.dim() == 1 else t.reshape(-1) for t in tensors]
         return torch.stack([torch.dot(v, v) for v in flat]).sqrt_()
-    return torch.stack(torch._foreach_norm(_as_float(tensors)))
+    others = iter(torch._foreach_norm(_as_float([t for t, d in zip(tensors, dot) if not d])))
+    return torch.stack([torch.dot(t.reshape(-1), t.reshape(-1)).sqrt() if d else next(others)
+                        for t, d in zip(tensors, dot)])
 
 
 class NormBatch:
@@ -95,6 +99,10 @@ class NormBatch:
         waiting, self.waiting = self.waiting, []
         by_device: Dict[torch.device, List[NormGroup]] = {}
         for group in waiting:
+            if not group.tensors:
+                group.norms = group.base = torch.zeros(0)
+                group.tensors = None
+                continue
             devices = {t.device for t in group.tensors}
             if len(devices) == 1:
                 by_device.setdefault(devices.pop(), []).append(group)

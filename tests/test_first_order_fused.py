@@ -203,7 +203,7 @@ def test_sparse_gradients_are_normed_exactly(tmp_path):
 
 
 def test_a_norm_that_fails_is_nan_with_its_quantity_named_and_the_others_stand(tmp_path, monkeypatch):
-    run, ref = _sparse_run(tmp_path, monkeypatch, fail_on=lambda m: m.out.weight.grad)
+    run, ref = _sparse_run(tmp_path, monkeypatch, fail_on=lambda m: m.emb.weight.grad)
     reasons = run.reasons("grad_norm")
     assert sorted(reasons) == [0, 1, 2] and all("grad_norm" in why and "not implemented" in why
                                                 for why in reasons.values()), reasons
@@ -211,3 +211,29 @@ def test_a_norm_that_fails_is_nan_with_its_quantity_named_and_the_others_stand(t
     for key in ("param_norm", "distance"):  # computed in the same fused reduction: recomputed on their own
         np.testing.assert_allclose(run.series(key)[1], ref[key], rtol=1e-5, atol=1e-12, err_msg=key)
         assert not run.reasons(key)
+
+
+def test_norm_batch_mixed_lists_against_float64():
+    """Groups of any dtype, shape, layout and size (empty included) in one flush: each value against
+    torch.linalg.vector_norm in float64; shared requests computed once."""
+    from cockpit_lite.norm_batch import NormBatch, convert
+
+    g = torch.Generator().manual_seed(0)
+    lists = [
+        [],
+        [torch.randn(3, 5, generator=g), torch.randn(7, generator=g, dtype=torch.float64), torch.randn((), generator=g)],
+        [torch.randn(4, 4, generator=g).t()],  # not contiguous
+        [torch.randn(6, generator=g).to(torch.bfloat16), torch.randn(2, 3, generator=g).half()],
+        [torch.randn(300_000, generator=g)],
+        [torch.sparse_coo_tensor([[0, 0, 2]], [1.0, 2.0, -3.0], (4,), check_invariants=True)],  # uncoalesced: 0 twice
+    ]
+    batch = NormBatch()
+    groups = [batch.request(ts) for ts in lists]
+    assert batch.request(lists[1], share="x") is batch.request(lists[2], share="x")  # the first one asked
+    batch.flush()
+    convert(batch.groups, {})
+    for ts, group in zip(lists, groups):
+        want = [torch.linalg.vector_norm(t.to_dense().to(torch.float64)).item() for t in ts]
+        assert group.error is None
+        np.testing.assert_allclose(group.values, want, rtol=1e-6)
+        assert group.total == pytest.approx(math.sqrt(sum(w * w for w in want)), rel=1e-6)
