@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import glob
 import importlib
-import json
 import os
 import re
 import shutil
@@ -37,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

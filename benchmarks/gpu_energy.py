@@ -28,7 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Tuple
 
 import torch
 from torch import nn

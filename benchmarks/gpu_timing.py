@@ -26,9 +26,8 @@ import os
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import List
 
-import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import itertools
 import math
 import os
 import sys
 import tempfile
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch

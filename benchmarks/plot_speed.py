@@ -6,7 +6,7 @@ Reports (JSON on the last line) the time to write the log (not part of plotting)
 end-to-end time of the command in a fresh process (`python -m cockpit_lite.cli plot LOG -o OUT`,
 imports included), medians over ``--rounds`` rounds that take turns, each as wall and CPU seconds:
 - `command_cold_*`: no reader's cache next to the log: the whole log is decoded (a finished log
-  without building its records, cockpit_lite/runlog_scan.py) and the cache is written;
+  without building its records, cockpit_lite/runlog/scan.py) and the cache is written;
 - `command_*`: starting from that cache;
 - the same with `--one-process` (`*_one_process_*`): the PNG rasterized in this process only,
   where the default draws its two halves at once in two processes (cockpit_lite/dashboard_png.py).
@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="PNG to write (default: LOGDIR/plot.png)")
     args = p.parse_args(argv)
 
-    from instruments._synthetic import write_synthetic_log
+    from cockpit_lite.testing import write_synthetic_log
 
     logdir = Path(args.logdir) / f"steps{args.steps}"
     out = Path(args.out or Path(args.logdir) / f"plot{args.steps}.png")
@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
         write_s = None  # reused from an earlier run
     size_mb = (logdir / "cockpit.jsonl").stat().st_size / 1e6
 
-    from cockpit_lite.runlog_cache import RunCache
+    from cockpit_lite.runlog.cache import RunCache
 
     cache = RunCache(logdir / "cockpit.jsonl").path
 
@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
               "rounds": args.rounds, **commands,
               **{f"{k}_s": round(v[0], 2) for k, v in clock.items()},
               **{f"{k}_cpu_s": round(v[1], 2) for k, v in clock.items()},
-              "png": str(out), "orjson": runlog._orjson_loads is not None, "cpus": os.cpu_count(),
+              "png": str(out), "orjson": runlog.codec._orjson_loads is not None, "cpus": os.cpu_count(),
               "load_avg_1min": round(os.getloadavg()[0], 1)}
     print(proc.stdout.strip())
     print(json.dumps(result))

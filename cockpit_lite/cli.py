@@ -274,13 +274,11 @@ def summary_text(run, all_keys: bool = False) -> str:
     return "\n".join(lines)
 
 
-_PARTS = ("stderr", "hvps", "cockpit", "device", "kwh", "co2_g")
-
-
 def _is_part(key: str) -> bool:
-    """Summary parts of a quantity (``hess_trace/stderr``) rather than per-parameter values."""
-    tail = key.split("/", 1)[1]
-    return tail in _PARTS or tail.startswith("group")
+    """Summary parts of a quantity (``hess_trace/stderr``, ``lr/group1``) rather than per-parameter values."""
+    from .runlog.keys import is_summary_part
+
+    return is_summary_part(key) or key.split("/", 1)[1].startswith("group")
 
 
 def cmd_instruments(args) -> int:

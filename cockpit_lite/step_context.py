@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Set
 
 import torch
 
+from .loss_combine import micro_batch_weights
 from .norm_batch import NormBatch, NormGroup, convert
 
 
@@ -27,6 +28,9 @@ class MicroBatch:
     loss_scale: Optional[torch.Tensor] = None  # d(backward root)/d(loss): 1/accum, AMP scale, ...
     backpropagated: bool = False
     view: Any = None  # persample.output_view.OutputView: the loss input as a view of the model output
+    #: "sum" when the loss is already divided by the whole step's count (Hugging Face's num_items_in_batch):
+    #: the step's loss is then the sum of its micro-batch losses, not their mean
+    combine: Optional[str] = None
 
 
 @dataclass
@@ -153,14 +157,8 @@ class StepContext:
             value = mbs[0].loss
         elif mbs:
             losses = torch.stack([m.loss.float() for m in mbs])
-            sizes = [m.batch_size for m in mbs]
-            if self.reduction == "sum":
-                value = losses.sum()
-            elif self.reduction == "mean" and all(s for s in sizes):
-                w = torch.tensor(sizes, dtype=losses.dtype, device=losses.device)
-                value = (losses * w).sum() / w.sum()
-            else:
-                value = losses.mean()
+            w = torch.tensor(micro_batch_weights(mbs, self.reduction), dtype=losses.dtype, device=losses.device)
+            value = (losses * w).sum()
         self.cache["loss"] = value
         return value
 
@@ -298,3 +296,4 @@ class StepContext:
                 for name, x in zip(names, parts):
                     out[f"{key}/{name}"] = x
         return out
+

@@ -9,6 +9,7 @@ from . import Instrument
 
 class Advisor(Instrument):
     name = "advisor"
+    tab = "advisor"
     title = "Advisor: diagnoses"
     group = "performance"
     keys = ("loss", "grad_norm")  # any run with step records can be diagnosed

@@ -18,6 +18,7 @@ XLIM = 1.5  # alphas beyond ±XLIM are counted in the edge bins
 
 class AlphaGauge(Instrument):
     name = "alpha_gauge"
+    tab = "alpha"
     title = "Alpha: where steps land on the local parabola"
     group = "step size"
     keys = ("alpha",)

@@ -13,6 +13,7 @@ from . import Instrument
 
 class AlphaTrace(Instrument):
     name = "alpha_trace"
+    tab = "alpha"
     title = "Alpha over steps"
     group = "step size"
     keys = ("alpha",)

@@ -5,6 +5,7 @@ from ._lines import LinesInstrument
 
 class Cabs(LinesInstrument):
     name = "cabs"
+    tab = "gsnr"
     title = "CABS suggested batch size"
     group = "step size"
     keys = ("cabs",)

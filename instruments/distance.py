@@ -5,6 +5,7 @@ from ._lines import LinesInstrument
 
 class Distance(LinesInstrument):
     name = "distance"
+    tab = "distances"
     title = "Distance from θ₀ and update size"
     group = "step size"
     keys = ("distance", "update_size")

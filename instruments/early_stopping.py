@@ -5,6 +5,7 @@ from ._lines import LinesInstrument
 
 class EarlyStopping(LinesInstrument):
     name = "early_stopping"
+    tab = "gsnr"
     title = "Early-stopping criterion (EB)"
     group = "gradients"
     keys = ("early_stopping",)

@@ -71,6 +71,7 @@ def provenance(details) -> str:
 
 class Energy(Instrument):
     name = "energy"
+    tab = "energy"
     title = "Energy per step"
     group = "cost"
     keys = ("energy", "energy/kwh", "energy/co2_g")

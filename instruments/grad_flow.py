@@ -38,6 +38,7 @@ def per_layer(run) -> Tuple[List[str], np.ndarray, np.ndarray, np.ndarray, np.nd
 
 class GradFlow(Instrument):
     name = "grad_flow"
+    tab = "grad-norm"
     title = "Gradient flow per layer"
     group = "gradients"
     keys = ("grad_norm",)

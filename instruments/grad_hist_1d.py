@@ -16,6 +16,7 @@ def _hist(obj):
 
 class GradHist1d(Instrument):
     name = "grad_hist_1d"
+    tab = "histograms"
     title = "Gradient element histogram"
     group = "gradients"
     keys = ("grad_hist_1d",)

@@ -7,6 +7,7 @@ from . import Instrument
 
 class GradHist2d(Instrument):
     name = "grad_hist_2d"
+    tab = "histograms"
     title = "Gradient element vs parameter value"
     group = "gradients"
     keys = ("grad_hist_2d",)

@@ -5,6 +5,7 @@ from ._lines import LinesInstrument
 
 class GradNorm(LinesInstrument):
     name = "grad_norm"
+    tab = "grad-norm"
     title = "Gradient norm"
     group = "gradients"
     keys = ("grad_norm",)

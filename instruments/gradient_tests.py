@@ -13,6 +13,7 @@ from . import Instrument, missing_reason
 
 class GradientTests(Instrument):
     name = "gradient_tests"
+    tab = "gradient-tests"
     title = "Gradient tests (inside: batch large enough)"
     group = "gradients"
     keys = ("inner_test", "ortho_test", "norm_test")

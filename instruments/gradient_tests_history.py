@@ -5,6 +5,7 @@ from ._lines import LinesInstrument
 
 class GradientTestsHistory(LinesInstrument):
     name = "gradient_tests_history"
+    tab = "gradient-tests"
     title = "Gradient tests over steps"
     group = "gradients"
     keys = ("norm_test", "inner_test", "ortho_test")

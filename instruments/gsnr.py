@@ -5,6 +5,7 @@ from ._lines import LinesInstrument
 
 class Gsnr(LinesInstrument):
     name = "gsnr"
+    tab = "gsnr"
     title = "Mean gradient SNR"
     group = "gradients"
     keys = ("mean_gsnr",)

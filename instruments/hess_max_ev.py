@@ -11,6 +11,7 @@ from ._tidy import legend_above_data
 
 class HessMaxEv(LinesInstrument):
     name = "hess_max_ev"
+    tab = "curvature"
     title = "Largest Hessian eigenvalue"
     group = "curvature"
     keys = ("hess_max_ev",)

@@ -8,6 +8,7 @@ import numpy as np
 
 class Hyperparameters(LinesInstrument):
     name = "hyperparameters"
+    tab = "lr"
     title = "Learning rate"
     group = "step size"
     keys = ("lr",)

@@ -12,6 +12,7 @@ from . import Instrument
 
 class Performance(Instrument):
     name = "performance"
+    tab = "loss"
     title = "Mini-batch loss"
     group = "performance"
     keys = ("loss",)

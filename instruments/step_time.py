@@ -13,6 +13,7 @@ LABELS = {"time": "wall", "time/device": "device (CUDA events)", "time/cockpit":
 
 class StepTime(LinesInstrument):
     name = "step_time"
+    tab = "cost"
     title = "Time per step"
     group = "cost"
     keys = ("time", "time/device", "time/cockpit")

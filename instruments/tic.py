@@ -14,6 +14,7 @@ import numpy as np
 
 class Tic(LinesInstrument):
     name = "tic"
+    tab = "curvature"
     title = "TIC (Takeuchi information criterion)"
     group = "curvature"
     keys = ("tic_diag", "tic_diag/stderr", "tic_trace", "tic_trace/stderr")

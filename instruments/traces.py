@@ -9,6 +9,7 @@ from . import Instrument
 
 class Traces(Instrument):
     name = "traces"
+    tab = "curvature"
     title = "Curvature traces"
     group = "curvature"
     keys = ("hess_trace", "hess_trace/stderr", "ggn_trace", "ggn_trace/stderr")

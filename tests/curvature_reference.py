@@ -5,7 +5,7 @@ both over the flattened parameters, independent of cockpit_lite's HVP and BackPA
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import cockpit_lite
+from helpers import watched_training
 from reference import per_sample_grads_bruteforce, per_sample_losses
 
 
@@ -72,20 +73,9 @@ def train_watched(make_model, make_opt, batches, logdir, schedule="every", loss_
     opt = make_opt(model.parameters())
     sched = scheduler(opt) if scheduler else None
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    thetas = []
-    with cockpit_lite.watch(model, opt, loss_fn=loss_fn, logdir=logdir, quantities={"alpha": schedule}):
-        for x, y in batches:
-            thetas.append([p.detach().clone() for p in model.parameters()])
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            opt.step()
-            if sched is not None:
-                sched.step()
-        thetas.append([p.detach().clone() for p in model.parameters()])
-    return cockpit_lite.load(logdir), thetas
+    trained = watched_training(model, opt, loss_fn, batches, logdir, clip=clip, scheduler=sched,
+                               quantities={"alpha": schedule})
+    return trained.run, [list(theta.values()) for theta in trained.thetas]
 
 
 # -- the brute-force reference ----------------------------------------------------------------------

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from cockpit_lite.cli import main
-from instruments._synthetic import write_synthetic_log
+from cockpit_lite.testing import write_synthetic_log
 
 pytest.importorskip("matplotlib")
 
@@ -86,7 +86,7 @@ def test_command_line_entry_in_a_subprocess(runs):
 def test_plot_from_the_reader_cache_draws_the_same_image(tmp_path, monkeypatch, capsys):
     import gc
 
-    from cockpit_lite.runlog_cache import RunCache
+    from cockpit_lite.runlog.cache import RunCache
 
     monkeypatch.setattr(RunCache, "MIN_BYTES", 0)  # cache this small log too
     write_synthetic_log(tmp_path / "run", 400, hist_every=50, curvature_every=7)

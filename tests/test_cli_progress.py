@@ -10,7 +10,7 @@ import pytest
 from cockpit_lite import progress
 from cockpit_lite.cli import main
 from cockpit_lite.progress import Progress
-from instruments._synthetic import write_synthetic_log
+from cockpit_lite.testing import write_synthetic_log
 
 pytest.importorskip("matplotlib")
 

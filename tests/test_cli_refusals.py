@@ -9,7 +9,7 @@ import pytest
 import cockpit_lite
 from cockpit_lite.cli import main
 from cockpit_lite.runlog import RunLogWriter
-from instruments._synthetic import write_synthetic_log
+from cockpit_lite.testing import write_synthetic_log
 
 pytest.importorskip("matplotlib")
 

@@ -16,6 +16,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cockpit_lite
+from helpers import watched_training
 from cockpit_lite.curvature.hutchinson import hutchinson_trace, hutchpp_trace
 from cockpit_lite.curvature.lanczos import top_eigenvalue
 from cockpit_lite.quantities.ggn_trace import GGNTrace
@@ -95,17 +96,8 @@ def block_traces(M, shapes):
 def train(model, loss_fn, batches, quantities, logdir, lr=0.1, accumulate=1):
     """Plain SGD loop; returns the run and theta_t (dict) at every step."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    cockpit = cockpit_lite.watch(model, opt, loss_fn=loss_fn, logdir=logdir, quantities=quantities)
-    thetas = []
-    for k in range(0, len(batches), accumulate):
-        opt.zero_grad()
-        for x, y in batches[k:k + accumulate]:
-            loss = loss_fn(model(x), y)
-            (loss / accumulate).backward()
-        thetas.append({n: p.detach().clone() for n, p in model.named_parameters()})
-        opt.step()
-    cockpit.close()
-    return cockpit_lite.load(logdir), thetas
+    trained = watched_training(model, opt, loss_fn, batches, logdir, accumulate=accumulate, quantities=quantities)
+    return trained.run, trained.thetas[:-1]
 
 
 def tanh_mlp(seed=0):

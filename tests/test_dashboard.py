@@ -12,7 +12,7 @@ from torch import nn
 import cockpit_lite
 import instruments
 from cockpit_lite import dashboard
-from instruments._synthetic import write_synthetic_log
+from cockpit_lite.testing import write_synthetic_log
 
 pytest.importorskip("matplotlib")
 
@@ -232,7 +232,7 @@ def test_a_cached_run_is_plotted_and_diagnosed_without_building_its_records(tmp_
     structures only, and shows what the plot of the plainly decoded run shows."""
     from cockpit_lite.advisor import diagnose
     from cockpit_lite.runlog import RunLogWriter
-    from cockpit_lite.runlog_cache import CachedRecords, RunCache
+    from cockpit_lite.runlog.cache import CachedRecords, RunCache
 
     monkeypatch.setattr(RunCache, "MIN_BYTES", 0)
     w = RunLogWriter(tmp_path, {"model": "m", "optimizer": "SGD", "params": [{"name": "w"}]})

@@ -1,5 +1,5 @@
 """The dashboard checked as a picture, on a run with outliers, a constant and a near-constant series,
-sparse curvature with NaNs, a negative Hessian trace and a slow first step (instruments/_awkward.py):
+sparse curvature with NaNs, a negative Hessian trace and a slow first step (cockpit_lite/testing/awkward_log.py):
 what a person reads must not overlap, leave the figure, hide data, or hide values off the axis."""
 
 import math
@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from cockpit_lite import dashboard, load  # noqa: E402
-from instruments._awkward import write_awkward_log  # noqa: E402
+from cockpit_lite.testing import write_awkward_log  # noqa: E402
 from picture_checks import data_under_legends, drawn_texts, outside_figure, overlaps  # noqa: E402
 
 

@@ -10,7 +10,7 @@ from matplotlib import image
 
 import cockpit_lite
 from cockpit_lite import cli, dashboard, dashboard_png
-from instruments._synthetic import write_synthetic_log
+from cockpit_lite.testing import write_synthetic_log
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 

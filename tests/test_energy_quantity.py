@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import cockpit_lite
+from helpers import watched_training
 from cockpit_lite.energy import carbon
 from cockpit_lite.energy.nvml import NvmlUnavailable, nvml_energy_counter
 from cockpit_lite.energy.rapl import RaplReader
@@ -24,16 +24,9 @@ def train(cockpit_kwargs, logdir, steps=5, before_step=None, sleep_s=0.0, device
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loss_fn = nn.CrossEntropyLoss()
     x, y = torch.randn(16, 4, device=device), torch.randint(0, 3, (16,), device=device)
-    with cockpit_lite.watch(model, opt, loss_fn=loss_fn, logdir=logdir, **cockpit_kwargs):
-        for step in range(steps):
-            if before_step is not None:
-                before_step(step)
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            if sleep_s:
-                time.sleep(sleep_s)
-            opt.step()
-    return cockpit_lite.load(logdir)
+    return watched_training(model, opt, loss_fn, [(x, y)] * steps, logdir, before_step=before_step,
+                            after_backward=(lambda _step: time.sleep(sleep_s)) if sleep_s else None,
+                            **cockpit_kwargs).run
 
 
 def test_this_machine_reports_unavailable_with_the_reason(logdir):

@@ -102,8 +102,8 @@ def test_selected_keys_and_typos(tmp_path):
 
 
 def test_cached_large_log_gives_the_same_frame(tmp_path, monkeypatch):
-    from cockpit_lite.runlog_cache import RunCache
-    from instruments._synthetic import write_synthetic_log
+    from cockpit_lite.runlog.cache import RunCache
+    from cockpit_lite.testing import write_synthetic_log
 
     monkeypatch.setattr(RunCache, "MIN_BYTES", 1000)  # a cache for this small log too
 

@@ -3,7 +3,6 @@ against hand-made logs, its stage control (time limits, budget), and the whole p
 (``--device cpu --tiny``) with the structure of what it writes. The GPU itself is not needed here."""
 
 import json
-import math
 import os
 import re
 import subprocess

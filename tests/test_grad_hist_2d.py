@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import cockpit_lite
+from helpers import watched_training
 from cockpit_lite.quantities.grad_hist_2d import GradHist2d, joint_histogram
 from reference import per_sample_grads_bruteforce
 
@@ -21,14 +22,9 @@ def _cnn():
 def _run(model, x, y, logdir, accumulate=1, bins=(12, 9)):
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    cockpit = cockpit_lite.watch(model, opt, loss_fn=loss_fn, logdir=logdir, quantities=[GradHist2d("every", bins=bins)])
-    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt.zero_grad()
-    for xb, yb in zip(x.chunk(accumulate), y.chunk(accumulate)):
-        (loss_fn(model(xb), yb) / accumulate).backward()
-    opt.step()
-    cockpit.close()
-    return cockpit_lite.load(logdir), theta
+    trained = watched_training(model, opt, loss_fn, zip(x.chunk(accumulate), y.chunk(accumulate)), logdir,
+                               accumulate=accumulate, quantities=[GradHist2d("every", bins=bins)])
+    return trained.run, trained.thetas[0]
 
 
 def _reference_counts(model, theta, x, y, x_edges, y_edges):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import cockpit_lite
+from helpers import watched_training
 import reference as ref
 from test_persample_view import SeqCE, TinyEncoder, ce_seq_none
 
@@ -21,14 +22,9 @@ REF = {"norm_test": ref.norm_test, "inner_test": ref.inner_test, "ortho_test": r
 
 def train_one_step(model, loss_fn, batches, logdir, quantities=ALL, opt=None, divide=True):
     opt = opt or torch.optim.SGD(model.parameters(), lr=0.05)
-    cp = cockpit_lite.watch(model, opt, loss_fn=loss_fn, logdir=logdir, quantities=quantities)
-    opt.zero_grad()
-    for x, y in batches:
-        loss = loss_fn(model(x), y)
-        (loss / len(batches) if divide else loss).backward()
-    opt.step()
-    cp.close()
-    run = cockpit_lite.load(logdir)
+    batches = list(batches)
+    run = watched_training(model, opt, loss_fn, batches, logdir, accumulate=len(batches), divide=divide,
+                           quantities=quantities).run
     # the self-check of the layer rules against autograd (persample/selfcheck.py) passes on every model here
     assert run.records[0]["data"]["persample_check"]["status"] == "passed", run.records[0]["data"]["persample_check"]
     return run

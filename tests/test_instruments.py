@@ -14,7 +14,7 @@ import cockpit_lite
 import instruments
 from instruments import RunView
 from instruments._draw import downsample, moving_average, spans_decades
-from instruments._synthetic import write_synthetic_log
+from cockpit_lite.testing import write_synthetic_log
 
 pytest.importorskip("matplotlib")
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
@@ -467,7 +467,7 @@ def test_steps_covered_matches_a_lookup_per_step():
 def test_energy_covers_from_the_steps_entries_match_the_structures(tmp_path, monkeypatch, cached):
     """The energy panel reads only the ``steps`` entries and the last structure (a cached run does
     not decode its 100,000 structures): the same table and provenance as from every structure."""
-    from cockpit_lite.runlog_cache import RunCache
+    from cockpit_lite.runlog.cache import RunCache
     from instruments.energy import _covers, _covers_of
 
     monkeypatch.setattr(RunCache, "MIN_BYTES", 0)

@@ -193,3 +193,33 @@ def test_eval_forwards_and_forwards_without_labels_are_not_observed(tmp_path):
             optimizer.step()
     (record,) = [r for r in cockpit_lite.load(tmp_path / "run").records if not r.get("amends")]
     assert record["values"]["loss"] == float(loss)
+
+
+
+@pytest.mark.parametrize("sizes", [(1, 3), (2, 2), (3, 1)], ids=["1+3", "2+2", "3+1"])
+def test_accumulated_micro_batches_divided_by_the_step_count_combine_to_the_step_loss(tmp_path, sizes):
+    """Gradient accumulation as the Trainer does it: each micro-batch's loss is divided by the token count of
+    the whole step (``num_items_in_batch``), so the step's loss is the sum of the micro-batch losses. The
+    logged loss equals the whole batch's mean token loss; every gradient test equals the float64 brute
+    force over the whole step (or is NaN with a reason), with unequal micro-batches too (each part's l_i
+    scale by n / b_k, not b_k / N: persample/view.py)."""
+    model = gpt2()
+    x, y = lm_batch()
+    G = brute_force(model, lm_shares, x, y)
+    with torch.no_grad():
+        whole = float(model(input_ids=x, labels=y).loss)
+    n = int((y[:, 1:] != -100).sum())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with cockpit_lite.watch(model, optimizer, logdir=tmp_path / "run", quantities=QUANTITIES):
+            for part in (slice(0, sizes[0]), slice(sizes[0], B)):
+                model(input_ids=x[part], labels=y[part], num_items_in_batch=n).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    (record,) = [r for r in cockpit_lite.load(tmp_path / "run").records if not r.get("amends")]
+    assert record["values"]["loss"] == pytest.approx(whole, rel=1e-5)
+    assert record["samples"] == B
+    mean = torch.cat(list(G.values()), dim=1).sum(0) / B
+    assert record["values"]["grad_norm"] == pytest.approx(float(mean.norm()), rel=1e-4)
+    assert assert_brute_force_or_reason(record, G) > 20

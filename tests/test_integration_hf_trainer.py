@@ -107,10 +107,6 @@ def test_if_exists_increment_is_followed(tmp_path):
     assert len(cockpit_lite.load(second.logdir).series("loss")[0]) == STEPS
 
 
-@pytest.mark.xfail(strict=True, reason="known limit: with gradient accumulation the Trainer passes num_items_in_batch "
-                   "(each micro-batch's loss is already divided by the whole step's token count) and the engine's "
-                   "sample-weighted mean of micro-batch losses logs 1/accumulation of the step's loss "
-                   "(docs/integrations.md, Limits)")
 def test_accumulated_loss_with_num_items_in_batch_equals_the_trainers(tmp_path):
     callback = CockpitTrainerCallback(quantities={"loss": "every"})
     args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_steps=2,

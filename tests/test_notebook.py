@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 import cockpit_lite
+from helpers import watched_training
 from instruments import RunView, builtin
 
 
@@ -18,14 +19,12 @@ def _train(logdir, lr=0.1, steps=6, seed=0):
     model, loss_fn = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)), nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
-    with cockpit_lite.watch(model, opt, loss_fn=loss_fn, logdir=logdir):
-        for _ in range(steps):
-            x, y = torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            _train.last_grad_norms = [p.grad.double().norm().item() for p in model.parameters()]
-            opt.step()
-    return cockpit_lite.load(logdir)
+    batches = [(torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(steps)]
+
+    def grad_norms(_step):
+        _train.last_grad_norms = [p.grad.double().norm().item() for p in model.parameters()]
+
+    return watched_training(model, opt, loss_fn, batches, logdir, after_backward=grad_norms).run
 
 
 @pytest.fixture(scope="module")

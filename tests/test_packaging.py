@@ -61,7 +61,7 @@ def test_mypy_sees_the_public_api_typed(tmp_path):
     revealed = [line.split("Revealed type is ", 1)[1] for line in text.splitlines() if "Revealed type is" in line]
     assert len(revealed) == SNIPPET.count("reveal_type(")
     assert all('"Any"' != r.strip() for r in revealed), revealed
-    expected = ["cockpit_lite.engine.cockpit.Cockpit", "cockpit_lite.engine.cockpit.Cockpit", "cockpit_lite.runlog.Run",
-                "numpy.ndarray", "-> cockpit_lite.runlog.Run", "str"]
+    expected = ["cockpit_lite.engine.cockpit.Cockpit", "cockpit_lite.engine.cockpit.Cockpit", "cockpit_lite.runlog.reader.Run",
+                "numpy.ndarray", "-> cockpit_lite.runlog.reader.Run", "str"]
     for want, got in zip(expected, revealed):
         assert want in got, (want, got)

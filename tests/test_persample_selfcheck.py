@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import cockpit_lite
+from helpers import watched_training
 from reference import flat, norm_test, per_sample_grads_bruteforce
 from test_curvature import TupleOut
 
@@ -44,14 +45,7 @@ def batches(steps, seed=1):
 def train(model, data, logdir=None, quantities=None, lr=0.1):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     crit = nn.CrossEntropyLoss(reduction="sum")
-    cockpit = cockpit_lite.watch(model, opt, loss_fn=crit, logdir=logdir, quantities=quantities) if logdir else None
-    for x, y in data:
-        opt.zero_grad()
-        crit(model(x), y).backward()
-        opt.step()
-    if cockpit is not None:
-        cockpit.close()
-        return cockpit_lite.load(logdir)
+    return watched_training(model, opt, crit, data, logdir or None, quantities=quantities).run
 
 
 def check_record(run):

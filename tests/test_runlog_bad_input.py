@@ -2,7 +2,6 @@
 and in the CLI's output), on every read path; files that are not regular files are refused; the
 writer never follows a planted link; a typo'd key is a KeyError with suggestions."""
 
-import json
 import os
 import signal
 
@@ -12,8 +11,8 @@ import pytest
 import cockpit_lite
 from cockpit_lite import runlog
 from cockpit_lite.runlog import CorruptLogError, Run, RunLogWriter
-from cockpit_lite.runlog_cache import RunCache
-from cockpit_lite.runlog_files import NotRegularFileError
+from cockpit_lite.runlog.cache import RunCache
+from cockpit_lite.runlog.files import NotRegularFileError
 
 STEP = '{"type":"step","step":%d,"wall":1.5,"samples":8,"values":{"loss":%s}}'
 
@@ -59,7 +58,7 @@ def _log(path, line3, extra=()):
 
 @pytest.fixture(params=["plain", "scan"])
 def read_path(request, monkeypatch):
-    """Read as a small log (records built) or as a large one (runlog_scan, then its cache)."""
+    """Read as a small log (records built) or as a large one (runlog/scan, then its cache)."""
     if request.param == "scan":
         monkeypatch.setattr(RunCache, "MIN_BYTES", 0)
     return request.param
@@ -129,7 +128,7 @@ def test_the_cli_reports_bad_lines_and_still_plots(tmp_path, capsys):
 
 # -- lines too long to read ------------------------------------------------------------------------
 def test_a_line_over_the_limit_is_reported_not_read(tmp_path, monkeypatch, read_path):
-    monkeypatch.setattr(runlog, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(runlog.reader, "MAX_LINE_BYTES", 1000)
     monkeypatch.setattr(Run, "READ_BYTES", 256)  # lines cross block ends; the long one spans many
     huge = '{"type":"step","step":1,"values":{"loss":1.0},"pad":"%s"}' % ("x" * 5000)
     _log(tmp_path, huge)
@@ -141,7 +140,7 @@ def test_a_line_over_the_limit_is_reported_not_read(tmp_path, monkeypatch, read_
 
 
 def test_an_unterminated_line_over_the_limit_is_a_torn_tail(tmp_path, monkeypatch):
-    monkeypatch.setattr(runlog, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(runlog.reader, "MAX_LINE_BYTES", 1000)
     monkeypatch.setattr(Run, "READ_BYTES", 256)
     w = RunLogWriter(tmp_path, {})
     w.write({"type": "step", "step": 0, "values": {"loss": 1.0}})

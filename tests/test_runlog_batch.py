@@ -1,4 +1,4 @@
-"""The run log written in batches (cockpit_lite/runlog_batch.py): what a kill, an exit, a pause, fsync
+"""The run log written in batches (cockpit_lite/runlog/batch.py): what a kill, an exit, a pause, fsync
 and other records do to the step records still waiting."""
 
 import json
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import cockpit_lite
-from cockpit_lite.runlog_batch import LOG_BATCH, MAX_DELAY_S
+from cockpit_lite.runlog.batch import LOG_BATCH, MAX_DELAY_S
 
 TRAIN = """
 import sys, torch, cockpit_lite

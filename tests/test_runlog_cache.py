@@ -18,7 +18,7 @@ import pytest
 
 import cockpit_lite
 from cockpit_lite.runlog import CorruptLogError, Run, RunLogWriter, decode_number
-from cockpit_lite.runlog_cache import RunCache
+from cockpit_lite.runlog.cache import RunCache
 
 
 @pytest.fixture(autouse=True)
@@ -295,7 +295,7 @@ def test_small_logs_get_no_cache_and_gc_state_is_restored(tmp_path, monkeypatch)
 
 
 def test_synthetic_log_with_every_quantity(tmp_path):
-    from instruments._synthetic import write_synthetic_log
+    from cockpit_lite.testing import write_synthetic_log
 
     write_synthetic_log(tmp_path, 300, hist_every=50, curvature_every=7, energy_every=3)
     cold = cockpit_lite.load(tmp_path)
@@ -352,7 +352,7 @@ def test_cache_has_the_permissions_of_the_log(tmp_path):
 def test_a_cached_run_answers_without_building_its_records(tmp_path, monkeypatch):
     """Plotting reads steps, series, reasons, flags, fields and data; none of them builds the
     records of a run read from its cache, and the records built on demand are the plain decode's."""
-    from cockpit_lite.runlog_cache import CachedRecords
+    from cockpit_lite.runlog.cache import CachedRecords
 
     w = write_log(tmp_path, close=False)
     w.write({"type": "step", "step": 2000, "samples": 32, "values": {"loss": 0.5}})
@@ -429,14 +429,14 @@ def test_decode_number_reads_what_numpy_reads():
 @pytest.mark.parametrize("raw", LINES)
 def test_line_decoding_without_orjson_is_json_loads(raw, monkeypatch):
     """orjson is optional: without it (or for a line it refuses) the json scanner gives the same."""
-    monkeypatch.setattr("cockpit_lite.runlog._orjson_loads", None)
+    monkeypatch.setattr("cockpit_lite.runlog.codec._orjson_loads", None)
     test_line_decoding_is_json_loads(raw)
 
 
 def test_logs_read_the_same_without_orjson(tmp_path, monkeypatch):
     write_log(tmp_path)
     with_orjson = cockpit_lite.load(tmp_path, cache=False)
-    monkeypatch.setattr("cockpit_lite.runlog._orjson_loads", None)
+    monkeypatch.setattr("cockpit_lite.runlog.codec._orjson_loads", None)
     without = cockpit_lite.load(tmp_path, cache=False)
     assert_same_as_reference(without)
     assert without.records == with_orjson.records and without.header == with_orjson.header
@@ -455,9 +455,9 @@ def test_a_growing_log_read_from_a_cache_whose_records_fail_is_read_once(tmp_pat
 
 
 def test_cache_without_orjson_shares_the_key_strings(tmp_path, monkeypatch):
-    from cockpit_lite.runlog_cache import _keys_shared, _without_data
+    from cockpit_lite.runlog.cache import _keys_shared, _without_data
 
-    monkeypatch.setattr("cockpit_lite.runlog._orjson_loads", None)
+    monkeypatch.setattr("cockpit_lite.runlog.codec._orjson_loads", None)
     write_log(tmp_path)
     plain = cockpit_lite.load(tmp_path, cache=False)
     assert not _keys_shared(plain.records)  # json decodes each line's keys anew
@@ -470,7 +470,7 @@ def test_cache_without_orjson_shares_the_key_strings(tmp_path, monkeypatch):
 def test_a_finished_logs_cache_leaves_the_records_out(tmp_path):
     """A finished log cannot grow: its cache skips the records (the slow part of writing it on the
     first plot); asking for them decodes the log. A growing log's cache keeps them (see above)."""
-    from cockpit_lite.runlog_cache import CachedRecords
+    from cockpit_lite.runlog.cache import CachedRecords
 
     write_log(tmp_path)
     cockpit_lite.load(tmp_path)  # writes the cache

@@ -1,4 +1,4 @@
-"""A large finished log is read without building its records (``cockpit_lite/runlog_scan.py``):
+"""A large finished log is read without building its records (``cockpit_lite/runlog/scan.py``):
 every reader method must answer exactly as a run that builds its records does, before and after
 its cache is written, on logs with out-of-order and repeated steps, amendments that add, replace
 or only flag, and changing key sets."""
@@ -11,7 +11,7 @@ import pytest
 
 import cockpit_lite
 from cockpit_lite.runlog import Run, RunLogWriter
-from cockpit_lite.runlog_cache import RunCache
+from cockpit_lite.runlog.cache import RunCache
 
 
 @pytest.fixture(autouse=True)

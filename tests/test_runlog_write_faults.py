@@ -11,7 +11,7 @@ from torch import nn
 
 import cockpit_lite
 from cockpit_lite.runlog import RunLogWriter
-from cockpit_lite.runlog_batch import LOG_BATCH
+from cockpit_lite.runlog.batch import LOG_BATCH
 
 
 class FailingFile:
@@ -120,7 +120,7 @@ def test_training_goes_on_through_a_full_disk(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     crit = nn.CrossEntropyLoss()
     cockpit = cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path, quantities=["loss", "grad_norm"])
-    log = cockpit._writer.writer  # the RunLogWriter under the batching (runlog_batch.py)
+    log = cockpit._writer.writer  # the RunLogWriter under the batching (runlog/batch.py)
     disk = log._fh = FailingFile(log._fh, partial=11)
     n = 3 * LOG_BATCH  # the disk is full while two batches are written
     with pytest.warns(RuntimeWarning, match="No space left"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import cockpit_lite
+from helpers import watched_training
 from cockpit_lite.sinks.keys import key_filter
 
 QUANTITIES = {"loss": "every", "grad_norm": "every", "alpha": "every"}
@@ -21,13 +21,8 @@ def train(logdir, sinks, steps=3):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     crit = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(0)
-    with cockpit_lite.watch(model, optimizer, loss_fn=crit, logdir=logdir, quantities=QUANTITIES, sinks=sinks):
-        for _ in range(steps):
-            x, y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
-            optimizer.zero_grad()
-            crit(model(x), y).backward()
-            optimizer.step()
-    return cockpit_lite.load(logdir)
+    batches = [(torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(steps)]
+    return watched_training(model, optimizer, crit, batches, logdir, quantities=QUANTITIES, sinks=sinks).run
 
 
 class FakeWandbRun:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import cockpit_lite
+from helpers import watched_training
 
 tbparse = pytest.importorskip("tbparse")
 
@@ -21,17 +21,12 @@ def _train(logdir, steps=4):
     model, loss_fn = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)), nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(steps)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with cockpit_lite.watch(model, opt, loss_fn=loss_fn, logdir=logdir, tensorboard=True,
-                                quantities={"loss": "every", "grad_norm": "every", "grad_hist_1d": "every:2",
-                                            "alpha": "every"}):
-            for _ in range(steps):
-                x, y = torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
-                opt.zero_grad()
-                loss_fn(model(x), y).backward()
-                opt.step()
-    return cockpit_lite.load(logdir)
+        return watched_training(model, opt, loss_fn, batches, logdir, tensorboard=True,
+                             quantities={"loss": "every", "grad_norm": "every", "grad_hist_1d": "every:2",
+                                         "alpha": "every"}).run
 
 
 def test_tbparse_reads_the_logged_histograms(tmp_path):

@@ -1,4 +1,4 @@
-"""The Cockpit tab checked as a picture in headless Chromium, on the awkward run (instruments/_awkward.py)
+"""The Cockpit tab checked as a picture in headless Chromium, on the awkward run (cockpit_lite/testing/awkward_log.py)
 and a second run to overlay: what a person reads (text boxes that do not overlap and stay on the page,
 counts labelled as counts, NaN counts that match the log, a finite 2e299 flagged, an advisor that was on,
 no stale panels after a failed load, two runs on one chart)."""
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from instruments._awkward import write_awkward_log
+from cockpit_lite.testing import write_awkward_log
 from test_tensorboard_e2e import CHROMIUM, WAIT_S, TensorBoard, _need_browser, _plugin_frame, _runs_ready, _show
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

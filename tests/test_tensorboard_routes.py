@@ -27,7 +27,7 @@ from tensorboard.backend.event_processing import plugin_event_multiplexer as pem
 from tensorboard.plugins import base_plugin  # noqa: E402
 from werkzeug.test import Client  # noqa: E402
 
-import cockpit_lite  # noqa: E402
+from helpers import watched_training  # noqa: E402
 from cockpit_lite.runlog import _clean  # noqa: E402
 from cockpit_lite.tensorboard.loader import CockpitLoader  # noqa: E402
 from cockpit_lite.tensorboard.plugin import panel_key, safe_static_name  # noqa: E402
@@ -43,14 +43,8 @@ def train_watched(logdir, steps=6, quantities="full", seed=0):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
     x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
-    with cockpit_lite.watch(model, opt, loss_fn=loss_fn, logdir=logdir, quantities=quantities,
-                            tensorboard=True):
-        for i in range(steps):
-            xb, yb = x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8]
-            opt.zero_grad()
-            loss_fn(model(xb), yb).backward()
-            opt.step()
-    return cockpit_lite.load(logdir)
+    batches = [(x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8]) for i in range(steps)]
+    return watched_training(model, opt, loss_fn, batches, logdir, quantities=quantities, tensorboard=True).run
 
 
 def structured_records():

@@ -1,6 +1,5 @@
 """watch(): bad input, hook removal, and the promise not to perturb training."""
 
-import os
 import subprocess
 import sys
 
@@ -9,6 +8,7 @@ import torch
 from torch import nn
 
 import cockpit_lite
+from helpers import watched_training
 
 
 def net(seed=0, dropout=0.0):
@@ -18,11 +18,8 @@ def net(seed=0, dropout=0.0):
 
 def train(model, opt, crit, steps=6, seed=5):
     g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
-        opt.zero_grad()
-        crit(model(x), y).backward()
-        opt.step()
+    watched_training(model, opt, crit, [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g))
+                                        for _ in range(steps)])
 
 
 @pytest.mark.parametrize("preset", ["default", "economy", "business", "full"])

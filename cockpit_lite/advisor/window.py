@@ -140,7 +140,7 @@ class RecentRun:
 
 def read_header(path) -> Dict[str, Any]:
     """The header record of the run log at ``path`` (its first line), {} if it cannot be read."""
-    from ..runlog_files import open_for_reading
+    from ..runlog.files import open_for_reading
 
     try:
         with open_for_reading(path) as fh:

@@ -29,6 +29,7 @@ from torch.func import functional_call
 from ..persample.output_view import ViewUnavailable, head_target, replay as replay_view
 from ..replay import replaying
 from ..rng import preserved_rng, set_rng_state
+from ..loss_combine import micro_batch_weights, step_normalised
 
 
 class CurvatureUnavailable(RuntimeError):
@@ -169,12 +170,11 @@ def rebuild(ctx, subbatch: Optional[int] = None) -> BatchLoss:
         raise CurvatureUnavailable("the loss function's targets were not captured on this step")
     sizes = [m.batch_size for m in mbs]
     reduction = ctx.reduction
-    if reduction == "sum":
-        weights = [1.0] * len(mbs)
-    elif reduction == "mean" and all(sizes):
-        weights = [s / sum(sizes) for s in sizes]
-    else:
-        weights = [1.0 / len(mbs)] * len(mbs)
+    weights = micro_batch_weights(mbs, reduction)
+    if subbatch is not None and step_normalised(mbs) and any(s is not None and subbatch < s for s in sizes):
+        raise CurvatureUnavailable(
+            "the loss is divided by the whole step's count (num_items_in_batch), so a sub-batch's loss "
+            "re-evaluated with it is not its mean (curvature/batch_loss.py); raise the sub-batch size")
     calls = []
     for mc, mb, w, s in zip(calls_in, mbs, weights, sizes):
         args, kwargs, target = mc.args, mc.kwargs, tuple(mb.target)
@@ -184,7 +184,7 @@ def rebuild(ctx, subbatch: Optional[int] = None) -> BatchLoss:
             target = tuple(head_target(view, t, s, subbatch) for t in target)
             s, batch = subbatch, (s, subbatch)
         calls.append(Call(args, kwargs, target, mc.rng_state, w, s, view, batch))
-    if subbatch is not None and reduction == "mean":
+    if subbatch is not None and reduction == "mean" and not step_normalised(mbs):
         tot = sum(c.batch_size for c in calls if c.batch_size)
         if tot:
             for c in calls:

@@ -4,7 +4,8 @@ No network look-ups: the intensity is whatever the user passes (their grid, thei
 contract, their cloud region's published figure). The default is the world average for electricity
 generation in 2023, 480 gCO2eq/kWh (Ember, "Global Electricity Review 2024"); a lower-carbon grid
 can be 20-100 g, a coal-heavy one over 700 g. Data-centre overhead (PUE) is not included unless the
-user passes ``pue``.
+user passes ``pue``. ``Energy(carbon={"country": ...})`` reads a country's or region's intensity from
+CodeCarbon's offline tables instead (``carbon_tables.py``).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import torch
 from ..distributed import detect, unwrap
 from ..quantities.base import Quantity, Watched
 from ..runlog import RunLogWriter, load
-from ..runlog_batch import LOG_BATCH, BatchedWriter
+from ..runlog.batch import LOG_BATCH, BatchedWriter
 from ..step_context import MicroBatch, StepContext
 from .calls import bracket, call_quantity
 from .records import NoLog, Recorder, header
@@ -54,7 +54,7 @@ class Cockpit(StepDetection):
             quantity names or ``Quantity`` objects, or a mapping name -> schedule
             (``{"grad_norm": "every", "loss": "every:10"}``).
         fsync: write every record at once and ``fsync`` it (survives power loss); otherwise step records
-            are written 16 at a time (``cockpit_lite.runlog_batch``: a killed process loses at most those).
+            are written 16 at a time (``cockpit_lite.runlog.batch``: a killed process loses at most those).
         sinks: extra consumers of every record (objects with ``write(record)`` and ``close()``),
             e.g. the TensorBoard writer.
         tensorboard: also write every record into a TensorBoard event file in ``logdir`` (scalars
@@ -137,7 +137,7 @@ class Cockpit(StepDetection):
         if self.writes:
             writer = RunLogWriter(self.logdir, run_header, fsync=fsync, if_exists=if_exists)
             self.logdir = os.fspath(writer.logdir)  # LOGDIR-2, ... with if_exists="increment"
-            # step records in batches of LOG_BATCH (runlog_batch.py); fsync=True: every record at once
+            # step records in batches of LOG_BATCH (runlog/batch.py); fsync=True: every record at once
             writer = BatchedWriter(writer, batch=1 if fsync else LOG_BATCH)
         else:
             writer = NoLog(self.logdir)
@@ -204,7 +204,7 @@ class Cockpit(StepDetection):
         return load(self.logdir)
 
     def flush(self) -> None:
-        """Write the step records still waiting for their batch (``cockpit_lite.runlog_batch``) now."""
+        """Write the step records still waiting for their batch (``cockpit_lite.runlog.batch``) now."""
         flush = getattr(self._writer, "flush", None)
         if flush is not None and not self._writer.closed:
             flush()
@@ -359,15 +359,14 @@ class Cockpit(StepDetection):
                                           "it is logged as NaN with this reason")
 
     def _finish_quantities(self) -> None:
-        """At close, quantities with a ``finish(ctx)`` method record what only the end of the run
-        resolves (values of earlier steps, via ``ctx.emit_for_step``); written as amendments."""
+        """At close, every quantity's ``finish(ctx)`` records what only the end of the run resolves
+        (values of earlier steps, via ``ctx.emit_for_step``); written as amendments."""
         ctx = StepContext(self.step, self.watched, [], self.reduction)
         for q in self.quantities:
-            finish = getattr(q, "finish", None)
-            if finish is None:
-                continue
+            if getattr(type(q), "finish", Quantity.finish) is Quantity.finish:
+                continue  # nothing to resolve: no call
             try:
-                finish(ctx)
+                q.finish(ctx)
             except Exception as err:  # closing must not fail because one quantity does
                 self._event("warning", f"quantity {q.name!r} failed to finish: {err!r}")
         self._records.write_amendments(ctx, time.time())

@@ -21,6 +21,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from ..backward_end import queue_after_backward
+from ..integrations.hf_loss import ModelLoss
 from ..persample.output_view import observe
 from ..replay import is_replaying
 from ..rng import rng_state
@@ -126,6 +127,8 @@ class StepDetection:
             loss=output.detach().mean(),
             batch_size=int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else None,
         )
+        if isinstance(module, ModelLoss):  # a loss divided by the step's count is a part of the step's loss
+            mb.combine = module.combine
         if "loss_inputs" in self._needs:
             observe(mb, self._last_output() if self._last_output is not None else None, first)
             self._last_output = None

@@ -20,6 +20,7 @@ decomposition would be wrong.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from typing import Any, List, Optional
 
@@ -49,6 +50,8 @@ class ModelLoss(torch.nn.Module):
         self.reduction = "mean"  # a mean over some count; its normaliser is recovered from the logged loss
         self.form: Optional[LossForm] = None
         self._handover: Optional[torch.Tensor] = None
+        #: "sum" while the handed-over loss is divided by the whole step's count (num_items_in_batch)
+        self.combine: Optional[str] = None
 
     def forward(self, output, *target):
         if self._handover is not None:
@@ -69,21 +72,22 @@ class ModelLoss(torch.nn.Module):
             raise CurvatureUnavailable(form.unavailable)
         return form.reduced(output, *target)
 
-    def hand_over(self, form: LossForm, positional: tuple, value: torch.Tensor) -> torch.Tensor:
+    def hand_over(self, form: LossForm, positional: tuple, value: torch.Tensor,
+                  combine: Optional[str] = None) -> torch.Tensor:
         """Let the hooks on this module see ``value`` as the loss of ``positional`` (no recomputation)."""
         self.form = form
-        self._handover = value
+        self._handover, self.combine = value, combine
         try:
             return self(*positional)
         finally:
-            self._handover = None
+            self._handover, self.combine = None, None
 
 
 class _Call:
-    __slots__ = ("form", "positional", "value")
+    __slots__ = ("form", "positional", "value", "combine")
 
-    def __init__(self, form, positional, value):
-        self.form, self.positional, self.value = form, positional, value
+    def __init__(self, form, positional, value, combine=None):
+        self.form, self.positional, self.value, self.combine = form, positional, value, combine
 
 
 class ModelLossObserver:
@@ -152,7 +156,7 @@ class ModelLossObserver:
             positional = function_positional(form, fn, args, kwargs)
             if positional is None:
                 positional = (value,)
-            self._seen(form, positional, value)
+            self._seen(form, positional, value, "sum" if divided_by_step_count(fn, args, kwargs) else None)
             return value
 
         return loss_function
@@ -167,15 +171,15 @@ class ModelLossObserver:
     def _active(self) -> bool:
         return is_replaying() or bool(self._entered and self._entered[-1])
 
-    def _seen(self, form: LossForm, positional: tuple, value: torch.Tensor) -> None:
+    def _seen(self, form: LossForm, positional: tuple, value: torch.Tensor, combine: Optional[str] = None) -> None:
         if is_replaying():  # a re-evaluation (curvature, self-check): its hooks catch the call at once
             if self._opaque is not None:
                 from ..curvature.batch_loss import CurvatureUnavailable
 
                 raise CurvatureUnavailable(self._opaque)
-            self.module.hand_over(form, positional, value)
+            self.module.hand_over(form, positional, value, combine)
         else:
-            self._calls.append(_Call(form, positional, value))
+            self._calls.append(_Call(form, positional, value, combine))
 
     # -- the training forward ---------------------------------------------------------------------
     def _enter(self, module, args) -> None:
@@ -193,7 +197,7 @@ class ModelLossObserver:
             return None
         self._opaque = None
         if len(calls) == 1 and calls[0].value is loss:
-            self.module.hand_over(calls[0].form, calls[0].positional, loss)
+            self.module.hand_over(calls[0].form, calls[0].positional, loss, calls[0].combine)
             if calls[0].form.order and self._global is not None:
                 # the model computes its loss with loss_function: the global hook (which puts every module
                 # call of the process on torch's slow path) is not needed
@@ -215,6 +219,18 @@ class ModelLossObserver:
         opaque = LossForm("returned loss", lambda *a: loss, unavailable=reason)
         self.module.hand_over(opaque, (loss,), loss)
         return None
+
+
+def divided_by_step_count(fn, args: tuple, kwargs: dict) -> bool:
+    """Whether a ``loss_function`` call got ``num_items_in_batch``: the Trainer's count of the whole step's
+    items (all accumulated micro-batches), so each micro-batch's loss is a part of the step's loss."""
+    if kwargs.get("num_items_in_batch") is not None:
+        return True
+    try:
+        bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return False
+    return bound.get("num_items_in_batch") is not None
 
 
 def _returned_loss(output) -> Optional[torch.Tensor]:

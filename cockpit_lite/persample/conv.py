@@ -157,16 +157,20 @@ class ConvWeightSamples(ParamSamples):
         for G in self._raw_chunks():
             yield _k_to_weight_layout(G, self.shape) if shifts else G
 
-    def fused_stats(self, stats, v=None, hist_range=None, bins: int = 100):
+    def fused_stats(self, stats, v=None, hist_range=None, bins: int = 100, extra=None):
         """As ``ParamSamples.fused_stats``, on blocks in the method's own layout; each block is fresh,
-        so it is squared in place once g_i . v and the histogram are taken."""
+        so it is squared in place once the projections (g_i . v, ``extra``) and the histogram are taken."""
         O, C = self.shape[:2]
         shifts = self.method() == "shifts"
-        if shifts:
-            K = self.shape.numel() // (O * C)
-            vk = v.reshape(O * C, K).T.reshape(K, O * C, 1).to(self.x.dtype) if v is not None else None
-        else:
-            vf = v.reshape(-1).to(self.x.dtype) if v is not None else None
+        K = self.shape.numel() // (O * C)
+
+        def layout(u):  # a vector in the blocks' layout
+            if u is None:
+                return None
+            return u.reshape(O * C, K).T.reshape(K, O * C, 1).to(self.x.dtype) if shifts else u.reshape(-1).to(self.x.dtype)
+
+        vk = vf = layout(v)
+        projs = {key: (layout(u), []) for key, u in (extra or {}).items()}
         sq, dots, m2 = [], [], None
         counts, top, clipped = torch.zeros(bins, dtype=torch.float64), 0.0, 0
         for G in self._raw_chunks():
@@ -178,6 +182,8 @@ class ConvWeightSamples(ParamSamples):
                 Gf = G.reshape(b, -1)
             if "dots" in stats:
                 dots.append(torch.bmm(Gf, vk).sum(0).reshape(b) if shifts else Gf @ vf)
+            for u, got in projs.values():
+                got.append(torch.bmm(Gf, u).sum(0).reshape(b) if shifts else Gf @ u)
             if "hist" in stats:
                 c, m, k = _histc(Gf, hist_range, bins)
                 counts += c
@@ -189,7 +195,7 @@ class ConvWeightSamples(ParamSamples):
                 if "m2" in stats:
                     m = G2.sum(1) if shifts else G2.sum(0)
                     m2 = m if m2 is None else m2.add_(m)
-        res = {}
+        res = {key: torch.cat(got) for key, (_, got) in projs.items()}
         if "sq" in stats:
             res["sq"] = torch.cat(sq)
         if "dots" in stats:

@@ -52,11 +52,14 @@ class ParamSamples:
             res["dots"] = self.dots(v)
         return res
 
-    def fused_stats(self, stats, v=None, hist_range=None, bins: int = 100):
+    def fused_stats(self, stats, v=None, hist_range=None, bins: int = 100, extra=None):
         """The requested stats among "sq" ([b]), "m2" ([*shape]), "dots" ([b], g_i . v) and "hist"
         ((counts, max_abs, clipped) over [-hist_range, hist_range], see ``histogram``) in one pass over
-        the per-sample gradients, a block of samples at a time."""
+        the per-sample gradients, a block of samples at a time; ``extra`` ({key: vector}) adds g_i . vector
+        under each key."""
+        extra = extra or {}
         out = {"sq": [], "dots": [], "m2": None}
+        out.update({k: [] for k in extra})
         vf = v.reshape(-1) if v is not None else None
         counts, top, clipped = torch.zeros(bins, dtype=torch.float64), 0.0, 0
         for G in self.chunks():
@@ -74,7 +77,9 @@ class ParamSamples:
                     out["m2"] = m if out["m2"] is None else out["m2"] + m
             if "dots" in stats:
                 out["dots"].append(Gf @ vf.to(Gf.dtype))
-        res = {}
+            for key, u in extra.items():
+                out[key].append(Gf @ u.reshape(-1).to(Gf.dtype))
+        res = {k: torch.cat(out[k]) for k in extra}
         if "sq" in stats:
             res["sq"] = torch.cat(out["sq"])
         if "dots" in stats:
@@ -150,7 +155,10 @@ def _bin_counts(G: torch.Tensor, R: float, bins: int) -> torch.Tensor:
 def _histc(G: torch.Tensor, R: float, bins: int):
     """(counts, max |G|, number outside [-R, R]) with outside values counted in the edge bins."""
     G = G.float()
-    m = float(G.abs().max()) if G.numel() else 0.0
+    m = 0.0
+    if G.numel():  # max |G| from one pass that allocates nothing (NaN propagates as with abs().max())
+        lo, hi = torch.aminmax(G)
+        m = max(-float(lo), float(hi)) if not (lo != lo or hi != hi) else float("nan")
     k = 0
     if m > R:
         k = int((G.abs() > R).sum())
@@ -165,7 +173,7 @@ def _histc(G: torch.Tensor, R: float, bins: int):
     # arithmetic can put them one bin lower for some R
     z_bin = int(count(G.new_zeros(1), R, bins).argmax())
     if z_bin != bins // 2:
-        z = float((G == 0).sum())
+        z = float(G.numel() - int(torch.count_nonzero(G)))  # exact zeros, in one pass without a mask
         counts[z_bin] -= z
         counts[bins // 2] += z
     return counts, m, k

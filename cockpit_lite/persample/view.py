@@ -18,10 +18,12 @@ from typing import Dict, List, Optional
 import torch
 
 from ..distributed import sum_numbers, sum_tensors
+from ..loss_combine import step_normalised
 from .losses import LossUnavailable, per_sample_losses
 from .norm import BATCHNORM_REASON, batchnorm_mixes_samples
 from .fallback import owned_parameters
 from .rules import Unsupported, layer_samples
+from .plan import HIST_BINS, hist_range as plan_hist_range, layer_pass, plan_for, summed as _summed
 from .samples import DenseSamples
 
 
@@ -93,6 +95,12 @@ class PerSampleView:
                     break
                 s = s.detach().reshape(()).float()
                 self.factors.append((b / s) if self.ctx.reduction == "mean" else (1.0 / s))
+        # a micro-batch loss already divided by the step's count (num_items_in_batch) is a part of the step's
+        # mean, not a mean of its own: its samples' l_i scale by n_local / b_k (``step_context.step_normalised``)
+        self.shares = [self.n_local / b if step_normalised(mbs) and self.ctx.reduction == "mean" and b else 1.0
+                       for b in self.batch_sizes]
+        self.factors = [f * s for f, s in zip(self.factors, self.shares)] if len(self.factors) == len(mbs) \
+            else self.factors
         self.micro_batches = mbs
         # parameter -> [(forward position, call, attribute name)]
         self.feeds: Dict[int, list] = {j: [] for j in range(len(self.params))}
@@ -154,12 +162,13 @@ class PerSampleView:
                                         "back-propagated loss call(s)")
             losses = self.losses()
             out, start = {j: [] for j in wanted}, 0
-            for pos, (call, mb, b) in enumerate(zip(calls, self.micro_batches, self.batch_sizes)):
+            for pos, (call, mb, b, share) in enumerate(zip(calls, self.micro_batches, self.batch_sizes, self.shares)):
                 got = replayed_grads(self.ctx.watched.model, self.ctx.watched.loss_fn, call, mb, b, self.ctx.reduction,
-                                     {j: self.params[j] for j in wanted}, losses[start:start + b], self.sample_dim)
+                                     {j: self.params[j] for j in wanted}, losses[start:start + b] / share,
+                                     self.sample_dim)
                 start += b
                 for j in wanted:
-                    out[j].append((pos, [DenseSamples(got[j])]))
+                    out[j].append((pos, [DenseSamples(got[j] * share if share != 1.0 else got[j])]))
             self._replayed.update(out)
         except ReplayUnavailable as err:
             for j, why in wanted.items():
@@ -234,10 +243,7 @@ class PerSampleView:
             elif len(ps_list) == 1:
                 out.append(single(ps_list[0]))
             else:
-                G = ps_list[0].materialize()
-                for ps in ps_list[1:]:
-                    G = G + ps.materialize()
-                out.append(dense(G))
+                out.append(dense(_summed(ps_list)))
         return out
 
     def _nan(self, shape) -> torch.Tensor:
@@ -253,8 +259,8 @@ class PerSampleView:
             try:
                 if self._global_reason is not None:
                     raise LossUnavailable(self._global_reason)
-                parts = [per_sample_losses(self.ctx.watched.loss_fn, mb, b, self.ctx.reduction, self.sample_dim)
-                         for mb, b in zip(self.micro_batches, self.batch_sizes)]
+                parts = [per_sample_losses(self.ctx.watched.loss_fn, mb, b, self.ctx.reduction, self.sample_dim) * share
+                         for mb, b, share in zip(self.micro_batches, self.batch_sizes, self.shares)]
                 self._cache["losses"] = torch.cat(parts)
             except LossUnavailable as err:
                 self._cache["losses_reason"] = str(err)
@@ -276,13 +282,18 @@ class PerSampleView:
         return self._cache["sq_total"]
 
     def dots_per_param(self, vecs) -> List[torch.Tensor]:
-        """g_i . v per parameter ([n] each); ``vecs`` aligned with ctx.params (None = zero)."""
+        """g_i . v per parameter ([n] each); ``vecs`` aligned with ctx.params (None = zero). The direction
+        the step's plan names (alpha's) comes from the step's shared pass."""
         out = []
+        planned = self.plan().serves(vecs)
         for j, v in enumerate(vecs):
             if v is None:
                 out.append(self._zeros(self.n_local) if self.names[j] not in self._reasons else self._nan((self.n_local,)))
                 continue
-            vf = v.detach().float() if v.dtype in (torch.float16, torch.bfloat16) else v.detach()
+            if planned:
+                out.append(self._stat(j, "dir"))
+                continue
+            vf = _float(v.detach())
             parts = self._per_forward(j, lambda ps: ps.dots(vf),
                                       lambda G: G.reshape(G.shape[0], -1) @ vf.reshape(-1).to(G.dtype), self._zeros)
             out.append(self._nan((self.n_local,)) if parts is None else torch.cat(parts))
@@ -299,80 +310,50 @@ class PerSampleView:
         """g_i . g per parameter ([n] each), g = mean_grad(); fused with the other per-layer passes."""
         return [self._stat(j, "dots") for j in range(len(self.params))]
 
-    # -- fused per-parameter statistics ---------------------------------------------------------------
-    def _planned(self) -> set:
+    # -- fused per-parameter statistics (the step's plan: plan.py) -----------------------------------
+    def plan(self):
+        """What the step's active quantities need from the per-sample data (``plan.StepPlan``), decided
+        once per step, before any of them runs."""
+        if "plan" not in self._cache:
+            self._cache["plan"] = plan_for(getattr(self.ctx, "active", None), getattr(self.ctx, "step", None))
+        return self._cache["plan"]
+
+    def _planned(self) -> frozenset:
         """Statistics the step's active quantities declared (``per_sample_stats``), to share passes."""
-        planned = self._cache.get("planned")
-        if planned is None:
-            planned = set()
-            for q in getattr(self.ctx, "active", None) or ():
-                planned |= set(getattr(q, "per_sample_stats", ()))
-            planned = self._cache["planned"] = frozenset(planned & {"sq", "m2", "dots", "hist"})
-        return planned
+        return self.plan().stats
 
     def _hist_range(self) -> Optional[float]:
-        """The histogram range an active quantity plans to use (``hist_range(view)``), if any."""
+        """R of the planned shared histogram pass, or None (none planned, or not finite)."""
         if "hist_R" not in self._cache:
-            R = None
-            for q in getattr(self.ctx, "active", None) or ():
-                if "hist" in getattr(q, "per_sample_stats", ()) and hasattr(q, "hist_range"):
-                    R = q.hist_range(self)
-                    if R is not None and not R == R:
-                        R = None  # non-finite gradients: no shared histogram pass (the quantity says why)
-                    break
-            self._cache["hist_R"] = R
+            self._cache["hist_R"] = plan_hist_range(self.plan(), self)
         return self._cache["hist_R"]
 
-    def _stat(self, j: int, stat: str) -> torch.Tensor:
-        key = ("stat", j)
-        have = self._cache.setdefault(key, {})
-        if stat in have:
-            return have[stat]
+    def _stat(self, j: int, stat: str):
+        """Statistic ``stat`` of parameter j; the first request computes every planned one in one pass over
+        each layer's per-sample data ("hist": (R, {forward position: (counts, max, clipped)}) for the
+        layers counted in that pass; the others are counted in ``histogram``)."""
+        have = self._cache.setdefault(("stat", j), {})
+        if stat not in have:
+            self._run_pass(j, ({stat} | self._planned()) - set(have), have)
+        return have[stat]
+
+    def _run_pass(self, j: int, wanted: set, have: dict) -> None:
         p = self.params[j]
-        planned = self._planned()
-        hist = "hist" in planned and "hist" not in have
-        wanted = ({stat} | planned) - set(have) - {"hist"}
+        R = self._hist_range() if "hist" in wanted else None
+        wanted = wanted - {"hist"}
         parts = self._param_samples(j)
         if parts is None:
             for s_ in wanted:
-                have[s_] = self._nan((self.n_local,)) if s_ in ("sq", "dots") else self._nan(p.shape)
-            return have[stat]
+                have[s_] = self._nan((self.n_local,)) if s_ in ("sq", "dots", "dir") else self._nan(p.shape)
+            if R is not None:
+                have["hist"] = (R, {})
+            return
         v = self.mean_grad()[j] if "dots" in wanted else None
-        got = dict(parts)
-        pieces = {s_: [] for s_ in wanted}
-        for pos, b in enumerate(self.batch_sizes):
-            ps_list = got.get(pos)
-            if not ps_list:
-                for s_ in wanted:
-                    if s_ != "m2":
-                        pieces[s_].append(self._zeros(b))
-                continue
-            if len(ps_list) == 1:
-                ps = ps_list[0]
-                if any(ps.materializes(s_) for s_ in wanted):
-                    if hist and not getattr(ps, "cheap_max", False) and self._hist_range() is not None:
-                        res = ps.fused_stats(wanted | {"hist"}, v, self._hist_range())  # one pass for all
-                        pieces.setdefault("hist", {})[pos] = res["hist"]
-                    else:
-                        res = ps.fused_stats(wanted, v)
-                else:
-                    res = ps.factored_stats(wanted, v)
-            else:  # weight sharing inside one forward: sum the calls' per-sample gradients
-                from .samples import DenseSamples
-                G = ps_list[0].materialize()
-                for ps in ps_list[1:]:
-                    G = G + ps.materialize()
-                res = DenseSamples(G).fused_stats(wanted, v)
-            for s_ in wanted:
-                pieces[s_].append(res[s_])
-        if "hist" in pieces:
-            have["hist"] = (self._hist_range(), pieces.pop("hist"))
-        for s_ in wanted:
-            if s_ == "m2":
-                have[s_] = _sum_parts(pieces[s_], p)
-            else:
-                have[s_] = pieces[s_][0] if len(pieces[s_]) == 1 else torch.cat(pieces[s_])
-        return have[stat]
+        d = None
+        if "dir" in wanted:
+            d = self.plan().direction[j]
+            d = _float(d.detach()) if d is not None else self._zeros(p.shape)
+        have.update(layer_pass(parts, self.batch_sizes, wanted, v, R, self._zeros, p, d))
 
     def sum_grads(self) -> List[torch.Tensor]:
         """sum_i g_i per parameter (n times the mean gradient), from the per-sample information."""
@@ -454,21 +435,21 @@ class PerSampleView:
             elif len(ps_list) == 1:
                 yield from ps_list[0].chunks()
             else:
-                G = ps_list[0].materialize()
-                for ps in ps_list[1:]:
-                    G = G + ps.materialize()
-                yield G
+                yield _summed(ps_list)
 
     def histogram(self, index: int, R: float, bins: int):
         """(counts [bins] float64, max |g_ik|, clipped) of parameter ``index``'s per-sample gradient
-        elements over [-R, R] (values outside counted in the edge bins), one layer at a time."""
+        elements over [-R, R] (values outside counted in the edge bins), one layer at a time. Where the
+        step's plan counts this range in its shared pass, the layers built there are not built again."""
         parts = self._param_samples(index)
         p = self.params[index]
         counts = torch.zeros(bins, dtype=torch.float64)
         top, clipped = 0.0, 0
         got = dict(parts or [])
-        done = self._cache.get(("stat", index), {}).get("hist")
-        fused = done[1] if done is not None and done[0] == R and bins == 100 else {}
+        fused: Dict[int, tuple] = {}
+        if parts is not None and bins == HIST_BINS and self._hist_range() == R:
+            done = self._stat(index, "hist")  # runs the planned pass if no quantity has yet
+            fused = done[1] if done[0] == R else {}
         for pos, b in enumerate(self.batch_sizes):
             ps_list = got.get(pos)
             if not ps_list:  # the parameter was not used in this micro-batch: b * numel zeros
@@ -479,11 +460,7 @@ class PerSampleView:
             elif len(ps_list) == 1:
                 c, m, k = ps_list[0].histogram(R, bins)
             else:
-                from .samples import DenseSamples
-                G = ps_list[0].materialize()
-                for ps in ps_list[1:]:
-                    G = G + ps.materialize()
-                c, m, k = DenseSamples(G).histogram(R, bins)
+                c, m, k = DenseSamples(_summed(ps_list)).histogram(R, bins)
             counts += c
             top = max(top, m)
             clipped = -1 if (k < 0 or clipped < 0) else clipped + k
@@ -546,6 +523,10 @@ class PerSampleView:
             if len(chosen) == 2:
                 break
         return chosen
+
+def _float(v: torch.Tensor) -> torch.Tensor:
+    return v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
+
 
 def _scaled(g: torch.Tensor, c: float) -> torch.Tensor:
     if g.dtype in (torch.float16, torch.bfloat16):

@@ -4,32 +4,11 @@
 
 from __future__ import annotations
 
-from typing import Dict, Type
+import importlib
+from typing import Dict, List, Type
 
-from .alpha import Alpha
+from ..runlog.keys import builtin_quantities
 from .base import Quantity, Watched
-from .cabs import CABS
-from .early_stopping import EarlyStopping
-from .grad_hist_1d import GradHist1d
-from .inner_test import InnerTest
-from .mean_gsnr import MeanGSNR
-from .norm_test import NormTest
-from .ortho_test import OrthoTest
-from .distance import Distance
-from .energy import Energy
-from .ggn_trace import GGNTrace
-from .grad_hist_2d import GradHist2d
-from .grad_norm import GradNorm
-from .grad_norm_preclip import GradNormPreclip
-from .hess_max_ev import HessMaxEV
-from .hess_trace import HessTrace
-from .loss import Loss
-from .lr import LearningRate
-from .param_norm import ParamNorm
-from .tic_diag import TICDiag
-from .tic_trace import TICTrace
-from .time import StepTime
-from .update_size import UpdateSize
 
 REGISTRY: Dict[str, Type[Quantity]] = {}
 
@@ -41,9 +20,24 @@ def register(cls: Type[Quantity]) -> Type[Quantity]:
     return cls
 
 
-for _cls in (Loss, GradNorm, GradNormPreclip, ParamNorm, Distance, UpdateSize, LearningRate, StepTime, Alpha, HessMaxEV, HessTrace, GGNTrace, TICDiag, TICTrace, GradHist2d, Energy,
-             NormTest, InnerTest, OrthoTest, MeanGSNR, EarlyStopping, CABS, GradHist1d):
-    register(_cls)
+def builtin_names() -> List[str]:
+    """The built-in quantities: one module per quantity, named like it (``grad_norm.py``), in name order.
+    This package's modules are the one list of quantities; the log reader (``runlog.keys``), the
+    synthetic log (``cockpit_lite.testing``) and the panel registry's drift test derive from it."""
+    return list(builtin_quantities())
+
+
+def _register_builtin() -> None:
+    for name in builtin_names():
+        module = importlib.import_module(f"{__name__}.{name}")
+        found = [obj for obj in vars(module).values() if isinstance(obj, type) and issubclass(obj, Quantity)
+                 and obj.__module__ == module.__name__ and obj.name == name]
+        if len(found) != 1:
+            raise ImportError(f"cockpit_lite/quantities/{name}.py must define one Quantity subclass named {name!r}")
+        register(found[0])
+
+
+_register_builtin()
 
 
 def _from_entry_points(name: str):
@@ -64,4 +58,4 @@ def make(name: str, schedule=None) -> Quantity:
     return cls(schedule)
 
 
-__all__ = ["Quantity", "Watched", "REGISTRY", "register", "make"]
+__all__ = ["Quantity", "Watched", "REGISTRY", "register", "make", "builtin_names"]

@@ -113,6 +113,14 @@ class Alpha(Quantity):
         # a pending result (e.g. after a skipped step) is written on the next step
         return self._undelivered is not None or self._start is not None
 
+    def per_sample_direction(self, step) -> Optional[List[torch.Tensor]]:
+        """The direction the end point of a pending fit projects onto on ``step`` (persample/plan.py: the
+        projections g_i . d/||d|| come from the step's shared per-layer pass)."""
+        start = self._start
+        if start is None or start.t is None or self._direction is None or (step is not None and start.step != step - 1):
+            return None
+        return self._direction
+
     # -- callbacks ----------------------------------------------------------------------------
     def before_step(self, ctx) -> None:
         if self._undelivered is not None:
@@ -181,7 +189,14 @@ class Alpha(Quantity):
 
     # -- the end point and the fit ----------------------------------------------------------------
     def _finish(self, ctx) -> None:
-        start, self._start = self._start, None
+        # self._start stays set while the end point is observed: the step's plan of per-sample work
+        # (per_sample_direction) may be made then, by the first per-sample request
+        try:
+            self._finish_start(ctx, self._start)
+        finally:
+            self._start = None
+
+    def _finish_start(self, ctx, start: _Start) -> None:
         if start.step != ctx.step - 1:
             ctx.emit_for_step(start.step, "alpha", reason=f"the next step ({start.step + 1}) was not observed")
             return

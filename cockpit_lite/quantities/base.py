@@ -80,6 +80,10 @@ class Quantity:
     def on_skipped(self, step: int, reason: str) -> None:
         """The step ``step`` was skipped (no optimizer.step after backward); drop pending state."""
 
+    def finish(self, ctx: "StepContext") -> None:
+        """At ``Cockpit.close``, before ``close``: record what only the end of the run resolves (values
+        of earlier steps, through ``ctx.emit_for_step``); they are written as amendments."""
+
     def close(self) -> None:
         """Free any state (called by ``Cockpit.close``)."""
 

@@ -6,7 +6,7 @@ Devices (names used in the log keys ``energy/<device>``):
   read at the end of each tracked step; ``cpu`` when they cannot be read (``unavailable`` with the
   reason, or ``estimated`` if the user asked for an estimate, ``Energy(estimate={"tdp_w": 65})``);
 * ``gpu0``, ...: for each CUDA device holding watched parameters, the NVML cumulative counter
-  sampled by a thread, with CUDA events as step ends. Its per-step values are known only once the
+  (or Zeus's, ``energy/zeus_counter.py``, where NVML cannot be used and zeus is installed) sampled by a thread, with CUDA events as step ends. Its per-step values are known only once the
   counter has updated after a window of steps long enough for the error bound (``rel_error``), so
   they are written as amendments of the earlier steps (and at ``close`` for the last window).
 
@@ -33,9 +33,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from ..energy import carbon
+from ..energy import carbon as carbon_units
+from ..energy.carbon_tables import intensity_from_tables
 from ..energy.attribution import StepEnergy
-from ..energy.estimate import make_estimator
+from ..energy.estimate import TdpEstimator, UnavailableEstimate, make_estimator
 from ..energy.processes import combine, gpu_identity, host
 from ..energy.rapl import POWERCAP_ROOT, RaplReader, RaplUnavailable, rapl_error_bound_j
 from .base import Quantity
@@ -82,6 +83,21 @@ class _CudaEvent:
         return self.event.query()
 
 
+def _carbon_setting(table: Optional[Mapping[str, str]], intensity: Optional[float],
+                    source: Optional[str]) -> Tuple[float, str]:
+    """The carbon intensity and its source: a number the user states, a CodeCarbon table entry
+    (``carbon={"country": "FRA"}``, see ``energy/carbon_tables.py``), or the world-average default."""
+    if table is not None:
+        if intensity is not None or source is not None:
+            raise ValueError("pass either carbon={...} (a CodeCarbon table entry) or carbon_intensity_g_per_kwh "
+                             "(and carbon_source), not both")
+        return intensity_from_tables(table)
+    if intensity is None:
+        return carbon_units.DEFAULT_CARBON_INTENSITY_G_PER_KWH, source or carbon_units.DEFAULT_CARBON_SOURCE
+    carbon_units.check_intensity(intensity)
+    return float(intensity), source or "stated by the user"
+
+
 class Energy(Quantity):
     name = "energy"
     description = ("joules per step and device (GPU: NVML counter, CPU: RAPL), labelled measured/estimated/"
@@ -89,20 +105,17 @@ class Energy(Quantity):
     reduces = False  # reads only what every process has (its own devices, the all-reduced .grad)
 
     def __init__(self, schedule=None, *, estimate: Optional[Mapping[str, Any]] = None,
-                 carbon_intensity_g_per_kwh: float = carbon.DEFAULT_CARBON_INTENSITY_G_PER_KWH,
-                 carbon_source: Optional[str] = None, pue: float = 1.0, rel_error: float = 0.05,
+                 carbon_intensity_g_per_kwh: Optional[float] = None, carbon_source: Optional[str] = None,
+                 carbon: Optional[Mapping[str, str]] = None, pue: float = 1.0, rel_error: float = 0.05,
                  powercap_root=POWERCAP_ROOT, gpu: bool = True,
                  nvml_counter: Optional[Callable[[int], Tuple[Callable[[], float], str]]] = None,
                  make_event: Optional[Callable[[int], Any]] = None, poll_s: float = 0.005):
         super().__init__(schedule)
-        carbon.check_intensity(carbon_intensity_g_per_kwh, pue)
+        self.intensity, self.carbon_source = _carbon_setting(carbon, carbon_intensity_g_per_kwh, carbon_source)
+        carbon_units.check_intensity(self.intensity, pue)
         if not rel_error > 0:
             raise ValueError(f"rel_error must be > 0, got {rel_error!r}")
         self.estimator = make_estimator(estimate)
-        self.intensity = float(carbon_intensity_g_per_kwh)
-        self.carbon_source = carbon_source or (
-            carbon.DEFAULT_CARBON_SOURCE if carbon_intensity_g_per_kwh == carbon.DEFAULT_CARBON_INTENSITY_G_PER_KWH
-            else "stated by the user")
         self.pue = float(pue)
         self.rel_error = float(rel_error)
         self.powercap_root = powercap_root
@@ -142,7 +155,12 @@ class Energy(Quantity):
         if self._rapl.available:
             self._prev_cpu = self._rapl.read_uj()
             return
-        if self.estimator is not None:
+        if isinstance(self.estimator, UnavailableEstimate):  # tdp_w="auto", CPU not in the table
+            self._static["cpu"] = DeviceEnergy(UNAVAILABLE, "estimate", reason=(
+                f"RAPL unavailable ({self._rapl.reason}); the requested estimate is unavailable: "
+                f"{self.estimator.reason}"), model=self.estimator.model)
+            return
+        if isinstance(self.estimator, TdpEstimator):
             self._prev_est = self.estimator.read()
             return
         self._static["cpu"] = DeviceEnergy(UNAVAILABLE, "rapl", reason=self._rapl.reason)
@@ -151,13 +169,14 @@ class Energy(Quantity):
         indices = sorted({p.device.index or 0 for p in watched.params if p.device.type == "cuda"})
         if not indices and self.make_event is None:
             return  # a CPU model: no GPU device is reported at all
-        from ..energy.nvml import GpuEnergyMeter, NvmlUnavailable, nvml_energy_counter
+        from ..energy.nvml import GpuEnergyMeter, NvmlUnavailable
+        from ..energy.zeus_counter import gpu_energy_counter  # NVML, else Zeus when installed
 
         for index in indices or [0]:
             device = f"gpu{index}"
             self._identity[device] = gpu_identity(index)
             try:
-                opened = (self.nvml_counter or nvml_energy_counter)(index)
+                opened = (self.nvml_counter or gpu_energy_counter)(index)
                 read, label = opened[0], opened[1]
                 if len(opened) > 2:
                     self._gpu_closers.append(opened[2])
@@ -237,7 +256,7 @@ class Energy(Quantity):
                 out[d.device] = DeviceEnergy(MEASURED, f"rapl:{d.zone} ({d.name}; whole socket, all processes)",
                                              joules, rapl_error_bound_j(joules, seconds))
             self._prev_cpu = cur
-        elif self.estimator is not None:
+        elif isinstance(self.estimator, TdpEstimator):
             cur = self.estimator.read()
             joules, utilisation = self.estimator.joules(self._prev_est, cur)
             self._prev_est = cur
@@ -311,8 +330,8 @@ class Energy(Quantity):
         if counted:
             total = math.fsum(v.joules for v in counted.values())
             emit("energy", total)
-            emit("energy/kwh", carbon.joules_to_kwh(total))
-            emit("energy/co2_g", carbon.co2_grams(total, self.intensity, self.pue))
+            emit("energy/kwh", carbon_units.joules_to_kwh(total))
+            emit("energy/co2_g", carbon_units.co2_grams(total, self.intensity, self.pue))
         else:
             why = "; ".join(f"{d}: {values[d].reason}" for d in missing) or "no device to measure"
             for key in ("energy", "energy/kwh", "energy/co2_g"):

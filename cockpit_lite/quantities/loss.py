@@ -5,6 +5,7 @@ counts (mean reduction), summed (sum reduction), or averaged (otherwise). The sa
 the global batch's samples, which the engine writes as the record's ``samples``."""
 
 from ..distributed import sum_numbers
+from ..loss_combine import step_normalised
 from .base import Quantity
 
 
@@ -17,8 +18,11 @@ class Loss(Quantity):
         loss = ctx.loss()
         dist = ctx.watched.dist
         if dist is not None:  # every process takes part, with or without a loss of its own
-            n = sum(m.batch_size or 0 for m in ctx.micro_batches if m.backpropagated)
-            weight = 1.0 if ctx.reduction == "sum" else (n if ctx.reduction == "mean" else 1)
+            mbs = [m for m in ctx.micro_batches if m.backpropagated]
+            n = sum(m.batch_size or 0 for m in mbs)
+            # a loss already divided by a step-wide count (num_items_in_batch) is averaged over processes,
+            # as DDP averages their gradients
+            weight = 1.0 if ctx.reduction == "sum" or step_normalised(mbs) else (n if ctx.reduction == "mean" else 1)
             missing, total, weights, samples = sum_numbers(
                 dist, [loss is None, 0.0 if loss is None else float(loss) * weight, weight, n])
             ctx.samples_global = int(samples)

@@ -5,8 +5,7 @@ Nothing here is imported by ``import cockpit_lite``; TensorBoard is only importe
 these modules is used. TensorFlow is never needed.
 """
 
-PLUGIN_NAME = "cockpit_lite"
-SCALAR_PREFIX = "cockpit/"  # scalars go to TensorBoard's stock scalars as cockpit/<key>
+from .names import PLUGIN_NAME, SCALAR_PREFIX
 
 
 def __getattr__(name):  # lazy: importing the package must not import tensorboard

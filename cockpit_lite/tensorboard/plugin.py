@@ -6,6 +6,8 @@ default) and with ``--load_fast=false``. Routes, under ``/data/plugin/cockpit_li
 
 * ``/static/<file>``: the frontend (``static/index.js``); no path traversal, no subfolders;
 * ``/runs``: the runs that hold cockpit data, with their last step;
+* ``/panels``: the tab's panels, from the instrument registry (``instruments.tab_panels()``): built-in
+  and third-party instruments appear here and in the dashboard alike;
 * ``/run?run=<name>``: one run's panels: cockpit scalars (``cockpit/<key>``), the last document of
   every ``data/<key>`` tag, NaN reasons, flags and events.
 
@@ -29,14 +31,13 @@ from tensorboard.data import provider
 from tensorboard.plugins import base_plugin
 
 from ..runlog import encode_number
-from . import PLUGIN_NAME, SCALAR_PREFIX
+from ..runlog.keys import is_summary_part
+from .names import PLUGIN_NAME, SCALAR_PREFIX
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.(js|css|svg)$")
 _MIME = {"js": "text/javascript", "css": "text/css", "svg": "image/svg+xml"}
 
-# scalars shown in the panels: every top-level key, and these parts of a key (no per-parameter series)
-PANEL_PARTS = {"stderr", "hvps", "cockpit", "device", "kwh", "co2_g"}
 MAX_SCALARS = 5000  # points per scalar series sent to the page (downsampled by the data provider)
 MAX_TENSORS = 1000
 MAX_REASON_STEPS = 50  # most recent steps with reasons, per quantity
@@ -44,9 +45,9 @@ MAX_EVENTS = 200
 
 
 def panel_key(key: str) -> bool:
-    """Whether a run-log key is drawn in a panel (totals and a few named parts, not per-parameter)."""
-    parts = key.split("/")
-    return len(parts) == 1 or (len(parts) == 2 and parts[1] in PANEL_PARTS)
+    """Whether a run-log key is drawn in a panel (totals and their named parts, ``runlog.keys.SUMMARY_PARTS``;
+    not per-parameter values)."""
+    return "/" not in key or is_summary_part(key)
 
 
 def safe_static_name(name: str) -> Optional[str]:
@@ -88,6 +89,7 @@ class CockpitPlugin(base_plugin.TBPlugin):
         return {
             "/static/*": self._serve_static,
             "/runs": self._serve_runs,
+            "/panels": self._serve_panels,
             "/run": self._serve_run,
         }
 
@@ -145,6 +147,16 @@ class CockpitPlugin(base_plugin.TBPlugin):
                 "scalar_tags": sum(1 for tag in scalars.get(run, {}) if tag.startswith(SCALAR_PREFIX)),
             })
         return http_util.Respond(request, {"runs": runs}, "application/json")
+
+    @wrappers.Request.application
+    def _serve_panels(self, request):
+        try:
+            from instruments import tab_panels
+
+            body = {"panels": tab_panels()}
+        except Exception as err:  # a broken registry: the tab says so instead of drawing nothing
+            return http_util.Respond(request, {"error": f"{type(err).__name__}: {err}"}, "application/json", code=500)
+        return http_util.Respond(request, body, "application/json")
 
     @wrappers.Request.application
     def _serve_run(self, request):

@@ -45,7 +45,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-from . import PLUGIN_NAME, SCALAR_PREFIX
+from .names import PLUGIN_NAME, SCALAR_PREFIX
 from ..runlog import _clean, decode_number
 
 FILENAME_SUFFIX = ".cockpit_lite"

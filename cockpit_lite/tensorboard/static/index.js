@@ -503,24 +503,39 @@ function advisorPanel(run) {
   return panel('advisor', 'Advisor', 'diagnoses made while training (each once, when first seen)', [list], { wide: true });
 }
 
-function renderRun(grid, run) {
+// Panels with a renderer of their own, by panel id (the instruments' `tab`, served by /panels);
+// any other panel of the registry is drawn by its kind (genericPanel). The list of panels is
+// Python's (instruments.tab_panels): this table only says how some of them look.
+const RENDERERS = {
+  advisor: advisorPanel,
+  loss: lossPanel,
+  alpha: alphaPanel,
+  'gradient-tests': (run) => linesPanel(run, 'gradient-tests', 'Gradient tests', 'norm, inner-product and orthogonality tests (< 1: batch large enough)',
+    ['norm_test', 'inner_test', 'ortho_test'], { refY: 1 }),
+  'grad-norm': (run) => linesPanel(run, 'grad-norm', 'Gradient norm', '‖g‖ of the mini-batch gradient', ['grad_norm'], {}),
+  distances: (run) => linesPanel(run, 'distances', 'Distances', 'update size ‖d‖, distance from the start, parameter norm', ['update_size', 'distance', 'param_norm']),
+  histograms: histPanel,
+  curvature: curvaturePanel,
+  gsnr: (run) => linesPanel(run, 'gsnr', 'Gradient signal-to-noise', 'mean GSNR; early-stopping criterion', ['mean_gsnr', 'early_stopping', 'cabs']),
+  energy: energyPanel,
+  cost: (run) => linesPanel(run, 'cost', 'Cost', 'wall seconds per step and the cockpit\'s own share', ['time', 'time/cockpit', 'time/device']),
+  lr: (run) => linesPanel(run, 'lr', 'Learning rate', 'parameter group 0', ['lr']),
+};
+
+// a registry panel without a renderer of its own: a histogram of its latest structure, or its scalar keys as lines
+function genericPanel(run, p) {
+  const dataKeys = p.data_keys || [];
+  if (p.kind === 'histogram') {
+    const h = dataKeys.map((k) => run.data[k]).find((d) => d && d.value && Array.isArray(d.value.edges) && Array.isArray(d.value.counts));
+    if (h) return panel(p.id, p.title, `${p.description || ''} (step ${h.step}, log counts)`, [barChart(h.value.edges.map(num), h.value.counts.map(Number), { logY: true })]);
+  }
+  const keys = (p.keys || []).filter((k) => !dataKeys.includes(k));
+  return linesPanel(run, p.id, p.title, p.description || '', keys.length ? keys : dataKeys);
+}
+
+function renderRun(grid, run, panels) {
   grid.dataset.run = run.run;
-  grid.replaceChildren(
-    advisorPanel(run),
-    lossPanel(run),
-    alphaPanel(run),
-    linesPanel(run, 'gradient-tests', 'Gradient tests', 'norm, inner-product and orthogonality tests (< 1: batch large enough)',
-      ['norm_test', 'inner_test', 'ortho_test'], { refY: 1 }),
-    linesPanel(run, 'grad-norm', 'Gradient norm', '‖g‖ of the mini-batch gradient', ['grad_norm'], {}),
-    linesPanel(run, 'distances', 'Distances', 'update size ‖d‖, distance from the start, parameter norm', ['update_size', 'distance', 'param_norm']),
-    histPanel(run),
-    curvaturePanel(run),
-    linesPanel(run, 'gsnr', 'Gradient signal-to-noise', 'mean GSNR; early-stopping criterion', ['mean_gsnr', 'early_stopping', 'cabs']),
-    energyPanel(run),
-    linesPanel(run, 'cost', 'Cost', 'wall seconds per step and the cockpit\'s own share', ['time', 'time/cockpit', 'time/device']),
-    linesPanel(run, 'lr', 'Learning rate', 'parameter group 0', ['lr']),
-    problemsPanel(run),
-  );
+  grid.replaceChildren(...panels.map((p) => (RENDERERS[p.id] ? RENDERERS[p.id](run) : genericPanel(run, p))), problemsPanel(run));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -537,8 +552,10 @@ export async function render() {
 
   let runs = [];
   let shown = '';
+  let panels = null;  // the registry's panels (/panels), read once
   const refresh = async (force = false) => {
     try {
+      if (!panels) panels = (await getJSON('panels')).panels;
       runs = (await getJSON('runs')).runs;
       const current = select.value;
       if (runs.map((r) => r.run).join('\u0000') !== Array.from(select.options).map((o) => o.value).join('\u0000')) {
@@ -575,7 +592,7 @@ export async function render() {
           try { run.overlay = await getJSON(`run?run=${encodeURIComponent(extra.run)}`); } catch (err) { run.overlayError = `${extra.run}: ${err.message}`; }
         }
         try {
-          renderRun(grid, run);
+          renderRun(grid, run, panels);
         } catch (err) {
           grid.replaceChildren(el('p', { class: 'message', 'data-error': 'true', text: `Could not draw run ${meta.run}: ${err.message}` }));
           throw err;

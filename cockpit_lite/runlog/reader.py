@@ -1,53 +1,23 @@
-"""The run log: append-only JSON lines, one record per line, crash-safe.
-
-Layout of ``LOGDIR/cockpit.jsonl``::
-
-    {"type": "header", "format": "cockpit-lite-log", "version": 1, ...}
-    {"type": "step", "step": 0, "wall": ..., "values": {...}, "reasons": {...}, "data": {...}, "flags": [...]}
-    {"type": "step", "step": 0, "amends": true, "values": {"alpha": ...}}   (completes step 0)
-    {"type": "skipped", "step": 3, "reason": "...", ...}
-    {"type": "event", "level": "warning", "message": "...", ...}
-    {"type": "footer", "steps": 100, ...}
-
-Each record is written with one ``write`` of a whole line and flushed, so a process killed with
-SIGKILL keeps every line written before the kill (the OS holds it); at most the line being written
-is torn. (``Cockpit`` hands step records over in batches of 16, ``runlog_batch.py``: a kill loses at
-most those.) Non-finite numbers are stored as the strings "NaN", "Infinity", "-Infinity" so that the file
-is standard JSON. The reader accepts a torn last line (and says so in ``Run.torn_tail`` and a
-warning), refuses any other malformed line with its line number, and reads logs that are still
-growing (``Run.refresh``).
-
-Reading is the slow part of plotting a long run (a 100,000-step log is ~150 MB of JSON), so the
-reader (1) decodes with the cyclic garbage collector paused (it would otherwise rescan the growing
-set of records again and again, doubling the decode time), (2) answers ``series`` from columns
-built once per read (numpy arrays per key) instead of scanning every record per call, and
-(3) ``load`` keeps a cache next to large logs (``.cockpit.jsonl.cache``, see ``cockpit_lite.runlog_cache``):
-the state after the log's first N bytes, used only when those N bytes still hash to the
-digest stored with them; the lines after N are decoded from the log as usual. The log stays the
-only source of truth: a missing, stale, foreign or corrupt cache is ignored (and rewritten).
-A run read from a cache answers ``series``, ``steps``, ``reasons``, ``flagged``, ``field``,
-``data_field``, ``last_data`` and ``data`` without building its records (``Run.records`` builds them on first use), and
-(4) lines are decoded with ``orjson`` when it is installed (about 4x faster), falling back to
-``json`` for any line it does not accept, so results and errors stay those of ``json.loads``.
-"""
+"""``Run`` and ``load``: a run log read from disk, finished or still growing (see the package docstring
+for how reading stays fast: columns, the cache, orjson)."""
 
 from __future__ import annotations
 
 import bisect
-import errno
 import json
-import math
 import os
 import warnings
-from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
-from .gc_pause import gc_paused
-from .runlog_cache import RunCache
-from .runlog_files import claim, open_for_reading
-from .runlog_keys import is_known, unknown_key
-from .runlog_scan import Scan, as_float, note_lines
+from ..gc_pause import gc_paused
+from . import codec
+from .cache import RunCache
+from .codec import BadRecordError, CorruptLogError, FORMAT, LOG_NAME, VERSION, _check_step_number, _check_step_record, _decode_line, _short, _text_lines
+from .columns import _copies, _entry_column
+from .files import open_for_reading
+from .keys import is_known, unknown_key
+from .scan import Scan, _build_columns, note_lines
 
 if TYPE_CHECKING:  # numpy is imported where it is used (reading a log does not need it at import)
     import numpy as np
@@ -55,302 +25,8 @@ if TYPE_CHECKING:  # numpy is imported where it is used (reading a log does not 
 
     Series = Tuple[np.ndarray, np.ndarray]
 
-FORMAT = "cockpit-lite-log"
-VERSION = 1
-LOG_NAME = "cockpit.jsonl"
-
-
-
-class CorruptLogError(ValueError):
-    """The log cannot be read as one run (no header, a second header, a version this release does not
-    read), or (``strict=True``) a line other than a torn last line is not a valid record."""
-
-
-class BadRecordError(ValueError):
-    """One line that is not a valid record: it is skipped and reported (``Run.bad_lines``)."""
-
-
 #: a line longer than this is reported as bad without being read into memory
 MAX_LINE_BYTES = 64 * 1024 * 1024
-_INT64 = 1 << 63
-_PLAIN_VALUES = frozenset((float, str, type(None)))  # what a logged value is: a number, "NaN", None
-
-
-def _check_step_number(record: Dict[str, Any]) -> int:
-    if "step" not in record:
-        raise BadRecordError(f"{record.get('type')} record without 'step'")
-    step = record["step"]
-    if type(step) is not int or not -_INT64 <= step < _INT64:
-        raise BadRecordError(f"'step' is {_short(step)}, not an integer step")
-    return step
-
-
-def _check_step_record(record: Dict[str, Any]) -> int:
-    """The step of a step record whose parts have the types the reader merges (else BadRecordError)."""
-    step = _check_step_number(record)
-    values = record.get("values")
-    if values is not None:
-        if type(values) is not dict:
-            raise BadRecordError(f"'values' is {_short(values)}, not an object")
-        if not _PLAIN_VALUES.issuperset(map(type, values.values())):
-            for key, v in values.items():
-                kind = type(v)
-                if kind is int or kind is bool:
-                    if not -_MAX_FLOAT < v < _MAX_FLOAT:
-                        raise BadRecordError(f"value of {key!r} is an integer too large for a float")
-                elif kind not in _PLAIN_VALUES:
-                    raise BadRecordError(f"value of {key!r} is {_short(v)}, not a number")
-    for part in ("reasons", "data"):
-        if part in record and type(record[part]) is not dict:
-            raise BadRecordError(f"{part!r} is {_short(record[part])}, not an object")
-    flags = record.get("flags")
-    if flags is not None and (type(flags) is not list or not all(type(f) is str for f in flags)):
-        raise BadRecordError(f"'flags' is {_short(flags)}, not a list of names")
-    return step
-
-
-_MAX_FLOAT = 2 ** 1024  # integers beyond do not convert to float64
-
-
-def _short(value: Any) -> str:
-    """``repr(value)`` cut short, for a message."""
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 30 else f"an integer of {len(str(abs(value)))} digits"
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-
-
-def encode_number(x: float) -> Union[float, str]:
-    if math.isfinite(x):
-        return x
-    return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
-
-
-def decode_number(x: Any) -> float:
-    """A logged value as a float: the strings ``encode_number`` writes ("NaN", "Infinity",
-    "-Infinity") as what they name, None and any other string that is not a number as NaN. The
-    same as numpy's conversion to float64, which ``_decode_table`` relies on."""
-    if isinstance(x, str):
-        try:
-            return float(x)
-        except ValueError:
-            return math.nan
-    if x is None:
-        return math.nan
-    try:
-        return float(x)
-    except (OverflowError, TypeError):  # the reader refuses such lines; a value built by hand
-        return math.nan
-
-
-def _clean(obj: Any) -> Any:
-    """Make ``obj`` JSON-safe: non-finite floats become strings, tuples lists."""
-    if isinstance(obj, float):
-        return encode_number(obj)
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if hasattr(obj, "tolist"):  # numpy arrays and scalars
-        return _clean(obj.tolist())
-    return obj
-
-
-_DECODER = json.JSONDecoder()  # the settings of json.loads
-_JSON_SPACE = " \t\n\r"
-
-
-def _text_lines(chunk: bytes, end: int) -> Optional[List[str]]:
-    """The complete lines of ``chunk[:end]`` as text, decoded in one call (None if it is not UTF-8:
-    each line is then decoded on its own, which finds the bad one)."""
-    try:
-        return chunk[:end].decode("utf-8").split("\n")[:-1]
-    except UnicodeDecodeError:
-        return None
-
-
-try:  # optional: not a dependency, only faster
-    from orjson import JSONDecodeError as _OrjsonError, dumps as _orjson_dumps, loads as _orjson_loads
-except ImportError:  # pragma: no cover - depends on the environment
-    _orjson_loads = _orjson_dumps = None
-
-
-def _decode_line(raw: bytes, text: Optional[str] = None) -> Any:
-    """``json.loads(raw)``, faster. orjson, where installed, decodes the standard JSON that the
-    writer produces to the same objects (one difference: integers beyond 64 bits become floats with
-    orjson, whole with json; the writer writes none: steps, counts and sizes are far smaller); else the scanner of ``json`` runs on the line's text
-    directly (``text``: already decoded from UTF-8 with the rest of the chunk, see ``_text_lines``;
-    None: decoded here). Whatever those do not accept as it stands (NaN literals, huge integers,
-    leading whitespace, a byte-order mark, garbage) goes to ``json.loads(raw)``, so the result and
-    any error are exactly those of json.loads."""
-    if _orjson_loads is not None:
-        try:
-            return _orjson_loads(raw)
-        except _OrjsonError:
-            pass
-    if text is None:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = None  # json.loads names the error
-    if text is not None:
-        try:
-            record, end = _DECODER.raw_decode(text)
-            if end == len(text) or not text[end:].strip(_JSON_SPACE):
-                return record
-        except ValueError:
-            pass
-    return json.loads(raw)
-
-
-class RunLogWriter:
-    """Appends records to ``LOGDIR/cockpit.jsonl``; every record is one flushed line.
-
-    The log is created exclusively and locked (``runlog_files.claim``; ``if_exists`` says what to do
-    when ``LOGDIR`` already holds one; ``logdir`` is then the folder actually used). A write that
-    fails (a full disk: ``OSError`` 28, a quota, an I/O error) never raises: the line's partial
-    bytes are cut off again (the log stays valid JSON lines), the record is kept to be retried
-    before the next one (up to ``MAX_PENDING_BYTES`` of them; older ones are then dropped and
-    counted in ``dropped``), and one ``RuntimeWarning`` says so. ``close`` writes the count of
-    dropped records into the footer (``dropped_records``).
-    """
-
-    #: records kept for a retry while writes fail (bytes of JSON); beyond, the oldest are dropped
-    MAX_PENDING_BYTES = 8 * 1024 * 1024
-
-    def __init__(self, logdir: Union[str, os.PathLike], header: Dict[str, Any], fsync: bool = False,
-                 if_exists: str = "error"):
-        try:
-            folder, fd = claim(logdir, LOG_NAME, if_exists)
-        except (FileExistsError, ValueError):
-            raise
-        except OSError as err:
-            raise OSError(f"cockpit-lite cannot write its run log in {str(logdir)!r}: {err.strerror or err}") from err
-        self.logdir = folder
-        self.path = folder / LOG_NAME
-        # line-buffered text would split long lines into several writes; write bytes ourselves
-        self._fh = open(fd, "ab", buffering=0)
-        self.fsync = fsync
-        self.closed = False
-        self.dropped = 0  # records given up (see the class docstring)
-        self.failures = 0  # writes that failed
-        self.last_error: Optional[str] = None
-        self._size = 0  # bytes of whole lines in the log: where a failed write is cut back to
-        self._torn = False  # a failed write's bytes could not be cut off: the next line starts a new one
-        self._pending: "deque[bytes]" = deque()
-        self._pending_bytes = 0
-        self.write({"type": "header", "format": FORMAT, "version": VERSION, **header})
-
-    @staticmethod
-    def encode(record: Dict[str, Any]) -> bytes:
-        """``record`` as one line of JSON (non-finite numbers as strings)."""
-        values = record.get("values")
-        if values is not None and type(values) is dict:  # the hot path: a flat dict of floats
-            values = {k: (v if (isinstance(v, float) and v - v == 0) else _clean(v)) for k, v in values.items()}
-            record = {k: (values if k == "values" else _clean(v)) for k, v in record.items()}
-        else:
-            record = _clean(record)
-        if _orjson_dumps is not None:  # the same JSON values, about 10x faster; anything it refuses: json
-            try:
-                return _orjson_dumps(record) + b"\n"
-            except TypeError:  # orjson.JSONEncodeError: huge integers, surrogates, foreign types
-                pass
-        return (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
-
-    def write(self, record: Dict[str, Any]) -> bool:
-        """Append ``record``; False if it could not be written now (kept for a retry, or dropped)."""
-        if self.closed:
-            raise RuntimeError("the run log is closed")
-        return self.write_encoded([self.encode(record)])
-
-    def write_encoded(self, lines: List[bytes]) -> bool:
-        """Append encoded records (``encode``) in one write; on a failure each is kept for a retry."""
-        if self.closed:
-            raise RuntimeError("the run log is closed")
-        if (self._pending and not self._flush_pending()) or not self._write_line(b"".join(lines)):
-            for data in lines:
-                self._keep(data)
-            return False
-        return True
-
-    def _flush_pending(self) -> bool:
-        """Write the records kept from failed writes, oldest first; False if one fails again."""
-        while self._pending:
-            if not self._write_line(self._pending[0]):
-                return False
-            self._pending_bytes -= len(self._pending.popleft())
-        return True
-
-    def _keep(self, data: bytes) -> None:
-        self._pending.append(data)
-        self._pending_bytes += len(data)
-        while self._pending_bytes > self.MAX_PENDING_BYTES and self._pending:
-            self._pending_bytes -= len(self._pending.popleft())
-            self.dropped += 1
-
-    def _write_line(self, data: bytes) -> bool:
-        """One whole line, or nothing: on a failure the bytes written are cut off again."""
-        if self._torn:  # an earlier line's bytes are still there: end that line first
-            data = b"\n" + data
-        view = memoryview(data)
-        try:
-            # a raw (unbuffered) file may write fewer bytes than asked; loop until the line is out
-            while view:
-                n = self._fh.write(view)
-                if n is None or n <= 0:
-                    raise OSError(errno.EIO, "the file accepted no bytes")
-                view = view[n:]
-            if self.fsync:
-                os.fsync(self._fh.fileno())
-        except OSError as err:
-            self._failed(err, partial=len(view) < len(data))
-            return False
-        self._size += len(data)
-        self._torn = False
-        return True
-
-    def _failed(self, err: OSError, partial: bool) -> None:
-        self.failures += 1
-        self.last_error = f"{type(err).__name__} {err.errno}: {err.strerror or err}" if err.errno else repr(err)
-        if partial or self._torn:
-            try:  # cut the torn line off: the log ends with a whole line again
-                os.ftruncate(self._fh.fileno(), self._size)
-                self._torn = False
-            except OSError:
-                self._torn = True  # the reader skips the torn line; the next line starts on its own
-        if self.failures == 1:
-            warnings.warn(
-                f"cockpit-lite: writing the run log {self.path} failed ({self.last_error}); training goes on, "
-                "records are kept and written again once writes succeed (the oldest are dropped and counted "
-                "beyond a limit; the footer says how many)", RuntimeWarning, stacklevel=4)
-
-    def close(self, footer: Optional[Dict[str, Any]] = None) -> None:
-        """Write the footer (with ``dropped_records``) and close; never raises for a failing write."""
-        if self.closed:
-            return
-        try:
-            if footer is not None:
-                footer = {"type": "footer", **footer}
-                if self.failures:
-                    footer["write_failures"] = self.failures
-                if not self._flush_pending():
-                    # records still kept and the footer: dropped now (with the footer itself)
-                    footer["dropped_records"] = self.dropped + len(self._pending)
-                elif self.dropped or self.failures:
-                    footer["dropped_records"] = self.dropped
-                if not self._write_line(self.encode(footer)):
-                    self.dropped += 1
-            self.dropped += len(self._pending)
-            self._pending.clear()
-            if self.dropped:
-                warnings.warn(f"cockpit-lite: {self.dropped} record(s) could not be written to {self.path} "
-                              f"({self.last_error})", RuntimeWarning, stacklevel=3)
-        finally:
-            try:
-                self._fh.close()
-            except OSError:
-                pass
-            self.closed = True
 
 
 class Run:
@@ -386,7 +62,7 @@ class Run:
         self._hasher = None  # with a cache: SHA-1 of exactly the bytes decoded so far (the lines before _offset)
         # with a cache: data key -> {step: (offset, size) of the line whose structure counts}
         self._data_lines: Optional[Dict[str, Dict[int, Tuple[int, int]]]] = None
-        self._scan: Optional[Scan] = None  # see runlog_scan: a large finished log read without records
+        self._scan: Optional[Scan] = None  # see runlog/scan: a large finished log read without records
         store = RunCache(self.path) if cache else None
         cached = store.read(self) if store is not None else False
         if cached and self.bad_lines:
@@ -528,7 +204,7 @@ class Run:
         lines = chunk.split(b"\n")
         lines.pop()  # b"" after the last newline
         # the text of every line at once, for json's scanner; orjson reads the bytes themselves
-        texts = None if _orjson_loads is not None else _text_lines(chunk, len(chunk))
+        texts = None if codec._orjson_loads is not None else _text_lines(chunk, len(chunk))
         if self._hasher is not None:
             self._hasher.update(chunk)
         added = 0
@@ -650,7 +326,7 @@ class Run:
 
         Values that could not be computed are NaN (``reasons(key)`` says why). A quantity's key
         with no values in this run gives empty arrays; a key that is in no record and belongs to
-        no quantity (a typo) raises ``KeyError`` suggesting the close matches (``runlog_keys``).
+        no quantity (a typo) raises ``KeyError`` suggesting the close matches (``runlog/keys``).
         """
         import numpy as np
 
@@ -674,7 +350,7 @@ class Run:
     def columns(self) -> Dict[str, "Series"]:
         """Every scalar key -> ``(steps, values)`` numpy arrays (read-only; ``series`` returns copies).
 
-        Built in one pass when first asked for after a read, by ``runlog_scan.Scan``: records with
+        Built in one pass when first asked for after a read, by ``runlog/scan.Scan``: records with
         the same keys (most of a run's records) are read together, one C-level ``itemgetter`` per
         record, and converted as ``decode_number`` would, in one numpy call per group (``_decode_table``).
         """
@@ -756,13 +432,13 @@ class Run:
     def to_pandas(self, keys: Optional[Iterable[str]] = None, *, fields: bool = True) -> "pandas.DataFrame":
         """A pandas DataFrame, one row per step, amendments applied, NaN as float
         (``cockpit_lite.frames.to_pandas``: which columns; pandas is optional)."""
-        from .frames import to_pandas
+        from ..frames import to_pandas
 
         return to_pandas(self, keys, fields=fields)
 
     def _repr_html_(self) -> str:
         """Jupyter's view of a run: a small summary table (``cockpit_lite.notebook.run_html``)."""
-        from .notebook import run_html
+        from ..notebook import run_html
 
         return run_html(self)
 
@@ -797,7 +473,7 @@ def load(path: Union[str, os.PathLike], *, cache: bool = True, strict: bool = Fa
     """Read a run log (a logdir or the ``cockpit.jsonl`` file itself), finished or still growing.
 
     ``cache``: start from the cache next to a large log when it is still valid and refresh it
-    (see ``cockpit_lite.runlog_cache``); ``False`` decodes the whole log and writes nothing.
+    (see ``cockpit_lite.runlog.cache``); ``False`` decodes the whole log and writes nothing.
     A line that is not a valid record (not JSON, too deep, over ``MAX_LINE_BYTES``, a step that is
     not an integer, a value that is no number, ...) costs that line only: it is skipped, listed in
     ``Run.bad_lines`` with its line number and reason, and a ``RuntimeWarning`` says so;
@@ -807,55 +483,3 @@ def load(path: Union[str, os.PathLike], *, cache: bool = True, strict: bool = Fa
     """
     return Run(path, cache=cache, strict=strict)
 
-
-# -- columns --------------------------------------------------------------------------------------
-_NUMBER = (int, float)  # bool included (an int): a flag reads as 0/1
-
-
-def _entry_column(pairs: Iterable[Tuple[int, Any]], name: str):
-    """``(steps, values)`` of the numeric entry ``name`` of the dicts in ``pairs``
-    (``[(step, dict), ...]``), over those that hold one."""
-    import numpy as np
-
-    hits = [(s, d[name]) for s, d in pairs if isinstance(d, dict) and as_float(d.get(name)) is not None]
-    return (np.array([h[0] for h in hits], dtype=np.int64).reshape(-1),
-            np.array([h[1] for h in hits], dtype=np.float64).reshape(-1))
-
-
-def _copies(column: Optional[Tuple[Any, Any]]):
-    """Writable copies of a stored ``(steps, values)`` column (empty arrays for None)."""
-    import numpy as np
-
-    if column is None:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
-    return np.array(column[0], dtype=np.int64), np.array(column[1], dtype=np.float64)
-
-def _decode_column(column: Sequence[Any]):
-    """``[decode_number(v) for v in column]`` as float64."""
-    import numpy as np
-
-    return np.fromiter(map(decode_number, column), dtype=np.float64, count=len(column))
-
-
-def _decode_table(rows: List[Any], width: int):
-    """The ``width`` columns of ``rows`` (tuples of ``width`` values; bare values when ``width``
-    is 1) as float64 arrays, each value read as ``decode_number`` reads it. One numpy call for
-    the whole table: numpy converts numbers, None, and the strings that ``encode_number`` writes
-    exactly as ``decode_number`` does; any other string or object is decoded value by value."""
-    import numpy as np
-
-    try:
-        table = np.array(rows, dtype=np.float64)
-        if table.shape == ((len(rows), width) if width > 1 else (len(rows),)):
-            return list(table.T.copy()) if width > 1 else [table]
-    except (ValueError, TypeError, OverflowError):
-        pass
-    return [_decode_column(col) for col in (zip(*rows) if width > 1 else (rows,))]
-
-
-def _build_columns(records: List[Dict[str, Any]]) -> Dict[str, Tuple[Any, Any]]:
-    """``Run.columns`` of records (one per step, in step order): as a finished log's scan builds them."""
-    scan = Scan((), ())
-    for r in records:
-        scan.add_values(r["step"], r.get("values"))
-    return scan.columns()

@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from .gc_pause import gc_paused
+from ..gc_pause import gc_paused
 
 if TYPE_CHECKING:
-    from .runlog import Run
+    from .reader import Run
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -131,8 +131,8 @@ def _structures(log_path: Path, key: str, steps, offsets, sizes) -> List[Tuple[i
     """``[(step, structure of key), ...]`` read from the noted lines of the log."""
     import mmap
 
-    from .runlog import _decode_line
-    from .runlog_files import open_for_reading
+    from .codec import _decode_line
+    from .files import open_for_reading
 
     out = []
     with open_for_reading(log_path) as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as log:
@@ -201,7 +201,7 @@ class RunCache:
 
     def read(self, run: "Run") -> bool:
         """Put the cached state into ``run`` (fresh, nothing read yet) if the cache is valid."""
-        from .runlog_files import open_for_reading
+        from .files import open_for_reading
 
         try:
             with open_for_reading(self.path) as fh:

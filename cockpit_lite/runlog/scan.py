@@ -4,7 +4,7 @@
 and builds columns from the records. For a finished log of 100,000 steps that is a million objects
 built, scanned and freed, although plotting it reads only the columns and a few structures. A
 :class:`Scan` takes the lines as they come instead, in file order, and keeps only what the cache
-holds (see :class:`cockpit_lite.runlog_cache.CachedRecords`): the ``values`` of lines with the same
+holds (see :class:`cockpit_lite.runlog.cache.CachedRecords`): the ``values`` of lines with the same
 keys side by side, reasons, flags, the fields and structure entries the cache keeps as columns,
 where each structure is in the log, and each key's last structure. The merging rules of
 ``Run._add`` are applied to these directly: for each step, the last line that gives a value,
@@ -15,21 +15,10 @@ reason or structure wins; flags add up; the record fields are those of the step'
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
-_NUMBER = (int, float)  # bool included: a flag reads as 0/1
-
-
-def as_float(value: Any) -> Optional[float]:
-    """A JSON number (bool included, as 0/1) as a float; None for anything else or too large
-    for a float (an integer of 400 digits is no value the log can stand for)."""
-    if isinstance(value, _NUMBER):
-        try:
-            return float(value)
-        except OverflowError:
-            return None
-    return None
-
+from .codec import as_float
+from .columns import _decode_table
 
 class _Group:
     """Lines whose ``values`` have the same keys, in that order."""
@@ -137,7 +126,6 @@ class Scan:
         (the step where a key first appears, then the line, then its place in the line)."""
         import numpy as np
 
-        from .runlog import _decode_table
 
         parts: Dict[str, list] = {}
         first: Dict[str, tuple] = {}
@@ -181,3 +169,9 @@ def _column(by_step: Dict[int, Any]):
     steps = np.fromiter(sorted(by_step), dtype=np.int64, count=len(by_step))
     return steps, np.array([by_step[s] for s in steps.tolist()], dtype=np.float64).reshape(-1)
 
+def _build_columns(records: List[Dict[str, Any]]) -> Dict[str, Tuple[Any, Any]]:
+    """``Run.columns`` of records (one per step, in step order): as a finished log's scan builds them."""
+    scan = Scan((), ())
+    for r in records:
+        scan.add_values(r["step"], r.get("values"))
+    return scan.columns()

@@ -15,19 +15,36 @@ import difflib
 import functools
 import importlib.util
 import pkgutil
-from typing import Any, Dict, FrozenSet, Iterable
+from typing import Any, Dict, FrozenSet, Iterable, Tuple
 
 _NOT_QUANTITIES = frozenset({"base"})
+
+#: the named parts of a quantity's key (``hess_trace/stderr``), as opposed to its per-parameter values
+#: (``grad_norm/0.weight``): the summary (``cockpit-lite summary``) and the TensorBoard tab show these
+SUMMARY_PARTS = ("stderr", "error_bound", "hvps", "cockpit", "device", "kwh", "co2_g")
+
+
+def is_summary_part(key: str) -> bool:
+    """Whether ``key`` is ``<quantity>/<one of SUMMARY_PARTS>``."""
+    parts = key.split("/")
+    return len(parts) == 2 and parts[1] in SUMMARY_PARTS
+
+
+@functools.lru_cache(maxsize=1)
+def builtin_quantities() -> Tuple[str, ...]:
+    """Names of the built-in quantities, sorted: the modules of ``cockpit_lite.quantities`` (one per
+    quantity, named like it), found without importing them."""
+    spec = importlib.util.find_spec("cockpit_lite.quantities")
+    if spec is None or not spec.submodule_search_locations:
+        return ()
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)
+                        if not m.name.startswith("_") and m.name not in _NOT_QUANTITIES))
 
 
 @functools.lru_cache(maxsize=1)
 def installed_quantities() -> FrozenSet[str]:
     """Names of the built-in and entry-point quantities."""
-    names = set()
-    spec = importlib.util.find_spec("cockpit_lite.quantities")
-    if spec is not None and spec.submodule_search_locations:
-        names.update(m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)
-                     if not m.name.startswith("_") and m.name not in _NOT_QUANTITIES)
+    names = set(builtin_quantities())
     try:
         from importlib.metadata import entry_points
 

@@ -1,0 +1,64 @@
+"""Shared test support: the user's training loop, watched by a cockpit.
+
+One loop for the test files that each carried a private copy: ``opt.zero_grad()``, forward and
+backward over the micro-batches of a step (``loss / accumulate`` when accumulating), optional
+clipping, ``opt.step()``, optional scheduler; the parameters are copied at the start of every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+import cockpit_lite
+
+
+@dataclass
+class Trained:
+    #: the run log read back (``cockpit_lite.load``); None when nothing was watched
+    run: Any
+    #: ``{name: parameter}`` at the start of every optimizer step, then after the last one
+    thetas: List[Dict[str, torch.Tensor]] = field(default_factory=list)
+    #: the (closed) cockpit; None when nothing was watched
+    cockpit: Any = None
+
+
+def _theta(model) -> Dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def watched_training(model, opt, loss_fn, batches: Iterable[Tuple[Any, Any]], logdir=None, *, accumulate: int = 1,
+                     divide: bool = True, clip: Optional[float] = None, scheduler=None, forward=None,
+                     before_step: Optional[Callable[[int], None]] = None,
+                     after_backward: Optional[Callable[[int], None]] = None, **watch_options) -> Trained:
+    """Train ``model`` on ``batches`` (``(x, y)`` pairs; ``accumulate`` of them per optimizer step, each
+    loss divided by ``accumulate`` unless ``divide=False``),
+    watched by ``cockpit_lite.watch(forward or model, opt, loss_fn=loss_fn, logdir=logdir, **watch_options)``
+    when ``logdir`` is given. ``before_step(k)`` runs before step ``k``'s ``zero_grad``,
+    ``after_backward(k)`` after its backward passes (before clipping and ``opt.step()``)."""
+    batches = list(batches)
+    forward = forward or model
+    watching = logdir is not None
+    cockpit = cockpit_lite.watch(forward, opt, loss_fn=loss_fn, logdir=logdir, **watch_options) if watching else None
+    thetas = []
+    with cockpit if watching else contextlib.nullcontext():
+        for k, start in enumerate(range(0, len(batches), accumulate)):
+            thetas.append(_theta(model))
+            if before_step is not None:
+                before_step(k)
+            opt.zero_grad()
+            for x, y in batches[start:start + accumulate]:
+                loss = loss_fn(forward(x), y)
+                (loss / accumulate if divide and accumulate > 1 else loss).backward()
+            if after_backward is not None:
+                after_backward(k)
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            if scheduler is not None:
+                scheduler.step()
+        thetas.append(_theta(model))
+    return Trained(cockpit_lite.load(cockpit.logdir) if watching else None, thetas, cockpit)
