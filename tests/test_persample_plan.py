@@ -159,13 +159,23 @@ def test_plan_is_order_independent_and_declared():
     assert plan_for([HistWithoutRange(), NormTest()]).stats == frozenset({"sq"})
 
 
-def test_alpha_end_point_projection_from_the_pass_matches_bruteforce(tmp_path, monkeypatch):
+@pytest.mark.parametrize("budget", ["default", "none"])
+def test_alpha_projections_from_the_pass_match_bruteforce(tmp_path, monkeypatch, budget):
     """alpha's projections at t+1 onto the previous update come from the step's shared pass (with the
-    noise tests and the histogram building the conv blocks): the fit's observations still match the
-    brute-force float64 reference of test_alpha.py, and the pass did serve them."""
+    noise tests and the histogram building the conv blocks), those at t from the blocks the pass kept
+    (or, without a budget to keep them, from each layer's own route): the fit's observations still
+    match the brute-force float64 reference of test_alpha.py, and the pass did serve them."""
     from test_alpha import make_batches, reference_alpha
     from cockpit_lite.persample import plan as plan_mod, view as view_mod
 
+    if budget == "none":
+        monkeypatch.setattr(view_mod, "KEEP_FLOATS", 0)
+    calls = {"kept_dots": 0, "dots": 0}
+    for name in calls:
+        def wrapped(self, *a, _name=name, _orig=getattr(conv_rule.ConvWeightSamples, name)):
+            calls[_name] += 1
+            return _orig(self, *a)
+        monkeypatch.setattr(conv_rule.ConvWeightSamples, name, wrapped)
     served = []
     orig = plan_mod.layer_pass
 
@@ -193,6 +203,10 @@ def test_alpha_end_point_projection_from_the_pass_matches_bruteforce(tmp_path, m
             opt.step()
         thetas.append([p.detach().clone() for p in model.parameters()])
     assert any(served)
+    if budget == "none":
+        assert calls["kept_dots"] == 0 and calls["dots"] > 0
+    else:  # 2 conv layers, 4 steps, after each: from the kept blocks, never through a convolution
+        assert calls["kept_dots"] >= 2 * 4 and calls["dots"] == 0, calls
     run = cockpit_lite.load(cp.log_path)
     details = dict(run.data("alpha"))
     assert sorted(details) == [0, 1, 2], run.reasons("alpha")
@@ -212,3 +226,33 @@ def test_planned_direction_changed_in_place_is_not_served():
     assert not p.serves([d[0].clone(), d[1]])
     d[1].add_(1.0)
     assert not p.serves(d)
+
+
+def test_alpha_fused_equals_apart_with_accumulation(tmp_path, monkeypatch):
+    """Two micro-batches of different sizes per step: alpha's observations with its projections from
+    the step's pass (kept blocks per micro-batch) equal those computed apart, to 1e-5."""
+    from cockpit_lite.quantities.alpha import Alpha
+
+    def run(logdir):
+        torch.manual_seed(0)
+        model = cnn()
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        crit = nn.CrossEntropyLoss()
+        g = torch.Generator().manual_seed(5)
+        with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=logdir, quantities=["alpha"] + SET) as cp:
+            for _ in range(3):
+                opt.zero_grad()
+                for b in (5, 3):
+                    x, y = torch.randn(b, 2, 5, 5, generator=g), torch.randint(0, 3, (b,), generator=g)
+                    (crit(model(x), y) / 2).backward()
+                opt.step()
+        return dict(cockpit_lite.load(cp.log_path).data("alpha"))
+
+    fused = run(tmp_path / "fused")
+    monkeypatch.setattr(Alpha, "per_sample_direction", lambda self, step: None)
+    monkeypatch.setattr(Alpha, "per_sample_keep", lambda self, step: False)
+    apart = run(tmp_path / "apart")
+    assert sorted(fused) == sorted(apart) == [0, 1]
+    for step in fused:
+        for key in ("df0", "df1", "var_df0", "var_df1", "f0", "f1", "t"):
+            assert fused[step][key] == pytest.approx(apart[step][key], rel=1e-5, abs=1e-8), (step, key)

@@ -157,18 +157,28 @@ class ConvWeightSamples(ParamSamples):
         for G in self._raw_chunks():
             yield _k_to_weight_layout(G, self.shape) if shifts else G
 
-    def fused_stats(self, stats, v=None, hist_range=None, bins: int = 100, extra=None):
+    def _layout(self, u, shifts: bool):
+        """A vector shaped like the weight, in the blocks' layout (see ``_block_dots``)."""
+        if u is None:
+            return None
+        O, C = self.shape[:2]
+        K = self.shape.numel() // (O * C)
+        return u.reshape(O * C, K).T.reshape(K, O * C, 1).to(self.x.dtype) if shifts else u.reshape(-1).to(self.x.dtype)
+
+    @staticmethod
+    def _block_dots(Gf: torch.Tensor, u: torch.Tensor, shifts: bool) -> torch.Tensor:
+        """[b] g_i . u from one block [K, b, O*C] (shifts) or [b, P], u in the same layout."""
+        return torch.bmm(Gf, u).sum(0).reshape(Gf.shape[1]) if shifts else Gf @ u
+
+    def fused_stats(self, stats, v=None, hist_range=None, bins: int = 100, extra=None, keep=None):
         """As ``ParamSamples.fused_stats``, on blocks in the method's own layout; each block is fresh,
-        so it is squared in place once the projections (g_i . v, ``extra``) and the histogram are taken."""
+        so it is squared in place once the projections (g_i . v, ``extra``) and the histogram are taken.
+        ``keep`` (a list): the blocks are appended to it (then squared into a new tensor), for
+        ``kept_dots`` later in the step."""
         O, C = self.shape[:2]
         shifts = self.method() == "shifts"
         K = self.shape.numel() // (O * C)
-
-        def layout(u):  # a vector in the blocks' layout
-            if u is None:
-                return None
-            return u.reshape(O * C, K).T.reshape(K, O * C, 1).to(self.x.dtype) if shifts else u.reshape(-1).to(self.x.dtype)
-
+        layout = lambda u: self._layout(u, shifts)  # noqa: E731
         vk = vf = layout(v)
         projs = {key: (layout(u), []) for key, u in (extra or {}).items()}
         sq, dots, m2 = [], [], None
@@ -181,15 +191,17 @@ class ConvWeightSamples(ParamSamples):
                 b = G.shape[0]
                 Gf = G.reshape(b, -1)
             if "dots" in stats:
-                dots.append(torch.bmm(Gf, vk).sum(0).reshape(b) if shifts else Gf @ vf)
+                dots.append(self._block_dots(Gf, vk if shifts else vf, shifts))
             for u, got in projs.values():
-                got.append(torch.bmm(Gf, u).sum(0).reshape(b) if shifts else Gf @ u)
+                got.append(self._block_dots(Gf, u, shifts))
+            if keep is not None:
+                keep.append(Gf)
             if "hist" in stats:
                 c, m, k = _histc(Gf, hist_range, bins)
                 counts += c
                 top, clipped = max(top, m), clipped + k
             if "sq" in stats or "m2" in stats:
-                G2 = Gf.mul_(Gf)
+                G2 = Gf.mul_(Gf) if keep is None else Gf * Gf
                 if "sq" in stats:
                     sq.append(G2.sum(2).sum(0) if shifts else G2.sum(1))
                 if "m2" in stats:
@@ -208,6 +220,12 @@ class ConvWeightSamples(ParamSamples):
 
     def histogram(self, R: float, bins: int):
         return self.fused_stats({"hist"}, None, R, bins)["hist"]
+
+    def kept_dots(self, blocks, v: torch.Tensor) -> torch.Tensor:
+        """[b] g_i . v from the blocks ``fused_stats`` kept (one small product per block, no convolution)."""
+        shifts = self.method() == "shifts"
+        u = self._layout(v, shifts)
+        return torch.cat([self._block_dots(Gf, u, shifts) for Gf in blocks])
 
     def sq_norms(self) -> torch.Tensor:
         return self.fused_stats({"sq"})["sq"]

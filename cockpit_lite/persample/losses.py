@@ -31,12 +31,8 @@ def elementwise_loss(loss_fn, output, target, grad: bool = False) -> torch.Tenso
     """``loss_fn`` with ``reduction="none"``; differentiable in ``output`` only when ``grad``."""
     if not isinstance(loss_fn, torch.nn.Module) or not hasattr(loss_fn, "reduction"):
         raise LossUnavailable("the loss function has no 'reduction' attribute to evaluate per sample")
-    fn = copy.copy(loss_fn)
-    fn.reduction = "none"
-    fn._forward_hooks = type(fn._forward_hooks)()  # the copy must not be observed as a training loss
-    fn._forward_pre_hooks = type(fn._forward_pre_hooks)()
     with torch.set_grad_enabled(grad):
-        return fn.forward(output, *target)
+        return none_copy(loss_fn)(output, *target)
 
 
 def per_sample_losses(loss_fn, mb, b: int, reduction: str, bdim: int = 0) -> torch.Tensor:
@@ -81,7 +77,7 @@ def sample_ids(loss_fn, mb, elems: torch.Tensor, b: int, bdim: int = 0):
         if ids is None:
             if view.identity and elems.dim() > 0 and elems.shape[0] == b and type(loss_fn).__module__.startswith("torch."):
                 return None  # a torch loss on the output itself: rows are samples
-            fn = _none_copy(loss_fn)
+            fn = none_copy(loss_fn)
             target = mb.target if mb.target is not None else ()
             ids = probed_sample_ids(fn, mb.output, target, input_sample_ids(view, bdim), b)
     except ViewUnavailable as err:
@@ -94,10 +90,11 @@ def sample_ids(loss_fn, mb, elems: torch.Tensor, b: int, bdim: int = 0):
     return ids
 
 
-def _none_copy(loss_fn):
+def none_copy(loss_fn):
+    """``loss_fn.forward`` of a shallow copy with ``reduction='none'`` and no hooks (never observed)."""
     fn = copy.copy(loss_fn)
     fn.reduction = "none"
-    fn._forward_hooks = type(fn._forward_hooks)()
+    fn._forward_hooks = type(fn._forward_hooks)()  # the copy must not be observed as a training loss
     fn._forward_pre_hooks = type(fn._forward_pre_hooks)()
     return fn.forward
 

@@ -13,6 +13,11 @@ per step and every product is taken from that one pass, whatever order the quant
   unit update of the previous step, which its end point at this step projects onto
   (``per_sample_direction(step)``: the list of tensors it will pass to ``PerSampleView.dots``).
 
+A quantity that will project the step's per-sample gradients onto a vector known only after the
+optimizer step (alpha's start, ``per_sample_keep(step)`` true) has the pass keep the conv blocks it
+builds, up to ``KEEP_FLOATS`` floats per step (64 MB in float32; beyond that its own route per layer), so
+that the projection is one small product per block instead of a convolution (``kept_dots``).
+
 A quantity declares what it needs with ``per_sample_stats`` (a set of these names); one that wants the
 histogram also has ``hist_range(view)``. Plain data and functions of the active quantities: no ``ctx``.
 """
@@ -28,6 +33,7 @@ from .samples import DenseSamples
 
 STATS = frozenset({"sq", "m2", "dots", "hist"})  # declared with ``per_sample_stats``; "dir" is asked for apart
 HIST_BINS = 100  # the shared pass counts grad_hist_1d's bins
+KEEP_FLOATS = 1 << 24  # per-sample blocks kept for a projection after the step, at most (per step)
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class StepPlan:
     hist_owner: Optional[object] = None  # the quantity whose ``hist_range(view)`` sets R
     direction: Optional[tuple] = None  # the tensors of "dir" (not copied) ...
     versions: tuple = ()  # ... and their versions when planned: changed in place, they are not served
+    keep: bool = False  # keep the pass's conv blocks for a projection after the step
 
     @property
     def wants_hist(self) -> bool:
@@ -56,8 +63,10 @@ def _version(t) -> int:
 
 def plan_for(active: Optional[Iterable[object]], step: Optional[int] = None) -> StepPlan:
     """The plan of step ``step`` whose active quantities are ``active`` (their order does not matter)."""
-    stats, owner, direction = set(), None, None
+    stats, owner, direction, keep = set(), None, None, False
     for q in active or ():
+        if hasattr(q, "per_sample_keep"):
+            keep = keep or bool(q.per_sample_keep(step))
         if direction is None and hasattr(q, "per_sample_direction"):
             d = q.per_sample_direction(step)
             direction = tuple(d) if d is not None else None
@@ -71,8 +80,8 @@ def plan_for(active: Optional[Iterable[object]], step: Optional[int] = None) -> 
         stats.discard("hist")
     if direction is not None:
         stats.add("dir")
-        return StepPlan(frozenset(stats), owner, direction, tuple(_version(t) for t in direction))
-    return StepPlan(frozenset(stats), owner)
+        return StepPlan(frozenset(stats), owner, direction, tuple(_version(t) for t in direction), keep)
+    return StepPlan(frozenset(stats), owner, keep=keep)
 
 
 def hist_range(plan: StepPlan, view) -> Optional[float]:
@@ -87,13 +96,15 @@ def hist_range(plan: StepPlan, view) -> Optional[float]:
 
 
 def layer_pass(parts, batch_sizes: List[int], wanted: set, v: Optional[torch.Tensor], R: Optional[float],
-               zeros: Callable, p: torch.Tensor, d: Optional[torch.Tensor] = None) -> dict:
+               zeros: Callable, p: torch.Tensor, d: Optional[torch.Tensor] = None,
+               keep_left: Optional[list] = None) -> dict:
     """The statistics ``wanted`` (among "sq", "m2", "dots") of one parameter, and its histogram over
     [-R, R] where R is given, from one pass over each layer call's per-sample data.
 
     ``parts``: [(forward position, [ParamSamples, ...])] of the parameter; ``batch_sizes``: samples per
     forward; ``v``, ``d``: the vectors of "dots" and "dir" (g_i . v, g_i . d); ``zeros(b)``: [b] zeros on
-    the parameter's device.
+    the parameter's device; ``keep_left`` ([floats]): the budget of conv blocks kept, returned under
+    "blocks" ({forward position: [blocks]}) and taken off the budget.
     Returns {stat: value} with "hist" = (R, {forward position: (counts, max, clipped)}) for the calls
     counted in the pass: those that build their per-sample gradients anyway (no cheap maximum:
     convolutions, sequence Linear, fallback, weights shared within a forward); the others are counted
@@ -104,6 +115,7 @@ def layer_pass(parts, batch_sizes: List[int], wanted: set, v: Optional[torch.Ten
     got = dict(parts)
     pieces: Dict[str, list] = {s_: [] for s_ in wanted}
     counted: Dict[int, tuple] = {}
+    kept: Dict[int, list] = {}
     for pos, b in enumerate(batch_sizes):
         ps_list = got.get(pos)
         if not ps_list:
@@ -115,7 +127,14 @@ def layer_pass(parts, batch_sizes: List[int], wanted: set, v: Optional[torch.Ten
             ps = ps_list[0]
             with_hist = hist and not getattr(ps, "cheap_max", False)
             if with_hist or any(ps.materializes(s_) for s_ in own):
-                res = ps.fused_stats(own | {"hist"} if with_hist else own, v, R, HIST_BINS, extra)
+                keep = None
+                if keep_left is not None and hasattr(ps, "kept_dots") and b * ps.shape.numel() <= keep_left[0]:
+                    keep_left[0] -= b * ps.shape.numel()
+                    keep = kept[pos] = []
+                if keep is None:
+                    res = ps.fused_stats(own | {"hist"} if with_hist else own, v, R, HIST_BINS, extra)
+                else:
+                    res = ps.fused_stats(own | {"hist"} if with_hist else own, v, R, HIST_BINS, extra, keep=keep)
             else:
                 res = ps.factored_stats(own, v)
                 if extra:  # g_i . d the layer's own cheapest way (as PerSampleView.dots)
@@ -128,9 +147,11 @@ def layer_pass(parts, batch_sizes: List[int], wanted: set, v: Optional[torch.Ten
         for s_ in wanted:
             pieces[s_].append(res[s_])
     out: dict = {"hist": (R, counted)} if hist else {}
+    if kept:
+        out["blocks"] = kept
     for s_ in wanted:
         if s_ == "m2":
-            out[s_] = _sum_shaped(pieces[s_], p)
+            out[s_] = sum_parts(pieces[s_], p)
         else:
             out[s_] = pieces[s_][0] if len(pieces[s_]) == 1 else torch.cat(pieces[s_])
     return out
@@ -144,7 +165,9 @@ def summed(ps_list) -> torch.Tensor:
     return G
 
 
-def _sum_shaped(parts, p):
+def sum_parts(parts, p):
+    """The sum of a parameter's per-forward parts (None entries skipped), shaped like ``p``."""
+    parts = [x for x in parts if x is not None]
     if not parts:
         return torch.zeros(p.shape, device=p.device)
     out = parts[0]

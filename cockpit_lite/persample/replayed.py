@@ -23,7 +23,6 @@ per sample and is refused (vmap ``randomness="error"``). Any refusal is a reason
 
 from __future__ import annotations
 
-import copy
 from contextlib import nullcontext
 from typing import Dict, List, Optional, Tuple
 
@@ -33,7 +32,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..replay import replaying
 from ..rng import preserved_rng, set_rng_state
-from .losses import LossUnavailable, elementwise_loss, mean_factor
+from .losses import LossUnavailable, elementwise_loss, mean_factor, none_copy
 from .norm import batchnorm_mixes_samples
 from .output_view import ViewUnavailable, replay as replay_view, row_sample_ids
 
@@ -74,7 +73,7 @@ def replayed_grads(model: torch.nn.Module, loss_fn, call, mb, b: int, reduction:
         factor = mean_factor(elementwise_loss(loss_fn, mb.output, tuple(mb.target)), b, reduction, float(mb.loss))
     except LossUnavailable as err:
         raise ReplayUnavailable(str(err)) from None
-    fn = _none_copy(loss_fn)
+    fn = none_copy(loss_fn)
 
     def one_sample(theta, a_b, k_b, t_b):
         st = dict(state)
@@ -174,14 +173,6 @@ def _per_sample_targets(target: Tuple, view, b: int, dim: int = 0):
             raise ReplayUnavailable(f"the loss target of shape {tuple(t.shape)} cannot be split into the batch's "
                                     f"{b} samples")
     return out  # flag 0: the same for every sample; 1: split by rows (re-batched); 2: split into blocks
-
-
-def _none_copy(loss_fn):
-    fn = copy.copy(loss_fn)
-    fn.reduction = "none"
-    fn._forward_hooks = type(fn._forward_hooks)()
-    fn._forward_pre_hooks = type(fn._forward_pre_hooks)()
-    return fn.forward
 
 
 def _attention_math():

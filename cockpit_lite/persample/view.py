@@ -7,8 +7,11 @@ multiplied by b_k / s_k (mean reduction) or 1 / s_k (sum), with s_k the gradient
 the loss output (``MicroBatch.loss_scale``) and b_k its number of samples.
 
 Statistics are computed per parameter with the cheapest route its layer rule offers (factored where
-possible, one layer materialized at a time otherwise) and cached for the step. A parameter whose
-per-sample information is not available gets NaN values and a reason in ``unsupported()``.
+possible, one layer materialized at a time otherwise) and cached for the step. What the step's
+quantities need is decided once, up front (``plan.py``), so each layer's per-sample data is built at
+most once per step, in one pass that yields every planned statistic, whatever the quantities' order.
+A parameter whose per-sample information is not available gets NaN values and a reason in
+``unsupported()``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from .losses import LossUnavailable, per_sample_losses
 from .norm import BATCHNORM_REASON, batchnorm_mixes_samples
 from .fallback import owned_parameters
 from .rules import Unsupported, layer_samples
-from .plan import HIST_BINS, hist_range as plan_hist_range, layer_pass, plan_for, summed as _summed
+from .plan import HIST_BINS, KEEP_FLOATS, hist_range as plan_hist_range, layer_pass, plan_for, sum_parts, summed as _summed
 from .samples import DenseSamples
 
 
@@ -228,9 +231,10 @@ class PerSampleView:
         self._cache[ck] = out
         return out
 
-    def _per_forward(self, j: int, single, dense, empty):
-        """Apply ``single(ps)`` (one call in the forward) or ``dense(G)`` (summed materialized calls:
-        weight sharing) per forward; ``empty(b)`` for forwards where the parameter was not used."""
+    def _per_forward(self, j: int, single, dense, empty, at: bool = False):
+        """Apply ``single(ps)`` (one call in the forward; ``single(ps, pos)`` with ``at``) or ``dense(G)``
+        (summed materialized calls: weight sharing) per forward; ``empty(b)`` for forwards where the
+        parameter was not used."""
         parts = self._param_samples(j)
         if parts is None:
             return None
@@ -241,7 +245,7 @@ class PerSampleView:
             if not ps_list:
                 out.append(empty(b))
             elif len(ps_list) == 1:
-                out.append(single(ps_list[0]))
+                out.append(single(ps_list[0], pos) if at else single(ps_list[0]))
             else:
                 out.append(dense(_summed(ps_list)))
         return out
@@ -294,8 +298,10 @@ class PerSampleView:
                 out.append(self._stat(j, "dir"))
                 continue
             vf = _float(v.detach())
-            parts = self._per_forward(j, lambda ps: ps.dots(vf),
-                                      lambda G: G.reshape(G.shape[0], -1) @ vf.reshape(-1).to(G.dtype), self._zeros)
+            kept = self._cache.get(("kept", j), {})  # conv blocks the step's pass kept (plan.py)
+            parts = self._per_forward(j, lambda ps, pos: ps.kept_dots(kept[pos], vf) if pos in kept else ps.dots(vf),
+                                      lambda G: G.reshape(G.shape[0], -1) @ vf.reshape(-1).to(G.dtype), self._zeros,
+                                      at=True)
             out.append(self._nan((self.n_local,)) if parts is None else torch.cat(parts))
         return out
 
@@ -353,7 +359,13 @@ class PerSampleView:
         if "dir" in wanted:
             d = self.plan().direction[j]
             d = _float(d.detach()) if d is not None else self._zeros(p.shape)
-        have.update(layer_pass(parts, self.batch_sizes, wanted, v, R, self._zeros, p, d))
+        keep_left = None
+        if self.plan().keep:
+            keep_left = self._cache.setdefault("keep_left", [KEEP_FLOATS])
+        got = layer_pass(parts, self.batch_sizes, wanted, v, R, self._zeros, p, d, keep_left)
+        if "blocks" in got:
+            self._cache[("kept", j)] = got.pop("blocks")
+        have.update(got)
 
     def sum_grads(self) -> List[torch.Tensor]:
         """sum_i g_i per parameter (n times the mean gradient), from the per-sample information."""
@@ -361,7 +373,7 @@ class PerSampleView:
             out = []
             for j, p in enumerate(self.params):
                 parts = self._per_forward(j, lambda ps: ps.total(), lambda G: G.sum(0), lambda b: None)
-                out.append(self._nan(p.shape) if parts is None else _sum_parts(parts, p))
+                out.append(self._nan(p.shape) if parts is None else sum_parts(parts, p))
             self._cache["sum"] = out
         return self._cache["sum"]
 
@@ -388,7 +400,7 @@ class PerSampleView:
             checks = checks if same else []
         if checks:
             parts = [self._per_forward(j, lambda ps: ps.total(), lambda G: G.sum(0), lambda b: None) for j in checks]
-            refs = sum_tensors(dist, [_sum_parts(pt, self.params[j]).double().reshape(-1) for pt, j in zip(parts, checks)])
+            refs = sum_tensors(dist, [sum_parts(pt, self.params[j]).double().reshape(-1) for pt, j in zip(parts, checks)])
             refs = [r / self.n for r in refs]
             grs = [grads[j].detach().double().reshape(-1) for j in checks]
             # c by least squares over the checked parameters, then each one must agree on its own
@@ -533,15 +545,6 @@ def _scaled(g: torch.Tensor, c: float) -> torch.Tensor:
         g = g.float()
     return g if c == 1.0 else g * c
 
-
-def _sum_parts(parts, p):
-    parts = [x for x in parts if x is not None]
-    if not parts:
-        return torch.zeros(p.shape, device=p.device)
-    out = parts[0]
-    for x in parts[1:]:
-        out = out + x
-    return out.reshape(p.shape)
 
 
 def _batch_size(call) -> int:

@@ -121,6 +121,11 @@ class Alpha(Quantity):
             return None
         return self._direction
 
+    def per_sample_keep(self, step) -> bool:
+        """Whether a fit starts on ``step``: its projections after the optimizer step can then use the
+        per-sample blocks the step's shared pass builds anyway (persample/plan.py keeps them)."""
+        return step is not None and bool(self.schedule(step))
+
     # -- callbacks ----------------------------------------------------------------------------
     def before_step(self, ctx) -> None:
         if self._undelivered is not None:
