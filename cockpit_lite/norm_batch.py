@@ -61,8 +61,8 @@ _DOT_DTYPES = (torch.float32, torch.float64)
 def norms_on_device(tensors: List[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of each tensor (all on one device), as one 1-D tensor.
 
-    On the CPU, dense float32/float64 tensors go through ``torch.dot(x, x)`` (BLAS): about twice as fast
-    as ``torch._foreach_norm`` there, and more accurate (relative error ~1e-7 instead of ~1e-6 at 2e5
+    On the CPU, dense float32/float64 tensors go through ``torch.dot(x, x)`` (BLAS): as fast as
+    ``torch._foreach_norm`` inside a training step (twice as fast on data in cache), and more accurate (relative error ~1e-7 instead of ~1e-6 at 2e5
     elements, ~6e-5 instead of ~1e-3 at 2.5e7, against float64). Elsewhere (CUDA: one fused kernel for
     all tensors), and for other tensors (half precision, sparse, complex), ``torch._foreach_norm``.
     """
