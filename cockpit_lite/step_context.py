@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Set
 import torch
 
 from .loss_combine import micro_batch_weights
+from .norm_batch import NormBatch, NormGroup, convert
 
 
 @dataclass
@@ -88,7 +89,9 @@ class StepContext:
         self.data: Dict[str, Any] = {}
         self.flags: Set[str] = set()
         self.late: Dict[int, Dict[str, Dict[str, Any]]] = {}  # earlier step -> values/reasons/data
-        self._norm_groups: List[tuple] = []  # (key, stacked per-tensor norms), converted in one batch
+        self._norms = NormBatch()  # norms asked for, computed in one reduction per phase (norm_batch.py)
+        self._norm_groups: List[tuple] = []  # (key, NormGroup) recorded as key and key/<param name>
+        self._checks: List[Any] = []  # callables run once the values are floats (after_values)
         self.cache: Dict[str, Any] = {}
         self.params_before: Optional[List[torch.Tensor]] = None
         self._update: Optional[List[torch.Tensor]] = None
@@ -192,24 +195,41 @@ class StepContext:
         """Record a scalar (a float or a 0-d tensor; tensors are converted in one batch later)."""
         self.values[key] = value
 
-    def emit_norms(self, key: str, tensors: List[torch.Tensor]) -> None:
+    def emit_norms(self, key: str, tensors: List[torch.Tensor], share: Optional[str] = None) -> None:
         """Record the L2 norm of each tensor as ``key/<param name>`` and of all of them as ``key``.
 
-        One reduction kernel for all tensors; the values are converted with the rest of the record.
+        Computed later with every other norm of the step in one reduction (``flush_norms``; the tensors
+        must not change before: the engine flushes after the last ``before_step``, and again when the
+        record is assembled). ``share`` names a list that other quantities may ask for too ("grads").
         """
         if not tensors:
             self.emit_nan(key, "no parameters")
             return
-        with torch.no_grad():
-            if any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors):
-                tensors = [t.float() for t in tensors]
-            norms = torch.stack(torch._foreach_norm(tensors))
-        self._norm_groups.append((key, norms))
+        self._norm_groups.append((key, self._norms.request(tensors, share)))
 
-    def emit_norm_values(self, key: str, norms: torch.Tensor) -> None:
+    def request_norms(self, tensors: List[torch.Tensor], share: Optional[str] = None) -> NormGroup:
+        """The per-tensor norms of ``tensors`` for a quantity's own use, computed with the step's other
+        norms: ``group.norms`` after ``flush_norms``, ``group.values`` / ``group.total`` in ``after_values``."""
+        return self._norms.request(tensors, share)
+
+    def flush_norms(self) -> None:
+        """Compute every norm asked for so far (one reduction per device)."""
+        if self._norms.waiting:
+            self._norms.flush()
+
+    def emit_norm_values(self, key: str, norms: torch.Tensor) -> NormGroup:
         """Record per-parameter norms already computed (a 1-D tensor in parameter order) as
         ``key/<param name>`` and their combined L2 norm as ``key``, like ``emit_norms``."""
-        self._norm_groups.append((key, norms.detach().reshape(-1)))
+        group = NormGroup(norms=norms.detach().reshape(-1))
+        self._norm_groups.append((key, group))
+        return group
+
+    def after_values(self, name: str, check) -> None:
+        """Run ``check(ctx)`` once the step's values are floats (before the record is assembled): it may
+        read ``NormGroup.values`` / ``.total`` and replace what was emitted (``discard``, ``emit_nan``).
+        If it raises, what ``name`` emitted is replaced by NaN with the error as reason. (``check`` must not
+        hold the context itself: it gets it as argument, so that no reference cycle keeps the step alive.)"""
+        self._checks.append((name, check))
 
     def discard(self, name: str) -> None:
         """Forget what was recorded for ``name`` and its parts (``name/...``) on this step."""
@@ -248,29 +268,32 @@ class StepContext:
 
     def scalar_values(self) -> Dict[str, float]:
         """All emitted scalars as Python floats, converting tensors with one transfer per device."""
+        self.flush_norms()
+        scalars = {k: v for k, v in self.values.items() if isinstance(v, torch.Tensor)}
+        converted = convert([g for _, g in self._norm_groups] + self._norms.groups, scalars)
+        checks, self._checks = self._checks, []
+        for name, check in checks:
+            try:
+                check(self)
+            except Exception as err:
+                self.discard(name)
+                self.emit_nan(name, f"{type(err).__name__} in {name} (checking its values): {err}")
         out: Dict[str, float] = {}
-        pending: Dict[Any, List[tuple]] = {}  # device -> [(keys or key, flat tensor)]
         for key, v in self.values.items():
             if isinstance(v, torch.Tensor):
-                pending.setdefault(v.device, []).append((key, v.detach().reshape(1)))
+                out[key] = converted[key] if key in converted else float(v)
             else:
                 out[key] = float(v) if v is not None else math.nan
-        for key, norms in self._norm_groups:
-            pending.setdefault(norms.device, []).append(((key,), norms))
         names = self.watched.names
-        for items in pending.values():
-            flat = torch.cat([t.to(torch.float64) for _, t in items]).tolist()
-            i = 0
-            for key, t in items:
-                n = t.numel()
-                if isinstance(key, tuple):  # a group of per-parameter norms
-                    parts = flat[i:i + n]
-                    out[key[0]] = math.sqrt(math.fsum(x * x for x in parts))
-                    if n > 1:
-                        for name, x in zip(names, parts):
-                            out[f"{key[0]}/{name}"] = x
-                else:
-                    out[key] = flat[i]
-                i += n
+        for key, group in self._norm_groups:
+            if group.error is not None:
+                out[key] = math.nan
+                self.reasons[key] = f"{group.error} (computing the norms of {key})"
+                continue
+            parts = group.values
+            out[key] = group.total
+            if parts is not None and len(parts) > 1:
+                for name, x in zip(names, parts):
+                    out[f"{key}/{name}"] = x
         return out
 

@@ -11,6 +11,7 @@ from torch import nn
 
 import cockpit_lite
 from cockpit_lite.runlog import RunLogWriter
+from cockpit_lite.runlog.batch import LOG_BATCH
 
 
 class FailingFile:
@@ -119,16 +120,18 @@ def test_training_goes_on_through_a_full_disk(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     crit = nn.CrossEntropyLoss()
     cockpit = cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path, quantities=["loss", "grad_norm"])
-    disk = cockpit._writer._fh = FailingFile(cockpit._writer._fh, partial=11)
+    log = cockpit._writer.writer  # the RunLogWriter under the batching (runlog/batch.py)
+    disk = log._fh = FailingFile(log._fh, partial=11)
+    n = 3 * LOG_BATCH  # the disk is full while two batches are written
     with pytest.warns(RuntimeWarning, match="No space left"):
-        for step in range(12):
-            disk.failing = 4 <= step < 8
+        for step in range(n):
+            disk.failing = 4 <= step < 2 * LOG_BATCH + 4
             x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
             opt.zero_grad()
             crit(model(x), y).backward()
             opt.step()  # never raises
     cockpit.close()  # nor does close
     run = cockpit_lite.load(tmp_path)
-    assert run.steps().tolist() == list(range(12))  # kept while the disk was full, written after
+    assert run.steps().tolist() == list(range(n))  # kept while the disk was full, written after
     assert run.skipped == []  # a failed write is not a skipped step
     assert run.footer["write_failures"] >= 1 and run.footer["dropped_records"] == 0

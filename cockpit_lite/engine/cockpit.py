@@ -24,6 +24,7 @@ import torch
 from ..distributed import detect, unwrap
 from ..quantities.base import Quantity, Watched
 from ..runlog import RunLogWriter, load
+from ..runlog.batch import LOG_BATCH, BatchedWriter
 from ..step_context import MicroBatch, StepContext
 from .calls import bracket, call_quantity
 from .records import NoLog, Recorder, header
@@ -52,7 +53,8 @@ class Cockpit(StepDetection):
         quantities: a preset name (``"default"``, ``"economy"``, ``"business"``, ``"full"``), a list of
             quantity names or ``Quantity`` objects, or a mapping name -> schedule
             (``{"grad_norm": "every", "loss": "every:10"}``).
-        fsync: also ``fsync`` every record (survives power loss, not only a killed process).
+        fsync: write every record at once and ``fsync`` it (survives power loss); otherwise step records
+            are written 16 at a time (``cockpit_lite.runlog.batch``: a killed process loses at most those).
         sinks: extra consumers of every record (objects with ``write(record)`` and ``close()``),
             e.g. the TensorBoard writer.
         tensorboard: also write every record into a TensorBoard event file in ``logdir`` (scalars
@@ -135,6 +137,8 @@ class Cockpit(StepDetection):
         if self.writes:
             writer = RunLogWriter(self.logdir, run_header, fsync=fsync, if_exists=if_exists)
             self.logdir = os.fspath(writer.logdir)  # LOGDIR-2, ... with if_exists="increment"
+            # step records in batches of LOG_BATCH (runlog/batch.py); fsync=True: every record at once
+            writer = BatchedWriter(writer, batch=1 if fsync else LOG_BATCH)
         else:
             writer = NoLog(self.logdir)
             tensorboard = advisor = dashboard = False
@@ -195,8 +199,15 @@ class Cockpit(StepDetection):
         return self._records.writer
 
     def load(self):
-        """The run log as written so far (see :func:`cockpit_lite.load`)."""
+        """The run log as written so far (see :func:`cockpit_lite.load`), the waiting records included."""
+        self.flush()
         return load(self.logdir)
+
+    def flush(self) -> None:
+        """Write the step records still waiting for their batch (``cockpit_lite.runlog.batch``) now."""
+        flush = getattr(self._writer, "flush", None)
+        if flush is not None and not self._writer.closed:
+            flush()
 
     def close(self) -> None:
         """Remove every hook, flush and close the run log. A second call does nothing (``with watch(...)``
@@ -297,6 +308,7 @@ class Cockpit(StepDetection):
             self._check_rules(ctx)
         for q in active:
             call_quantity(q, "before_step", ctx, self.watched.dist, self._failed)
+        ctx.flush_norms()  # every norm asked for, in one reduction, before the optimizer changes the parameters
         self._overhead += time.perf_counter() - t0
         return None
 

@@ -9,4 +9,4 @@ class GradNorm(Quantity):
     reduces = False  # reads only what every process has (its own devices, the all-reduced .grad)
 
     def before_step(self, ctx):
-        ctx.emit_norms("grad_norm", ctx.grads())
+        ctx.emit_norms("grad_norm", ctx.grads(), share="grads")  # one reduction with grad_norm_preclip's

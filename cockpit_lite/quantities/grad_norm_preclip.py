@@ -14,11 +14,13 @@ pass that did not go through the model's output, or an unknown scaler, changed t
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from .. import amp_scale
+from ..norm_batch import norms_on_device
 from .base import Quantity
 
 GREW_TOLERANCE = 1e-3  # relative; rounding of unscaling in float32 is ~1e-7
@@ -57,6 +59,9 @@ class GradNormPreclip(Quantity):
         grads = [p.grad for p in self._params]
         present = [g.float() if g.dtype in (torch.float16, torch.bfloat16) else g for g in grads if g is not None]
         with torch.no_grad():
+            if len(present) == len(grads) and all(g.dtype == torch.float32 and g.device == present[0].device
+                                                  for g in present):
+                return norms_on_device(present)  # the common case: as grad_norm computes them
             found = iter(torch._foreach_norm(present)) if present else iter(())
             ref = present[0] if present else self._params[0]
             norms = [next(found) if g is not None else torch.zeros((), dtype=ref.dtype, device=ref.device)
@@ -67,10 +72,8 @@ class GradNormPreclip(Quantity):
         self._scale = amp_scale.take(self._optimizer)
         if self._norms is None or self._step != ctx.step:
             return
-        with torch.no_grad():
-            final = [g.float() if g.dtype in (torch.float16, torch.bfloat16) else g for g in ctx.grads()]
-            self._at_step = torch.stack([n.to(self._norms.device, torch.float32)
-                                         for n in torch._foreach_norm(final)]).norm()
+        # the norms of .grad at the step, computed with grad_norm's (and the other norms) in one reduction
+        self._at_step = ctx.request_norms(ctx.grads(), share="grads")
 
     def after_step(self, ctx) -> None:
         try:
@@ -88,16 +91,22 @@ class GradNormPreclip(Quantity):
         norms = self._norms
         if self._scale is not None:
             norms = norms / self._scale.to(norms.device, torch.float32)
-        before, at_step = torch.stack([norms.norm(), self._at_step]).tolist()
-        if at_step > before * (1 + GREW_TOLERANCE) + 1e-30:
-            ctx.emit_nan(self.name, (
-                f"the gradient norm grew from {before:.6g} at the end of the last backward pass through the model "
-                f"to {at_step:.6g} at the optimizer step: a backward pass that did not go through the watched "
-                "model's output, or a loss scaler other than torch.amp.GradScaler, changed .grad unseen"))
-            return
-        ctx.emit_norm_values(self.name, norms)
+        before, at_step = ctx.emit_norm_values(self.name, norms), self._at_step
+        ctx.after_values(self.name, functools.partial(self._check, before=before, at_step=at_step))
         if self._scale is not None:
             ctx.emit_data(self.name, {"unscaled_by": float(self._scale)})
+
+    def _check(self, ctx, before, at_step) -> None:
+        """Once the values are floats: NaN if the gradients grew between the backward pass and the step."""
+        if at_step.error is not None:
+            raise RuntimeError(at_step.error)
+        b, a = before.total, at_step.total
+        if a > b * (1 + GREW_TOLERANCE) + 1e-30:
+            ctx.discard(self.name)
+            ctx.emit_nan(self.name, (
+                f"the gradient norm grew from {b:.6g} at the end of the last backward pass through the model "
+                f"to {a:.6g} at the optimizer step: a backward pass that did not go through the watched "
+                "model's output, or a loss scaler other than torch.amp.GradScaler, changed .grad unseen"))
 
     def on_skipped(self, step: int, reason: str) -> None:
         self._reset()

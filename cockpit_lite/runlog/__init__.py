@@ -11,7 +11,8 @@ Layout of ``LOGDIR/cockpit.jsonl``::
 
 Each record is written with one ``write`` of a whole line and flushed, so a process killed with
 SIGKILL keeps every line written before the kill (the OS holds it); at most the line being written
-is torn. Non-finite numbers are stored as the strings "NaN", "Infinity", "-Infinity" so that the file
+is torn. (``Cockpit`` hands step records over in batches of 16, ``batch.py``: a kill loses at most
+those.) Non-finite numbers are stored as the strings "NaN", "Infinity", "-Infinity" so that the file
 is standard JSON. The reader accepts a torn last line (and says so in ``Run.torn_tail`` and a
 warning), refuses any other malformed line with its line number, and reads logs that are still
 growing (``Run.refresh``).
@@ -30,10 +31,10 @@ A run read from a cache answers ``series``, ``steps``, ``reasons``, ``flagged``,
 ``json`` for any line it does not accept, so results and errors stay those of ``json.loads``.
 
 Rooms: ``codec.py`` (the format: records, numbers, line decoding, errors), ``writer.py``
-(``RunLogWriter``), ``reader.py`` (``Run``, ``load``), ``columns.py`` (numpy columns per key),
+(``RunLogWriter``), ``batch.py`` (``BatchedWriter``: step records 16 per write), ``reader.py`` (``Run``, ``load``), ``columns.py`` (numpy columns per key),
 ``scan.py`` (a large log's columns without building records), ``cache.py`` (the cache next to a
 large log), ``files.py`` (claiming and opening log files), ``keys.py`` (which keys a run may hold).
-Imports go one way: reader -> cache, scan, columns -> codec; writer -> codec, files.
+Imports go one way: reader -> cache, scan, columns -> codec; batch -> writer -> codec, files.
 """
 
 from .codec import (FORMAT, LOG_NAME, VERSION, BadRecordError, CorruptLogError, _clean, _decode_line,  # noqa: F401
