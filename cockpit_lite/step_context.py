@@ -106,6 +106,10 @@ class StepContext:
         self.t_overhead: float = 0.0  # seconds the hooks spent before the post-hook
         self.samples_global: Optional[int] = None  # samples of the global batch (DDP; set by 'loss')
 
+    def per_sample_if_built(self):
+        """The step's ``PerSampleView`` if a quantity asked for it, else None (never builds it)."""
+        return self._per_sample
+
     @property
     def per_sample(self):
         """Per-sample statistics of the step (``cockpit_lite.persample.PerSampleView``), built on

@@ -131,3 +131,42 @@ def reference_alpha(case, m0, m1) -> float:
     if w2 <= 0:
         return -1.0
     return 2 * t / (-w1 / w2) - 1
+
+
+@pytest.mark.parametrize("name", ["seq_first_gru", "seq_first_lstm", "seq_first_rnn", "seq_first_mha", "nanogpt"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["loss only", "with norm_test"])
+def test_samples_is_the_number_of_sequences_or_left_out(tmp_path, name, per_sample):
+    """The record's ``samples`` counts sequences (B), never positions (T): in a sequence-first layout
+    the loss input's dim 0 is T, so the count comes from the per-sample view that read dim 1, or is left
+    out (with a warning event naming the module)."""
+    case = cases()[name]()
+    assert case.x.shape[case.batch_dim] != case.x.shape[1 - case.batch_dim]  # B and T differ here
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.0)
+    quantities = {"loss": "every", **({"norm_test": "every"} if per_sample else {})}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with cockpit_lite.watch(case.model, opt, loss_fn=case.loss_fn, logdir=tmp_path / "run", quantities=quantities):
+            opt.zero_grad()
+            case.loss().backward()
+            opt.step()
+    run = cockpit_lite.load(tmp_path / "run")
+    (record,) = [r for r in run.records if not r.get("amends")]
+    assert record.get("samples") in (case.B, None), record.get("samples")
+    if case.layout == "batch-first":
+        assert record["samples"] == case.B
+    elif record.get("samples") is None:
+        assert any("'samples' is left out" in e.get("message", "") for e in run.events), run.events
+    if per_sample and name != "seq_first_mha":  # the recurrent layouts are recognised: the count stands
+        assert record["samples"] == case.B
+
+
+def test_sequence_first_modules_are_found():
+    from cockpit_lite.engine.setup import sequence_first_module
+
+    assert sequence_first_module(torch.nn.Sequential(torch.nn.Linear(3, 3))) is None
+    assert sequence_first_module(torch.nn.GRU(3, 3, batch_first=True)) is None
+    assert "GRU" in sequence_first_module(torch.nn.Sequential(torch.nn.GRU(3, 3)))
+    assert "MultiheadAttention" in sequence_first_module(torch.nn.MultiheadAttention(4, 2))
+    layer = torch.nn.TransformerEncoderLayer(4, 2, batch_first=False)
+    assert sequence_first_module(torch.nn.Sequential(layer)) is not None
+    assert sequence_first_module(torch.nn.TransformerEncoderLayer(4, 2, batch_first=True)) is None

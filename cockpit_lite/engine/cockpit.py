@@ -28,7 +28,8 @@ from ..runlog.batch import LOG_BATCH, BatchedWriter
 from ..step_context import MicroBatch, StepContext
 from .calls import bracket, call_quantity
 from .records import NoLog, Recorder, header
-from .setup import QuantitySpec, nonfinite_grad_names, now, observed_parameters, resolve_quantities, uncompiled
+from .setup import (QuantitySpec, nonfinite_grad_names, now, observed_parameters, resolve_quantities,
+                    sequence_first_module, uncompiled)
 from .step_detection import StepDetection
 from .zero_grad import patch_zero_grad, unpatch_zero_grad, zero_grad_owners
 
@@ -130,6 +131,7 @@ class Cockpit(StepDetection):
         self.reduction = getattr(loss_fn, "reduction", "unknown") if isinstance(loss_fn, torch.nn.Module) else "unknown"
         self.quantities: List[Quantity] = resolve_quantities(quantities)
         self.watched = Watched(inner, optimizer, names, params, loss_fn, group)
+        self.watched.seq_first = sequence_first_module(inner)
         self.logdir = os.fspath(logdir) if logdir is not None else os.path.join(
             "runs", datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
         self.writes = group is None or group.rank == 0  # one log per run: process 0 writes it

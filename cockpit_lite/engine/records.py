@@ -83,6 +83,15 @@ class Recorder:
                   "backward_passes": max(backward_passes, sum(m.backpropagated for m in ctx.micro_batches)),
                   "values": values}
         samples = sum(m.batch_size or 0 for m in ctx.micro_batches if m.backpropagated)
+        if samples and ctx.watched.seq_first is not None:
+            # dim 0 of the loss input counts positions there: the per-sample view's count when it read the
+            # batch along dim 1 on this step, else no count (never T logged as the number of samples)
+            view = ctx.per_sample_if_built()
+            samples = view.n_local if view is not None and view.sample_dim == 1 else 0
+            if not samples:
+                self.warn_once("samples_seq_first", f"cockpit-lite: the record's 'samples' is left out on steps "
+                               f"without per-sample quantities: {ctx.watched.seq_first} reads dim 1 as the batch, "
+                               "so the loss input's dim 0 is not the number of samples", step=ctx.step)
         if dist is None:
             if samples:
                 record["samples"] = samples

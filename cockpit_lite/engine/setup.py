@@ -7,7 +7,7 @@ import inspect
 import math
 import warnings
 from datetime import datetime, timezone
-from typing import Any, Iterable, List, Mapping, Union
+from typing import Any, Iterable, List, Mapping, Optional, Union
 
 import torch
 
@@ -122,3 +122,20 @@ def jsonable(v):
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+_SEQUENCE_FIRST_TYPES = (torch.nn.RNNBase, torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer,
+                         torch.nn.TransformerDecoderLayer, torch.nn.Transformer)
+
+
+def sequence_first_module(model: torch.nn.Module) -> Optional[str]:
+    """The first module of ``model`` that declares a sequence-first layout (``batch_first=False`` on a
+    recurrent, attention or transformer layer), as ``"name (Type, batch_first=False)"``; else None."""
+    for name, module in model.named_modules():
+        if isinstance(module, _SEQUENCE_FIRST_TYPES):
+            first = getattr(module, "batch_first", None)
+            if first is None and isinstance(module, torch.nn.TransformerEncoderLayer):
+                first = getattr(module.self_attn, "batch_first", None)
+            if first is False:
+                return f"'{name or type(module).__name__}' ({type(module).__name__}, batch_first=False)"
+    return None

@@ -81,7 +81,7 @@ class StepDetection:
             return None
         if self._open_forwards and self._open_forwards.pop()["nested"]:
             return None  # a redirection around the real forward (see _on_model_forward_pre)
-        if "loss_inputs" in self._needs:
+        if self._needs:  # a tracked step: how the loss reads the output says what a sample is (its count)
             self._last_output = output_ref(output)
         if isinstance(output, torch.Tensor):
             if output.requires_grad:
@@ -129,9 +129,10 @@ class StepDetection:
         )
         if isinstance(module, ModelLoss):  # a loss divided by the step's count is a part of the step's loss
             mb.combine = module.combine
-        if "loss_inputs" in self._needs:
-            observe(mb, self._last_output() if self._last_output is not None else None, first)
+        if self._last_output is not None:  # a view of the model output: its rows are the samples (B, not B*T)
+            observe(mb, self._last_output(), first)
             self._last_output = None
+        if "loss_inputs" in self._needs:
             mb.output = first.detach() if isinstance(first, torch.Tensor) else first
             mb.target = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:])
 
