@@ -1,7 +1,7 @@
 """The package's modules import each other one way: no cycle, counting imports inside functions too
 (a lazy import still ties two rooms together). Read from the source with ``ast``, not by importing.
 
-One edge is allowed on purpose: ``Run._repr_html_`` (cockpit_lite/runlog/reader.py) hands a notebook's
+One edge is allowed on purpose: ``Run._repr_html_`` (cockpit_lite/runlog/queries.py) hands a notebook's
 rich display to ``cockpit_lite.notebook``; IPython looks the method up on the object, so the data layer
 names the presentation layer there, lazily, and nowhere else."""
 
@@ -9,7 +9,7 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ALLOWED = {("cockpit_lite.runlog.reader", "cockpit_lite.notebook")}
+ALLOWED = {("cockpit_lite.runlog.queries", "cockpit_lite.notebook")}
 
 
 def modules(package: str):
