@@ -21,13 +21,11 @@ from typing import Dict, List, Optional
 import torch
 
 from ..distributed import sum_numbers, sum_tensors
-from ..loss_combine import step_normalised
 from .losses import LossUnavailable, per_sample_losses
-from .norm import BATCHNORM_REASON, batchnorm_mixes_samples
-from .fallback import owned_parameters
 from .rules import Unsupported, layer_samples
 from .plan import HIST_BINS, KEEP_FLOATS, hist_range as plan_hist_range, layer_pass, plan_for, sum_parts, summed as _summed
 from .samples import DenseSamples
+from .view_setup import setup
 
 
 class PerSampleView:
@@ -46,136 +44,8 @@ class PerSampleView:
         self._replayed: Dict[int, list] = {}  # their [(forward position, [DenseSamples])]
         self._setup(ctx.layer_io)
 
-    # -- set-up: micro-batches, scales, which calls feed which parameter --------------------------
     def _setup(self, captured) -> None:
-        calls = list(captured.calls) if captured is not None else []
-        mbs = [m for m in self.ctx.micro_batches if m.backpropagated]
-        forwards = sorted({c.forward for c in calls})
-        self.forwards = forwards
-        self.calls_by_forward = {k: [c for c in calls if c.forward == k] for k in forwards}
-        self.batch_sizes: List[int] = []
-        self.factors: List[torch.Tensor] = []
-        off_batch = {}  # id(call) -> (its size, the forward's batch size): a module called without the batch dimension
-        for k in forwards:
-            sizes = [_batch_size(c) for c in self.calls_by_forward[k]]
-            # the batch: where attention declares its batch dimension (batch_first), its size (the layers
-            # around a sequence-first attention see T along dim 0); else the size most calls agree on
-            # (ties: the first call's)
-            declared = [n for c, n in zip(self.calls_by_forward[k], sizes)
-                        if isinstance(c.module, torch.nn.MultiheadAttention)]
-            b = declared[0] if declared else max(sizes, key=lambda v: (sizes.count(v), -sizes.index(v)))
-            self.batch_sizes.append(b)
-            off_batch.update((id(c), (n, b)) for c, n in zip(self.calls_by_forward[k], sizes) if n != b)
-        self.sample_dim = 0  # of the model inputs and output
-        seq_first = [c for c in calls if isinstance(c.module, torch.nn.RNNBase) and not c.module.batch_first
-                     and c.inputs and isinstance(c.inputs[0], torch.Tensor) and c.inputs[0].dim() == 3]
-        seq_first_reason = None
-        if seq_first and len({c.forward for c in seq_first}) == len(forwards):
-            # a recurrent module with batch_first=False declares dim 1 as the batch: every parameter is taken
-            # from the per-sample replay along dim 1 (the layer rules read dim 0)
-            first = {}
-            for c in seq_first:
-                first.setdefault(c.forward, c)
-            self.batch_sizes = [int(first[k].inputs[0].shape[1]) for k in forwards]
-            self.sample_dim = 1
-            c = seq_first[0]
-            seq_first_reason = (f"sequence-first layout: '{c.module_name}' ({type(c.module).__name__}, batch_first="
-                                "False) reads dim 1 as the batch, which the per-sample layer rules (dim 0) do not")
-        self.n_local = int(sum(self.batch_sizes))  # samples of this process
-        if not calls:
-            self._global_reason = "no layer with observed parameters received a gradient on this step"
-        elif self.ctx.reduction not in ("mean", "sum"):
-            self._global_reason = (f"the loss reduction is {self.ctx.reduction!r}; per-sample gradients need the "
-                                   "loss module passed as watch(..., loss_fn=...) with reduction 'mean' or 'sum'")
-        elif len(mbs) != len(forwards):
-            self._global_reason = (f"{len(forwards)} model forward passes but {len(mbs)} back-propagated loss calls "
-                                   "on this step: cannot match micro-batches to losses")
-        else:
-            for mb, b in zip(mbs, self.batch_sizes):
-                s = mb.loss_scale
-                if s is None or s.numel() != 1 or float(s) == 0.0:
-                    self._global_reason = "the gradient arriving at the loss (its backward scale) is unknown or zero"
-                    break
-                s = s.detach().reshape(()).float()
-                self.factors.append((b / s) if self.ctx.reduction == "mean" else (1.0 / s))
-        # a micro-batch loss already divided by the step's count (num_items_in_batch) is a part of the step's
-        # mean, not a mean of its own: its samples' l_i scale by n_local / b_k (``step_context.step_normalised``)
-        self.shares = [self.n_local / b if step_normalised(mbs) and self.ctx.reduction == "mean" and b else 1.0
-                       for b in self.batch_sizes]
-        self.factors = [f * s for f, s in zip(self.factors, self.shares)] if len(self.factors) == len(mbs) \
-            else self.factors
-        self.micro_batches = mbs
-        # parameter -> [(forward position, call, attribute name)]
-        self.feeds: Dict[int, list] = {j: [] for j in range(len(self.params))}
-        self.frozen = {j for j, p in enumerate(self.params) if not p.requires_grad}  # no gradient: 0 here
-        for pos, k in enumerate(forwards):
-            fcalls = self.calls_by_forward[k]
-            bn_orders = [c.order for c in fcalls if batchnorm_mixes_samples(c.module, c.training)]
-            last_bn = max(bn_orders) if bn_orders else -1
-            for c in fcalls:
-                for attr, p in owned_parameters(c.module):
-                    j = self._index.get(id(p))
-                    if j is None or j in self.frozen:
-                        continue
-                    self.feeds[j].append((pos, c, attr))
-                    if c.order <= last_bn:
-                        self._reasons.setdefault(self.names[j], BATCHNORM_REASON)
-                    if id(c) in off_batch:
-                        n, b = off_batch[id(c)]
-                        self._replay.setdefault(j, (
-
-                            f"its module ('{c.module_name}') was called on {n} entries along the batch dimension "
-                            f"where the other layers of the forward saw {b} samples: a module called without the "
-                            "batch dimension (e.g. nn.Embedding(T, d)(torch.arange(T)) broadcast over the batch; call "
-                            "it with arange(T).expand(B, -1)) has no per-sample gradients"))
-        for j, name in enumerate(self.names):
-            if not self.feeds[j] and self.params[j].grad is not None and name not in self._reasons:
-                if bool((self.params[j].grad != 0).any()):
-                    self._replay.setdefault(j, "its gradient comes from no module call that cockpit-lite could observe "
-                                               "(used outside a module's forward?)")
-        if seq_first_reason is not None:
-            for j, name in enumerate(self.names):
-                if j not in self.frozen and name not in self._reasons and self.params[j].grad is not None:
-                    self._replay[j] = seq_first_reason
-        index = {name: j for j, name in enumerate(self.names)}
-        for name, why in getattr(self.ctx.watched, "rule_failures", {}).items():
-            if name in index and name not in self._reasons:
-                self._replay.setdefault(index[name], why)  # failed the self-check (selfcheck.py)
-        if self._global_reason is not None:
-            for name in self.names:
-                self._reasons[name] = self._global_reason
-        else:
-            self._resolve_replays()
-
-    def _resolve_replays(self) -> None:
-        """Per-sample gradients of the parameters no layer rule covers, by a per-sample replay of the model
-        (``replayed.py``); where it is impossible, NaN with the layer rules' reason and the replay's."""
-        from .replayed import ReplayUnavailable, replayed_grads
-
-        wanted = {j: why for j, why in self._replay.items() if self.names[j] not in self._reasons}
-        if not wanted:
-            return
-        calls = list(self.ctx.model_calls or [])
-        all_mbs = list(self.ctx.micro_batches)
-        if len(calls) == len(all_mbs) and len(all_mbs) != len(self.micro_batches):
-            calls = [c for c, m in zip(calls, all_mbs) if m.backpropagated]
-        try:
-            if len(calls) != len(self.micro_batches):
-                raise ReplayUnavailable(f"{len(calls)} model forward(s) kept for {len(self.micro_batches)} "
-                                        "back-propagated loss call(s)")
-            losses = self.losses()
-            out, start = {j: [] for j in wanted}, 0
-            for pos, (call, mb, b, share) in enumerate(zip(calls, self.micro_batches, self.batch_sizes, self.shares)):
-                got = replayed_grads(self.ctx.watched.model, self.ctx.watched.loss_fn, call, mb, b, self.ctx.reduction,
-                                     {j: self.params[j] for j in wanted}, losses[start:start + b] / share,
-                                     self.sample_dim)
-                start += b
-                for j in wanted:
-                    out[j].append((pos, [DenseSamples(got[j] * share if share != 1.0 else got[j])]))
-            self._replayed.update(out)
-        except ReplayUnavailable as err:
-            for j, why in wanted.items():
-                self._reasons[self.names[j]] = f"{why}; a per-sample replay of the model was not possible: {err}"
+        setup(self, captured)  # view_setup.py
 
     @property
     def n(self) -> int:
@@ -546,11 +416,3 @@ def _scaled(g: torch.Tensor, c: float) -> torch.Tensor:
     return g if c == 1.0 else g * c
 
 
-
-def _batch_size(call) -> int:
-    from .fallback import batch_dim_of
-
-    g = call.output_grad
-    first = next((a for a in call.inputs if isinstance(a, torch.Tensor)), None)
-    bdim = batch_dim_of(call.module, first) if first is not None else 0
-    return int(g.shape[bdim]) if g.dim() > bdim else 1
