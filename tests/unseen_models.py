@@ -365,3 +365,37 @@ def cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
             return Unseen(f"kwargs_{'tuple' if as_tuple else 'dict'}", DictLM(as_tuple), ce(ignore_index=-100),
                           [(inp, y, 1.0)], li, call=lambda m, x: m(**x), size=lambda x: int(x["input_ids"].shape[0]))
     return out
+
+
+def lm_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
+    """tests/real_models.py's GPTs with the loss written inline (the model output not kept in a variable)."""
+    from real_models import TinyGPT, lm_tokens
+
+    class BiasedTie(TinyGPT):  # F.linear(h, wte.weight, bias): the output is a view of the [B*T, V] addmm
+        def __init__(self):
+            super().__init__("arange", "functional")
+            self.out_bias = nn.Parameter(torch.zeros(V))
+
+        def forward(self, idx):
+            L = idx.shape[1]
+            x = self.wte(idx) + self.wpe(torch.arange(L))
+            for b in self.blocks:
+                x = b(x)
+            return F.linear(self.ln_f(x), self.wte.weight, self.out_bias)
+
+    out: Dict[str, Callable[[], Unseen]] = {}
+
+    def biased():
+        torch.manual_seed(0)
+        x, y = lm_tokens(B)
+        return Unseen("inline_gpt_biased_tie", BiasedTie(), nn.CrossEntropyLoss(), [(x, y, 1.0)],
+                      lambda o, y: (o.view(-1, o.shape[-1]), y.view(-1)))
+    out["inline_gpt_biased_tie"] = biased
+    for positions, tie in (("arange", "module"), ("arange", "functional"), ("param", None), ("ids", "module")):
+        def build(positions=positions, tie=tie):
+            torch.manual_seed(0)
+            x, y = lm_tokens(B)
+            return Unseen(f"inline_gpt_{positions}_{tie}", TinyGPT(positions, tie), nn.CrossEntropyLoss(), [(x, y, 1.0)],
+                          lambda o, y: (o.view(-1, o.shape[-1]), y.view(-1)))
+        out[f"inline_gpt_{positions}_{tie}"] = build
+    return out
