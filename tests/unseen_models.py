@@ -391,6 +391,13 @@ def lm_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
         return Unseen("inline_gpt_biased_tie", BiasedTie(), nn.CrossEntropyLoss(), [(x, y, 1.0)],
                       lambda o, y: (o.view(-1, o.shape[-1]), y.view(-1)))
     out["inline_gpt_biased_tie"] = biased
+
+    def temperature():  # logits / 2 before the loss: no replay reproduces the loss, the self-check cannot run
+        torch.manual_seed(0)
+        x, y = lm_tokens(B)
+        return Unseen("temperature_gpt_biased_tie", BiasedTie(), nn.CrossEntropyLoss(), [(x, y, 1.0)],
+                      lambda o, y: ((o / 2.0).view(-1, o.shape[-1]), y.view(-1)))
+    out["temperature_gpt_biased_tie"] = temperature
     for positions, tie in (("arange", "module"), ("arange", "functional"), ("param", None), ("ids", "module")):
         def build(positions=positions, tie=tie):
             torch.manual_seed(0)
@@ -398,4 +405,26 @@ def lm_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
             return Unseen(f"inline_gpt_{positions}_{tie}", TinyGPT(positions, tie), nn.CrossEntropyLoss(), [(x, y, 1.0)],
                           lambda o, y: (o.view(-1, o.shape[-1]), y.view(-1)))
         out[f"inline_gpt_{positions}_{tie}"] = build
+    return out
+
+
+def coincidence_cases() -> Dict[str, Callable[[], Unseen]]:
+    """B == T: a module called without the batch dimension has as many rows as the batch (no shape tells)."""
+    out: Dict[str, Callable[[], Unseen]] = {}
+    for style in ("kept", "inline"):
+        for model in ("rel_bias", "rmsnorm_gpt"):
+            def build(style=style, model=model):
+                torch.manual_seed(0)
+                x, y = tokens(T, pad_x=0 if model == "rmsnorm_gpt" else None)
+                m = RelBiasAttn("embedding") if model == "rel_bias" else NormGPT("rms")
+                if style == "inline":
+                    return Unseen(f"b_eq_t_{model}_{style}", m, nn.CrossEntropyLoss(ignore_index=-100), [(x, y, 1.0)], flat)
+                kept = {}
+
+                def call(m, x):  # the loop keeps the output: logits = model(x); crit(logits.view(-1, V), ...)
+                    kept["logits"] = m(x)
+                    return kept["logits"]
+                return Unseen(f"b_eq_t_{model}_{style}", m, nn.CrossEntropyLoss(ignore_index=-100), [(x, y, 1.0)], flat,
+                              call=call)
+            out[f"b_eq_t_{model}_{style}"] = build
     return out
