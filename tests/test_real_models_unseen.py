@@ -110,3 +110,40 @@ def test_inline_view_recovered_from_the_autograd_node():
     mb = MB()
     observe(mb, None, torch.log_softmax(lin(torch.randn(4, 5, 3)), -1).transpose(1, 2))  # not a reshape: left alone
     assert mb.batch_size == 20 and mb.view is None
+
+
+@pytest.mark.parametrize("model", ["tiny_lm", "sequential"])
+def test_curvature_with_an_inline_flattened_loss_against_a_dense_hessian(tmp_path, model):
+    """crit(model(x).view(-1, V), y.view(-1)), padding ignored: hess_max_ev within 1e-3 of the dense float64
+    Hessian's top eigenvalue, hess_trace exact (BackPACK, nn.Sequential) or an estimate with its error."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    from curvature_reference import hessian
+    from unseen_models import V, TinyLM, tokens
+
+    torch.manual_seed(0)
+    x, y = tokens(4)
+    if model == "tiny_lm":
+        m = TinyLM()
+    else:  # dense inputs [B, T, 6]: BackPACK's exact diagonal where it is exact
+        m, x = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, V)), torch.randn(4, 5, 6)
+    crit = nn.CrossEntropyLoss(ignore_index=-100)
+    theta = {n: p.detach().clone() for n, p in m.named_parameters()}
+    H = hessian(m, lambda o, t: F.cross_entropy(o.reshape(-1, V), t.reshape(-1), ignore_index=-100), x, y, theta)
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with cockpit_lite.watch(m, opt, loss_fn=crit, logdir=tmp_path / "run",
+                                quantities={"hess_trace": "every", "hess_max_ev": "every"}):
+            opt.zero_grad()
+            crit(m(x).view(-1, V), y.view(-1)).backward()
+            opt.step()
+    rec = cockpit_lite.load(tmp_path / "run").records[0]
+    assert rec.get("reasons", {}) == {}, rec.get("reasons")
+    assert rec["values"]["hess_max_ev"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-3)
+    method = rec["data"]["hess_trace"]["method"]
+    if method.startswith("exact"):
+        assert rec["values"]["hess_trace"] == pytest.approx(float(H.trace()), rel=1e-4)
+    else:
+        assert float(rec["values"]["hess_trace/stderr"]) > 0
