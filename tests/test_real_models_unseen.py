@@ -13,12 +13,14 @@ import torch
 import cockpit_lite
 
 import reference as R
-from unseen_models import cases as unseen_cases, coincidence_cases, lm_cases, reference
+from unseen_models import cases as unseen_cases, coincidence_cases, lm_cases, more_cases, reference
 
 
 
 def cases():
-    return {**unseen_cases(), **lm_cases(), **coincidence_cases()}
+    out = {**unseen_cases(), **lm_cases(), **coincidence_cases(), **more_cases()}
+    out.pop("batch_centered")  # samples mix: no single-sample reference (its own test below)
+    return out
 
 
 QS = {"norm_test": R.norm_test, "inner_test": R.inner_test, "ortho_test": R.ortho_test,
@@ -27,6 +29,7 @@ QS = {"norm_test": R.norm_test, "inner_test": R.inner_test, "ortho_test": R.orth
 # case -> the module whose parameters are NaN with a reason naming it (exact is not reached there)
 NAN_WITH_REASON = {
     "embedding_bag_offsets": "'bag'",  # EmbeddingBag(tokens, offsets): the per-sample fallback cannot split
+    "embedding_max_norm": "'emb'",  # Embedding(max_norm) renormalises its weight in forward: vmap cannot
     # logits / 2 before the loss: nothing replays the step; the tied wte.weight fails the check of the rules'
     # mean against .grad (selfcheck._sum_check), wpe (arange(T)) has no replay
     "temperature_gpt_biased_tie": "F.linear",
@@ -147,3 +150,30 @@ def test_curvature_with_an_inline_flattened_loss_against_a_dense_hessian(tmp_pat
         assert rec["values"]["hess_trace"] == pytest.approx(float(H.trace()), rel=1e-4)
     else:
         assert float(rec["values"]["hess_trace/stderr"]) > 0
+
+
+@pytest.mark.parametrize("B", [4, 64])
+def test_samples_mixed_by_a_batch_statistic_are_nan_before_it_and_exact_after(tmp_path, B):
+    """h - h.mean(0) in forward (no BatchNorm module to recognise): the layer before it has no per-sample
+    gradient of its own (NaN with the reason; the first-sample check finds it, off by 0.07 at B=64); the layer
+    after it is exact: l_i depends on it through row i only (autograd on the whole batch, float64)."""
+    from torch.nn import functional as F
+
+    from unseen_models import BatchCentered, Unseen, labels
+
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(0)
+    x, y = torch.randn(B, 5, generator=g), labels(B)
+    u = Unseen("batch_centered", BatchCentered(), torch.nn.CrossEntropyLoss(), [(x, y, 1.0)])
+    before, rec = run_case(u, tmp_path)
+    m = copy.deepcopy(before).double()
+    losses = F.cross_entropy(m(x.double()), y, reduction="none")
+    G = [torch.stack([torch.autograd.grad(losses[i], p, retain_graph=True)[0] for i in range(B)])
+         for p in (m.b.weight, m.b.bias)]
+    vals, reasons = rec["values"], rec.get("reasons", {})
+    for q, f in QS.items():
+        for n in ("a.weight", "a.bias"):
+            assert math.isnan(float(vals[f"{q}/{n}"])) and "mix" in reasons[f"{q}/{n}"], (q, n)
+        assert math.isnan(float(vals[q])) and reasons[q]
+        for n, Gj in zip(("b.weight", "b.bias"), G):
+            assert float(vals[f"{q}/{n}"]) == pytest.approx(f(R.flat([Gj])), rel=1e-4, abs=1e-7), (q, n)

@@ -428,3 +428,97 @@ def coincidence_cases() -> Dict[str, Callable[[], Unseen]]:
                               call=call)
             out[f"b_eq_t_{model}_{style}"] = build
     return out
+
+
+class Siamese(nn.Module):
+    """One encoder called twice per sample (two views), outputs concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(5, 6), nn.Tanh())
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.enc(x[:, 0]), self.enc(x[:, 1])], dim=1))
+
+
+class ConvZoo(nn.Module):
+    """Depthwise (groups) and dilated Conv2d, ConvTranspose2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.dil = nn.Conv2d(4, 6, 3, padding=2, dilation=2)
+        self.up = nn.ConvTranspose2d(6, 2, 2, stride=2)
+        self.head = nn.Linear(2 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.up(torch.tanh(self.dil(torch.tanh(self.dw(x)))))).flatten(1))
+
+
+class BatchCentered(nn.Module):
+    """Centres features over the batch by hand (samples mix, as in BatchNorm without the module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(0, keepdim=True))
+
+
+class MaxNormEmb(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D, max_norm=0.5)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, idx):
+        return self.head(self.emb(idx).mean(1))
+
+
+def more_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
+    out: Dict[str, Callable[[], Unseen]] = {}
+    g = torch.Generator().manual_seed(5)
+
+    def add(name, f):
+        def build():
+            torch.manual_seed(0)
+            return f()
+        out[name] = build
+
+    def shift(style):
+        def f():
+            x, y = tokens(B)
+            m = TinyLM()
+            if style == "inline":
+                li = lambda o, y: (o[:, :-1].contiguous().view(-1, V), y[:, 1:].contiguous().view(-1))
+                return Unseen("hf_shift_inline", m, nn.CrossEntropyLoss(ignore_index=-100), [(x, y, 1.0)], li)
+            kept = {}
+
+            def call(m, x):
+                kept["o"] = m(x)
+                return kept["o"]
+            li = lambda o, y: (o[:, :-1].contiguous().view(-1, V), y[:, 1:].contiguous().view(-1))
+            return Unseen("hf_shift_kept", m, nn.CrossEntropyLoss(ignore_index=-100), [(x, y, 1.0)], li, call=call)
+        return f
+    add("hf_shift_inline", shift("inline"))
+    add("hf_shift_kept", shift("kept"))
+    xs = torch.randn(B, T, 5, generator=g)
+    ys = torch.randn(B, T, generator=g)
+    add("mse_per_position", lambda: Unseen("mse_per_position", nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 1)),
+                                           nn.MSELoss(), [(xs, ys, 1.0)], lambda o, y: (o.squeeze(-1), y)))
+    xm = torch.randn(B, 5, generator=g)
+    ym = (torch.rand(B, 4, generator=g) > 0.5).float()
+    add("bce_multilabel_pos_weight", lambda: Unseen(
+        "bce_multilabel_pos_weight", nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)),
+        nn.BCEWithLogitsLoss(pos_weight=torch.tensor([1.0, 2.0, 0.5, 3.0])), [(xm, ym, 1.0)]))
+    x2 = torch.randn(B, 2, 5, generator=g)
+    add("siamese", lambda: Unseen("siamese", Siamese(), nn.CrossEntropyLoss(), [(x2, labels(B), 1.0)]))
+    ximg = torch.randn(B, 4, 4, 4, generator=g)
+    add("conv_zoo", lambda: Unseen("conv_zoo", ConvZoo(), nn.CrossEntropyLoss(), [(ximg, labels(B), 1.0)]))
+    add("batch_centered", lambda: Unseen("batch_centered", BatchCentered(), nn.CrossEntropyLoss(), [(xm, labels(B), 1.0)]))
+    xt, _ = tokens(B, pad_y=False)
+    add("embedding_max_norm", lambda: Unseen("embedding_max_norm", MaxNormEmb(), nn.CrossEntropyLoss(), [(xt, labels(B), 1.0)]))
+    return out
