@@ -13,12 +13,12 @@ import torch
 import cockpit_lite
 
 import reference as R
-from unseen_models import cases as unseen_cases, coincidence_cases, lm_cases, more_cases, reference
+from unseen_models import cases as unseen_cases, coincidence_cases, lm_cases, more_cases, reference, training_cases
 
 
 
 def cases():
-    out = {**unseen_cases(), **lm_cases(), **coincidence_cases(), **more_cases()}
+    out = {**unseen_cases(), **lm_cases(), **coincidence_cases(), **more_cases(), **training_cases()}
     out.pop("batch_centered")  # samples mix: no single-sample reference (its own test below)
     return out
 
@@ -30,6 +30,8 @@ QS = {"norm_test": R.norm_test, "inner_test": R.inner_test, "ortho_test": R.orth
 NAN_WITH_REASON = {
     "embedding_bag_offsets": "'bag'",  # EmbeddingBag(tokens, offsets): the per-sample fallback cannot split
     "embedding_max_norm": "'emb'",  # Embedding(max_norm) renormalises its weight in forward: vmap cannot
+    "chunked_forward": "disagrees",  # the batch in two chunks: the self-check finds the rows are not samples
+    "packed_lstm": "no module call",  # LSTM on a PackedSequence: no rule, the replay cannot batch it
     # logits / 2 before the loss: nothing replays the step; the tied wte.weight fails the check of the rules'
     # mean against .grad (selfcheck._sum_check), wpe (arange(T)) has no replay
     "temperature_gpt_biased_tie": "F.linear",

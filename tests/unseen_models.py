@@ -94,9 +94,12 @@ def reference(u: Unseen, model: nn.Module, weights: str = "samples"):
         for i in range(u.size(x)):
             part = u.call(m, u.take(x, i))
             li = B * w * fn(*u.loss_input(_splice(full, part, i), y))
-            for j, g in enumerate(torch.autograd.grad(li, params, allow_unused=True)):
-                if g is not None:
-                    grads[j][k] = g
+            for p in params:
+                p.grad = None
+            li.backward()  # not autograd.grad: reentrant checkpointing refuses it
+            for j, p in enumerate(params):
+                if p.grad is not None:
+                    grads[j][k] = p.grad
             k += 1
     return total, grads, names
 
@@ -521,4 +524,104 @@ def more_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
     add("batch_centered", lambda: Unseen("batch_centered", BatchCentered(), nn.CrossEntropyLoss(), [(xm, labels(B), 1.0)]))
     xt, _ = tokens(B, pad_y=False)
     add("embedding_max_norm", lambda: Unseen("embedding_max_norm", MaxNormEmb(), nn.CrossEntropyLoss(), [(xt, labels(B), 1.0)]))
+    return out
+
+
+class Chunked(nn.Module):
+    """Processes the batch in two chunks (memory saving), concatenates."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return torch.cat([self.b(torch.tanh(self.a(c))) for c in x.chunk(2)])
+
+
+class TwoViews(nn.Module):
+    """Stacks two augmented views along the batch ([2B, ...]) and averages the logits of the two."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        z = torch.cat([x, x.flip(-1)])
+        o = self.b(torch.tanh(self.a(z)))
+        return 0.5 * (o[: x.shape[0]] + o[x.shape[0]:])
+
+
+class Checkpointed(nn.Module):
+    """torch.utils.checkpoint around a block (Hugging Face gradient_checkpointing)."""
+
+    def __init__(self, reentrant=False):
+        super().__init__()
+        self.reentrant = reentrant
+        self.emb = nn.Embedding(V, D)
+        self.block = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+        self.head = nn.Linear(D, V)
+
+    def forward(self, idx):
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.emb(idx)
+        h = h + checkpoint(self.block, h, use_reentrant=self.reentrant)
+        return self.head(h)
+
+
+class PackedLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.rnn = nn.LSTM(D, D, batch_first=True)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        idx, lengths = x["idx"], x["lengths"]
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(idx), lengths, batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.rnn(packed)
+        return self.head(h[-1])
+
+
+def training_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
+    out: Dict[str, Callable[[], Unseen]] = {}
+    g = torch.Generator().manual_seed(7)
+    xm = torch.randn(B, 5, generator=g)
+
+    def add(name, f):
+        def build():
+            torch.manual_seed(0)
+            return f()
+        out[name] = build
+
+    add("chunked_forward", lambda: Unseen("chunked_forward", Chunked(), nn.CrossEntropyLoss(), [(xm, labels(B), 1.0)]))
+    add("two_views", lambda: Unseen("two_views", TwoViews(), nn.CrossEntropyLoss(), [(xm, labels(B), 1.0)]))
+    for reentrant in (False, True):
+        def ck(reentrant=reentrant):
+            x, y = tokens(B)
+            return Unseen(f"checkpoint_{'reentrant' if reentrant else 'plain'}", Checkpointed(reentrant),
+                          nn.CrossEntropyLoss(ignore_index=-100), [(x, y, 1.0)], flat)
+        add(f"checkpoint_{'reentrant' if reentrant else 'plain'}", ck)
+
+    def ck_accumulate():  # the recomputation of micro-batch k runs in backward k, after forward k ended
+        x, y = tokens(B)
+        micro = [(x[:2], y[:2], 0.5), (x[2:], y[2:], 0.5)]
+        return Unseen("checkpoint_reentrant_accumulate", Checkpointed(True), nn.CrossEntropyLoss(ignore_index=-100),
+                      micro, flat)
+    add("checkpoint_reentrant_accumulate", ck_accumulate)
+
+    def lengths():  # micro-batches of different sequence lengths (position embeddings on arange(T_k))
+        from real_models import TinyGPT
+
+        x, y = tokens(B)
+        micro = [(x[:2], y[:2], 0.5), (x[2:, :3].contiguous(), y[2:, :3].contiguous(), 0.5)]
+        return Unseen("accumulate_lengths", TinyGPT("arange", "module"), nn.CrossEntropyLoss(ignore_index=-100), micro, flat)
+    add("accumulate_lengths", lengths)
+
+    def packed():
+        x, _ = tokens(B, pad_y=False, pad_x=0)
+        lens = (x != 0).sum(1)
+        return Unseen("packed_lstm", PackedLSTM(), nn.CrossEntropyLoss(), [({"idx": x, "lengths": lens}, labels(B), 1.0)],
+                      size=lambda x: int(x["idx"].shape[0]))
+    add("packed_lstm", packed)
     return out
