@@ -13,7 +13,8 @@ import torch
 import cockpit_lite
 
 import reference as R
-from unseen_models import cases as unseen_cases, coincidence_cases, lm_cases, more_cases, reference, training_cases
+from unseen_models import cases as unseen_cases, reference
+from unseen_more_models import coincidence_cases, lm_cases, more_cases, training_cases
 
 
 
@@ -161,7 +162,8 @@ def test_samples_mixed_by_a_batch_statistic_are_nan_before_it_and_exact_after(tm
     after it is exact: l_i depends on it through row i only (autograd on the whole batch, float64)."""
     from torch.nn import functional as F
 
-    from unseen_models import BatchCentered, Unseen, labels
+    from unseen_models import Unseen, labels
+    from unseen_more_models import BatchCentered
 
     g = torch.Generator().manual_seed(5)
     torch.manual_seed(0)
@@ -179,3 +181,46 @@ def test_samples_mixed_by_a_batch_statistic_are_nan_before_it_and_exact_after(tm
         assert math.isnan(float(vals[q])) and reasons[q]
         for n, Gj in zip(("b.weight", "b.bias"), G):
             assert float(vals[f"{q}/{n}"]) == pytest.approx(f(R.flat([Gj])), rel=1e-4, abs=1e-7), (q, n)
+
+
+def reference_alpha(u, m0, m1) -> float:
+    """alpha from QUANTITIES.md on float64 brute force at theta_t (m0) and theta_{t+1} (m1), same batch."""
+    import numpy as np
+
+    from unseen_models import reference_losses
+
+    d = torch.cat([(b.detach() - a.detach()).double().reshape(-1) for a, b in zip(m0.parameters(), m1.parameters())])
+    t = float(d.norm())
+    obs = []
+    for m in (m0, m1):
+        losses, G, _ = reference_losses(u, m), *reference(u, m)[1:]
+        p = R.flat(G) @ (d / t)
+        obs.append((float(losses.mean()), float(losses.var()), float(p.mean()), float(p.var())))
+    (f0, vf0, df0, vd0), (f1, vf1, df1, vd1) = obs
+    Phi = np.array([[1, 0, 0], [1, t, t * t], [0, 1, 0], [0, 1, 2 * t]], dtype=np.float64)
+    w = np.sqrt(1.0 / np.where(np.array([vf0, vf1, vd0, vd1]) == 0, 1e-10, [vf0, vf1, vd0, vd1]))
+    w0, w1, w2 = np.linalg.lstsq(Phi * w[:, None], np.array([f0, f1, df0, df1]) * w, rcond=None)[0]
+    return -1.0 if w2 <= 0 else 2 * t / (-w1 / w2) - 1
+
+
+@pytest.mark.parametrize("name", ["vit", "padded_encoder", "class_weights_smoothing", "inline_gpt_biased_tie", "two_views",
+                                  "checkpoint_reentrant", "kwargs_dict", "bce_multilabel_pos_weight", "rel_bias_embedding"])
+def test_alpha_against_brute_force(tmp_path, name):
+    """Two SGD steps on the same batch; alpha within 1e-3 of the float64 fit of QUANTITIES.md."""
+    u = cases()[name]()
+    opt = torch.optim.SGD(u.model.parameters(), lr=0.3)
+    snaps = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with cockpit_lite.watch(u.model, opt, loss_fn=u.loss_fn, logdir=tmp_path / "run", quantities={"alpha": "every"}):
+            for _ in range(2):
+                fresh = cases()[name]().model  # the watched model holds hooks: a copy by its state
+                fresh.load_state_dict(u.model.state_dict())
+                snaps.append(fresh)
+                opt.zero_grad()
+                for x, y, c in u.micro:
+                    (c * u.loss_fn(*u.loss_input(u.call(u.model, x), y))).backward()
+                opt.step()
+    run = cockpit_lite.load(tmp_path / "run")
+    assert run.reasons("alpha") == {}
+    assert run.series("alpha")[1][0] == pytest.approx(reference_alpha(u, *snaps), abs=1e-3)
