@@ -80,8 +80,8 @@ def reference(u: Unseen, model: nn.Module, weights: str = "samples"):
     back-propagated, g_i = B c_k grad(L_k | ...), the mean of the g_i is ``.grad``."""
     m = copy.deepcopy(model).double()
     fn = copy.deepcopy(u.loss_fn).double()
-    names = [n for n, _ in m.named_parameters()]
-    params = [p for _, p in m.named_parameters()]
+    names = [n for n, p in m.named_parameters() if p.requires_grad]  # frozen ones: no gradient, left out
+    params = [p for _, p in m.named_parameters() if p.requires_grad]
     B = u.B
     grads = [torch.zeros(B, *p.shape, dtype=torch.float64) for p in params]
     total, k = 0.0, 0

@@ -268,3 +268,55 @@ def coincidence_cases() -> Dict[str, Callable[[], Unseen]]:
             out[f"b_eq_t_{model}_{style}"] = build
     return out
 
+
+
+class LoRALinear(nn.Module):
+    """A frozen base Linear plus a low-rank update through bare parameters and matmuls (LoRA)."""
+
+    def __init__(self, d_in, d_out, r=2):
+        super().__init__()
+        self.base = nn.Linear(d_in, d_out)
+        self.base.weight.requires_grad_(False)
+        self.A = nn.Parameter(0.3 * torch.randn(r, d_in))
+        self.B = nn.Parameter(0.3 * torch.randn(d_out, r))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.T) @ self.B.T
+
+
+class LayerZoo(nn.Module):
+    """PReLU, GroupNorm, InstanceNorm1d(affine), LayerNorm(bias=False), Bilinear, a weight_norm Linear."""
+
+    def __init__(self, parametrize="weight_norm"):
+        super().__init__()
+        self.lora = LoRALinear(5, 6)
+        self.act = nn.PReLU(6)
+        self.gn = nn.GroupNorm(2, 6)
+        self.inorm = nn.InstanceNorm1d(6, affine=True)
+        self.ln = nn.LayerNorm(6, bias=False)
+        self.bil = nn.Bilinear(6, 6, 4)
+        lin = nn.Linear(4, 3)
+        if parametrize == "weight_norm":
+            lin = nn.utils.parametrizations.weight_norm(lin)
+        elif parametrize == "spectral_norm":
+            lin = nn.utils.parametrizations.spectral_norm(lin)
+        self.head = lin
+
+    def forward(self, x):  # x [B, L, 5]
+        h = self.act(self.lora(x).transpose(1, 2))  # [B, 6, L]: PReLU's channels on dim 1
+        h = self.gn(h)
+        h = self.inorm(torch.tanh(h)).transpose(1, 2)  # [B, L, 6] (tanh: GroupNorm's bias is not cancelled)
+        h = self.ln(h).mean(1)
+        return self.head(torch.tanh(self.bil(h, h)))
+
+
+def layer_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
+    out: Dict[str, Callable[[], Unseen]] = {}
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(B, 3, 5, generator=g)
+    for par in ("none", "weight_norm"):
+        def build(par=par):
+            torch.manual_seed(0)
+            return Unseen(f"layer_zoo_{par}", LayerZoo(par), nn.CrossEntropyLoss(), [(x, labels(B), 1.0)])
+        out[f"layer_zoo_{par}"] = build
+    return out
