@@ -94,11 +94,14 @@ def describe(output, loss_input) -> Optional[OutputView]:
     return OutputView(shape, stride, size, lstride, offset, kind, perm)
 
 
+_RESHAPES = ("ViewBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2")
+
+
 def _reshaped(loss_input) -> Optional[OutputView]:
-    """A "reshape" view of the tensor that ``loss_input`` was made from by ``view``/``reshape``/``flatten`` (one
-    ``ViewBackward0`` node, its input's shape saved on it), or None."""
+    """A "reshape" view of the tensor that ``loss_input`` was made from by ``view``/``reshape``/``flatten``/
+    ``squeeze`` (one such autograd node, its input's shape saved on it), or None."""
     node = getattr(loss_input, "grad_fn", None) if isinstance(loss_input, torch.Tensor) else None
-    if node is None or type(node).__name__ != "ViewBackward0" or not loss_input.is_contiguous():
+    if node is None or type(node).__name__ not in _RESHAPES or not loss_input.is_contiguous():
         return None
     try:
         shape = tuple(int(s) for s in node._saved_self_sym_sizes)
