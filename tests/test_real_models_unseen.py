@@ -14,12 +14,13 @@ import cockpit_lite
 
 import reference as R
 from unseen_models import cases as unseen_cases, reference
-from unseen_more_models import coincidence_cases, layer_cases, lm_cases, more_cases, training_cases
+from unseen_more_models import argument_cases, coincidence_cases, layer_cases, lm_cases, more_cases, training_cases
 
 
 
 def cases():
-    out = {**unseen_cases(), **lm_cases(), **coincidence_cases(), **more_cases(), **training_cases(), **layer_cases()}
+    out = {**unseen_cases(), **lm_cases(), **coincidence_cases(), **more_cases(), **training_cases(), **layer_cases(),
+           **argument_cases()}
     out.pop("batch_centered")  # samples mix: no single-sample reference (its own test below)
     return out
 
@@ -33,10 +34,15 @@ NAN_WITH_REASON = {
     "embedding_max_norm": "'emb'",  # Embedding(max_norm) renormalises its weight in forward: vmap cannot
     "chunked_forward": "disagrees",  # the batch in two chunks: the self-check finds the rows are not samples
     "packed_lstm": "no module call",  # LSTM on a PackedSequence: no rule, the replay cannot batch it
+    # output[:, P:] reshaped inline (a copy): the loss input is not known as read from the output, no replay
+    "prompt_4": "'pos'",
+    "prompt_3": "'pos'",
     # logits / 2 before the loss: nothing replays the step; the tied wte.weight fails the check of the rules'
     # mean against .grad (selfcheck._sum_check), wpe (arange(T)) has no replay
     "temperature_gpt_biased_tie": "F.linear",
 }
+# a copy made inline, UnsafeView(Clone(output[:, P:])): its rows (B*T) are counted (known limit)
+SAMPLES_UNKNOWN = {"prompt_4", "prompt_3"}
 
 
 def run_case(u, tmp_path):
@@ -95,7 +101,9 @@ def test_logged_values_equal_brute_force_or_nan_with_reason(tmp_path, name):
         assert "loss" not in nan
 
 
-@pytest.mark.parametrize("name", sorted(cases()))
+@pytest.mark.parametrize("name", [n if n not in SAMPLES_UNKNOWN else pytest.param(n, marks=pytest.mark.xfail(
+    strict=True, reason="the output died before the loss call and the loss input is a copy of a slice of it: "
+    "its rows (B*T) are counted")) for n in sorted(cases())])
 def test_samples_is_the_batch(tmp_path, name):
     """B sequences, never B*T positions, also when the loop does not keep the model output in a variable."""
     u = cases()[name]()

@@ -320,3 +320,34 @@ def layer_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
             return Unseen(f"layer_zoo_{par}", LayerZoo(par), nn.CrossEntropyLoss(), [(x, labels(B), 1.0)])
         out[f"layer_zoo_{par}"] = build
     return out
+
+
+class PromptGPT(nn.Module):
+    """forward(idx, prompt): a shared prompt [P, D] (not per sample) prepended to every sequence; learned
+    positions on arange(P + T) (replayed per sample). With P == B the prompt's dim 0 looks like a batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.pos = nn.Embedding(2 * T + 4, D)
+        self.mix = nn.Linear(D, D)
+        self.head = nn.Linear(D, V)
+
+    def forward(self, idx, prompt, scale=1.0):
+        B, L = idx.shape
+        h = torch.cat([prompt.unsqueeze(0).expand(B, -1, -1), self.emb(idx)], dim=1)
+        h = h + self.pos(torch.arange(h.shape[1]))
+        return self.head(torch.tanh(self.mix(h) * scale))[:, prompt.shape[0]:]
+
+
+def argument_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
+    out: Dict[str, Callable[[], Unseen]] = {}
+    for P in (B, 3):
+        def build(P=P):
+            torch.manual_seed(0)
+            x, y = tokens(B)
+            prompt = torch.randn(P, D, generator=torch.Generator().manual_seed(4))
+            return Unseen(f"prompt_{P}", PromptGPT(), nn.CrossEntropyLoss(ignore_index=-100), [(x, y, 1.0)],
+                          lambda o, y: (o.reshape(-1, V), y.reshape(-1)), call=lambda m, x: m(x, prompt, scale=0.7))
+        out[f"prompt_{P}"] = build
+    return out
