@@ -14,13 +14,14 @@ import cockpit_lite
 
 import reference as R
 from unseen_models import cases as unseen_cases, reference
-from unseen_more_models import argument_cases, coincidence_cases, layer_cases, lm_cases, more_cases, training_cases
+from unseen_more_models import (argument_cases, coincidence_cases, layer_cases, lm_cases, more_cases, sparse_cases,
+                                training_cases)
 
 
 
 def cases():
     out = {**unseen_cases(), **lm_cases(), **coincidence_cases(), **more_cases(), **training_cases(), **layer_cases(),
-           **argument_cases()}
+           **argument_cases(), **sparse_cases()}
     out.pop("batch_centered")  # samples mix: no single-sample reference (its own test below)
     return out
 

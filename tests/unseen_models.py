@@ -99,7 +99,7 @@ def reference(u: Unseen, model: nn.Module, weights: str = "samples"):
             li.backward()  # not autograd.grad: reentrant checkpointing refuses it
             for j, p in enumerate(params):
                 if p.grad is not None:
-                    grads[j][k] = p.grad
+                    grads[j][k] = p.grad.to_dense() if p.grad.is_sparse else p.grad
             k += 1
     return total, grads, names
 

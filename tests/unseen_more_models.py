@@ -351,3 +351,26 @@ def argument_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
                           lambda o, y: (o.reshape(-1, V), y.reshape(-1)), call=lambda m, x: m(x, prompt, scale=0.7))
         out[f"prompt_{P}"] = build
     return out
+
+
+class SparseEmbBN(nn.Module):
+    """nn.Embedding(sparse=True) (sparse .grad) and a BatchNorm1d kept in eval mode while the model trains."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D, sparse=True)
+        self.bn = nn.BatchNorm1d(D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, idx):
+        return self.head(torch.relu(self.bn(self.emb(idx).mean(1))))
+
+
+def sparse_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
+    def build():
+        torch.manual_seed(0)
+        m = SparseEmbBN()
+        m.bn.eval()
+        x, _ = tokens(B, pad_y=False)
+        return Unseen("sparse_embedding_frozen_bn", m, nn.CrossEntropyLoss(), [(x, labels(B), 1.0)])
+    return {"sparse_embedding_frozen_bn": build}

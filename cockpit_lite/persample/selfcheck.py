@@ -129,7 +129,9 @@ def _sum_check(ctx, view) -> Dict[int, float]:
     where ``.grad`` is proportional to g (micro-batches of equal weight per sample, one process)."""
     if not view._equal_weights():
         return {}
-    reasons, grads, sums = view.unsupported(), ctx.grads(), view.sum_grads()
+    from .dense_grads import dense_grads
+
+    reasons, grads, sums = view.unsupported(), dense_grads(ctx), view.sum_grads()
     rows = []
     for j, name in enumerate(view.names):
         if name in reasons or grads[j] is None or j in view.frozen:
