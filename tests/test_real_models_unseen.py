@@ -269,3 +269,42 @@ def test_hess_max_ev_against_a_dense_hessian(tmp_path, name):
         assert rec["values"]["hess_trace"] == pytest.approx(float(H.trace()), rel=1e-4)
     else:
         assert float(rec["values"]["hess_trace/stderr"]) > 0
+
+
+def test_ctc_loss_per_sample_gradients_exact_and_losses_nan_with_reason(tmp_path):
+    """nn.CTCLoss (mean: each sample's loss divided by its target length, then the batch mean) on the
+    transposed [T, B, C] log-probabilities: per-sample gradients equal grad(ctc_i / len_i) in float64; the
+    per-sample losses cannot be grouped (no forward AD for CTC) and are NaN with the reason."""
+    from torch import nn
+
+    from test_loss_reshape import Probe
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x))).log_softmax(-1)
+
+    g = torch.Generator().manual_seed(0)
+    B, T = 4, 8
+    x, tg = torch.randn(B, T, 6, generator=g), torch.randint(1, 5, (B, 3), generator=g)
+    tl, il = torch.tensor([3, 1, 2, 3]), torch.full((B,), T)
+    torch.manual_seed(0)
+    m, crit, probe = M(), nn.CTCLoss(), Probe()
+    before = copy.deepcopy(m).double()
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with cockpit_lite.watch(m, opt, loss_fn=crit, logdir=tmp_path / "run", quantities=[probe]):
+            opt.zero_grad()
+            crit(m(x).transpose(0, 1), tg, il, tl).backward()
+            opt.step()
+    assert probe.reasons == {} and probe.losses_reason and torch.isnan(probe.losses).all()
+    params = list(before.parameters())
+    for i in range(B):
+        li = nn.CTCLoss(reduction="sum")(before(x[i:i + 1].double()).transpose(0, 1), tg[i:i + 1], il[i:i + 1],
+                                         tl[i:i + 1]) / tl[i]
+        for G, r in zip(probe.G, torch.autograd.grad(li, params)):
+            torch.testing.assert_close(G[i].double(), r, rtol=1e-4, atol=1e-6)
