@@ -308,3 +308,22 @@ def test_ctc_loss_per_sample_gradients_exact_and_losses_nan_with_reason(tmp_path
                                          tl[i:i + 1]) / tl[i]
         for G, r in zip(probe.G, torch.autograd.grad(li, params)):
             torch.testing.assert_close(G[i].double(), r, rtol=1e-4, atol=1e-6)
+
+
+def test_inline_shifted_copy_curvature_is_nan_with_a_reason(tmp_path):
+    """crit(model(x)[:, :-1].contiguous().view(-1, V), y[:, 1:]...) written inline: the loss input reshapes a
+    copy of a part of the output; curvature cannot re-evaluate it and says so (was a raw 'shape [16, 11] is
+    invalid for input of size 220'); the per-sample values stay exact (the main test above)."""
+    u = cases()["hf_shift_inline"]()
+    (x, y, _), = u.micro
+    opt = torch.optim.SGD(u.model.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with cockpit_lite.watch(u.model, opt, loss_fn=u.loss_fn, logdir=tmp_path / "run",
+                                quantities={"hess_max_ev": "every", "hess_trace": "every"}):
+            opt.zero_grad()
+            u.loss_fn(*u.loss_input(u.call(u.model, x), y)).backward()
+            opt.step()
+    rec = cockpit_lite.load(tmp_path / "run").records[0]
+    for key in ("hess_max_ev", "hess_trace"):
+        assert math.isnan(float(rec["values"][key])) and "not a reshape" in rec["reasons"][key], rec["reasons"]

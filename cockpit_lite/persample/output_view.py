@@ -165,12 +165,20 @@ def replay(view: Optional[OutputView], out: torch.Tensor, batch: Optional[Tuple[
         return out.permute(*view.perm)
     if view.kind == "reshape":
         if batch is None:
+            if out.numel() != math.prod(view.size):
+                raise ViewUnavailable(f"the loss input {tuple(view.size)} is not a reshape of the re-evaluated model "
+                                      f"output {tuple(out.shape)} (a copy of a part of it, e.g. logits[:, :-1]"
+                                      ".contiguous(), written inline): the loss cannot be re-evaluated from the model")
             return out.reshape(view.size)
         b, m = batch
         if not view.size or view.size[0] % b:
             raise ViewUnavailable(f"the loss input {tuple(view.size)} is not a batch-major reshape of the model "
                                   f"output {tuple(view.out_shape)}: a sub-batch cannot be replayed")
-        return out.reshape(view.size[0] // b * m, *view.size[1:])
+        size = (view.size[0] // b * m, *view.size[1:])
+        if out.numel() != math.prod(size):
+            raise ViewUnavailable(f"the loss input {tuple(view.size)} is not a reshape of the model output "
+                                  f"{tuple(view.out_shape)}: a sub-batch cannot be replayed")
+        return out.reshape(size)
     if batch is not None or tuple(out.shape) != view.out_shape or not _same_strides(view.out_shape, tuple(out.stride()),
                                                                                        view.out_stride):
         raise ViewUnavailable(f"the loss input is a strided view {tuple(view.size)} of the model output "
