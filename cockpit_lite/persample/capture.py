@@ -101,7 +101,10 @@ class LayerCapture:
             out = _first_output(output)
             if out is None or not out.requires_grad:
                 return None
-            call = LayerCall(module=module, module_name=mname, forward=self._forward,
+            forward = self._forward
+            if forward > 0 and _in_backward():  # a recomputation (reentrant torch.utils.checkpoint) during the
+                forward -= 1  # backward pass of the forward that just ended: its calls, not a new forward's
+            call = LayerCall(module=module, module_name=mname, forward=forward,
                              order=len(self._captured.calls),
                              inputs=tuple(_detach(a) for a in args),
                              kwargs={k: _detach(v) for k, v in kwargs.items()},
@@ -117,3 +120,11 @@ class LayerCapture:
             return None
 
         return hook
+
+
+def _in_backward() -> bool:
+    """Whether this runs inside a backward pass (autograd's current graph task)."""
+    try:
+        return torch._C._current_graph_task_id() != -1
+    except Exception:  # an older torch without it: calls in backward count as a new forward (NaN with a reason)
+        return False

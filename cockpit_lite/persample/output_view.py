@@ -94,6 +94,25 @@ def describe(output, loss_input) -> Optional[OutputView]:
     return OutputView(shape, stride, size, lstride, offset, kind, perm)
 
 
+_RESHAPES = ("ViewBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2")
+
+
+def _reshaped(loss_input) -> Optional[OutputView]:
+    """A "reshape" view of the tensor that ``loss_input`` was made from by ``view``/``reshape``/``flatten``/
+    ``squeeze`` (one such autograd node, its input's shape saved on it), or None."""
+    node = getattr(loss_input, "grad_fn", None) if isinstance(loss_input, torch.Tensor) else None
+    if node is None or type(node).__name__ not in _RESHAPES or not loss_input.is_contiguous():
+        return None
+    try:
+        shape = tuple(int(s) for s in node._saved_self_sym_sizes)
+    except Exception:
+        return None
+    size = tuple(loss_input.shape)
+    if not shape or math.prod(shape) != math.prod(size) or shape == size:
+        return None
+    return OutputView(shape, _contiguous_strides(shape), size, _contiguous_strides(size), 0, "reshape")
+
+
 _COPY_NODES = ("Clone", "View", "UnsafeView", "Transpose", "Permute", "ToCopy", "ReshapeAlias", "Slice", "Select",
                "Squeeze", "Unsqueeze", "AsStrided", "Alias", "Contiguous", "Flatten", "Unflatten")
 
@@ -146,12 +165,20 @@ def replay(view: Optional[OutputView], out: torch.Tensor, batch: Optional[Tuple[
         return out.permute(*view.perm)
     if view.kind == "reshape":
         if batch is None:
+            if out.numel() != math.prod(view.size):
+                raise ViewUnavailable(f"the loss input {tuple(view.size)} is not a reshape of the re-evaluated model "
+                                      f"output {tuple(out.shape)} (a copy of a part of it, e.g. logits[:, :-1]"
+                                      ".contiguous(), written inline): the loss cannot be re-evaluated from the model")
             return out.reshape(view.size)
         b, m = batch
         if not view.size or view.size[0] % b:
             raise ViewUnavailable(f"the loss input {tuple(view.size)} is not a batch-major reshape of the model "
                                   f"output {tuple(view.out_shape)}: a sub-batch cannot be replayed")
-        return out.reshape(view.size[0] // b * m, *view.size[1:])
+        size = (view.size[0] // b * m, *view.size[1:])
+        if out.numel() != math.prod(size):
+            raise ViewUnavailable(f"the loss input {tuple(view.size)} is not a reshape of the model output "
+                                  f"{tuple(view.out_shape)}: a sub-batch cannot be replayed")
+        return out.reshape(size)
     if batch is not None or tuple(out.shape) != view.out_shape or not _same_strides(view.out_shape, tuple(out.stride()),
                                                                                        view.out_stride):
         raise ViewUnavailable(f"the loss input is a strided view {tuple(view.size)} of the model output "
@@ -268,7 +295,19 @@ def _probe(fn, x, target, input_ids, b, tol):
 
 def observe(mb, output, loss_input) -> None:
     """At a loss call: keep how its input was read from the model output (``mb.view``); the samples of the
-    micro-batch are then the model output's rows, not the loss input's (B sequences, not B*T tokens)."""
+    micro-batch are then the model output's rows, not the loss input's (B sequences, not B*T tokens).
+
+    ``output`` is None when the engine's weak reference to it died before the loss call: a loop that does not
+    keep the output in a variable, ``crit(model(x).view(-1, V), y.view(-1))`` (a Linear's [B, T, V] output is
+    itself a view of its [B*T, V] result, which is all the loss input keeps). The shape of what the loss
+    input reshaped is then read from its autograd node (``_reshaped``); whether that tensor was the model
+    output is not known here: every replay of it (curvature, self-check, per-sample replay) is trusted only
+    where it reproduces the step's loss or per-sample losses."""
+    if output is None:
+        mb.view = view = _reshaped(loss_input)
+        if view is not None:
+            mb.batch_size = int(view.out_shape[0])
+        return
     view = describe(output, loss_input)
     mb.view = view
     if view is not None and view.out_shape and not view.identity:

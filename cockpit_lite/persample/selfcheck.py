@@ -16,8 +16,10 @@ g_0 from the rules through two numbers the rules give cheaply (||g_0||^2 and g_0
 A parameter that fails gets NaN with the reason in every per-sample quantity for the rest of the run.
 The result is logged once as ``data.persample_check`` ({"status": "passed" | "failed" |
 "unavailable", ...}). When the step cannot be replayed (the model's output is not what the loss
-received, a forward that is not replayable) the check is "unavailable" and the values stand
-unverified, as the log says. In a data-parallel run every process checks its own first sample and a
+received, a forward that is not replayable), each parameter's mean per-sample gradient from the rules is
+compared with ``.grad`` instead (``_sum_check``: finds a parameter also used outside its module, not a
+module called without the batch dimension); if none disagrees, the check is "unavailable" and the values
+stand unverified, as the log says. In a data-parallel run every process checks its own first sample and a
 parameter failing anywhere fails everywhere.
 """
 
@@ -33,11 +35,19 @@ from ..rng import preserved_rng
 from .losses import LossUnavailable, elementwise_loss, group_elements
 
 TOL = 0.1  # relative norm of g_0 - r; a broken rule is off by O(1), autocast rounding by ~1e-2
+# without autocast or half-precision parameters (TF32 matmuls and convolutions round to ~1e-3): samples that mix
+# through a statistic over the batch computed by hand (h - h.mean(0)) put g_0 off by O(1/sqrt(B)), 0.08 at B=64
+TOL_FULL = 1e-2
 FAILED = ("the per-sample layer rule disagrees with autograd on this parameter (relative difference "
           "{rel:.2g} on the first sample of step {step}). Is its module called on an input without the "
           "batch dimension (e.g. nn.Embedding(T, d)(torch.arange(T)) broadcast over the batch; call it with "
-          "arange(T).expand(B, -1)), or is the parameter also used outside its module (e.g. a weight tied "
-          "through a plain matmul)?")
+          "arange(T).expand(B, -1)), is the parameter also used outside its module (e.g. a weight tied "
+          "through a plain matmul), or do the samples mix in the forward (a statistic over the batch)?")
+
+SUM_FAILED = ("the per-sample layer rule disagrees with .grad on this parameter (its mean over the samples is "
+              "off by {rel:.2g} relative on step {step}; the step could not be replayed for the first-sample "
+              "check): is the parameter also used outside its module (e.g. a weight tied through F.linear or a "
+              "plain matmul), or was .grad changed after the backward pass (clip_grad_value_, a term added to it)?")
 
 
 class _Unavailable(Exception):
@@ -56,6 +66,7 @@ def run(ctx) -> Optional[dict]:
         _agree(watched.dist, {}, len(view.names), retry=True)  # every process waits for a later step
         return None
     names, reasons = view.names, view.unsupported()
+    tol = _tolerance(ctx, view)
     sq = [s[0] if s.numel() else None for s in view.sq_norms_per_param()]  # same order of reductions everywhere
     try:
         refs = _first_sample_gradient(ctx, view)
@@ -69,7 +80,7 @@ def run(ctx) -> Optional[dict]:
             if not all(math.isfinite(x) for x in (rr, g2, gr)):
                 raise _Unavailable("the step's gradients are not finite")
             d2 = max(g2 - 2.0 * gr + rr, 0.0)
-            if d2 > TOL * TOL * max(g2, rr):
+            if d2 > tol * tol * max(g2, rr):
                 local[j] = math.sqrt(d2 / max(g2, rr))
         outcome, retry = {}, False
     except (_Unavailable, LossUnavailable) as err:
@@ -77,25 +88,68 @@ def run(ctx) -> Optional[dict]:
         retry = "not finite" in str(err)
     except Exception as err:  # never stop training: the values stand, unverified, as logged
         local, outcome, retry = {}, {"status": "unavailable", "reason": f"{type(err).__name__}: {err}"}, False
+    template = FAILED
+    if outcome and not retry and watched.dist is None:
+        local, template = _sum_check(ctx, view), SUM_FAILED  # without a replay: the rules' sums against .grad
     failed = _agree(watched.dist, local, len(names), retry)
     if failed is None:
         return None
     if failed:
         for j, rel in failed.items():
-            reason = FAILED.format(rel=rel, step=ctx.step) if rel is not None else (
+            reason = template.format(rel=rel, step=ctx.step) if rel is not None else (
                 "the per-sample layer rule disagrees with autograd on this parameter in another process")
             watched.rule_failures[names[j]] = reason
-        outcome = {"status": "failed", "failed": {names[j]: watched.rule_failures[names[j]] for j in failed}}
+        outcome = {"status": "failed", "failed": {names[j]: watched.rule_failures[names[j]] for j in failed},
+                   **({"replay_unavailable": outcome["reason"]} if outcome.get("status") == "unavailable" else {})}
         # rebuilt: the failed parameters come from the per-sample replay (replayed.py) or are NaN from here on
         ctx._per_sample = PerSampleView(ctx.inputs())
         still = ctx._per_sample.unsupported()
         outcome["replayed"] = sorted(names[j] for j in failed if names[j] not in still)
     elif not outcome:
         outcome = {"status": "passed"}
-    outcome.update({"step": ctx.step, "parameters": len(names) - len(reasons), "tolerance": TOL})
+    outcome.update({"step": ctx.step, "parameters": len(names) - len(reasons), "tolerance": tol})
     watched.rule_check = outcome
     ctx.emit_data("persample_check", outcome)
     return outcome
+
+
+def _tolerance(ctx, view) -> float:
+    """TOL under autocast or with half-precision parameters, else TOL_FULL."""
+    calls = getattr(ctx, "model_calls", None) or []
+    amp = getattr(calls[0], "autocast", None) if calls else None
+    half = any(p.dtype in (torch.float16, torch.bfloat16) for p in view.params)
+    return TOL if amp is not None or half else TOL_FULL
+
+
+def _sum_check(ctx, view) -> Dict[int, float]:
+    """{parameter index: relative difference} where the rules' mean (1/n) sum_i g_i is not c .grad (one
+    factor c for all: accumulation, loss scale, clipping; the median of the per-parameter ratios). Catches a
+    parameter also used outside its module (``F.linear(h, emb.weight)``) without re-evaluating the step; not
+    a module called without the batch dimension (its per-position values sum to the right total). Only
+    where ``.grad`` is proportional to g (micro-batches of equal weight per sample, one process)."""
+    if not view._equal_weights():
+        return {}
+    from .dense_grads import dense_grads
+
+    reasons, grads, sums = view.unsupported(), dense_grads(ctx), view.sum_grads()
+    rows = []
+    for j, name in enumerate(view.names):
+        if name in reasons or grads[j] is None or j in view.frozen:
+            continue
+        gr, r = grads[j].detach().double().reshape(-1), sums[j].detach().double().reshape(-1) / view.n_local
+        rows.append((j, float(gr @ gr), float(gr @ r), float(r @ r)))
+    ratios = sorted(gr_r / gg for _, gg, gr_r, _ in rows if gg > 0)
+    if not ratios:
+        return {}
+    c = ratios[len(ratios) // 2]
+    failed = {}
+    for j, gg, gr_r, rr in rows:
+        d2 = max(c * c * gg - 2 * c * gr_r + rr, 0.0)
+        if not math.isfinite(d2):
+            continue
+        if d2 > TOL * TOL * max(c * c * gg, rr):  # .grad may be clipped or unscaled in another precision
+            failed[j] = math.sqrt(d2 / max(c * c * gg, rr))
+    return failed
 
 
 def _agree(dist, local: Dict[int, float], count: int, retry: bool) -> Optional[Dict[int, Optional[float]]]:

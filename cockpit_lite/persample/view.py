@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .dense_grads import dense_grads
 from ..distributed import sum_numbers, sum_tensors
 from .losses import LossUnavailable, per_sample_losses
 from .rules import Unsupported, layer_samples
@@ -260,7 +261,7 @@ class PerSampleView:
         if "mean" in self._cache:
             return self._cache["mean"]
         dist = self.ctx.watched.dist
-        grads = self.ctx.grads()
+        grads = dense_grads(self.ctx)  # dense_grads.py
         result = None
         checks = self._check_params() if self._equal_weights() else []
         if dist is not None:  # every process must take part in the same reductions
@@ -414,5 +415,3 @@ def _scaled(g: torch.Tensor, c: float) -> torch.Tensor:
     if g.dtype in (torch.float16, torch.bfloat16):
         g = g.float()
     return g if c == 1.0 else g * c
-
-

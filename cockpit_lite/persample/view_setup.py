@@ -52,6 +52,10 @@ def setup(self, captured) -> None:
         c = seq_first[0]
         seq_first_reason = (f"sequence-first layout: '{c.module_name}' ({type(c.module).__name__}, batch_first="
                             "False) reads dim 1 as the batch, which the per-sample layer rules (dim 0) do not")
+    # (not where a module declares where the batch is: a sequence-first attention's loss has T rows)
+    declared_any = any(isinstance(c.module, torch.nn.MultiheadAttention) for c in calls)
+    rows_reason = (_rows_disagree(self, mbs, forwards) if seq_first_reason is None and not declared_any
+                   and getattr(self.ctx.watched, "seq_first", None) is None else None)
     self.n_local = int(sum(self.batch_sizes))  # samples of this process
     if not calls:
         self._global_reason = "no layer with observed parameters received a gradient on this step"
@@ -104,10 +108,10 @@ def setup(self, captured) -> None:
             if bool((self.params[j].grad != 0).any()):
                 self._replay.setdefault(j, "its gradient comes from no module call that cockpit-lite could observe "
                                            "(used outside a module's forward?)")
-    if seq_first_reason is not None:
+    if seq_first_reason is not None or rows_reason is not None:
         for j, name in enumerate(self.names):
             if j not in self.frozen and name not in self._reasons and self.params[j].grad is not None:
-                self._replay[j] = seq_first_reason
+                self._replay[j] = seq_first_reason or rows_reason
     index = {name: j for j, name in enumerate(self.names)}
     for name, why in getattr(self.ctx.watched, "rule_failures", {}).items():
         if name in index and name not in self._reasons:
@@ -117,6 +121,24 @@ def setup(self, captured) -> None:
             self._reasons[name] = self._global_reason
     else:
         resolve_replays(self)
+
+def _rows_disagree(self, mbs, forwards):
+    """A forward whose layers saw b rows along dim 0 where its loss has a number of samples that is not a
+    multiple of b (two augmented views stacked into [2B, ...] and averaged before the loss): the rows are not
+    the samples. The loss's count is taken as the batch (every parameter then comes from the per-sample replay
+    over the model inputs, trusted only where it reproduces the per-sample losses); the reason, else None."""
+    if len(mbs) != len(forwards):
+        return None
+    bad = [(pos, mb.batch_size, b) for pos, (mb, b) in enumerate(zip(mbs, self.batch_sizes))
+           if mb.batch_size and b and mb.batch_size % b]
+    if not bad:
+        return None
+    for pos, rows, _ in bad:
+        self.batch_sizes[pos] = int(rows)
+    _, rows, b = bad[0]
+    return (f"the layers saw {b} rows along the batch dimension where the loss has {rows} samples (the forward "
+            "stacks or splits the batch, e.g. two augmented views concatenated): the layer rules' rows are not samples")
+
 
 def resolve_replays(self) -> None:
     """Per-sample gradients of the parameters no layer rule covers, by a per-sample replay of the model
