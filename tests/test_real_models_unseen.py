@@ -43,7 +43,6 @@ NAN_WITH_REASON = {
     "temperature_gpt_biased_tie": "F.linear",
 }
 # a copy made inline, UnsafeView(Clone(output[:, P:])): its rows (B*T) are counted (known limit)
-SAMPLES_UNKNOWN = {"prompt_4", "prompt_3"}
 
 
 def run_case(u, tmp_path):
@@ -102,9 +101,7 @@ def test_logged_values_equal_brute_force_or_nan_with_reason(tmp_path, name):
         assert "loss" not in nan
 
 
-@pytest.mark.parametrize("name", [n if n not in SAMPLES_UNKNOWN else pytest.param(n, marks=pytest.mark.xfail(
-    strict=True, reason="the output died before the loss call and the loss input is a copy of a slice of it: "
-    "its rows (B*T) are counted")) for n in sorted(cases())])
+@pytest.mark.parametrize("name", sorted(cases()))
 def test_samples_is_the_batch(tmp_path, name):
     """B sequences, never B*T positions, also when the loop does not keep the model output in a variable."""
     u = cases()[name]()
@@ -326,4 +323,6 @@ def test_inline_shifted_copy_curvature_is_nan_with_a_reason(tmp_path):
             opt.step()
     rec = cockpit_lite.load(tmp_path / "run").records[0]
     for key in ("hess_max_ev", "hess_trace"):
-        assert math.isnan(float(rec["values"][key])) and "not a reshape" in rec["reasons"][key], rec["reasons"]
+        reason = rec["reasons"][key]  # the copy is named: a reshape it is not, or a copy in another layout
+        assert math.isnan(float(rec["values"][key])) and ("not a reshape" in reason or "is a copy of the model output"
+                                                          in reason), rec["reasons"]

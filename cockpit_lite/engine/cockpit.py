@@ -269,7 +269,7 @@ class Cockpit(StepDetection):
         self._ctx: Optional[StepContext] = None
         self._model_calls = []
         self._backward_end_queued = False
-        self._last_output = None  # weak reference to the model's last training output (persample/output_view.py)
+        self._last_output = None  # the model's last training output until the loss call (persample/output_view.py)
         if getattr(self, "_layer_capture", None) is not None:
             self._layer_capture.disarm()  # drop what an unfinished/skipped step captured
 

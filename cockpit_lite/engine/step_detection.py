@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import time
-import weakref
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -82,7 +81,9 @@ class StepDetection:
         if self._open_forwards and self._open_forwards.pop()["nested"]:
             return None  # a redirection around the real forward (see _on_model_forward_pre)
         if self._needs:  # a tracked step: how the loss reads the output says what a sample is (its count)
-            self._last_output = output_ref(output)
+            # held until the loss call (then dropped): a weak reference dies in an inline
+            # crit(model(x).view(-1, V), y), where only the view outlives the output's Python object
+            self._last_output = first_tensor(output)
         if isinstance(output, torch.Tensor):
             if output.requires_grad:
                 output.register_hook(self._count_backward)
@@ -130,7 +131,7 @@ class StepDetection:
         if isinstance(module, ModelLoss):  # a loss divided by the step's count is a part of the step's loss
             mb.combine = module.combine
         if self._last_output is not None:  # a view of the model output: its rows are the samples (B, not B*T)
-            observe(mb, self._last_output(), first)
+            observe(mb, self._last_output, first)
             self._last_output = None
         if "loss_inputs" in self._needs:
             mb.output = first.detach() if isinstance(first, torch.Tensor) else first
@@ -174,8 +175,7 @@ class StepDetection:
         return (args[0], closure_then_observe) + tuple(args[2:]), kwargs
 
 
-def output_ref(output):
-    """A weak reference to the model output's first tensor (the loss input may be a view of it)."""
-    leaf = output if isinstance(output, torch.Tensor) else next(
+def first_tensor(output):
+    """The model output's first tensor (the loss input may be a view or a copy of it)."""
+    return output if isinstance(output, torch.Tensor) else next(
         (x for x in tree_leaves(output) if isinstance(x, torch.Tensor)), None)
-    return weakref.ref(leaf) if leaf is not None else None

@@ -297,18 +297,17 @@ def observe(mb, output, loss_input) -> None:
     """At a loss call: keep how its input was read from the model output (``mb.view``); the samples of the
     micro-batch are then the model output's rows, not the loss input's (B sequences, not B*T tokens).
 
-    ``output`` is None when the engine's weak reference to it died before the loss call: a loop that does not
-    keep the output in a variable, ``crit(model(x).view(-1, V), y.view(-1))`` (a Linear's [B, T, V] output is
-    itself a view of its [B*T, V] result, which is all the loss input keeps). The shape of what the loss
-    input reshaped is then read from its autograd node (``_reshaped``); whether that tensor was the model
-    output is not known here: every replay of it (curvature, self-check, per-sample replay) is trusted only
-    where it reproduces the step's loss or per-sample losses."""
-    if output is None:
+    The engine holds the output until the loss call. Where the loss input is neither a view nor a copy of
+    it (``(logits / T).view(-1, V)``), or no output was seen (``output`` None), the shape of what the loss
+    input reshaped is read from its autograd node (``_reshaped``); whether that tensor was computed from the
+    model output sample by sample is not known here: every replay of it (curvature, self-check, per-sample
+    replay) is trusted only where it reproduces the step's loss or per-sample losses."""
+    view = describe(output, loss_input) if output is not None else None
+    if view is None:
         mb.view = view = _reshaped(loss_input)
         if view is not None:
             mb.batch_size = int(view.out_shape[0])
         return
-    view = describe(output, loss_input)
     mb.view = view
-    if view is not None and view.out_shape and not view.identity:
+    if view.out_shape and not view.identity:
         mb.batch_size = int(view.out_shape[0])
