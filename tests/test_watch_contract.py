@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import numpy as np
 import torch
 from torch import nn
 
@@ -116,6 +117,32 @@ def test_failing_quantity_is_reported_not_raised(logdir):
     run = cockpit_lite.load(logdir)
     assert "ZeroDivisionError" in run.reasons("broken")[0]
     assert len(run.series("loss")[1]) == 2
+
+
+def test_a_quantity_failing_as_a_whole_labels_its_parts_too(logdir):
+    """Per-parameter values logged on earlier steps get NaN with the same reason on the step where the
+    quantity fails as a whole (not NaN without a reason, not a silently missing column)."""
+    from cockpit_lite.quantities.grad_norm import GradNorm
+
+    class FailsOnSecondStep(GradNorm):
+        def before_step(self, ctx):
+            if ctx.step == 1:
+                raise ZeroDivisionError("boom")
+            super().before_step(ctx)
+
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    crit = nn.CrossEntropyLoss()
+    with pytest.warns(RuntimeWarning, match="grad_norm"):
+        with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=logdir, quantities=[FailsOnSecondStep("every")]):
+            train(model, opt, crit, steps=3)
+    run = cockpit_lite.load(logdir)
+    parts = [k for k in run.keys() if k.startswith("grad_norm/")]
+    assert parts
+    for key in ["grad_norm", *parts]:
+        steps, values = run.series(key)
+        assert list(steps) == [0, 1, 2] and np.isnan(values[1]) and np.isfinite(values[[0, 2]]).all(), key
+        assert "ZeroDivisionError" in run.reasons(key)[1], key
 
 
 def test_import_is_light():

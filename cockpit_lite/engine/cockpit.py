@@ -357,6 +357,8 @@ class Cockpit(StepDetection):
         reason = f"{type(failed).__name__} in {q.name}.{method}: {failed}"
         ctx.discard(q.name)  # what it emitted before failing may be half-done (or paired wrongly)
         ctx.emit_nan(q.name, reason)
+        for key in sorted(self._records.parts.get(q.name, ())):  # its parts logged on earlier steps, labelled too
+            ctx.emit_nan(key, reason)
         self._warn_once(f"fail:{q.name}", f"cockpit-lite: quantity {q.name!r} failed ({reason}); "
                                           "it is logged as NaN with this reason")
 

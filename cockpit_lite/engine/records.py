@@ -22,6 +22,9 @@ class Recorder:
         self.writer = writer
         self.sinks = list(sinks)
         self.warned: set = set()
+        #: quantity name -> the parts it has logged (``grad_norm/fc.weight``, ``hess_max_ev/hvps``): a step on
+        #: which the quantity fails as a whole gives each of them NaN with the same reason
+        self.parts: Dict[str, set] = {}
 
     def open_sinks(self, run_header: Dict[str, Any]) -> None:
         """Hand the run's header to every sink that asks for it (``open_run``, e.g. its parameter names);
@@ -70,6 +73,10 @@ class Recorder:
     def write_step(self, ctx, backward_passes: int, dist) -> None:
         """One ``step`` record for the tracked step ``ctx``, after the amendments it carries."""
         values = ctx.scalar_values()
+        for key in values:
+            name, sep, _ = key.partition("/")
+            if sep:
+                self.parts.setdefault(name, set()).add(key)
         flags = set(ctx.flags)
         if not finite(values.get("loss")) and "loss" in values and "loss" not in ctx.reasons:
             flags.add("nonfinite_loss")
