@@ -25,6 +25,7 @@ class Recorder:
         #: quantity name -> the parts it has logged (``grad_norm/fc.weight``, ``hess_max_ev/hvps``): a step on
         #: which the quantity fails as a whole gives each of them NaN with the same reason
         self.parts: Dict[str, set] = {}
+        self._logged: set = set()  # every value key written so far
 
     def open_sinks(self, run_header: Dict[str, Any]) -> None:
         """Hand the run's header to every sink that asks for it (``open_run``, e.g. its parameter names);
@@ -73,10 +74,13 @@ class Recorder:
     def write_step(self, ctx, backward_passes: int, dist) -> None:
         """One ``step`` record for the tracked step ``ctx``, after the amendments it carries."""
         values = ctx.scalar_values()
-        for key in values:
-            name, sep, _ = key.partition("/")
-            if sep:
-                self.parts.setdefault(name, set()).add(key)
+        new = values.keys() - self._logged  # a set difference in C: the same keys step after step cost ~nothing
+        if new:
+            self._logged |= new
+            for key in new:
+                name, sep, _ = key.partition("/")
+                if sep:
+                    self.parts.setdefault(name, set()).add(key)
         flags = set(ctx.flags)
         if not finite(values.get("loss")) and "loss" in values and "loss" not in ctx.reasons:
             flags.add("nonfinite_loss")
