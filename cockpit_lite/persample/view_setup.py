@@ -65,20 +65,18 @@ def setup(self, captured) -> None:
     elif len(mbs) != len(forwards):
         self._global_reason = (f"{len(forwards)} model forward passes but {len(mbs)} back-propagated loss calls "
                                "on this step: cannot match micro-batches to losses")
-    else:
-        for mb, b in zip(mbs, self.batch_sizes):
+    # a micro-batch loss already divided by the step's count (num_items_in_batch) is a part of the step's
+    # mean, not a mean of its own: its samples' l_i scale by n_local / b_k (``loss_combine.step_normalised``)
+    parts = step_normalised(mbs) and self.ctx.reduction == "mean"
+    self.shares = [self.n_local / b if parts and b else 1.0 for b in self.batch_sizes]
+    if self._global_reason is None:
+        for mb, b, share in zip(mbs, self.batch_sizes, self.shares):
             s = mb.loss_scale
             if s is None or s.numel() != 1 or float(s) == 0.0:
                 self._global_reason = "the gradient arriving at the loss (its backward scale) is unknown or zero"
                 break
             s = s.detach().reshape(()).float()
-            self.factors.append((b / s) if self.ctx.reduction == "mean" else (1.0 / s))
-    # a micro-batch loss already divided by the step's count (num_items_in_batch) is a part of the step's
-    # mean, not a mean of its own: its samples' l_i scale by n_local / b_k (``step_context.step_normalised``)
-    self.shares = [self.n_local / b if step_normalised(mbs) and self.ctx.reduction == "mean" and b else 1.0
-                   for b in self.batch_sizes]
-    self.factors = [f * s for f, s in zip(self.factors, self.shares)] if len(self.factors) == len(mbs) \
-        else self.factors
+            self.factors.append((b * share / s) if self.ctx.reduction == "mean" else (1.0 / s))
     self.micro_batches = mbs
     # parameter -> [(forward position, call, attribute name)]
     self.feeds: Dict[int, list] = {j: [] for j in range(len(self.params))}
@@ -98,7 +96,6 @@ def setup(self, captured) -> None:
                 if id(c) in off_batch:
                     n, b = off_batch[id(c)]
                     self._replay.setdefault(j, (
-
                         f"its module ('{c.module_name}') was called on {n} entries along the batch dimension "
                         f"where the other layers of the forward saw {b} samples: a module called without the "
                         "batch dimension (e.g. nn.Embedding(T, d)(torch.arange(T)) broadcast over the batch; call "
