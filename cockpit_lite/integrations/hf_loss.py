@@ -20,14 +20,13 @@ decomposition would be wrong.
 from __future__ import annotations
 
 import functools
-import inspect
 import warnings
 from typing import Any, List, Optional
 
 import torch
 
 from ..replay import is_replaying
-from .hf_loss_forms import LossForm, function_form, function_positional, module_form, module_positional
+from .hf_loss_forms import LossForm, _signature, function_form, function_positional, module_form, module_positional
 
 _MISSING = object()
 
@@ -227,7 +226,7 @@ def divided_by_step_count(fn, args: tuple, kwargs: dict) -> bool:
     if kwargs.get("num_items_in_batch") is not None:
         return True
     try:
-        bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+        bound = _signature(fn).bind_partial(*args, **kwargs).arguments  # cached per loss function
     except (TypeError, ValueError):
         return False
     return bound.get("num_items_in_batch") is not None
