@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 
 import cockpit_lite
+from cockpit_lite.quantities.base import Quantity
 
 
 @dataclass
@@ -80,3 +81,33 @@ def wait_for_processes(procs, what: str = "a worker process", timeout: float = 2
         assert p.returncode == 0, out
         outs.append(out)
     return outs
+
+
+class Probe(Quantity):
+    """A quantity that keeps what the step's ``PerSampleView`` answers, for tests to compare with a
+    brute force: ``n``, ``unsupported`` (parameter -> reason), ``losses`` and ``losses_reason``, ``G``
+    (per-sample gradients per parameter), ``sq`` (per parameter) and ``sq_total``; with ``full=True``
+    also ``mean``, ``dots`` (onto the mean), ``m2``, ``sums`` and ``cheap`` (cheap max |g|)."""
+
+    name = "probe"
+    needs = frozenset({"layer_io"})
+
+    def __init__(self, schedule=None, full: bool = False):
+        super().__init__(schedule)
+        self.full = full
+
+    def before_step(self, ctx):
+        v = ctx.per_sample
+        self.n = v.n
+        self.unsupported = v.unsupported()
+        self.losses = v.losses().clone()
+        self.losses_reason = v.losses_reason()
+        self.G = [v.per_sample_grads(j).clone() for j in range(len(ctx.params))]
+        self.sq = [s.clone() for s in v.sq_norms_per_param()]
+        self.sq_total = v.sq_norms().clone()
+        if self.full:
+            self.mean = [g.clone() for g in v.mean_grad()]
+            self.dots = [d.clone() for d in v.dots_per_param(self.mean)]
+            self.m2 = [m.clone() for m in v.second_moment()]
+            self.sums = [s.clone() for s in v.sum_grads()]
+            self.cheap = [None if c is None else float(c) for c in v.cheap_max_abs_per_param()]

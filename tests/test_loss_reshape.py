@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 import cockpit_lite
-from cockpit_lite.quantities.base import Quantity
 from cockpit_lite.quantities.ggn_trace import GGNTrace
 from cockpit_lite.quantities.hess_max_ev import HessMaxEV
 from cockpit_lite.quantities.hess_trace import HessTrace
 
 from curvature_reference import ggn, hessian
+from helpers import Probe
 from real_models import FlattenInLoss, T, V, Case, lm_tokens, reference_losses_and_grads
 
 D = 6
@@ -36,20 +36,6 @@ class TinyLM(nn.Module):
         h = self.emb(idx)
         h = torch.tanh(self.mix(h)) + h.cumsum(1) / 3  # positions interact within a sequence
         return self.head(h)
-
-
-class Probe(Quantity):
-    name = "probe"
-    needs = frozenset({"layer_io"})
-
-    def before_step(self, ctx):
-        v = ctx.per_sample
-        self.n = v.n
-        self.reasons = v.unsupported()
-        self.losses = v.losses().clone()
-        self.losses_reason = v.losses_reason()
-        self.G = [v.per_sample_grads(j).clone() for j in range(len(ctx.params))]
-        self.sq = v.sq_norms().clone()
 
 
 LAYOUTS = {
@@ -83,13 +69,13 @@ def run_probe(case, tmp_path, extra=()):
 
 def check(probe, case, before):
     l_ref, g_ref, names = reference_losses_and_grads(case, before)
-    assert probe.reasons == {} and probe.losses_reason is None
+    assert probe.unsupported == {} and probe.losses_reason is None
     assert probe.n == case.B
     torch.testing.assert_close(probe.losses.double(), l_ref, rtol=1e-4, atol=1e-6)
     for G, R in zip(probe.G, g_ref):
         torch.testing.assert_close(G.double(), R, rtol=1e-4, atol=1e-6 * float(R.abs().max()))
     sq = sum(R.reshape(case.B, -1).pow(2).sum(1) for R in g_ref)
-    torch.testing.assert_close(probe.sq.double(), sq, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(probe.sq_total.double(), sq, rtol=1e-4, atol=1e-8)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

@@ -12,32 +12,13 @@ import torch
 from torch import nn
 
 import cockpit_lite
-from cockpit_lite.quantities.base import Quantity
 
+from helpers import Probe
 from reference import per_sample_grads_bruteforce, per_sample_losses
 
 
-class Probe(Quantity):
-    name = "probe"
-    needs = frozenset({"layer_io"})
-
-    def before_step(self, ctx):
-        v = ctx.per_sample
-        self.n = v.n
-        self.unsupported = v.unsupported()
-        self.losses = v.losses().clone()
-        self.sq = [s.clone() for s in v.sq_norms_per_param()]
-        self.mean = [g.clone() for g in v.mean_grad()]
-        self.dots = [d.clone() for d in v.dots_per_param(self.mean)]
-        self.m2 = [m.clone() for m in v.second_moment()]
-        self.sums = [s.clone() for s in v.sum_grads()]
-        self.G = [v.per_sample_grads(j) for j in range(len(ctx.params))]
-        cheap = v.cheap_max_abs_per_param()
-        self.cheap = [None if c is None else float(c) for c in cheap]
-
-
 def run_probe(model, loss_fn, batches, tmp_path, accumulate=True, optimizer=None):
-    probe = Probe()
+    probe = Probe(full=True)
     probe.model_before = copy.deepcopy(model)  # the reference is taken at theta_t, before the step
     opt = optimizer or torch.optim.SGD(model.parameters(), lr=0.01)
     cp = cockpit_lite.watch(model, opt, loss_fn=loss_fn, logdir=tmp_path / "run", quantities=[probe])

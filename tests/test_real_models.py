@@ -16,7 +16,7 @@ from cockpit_lite.quantities.norm_test import NormTest
 
 from reference import flat, inner_test, norm_test, ortho_test
 from real_models import cases, reference_losses_and_grads
-from test_loss_reshape import Probe
+from helpers import Probe
 
 BROADCAST = ["nanogpt", "gpt_position_ids", "gpt_param_table", "gpt_flinear_tie", "bias_table", "gpt_loss_module",
              "gpt_sum", "gpt_transpose", "gru_lm", "lstm_lm", "rnn_lm", "gru_h_n", "lstm_h_n", "rnn_h_n",
@@ -42,7 +42,7 @@ def test_per_sample_gradients_of_broadcast_and_tied_parameters(tmp_path, name):
     case = cases()[name]()
     probe, before, run = probe_run(case, tmp_path)
     l_ref, g_ref, names = reference_losses_and_grads(case, before)
-    assert probe.reasons == {}, probe.reasons
+    assert probe.unsupported == {}, probe.unsupported
     assert probe.n == case.B
     if case.layout == "batch-first":  # sequence-first: the record's count is T (docs/known-limits.md)
         assert run.records[0]["samples"] == case.B
@@ -61,8 +61,8 @@ def test_sequence_first_layouts_are_nan_with_a_reason_naming_the_module(tmp_path
     case = cases()[name]()
     probe, before, run = probe_run(case, tmp_path, quantities=[NormTest("every")])
     names = [n for n, _ in case.model.named_parameters()]
-    unsupported = set(probe.reasons)
-    assert any("'emb'" in r for r in probe.reasons.values()), probe.reasons
+    unsupported = set(probe.unsupported)
+    assert any("'emb'" in r for r in probe.unsupported.values()), probe.unsupported
     _, G, _ = reference_losses_and_grads(case, before)
     for j, n in enumerate(names):  # a parameter with values has the reference's (MultiheadAttention's own)
         if n not in unsupported:
@@ -75,7 +75,7 @@ def test_dropout_in_a_broadcast_model_is_nan_with_reason(tmp_path):
     case = cases()["nanogpt"]()
     case.model.blocks[0].mlp.append(torch.nn.Dropout(0.2))
     probe, _, _ = probe_run(case, tmp_path)
-    assert "wpe.weight" in probe.reasons and "random" in probe.reasons["wpe.weight"]
+    assert "wpe.weight" in probe.unsupported and "random" in probe.unsupported["wpe.weight"]
     assert torch.isnan(probe.G[[n for n, _ in case.model.named_parameters()].index("wpe.weight")]).all()
 
 
