@@ -45,13 +45,15 @@ NAN_WITH_REASON = {
 # a copy made inline, UnsafeView(Clone(output[:, P:])): its rows (B*T) are counted (known limit)
 
 
-def run_case(u, tmp_path):
+def run_case(u, tmp_path, quantities=None):
+    """One watched step of case ``u`` (its micro-batches, each loss times its factor): (the model before
+    the step, the step record). ``quantities``: every quantity of the comparison unless given."""
     before = copy.deepcopy(u.model)
     opt = torch.optim.SGD(u.model.parameters(), lr=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with cockpit_lite.watch(u.model, opt, loss_fn=u.loss_fn, logdir=tmp_path / "run",
-                                quantities={q: "every" for q in ["loss", *QS]}):
+                                quantities=quantities or {q: "every" for q in ["loss", *QS]}):
             opt.zero_grad()
             for x, y, c in u.micro:
                 (c * u.loss_fn(*u.loss_input(u.call(u.model, x), y))).backward()
@@ -251,15 +253,7 @@ def test_hess_max_ev_against_a_dense_hessian(tmp_path, name):
     fn = copy.deepcopy(u.loss_fn).double()
     with sdpa_kernel(SDPBackend.MATH):
         H = hessian(u.model, lambda o, t: fn(*u.loss_input(o, t)), x, y, theta)
-    opt = torch.optim.SGD(u.model.parameters(), lr=0.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with cockpit_lite.watch(u.model, opt, loss_fn=u.loss_fn, logdir=tmp_path / "run",
-                                quantities={"hess_trace": "every", "hess_max_ev": "every"}):
-            opt.zero_grad()
-            u.loss_fn(*u.loss_input(u.call(u.model, x), y)).backward()
-            opt.step()
-    rec = cockpit_lite.load(tmp_path / "run").records[0]
+    _, rec = run_case(u, tmp_path, {"hess_trace": "every", "hess_max_ev": "every"})
     assert rec.get("reasons", {}) == {}, rec.get("reasons")
     assert rec["values"]["hess_max_ev"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-3)
     if rec["data"]["hess_trace"]["method"].startswith("exact"):
@@ -312,16 +306,7 @@ def test_inline_shifted_copy_curvature_is_nan_with_a_reason(tmp_path):
     copy of a part of the output; curvature cannot re-evaluate it and says so (was a raw 'shape [16, 11] is
     invalid for input of size 220'); the per-sample values stay exact (the main test above)."""
     u = cases()["hf_shift_inline"]()
-    (x, y, _), = u.micro
-    opt = torch.optim.SGD(u.model.parameters(), lr=0.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with cockpit_lite.watch(u.model, opt, loss_fn=u.loss_fn, logdir=tmp_path / "run",
-                                quantities={"hess_max_ev": "every", "hess_trace": "every"}):
-            opt.zero_grad()
-            u.loss_fn(*u.loss_input(u.call(u.model, x), y)).backward()
-            opt.step()
-    rec = cockpit_lite.load(tmp_path / "run").records[0]
+    _, rec = run_case(u, tmp_path, {"hess_max_ev": "every", "hess_trace": "every"})
     for key in ("hess_max_ev", "hess_trace"):
         reason = rec["reasons"][key]  # the copy is named: a reshape it is not, or a copy in another layout
         assert math.isnan(float(rec["values"][key])) and ("not a reshape" in reason or "is a copy of the model output"
