@@ -46,7 +46,8 @@ def _as_float(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
     return tensors
 
 
-def _one_group(tensors: List[torch.Tensor]) -> torch.Tensor:
+def norms_of(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of each tensor (any devices, any float dtype) as one 1-D tensor on the first norm's device."""
     devices = {t.device for t in tensors}
     if len(devices) == 1:
         return norms_on_device(tensors)
@@ -128,7 +129,7 @@ class NormBatch:
     def _alone(group: NormGroup) -> None:
         try:
             with torch.no_grad():
-                group.norms = group.base = _one_group(group.tensors)
+                group.norms = group.base = norms_of(group.tensors)
         except Exception as err:
             group.error = f"{type(err).__name__}: {err}"
         group.tensors = None

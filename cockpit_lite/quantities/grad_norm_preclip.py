@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .. import amp_scale
-from ..norm_batch import norms_on_device
+from ..norm_batch import norms_of
 from .base import Quantity
 
 GREW_TOLERANCE = 1e-3  # relative; rounding of unscaling in float32 is ~1e-7
@@ -56,17 +56,17 @@ class GradNormPreclip(Quantity):
             self._norms, self._error = None, f"{type(err).__name__} at the end of backward: {err}"
 
     def _norms_now(self) -> torch.Tensor:
+        """float32 norms of every ``.grad`` (0 where there is none), as ``grad_norm`` computes them."""
         grads = [p.grad for p in self._params]
-        present = [g.float() if g.dtype in (torch.float16, torch.bfloat16) else g for g in grads if g is not None]
+        present = [g for g in grads if g is not None]
+        device = present[0].device if present else self._params[0].device
         with torch.no_grad():
-            if len(present) == len(grads) and all(g.dtype == torch.float32 and g.device == present[0].device
-                                                  for g in present):
-                return norms_on_device(present)  # the common case: as grad_norm computes them
-            found = iter(torch._foreach_norm(present)) if present else iter(())
-            ref = present[0] if present else self._params[0]
-            norms = [next(found) if g is not None else torch.zeros((), dtype=ref.dtype, device=ref.device)
-                     for g in grads]
-            return torch.stack([n.to(ref.device, torch.float32) for n in norms])
+            norms = norms_of(present).to(device, torch.float32) if present else torch.zeros(0, device=device)
+            if len(present) == len(grads):
+                return norms
+            out = torch.zeros(len(grads), device=device)
+            out[[j for j, g in enumerate(grads) if g is not None]] = norms
+            return out
 
     def before_step(self, ctx) -> None:
         self._scale = amp_scale.take(self._optimizer)
