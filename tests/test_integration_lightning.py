@@ -359,8 +359,9 @@ def test_logger_keys_choose_what_the_loggers_get(tmp_path):
     assert {k for k in chosen.keys if k.startswith("cockpit/")} == {"cockpit/loss", "cockpit/grad_norm"}
 
 
-def test_mlflow_logger_receives_the_values(tmp_path):
+def test_mlflow_logger_receives_the_values(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store in maintenance mode
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.tracking import MlflowClient
 

@@ -127,8 +127,9 @@ def test_mlflow_sink_with_a_fake_client(tmp_path, monkeypatch):
     assert fake.logged and all(rid == "given" for rid, _, _ in fake.logged)
 
 
-def test_mlflow_sink_with_a_file_store(tmp_path):
+def test_mlflow_sink_with_a_file_store(tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store in maintenance mode
     from cockpit_lite.sinks import MLflowSink
 
     uri = (tmp_path / "mlruns").as_uri()
