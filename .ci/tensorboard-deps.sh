@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What tests/test_tensorboard_e2e.py needs: Debian's chromium and Playwright for Python (which
+# What tests/tensorboard/test_tensorboard_e2e.py needs: Debian's chromium and Playwright for Python (which
 # drives that chromium; Playwright's own browser download is not used and not needed).
 # Called by .ci/run before the test suite. Idempotent.
 set -euo pipefail

@@ -1,12 +1,12 @@
 """Issue 24's "done when" figures for faults, as one small table (docs/reliability.md).
 
 * full disk: a watched MLP trains 100 steps while every log write from step 20 to 59 fails with ENOSPC
-  (the writer's file is wrapped as in tests/test_runlog_write_faults.py); did training finish, is the
+  (the writer's file is wrapped as in tests/runlog/test_runlog_write_faults.py); did training finish, is the
   log readable, how many steps it holds, how many records were dropped;
 * racing starts: ``--races`` trials of ``--racers`` processes (forked, released together by a barrier)
   creating a run log in one logdir with ``if_exists="error"``; a mixed log (two headers, or records of
   two writers) counts as a failure, and so does a trial without exactly one winner;
-* malformed values: each class of tests/test_runlog_bad_input.py's BAD_LINES put between two good
+* malformed values: each class of tests/runlog/test_runlog_bad_input.py's BAD_LINES put between two good
   step records; one reported bad line, the other records read, and ``cockpit-lite plot`` writing a PNG;
 * memory: ``--soak FILE`` adds the figures of ``benchmarks/memory_soak.py --json`` saved in FILE.
 
@@ -29,6 +29,9 @@ import warnings
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+from layout import use_test_dirs  # noqa: E402
+
+use_test_dirs()  # the fault classes are defined by tests/runlog's test modules
 
 
 def full_disk(tmp: str) -> dict:

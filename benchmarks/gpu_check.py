@@ -114,7 +114,7 @@ def _origin(module: str) -> str:
 def cuda_test_files() -> List[str]:
     """The test files with a test that asks for a GPU."""
     files = []
-    for path in sorted(glob.glob(os.path.join(ROOT, "tests", "test_*.py"))):
+    for path in sorted(glob.glob(os.path.join(ROOT, "tests", "**", "test_*.py"), recursive=True)):
         with open(path) as fh:
             text = fh.read()
         if re.search(r"skipif\(\s*not\s+torch\.cuda\.is_available\(\)", text):

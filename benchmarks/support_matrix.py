@@ -7,7 +7,7 @@ Runs every case of tests/real_models.py (the models of the real-model tests) for
 ``full`` preset on every step and reads step 0 of the log. A family is ``exact`` when all its values are
 finite and none carries a standard error, ``estimated`` when one carries a standard error (a Hutchinson
 trace), ``unavailable`` when one is NaN (the first reason is quoted). The values themselves are checked
-against brute-force references in tests/test_real_models.py and tests/test_loss_reshape.py.
+against brute-force references in tests/persample/test_real_models.py and tests/persample/test_loss_reshape.py.
 """
 
 from __future__ import annotations

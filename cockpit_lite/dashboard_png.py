@@ -7,7 +7,7 @@ rasterized in two halves at once: a forked child draws the panels of the lower h
 ones hidden, the parent the upper half with the lower ones hidden, and the parent stacks the two
 images at the row boundary (every panel lies within its own row; the backgrounds and group titles
 drawn in both are identical). The PNG is then written as matplotlib's own ``print_png`` writes
-it (``matplotlib.image.imsave`` of the RGBA buffer). ``tests/test_dashboard_png.py`` checks that
+it (``matplotlib.image.imsave`` of the RGBA buffer). ``tests/instruments/test_dashboard_png.py`` checks that
 the image equals the one drawn in one process, pixel for pixel.
 
 Used only where it can pay and cannot go wrong: by the ``cockpit-lite plot`` command (a process of

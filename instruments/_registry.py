@@ -12,7 +12,7 @@ from ._base import GROUPS, Instrument
 
 GROUP_ENTRY_POINTS = "cockpit_lite.instruments"
 
-#: built-in quantities that no built-in instrument reads, and why (tests/test_registries.py checks that
+#: built-in quantities that no built-in instrument reads, and why (tests/project/test_registries.py checks that
 #: every other quantity has a panel)
 PANEL_LESS: Dict[str, str] = {
     "param_norm": "context for distance: drawn in the TensorBoard tab's distances panel, no dashboard panel",

@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+from layout import use_test_dirs
+
+use_test_dirs()  # test folders mirror the package; support and other folders' tests import by name
+
 # the suite runs on 2 shared cores: keep each test's intra-op threads modest and deterministic
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

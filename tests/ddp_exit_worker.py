@@ -1,5 +1,5 @@
 """A watched two-process DDP run (gloo) that ends as user scripts end: the worker returns after
-``destroy_process_group()``, no ``os._exit`` (tests/test_ddp_exit.py).
+``destroy_process_group()``, no ``os._exit`` (tests/distributed/test_ddp_exit.py).
 
     python tests/ddp_exit_worker.py LOGDIR QUANTITIES   # QUANTITIES: a preset name, or "none" (unwatched)
 

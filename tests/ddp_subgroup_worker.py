@@ -1,4 +1,4 @@
-"""One of 4 processes in two data-parallel groups, [0, 2] and [1, 3] (tests/test_distributed.py):
+"""One of 4 processes in two data-parallel groups, [0, 2] and [1, 3] (tests/distributed/test_distributed.py):
 each group's cockpit reductions (cockpit_lite.distributed.Group) must stay within that group.
 
     python tests/ddp_subgroup_worker.py RANK INIT_FILE      # prints "rank R sum S"

@@ -1,4 +1,4 @@
-"""One process of the data-parallel test (tests/test_distributed.py), also run alone as the reference.
+"""One process of the data-parallel test (tests/distributed/test_distributed.py), also run alone as the reference.
 
     python tests/ddp_worker.py RANK WORLD INIT_FILE LOGDIR MODE   # WORLD > 1: DDP over gloo (CPU)
     python tests/ddp_worker.py 0 1 - LOGDIR MODE                  # one process on the whole batch

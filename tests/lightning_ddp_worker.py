@@ -1,4 +1,4 @@
-"""The Lightning DDP run of tests/test_integration_lightning.py: two CPU processes (gloo), each
+"""The Lightning DDP run of tests/integrations/test_integration_lightning.py: two CPU processes (gloo), each
 training on its shard of every global batch, with a CockpitCallback in each.
 
     python tests/lightning_ddp_worker.py LOGDIR     # Lightning starts the second process itself
@@ -13,6 +13,9 @@ import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
+from layout import use_test_dirs  # noqa: E402
+
+use_test_dirs()  # the test module this worker shares its set-up with lives in a test folder
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402

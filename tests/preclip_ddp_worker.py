@@ -1,4 +1,4 @@
-"""One process of the DDP test of ``grad_norm_preclip`` (tests/test_grad_norm_preclip.py).
+"""One process of the DDP test of ``grad_norm_preclip`` (tests/quantities/test_grad_norm_preclip.py).
 
     python tests/preclip_ddp_worker.py RANK WORLD INIT_FILE LOGDIR
 

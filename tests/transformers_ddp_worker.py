@@ -1,4 +1,4 @@
-"""The Hugging Face Trainer data-parallel run of tests/test_integration_transformers.py: two CPU
+"""The Hugging Face Trainer data-parallel run of tests/integrations/test_integration_transformers.py: two CPU
 processes (gloo), started by torchrun, each with a CockpitTrainerCallback.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/transformers_ddp_worker.py OUTDIR
@@ -13,6 +13,9 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
+from layout import use_test_dirs  # noqa: E402
+
+use_test_dirs()  # the test module this worker shares its set-up with lives in a test folder
 
 import torch  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402

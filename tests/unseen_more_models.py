@@ -1,4 +1,4 @@
-"""More models for tests/test_real_models_unseen.py (same harness, ``unseen_models.Unseen``): other losses and
+"""More models for tests/persample/test_real_models_unseen.py (same harness, ``unseen_models.Unseen``): other losses and
 layer types, GPTs with the loss inline, B == T, batch-mixing forwards, gradient checkpointing, stacked views, packed sequences."""
 
 from __future__ import annotations

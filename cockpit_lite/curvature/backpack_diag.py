@@ -10,7 +10,7 @@ falls back to a Hutchinson estimate. A BackPACK failure at run time is also repo
 into training.
 
 BackPACK's rules are exact only for the plain forms of its modules; checked against dense float64
-Hessians (tests/test_exact_diag_guard.py), these are silently wrong and are refused up front:
+Hessians (tests/curvature/test_exact_diag_guard.py), these are silently wrong and are refused up front:
 
 * CrossEntropyLoss with class weights or label smoothing (BackPACK's loss Hessian ignores both);
 * CrossEntropyLoss on a step whose targets contain ``ignore_index`` (BackPACK counts the ignored samples

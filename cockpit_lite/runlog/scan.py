@@ -9,7 +9,7 @@ keys side by side, reasons, flags, the fields and structure entries the cache ke
 where each structure is in the log, and each key's last structure. The merging rules of
 ``Run._add`` are applied to these directly: for each step, the last line that gives a value,
 reason or structure wins; flags add up; the record fields are those of the step's first line.
-``tests/test_runlog_scan.py`` checks every reader method against a run that builds its records.
+``tests/runlog/test_runlog_scan.py`` checks every reader method against a run that builds its records.
 """
 
 from __future__ import annotations

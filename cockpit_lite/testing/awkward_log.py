@@ -2,7 +2,7 @@
 axis, a constant learning rate, a near-constant series (1 - 1e-7), sparse curvature with NaN steps, a
 negative Hessian trace, a TIC swinging between thousands with large standard errors, gradient tests NaN
 with reasons, a first step 100x slower than the rest, and the cockpit's own time. For the picture tests
-(tests/test_dashboard_picture.py, tests/test_tensorboard_picture.py) and docs/images. The header says
+(tests/instruments/test_dashboard_picture.py, tests/tensorboard/test_tensorboard_picture.py) and docs/images. The header says
 ``"synthetic": true``: these numbers come from no model."""
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ import torch
 
 import cockpit_lite
 from helpers import wait_for_processes
+from layout import TESTS
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_worker.py")
+WORKER = str(TESTS / "ddp_worker.py")
 # tic_diag = sum_j M_j / (c_j + 1e-7) adds terms of both signs divided by tiny Hessian diagonal entries, each
 # a cancelling float32 sum over samples: a different summation order (two shards) moves such c_j by up to
 # 1.3e-4 relative (measured on this net), the total by up to that fraction of abs_terms = sum_j |term_j|

@@ -8,7 +8,7 @@ names the presentation layer there, lazily, and nowhere else."""
 import ast
 import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 ALLOWED = {("cockpit_lite.runlog.queries", "cockpit_lite.notebook")}
 
 

@@ -22,7 +22,7 @@ from matplotlib.collections import PathCollection, PolyCollection, QuadMesh  # n
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import StepPatch  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "third_party_instrument"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "third_party_instrument"
 STEPS = 60
 
 

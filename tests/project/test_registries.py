@@ -19,7 +19,7 @@ from cockpit_lite.runlog import keys as runlog_keys
 from cockpit_lite.presets import PRESETS
 from instruments import tab_panels
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 INDEX_JS = ROOT / "cockpit_lite" / "tensorboard" / "static" / "index.js"
 
 

@@ -6,7 +6,7 @@ import sys
 
 import cockpit_lite
 
-ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)
 
 
 def test_demo_writes_log_dashboard_and_tensorboard(tmp_path):

@@ -5,7 +5,7 @@ with a float32 run of the same steps to bfloat16's precision (8 bits of mantissa
 unavailable. torch.compile: the hooks stay outside the compiled graph (no graph break for the
 first-order set), per-sample quantities are right and say that they break the graph on tracked
 steps, and the curvature re-evaluates the original module (compiled graphs have no double backward).
-(Skipped steps under a GradScaler: tests/test_step_detection.py and tests/test_alpha.py.)
+(Skipped steps under a GradScaler: tests/engine/test_step_detection.py and tests/quantities/test_alpha.py.)
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ numbers as cockpit-lite; checked here on a few steps (the timing itself is the s
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from benchmarks import floor  # noqa: E402
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import cockpit_lite
+from layout import TESTS
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_exit_worker.py")
+WORKER = str(TESTS / "ddp_exit_worker.py")
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 

@@ -48,7 +48,7 @@ SCRIPT = textwrap.dedent("""
 def _start(tmp_path, *args):
     (tmp_path / "train.py").write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] + [os.environ.get("PYTHONPATH", "")]))
+        [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))] + [os.environ.get("PYTHONPATH", "")]))
     return subprocess.Popen([sys.executable, "train.py", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -48,7 +48,7 @@ def root(tmp_path_factory):
 def test_the_tab_reads_right(root, tmp_path, monkeypatch):
     _need_browser()
     # tensorboard imports the plugin from this checkout (not from wherever the package is installed)
-    here = str(Path(__file__).resolve().parents[1])
+    here = str(Path(__file__).resolve().parents[2])
     monkeypatch.setenv("PYTHONPATH", here + os.pathsep + os.environ.get("PYTHONPATH", ""))
     from playwright.sync_api import sync_playwright
 

@@ -11,7 +11,7 @@ import pytest
 
 import cockpit_lite
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_one_version_source():

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from benchmarks import gpu_check, gpu_common, gpu_syncs, gpu_values  # noqa: E402
 
@@ -108,7 +108,7 @@ def test_sync_events_are_the_blocking_cuda_calls():
 
 def test_the_cuda_test_files_are_found():
     files = gpu_check.cuda_test_files()
-    assert "tests/test_energy_time_device.py" in files and "tests/test_energy_quantity.py" in files
+    assert "tests/energy/test_energy_time_device.py" in files and "tests/energy/test_energy_quantity.py" in files
 
 
 def _args(tmp_path, **kw):

@@ -9,7 +9,7 @@ import pytest
 import cockpit_lite
 from cockpit_lite.advisor import diagnose, report
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "examples"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "examples"))
 import broken_runs  # noqa: E402
 
 

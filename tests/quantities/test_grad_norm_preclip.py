@@ -11,6 +11,7 @@ from torch import nn
 
 import cockpit_lite
 from helpers import wait_for_processes
+from layout import TESTS
 
 
 def _net():
@@ -171,7 +172,7 @@ def test_ddp_value_is_the_global_batch_norm_after_all_reduce(tmp_path):
 
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this torch build")
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "preclip_ddp_worker.py")
+    worker = str(TESTS / "preclip_ddp_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     logdir = tmp_path / "log"
     procs = [subprocess.Popen([sys.executable, worker, str(r), "2", str(tmp_path / "init"), str(logdir)], env=env,
