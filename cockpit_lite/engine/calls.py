@@ -4,7 +4,7 @@ process agrees whether the call failed anywhere (``distributed.Group``'s phases)
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from ..distributed import OutOfStep
 from ..quantities.base import Quantity
@@ -39,18 +39,51 @@ def bracket(dist, step: int, phase: str):
         outcome.anywhere = outcome.failed is not None
 
 
-def call_quantity(q: Quantity, method: str, ctx, dist, on_failure: Callable[[Quantity, str, object, BaseException], None]):
-    """``q.<method>(ctx)``; a raised error goes to ``on_failure`` (which logs it as NaN with a reason)."""
-    if dist is None or not q.reduces or getattr(type(q), method) is getattr(Quantity, method):
-        try:  # one process (the hot path: no bracket)
-            getattr(q, method)(ctx)
-        except Exception as err:  # a failing quantity never stops training
-            on_failure(q, method, ctx, err)
-        return
-    with bracket(dist, ctx.step, f"{q.name}.{method}") as outcome:
+def _bracketed(q: Quantity, method: str, dist) -> bool:
+    """Whether ``q.<method>`` may reduce across processes (else it runs as in one process)."""
+    return dist is not None and q.reduces and getattr(type(q), method) is not getattr(Quantity, method)
+
+
+def call_hook(quantities: Sequence[Quantity], method: str, ctx, dist,
+              on_failure: Callable[[Quantity, str, object, BaseException], None]) -> None:
+    """``q.<method>(ctx)`` for each quantity; a raised error goes to ``on_failure`` (which logs it as NaN
+    with a reason). In a data-parallel run each call that may reduce is a phase of ``dist`` (its checks
+    are tagged with the quantity), and one closing check ends the hook (``Group.end``): a process that
+    raised and skipped reductions meets the others there or at the next quantity's first check, never
+    leaving one waiting. When the processes turn out out of step, the calls not confirmed by a matched
+    check after they returned (``Group.matched``) are reported as failed too."""
+    pending: List[Tuple[Quantity, int]] = []  # bracketed calls that returned, with dist.matched then
+    bracketed = False
+    for q in quantities:
+        if not _bracketed(q, method, dist):
+            try:  # one process, or a quantity that never reduces (the hot path: no bracket)
+                getattr(q, method)(ctx)
+            except Exception as err:  # a failing quantity never stops training
+                on_failure(q, method, ctx, err)
+            continue
+        bracketed = True
+        dist.enter(ctx.step, f"{q.name}.{method}")
+        failed: Optional[BaseException] = None
         try:
             getattr(q, method)(ctx)
         except Exception as err:
-            outcome.fail(err)
-    if outcome.failed is not None:
-        on_failure(q, method, ctx, outcome.failed)
+            failed = err.with_traceback(None)  # no frame (holding the step's tensors) kept alive
+        if failed is None and dist.broken:
+            failed = dist.out_of_step()
+        if failed is not None:
+            on_failure(q, method, ctx, failed)
+        else:
+            pending.append((q, dist.matched))
+    if not bracketed:
+        return
+    confirmed = dist.matched
+    if not dist.broken:
+        dist.enter(ctx.step, f"{method}:close")
+        try:
+            dist.end(False)
+            return
+        except OutOfStep:
+            pass
+    for q, matched in pending:  # ran after the last check that matched: not confirmed
+        if matched >= confirmed:
+            on_failure(q, method, ctx, dist.out_of_step())

@@ -26,7 +26,7 @@ from ..quantities.base import Quantity, Watched
 from ..runlog import RunLogWriter, load
 from ..runlog.batch import LOG_BATCH, BatchedWriter
 from ..step_context import MicroBatch, StepContext
-from .calls import bracket, call_quantity
+from .calls import bracket, call_hook
 from .records import NoLog, Recorder, header
 from .setup import (QuantitySpec, nonfinite_grad_names, now, observed_parameters, resolve_quantities,
                     sequence_first_module, uncompiled)
@@ -308,8 +308,7 @@ class Cockpit(StepDetection):
             ctx.params_before = self._before_buffers
         if ctx.layer_io is not None and self.watched.rule_check is None:
             self._check_rules(ctx)
-        for q in active:
-            call_quantity(q, "before_step", ctx, self.watched.dist, self._failed)
+        call_hook(active, "before_step", ctx, self.watched.dist, self._failed)
         ctx.flush_norms()  # every norm asked for, in one reduction, before the optimizer changes the parameters
         self._overhead += time.perf_counter() - t0
         return None
@@ -320,8 +319,7 @@ class Cockpit(StepDetection):
         if ctx is not None:
             ctx.t_hook = t0
             ctx.t_overhead = self._overhead
-            for q in self._active:
-                call_quantity(q, "after_step", ctx, self.watched.dist, self._failed)
+            call_hook(self._active, "after_step", ctx, self.watched.dist, self._failed)
             self._records.write_step(ctx, self._backward_passes, self.watched.dist)
         self.step += 1
         self._reset_step_state()
