@@ -8,7 +8,7 @@ import zlib
 import torch
 
 HEAD = 3  # a check's row starts with: tag, size, failed
-SLOTS = 64  # numbers a check carries with it: a reduction that fits is one collective, header included
+SLOTS = 128  # numbers a check carries with it: a reduction that fits is one collective, header included
 
 
 class OutOfStep(RuntimeError):

@@ -55,11 +55,15 @@ class _Unmeasurable(Exception):
     """A reason why alpha cannot be measured on this step (recorded as NaN with the reason)."""
 
 
-def loss_observation(per_sample) -> Tuple[int, torch.Tensor, torch.Tensor]:
-    """(n, mean, unbiased variance) of the per-sample losses l_i."""
-    losses = per_sample.losses().detach()
-    reason = per_sample.losses_reason() if hasattr(per_sample, "losses_reason") else None
-    n, mean, var = mean_and_var(_group(per_sample), losses)  # over the global batch of a data-parallel run
+def loss_observation(per_sample, stats: Optional[dict] = None) -> Tuple[int, torch.Tensor, torch.Tensor]:
+    """(n, mean, unbiased variance) of the per-sample losses l_i. ``stats``: a dict that keeps them for
+    the step, so that the end point of one fit and the start of the next share one reduction."""
+    stats = {} if stats is None else stats
+    if "losses" not in stats:
+        losses = per_sample.losses().detach()
+        reason = per_sample.losses_reason() if hasattr(per_sample, "losses_reason") else None
+        stats["losses"] = (*mean_and_var(_group(per_sample), losses), reason)  # over the global batch (DDP)
+    n, mean, var, reason = stats["losses"]
     if reason:
         raise _Unmeasurable(f"per-sample losses are not available: {reason}")
     if n < 2:
@@ -132,12 +136,13 @@ class Alpha(Quantity):
             step, reason = self._undelivered
             self._undelivered = None
             ctx.emit_for_step(step, "alpha", reason=reason)
+        stats: dict = {}  # the step's per-sample loss statistics, shared by the end and the start of fits
         if self._start is not None:
-            self._finish(ctx)
+            self._finish(ctx, stats)
         if self.schedule(ctx.step):
             try:
                 check_supported(ctx.per_sample)
-                n, f, var_f = loss_observation(ctx.per_sample)
+                n, f, var_f = loss_observation(ctx.per_sample, stats)
                 self._start = _Start(step=ctx.step, n=n, f=f, var_f=var_f)
             except _Unmeasurable as err:
                 ctx.emit_nan("alpha", str(err))
@@ -193,15 +198,15 @@ class Alpha(Quantity):
         self._undelivered = None
 
     # -- the end point and the fit ----------------------------------------------------------------
-    def _finish(self, ctx) -> None:
+    def _finish(self, ctx, stats: dict) -> None:
         # self._start stays set while the end point is observed: the step's plan of per-sample work
         # (per_sample_direction) may be made then, by the first per-sample request
         try:
-            self._finish_start(ctx, self._start)
+            self._finish_start(ctx, self._start, stats)
         finally:
             self._start = None
 
-    def _finish_start(self, ctx, start: _Start) -> None:
+    def _finish_start(self, ctx, start: _Start, stats: dict) -> None:
         if start.step != ctx.step - 1:
             ctx.emit_for_step(start.step, "alpha", reason=f"the next step ({start.step + 1}) was not observed")
             return
@@ -210,7 +215,7 @@ class Alpha(Quantity):
             return
         try:
             check_supported(ctx.per_sample)
-            n1, f1, var_f1 = loss_observation(ctx.per_sample)
+            n1, f1, var_f1 = loss_observation(ctx.per_sample, stats)
             with torch.no_grad():
                 df1, var_df1 = slope_observation(ctx.per_sample, self._direction)
         except _Unmeasurable as err:
