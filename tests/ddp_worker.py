@@ -7,7 +7,8 @@ Every step's global batch is the same in both cases; with WORLD processes, rank 
 r-th contiguous part of it (their concatenation is the global batch). MODE "sgd": plain SGD, one
 backward per step; "adam-accum": Adam with two accumulated micro-batches per step; "flaky": plain SGD
 with a quantity that raises in process 1 only at step 1, between the others' reductions (the guard
-in cockpit_lite/distributed.py); the trained parameters are saved beside the log; "bpfail": plain
+in cockpit_lite/distributed/group.py); the trained parameters are saved beside the log; "flaky0": the
+same quantity raising in process 0 (the writer) only, followed by one that makes no reduction; "bpfail": plain
 SGD with hess_trace, whose BackPACK computation raises in process 1 only at step 1 ("hutchinson": the
 same quantities with the estimator forced, the reference for the steps after the fallback).
 """
@@ -62,16 +63,29 @@ def _fail_backpack_at(step: int, cockpit_lite) -> None:
 
 
 class Flaky(Quantity):
-    """Reduces one number per step, except in process 1 at step 1, where it raises before reducing."""
+    """Reduces one number per step, except in process ``rank`` at step 1, where it raises before reducing."""
 
     name = "flaky"
 
+    def __init__(self, rank: int = 1):
+        super().__init__("every")
+        self.rank = rank
+
     def before_step(self, ctx):
         dist = ctx.watched.dist
-        if ctx.step == 1 and dist is not None and dist.rank == 1:
-            raise RuntimeError("fails in process 1 only")
+        if ctx.step == 1 and dist is not None and dist.rank == self.rank:
+            raise RuntimeError(f"fails in process {self.rank} only")
         (total,) = sum_numbers(dist, [1.0])
         ctx.emit("flaky", total)
+
+
+class Quiet(Quantity):
+    """May reduce (the default), but reduces nothing: its value is its own, the same in every process."""
+
+    name = "quiet"
+
+    def before_step(self, ctx):
+        ctx.emit("quiet", 1.0)
 
 
 FLAKY_SET = ("norm_test", "inner_test", "mean_gsnr", "grad_hist_1d", "alpha", "loss", "grad_norm")
@@ -91,6 +105,8 @@ def run(rank: int, world: int, init_file: str, logdir: str, mode: str) -> None:
     quantities = QUANTITIES
     if mode == "flaky":
         quantities = [Flaky()] + [make(q, "every") for q in FLAKY_SET]
+    if mode == "flaky0":
+        quantities = [make("loss", "every"), Flaky(rank=0), Quiet(), make("grad_norm", "every")]
     if mode in ("bpfail", "hutchinson"):
         from cockpit_lite.quantities.hess_trace import HessTrace
 

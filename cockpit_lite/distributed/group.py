@@ -7,7 +7,7 @@ import zlib
 
 import torch
 
-HEAD = 3  # a check's row starts with: tag, size, failed
+HEAD = 4  # a check's row starts with: tag, size, failed, the phase's place in its hook
 SLOTS = 128  # numbers a check carries with it: a reduction that fits is one collective, header included
 
 
@@ -27,7 +27,7 @@ class Group:
     * the reductions run on a process group of their own (``new_group`` at ``watch``), never paired
       with DDP's gradient reductions;
     * every collective of the cockpit starts with a *check*: one all-gather of a fixed-size row
-      ``[tag, size, failed, payload...]`` (``HEAD + SLOTS`` float64 numbers, whatever it carries, so that
+      ``[tag, size, failed, place, payload...]`` (``HEAD + SLOTS`` float64 numbers, whatever it carries, so that
       two processes at different points still make the same collective). The tag names the reduction:
       step, phase (quantity and hook), its index there, and what it reduces (``what=``, e.g. "hvp",
       "exact_diag"), so that two reductions of the same size but different meaning never pair. Every
@@ -41,9 +41,12 @@ class Group:
       those of ``after_step``), so that no process leaves the hook while another waits in it. All of
       them see the mismatch in the same collective and raise :class:`OutOfStep`. They then skip the
       step's remaining reductions (the quantities report NaN with the reason), so they stay matched
-      and resume together on the next step. ``matched`` counts the checks that matched, so that the
-      engine can tell which quantities ran after the last one (their values are not confirmed by any
-      later check, and are reported NaN with the reason when the processes turn out out of step).
+      and resume together on the next step. Every row also says the place of its phase in the hook
+      (``enter(..., place=)``: the k-th quantity called, the closing last): ``lowest_place`` is the
+      lowest place any process was at when they went out of step. Every process had left the phases
+      before it, so no reduction of theirs was skipped or mispaired (a process skipping one would have
+      left another waiting there); a call at that place or later that returned in this process has no
+      such confirmation and is reported NaN with the reason (``engine/calls.py``).
 
     Tags are integers below 2**40, exact in float64. Quantities keep their own state in agreement
     too (per-step probe seeds, an agreed warm start, agreed fallbacks; see the curvature code).
@@ -64,7 +67,7 @@ class Group:
         # gloo reduces CPU tensors, nccl CUDA tensors; the buffers below live where the backend wants them
         self.device = torch.device("cpu") if backend == "gloo" else torch.device("cuda", torch.cuda.current_device())
         self._phase, self._index, self._broken = ("", ""), 0, None
-        self.matched = 0  # checks that matched so far (the engine's confirmation of earlier calls)
+        self._place, self.lowest_place = 0, 0
 
     def release(self) -> None:
         """Destroy the cockpit's own process group (at ``close``): nothing of it (gloo's threads, its
@@ -82,12 +85,12 @@ class Group:
             pass
 
     # -- phases: which reduction is which ------------------------------------------------------------
-    def enter(self, step: int, name: str) -> None:
-        """Reductions from here on belong to ``name`` (a quantity) at ``step``; a new step clears an
-        out-of-step state (every process skipped the rest of the previous one)."""
+    def enter(self, step: int, name: str, place: int = 0) -> None:
+        """Reductions from here on belong to ``name`` (a quantity) at ``step``, the ``place``-th phase of its
+        hook; a new step clears an out-of-step state (every process skipped the rest of the previous one)."""
         if self._phase[0] != step:
             self._broken = None
-        self._phase, self._index = (step, name), 0
+        self._phase, self._index, self._place = (step, name), 0, place
 
     @property
     def broken(self) -> bool:
@@ -122,7 +125,7 @@ class Group:
         numbers. Returns (the payload rows [processes, k] in float64, or None; whether any announced
         ``failed``); raises :class:`OutOfStep` unless every process announced the same (tag, size)."""
         row = torch.zeros(HEAD + self.slots, dtype=torch.float64)
-        row[0], row[1], row[2] = tag, float(size), float(failed)
+        row[0], row[1], row[2], row[3] = tag, float(size), float(failed), float(self._place)
         k = 0
         if payload is not None:
             k = payload.numel()
@@ -134,8 +137,8 @@ class Group:
             self._broken = (f"the processes' cockpit reductions went out of step at step {self._phase[0]} "
                             f"({self._phase[1]}): a quantity failed in some processes only; this step's "
                             "remaining per-sample and curvature statistics are unavailable")
+            self.lowest_place = int(rows[:, 3].min())
             raise OutOfStep(self._broken)
-        self.matched += 1
         return (rows[:, HEAD:HEAD + k] if payload is not None else None), bool((rows[:, 2] > 0).any())
 
     # -- reductions ----------------------------------------------------------------------------------

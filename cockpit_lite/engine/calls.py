@@ -50,10 +50,11 @@ def call_hook(quantities: Sequence[Quantity], method: str, ctx, dist,
     with a reason). In a data-parallel run each call that may reduce is a phase of ``dist`` (its checks
     are tagged with the quantity), and one closing check ends the hook (``Group.end``): a process that
     raised and skipped reductions meets the others there or at the next quantity's first check, never
-    leaving one waiting. When the processes turn out out of step, the calls not confirmed by a matched
-    check after they returned (``Group.matched``) are reported as failed too."""
-    pending: List[Tuple[Quantity, int]] = []  # bracketed calls that returned, with dist.matched then
-    bracketed = False
+    leaving one waiting. When the processes turn out out of step, the calls that returned at or after the
+    lowest place any process was at (``Group.lowest_place``) are reported as failed too: no later check
+    confirmed that every process made their reductions."""
+    pending: List[Tuple[Quantity, int]] = []  # bracketed calls that returned, with their place in the hook
+    place = 0
     for q in quantities:
         if not _bracketed(q, method, dist):
             try:  # one process, or a quantity that never reduces (the hot path: no bracket)
@@ -61,8 +62,8 @@ def call_hook(quantities: Sequence[Quantity], method: str, ctx, dist,
             except Exception as err:  # a failing quantity never stops training
                 on_failure(q, method, ctx, err)
             continue
-        bracketed = True
-        dist.enter(ctx.step, f"{q.name}.{method}")
+        place += 1
+        dist.enter(ctx.step, f"{q.name}.{method}", place)
         failed: Optional[BaseException] = None
         try:
             getattr(q, method)(ctx)
@@ -73,17 +74,16 @@ def call_hook(quantities: Sequence[Quantity], method: str, ctx, dist,
         if failed is not None:
             on_failure(q, method, ctx, failed)
         else:
-            pending.append((q, dist.matched))
-    if not bracketed:
+            pending.append((q, place))
+    if not place:
         return
-    confirmed = dist.matched
     if not dist.broken:
-        dist.enter(ctx.step, f"{method}:close")
+        dist.enter(ctx.step, f"{method}:close", place + 1)
         try:
             dist.end(False)
             return
         except OutOfStep:
             pass
-    for q, matched in pending:  # ran after the last check that matched: not confirmed
-        if matched >= confirmed:
+    for q, at in pending:  # at or after the place where some process was left: not confirmed
+        if at >= dist.lowest_place:
             on_failure(q, method, ctx, dist.out_of_step())

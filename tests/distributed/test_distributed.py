@@ -149,6 +149,29 @@ def test_a_failure_in_one_process_neither_hangs_nor_corrupts(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_a_failure_in_the_writing_process_marks_what_no_check_confirmed(tmp_path):
+    """A quantity raises in process 0 (the writer) only, before its reduction, and the next quantity makes
+    no reduction (tests/ddp_worker.py, mode "flaky0"): process 0 meets process 1 only at the hook's
+    closing check. Process 0 then reports NaN for what ran after the point process 1 was left at (its
+    value had no check behind it), keeps what came before (loss: every process had passed it), and the
+    next step is whole again."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    procs = [_run([0, 1, "-", single, "flaky0"])]
+    procs += [_run([r, 2, tmp_path / "init", multi, "flaky0"]) for r in range(2)]
+    _wait(procs, timeout=120)
+    one, two = cockpit_lite.load(single), cockpit_lite.load(multi)
+    assert "fails in process 0 only" in two.reasons("flaky")[1]
+    assert "out of step" in two.reasons("quiet")[1], two.reasons("quiet")
+    for key in ("flaky", "quiet"):
+        values = two.series(key)[1]
+        assert math.isnan(values[1]) and values[0] == values[2] == (2.0 if key == "flaky" else 1.0), (key, values)
+    for key in ("loss", "grad_norm"):  # confirmed (loss) or not reducing (grad_norm): as in one process
+        steps, values = two.series(key)
+        assert list(steps) == [0, 1, 2]
+        for s, (v, w) in enumerate(zip(values, one.series(key)[1])):
+            assert math.isclose(v, w, rel_tol=1e-5), (key, s, v, w)
+
+
 def test_a_backpack_failure_in_one_process_switches_every_process_to_the_estimator(tmp_path):
     """BackPACK raises in process 1 only at step 1 (tests/ddp_worker.py, mode "bpfail"): every process
     drops the exact diagonal together, so their reductions stay matched and nothing is mislabelled.
