@@ -23,7 +23,7 @@ What is observed, and where it comes from:
 
 Data parallel (``strategy="ddp"``): every process attaches a cockpit, so the statistics are those of
 the global batch (the shards' per-sample sums are reduced across processes, see
-``cockpit_lite/distributed.py``); the global-zero process writes the log and the logger's scalars.
+``cockpit_lite/distributed/``); the global-zero process writes the log and the logger's scalars.
 Importing this module imports Lightning (``pip install "cockpit-lite[lightning]"``).
 """
 

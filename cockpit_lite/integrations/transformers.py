@@ -27,7 +27,7 @@ What is observed, and where it comes from:
 
 Data parallel (``torchrun``/``accelerate launch``): every process attaches a cockpit, so the
 statistics are those of the global batch (the shards' per-sample sums are reduced across processes,
-see ``cockpit_lite/distributed.py``); process 0 writes the log. The Trainer has no exception callback: if ``train()`` raises, call
+see ``cockpit_lite/distributed/``); process 0 writes the log. The Trainer has no exception callback: if ``train()`` raises, call
 ``callback.close()`` (the next ``on_train_begin`` also closes a cockpit left open). Importing this module imports ``transformers``
 (``pip install "cockpit-lite[transformers]"``).
 """
