@@ -68,7 +68,7 @@ def _label_group() -> None:
         _state["group"] = self
 
     cdist.Group.__init__ = __init__
-    for method, kind in (("end", "end"), ("_announce", "header")):
+    for method, kind in (("end", "end"), ("close", "end"), ("_announce", "header")):
         original = getattr(cdist.Group, method, None)
         if original is None:
             continue

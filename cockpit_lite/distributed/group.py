@@ -106,6 +106,22 @@ class Group:
         self._raise_if_broken()
         return self._check(self._tag("end"), 0, failed)[1]
 
+    def close(self, payload=None) -> torch.Tensor:
+        """The closing check of a hook (phase ``enter``-ed by the engine), made out of step too: every
+        process that went out of step in the hook saw it in the same collective and made none since, so
+        they all meet here. Sums ``payload`` (at most ``slots`` numbers, the hook's declared sums) over the
+        processes. If this very check finds them out of step (some process was still at an earlier one,
+        and has now given up on it too), it is made once more, where they all meet."""
+        size = 0 if payload is None else payload.numel()
+        if size > self.slots:
+            raise ValueError(f"a closing check carries at most {self.slots} numbers, got {size}")
+        payload = torch.zeros(0, dtype=torch.float64) if payload is None else payload
+        try:
+            rows, _ = self._check(self._tag("end"), size, payload=payload)
+        except OutOfStep:
+            rows, _ = self._check(self._tag("end"), size, payload=payload)
+        return rows.sum(0)
+
     def _raise_if_broken(self) -> None:
         if self._broken is not None:
             raise OutOfStep(self._broken)

@@ -29,7 +29,7 @@ Needs the engine understands:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, FrozenSet, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, FrozenSet, List, Optional, Sequence
 
 from .. import schedules
 
@@ -50,6 +50,11 @@ class Quantity:
     # may reduce across the processes of a data-parallel run: the engine then brackets each of its
     # calls so that a failure in one process cannot leave the others waiting (distributed.Group)
     reduces: ClassVar[bool] = True
+    #: declared reductions (as torchmetrics' ``dist_reduce_fx``): in a data-parallel run, the engine
+    #: calls ``local_sums(ctx)`` right after ``before_step``, sums these ``step_sums`` numbers over the
+    #: processes in the hook's closing check (one collective for every quantity that declares) and hands
+    #: the totals to ``with_sums(ctx, totals)``. Unused in one process.
+    step_sums: ClassVar[int] = 0
 
     def __init__(self, schedule: schedules.ScheduleLike = None):
         self.schedule: Callable[[int], bool] = schedules.parse(
@@ -73,6 +78,14 @@ class Quantity:
 
     def after_step(self, ctx: "StepContext") -> None:
         """Parameters are theta_{t+1}; ``ctx.update`` holds d when ``"update"`` is needed."""
+
+    def local_sums(self, ctx: "StepContext") -> Sequence[float]:
+        """This process's ``step_sums`` numbers of the step (data-parallel runs, after ``before_step``)."""
+        return ()
+
+    def with_sums(self, ctx: "StepContext", totals: List[float]) -> None:
+        """The declared numbers summed over the processes (data-parallel runs, at the end of the
+        ``before_step`` hook): record what they give."""
 
     def on_backward_end(self, step: int) -> None:
         """A backward pass through the model ended on ``step`` (quantities needing ``"backward_end"``)."""

@@ -4,7 +4,6 @@ In a data-parallel run, the loss of the global batch: the shards' losses weighte
 counts (mean reduction), summed (sum reduction), or averaged (otherwise). The same reduction counts
 the global batch's samples, which the engine writes as the record's ``samples``."""
 
-from ..distributed import sum_numbers
 from ..loss_combine import step_normalised
 from .base import Quantity
 
@@ -13,25 +12,32 @@ class Loss(Quantity):
     name = "loss"
     needs = frozenset({"loss"})
     description = "mini-batch loss at step t"
+    step_sums = 4  # DDP: processes without a loss, weighted losses, weights, samples (engine/calls.py)
 
     def before_step(self, ctx):
+        if ctx.watched.dist is not None:
+            return  # summed over the processes at the end of the hook: local_sums, then with_sums
         loss = ctx.loss()
-        dist = ctx.watched.dist
-        if dist is not None:  # every process takes part, with or without a loss of its own
-            mbs = [m for m in ctx.micro_batches if m.backpropagated]
-            n = sum(m.batch_size or 0 for m in mbs)
-            # a loss already divided by a step-wide count (num_items_in_batch) is averaged over processes,
-            # as DDP averages their gradients
-            weight = 1.0 if ctx.reduction == "sum" or step_normalised(mbs) else (n if ctx.reduction == "mean" else 1)
-            missing, total, weights, samples = sum_numbers(
-                dist, [loss is None, 0.0 if loss is None else float(loss) * weight, weight, n])
-            ctx.samples_global = int(samples)
-            if missing:
-                ctx.emit_nan("loss", "no call of loss_fn was seen in this step on "
-                                     f"{int(missing)} of {dist.size} processes")
-                return
-            loss = total if ctx.reduction == "sum" else total / weights
         if loss is None:
             ctx.emit_nan("loss", "no call of loss_fn was seen in this step (pass loss_fn=<nn.Module> to watch)")
         else:
             ctx.emit("loss", loss)
+
+    def local_sums(self, ctx):
+        """Every process takes part, with or without a loss of its own."""
+        loss = ctx.loss()
+        mbs = [m for m in ctx.micro_batches if m.backpropagated]
+        n = sum(m.batch_size or 0 for m in mbs)
+        # a loss already divided by a step-wide count (num_items_in_batch) is averaged over processes,
+        # as DDP averages their gradients
+        weight = 1.0 if ctx.reduction == "sum" or step_normalised(mbs) else (n if ctx.reduction == "mean" else 1)
+        return [loss is None, 0.0 if loss is None else float(loss) * weight, weight, n]
+
+    def with_sums(self, ctx, totals):
+        missing, total, weights, samples = totals
+        ctx.samples_global = int(samples)
+        if missing:
+            ctx.emit_nan("loss", "no call of loss_fn was seen in this step on "
+                                 f"{int(missing)} of {ctx.watched.dist.size} processes")
+            return
+        ctx.emit("loss", total if ctx.reduction == "sum" else total / weights)
