@@ -58,24 +58,35 @@ def sum_tensors(group: Optional[Group], tensors: Sequence[torch.Tensor], what: s
 
 
 def mean_and_var(group: Optional[Group], x: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor]:
-    """(n, mean, unbiased variance) of the values ``x`` of all processes, in float64. Each process
-    contributes (n_r, its mean m_r, its sum of squared deviations M_r, two passes over its values) in
-    one collective; they combine exactly as one pass over the global batch would (Chan et al.):
+    """(n, mean, unbiased variance) of the values ``x`` of all processes, in float64."""
+    return means_and_vars(group, [x])[0]
+
+
+def means_and_vars(group: Optional[Group], xs: Sequence[torch.Tensor]) -> List[Tuple[int, torch.Tensor, torch.Tensor]]:
+    """``mean_and_var`` of each of ``xs``, with one collective for all. Each process contributes, per x,
+    (n_r, its mean m_r, its sum of squared deviations M_r, two passes over its values); they combine
+    exactly as one pass over the global batch would (Chan et al.):
     M = sum_r M_r + sum_r n_r (m_r - m)^2 with m = sum_r n_r m_r / n."""
-    x = x.detach().double().reshape(-1)
+    xs = [x.detach().double().reshape(-1) for x in xs]
     nan = torch.tensor(float("nan"), dtype=torch.float64)
     if group is None:
-        return int(x.numel()), (x.mean() if x.numel() else nan), (x.var() if x.numel() > 1 else nan)
-    m_r = x.mean() if x.numel() else torch.zeros((), dtype=torch.float64)
-    mine = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), m_r, ((x - m_r) ** 2).sum()])
-    rows = group.gather_(mine, "mean_and_var")  # [processes, 3]
-    counts, means, m2s = rows[:, 0], rows[:, 1], rows[:, 2]
-    n = int(counts.sum())
-    if not n:
-        return 0, nan, nan
-    mean = (counts * means).sum() / n
-    m2 = m2s.sum() + (counts * (means - mean) ** 2).sum()
-    return n, mean, (m2 / (n - 1) if n > 1 else nan)
+        return [(int(x.numel()), (x.mean() if x.numel() else nan), (x.var() if x.numel() > 1 else nan)) for x in xs]
+    mine = []
+    for x in xs:
+        m_r = x.mean() if x.numel() else torch.zeros((), dtype=torch.float64)
+        mine += [torch.tensor(float(x.numel()), dtype=torch.float64), m_r, ((x - m_r) ** 2).sum()]
+    rows = group.gather_(torch.stack(mine), "mean_and_var")  # [processes, 3 per x]
+    out = []
+    for i in range(len(xs)):
+        counts, means, m2s = rows[:, 3 * i], rows[:, 3 * i + 1], rows[:, 3 * i + 2]
+        n = int(counts.sum())
+        if not n:
+            out.append((0, nan, nan))
+            continue
+        mean = (counts * means).sum() / n
+        m2 = m2s.sum() + (counts * (means - mean) ** 2).sum()
+        out.append((n, mean, (m2 / (n - 1) if n > 1 else nan)))
+    return out
 
 
 def shard_weight(group: Optional[Group], n_local: int, reduction: str) -> float:
@@ -99,4 +110,4 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-__all__ = ["Group", "OutOfStep", "detect", "sum_numbers", "sum_tensors", "mean_and_var", "shard_weight", "unwrap"]
+__all__ = ["Group", "OutOfStep", "detect", "sum_numbers", "sum_tensors", "mean_and_var", "means_and_vars", "shard_weight", "unwrap"]

@@ -266,7 +266,9 @@ class PerSampleView:
         checks = self._check_params() if self._equal_weights() else []
         if dist is not None:  # every process must take part in the same reductions
             k = -1 if not checks else sum((j + 1) * (len(self.params) + 1) ** i for i, j in enumerate(checks))
-            count, total, squares = sum_numbers(dist, [1 if checks else 0, k, k * k])
+            # the global sample count rides along (one reduction fewer when n was not asked for yet)
+            count, total, squares, n = sum_numbers(dist, [1 if checks else 0, k, k * k, self.n_local])
+            self._cache.setdefault("n", int(n))
             same = count == dist.size and dist.size * squares == total * total  # the same parameters everywhere
             checks = checks if same else []
         if checks:

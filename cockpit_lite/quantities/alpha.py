@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..alpha_fit import fit_alpha
-from ..distributed import mean_and_var
+from ..distributed import mean_and_var, means_and_vars
 from .base import Quantity
 
 
@@ -55,14 +55,20 @@ class _Unmeasurable(Exception):
     """A reason why alpha cannot be measured on this step (recorded as NaN with the reason)."""
 
 
-def loss_observation(per_sample, stats: Optional[dict] = None) -> Tuple[int, torch.Tensor, torch.Tensor]:
+def loss_observation(per_sample, stats: Optional[dict] = None, along: Optional[torch.Tensor] = None
+                     ) -> Tuple[int, torch.Tensor, torch.Tensor]:
     """(n, mean, unbiased variance) of the per-sample losses l_i. ``stats``: a dict that keeps them for
-    the step, so that the end point of one fit and the start of the next share one reduction."""
+    the step, so that the end point of one fit and the start of the next share one reduction; ``along``:
+    per-sample values whose (mean, variance) are reduced with the losses, into ``stats["along"]``."""
     stats = {} if stats is None else stats
-    if "losses" not in stats:
+    if "losses" not in stats or (along is not None and "along" not in stats):
         losses = per_sample.losses().detach()
         reason = per_sample.losses_reason() if hasattr(per_sample, "losses_reason") else None
-        stats["losses"] = (*mean_and_var(_group(per_sample), losses), reason)  # over the global batch (DDP)
+        # over the global batch of a data-parallel run, in one reduction
+        got = means_and_vars(_group(per_sample), [losses] if along is None else [losses, along])
+        stats["losses"] = (*got[0], reason)
+        if along is not None:
+            stats["along"] = got[1][1:]
     n, mean, var, reason = stats["losses"]
     if reason:
         raise _Unmeasurable(f"per-sample losses are not available: {reason}")
@@ -215,9 +221,10 @@ class Alpha(Quantity):
             return
         try:
             check_supported(ctx.per_sample)
-            n1, f1, var_f1 = loss_observation(ctx.per_sample, stats)
-            with torch.no_grad():
-                df1, var_df1 = slope_observation(ctx.per_sample, self._direction)
+            with torch.no_grad():  # the slope along the last update, reduced with the losses
+                dots = ctx.per_sample.dots(self._direction)
+            n1, f1, var_f1 = loss_observation(ctx.per_sample, stats, along=dots)
+            df1, var_df1 = stats["along"]
         except _Unmeasurable as err:
             ctx.emit_for_step(start.step, "alpha", reason=f"end point (step {ctx.step}): {err}")
             return
