@@ -109,18 +109,21 @@ class Group:
     def close(self, payload=None) -> torch.Tensor:
         """The closing check of a hook (phase ``enter``-ed by the engine), made out of step too: every
         process that went out of step in the hook saw it in the same collective and made none since, so
-        they all meet here. Sums ``payload`` (at most ``slots`` numbers, the hook's declared sums) over the
-        processes. If this very check finds them out of step (some process was still at an earlier one,
-        and has now given up on it too), it is made once more, where they all meet."""
-        size = 0 if payload is None else payload.numel()
-        if size > self.slots:
-            raise ValueError(f"a closing check carries at most {self.slots} numbers, got {size}")
-        payload = torch.zeros(0, dtype=torch.float64) if payload is None else payload
+        they all meet here. Sums ``payload`` (the hook's declared sums) over the processes: its first
+        ``slots`` numbers ride in the check, the rest in further checks (all processes are at the same
+        point by then). If the closing check finds them out of step (some process was still at an
+        earlier one, and has now given up on it too), it is made once more, where they all meet."""
+        payload = torch.zeros(0, dtype=torch.float64) if payload is None else payload.reshape(-1)
+        first = payload[:self.slots]
         try:
-            rows, _ = self._check(self._tag("end"), size, payload=payload)
+            rows, _ = self._check(self._tag("end"), payload.numel(), payload=first)
         except OutOfStep:
-            rows, _ = self._check(self._tag("end"), size, payload=payload)
-        return rows.sum(0)
+            rows, _ = self._check(self._tag("end"), payload.numel(), payload=first)
+        sums = [rows.sum(0)]
+        for i in range(self.slots, payload.numel(), self.slots):
+            chunk = payload[i:i + self.slots]
+            sums.append(self._check(self._tag(f"end:{i}"), chunk.numel(), payload=chunk)[0].sum(0))
+        return torch.cat(sums)
 
     def _raise_if_broken(self) -> None:
         if self._broken is not None:

@@ -94,7 +94,7 @@ def call_hook(quantities: Sequence[Quantity], method: str, ctx, dist,
     closing: Optional[BaseException] = None
     try:
         totals = dist.close(torch.tensor([v for _, block in declared for v in block], dtype=torch.float64)).tolist()
-    except (OutOfStep, ValueError) as err:
+    except OutOfStep as err:
         closing = err.with_traceback(None)
     unconfirmed = {id(q) for q, at in pending if dist.broken and at >= dist.lowest_place}
     for q, _ in pending:  # at or after the place where some process was left: no check confirmed it

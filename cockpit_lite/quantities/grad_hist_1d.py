@@ -21,7 +21,6 @@ import math
 
 import torch
 
-from ..distributed import sum_tensors
 from .base import Quantity
 
 BINS = 100
@@ -35,8 +34,11 @@ class GradHist1d(Quantity):
     def __init__(self, schedule=None):
         super().__init__(schedule)
         self._last_max = {}  # parameter index -> max |g_ij| seen on the last tracked step
+        self._local = None  # a data-parallel run's local histogram, until the others' counts are added
 
     per_sample_stats = frozenset({"hist"})  # lets PerSampleView count conv layers in its shared pass
+    # DDP: the counts, clipped and whether counted, added over the processes in the hook's closing check
+    step_sums = BINS + 3
 
     def hist_range(self, view) -> float:
         """R of this step (see the module docstring); computed once per step."""
@@ -65,6 +67,7 @@ class GradHist1d(Quantity):
         return R
 
     def before_step(self, ctx):
+        self._local = None  # this process's histogram, waiting for the others' (data-parallel runs)
         view = ctx.per_sample
         reasons = view.unsupported()
         usable = [j for j, n in enumerate(ctx.names) if n not in reasons and j not in view.frozen]  # frozen: untrained
@@ -89,16 +92,34 @@ class GradHist1d(Quantity):
             if cheap[j] is None:
                 self._last_max[j] = top
             clipped = -1 if (k < 0 or clipped < 0) else clipped + k
-        if ctx.watched.dist is not None:  # the global batch: add up the processes' counts
-            counts, flags = sum_tensors(ctx.watched.dist, [counts, torch.tensor(
-                [max(clipped, 0), clipped < 0], dtype=torch.float64)])
-            clipped = -1 if flags[1] else int(flags[0])
         edges = torch.linspace(-R, R, BINS + 1, dtype=torch.float64).tolist()
         data = {"edges": edges, "counts": [int(c) for c in counts.round().tolist()], "scale": "B*g_ij",
                 "clipped": clipped}
         if reasons:
             data["excluded"] = dict(reasons)
+        if ctx.watched.dist is not None:  # the global batch: the processes' counts are added (with_sums)
+            self._local = (counts, clipped, data)
+            return
+        ctx.emit_data(self.name, data)
+
+    def local_sums(self, ctx):
+        if self._local is None:  # nothing counted (recorded why): the same decision in every process
+            return [0.0] * self.step_sums
+        counts, clipped, _ = self._local
+        return [*counts.tolist(), max(clipped, 0), clipped < 0, 1.0]
+
+    def with_sums(self, ctx, totals):
+        local, self._local = self._local, None
+        counted = int(totals[BINS + 2])
+        if local is None and not counted:
+            return
+        if local is None or counted != ctx.watched.dist.size:
+            raise RuntimeError(f"the histogram was counted in {counted} of {ctx.watched.dist.size} processes")
+        data = local[2]
+        data["counts"] = [int(c) for c in torch.tensor(totals[:BINS]).round().tolist()]
+        data["clipped"] = -1 if totals[BINS + 1] else int(totals[BINS])
         ctx.emit_data(self.name, data)
 
     def close(self):
         self._last_max = {}
+        self._local = None
