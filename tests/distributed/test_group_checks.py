@@ -123,3 +123,18 @@ def test_means_and_vars_equal_those_of_the_concatenated_shards():
         assert math.isclose(float(mean), float(full.mean()), rel_tol=1e-12)
         assert math.isclose(float(var), float(full.var()), rel_tol=1e-10)
     assert g._dist.calls == 1
+
+
+def test_declared_sums_beyond_one_check_follow_in_further_checks():
+    def others(row):  # the other process contributes 1 for every number it carries
+        row[HEAD:HEAD + int(row[1])] = 1.0  # (clipped to the row: a first check carries at most slots)
+        return [row]
+    g = group_of(others)
+    g.enter(1, "before_step:close", 2)
+    payload = torch.arange(g.slots + 5, dtype=torch.float64)
+    rows = []
+    g._dist.all_gather_single = (lambda f: lambda out, row, group=None: (rows.append(row.clone()), f(out, row)))(
+        g._dist.all_gather_single)
+    totals = g.close(payload)
+    assert torch.equal(totals, payload + 1) and g._dist.calls == 2
+    assert [int(r[1]) for r in rows] == [g.slots + 5, 5]  # sizes announced: the whole, then the rest
