@@ -5,7 +5,8 @@ concatenation of all shards), so every per-sample statistic is a *sum over sampl
 add up: ``Group.sum_`` reduces a few numbers per tracked step (never per-sample tensors); the
 second moment sum_i g_ij^2 (GSNR, early stopping, CABS, TIC) and the curvature products are
 parameter-sized. Every process runs the same quantities on the same steps, so the collectives are
-called in the same order everywhere; process 0 writes the log.
+called in the same order everywhere; process 0 writes the log. ``group.py`` guards against a failure in
+one process only; docs/distributed.md counts the collectives of a step.
 
 Single-process runs have no ``Group`` (``None``) and every helper here is then the identity.
 """

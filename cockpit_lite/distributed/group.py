@@ -37,11 +37,12 @@ class Group:
       as a second collective;
     * a process that raised in a quantity skips that quantity's remaining reductions and meets the
       others at its next check: the next quantity's first one, or the *closing* check that ends each
-      hook (``end``, called by the engine once after all the quantities of ``before_step``, once after
-      those of ``after_step``), so that no process leaves the hook while another waits in it. All of
-      them see the mismatch in the same collective and raise :class:`OutOfStep`. They then skip the
-      step's remaining reductions (the quantities report NaN with the reason), so they stay matched
-      and resume together on the next step. Every row also says the place of its phase in the hook
+      hook (``close``, called by the engine once after all the quantities of ``before_step``, once after
+      those of ``after_step``; it carries the sums quantities declared), so that no process leaves the
+      hook while another waits in it. All of them see the mismatch in the same collective and raise
+      :class:`OutOfStep`. They then skip the step's remaining reductions (the quantities report NaN
+      with the reason) but the closing checks, so they stay matched and resume together on the next
+      step. Every row also says the place of its phase in the hook
       (``enter(..., place=)``: the k-th quantity called, the closing last): ``lowest_place`` is the
       lowest place any process was at when they went out of step. Every process had left the phases
       before it, so no reduction of theirs was skipped or mispaired (a process skipping one would have
