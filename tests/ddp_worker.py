@@ -8,7 +8,8 @@ r-th contiguous part of it (their concatenation is the global batch). MODE "sgd"
 backward per step; "adam-accum": Adam with two accumulated micro-batches per step; "flaky": plain SGD
 with a quantity that raises in process 1 only at step 1, between the others' reductions (the guard
 in cockpit_lite/distributed/group.py); the trained parameters are saved beside the log; "flaky0": the
-same quantity raising in process 0 (the writer) only, followed by one that makes no reduction; "bpfail": plain
+same quantity raising in process 0 (the writer) only, followed by one that makes no reduction;
+"sumsfail": the loss's declared sums (engine/calls.py) fail in process 1 only at step 1; "bpfail": plain
 SGD with hess_trace, whose BackPACK computation raises in process 1 only at step 1 ("hutchinson": the
 same quantities with the estimator forced, the reference for the steps after the fallback).
 """
@@ -88,6 +89,19 @@ class Quiet(Quantity):
         ctx.emit("quiet", 1.0)
 
 
+def failing_sums_loss():
+    """The loss, whose declared sums raise in process 1 only at step 1."""
+    base = type(make("loss"))
+
+    class Loss(base):
+        def local_sums(self, ctx):
+            if ctx.step == 1 and ctx.watched.dist.rank == 1:
+                raise RuntimeError("the loss's sums fail in process 1 only")
+            return super().local_sums(ctx)
+
+    return Loss("every")
+
+
 FLAKY_SET = ("norm_test", "inner_test", "mean_gsnr", "grad_hist_1d", "alpha", "loss", "grad_norm")
 
 
@@ -105,6 +119,8 @@ def run(rank: int, world: int, init_file: str, logdir: str, mode: str) -> None:
     quantities = QUANTITIES
     if mode == "flaky":
         quantities = [Flaky()] + [make(q, "every") for q in FLAKY_SET]
+    if mode == "sumsfail":
+        quantities = [failing_sums_loss(), make("norm_test", "every"), make("grad_hist_1d", "every")]
     if mode == "flaky0":
         quantities = [make("loss", "every"), Flaky(rank=0), Quiet(), make("grad_norm", "every")]
     if mode in ("bpfail", "hutchinson"):

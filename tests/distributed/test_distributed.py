@@ -172,6 +172,25 @@ def test_a_failure_in_the_writing_process_marks_what_no_check_confirmed(tmp_path
             assert math.isclose(v, w, rel_tol=1e-5), (key, s, v, w)
 
 
+def test_declared_sums_failing_in_one_process_are_reported_not_partial(tmp_path):
+    """The loss's declared sums (summed in the hook's closing check) raise in process 1 only at step 1
+    (tests/ddp_worker.py, mode "sumsfail"): the loss of that step is NaN, saying so, never the sum of
+    process 0's shard alone; the other quantities of the step, and the next step, are as in one process."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    procs = [_run([0, 1, "-", single, "sumsfail"])]
+    procs += [_run([r, 2, tmp_path / "init", multi, "sumsfail"]) for r in range(2)]
+    _wait(procs, timeout=120)
+    one, two = cockpit_lite.load(single), cockpit_lite.load(multi)
+    loss = two.series("loss")[1]
+    assert math.isnan(loss[1]) and "failed in 1 of 2 processes" in two.reasons("loss")[1], two.reasons("loss")
+    for s in (0, 2):
+        assert math.isclose(loss[s], one.series("loss")[1][s], rel_tol=1e-5)
+    norm = two.series("norm_test")[1]
+    assert all(math.isclose(v, w, rel_tol=1e-5) for v, w in zip(norm, one.series("norm_test")[1])), norm
+    for (_, h1), (_, h2) in zip(one.data("grad_hist_1d"), two.data("grad_hist_1d")):
+        assert sum(h1["counts"]) == sum(h2["counts"]) > 0
+
+
 def test_a_backpack_failure_in_one_process_switches_every_process_to_the_estimator(tmp_path):
     """BackPACK raises in process 1 only at step 1 (tests/ddp_worker.py, mode "bpfail"): every process
     drops the exact diagonal together, so their reductions stay matched and nothing is mislabelled.
