@@ -144,14 +144,14 @@ class Group:
         """One fixed-size all-gather: every process announces (tag, size), ``failed`` and up to ``slots``
         numbers. Returns (the payload rows [processes, k] in float64, or None; whether any announced
         ``failed``); raises :class:`OutOfStep` unless every process announced the same (tag, size)."""
-        row = torch.zeros(HEAD + self.slots, dtype=torch.float64)
-        row[0], row[1], row[2], row[3] = tag, float(size), float(failed), float(self._place)
+        row = torch.zeros(HEAD + self.slots, dtype=torch.float64, device=self.device)
+        row[:HEAD] = torch.tensor([tag, float(size), float(failed), float(self._place)], dtype=torch.float64)
         k = 0
-        if payload is not None:
+        if payload is not None:  # copied where it lies (a CUDA payload never goes through the host here)
             k = payload.numel()
-            row[HEAD:HEAD + k] = payload.detach().reshape(-1).to("cpu", torch.float64)
+            row[HEAD:HEAD + k] = payload.detach().reshape(-1).to(self.device, torch.float64)
         out = torch.empty(self.size * row.numel(), dtype=torch.float64, device=self.device)
-        self._all_gather(out, row.to(self.device))
+        self._all_gather(out, row)
         rows = out.view(self.size, -1).cpu()
         if not (bool((rows[:, 0] == tag).all()) and bool((rows[:, 1] == float(size)).all())):
             self._broken = (f"the processes' cockpit reductions went out of step at step {self._phase[0]} "
