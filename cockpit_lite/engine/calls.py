@@ -70,7 +70,7 @@ def call_hook(quantities: Sequence[Quantity], method: str, ctx, dist,
         place += 1
         dist.enter(ctx.step, f"{q.name}.{method}", place)
         failed: Optional[BaseException] = None
-        sums = None
+        sums: List[float] = []
         try:
             getattr(q, method)(ctx)
             if method == "before_step" and q.step_sums:
