@@ -114,6 +114,8 @@ class Group:
         ``slots`` numbers ride in the check, the rest in further checks (all processes are at the same
         point by then). If the closing check finds them out of step (some process was still at an
         earlier one, and has now given up on it too), it is made once more, where they all meet."""
+        if self.group is None:  # released at close: never the default group in its place
+            raise OutOfStep(self._broken or "the cockpit's process group is released")
         payload = torch.zeros(0, dtype=torch.float64) if payload is None else payload.reshape(-1)
         first = payload[:self.slots]
         try:

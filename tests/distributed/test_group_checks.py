@@ -27,7 +27,7 @@ class FakeDist:
 
 def group_of(others, size=2) -> Group:
     g = Group.__new__(Group)  # no torch.distributed: the fake plays the communicator
-    g._dist, g.rank, g.size, g.group, g.device = FakeDist(others), 0, size, None, torch.device("cpu")
+    g._dist, g.rank, g.size, g.group, g.device = FakeDist(others), 0, size, object(), torch.device("cpu")
     g._phase, g._index, g._broken, g._place, g.lowest_place = ("", ""), 0, None, 0, 0
     return g
 
@@ -138,3 +138,13 @@ def test_declared_sums_beyond_one_check_follow_in_further_checks():
     totals = g.close(payload)
     assert torch.equal(totals, payload + 1) and g._dist.calls == 2
     assert [int(r[1]) for r in rows] == [g.slots + 5, 5]  # sizes announced: the whole, then the rest
+
+
+def test_a_released_group_makes_no_closing_check():
+    g = group_of(lambda row: [row])
+    g.group = None  # what release() leaves: a collective now would go to the default group
+    g._broken = "the cockpit was closed; its process group is released"
+    g.enter(g._phase[0], "before_step:close", 1)
+    with pytest.raises(OutOfStep, match="closed"):
+        g.close(torch.tensor([1.0]))
+    assert g._dist.calls == 0
