@@ -74,10 +74,7 @@ def trace_ratio(m_sum: float, trace: float, trace_se: float):
 
 
 def compute(ctx, exact: "curv.ExactDiagonals", probes: int, seed: int) -> TIC:
-    key = ("curvature.tic", probes, seed)
-    if key not in ctx.cache:
-        ctx.cache[key] = _compute(ctx, exact, probes, seed)
-    return ctx.cache[key]
+    return ctx.once(_compute, exact, probes, seed)
 
 
 def _compute(ctx, exact, probes, seed) -> TIC:
