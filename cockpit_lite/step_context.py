@@ -98,7 +98,7 @@ class StepContext:
         # intermediates the step's quantities share, built once (``once``): keyed by the function that
         # builds them and its arguments, never by a string
         self._shared: Dict[tuple, Any] = {}
-        self.cache: Dict[str, Any] = {}  # the per-sample noise sums (persample/noise.py); to move to ``once``
+        self.cache: Dict[str, Any] = {}  # the per-sample noise sums (quantities/_noise.py); to move to ``once``
         self._grads: Optional[List[torch.Tensor]] = None
         self._loss: Any = _UNSET
         self.params_before: Optional[List[torch.Tensor]] = None
@@ -142,7 +142,7 @@ class StepContext:
     def once(self, build: Callable[..., Any], *args: Hashable) -> Any:
         """``build(self, *args)``, computed on the first call of this step and shared afterwards by every
         quantity asking with the same function and arguments (the curvature operators, BackPACK's
-        diagonals, Hutchinson estimates: curvature/step.py). A build that raises is not remembered."""
+        diagonals, Hutchinson estimates: quantities/_curvature.py). A build that raises is not remembered."""
         key = (build, args)
         if key not in self._shared:
             self._shared[key] = build(self, *args)

@@ -104,7 +104,7 @@ class Watched:
         self.params = params
         self.loss_fn = loss_fn
         self.dist = dist  # cockpit_lite.distributed.Group of a data-parallel run, None in one process
-        self.rule_check: Optional[dict] = None  # outcome of the per-sample self-check (persample/selfcheck.py)
+        self.rule_check: Optional[dict] = None  # outcome of the per-sample self-check (engine/selfcheck.py)
         self.rule_failures: Dict[str, str] = {}  # parameter name -> why its per-sample values are NaN for good
         #: "name (Type)" of a module that reads dim 1 as the batch (batch_first=False), else None
         #: (engine/setup.py ``sequence_first_module``): the batch size is then not the loss input's dim 0

@@ -9,11 +9,11 @@ import torch
 
 from ..rng import step_generator
 from ..distributed import OutOfStep, shard_weight, sum_numbers, sum_tensors
-from . import backpack_diag
-from .diagonal_check import disagreement
-from .batch_loss import BatchLoss, CurvatureUnavailable, rebuild
-from .hutchinson import hutchinson_trace
-from .hvp import GGNOperator, HessianOperator
+from ..curvature import backpack_diag
+from ..curvature.diagonal_check import disagreement
+from ..curvature.batch_loss import BatchLoss, CurvatureUnavailable, rebuild
+from ..curvature.hutchinson import hutchinson_trace
+from ..curvature.hvp import GGNOperator, HessianOperator
 
 
 def batch_loss(ctx, subbatch: Optional[int] = None) -> BatchLoss:
