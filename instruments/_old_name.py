@@ -1,5 +1,5 @@
-"""The old import name ``instruments``: deprecated, kept working for one release (until 0.3), as the
-very same modules as ``cockpit_lite.instruments``.
+"""The old import name ``instruments``: deprecated, kept working for one release (0.2; removed in 0.3),
+as the very same modules as ``cockpit_lite.instruments``.
 
 Where the code lives and how each name finds it:
 
