@@ -42,7 +42,8 @@ class Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     new name). First on ``sys.meta_path``, so the path finder never loads the file a second time."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if not fullname.startswith(OLD + ".") or sys.modules.get(OLD) is not sys.modules.get(NEW):
+        new_package = sys.modules.get(NEW)
+        if not fullname.startswith(OLD + ".") or new_package is None or sys.modules.get(OLD) is not new_package:
             return None  # not ours, or an unrelated ``instruments`` owns the name
         new = NEW + fullname[len(OLD):]
         if new not in sys.modules and importlib.util.find_spec(new) is None:
