@@ -180,3 +180,13 @@ def test_an_unrelated_instruments_package_keeps_its_name(tmp_path):
             "print(json.dumps([instruments.MINE, instruments.alpha_gauge.MINE, new.__file__, len(new.builtin())]))\n")
     mine, mine_too, new_file, n = python(code, tmp_path)
     assert mine and mine_too and Path(new_file).is_relative_to(ROOT) and n > 10
+
+
+def test_the_installed_package_when_it_is_this_checkout(tmp_path):
+    """The environment's own install (CI's ``pip install -e .``), from a directory that is not a checkout;
+    skipped where the installed cockpit_lite is another checkout (a helper's worktree)."""
+    installed = python("import json, cockpit_lite\nprint(json.dumps(cockpit_lite.__file__))", tmp_path)
+    if not Path(installed).is_relative_to(ROOT):
+        pytest.skip(f"the installed cockpit_lite is {installed}, not this checkout")
+    assert_one_package(python(NEW_THEN_OLD, tmp_path), ROOT)
+    assert_one_package(python(OLD_FIRST, tmp_path), ROOT)
