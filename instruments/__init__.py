@@ -33,6 +33,11 @@ Importing this package does not import matplotlib; drawing does.
 
 from __future__ import annotations
 
+if __name__ == "instruments":  # the old import name (deprecated): this becomes cockpit_lite.instruments
+    from cockpit_lite.instruments._old_name import redirect as _redirect
+
+    _redirect()  # what follows then imports the same objects (instruments.X is cockpit_lite.instruments.X)
+
 from typing import Optional
 
 from ._base import GROUPS, KINDS, Instrument
