@@ -324,7 +324,7 @@ def _draw_cell(ax, cell: Cell, multi: bool) -> None:
             warnings.warn(f"cockpit-lite: instrument {cell.instrument.name!r} failed on {cell.view.label}: {reason}",
                           RuntimeWarning, stacklevel=3)
         else:
-            from cockpit_lite.instruments._tidy import tidy
+            from cockpit_lite.instruments import tidy
 
             tidy(ax)
     if reason is not None:

@@ -47,6 +47,19 @@ from ._registry import (GROUP_ENTRY_POINTS, ORDER, PANEL_LESS, builtin, builtin_
 from ._run_view import RunView, as_view
 
 
+#: drawing helpers that the rest of cockpit_lite (notebook plots, the dashboard) uses too: public names,
+#: imported on first use (they import matplotlib)
+_DRAWING = {"PALETTE": "_draw", "draw_line": "_draw", "finish": "_draw", "scale_y": "_draw", "tidy": "_tidy"}
+
+
+def __getattr__(name: str):
+    if name in _DRAWING:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_DRAWING[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def downsample(steps, values, max_points: Optional[int] = None):
     """Reduce a long series for display (min/max per bucket, spikes kept); see ``_draw.downsample``."""
     from ._draw import MAX_POINTS, downsample as _downsample
@@ -56,4 +69,4 @@ def downsample(steps, values, max_points: Optional[int] = None):
 
 __all__ = ["Instrument", "RunView", "downsample", "GROUPS", "KINDS", "PANEL_LESS", "GROUP_ENTRY_POINTS", "builtin", "third_party",
            "discover", "select", "tab_panels", "builtin_modules", "ORDER", "as_view", "missing_reason", "enable_hint", "quantity_of",
-           "no_records"]
+           "no_records", *_DRAWING]

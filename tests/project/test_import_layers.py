@@ -69,6 +69,13 @@ def test_cockpit_lite_never_imports_instruments_at_import_time():
     assert not bad, f"cockpit_lite imports instruments at import time (a cycle): {bad}"
 
 
+def test_cockpit_lite_uses_only_public_names_of_instruments():
+    bad = [(str(p.relative_to(ROOT)), mod, names) for p in files("cockpit_lite") for mod, names, _ in imports(p)
+           if is_instruments(mod) and ([part for part in mod.split(".") if part.startswith("_")]
+                                       or [n for n in names if n.startswith("_")])]
+    assert not bad, f"cockpit_lite reaches into private modules or names of the instruments: {bad}"
+
+
 def test_instruments_use_only_public_names_of_cockpit_lite():
     bad = []
     for p in files("instruments"):
