@@ -50,6 +50,11 @@ class Quantity:
     # may reduce across the processes of a data-parallel run: the engine then brackets each of its
     # calls so that a failure in one process cannot leave the others waiting (distributed.Group)
     reduces: ClassVar[bool] = True
+    #: per-sample statistics read from the step's one shared pass per layer (``persample/plan.py``), so
+    #: that each is computed once whatever the order of the quantities: "sq" (||g_i||^2 per parameter),
+    #: "m2" (sum_i g_i^2), "dots" (g_i . g), "hist" (the 1D histogram of the elements g_ij, counted
+    #: over ``hist_range``)
+    per_sample_stats: ClassVar[FrozenSet[str]] = frozenset()
 
     def __init__(self, schedule: schedules.ScheduleLike = None):
         self.schedule: Callable[[int], bool] = schedules.parse(
@@ -73,6 +78,22 @@ class Quantity:
 
     def after_step(self, ctx: "StepContext") -> None:
         """Parameters are theta_{t+1}; ``ctx.update`` holds d when ``"update"`` is needed."""
+
+    # -- the step's shared per-sample pass (persample/plan.py asks the active quantities) ------------
+    #: ``hist_range(view) -> R``, defined by a quantity declaring "hist": the shared pass counts the elements
+    #: g_ij in bins over [-R, R]; R None or not finite: no shared count on this step. Left None: the
+    #: quantity counts on its own
+    hist_range: ClassVar[Optional[Callable[..., Optional[float]]]] = None
+
+    def per_sample_direction(self, step: Optional[int]) -> Optional[List[Any]]:
+        """A direction v (one tensor per parameter) whose per-sample projections g_i . v the shared pass
+        should compute on ``step`` (alpha's update d); None: none."""
+        return None
+
+    def per_sample_keep(self, step: Optional[int]) -> bool:
+        """Whether the per-sample blocks of ``step``'s pass must be kept for a projection after the optimizer
+        step (alpha, when a fit starts on it)."""
+        return False
 
     def on_backward_end(self, step: int) -> None:
         """A backward pass through the model ended on ``step`` (quantities needing ``"backward_end"``)."""
