@@ -10,6 +10,11 @@
   affine map; the statistics stay at their initial values, as no step updates them) or in training mode (batch statistics mix the samples, so per-sample quantities are NaN
   with that reason by design; the benchmark still times them and says so).
 
+* ``transformer4``: the same with 4 encoder layers (issue 21's "4-layer transformer");
+* ``resnet18_gn``: ResNet-18 (torchvision's layout for 32x32 inputs: 3x3 stem, no max-pool, stages of 64,
+  128, 256, 512 channels, two basic blocks each) with GroupNorm (32 groups) in place of BatchNorm, batch
+  16 (about half a second per plain step on the 2-core CPU): issue 21's "ResNet-18 (GroupNorm)".
+
 ``make(name, batch_size=..., hidden=...)`` builds the variants of the scaling study (other batch sizes,
 MLP widths); ``Problem.spec`` holds its arguments, so a subprocess can rebuild the same problem.
 
@@ -73,19 +78,27 @@ def cnn() -> nn.Module:
     )
 
 
-class BasicBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN plus the (projected) input, then ReLU: the ResNet building block."""
+def batch_norm(channels: int) -> nn.Module:
+    return nn.BatchNorm2d(channels)
 
-    def __init__(self, cin: int, cout: int, stride: int = 1):
+
+def group_norm(channels: int) -> nn.Module:
+    return nn.GroupNorm(min(32, channels), channels)
+
+
+class BasicBlock(nn.Module):
+    """conv-norm-ReLU-conv-norm plus the (projected) input, then ReLU: the ResNet building block."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, norm: Callable[[int], nn.Module] = batch_norm):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn1 = norm(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = norm(cout)
         self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
         self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), norm(cout))
 
     def forward(self, x):
         out = self.relu1(self.bn1(self.conv1(x)))
@@ -99,6 +112,15 @@ def resnet() -> nn.Module:
         BasicBlock(16, 16), BasicBlock(16, 32, stride=2),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
     )
+
+
+def resnet18_gn() -> nn.Module:
+    """ResNet-18 for 32x32 inputs with GroupNorm: 3x3 stem (64), stages 64/128/256/512 of two blocks each."""
+    layers, cin = [nn.Conv2d(3, 64, 3, padding=1, bias=False), group_norm(64), nn.ReLU()], 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [BasicBlock(cin, cout, stride, group_norm), BasicBlock(cout, cout, 1, group_norm)]
+        cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10))
 
 
 VOCAB, SEQ, WIDTH = 1000, 128, 256
@@ -145,6 +167,8 @@ PROBLEMS = {
     "mlp": Problem("mlp", mlp, _batch((1, 28, 28)), 128),
     "cnn": Problem("cnn", cnn, _batch((3, 32, 32)), 128),
     "transformer": Problem("transformer", Transformer, _tokens(), 8),
+    "transformer4": Problem("transformer4", lambda: Transformer(layers=4), _tokens(), 8),
+    "resnet18_gn": Problem("resnet18_gn", resnet18_gn, _batch((3, 32, 32)), 16),
     "resnet_bn_eval": Problem("resnet_bn_eval", resnet, _batch((3, 32, 32)), 128, train_mode=False),
     "resnet_bn_train": Problem("resnet_bn_train", resnet, _batch((3, 32, 32)), 128),
 }

@@ -42,9 +42,13 @@ def targets_table(rows: List[dict]) -> str:
             continue
         lo, hi = r["ratio_spread"]
         lines.append(f"| {r['problem']} | {r['optimizer']} | {r['variant']} | {r['plain_ms']:.1f} | {r['ms']:.1f} | "
-                     f"{r['ratio']:.2f}x ({lo:.2f}-{hi:.2f}) | <= {r['target']}x | {'yes' if r['met'] else '**no**'} | "
+                     f"{r['ratio']:.2f}x ({lo:.2f}-{hi:.2f}) | <= {r['target']}x{_issue(r)} | {'yes' if r['met'] else '**no**'} | "
                      f"{_mem(r.get('memory'))} | {_f(r['hvps_per_step'])} |")
     return "\n".join(lines)
+
+
+def _issue(row) -> str:
+    return f" (issue {row['target_issue']})" if row.get("target_issue") else ""
 
 
 def _columns(rows):

@@ -50,7 +50,7 @@ from benchmarks import cockpit_side, report, scaling, suite, variants  # noqa: E
 from benchmarks import problems as problem_set  # noqa: E402
 from cockpit_lite import presets  # noqa: E402
 
-PROBLEMS = "mlp,cnn,transformer,resnet_bn_eval,resnet_bn_train"
+PROBLEMS = "mlp,cnn,transformer,transformer4,resnet_bn_eval,resnet_bn_train,resnet18_gn"
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # (rounds, steps per round) of the every-step variants, blocks of per-sample periods for the scheduled
 # ones, steps per memory measurement, cockpit timing (rounds, steps), scaling timing (rounds, steps)

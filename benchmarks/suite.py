@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 import cockpit_lite
 from benchmarks import memory, problems, timing
-from benchmarks.variants import TARGETS, Variant
+from benchmarks.variants import TARGET_ISSUE, TARGETS, Variant
 
 
 def nan_quantities(run, spec):
@@ -53,7 +53,8 @@ def measure(problem: problems.Problem, optimizer: str, specs: Dict[str, Variant]
             "problem": problem.name, "optimizer": optimizer, "variant": name, "what": what,
             "plain_ms": med["plain"] * 1e3, "ms": med[name] * 1e3, "ratio": ratios[name],
             "ratio_spread": [min(spread), max(spread)], "rounds": rounds, "steps": steps,
-            "target": target, "met": (ratios[name] <= target) if target else None,
+            "target": target, "target_issue": TARGET_ISSUE.get((problem.name, name)),
+            "met": (ratios[name] <= target) if target else None,
             "hvps_per_step": float(statistics.mean(hvps)) if len(hvps) else None,
             "memory": mem.get(name),
         })

@@ -22,15 +22,21 @@ NOISE = ("grad_norm", "norm_test", "inner_test", "ortho_test", "mean_gsnr")
 CURVATURE = ("hess_max_ev", "hess_trace", "ggn_trace", "tic_diag", "tic_trace", "grad_hist_2d")
 PRESETS = ("default", "economy", "business", "full")
 STEADY_STATE = 1000  # "default schedules" variants start here (log schedules thin out); a per-sample step
-# the issues' targets: (problem, variant) -> largest acceptable median ratio to the plain step
+# the issues' targets: (problem, variant) -> largest acceptable median ratio to the plain step. Issue 21's
+# (the overhead issue) replace the earlier issues' where both name a row; ``TARGET_ISSUE`` says whose
 TARGETS = {
-    ("mlp", "default"): 1.05, ("cnn", "default"): 1.05,
+    ("mlp", "default"): 1.2, ("cnn", "default"): 1.05,
     ("mlp", "alpha"): 1.4, ("cnn", "alpha"): 1.2,
-    ("mlp", "noise"): 2.0, ("cnn", "noise"): 1.4,
+    ("mlp", "noise"): 2.3, ("cnn", "noise"): 1.4,
     ("mlp", "noise+hist"): 4.0, ("cnn", "noise+hist"): 1.6,
     ("cnn", "hess_max_ev"): 5.0, ("cnn", "full-like"): 8.0,
     ("cnn", "full (default schedules)"): 1.15,
+    ("cnn", "economy (every step)"): 2.2, ("cnn", "economy (default schedules)"): 1.08,
+    ("transformer4", "economy (default schedules)"): 1.12, ("resnet18_gn", "economy (default schedules)"): 1.12,
 }
+TARGET_ISSUE = {key: "21" for key in [("mlp", "default"), ("mlp", "noise"), ("cnn", "economy (every step)"),
+                                      ("cnn", "economy (default schedules)"), ("transformer4", "economy (default schedules)"),
+                                      ("resnet18_gn", "economy (default schedules)")]}
 Variant = Tuple[Dict[str, str], int, str]
 
 

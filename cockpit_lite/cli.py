@@ -284,7 +284,7 @@ def _is_part(key: str) -> bool:
 def cmd_instruments(args) -> int:
     import json
 
-    import instruments
+    from cockpit_lite import instruments
 
     found = instruments.discover()
     if args.json:

@@ -74,7 +74,7 @@ def parse_steps(text: Union[None, str, Sequence[Optional[int]]]) -> Tuple[Option
 
 
 def _views(runs, steps) -> List[Any]:
-    from instruments import RunView
+    from cockpit_lite.instruments import RunView
     from .runlog import Run, load
 
     if isinstance(runs, (str, os.PathLike, Run, RunView)):
@@ -97,7 +97,7 @@ def _views(runs, steps) -> List[Any]:
 
 def layout(views: List[Any], instruments: Optional[Sequence[Any]] = None) -> Layout:
     """Decide which panels to draw: instruments with data in at least one run, by group."""
-    import instruments as inst_pkg
+    import cockpit_lite.instruments as inst_pkg
 
     explicit = instruments is not None
     if instruments is None:
@@ -324,7 +324,7 @@ def _draw_cell(ax, cell: Cell, multi: bool) -> None:
             warnings.warn(f"cockpit-lite: instrument {cell.instrument.name!r} failed on {cell.view.label}: {reason}",
                           RuntimeWarning, stacklevel=3)
         else:
-            from instruments._tidy import tidy
+            from cockpit_lite.instruments import tidy
 
             tidy(ax)
     if reason is not None:

@@ -190,7 +190,7 @@ class _ListQueue:
 
 def _child_env() -> dict:
     """The environment of the renderer: this process's, with the folder that holds this
-    ``cockpit_lite`` (and ``instruments``) first on the path, so that it imports the same code."""
+    ``cockpit_lite`` (with its ``instruments``) first on the path, so that it imports the same code."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])

@@ -61,7 +61,7 @@ def compare(runs: Sequence[RunLike], keys: Sequence[str] = ("loss",), *, labels:
 def _key_panels(views, keys: List[str], *, title: Optional[str], legend: bool):
     import numpy as np
 
-    from instruments._draw import PALETTE, draw_line, finish, scale_y
+    from cockpit_lite.instruments import PALETTE, draw_line, finish, scale_y
     from .dashboard import _new_figure
 
     if not keys:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, Hashable, List, Optional, Set
 
 import torch
 
@@ -73,6 +73,9 @@ class StepInputs:
         return current_grads(self.watched.params)
 
 
+_UNSET = object()  # StepContext._loss before the loss is combined (None is a value: no loss seen)
+
+
 def current_grads(params: List[torch.Tensor]) -> List[torch.Tensor]:
     """``.grad`` of every parameter (zeros where it is None), as the optimizer sees it."""
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -92,7 +95,12 @@ class StepContext:
         self._norms = NormBatch()  # norms asked for, computed in one reduction per phase (norm_batch.py)
         self._norm_groups: List[tuple] = []  # (key, NormGroup) recorded as key and key/<param name>
         self._checks: List[Any] = []  # callables run once the values are floats (after_values)
-        self.cache: Dict[str, Any] = {}
+        # intermediates the step's quantities share, built once (``once``): keyed by the function that
+        # builds them and its arguments, never by a string
+        self._shared: Dict[tuple, Any] = {}
+        self.cache: Dict[str, Any] = {}  # the per-sample noise sums (quantities/_noise.py); to move to ``once``
+        self._grads: Optional[List[torch.Tensor]] = None
+        self._loss: Any = _UNSET
         self.params_before: Optional[List[torch.Tensor]] = None
         self._update: Optional[List[torch.Tensor]] = None
         self._neg_update: Optional[List[torch.Tensor]] = None
@@ -131,6 +139,15 @@ class StepContext:
         return StepInputs(self.step, self.watched, self.micro_batches, self.reduction, list(self.active),
                           self.layer_io, self.model_calls)
 
+    def once(self, build: Callable[..., Any], *args: Hashable) -> Any:
+        """``build(self, *args)``, computed on the first call of this step and shared afterwards by every
+        quantity asking with the same function and arguments (the curvature operators, BackPACK's
+        diagonals, Hutchinson estimates: quantities/_curvature.py). A build that raises is not remembered."""
+        key = (build, args)
+        if key not in self._shared:
+            self._shared[key] = build(self, *args)
+        return self._shared[key]
+
     # -- inputs ------------------------------------------------------------------------------
     @property
     def names(self) -> List[str]:
@@ -142,10 +159,9 @@ class StepContext:
 
     def grads(self) -> List[torch.Tensor]:
         """``.grad`` of every observed parameter (zeros where it is None), as the optimizer sees it."""
-        grads = self.cache.get("grads")
-        if grads is None:
-            grads = self.cache["grads"] = current_grads(self.watched.params)
-        return grads
+        if self._grads is None:
+            self._grads = current_grads(self.watched.params)
+        return self._grads
 
     def loss(self) -> Optional[torch.Tensor]:
         """The step's mini-batch loss: micro-batch losses combined as the loss reduction implies.
@@ -153,8 +169,8 @@ class StepContext:
         ``mean``: the sample-weighted mean; ``sum``: the sum; otherwise the plain mean.
         None when no loss function call was seen.
         """
-        if "loss" in self.cache:
-            return self.cache["loss"]
+        if self._loss is not _UNSET:
+            return self._loss
         mbs = [m for m in self.micro_batches if m.backpropagated] or self.micro_batches
         value = None
         if len(mbs) == 1:
@@ -163,7 +179,7 @@ class StepContext:
             losses = torch.stack([m.loss.float() for m in mbs])
             w = torch.tensor(micro_batch_weights(mbs, self.reduction), dtype=losses.dtype, device=losses.device)
             value = (losses * w).sum()
-        self.cache["loss"] = value
+        self._loss = value
         return value
 
     def update_norms_source(self) -> List[torch.Tensor]:

@@ -33,6 +33,11 @@ Importing this package does not import matplotlib; drawing does.
 
 from __future__ import annotations
 
+if __name__ == "instruments":  # the old import name (deprecated): this becomes cockpit_lite.instruments
+    from cockpit_lite.instruments._old_name import redirect as _redirect
+
+    _redirect()  # what follows then imports the same objects (instruments.X is cockpit_lite.instruments.X)
+
 from typing import Optional
 
 from ._base import GROUPS, KINDS, Instrument
@@ -40,6 +45,19 @@ from ._reasons import enable_hint, missing_reason, no_records, quantity_of
 from ._registry import (GROUP_ENTRY_POINTS, ORDER, PANEL_LESS, builtin, builtin_modules, discover, select,
                         tab_panels, third_party)
 from ._run_view import RunView, as_view
+
+
+#: drawing helpers that the rest of cockpit_lite (notebook plots, the dashboard) uses too: public names,
+#: imported on first use (they import matplotlib)
+_DRAWING = {"PALETTE": "_draw", "draw_line": "_draw", "finish": "_draw", "scale_y": "_draw", "tidy": "_tidy"}
+
+
+def __getattr__(name: str):
+    if name in _DRAWING:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_DRAWING[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def downsample(steps, values, max_points: Optional[int] = None):
@@ -51,4 +69,4 @@ def downsample(steps, values, max_points: Optional[int] = None):
 
 __all__ = ["Instrument", "RunView", "downsample", "GROUPS", "KINDS", "PANEL_LESS", "GROUP_ENTRY_POINTS", "builtin", "third_party",
            "discover", "select", "tab_panels", "builtin_modules", "ORDER", "as_view", "missing_reason", "enable_hint", "quantity_of",
-           "no_records"]
+           "no_records", *_DRAWING]

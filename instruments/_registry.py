@@ -118,4 +118,4 @@ def tab_panels(found: Optional[Iterable[Any]] = None) -> List[Dict[str, Any]]:
     """The TensorBoard tab's panels: the instruments grouped by their ``tab`` (see ``_tab_panels``)."""
     from ._tab_panels import tab_panels as _tab_panels
 
-    return _tab_panels(found)
+    return _tab_panels(discover() if found is None else found)

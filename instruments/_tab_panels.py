@@ -2,7 +2,7 @@
 
 Each instrument names the tab panel that shows it (``Instrument.tab``, default its own name);
 instruments with the same ``tab`` share a panel. Panels come in the dashboard's order: by group
-(:data:`instruments.GROUPS`), then in registry order. The plugin serves this list
+(:data:`cockpit_lite.instruments.GROUPS`), then in registry order. The plugin serves this list
 (``/data/plugin/cockpit_lite/panels``); ``static/index.js`` draws each panel with its own renderer
 when it has one (``RENDERERS``) and by ``kind`` otherwise, so a new instrument shows up in the
 tab without a change to the frontend.
@@ -10,7 +10,7 @@ tab without a change to the frontend.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List
 
 
 def _describe(inst) -> Dict[str, Any]:
@@ -25,13 +25,14 @@ def _describe(inst) -> Dict[str, Any]:
     return desc
 
 
-def tab_panels(found: Optional[Iterable[Any]] = None) -> List[Dict[str, Any]]:
+def tab_panels(found: Iterable[Any]) -> List[Dict[str, Any]]:
     """One entry per tab panel: ``id``, ``title``, ``group``, ``kind``, ``description`` (of its first
     instrument), ``keys`` and ``data_keys`` (of all its instruments, in order) and ``instruments`` (their
-    names). ``found``: the instruments (default :func:`instruments.discover`)."""
-    from . import GROUPS, discover
+    names). ``found``: the instruments (``cockpit_lite.instruments.tab_panels()`` passes
+    :func:`cockpit_lite.instruments.discover`'s)."""
+    from ._base import GROUPS
 
-    descs = [_describe(i) for i in (discover() if found is None else found)]
+    descs = [_describe(i) for i in found]
     order = {g: n for n, g in enumerate(GROUPS)}
     descs.sort(key=lambda d: order.get(d["group"], len(order)))  # stable: registry order within a group
     panels: Dict[str, Dict[str, Any]] = {}

@@ -150,26 +150,27 @@ class BatchLoss:
         return total
 
 
-def rebuild(ctx, subbatch: Optional[int] = None) -> BatchLoss:
-    """Pair the step's model calls with its loss calls; raise :class:`CurvatureUnavailable` if impossible."""
-    watched = ctx.watched
+def rebuild(step, subbatch: Optional[int] = None) -> BatchLoss:
+    """Pair the step's model calls with its loss calls (``step``: its ``StepInputs``, or the context); raise
+    :class:`CurvatureUnavailable` if impossible."""
+    watched = step.watched
     if not isinstance(watched.loss_fn, nn.Module):
         raise CurvatureUnavailable("curvature needs loss_fn as an nn.Module passed to watch()")
-    mbs = [m for m in ctx.micro_batches if m.backpropagated] or list(ctx.micro_batches)
-    calls_in = list(ctx.model_calls)
+    mbs = [m for m in step.micro_batches if m.backpropagated] or list(step.micro_batches)
+    calls_in = list(step.model_calls)
     if not calls_in or not mbs:
         raise CurvatureUnavailable("no model forward / loss call was captured on this step")
-    if len(calls_in) != len(ctx.micro_batches):
+    if len(calls_in) != len(step.micro_batches):
         raise CurvatureUnavailable(
-            f"{len(calls_in)} model forward(s) but {len(ctx.micro_batches)} loss call(s) on this step: "
+            f"{len(calls_in)} model forward(s) but {len(step.micro_batches)} loss call(s) on this step: "
             "cannot pair model inputs with targets")
-    if mbs is not ctx.micro_batches and len(mbs) != len(ctx.micro_batches):
-        keep = [i for i, m in enumerate(ctx.micro_batches) if m.backpropagated]
+    if mbs is not step.micro_batches and len(mbs) != len(step.micro_batches):
+        keep = [i for i, m in enumerate(step.micro_batches) if m.backpropagated]
         calls_in = [calls_in[i] for i in keep]
     if any(m.target is None for m in mbs):
         raise CurvatureUnavailable("the loss function's targets were not captured on this step")
     sizes = [m.batch_size for m in mbs]
-    reduction = ctx.reduction
+    reduction = step.reduction
     weights = micro_batch_weights(mbs, reduction)
     if subbatch is not None and step_normalised(mbs) and any(s is not None and subbatch < s for s in sizes):
         raise CurvatureUnavailable(

@@ -1,8 +1,9 @@
 """Takeuchi information criterion (Thomas et al. 2020) from the per-sample second moment and the
-Hessian's diagonal, shared by ``tic_diag`` and ``tic_trace`` (computed once per step).
+Hessian's diagonal: the formulas (a step's TIC for ``tic_diag`` and ``tic_trace``, computed once per step, is
+built in ``quantities/_tic.py``).
 
-M_j = (1/B) sum_i g_ij^2 (``ctx.per_sample.second_moment()``, factored, no B x P tensor),
-c = diag of the Hessian, exact through BackPACK where the model allows it (step.ExactDiagonals).
+M_j = (1/B) sum_i g_ij^2 (``PerSampleView.second_moment()``, factored, no B x P tensor),
+c = diag of the Hessian, exact through BackPACK where the model allows it (quantities/_curvature.ExactDiagonals).
 
 tic_diag = sum_j M_j / (c_j + 1e-7): only with the exact diagonal. Dividing elementwise by a Hutchinson
 estimate of c_j (each entry from a handful of probes, often near zero or of the wrong sign) has no finite
@@ -30,10 +31,6 @@ from typing import Optional
 
 import torch
 
-from ..persample import noise
-
-from . import step as curv
-from .batch_loss import CurvatureUnavailable
 
 EPS = 1e-7
 MAX_REL_SE = 0.25  # largest relative standard error of the trace estimate a ratio is formed with
@@ -71,42 +68,3 @@ def trace_ratio(m_sum: float, trace: float, trace_se: float):
             f"the Hutchinson estimate of tr(H) = {trace:.4g} +- {trace_se:.2g} (1 s.e.) is too noisy to divide by "
             f"(relative s.e. above {MAX_REL_SE}); more probes or an exact diagonal (BackPACK) are needed")
     return m_sum / denom, abs(m_sum) * trace_se / denom ** 2, None
-
-
-def compute(ctx, exact: "curv.ExactDiagonals", probes: int, seed: int) -> TIC:
-    key = ("curvature.tic", probes, seed)
-    if key not in ctx.cache:
-        ctx.cache[key] = _compute(ctx, exact, probes, seed)
-    return ctx.cache[key]
-
-
-def _compute(ctx, exact, probes, seed) -> TIC:
-    try:
-        ps = ctx.per_sample
-        missing = ps.unsupported()
-        if missing:
-            return TIC(None, None, "", 0, f"per-sample gradients unavailable: {missing}")
-        n = ps.n
-        if not n:
-            return TIC(None, None, "", 0, "no samples on this step")
-        moments = noise.second_moment(ctx)  # over the global batch in a data-parallel run
-    except Exception as err:
-        return TIC(None, None, "", 0, f"per-sample second moment unavailable ({type(err).__name__}: {err})")
-    if any(m is None for m in moments):
-        return TIC(None, None, "", 0, "per-sample second moment unavailable for some parameters")
-    means = [m / n for m in moments]
-    try:
-        diag, how = exact.get(ctx, "diag_h")
-        if diag is not None:
-            d, t, abs_terms = tic_of(means, diag)
-            return TIC(d, t, how, 0, abs_terms=abs_terms)
-        no_exact = how
-        est = curv.hessian_trace_estimate(ctx, probes, seed)
-    except CurvatureUnavailable as err:
-        return TIC(None, None, "", 0, str(err))
-    m_sum = float(sum(float(m.double().sum()) for m in means))
-    t, se, why = trace_ratio(m_sum, est.total, est.stderr)
-    return TIC(None, None if why else t, "estimate:hutchinson-diag-hessian", probes, None, se,
-               diag_reason=("needs the exact Hessian diagonal (an elementwise ratio with a Hutchinson diagonal "
-                            f"estimate has no finite variance), which is unavailable: {no_exact}"),
-               trace_reason=why)

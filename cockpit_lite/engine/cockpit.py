@@ -326,7 +326,7 @@ class Cockpit(StepDetection):
         return None
 
     def _check_rules(self, ctx: StepContext) -> None:
-        from ..persample import selfcheck
+        from . import selfcheck
 
         with bracket(self.watched.dist, ctx.step, "persample_check") as outcome:
             try:

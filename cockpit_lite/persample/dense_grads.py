@@ -8,6 +8,6 @@ from typing import List, Optional
 import torch
 
 
-def dense_grads(ctx) -> List[Optional[torch.Tensor]]:
-    """``ctx.grads()`` with every sparse gradient made dense."""
-    return [g.to_dense() if g is not None and g.is_sparse else g for g in ctx.grads()]
+def dense_grads(step) -> List[Optional[torch.Tensor]]:
+    """``step.grads()`` (a ``StepInputs`` or the ``StepContext``) with every sparse gradient made dense."""
+    return [g.to_dense() if g is not None and g.is_sparse else g for g in step.grads()]

@@ -64,14 +64,13 @@ def _version(t) -> int:
 def plan_for(active: Optional[Iterable[object]], step: Optional[int] = None) -> StepPlan:
     """The plan of step ``step`` whose active quantities are ``active`` (their order does not matter)."""
     stats, owner, direction, keep = set(), None, None, False
-    for q in active or ():
-        if hasattr(q, "per_sample_keep"):
-            keep = keep or bool(q.per_sample_keep(step))
-        if direction is None and hasattr(q, "per_sample_direction"):
+    for q in active or ():  # Quantity declares the three (quantities/base.py); the defaults ask for nothing
+        keep = keep or bool(q.per_sample_keep(step))
+        if direction is None:
             d = q.per_sample_direction(step)
             direction = tuple(d) if d is not None else None
-        declared = set(getattr(q, "per_sample_stats", ()) or ()) & STATS
-        if "hist" in declared and not hasattr(q, "hist_range"):
+        declared = set(q.per_sample_stats or ()) & STATS
+        if "hist" in declared and q.hist_range is None:
             declared.discard("hist")  # no range to count with: that quantity counts on its own
         if "hist" in declared and owner is None:
             owner = q

@@ -30,12 +30,12 @@ from .view_setup import setup
 
 
 class PerSampleView:
-    def __init__(self, ctx):
-        """``ctx``: the step's inputs (``StepContext.inputs()``), never the context itself, which keeps
+    def __init__(self, inputs):
+        """``inputs``: the step's inputs (``StepContext.inputs()``), never the context itself, which keeps
         this view: a reference back would make a cycle holding the step's captured activations."""
-        self.ctx = ctx
-        self.params: List[torch.Tensor] = list(ctx.params)
-        self.names: List[str] = list(ctx.names)
+        self.inputs = inputs
+        self.params: List[torch.Tensor] = list(inputs.params)
+        self.names: List[str] = list(inputs.names)
         self._index = {id(p): j for j, p in enumerate(self.params)}
         self._reasons: Dict[str, str] = {}
         self._global_reason: Optional[str] = None
@@ -43,16 +43,16 @@ class PerSampleView:
         self._samples = {}  # (call order) -> {param index: ParamSamples}
         self._replay: Dict[int, str] = {}  # parameters for the per-sample replay -> why no layer rule serves
         self._replayed: Dict[int, list] = {}  # their [(forward position, [DenseSamples])]
-        self._setup(ctx.layer_io)
+        self._setup(inputs.layer_io)
 
     def _setup(self, captured) -> None:
         setup(self, captured)  # view_setup.py
 
     @property
     def n(self) -> int:
-        """Samples of the step: of the global batch in a data-parallel run (``ctx.dist``), else n_local."""
+        """Samples of the step: of the global batch in a data-parallel run (``inputs.watched.dist``), else n_local."""
         if "n" not in self._cache:
-            dist = self.ctx.watched.dist
+            dist = self.inputs.watched.dist
             self._cache["n"] = self.n_local if dist is None else int(sum_numbers(dist, [self.n_local])[0])
         return self._cache["n"]
 
@@ -134,7 +134,7 @@ class PerSampleView:
             try:
                 if self._global_reason is not None:
                     raise LossUnavailable(self._global_reason)
-                parts = [per_sample_losses(self.ctx.watched.loss_fn, mb, b, self.ctx.reduction, self.sample_dim) * share
+                parts = [per_sample_losses(self.inputs.watched.loss_fn, mb, b, self.inputs.reduction, self.sample_dim) * share
                          for mb, b, share in zip(self.micro_batches, self.batch_sizes, self.shares)]
                 self._cache["losses"] = torch.cat(parts)
             except LossUnavailable as err:
@@ -147,7 +147,7 @@ class PerSampleView:
         return self._cache.get("losses_reason")
 
     def sq_norms_per_param(self) -> List[torch.Tensor]:
-        """||g_i||^2 per parameter, [n] each, in the order of ctx.params."""
+        """||g_i||^2 per parameter, [n] each, in the order of inputs.params."""
         return [self._stat(j, "sq") for j in range(len(self.params))]
 
     def sq_norms(self) -> torch.Tensor:
@@ -157,7 +157,7 @@ class PerSampleView:
         return self._cache["sq_total"]
 
     def dots_per_param(self, vecs) -> List[torch.Tensor]:
-        """g_i . v per parameter ([n] each); ``vecs`` aligned with ctx.params (None = zero). The direction
+        """g_i . v per parameter ([n] each); ``vecs`` aligned with inputs.params (None = zero). The direction
         the step's plan names (alpha's) comes from the step's shared pass."""
         out = []
         planned = self.plan().serves(vecs)
@@ -192,7 +192,7 @@ class PerSampleView:
         """What the step's active quantities need from the per-sample data (``plan.StepPlan``), decided
         once per step, before any of them runs."""
         if "plan" not in self._cache:
-            self._cache["plan"] = plan_for(getattr(self.ctx, "active", None), getattr(self.ctx, "step", None))
+            self._cache["plan"] = plan_for(getattr(self.inputs, "active", None), getattr(self.inputs, "step", None))
         return self._cache["plan"]
 
     def _planned(self) -> frozenset:
@@ -260,8 +260,8 @@ class PerSampleView:
         """
         if "mean" in self._cache:
             return self._cache["mean"]
-        dist = self.ctx.watched.dist
-        grads = dense_grads(self.ctx)  # dense_grads.py
+        dist = self.inputs.watched.dist
+        grads = dense_grads(self.inputs)  # dense_grads.py
         result = None
         checks = self._check_params() if self._equal_weights() else []
         if dist is not None:  # every process must take part in the same reductions

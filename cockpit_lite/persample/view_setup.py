@@ -20,7 +20,7 @@ def setup(self, captured) -> None:
     """Fill ``self`` (a ``PerSampleView``): the micro-batches, their scales and shares, which layer calls
     feed which parameter, and the parameters left to the per-sample replay."""
     calls = list(captured.calls) if captured is not None else []
-    mbs = [m for m in self.ctx.micro_batches if m.backpropagated]
+    mbs = [m for m in self.inputs.micro_batches if m.backpropagated]
     forwards = sorted({c.forward for c in calls})
     self.forwards = forwards
     self.calls_by_forward = {k: [c for c in calls if c.forward == k] for k in forwards}
@@ -55,19 +55,19 @@ def setup(self, captured) -> None:
     # (not where a module declares where the batch is: a sequence-first attention's loss has T rows)
     declared_any = any(isinstance(c.module, torch.nn.MultiheadAttention) for c in calls)
     rows_reason = (_rows_disagree(self, mbs, forwards) if seq_first_reason is None and not declared_any
-                   and getattr(self.ctx.watched, "seq_first", None) is None else None)
+                   and getattr(self.inputs.watched, "seq_first", None) is None else None)
     self.n_local = int(sum(self.batch_sizes))  # samples of this process
     if not calls:
         self._global_reason = "no layer with observed parameters received a gradient on this step"
-    elif self.ctx.reduction not in ("mean", "sum"):
-        self._global_reason = (f"the loss reduction is {self.ctx.reduction!r}; per-sample gradients need the "
+    elif self.inputs.reduction not in ("mean", "sum"):
+        self._global_reason = (f"the loss reduction is {self.inputs.reduction!r}; per-sample gradients need the "
                                "loss module passed as watch(..., loss_fn=...) with reduction 'mean' or 'sum'")
     elif len(mbs) != len(forwards):
         self._global_reason = (f"{len(forwards)} model forward passes but {len(mbs)} back-propagated loss calls "
                                "on this step: cannot match micro-batches to losses")
     # a micro-batch loss already divided by the step's count (num_items_in_batch) is a part of the step's
     # mean, not a mean of its own: its samples' l_i scale by n_local / b_k (``loss_combine.step_normalised``)
-    parts = step_normalised(mbs) and self.ctx.reduction == "mean"
+    parts = step_normalised(mbs) and self.inputs.reduction == "mean"
     self.shares = [self.n_local / b if parts and b else 1.0 for b in self.batch_sizes]
     if self._global_reason is None:
         for mb, b, share in zip(mbs, self.batch_sizes, self.shares):
@@ -76,7 +76,7 @@ def setup(self, captured) -> None:
                 self._global_reason = "the gradient arriving at the loss (its backward scale) is unknown or zero"
                 break
             s = s.detach().reshape(()).float()
-            self.factors.append((b * share / s) if self.ctx.reduction == "mean" else (1.0 / s))
+            self.factors.append((b * share / s) if self.inputs.reduction == "mean" else (1.0 / s))
     self.micro_batches = mbs
     # parameter -> [(forward position, call, attribute name)]
     self.feeds: Dict[int, list] = {j: [] for j in range(len(self.params))}
@@ -110,7 +110,7 @@ def setup(self, captured) -> None:
             if j not in self.frozen and name not in self._reasons and self.params[j].grad is not None:
                 self._replay[j] = seq_first_reason or rows_reason
     index = {name: j for j, name in enumerate(self.names)}
-    for name, why in getattr(self.ctx.watched, "rule_failures", {}).items():
+    for name, why in getattr(self.inputs.watched, "rule_failures", {}).items():
         if name in index and name not in self._reasons:
             self._replay.setdefault(index[name], why)  # failed the self-check (selfcheck.py)
     if self._global_reason is not None:
@@ -145,8 +145,8 @@ def resolve_replays(self) -> None:
     wanted = {j: why for j, why in self._replay.items() if self.names[j] not in self._reasons}
     if not wanted:
         return
-    calls = list(self.ctx.model_calls or [])
-    all_mbs = list(self.ctx.micro_batches)
+    calls = list(self.inputs.model_calls or [])
+    all_mbs = list(self.inputs.micro_batches)
     if len(calls) == len(all_mbs) and len(all_mbs) != len(self.micro_batches):
         calls = [c for c, m in zip(calls, all_mbs) if m.backpropagated]
     try:
@@ -156,7 +156,7 @@ def resolve_replays(self) -> None:
         losses = self.losses()
         out, start = {j: [] for j in wanted}, 0
         for pos, (call, mb, b, share) in enumerate(zip(calls, self.micro_batches, self.batch_sizes, self.shares)):
-            got = replayed_grads(self.ctx.watched.model, self.ctx.watched.loss_fn, call, mb, b, self.ctx.reduction,
+            got = replayed_grads(self.inputs.watched.model, self.inputs.watched.loss_fn, call, mb, b, self.inputs.reduction,
                                  {j: self.params[j] for j in wanted}, losses[start:start + b] / share,
                                  self.sample_dim)
             start += b

@@ -84,8 +84,8 @@ def slope_observation(per_sample, direction: List[torch.Tensor]) -> Tuple[torch.
 
 
 def _group(per_sample):
-    ctx = getattr(per_sample, "ctx", None)
-    return ctx.watched.dist if ctx is not None else None
+    inputs = getattr(per_sample, "inputs", None)  # the view's step inputs (a test's stand-in may have none)
+    return inputs.watched.dist if inputs is not None else None
 
 
 def check_supported(per_sample) -> None:

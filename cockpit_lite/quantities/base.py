@@ -55,6 +55,11 @@ class Quantity:
     #: processes in the hook's closing check (one collective for every quantity that declares) and hands
     #: the totals to ``with_sums(ctx, totals)``. Unused in one process.
     step_sums: ClassVar[int] = 0
+    #: per-sample statistics read from the step's one shared pass per layer (``persample/plan.py``), so
+    #: that each is computed once whatever the order of the quantities: "sq" (||g_i||^2 per parameter),
+    #: "m2" (sum_i g_i^2), "dots" (g_i . g), "hist" (the 1D histogram of the elements g_ij, counted
+    #: over ``hist_range``)
+    per_sample_stats: ClassVar[FrozenSet[str]] = frozenset()
 
     def __init__(self, schedule: schedules.ScheduleLike = None):
         self.schedule: Callable[[int], bool] = schedules.parse(
@@ -86,6 +91,21 @@ class Quantity:
     def with_sums(self, ctx: "StepContext", totals: List[float]) -> None:
         """The declared numbers summed over the processes (data-parallel runs, at the end of the
         ``before_step`` hook): record what they give."""
+    # -- the step's shared per-sample pass (persample/plan.py asks the active quantities) ------------
+    #: ``hist_range(view) -> R``, defined by a quantity declaring "hist": the shared pass counts the elements
+    #: g_ij in bins over [-R, R]; R None or not finite: no shared count on this step. Left None: the
+    #: quantity counts on its own
+    hist_range: ClassVar[Optional[Callable[..., Optional[float]]]] = None
+
+    def per_sample_direction(self, step: Optional[int]) -> Optional[List[Any]]:
+        """A direction v (one tensor per parameter) whose per-sample projections g_i . v the shared pass
+        should compute on ``step`` (alpha's update d); None: none."""
+        return None
+
+    def per_sample_keep(self, step: Optional[int]) -> bool:
+        """Whether the per-sample blocks of ``step``'s pass must be kept for a projection after the optimizer
+        step (alpha, when a fit starts on it)."""
+        return False
 
     def on_backward_end(self, step: int) -> None:
         """A backward pass through the model ended on ``step`` (quantities needing ``"backward_end"``)."""
@@ -117,7 +137,7 @@ class Watched:
         self.params = params
         self.loss_fn = loss_fn
         self.dist = dist  # cockpit_lite.distributed.Group of a data-parallel run, None in one process
-        self.rule_check: Optional[dict] = None  # outcome of the per-sample self-check (persample/selfcheck.py)
+        self.rule_check: Optional[dict] = None  # outcome of the per-sample self-check (engine/selfcheck.py)
         self.rule_failures: Dict[str, str] = {}  # parameter name -> why its per-sample values are NaN for good
         #: "name (Type)" of a module that reads dim 1 as the batch (batch_first=False), else None
         #: (engine/setup.py ``sequence_first_module``): the batch size is then not the loss input's dim 0

@@ -4,7 +4,7 @@ losses l_i, whatever the loss reduction). Defined for SGD without momentum; NaN 
 
 import torch
 
-from ..persample import noise
+from . import _noise as noise
 from .base import Quantity
 
 

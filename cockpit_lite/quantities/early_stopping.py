@@ -3,7 +3,7 @@ s_j^2 = (sum_i g_ij^2 - B g_j^2)/(B-1);  1 - B mean_j [ g_j^2 / (s_j^2 + 1e-5) ]
 
 Total (mean over all parameter elements) and per parameter tensor."""
 
-from ..persample import noise
+from . import _noise as noise
 from .base import Quantity
 
 EPS = 1e-5

@@ -1,8 +1,8 @@
 """``ggn_trace``: trace of the generalized Gauss-Newton matrix (exact via BackPACK DiagGGNExact, else
 Hutchinson on GGN-vector products J^T H_L J v)."""
 
-from ..curvature import step as curv
-from ..curvature.trace_quantity import TraceQuantity
+from . import _curvature as curv
+from ._trace import TraceQuantity
 
 
 class GGNTrace(TraceQuantity):

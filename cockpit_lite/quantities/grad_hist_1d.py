@@ -58,7 +58,7 @@ class GradHist1d(Quantity):
                 tops.append(self._last_max[j])
         # a NaN maximum (non-finite per-sample gradients) must not vanish in max(): NaN range, reported
         R = max(tops) if all(math.isfinite(t) for t in tops) else math.nan
-        dist = view.ctx.watched.dist
+        dist = view.inputs.watched.dist
         if dist is not None:  # one range for all processes (their counts are added)
             R = float(dist.max_(torch.tensor([R], dtype=torch.float64))[0])
         if R == R and not R > 0:

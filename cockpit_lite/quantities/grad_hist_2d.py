@@ -17,7 +17,7 @@ from typing import Sequence, Tuple
 import torch
 
 from ..distributed import sum_tensors
-from ..persample import noise
+from . import _noise as noise
 from .base import Quantity
 
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..curvature import step as curv
+from . import _curvature as curv
 from ..curvature.batch_loss import CurvatureUnavailable
 from ..curvature.hvp import flatten, unflatten
 from ..curvature.lanczos import top_eigenvalue

@@ -1,7 +1,7 @@
 """``hess_trace``: trace of the mini-batch Hessian, exact (BackPACK DiagHessian) or estimated with stderr."""
 
-from ..curvature import step as curv
-from ..curvature.trace_quantity import TraceQuantity
+from . import _curvature as curv
+from ._trace import TraceQuantity
 
 
 class HessTrace(TraceQuantity):

@@ -4,7 +4,7 @@ projections are one GEMM per layer."""
 
 import torch
 
-from ..persample import noise
+from . import _noise as noise
 from .base import Quantity
 
 

@@ -3,7 +3,7 @@
 The mean runs over all parameter elements (total) or over one tensor's elements (per parameter).
 sum_i g_ij^2 is one GEMM for a Linear layer without sequence axes."""
 
-from ..persample import noise
+from . import _noise as noise
 from .base import Quantity
 
 EPS = 1e-5

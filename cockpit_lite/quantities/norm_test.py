@@ -3,7 +3,7 @@
 Total and per parameter tensor, from ghost norms ||g_i||^2 (no per-sample gradient is built where the
 layer has a factored form)."""
 
-from ..persample import noise
+from . import _noise as noise
 from .base import Quantity
 
 

@@ -1,7 +1,7 @@
 """``ortho_test``: Var_perp = (sum_i ||g_i||^2 - sum_i (g_i.g)^2/||g||^2)/(B-1); sqrt(Var_perp/(B ||g||^2))
 (Bollapragada et al. 2018, eq. 3.3). Total and per parameter tensor."""
 
-from ..persample import noise
+from . import _noise as noise
 from .base import Quantity
 
 

@@ -5,8 +5,8 @@ Records ``tic_diag/stderr`` = 0 (exact) and, in the data, which curvature was us
 
 from __future__ import annotations
 
-from ..curvature import step as curv
-from ..curvature import tic
+from . import _curvature as curv
+from . import _tic as tic
 from .base import Quantity
 
 

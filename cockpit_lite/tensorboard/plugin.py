@@ -6,7 +6,7 @@ default) and with ``--load_fast=false``. Routes, under ``/data/plugin/cockpit_li
 
 * ``/static/<file>``: the frontend (``static/index.js``); no path traversal, no subfolders;
 * ``/runs``: the runs that hold cockpit data, with their last step;
-* ``/panels``: the tab's panels, from the instrument registry (``instruments.tab_panels()``): built-in
+* ``/panels``: the tab's panels, from the instrument registry (``cockpit_lite.instruments.tab_panels()``): built-in
   and third-party instruments appear here and in the dashboard alike;
 * ``/run?run=<name>``: one run's panels: cockpit scalars (``cockpit/<key>``), the last document of
   every ``data/<key>`` tag, NaN reasons, flags and events.
@@ -151,7 +151,7 @@ class CockpitPlugin(base_plugin.TBPlugin):
     @wrappers.Request.application
     def _serve_panels(self, request):
         try:
-            from instruments import tab_panels
+            from cockpit_lite.instruments import tab_panels
 
             body = {"panels": tab_panels()}
         except Exception as err:  # a broken registry: the tab says so instead of drawing nothing

@@ -71,7 +71,7 @@ def write_awkward_log(logdir, steps: int = 400, *, seed: int = 0, tensorboard: b
             if step == 100:
                 for k in ("hess_trace", "ggn_trace", "tic_diag", "tic_trace", "hess_max_ev"):
                     values[k] = math.nan
-                    reasons[k] = "curvature/step.py: the replay of this step raised (out of memory)"
+                    reasons[k] = "quantities/_curvature.py: the replay of this step raised (out of memory)"
             else:
                 ht = 40 * math.cos(6 * frac) - 10 + 5 * rng.normal()  # negative in places: non-convex region
                 values["hess_trace"] = ht

@@ -127,7 +127,7 @@ def test_cli_diagnose_prints_the_report(tmp_path, capsys):
 
 
 def test_dashboard_has_an_advisor_panel_with_the_diagnoses(tmp_path):
-    from instruments.advisor import Advisor
+    from cockpit_lite.instruments.advisor import Advisor
     from cockpit_lite import dashboard
 
     run = log(tmp_path, alpha=lambda t: 0.9)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import cockpit_lite
-from instruments import RunView, builtin
+from cockpit_lite.instruments import RunView, builtin
 
 pytest.importorskip("matplotlib")
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402

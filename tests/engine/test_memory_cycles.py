@@ -152,7 +152,7 @@ def _assert_no_cyclic_garbage(step, steps=2):
 def test_failing_self_check_leaves_no_cyclic_garbage(tmp_path, monkeypatch):
     """A failure kept for the processes' agreement (``_bracket``) must not keep its traceback: the
     traceback's frames hold the outcome that holds it, and the step's context with its captures."""
-    from cockpit_lite.persample import selfcheck
+    from cockpit_lite.engine import selfcheck
 
     def failing_check(ctx):
         ctx.per_sample.sq_norms()  # the step's per-sample work is done and held by the frames

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import cockpit_lite
-import instruments
+from cockpit_lite import instruments
 from cockpit_lite import dashboard
 from cockpit_lite.testing import write_synthetic_log
 
@@ -160,8 +160,8 @@ def test_bad_output_suffix(logs, tmp_path):
 
 
 def test_importing_the_packages_does_not_import_matplotlib():
-    code = "import sys, cockpit_lite, instruments, cockpit_lite.dashboard, cockpit_lite.live, cockpit_lite.cli; " \
-           "instruments.discover(); print('matplotlib' in sys.modules)"
+    code = "import sys, cockpit_lite, cockpit_lite.instruments, cockpit_lite.dashboard, cockpit_lite.live, cockpit_lite.cli; " \
+           "cockpit_lite.instruments.discover(); print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import cockpit_lite
-import instruments
-from instruments import RunView
-from instruments._draw import downsample, moving_average, spans_decades
+from cockpit_lite import instruments
+from cockpit_lite.instruments import RunView
+from cockpit_lite.instruments._draw import downsample, moving_average, spans_decades
 from cockpit_lite.testing import write_synthetic_log
 
 pytest.importorskip("matplotlib")
@@ -361,7 +361,7 @@ def test_third_party_instrument_is_discovered_through_the_entry_point_group(monk
 
 
 def test_broken_or_clashing_entry_points_are_skipped_with_a_warning(monkeypatch):
-    eps = [_entry_point("broken", "no_such_module_xyz:Panel"), _entry_point("dup", "instruments.grad_norm:GradNorm")]
+    eps = [_entry_point("broken", "no_such_module_xyz:Panel"), _entry_point("dup", "cockpit_lite.instruments.grad_norm:GradNorm")]
     monkeypatch.setattr(metadata, "entry_points", lambda **kw: eps)
     with pytest.warns(RuntimeWarning) as record:
         found = instruments.discover()
@@ -443,7 +443,7 @@ def test_long_series_are_drawn_as_bucket_means_with_a_min_max_band(tmp_path):
 
 
 def test_steps_covered_matches_a_lookup_per_step():
-    from instruments.energy import _covers, _steps_covered
+    from cockpit_lite.instruments.energy import _covers, _steps_covered
 
     details = [(2, {"steps": 3}), (5, {"steps": 0}), (8, {}), (8, {"steps": 4}), (11, "not a dict"), (14, {"steps": None}),
                (20, {"steps": 2.5})]
@@ -468,7 +468,7 @@ def test_energy_covers_from_the_steps_entries_match_the_structures(tmp_path, mon
     """The energy panel reads only the ``steps`` entries and the last structure (a cached run does
     not decode its 100,000 structures): the same table and provenance as from every structure."""
     from cockpit_lite.runlog.cache import RunCache
-    from instruments.energy import _covers, _covers_of
+    from cockpit_lite.instruments.energy import _covers, _covers_of
 
     monkeypatch.setattr(RunCache, "MIN_BYTES", 0)
     write_synthetic_log(tmp_path, 60, energy_every=3)
@@ -492,7 +492,7 @@ def test_long_series_envelope_keeps_a_nan_as_a_gap():
     """Above MAX_POINTS a line is drawn as bucket means: a bucket holding a NaN must show a gap (as a
     short series does), not the mean of its other values."""
     import numpy as np
-    from instruments._draw import MAX_POINTS, envelope
+    from cockpit_lite.instruments._draw import MAX_POINTS, envelope
 
     n = 4 * MAX_POINTS
     steps = np.arange(n)

@@ -11,7 +11,7 @@ from torch import nn
 
 import cockpit_lite
 from helpers import watched_training
-from instruments import RunView, builtin
+from cockpit_lite.instruments import RunView, builtin
 
 
 def _train(logdir, lr=0.1, steps=6, seed=0):

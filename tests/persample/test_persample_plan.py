@@ -14,6 +14,7 @@ import cockpit_lite
 from cockpit_lite.persample import conv as conv_rule
 from cockpit_lite.persample.plan import plan_for
 from cockpit_lite.quantities.grad_hist_1d import GradHist1d
+from cockpit_lite.quantities.base import Quantity
 from cockpit_lite.quantities.mean_gsnr import MeanGSNR
 from cockpit_lite.quantities.norm_test import NormTest
 from test_gradient_noise import NOISE, assert_hist_matches, assert_noise_matches, reference_grads, train_one_step
@@ -153,7 +154,8 @@ def test_plan_is_order_independent_and_declared():
     assert plan_for([NormTest()]).stats == frozenset({"sq"})
     assert plan_for(None).stats == frozenset()
 
-    class HistWithoutRange:
+    class HistWithoutRange(Quantity):
+        name = "hist_without_range"
         per_sample_stats = frozenset({"hist"})
 
     assert plan_for([HistWithoutRange(), NormTest()]).stats == frozenset({"sq"})
@@ -220,7 +222,7 @@ def test_planned_direction_changed_in_place_is_not_served():
     """The view serves the planned direction's projections only while its tensors are the same and
     unchanged (alpha overwrites its direction buffer in place after the step)."""
     d = [torch.ones(3), torch.zeros(2)]
-    q = type("Q", (), {"per_sample_direction": lambda self, step: d})()
+    q = type("Q", (Quantity,), {"name": "q", "per_sample_direction": lambda self, step: d})()
     p = plan_for([q], step=5)
     assert "dir" in p.stats and p.serves(d)
     assert not p.serves([d[0].clone(), d[1]])

@@ -43,12 +43,17 @@ steps, values = run.series("loss")
 reveal_type(values)
 reveal_type(cockpit_lite.Run)
 reveal_type(cockpit_lite.__version__)
+from cockpit_lite.instruments import Instrument, builtin
+from cockpit_lite.instruments.gradient_tests import GradientTests
+reveal_type(builtin())
+reveal_type(GradientTests())
 '''
 
 
 @pytest.mark.slow
 def test_mypy_sees_the_public_api_typed(tmp_path):
-    """mypy on a user's snippet: no errors, and no revealed type is Any. Errors inside the package are
+    """mypy on a user's snippet: no errors, and no revealed type is Any (the instruments under their import
+    name ``cockpit_lite.instruments`` included). Errors inside the package are
     not the user's (``--follow-imports=silent``, as mypy treats an installed package)."""
     pytest.importorskip("mypy")
     (tmp_path / "user.py").write_text(SNIPPET)
@@ -62,6 +67,7 @@ def test_mypy_sees_the_public_api_typed(tmp_path):
     assert len(revealed) == SNIPPET.count("reveal_type(")
     assert all('"Any"' != r.strip() for r in revealed), revealed
     expected = ["cockpit_lite.engine.cockpit.Cockpit", "cockpit_lite.engine.cockpit.Cockpit", "cockpit_lite.runlog.reader.Run",
-                "numpy.ndarray", "-> cockpit_lite.runlog.reader.Run", "str"]
+                "numpy.ndarray", "-> cockpit_lite.runlog.reader.Run", "str",
+                "list[cockpit_lite.instruments._base.Instrument]", "cockpit_lite.instruments.gradient_tests.GradientTests"]
     for want, got in zip(expected, revealed):
         assert want in got, (want, got)

@@ -2,7 +2,7 @@
 registry, and these tests fail when one drifts (issue 18).
 
 The lists: quantities = the modules of ``cockpit_lite/quantities/``; panels = the instruments of
-``instruments.builtin()`` (the dashboard) and, grouped by their ``tab``, the TensorBoard tab's panels
+``cockpit_lite.instruments.builtin()`` (the dashboard) and, grouped by their ``tab``, the TensorBoard tab's panels
 (served by the plugin's ``/panels`` route, drawn by ``static/index.js``).
 """
 
@@ -14,10 +14,10 @@ import re
 
 import pytest
 
-import instruments
+from cockpit_lite import instruments
 from cockpit_lite.runlog import keys as runlog_keys
 from cockpit_lite.presets import PRESETS
-from instruments import tab_panels
+from cockpit_lite.instruments import tab_panels
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 INDEX_JS = ROOT / "cockpit_lite" / "tensorboard" / "static" / "index.js"

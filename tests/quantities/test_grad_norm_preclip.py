@@ -193,7 +193,7 @@ def test_panel_draws_both_norms_labelled(tmp_path):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from instruments import as_view, builtin
+    from cockpit_lite.instruments import as_view, builtin
 
     test_clip_grad_norm_logs_the_norm_before_clipping(tmp_path)
     run = cockpit_lite.load(tmp_path)

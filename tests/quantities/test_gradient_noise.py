@@ -25,7 +25,7 @@ def train_one_step(model, loss_fn, batches, logdir, quantities=ALL, opt=None, di
     batches = list(batches)
     run = watched_training(model, opt, loss_fn, batches, logdir, accumulate=len(batches), divide=divide,
                            quantities=quantities).run
-    # the self-check of the layer rules against autograd (persample/selfcheck.py) passes on every model here
+    # the self-check of the layer rules against autograd (engine/selfcheck.py) passes on every model here
     assert run.records[0]["data"]["persample_check"]["status"] == "passed", run.records[0]["data"]["persample_check"]
     return run
 

@@ -505,7 +505,7 @@ function advisorPanel(run) {
 
 // Panels with a renderer of their own, by panel id (the instruments' `tab`, served by /panels);
 // any other panel of the registry is drawn by its kind (genericPanel). The list of panels is
-// Python's (instruments.tab_panels): this table only says how some of them look.
+// Python's (cockpit_lite.instruments.tab_panels): this table only says how some of them look.
 const RENDERERS = {
   advisor: advisorPanel,
   loss: lossPanel,

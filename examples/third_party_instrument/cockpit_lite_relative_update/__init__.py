@@ -8,7 +8,7 @@ needs nothing but this file and the entry point in pyproject.toml.
 
 import numpy as np
 
-from instruments import Instrument, downsample, missing_reason
+from cockpit_lite.instruments import Instrument, downsample, missing_reason
 
 __all__ = ["RelativeUpdate"]
 
@@ -16,7 +16,7 @@ __all__ = ["RelativeUpdate"]
 class RelativeUpdate(Instrument):
     name = "relative_update"
     title = "Relative update size ||d|| / ||θ||"
-    group = "step size"  # one of instruments.GROUPS: the dashboard section it appears in
+    group = "step size"  # one of cockpit_lite.instruments.GROUPS: the dashboard section it appears in
     keys = ("update_size", "param_norm")
     kind = "lines"
     description = "Fraction of the weights' norm moved by each step; 1e-4..1e-2 is the usual healthy band."

@@ -1,4 +1,4 @@
-"""The per-sample self-check (cockpit_lite/persample/selfcheck.py): a layer rule that would give
+"""The per-sample self-check (cockpit_lite/engine/selfcheck.py): a layer rule that would give
 silently wrong per-sample values (a module called without the batch dimension, with T == B) is caught
 on the first step and its parameter reported NaN with the reason; correct models pass; a step that
 cannot be replayed leaves the values standing, labelled unverified; training is not perturbed."""

@@ -6,10 +6,10 @@ from typing import Optional
 
 import torch
 
-from . import step as curv
-from .batch_loss import CurvatureUnavailable
-from .hutchinson import hutchinson_trace, hutchpp_trace
-from ..quantities.base import Quantity
+from . import _curvature as curv
+from ..curvature.batch_loss import CurvatureUnavailable
+from ..curvature.hutchinson import hutchinson_trace, hutchpp_trace
+from .base import Quantity
 from ..rng import step_generator
 
 METHODS = ("auto", "exact", "hutchinson", "hutch++")

@@ -32,7 +32,7 @@ import torch
 
 from ..distributed import sum_tensors
 from ..rng import preserved_rng
-from .losses import LossUnavailable, elementwise_loss, group_elements
+from ..persample.losses import LossUnavailable, elementwise_loss, group_elements
 
 TOL = 0.1  # relative norm of g_0 - r; a broken rule is off by O(1), autocast rounding by ~1e-2
 # without autocast or half-precision parameters (TF32 matmuls and convolutions round to ~1e-3): samples that mix
@@ -58,7 +58,7 @@ def run(ctx) -> Optional[dict]:
     """Check the rules on this step; store the outcome on ``ctx.watched`` and log it. Returns the
     outcome, or None when this step cannot serve (no per-sample information, a non-finite step):
     the next one tries again."""
-    from .view import PerSampleView
+    from ..persample.view import PerSampleView
 
     watched = ctx.watched
     view = ctx.per_sample
@@ -129,7 +129,7 @@ def _sum_check(ctx, view) -> Dict[int, float]:
     where ``.grad`` is proportional to g (micro-batches of equal weight per sample, one process)."""
     if not view._equal_weights():
         return {}
-    from .dense_grads import dense_grads
+    from ..persample.dense_grads import dense_grads
 
     reasons, grads, sums = view.unsupported(), dense_grads(ctx), view.sum_grads()
     rows = []

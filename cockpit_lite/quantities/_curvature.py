@@ -1,4 +1,4 @@
-"""Per-step curvature objects shared by the quantities of one step (built once, cached in ctx.cache)."""
+"""Per-step curvature objects shared by the quantities of one step (built once: ``StepContext.once``)."""
 
 from __future__ import annotations
 
@@ -9,28 +9,26 @@ import torch
 
 from ..rng import step_generator
 from ..distributed import OutOfStep, shard_weight, sum_numbers, sum_tensors
-from . import backpack_diag
-from .diagonal_check import disagreement
-from .batch_loss import BatchLoss, CurvatureUnavailable, rebuild
-from .hutchinson import hutchinson_trace
-from .hvp import GGNOperator, HessianOperator
+from ..curvature import backpack_diag
+from ..curvature.diagonal_check import disagreement
+from ..curvature.batch_loss import BatchLoss, CurvatureUnavailable, rebuild
+from ..curvature.hutchinson import hutchinson_trace
+from ..curvature.hvp import GGNOperator, HessianOperator
 
 
 def batch_loss(ctx, subbatch: Optional[int] = None) -> BatchLoss:
-    key = ("curvature.batch_loss", subbatch)
-    if key not in ctx.cache:
-        ctx.cache[key] = rebuild(ctx, subbatch)
-    return ctx.cache[key]
+    return ctx.once(rebuild, subbatch)
 
 
 def hessian(ctx, subbatch: Optional[int] = None, mode: str = "double_backward") -> HessianOperator:
-    key = ("curvature.hessian", subbatch, mode)
-    if key not in ctx.cache:
-        op = HessianOperator(batch_loss(ctx, subbatch), mode)
-        if subbatch is None and getattr(op, "loss", None) is not None:
-            check_reevaluation(ctx, op.loss)
-        ctx.cache[key] = across_processes(ctx, op, subbatch)
-    return ctx.cache[key]
+    return ctx.once(_hessian, subbatch, mode)
+
+
+def _hessian(ctx, subbatch: Optional[int], mode: str) -> HessianOperator:
+    op = HessianOperator(batch_loss(ctx, subbatch), mode)
+    if subbatch is None and getattr(op, "loss", None) is not None:
+        check_reevaluation(ctx, op.loss)
+    return across_processes(ctx, op, subbatch)
 
 
 def check_reevaluation(ctx, loss: torch.Tensor, rtol: float = 1e-2) -> None:
@@ -53,13 +51,14 @@ def check_reevaluation(ctx, loss: torch.Tensor, rtol: float = 1e-2) -> None:
 
 
 def ggn(ctx, subbatch: Optional[int] = None) -> GGNOperator:
-    key = ("curvature.ggn", subbatch)
-    if key not in ctx.cache:
-        op = GGNOperator(batch_loss(ctx, subbatch))
-        if subbatch is None:
-            check_reevaluation(ctx, torch.tensor(op.loss))
-        ctx.cache[key] = across_processes(ctx, op, subbatch)
-    return ctx.cache[key]
+    return ctx.once(_ggn, subbatch)
+
+
+def _ggn(ctx, subbatch: Optional[int]) -> GGNOperator:
+    op = GGNOperator(batch_loss(ctx, subbatch))
+    if subbatch is None:
+        check_reevaluation(ctx, torch.tensor(op.loss))
+    return across_processes(ctx, op, subbatch)
 
 
 class _AcrossProcesses:
@@ -128,60 +127,68 @@ class ExactDiagonals:
                 skip = f"not exact on this step in {int(n_skip)} of {dist.size} processes"
         if skip is not None:
             return None, skip
-        key = ("curvature.exact", kind, subbatch)
-        if key not in ctx.cache:
-            diag, unavailable, failed = None, None, None
-            try:
-                diag = self.engine.compute(batch_loss(ctx, subbatch), kind)
-                if subbatch is None:
-                    check_reevaluation(ctx, torch.tensor(self.engine.last_loss))
-            except CurvatureUnavailable as err:  # this step only
-                unavailable = err
-            except OutOfStep:
-                raise
-            except Exception as err:  # BackPACK cannot do it: the estimators take over for the run
-                failed = f"BackPACK failed ({type(err).__name__}: {err})"
-            if dist is not None:  # one decision for every process, or their reductions would differ
-                n_unavailable, n_failed = sum_numbers(dist, [unavailable is not None, failed is not None],
-                                                      "exact_diag_ok")
-                if n_failed and failed is None:
-                    failed = f"BackPACK failed in {int(n_failed)} of {dist.size} processes"
-                if n_unavailable and unavailable is None and failed is None:
-                    unavailable = CurvatureUnavailable(f"unavailable in {int(n_unavailable)} of {dist.size} processes")
-            if failed is not None:
-                self.engine, self.reason = None, failed
-                return None, self.reason
-            if unavailable is not None:
-                raise unavailable
-            if dist is not None:  # the global batch's diagonal: shards weighted
-                w = shard_weight(dist, batch_loss(ctx, subbatch).num_samples or 0, ctx.reduction)
-                diag = sum_tensors(dist, [d * w for d in diag], "exact_diag")
-            ctx.cache[key] = diag
+        try:
+            diag = ctx.once(self._exact, kind, subbatch)
+        except _BackpackFailed as err:  # BackPACK cannot do it: the estimators take over for the run
+            self.engine, self.reason = None, str(err)
+            return None, self.reason
         if kind not in self.verified:
-            wrong = self._cross_check(ctx, kind, subbatch)
+            wrong = ctx.once(self._cross_check, kind, subbatch)
             if wrong is not None:
                 self.engine, self.reason = None, wrong
                 return None, wrong
             self.verified.add(kind)
-        return ctx.cache[key], backpack_diag.KINDS[kind]
+        return diag, backpack_diag.KINDS[kind]
 
-    @staticmethod
-    def _cross_check(ctx, kind: str, subbatch: Optional[int]) -> Optional[str]:
-        """Shared by the quantities of one step (each checks once per run, the products are made once)."""
-        key = ("curvature.exact_check", kind, subbatch)
-        if key not in ctx.cache:
-            op = hessian(ctx, subbatch) if kind == "diag_h" else ggn(ctx, subbatch)
-            bl = batch_loss(ctx, subbatch)
-            ctx.cache[key] = disagreement(ctx.cache[("curvature.exact", kind, subbatch)], op, op.params,
-                                          bl.trainable, ctx.names)
-        return ctx.cache[key]
+    def _exact(self, ctx, kind: str, subbatch: Optional[int]) -> List[torch.Tensor]:
+        """BackPACK's diagonal of the (global) batch; raises CurvatureUnavailable (this step) or
+        _BackpackFailed (for the run), decided alike in every process."""
+        dist = ctx.watched.dist
+        diag, unavailable, failed = None, None, None
+        try:
+            diag = self.engine.compute(batch_loss(ctx, subbatch), kind)
+            if subbatch is None:
+                check_reevaluation(ctx, torch.tensor(self.engine.last_loss))
+        except CurvatureUnavailable as err:  # this step only
+            unavailable = err
+        except OutOfStep:
+            raise
+        except Exception as err:
+            failed = f"BackPACK failed ({type(err).__name__}: {err})"
+        if dist is not None:  # one decision for every process, or their reductions would differ
+            n_unavailable, n_failed = sum_numbers(dist, [unavailable is not None, failed is not None],
+                                                  "exact_diag_ok")
+            if n_failed and failed is None:
+                failed = f"BackPACK failed in {int(n_failed)} of {dist.size} processes"
+            if n_unavailable and unavailable is None and failed is None:
+                unavailable = CurvatureUnavailable(f"unavailable in {int(n_unavailable)} of {dist.size} processes")
+        if failed is not None:
+            raise _BackpackFailed(failed)
+        if unavailable is not None:
+            raise unavailable
+        if dist is not None:  # the global batch's diagonal: shards weighted
+            w = shard_weight(dist, batch_loss(ctx, subbatch).num_samples or 0, ctx.reduction)
+            diag = sum_tensors(dist, [d * w for d in diag], "exact_diag")
+        return diag
+
+    def _cross_check(self, ctx, kind: str, subbatch: Optional[int]) -> Optional[str]:
+        """Whether BackPACK's diagonal disagrees with the operator's (once per run and kind; the products are
+        made once per step for all the quantities asking)."""
+        op = hessian(ctx, subbatch) if kind == "diag_h" else ggn(ctx, subbatch)
+        bl = batch_loss(ctx, subbatch)
+        return disagreement(ctx.once(self._exact, kind, subbatch), op, op.params, bl.trainable, ctx.names)
+
+
+class _BackpackFailed(Exception):
+    """BackPACK failed on the model: its diagonals are given up for the run."""
 
 
 def hessian_trace_estimate(ctx, probes: int, seed: int, subbatch=None):
     """Hutchinson estimate of tr(H) with its standard error, probes from (seed, step): shared by the quantities
     of one step that ask for the same probes (hess_trace's default and the TIC fallback)."""
-    key = ("curvature.hutchinson_trace", "diag_h", subbatch, probes, seed)
-    if key not in ctx.cache:
-        op = hessian(ctx, subbatch)
-        ctx.cache[key] = hutchinson_trace(op, op.params, probes, step_generator(seed, ctx.step))
-    return ctx.cache[key]
+    return ctx.once(_hutchinson, probes, seed, subbatch)
+
+
+def _hutchinson(ctx, probes: int, seed: int, subbatch: Optional[int]):
+    op = hessian(ctx, subbatch)
+    return hutchinson_trace(op, op.params, probes, step_generator(seed, ctx.step))
