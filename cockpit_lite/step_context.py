@@ -98,7 +98,6 @@ class StepContext:
         # intermediates the step's quantities share, built once (``once``): keyed by the function that
         # builds them and its arguments, never by a string
         self._shared: Dict[tuple, Any] = {}
-        self.cache: Dict[str, Any] = {}  # the per-sample noise sums (quantities/_noise.py); to move to ``once``
         self._grads: Optional[List[torch.Tensor]] = None
         self._loss: Any = _UNSET
         self.params_before: Optional[List[torch.Tensor]] = None

@@ -1,7 +1,6 @@
 """Shared pieces of the gradient-noise quantities (norm/inner/ortho tests, GSNR, early stopping, CABS).
 
-Everything is computed once per step and cached in ``ctx.cache`` so that several active quantities
-reuse it: the mean gradient g, and sums over the samples: of ||g_i||^2 and (g_i . g)^2 per parameter,
+Everything is computed once per step (``ctx.once``) so that several active quantities reuse it: the mean gradient g, and sums over the samples: of ||g_i||^2 and (g_i . g)^2 per parameter,
 of sum_j g_ij^2 elementwise. The quantities are functions of these sums only, so that in a
 data-parallel run (``cockpit_lite.distributed``) adding up the processes' sums gives the statistics of
 the global batch. Final reductions run in float64.
@@ -34,7 +33,7 @@ def sums(ctx, *need: str) -> Dict[str, torch.Tensor]:
     ``"dots"`` gives ``dots2``: [params] sum_i p_ij^2 and ``dots2_total``: [1] sum_i (sum_j p_ij)^2,
     with p_ij = g_i . g restricted to parameter j.
     """
-    have = ctx.cache.setdefault("ps_sums", {})
+    have = ctx.once(_sums_so_far)
     view = ctx.per_sample
     todo = ((set(need) | view._planned()) & {"sq", "dots"}) - set(have.get("stats", ()))
     if todo:
@@ -51,19 +50,28 @@ def sums(ctx, *need: str) -> Dict[str, torch.Tensor]:
     return have
 
 
+def _sums_so_far(ctx) -> Dict[str, torch.Tensor]:
+    """The step's store of ``sums``: filled as the quantities ask (one store per step)."""
+    return {}
+
+
 def sq_mean_norm_vector(ctx) -> torch.Tensor:
     """[params] float64: ||g||^2 restricted to each parameter."""
-    if "ps_gg_vec" not in ctx.cache:
-        norms = torch.stack(torch._foreach_norm(mean_grad(ctx)))  # one kernel for all, then 2 ops
-        ctx.cache["ps_gg_vec"] = norms.double() ** 2
-    return ctx.cache["ps_gg_vec"]
+    return ctx.once(_sq_mean_norm_vector)
+
+
+def _sq_mean_norm_vector(ctx) -> torch.Tensor:
+    norms = torch.stack(torch._foreach_norm(mean_grad(ctx)))  # one kernel for all, then 2 ops
+    return norms.double() ** 2
 
 
 def second_moment(ctx) -> List[torch.Tensor]:
     """sum_i g_ij^2 over the (global) batch, shaped like each parameter."""
-    if "ps_m2" not in ctx.cache:
-        ctx.cache["ps_m2"] = sum_tensors(ctx.watched.dist, ctx.per_sample.second_moment())
-    return ctx.cache["ps_m2"]
+    return ctx.once(_second_moment)
+
+
+def _second_moment(ctx) -> List[torch.Tensor]:
+    return sum_tensors(ctx.watched.dist, ctx.per_sample.second_moment())
 
 
 def mean_loss(ctx) -> Tuple[Optional[torch.Tensor], Optional[str]]:

@@ -59,6 +59,17 @@ def _values(run, key):
     return [r["values"][key] for r in run.records if r.get("type") == "step" and key in r["values"]]
 
 
+@pytest.fixture(autouse=True)
+def _forget_compiled_graphs():
+    """Each test leaves no compiled graphs behind: dynamo's caches, freed later, would leave their
+    (fake-tensor) reference cycles in whichever test runs next (tests/engine/test_memory_cycles.py)."""
+    yield
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+
+
 def test_bfloat16_autocast_agrees_with_float32_to_bfloat16_precision(tmp_path):
     ref, _ = _train(tmp_path / "fp32", PER_SAMPLE)
     amp, _ = _train(tmp_path / "bf16", PER_SAMPLE, autocast=torch.bfloat16)
