@@ -127,9 +127,11 @@ def _sum_check(ctx, view) -> Dict[int, float]:
     parameter also used outside its module (``F.linear(h, emb.weight)``) without re-evaluating the step; not
     a module called without the batch dimension (its per-position values sum to the right total). Only
     where ``.grad`` is proportional to g (micro-batches of equal weight per sample, one process)."""
-    if not view._equal_weights():
-        return {}
     from ..persample.dense_grads import dense_grads
+    from ..persample.mean_grad import equal_weights
+
+    if not equal_weights(view):
+        return {}
 
     reasons, grads, sums = view.unsupported(), dense_grads(ctx), view.sum_grads()
     rows = []

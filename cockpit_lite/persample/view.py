@@ -20,12 +20,12 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .dense_grads import dense_grads
-from ..distributed import sum_numbers, sum_tensors
+from ..distributed import sum_numbers
 from .losses import LossUnavailable, per_sample_losses
 from .rules import Unsupported, layer_samples
 from .plan import HIST_BINS, KEEP_FLOATS, hist_range as plan_hist_range, layer_pass, plan_for, sum_parts, summed as _summed
-from .samples import DenseSamples
+from .mean_grad import mean_grad
+from .samples import DenseSamples, to_float
 from .view_setup import setup
 
 
@@ -168,7 +168,7 @@ class PerSampleView:
             if planned:
                 out.append(self._stat(j, "dir"))
                 continue
-            vf = _float(v.detach())
+            vf = to_float(v.detach())
             kept = self._cache.get(("kept", j), {})  # conv blocks the step's pass kept (plan.py)
             parts = self._per_forward(j, lambda ps, pos: ps.kept_dots(kept[pos], vf) if pos in kept else ps.dots(vf),
                                       lambda G: G.reshape(G.shape[0], -1) @ vf.reshape(-1).to(G.dtype), self._zeros,
@@ -229,7 +229,7 @@ class PerSampleView:
         d = None
         if "dir" in wanted:
             d = self.plan().direction[j]
-            d = _float(d.detach()) if d is not None else self._zeros(p.shape)
+            d = to_float(d.detach()) if d is not None else self._zeros(p.shape)
         keep_left = None
         if self.plan().keep:
             keep_left = self._cache.setdefault("keep_left", [KEEP_FLOATS])
@@ -249,52 +249,9 @@ class PerSampleView:
         return self._cache["sum"]
 
     def mean_grad(self) -> List[torch.Tensor]:
-        """g = (1/n) sum_i g_i per parameter (over the global batch in a data-parallel run).
-
-        Taken from ``.grad`` times one factor c (``.grad`` is proportional to g whatever the reduction,
-        accumulation factor, loss scale, gradient clipping or DDP's averaging over equal shards), with
-        c measured on two cheap parameters of different modules from their per-sample information and
-        checked there; when the micro-batches entered ``.grad`` with different weights per sample (sizes
-        3 and 5, the loss divided by 2) or the check fails (e.g. ``.grad`` holds something else, or DDP
-        averaged unequal shards), g is built from the per-sample information of every parameter.
-        """
-        if "mean" in self._cache:
-            return self._cache["mean"]
-        dist = self.inputs.watched.dist
-        grads = dense_grads(self.inputs)  # dense_grads.py
-        result = None
-        checks = self._check_params() if self._equal_weights() else []
-        if dist is not None:  # every process must take part in the same reductions
-            k = -1 if not checks else sum((j + 1) * (len(self.params) + 1) ** i for i, j in enumerate(checks))
-            # the global sample count rides along (one reduction fewer when n was not asked for yet)
-            count, total, squares, n = sum_numbers(dist, [1 if checks else 0, k, k * k, self.n_local])
-            self._cache.setdefault("n", int(n))
-            same = count == dist.size and dist.size * squares == total * total  # the same parameters everywhere
-            checks = checks if same else []
-        if checks:
-            parts = [self._per_forward(j, lambda ps: ps.total(), lambda G: G.sum(0), lambda b: None) for j in checks]
-            refs = sum_tensors(dist, [sum_parts(pt, self.params[j]).double().reshape(-1) for pt, j in zip(parts, checks)])
-            refs = [r / self.n for r in refs]
-            grs = [grads[j].detach().double().reshape(-1) for j in checks]
-            # c by least squares over the checked parameters, then each one must agree on its own
-            sums = torch.stack([torch.stack([gr @ gr, gr @ r, r @ r]) for gr, r in zip(grs, refs)]).tolist()
-            gg = sum(x[0] for x in sums)
-            if gg > 0:
-                c = sum(x[1] for x in sums) / gg
-                # ||c gr - r||^2 = c^2 gr.gr - 2c gr.r + r.r, each within 1e-3 of ||r||
-                if all(c * c * x[0] - 2 * c * x[1] + x[2] <= 1e-6 * x[2] + 1e-60 for x in sums):
-                    if abs(c - 1.0) < 1e-6:
-                        c = 1.0  # mean reduction without accumulation: .grad is g (no copy)
-                    self._cache["mean_factor"] = c
-                    result = [self._nan(g.shape) if self.names[j] in self._reasons
-                              else _scaled(g.detach(), c) for j, g in enumerate(grads)]
-            if dist is not None:  # the same decision everywhere
-                ok = sum_numbers(dist, [1 if result is not None else 0])[0] == dist.size
-                result = result if ok else None
-        if result is None:
-            result = [s / self.n for s in sum_tensors(dist, self.sum_grads())]
-        self._cache["mean"] = result
-        return result
+        """g = (1/n) sum_i g_i per parameter (over the global batch in a data-parallel run): ``.grad`` times
+        a checked factor, or the per-sample sums (mean_grad.py)."""
+        return mean_grad(self)
 
     def per_sample_grads(self, index: int) -> torch.Tensor:
         """[n, *shape] per-sample gradients of parameter ``index`` (the caller frees it)."""
@@ -374,46 +331,3 @@ class PerSampleView:
             out.append(torch.stack(vals).max() if vals else self._zeros(()))
         self._cache["cheap_max"] = out
         return out
-
-    def _equal_weights(self) -> bool:
-        """Whether every micro-batch entered ``.grad`` with the same weight per sample (its factor b_k / s_k
-        or 1 / s_k). Only then is ``.grad`` proportional to g: micro-batches of 3 and 5 samples with the
-        loss divided by 2 give .grad = (mean_3 + mean_5) / 2, not the mean over the 8 samples."""
-        if len(self.factors) < 2:
-            return True
-        f = torch.stack([x.detach().double().reshape(()).cpu() for x in self.factors]).tolist()
-        return max(f) - min(f) <= 1e-6 * max(abs(x) for x in f)
-
-    def _check_params(self) -> List[int]:
-        """Parameters on which ``.grad`` is checked against the per-sample sum (cheap to build): the
-        smallest, preferring ones of 3 or more elements (a 1-element bias, or the bias of a 2-class softmax
-        whose gradient is always (a, -a), agrees with any multiple), and the smallest of another module."""
-        cands = []
-        for j, p in enumerate(self.params):
-            if self.names[j] in self._reasons or not self.feeds[j] or self.params[j].grad is None:
-                continue
-            if len({pos for pos, _, _ in self.feeds[j]}) != len(self.feeds[j]):
-                continue  # shared within a forward: dense path, not cheap
-            cands.append((p.numel() < 3, p.numel(), j))
-        cands.sort()
-        chosen, modules = [], set()
-        for _, _, j in cands:
-            mods = {id(c.module) for _, c, _ in self.feeds[j]}
-            if chosen and mods & modules:
-                continue
-            if self._param_samples(j) is None:
-                continue
-            chosen.append(j)
-            modules |= mods
-            if len(chosen) == 2:
-                break
-        return chosen
-
-def _float(v: torch.Tensor) -> torch.Tensor:
-    return v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
-
-
-def _scaled(g: torch.Tensor, c: float) -> torch.Tensor:
-    if g.dtype in (torch.float16, torch.bfloat16):
-        g = g.float()
-    return g if c == 1.0 else g * c

@@ -1,0 +1,104 @@
+"""g, the mean gradient of a step, for ``PerSampleView.mean_grad``: ``.grad`` times one factor checked
+against the per-sample information of two cheap parameters, or the per-sample sums where that check
+cannot hold (unequal micro-batch weights, DDP over unequal shards, ``.grad`` holding something else)."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from ..distributed import sum_numbers, sum_tensors
+from .dense_grads import dense_grads
+from .plan import sum_parts
+
+
+def mean_grad(view) -> List[torch.Tensor]:
+    """g = (1/n) sum_i g_i per parameter (over the global batch in a data-parallel run).
+
+    Taken from ``.grad`` times one factor c (``.grad`` is proportional to g whatever the reduction,
+    accumulation factor, loss scale, gradient clipping or DDP's averaging over equal shards), with
+    c measured on two cheap parameters of different modules from their per-sample information and
+    checked there; when the micro-batches entered ``.grad`` with different weights per sample (sizes
+    3 and 5, the loss divided by 2) or the check fails (e.g. ``.grad`` holds something else, or DDP
+    averaged unequal shards), g is built from the per-sample information of every parameter.
+    """
+    if "mean" in view._cache:
+        return view._cache["mean"]
+    dist = view.inputs.watched.dist
+    grads = dense_grads(view.inputs)  # dense_grads.py
+    result = None
+    checks = _check_params(view) if equal_weights(view) else []
+    if dist is not None:  # every process must take part in the same reductions
+        k = -1 if not checks else sum((j + 1) * (len(view.params) + 1) ** i for i, j in enumerate(checks))
+        # the global sample count rides along (one reduction fewer when n was not asked for yet)
+        count, total, squares, n = sum_numbers(dist, [1 if checks else 0, k, k * k, view.n_local])
+        view._cache.setdefault("n", int(n))
+        same = count == dist.size and dist.size * squares == total * total  # the same parameters everywhere
+        checks = checks if same else []
+    if checks:
+        parts = [view._per_forward(j, lambda ps: ps.total(), lambda G: G.sum(0), lambda b: None) for j in checks]
+        refs = sum_tensors(dist, [sum_parts(pt, view.params[j]).double().reshape(-1) for pt, j in zip(parts, checks)])
+        refs = [r / view.n for r in refs]
+        grs = [grads[j].detach().double().reshape(-1) for j in checks]
+        # c by least squares over the checked parameters, then each one must agree on its own
+        sums = torch.stack([torch.stack([gr @ gr, gr @ r, r @ r]) for gr, r in zip(grs, refs)]).tolist()
+        gg = sum(x[0] for x in sums)
+        if gg > 0:
+            c = sum(x[1] for x in sums) / gg
+            # ||c gr - r||^2 = c^2 gr.gr - 2c gr.r + r.r, each within 1e-3 of ||r||
+            if all(c * c * x[0] - 2 * c * x[1] + x[2] <= 1e-6 * x[2] + 1e-60 for x in sums):
+                if abs(c - 1.0) < 1e-6:
+                    c = 1.0  # mean reduction without accumulation: .grad is g (no copy)
+                view._cache["mean_factor"] = c
+                result = [view._nan(g.shape) if view.names[j] in view._reasons
+                          else _scaled(g.detach(), c) for j, g in enumerate(grads)]
+        if dist is not None:  # the same decision everywhere
+            ok = sum_numbers(dist, [1 if result is not None else 0])[0] == dist.size
+            result = result if ok else None
+    if result is None:
+        result = [s / view.n for s in sum_tensors(dist, view.sum_grads())]
+    view._cache["mean"] = result
+    return result
+
+
+def equal_weights(view) -> bool:
+    """Whether every micro-batch entered ``.grad`` with the same weight per sample (its factor b_k / s_k
+    or 1 / s_k). Only then is ``.grad`` proportional to g: micro-batches of 3 and 5 samples with the
+    loss divided by 2 give .grad = (mean_3 + mean_5) / 2, not the mean over the 8 samples."""
+    if len(view.factors) < 2:
+        return True
+    f = torch.stack([x.detach().double().reshape(()).cpu() for x in view.factors]).tolist()
+    return max(f) - min(f) <= 1e-6 * max(abs(x) for x in f)
+
+
+def _check_params(view) -> List[int]:
+    """Parameters on which ``.grad`` is checked against the per-sample sum (cheap to build): the
+    smallest, preferring ones of 3 or more elements (a 1-element bias, or the bias of a 2-class softmax
+    whose gradient is always (a, -a), agrees with any multiple), and the smallest of another module."""
+    cands = []
+    for j, p in enumerate(view.params):
+        if view.names[j] in view._reasons or not view.feeds[j] or view.params[j].grad is None:
+            continue
+        if len({pos for pos, _, _ in view.feeds[j]}) != len(view.feeds[j]):
+            continue  # shared within a forward: dense path, not cheap
+        cands.append((p.numel() < 3, p.numel(), j))
+    cands.sort()
+    chosen, modules = [], set()
+    for _, _, j in cands:
+        mods = {id(c.module) for _, c, _ in view.feeds[j]}
+        if chosen and mods & modules:
+            continue
+        if view._param_samples(j) is None:
+            continue
+        chosen.append(j)
+        modules |= mods
+        if len(chosen) == 2:
+            break
+    return chosen
+
+
+def _scaled(g: torch.Tensor, c: float) -> torch.Tensor:
+    if g.dtype in (torch.float16, torch.bfloat16):
+        g = g.float()
+    return g if c == 1.0 else g * c
