@@ -58,6 +58,21 @@ def ggn(model, loss64: Callable, x, y, theta, split: Optional[Callable[[nn.Modul
     return J.T @ HL @ J
 
 
+class LayerNormNet(nn.Module):
+    """LayerNorm(4) -> Linear(4, 6) -> ``act`` -> Linear(6, 3) in a custom forward: a model BackPACK gives no
+    exact Hessian diagonal for (the curvature estimators take over)."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.act = act
+        self.norm = nn.LayerNorm(4)
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(self.norm(x))))
+
+
 def one_step(model, loss_fn, x, y, quantities, logdir, lr=0.0):
     """One SGD step watched by cockpit-lite; returns (run, theta_t)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)

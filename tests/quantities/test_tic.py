@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-import cockpit_lite
 from cockpit_lite.curvature.tic import EPS
 from cockpit_lite.quantities.tic_diag import TICDiag
 from cockpit_lite.quantities.tic_trace import TICTrace
+from curvature_reference import LayerNormNet, one_step
 from reference import per_sample_grads_bruteforce
 from test_curvature import data, dense_hessian, tanh_mlp
 
@@ -28,14 +28,7 @@ def reference_tic(model_fresh, loss_fn, x, y, theta):
 
 
 def _one_step(model, loss_fn, x, y, qs, logdir):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    cockpit = cockpit_lite.watch(model, opt, loss_fn=loss_fn, logdir=logdir, quantities=qs)
-    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt.zero_grad()
-    loss_fn(model(x), y).backward()
-    opt.step()
-    cockpit.close()
-    return cockpit_lite.load(logdir), theta
+    return one_step(model, loss_fn, x, y, qs, logdir, lr=0.05)
 
 
 def test_tic_with_exact_hessian_diagonal_matches_bruteforce(tmp_path):
@@ -53,17 +46,9 @@ def test_tic_with_exact_hessian_diagonal_matches_bruteforce(tmp_path):
     assert info == {"curvature": "exact:backpack-diag-hessian", "probes": 0}
 
 
-class LNNet(nn.Module):
+def LNNet():
     """LayerNorm in a custom forward: BackPACK cannot give its Hessian diagonal."""
-
-    def __init__(self):
-        super().__init__()
-        self.norm = nn.LayerNorm(4)
-        self.fc1 = nn.Linear(4, 6)
-        self.fc2 = nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(self.norm(x))))
+    return LayerNormNet(torch.relu)
 
 
 def test_tic_without_backpack_uses_a_labelled_hutchinson_estimate(tmp_path):

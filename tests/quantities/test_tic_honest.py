@@ -14,21 +14,13 @@ from cockpit_lite.curvature.hutchinson import hutchinson_trace
 from cockpit_lite.curvature.tic import EPS, MAX_REL_SE, trace_ratio
 from cockpit_lite.quantities.tic_diag import TICDiag
 from cockpit_lite.quantities.tic_trace import TICTrace
-from curvature_reference import hessian, one_step, record, value
+from curvature_reference import LayerNormNet, hessian, one_step, record, value
 from reference import per_sample_grads_bruteforce
 
 
-class LNNet(nn.Module):
+def LNNet():
     """LayerNorm in a custom forward: no exact diagonal from BackPACK."""
-
-    def __init__(self):
-        super().__init__()
-        self.norm = nn.LayerNorm(4)
-        self.fc1 = nn.Linear(4, 6)
-        self.fc2 = nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(self.norm(x))))
+    return LayerNormNet(torch.tanh)
 
 
 def _batch(seed, n=10, shape=(4,)):
