@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
@@ -21,28 +23,62 @@ class Unsupported(Exception):
     """The per-sample information of this call's parameters is not available (message = reason)."""
 
 
+@dataclass(frozen=True)
+class Rule:
+    """One layer type's per-sample rule: it ``applies(module, x)`` (x: the call's first input), and
+    ``samples(module, x, grad, factor, call)`` gives {parameter attribute name: ParamSamples} from the
+    output gradient ``grad`` times ``factor`` (most rules take delta = grad * factor; conv applies the
+    factor where it is cheaper)."""
+
+    name: str
+    applies: Callable[[torch.nn.Module, Any], bool]
+    samples: Callable[..., dict]
+
+
+def _on_delta(rule):
+    return lambda m, x, grad, factor, call: rule(m, x, grad * factor)
+
+
+def _batch_norm(m, x, grad, factor, call):
+    if batchnorm_mixes_samples(m, call.training):
+        raise Unsupported("BatchNorm in training mode mixes samples")
+    return batch_norm_eval_samples(m, x, grad * factor)
+
+
+def _tensor(x) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+#: The layer rules, tried in this order (the first that applies serves the call), as BackPACK's module
+#: extensions map module types to their derivatives. A module no rule serves goes to the torch.func
+#: fallback (fallback.py), or is unsupported with the reason.
+RULES: Tuple[Rule, ...] = (
+    Rule("conv", lambda m, x: conv_supported(m) and _tensor(x) and x.dim() == m.weight.dim(),  # batched input
+         lambda m, x, grad, factor, call: conv_samples(m, x, grad, factor)),
+    Rule("linear", lambda m, x: isinstance(m, torch.nn.Linear) and _tensor(x), _on_delta(linear_samples)),
+    Rule("embedding", lambda m, x: isinstance(m, torch.nn.Embedding) and _tensor(x) and not m.max_norm,
+         _on_delta(embedding_samples)),
+    Rule("layer_norm", lambda m, x: isinstance(m, torch.nn.LayerNorm), _on_delta(layer_norm_samples)),
+    Rule("rms_norm", lambda m, x: _RMSNorm is not None and isinstance(m, _RMSNorm), _on_delta(rms_norm_samples)),
+    Rule("group_norm", lambda m, x: isinstance(m, torch.nn.GroupNorm), _on_delta(group_norm_samples)),
+    Rule("batch_norm", lambda m, x: isinstance(m, torch.nn.modules.batchnorm._BatchNorm), _batch_norm),
+)
+
+
+def rule_for(module: torch.nn.Module, x) -> Optional[Rule]:
+    """The rule that serves a call of ``module`` with first input ``x``, or None (the fallback's)."""
+    return next((r for r in RULES if r.applies(module, x)), None)
+
+
 def layer_samples(call, grad: torch.Tensor, b: int, factor: torch.Tensor):
     """{parameter attribute name: ParamSamples} for one captured call whose output gradient ``grad``
     times ``factor`` (0-d) is the per-sample loss gradient delta (``PerSampleView``)."""
     m = call.module
     x = call.inputs[0] if call.inputs else None
-    if conv_supported(m) and isinstance(x, torch.Tensor) and x.dim() == m.weight.dim():  # batched input
-        return conv_samples(m, x, grad, factor)  # applies the factor where it is cheaper
+    rule = rule_for(m, x)
+    if rule is not None:
+        return rule.samples(m, x, grad, factor, call)
     delta = grad * factor
-    if isinstance(m, torch.nn.Linear) and isinstance(x, torch.Tensor):
-        return linear_samples(m, x, delta)
-    if isinstance(m, torch.nn.Embedding) and isinstance(x, torch.Tensor) and not m.max_norm:
-        return embedding_samples(m, x, delta)
-    if isinstance(m, torch.nn.LayerNorm):
-        return layer_norm_samples(m, x, delta)
-    if _RMSNorm is not None and isinstance(m, _RMSNorm):
-        return rms_norm_samples(m, x, delta)
-    if isinstance(m, torch.nn.GroupNorm):
-        return group_norm_samples(m, x, delta)
-    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-        if batchnorm_mixes_samples(m, call.training):
-            raise Unsupported("BatchNorm in training mode mixes samples")
-        return batch_norm_eval_samples(m, x, delta)
     reason = fallback_reason(m, call)
     if reason:
         raise Unsupported(reason)
