@@ -5,6 +5,7 @@ both over the flattened parameters, independent of cockpit_lite's HVP and BackPA
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable, Dict, Optional
 
 import torch
@@ -14,12 +15,11 @@ from torch.func import functional_call
 import cockpit_lite
 
 
-def _split(flat, names, shapes):
+def split_flat(flat, names, shapes):
+    """{name: view of ``flat``}: the flattened parameters cut back into their shapes."""
     out, i = {}, 0
     for n, s in zip(names, shapes):
-        k = 1
-        for d in s:
-            k *= d
+        k = math.prod(s)
         out[n] = flat[i:i + k].view(s)
         i += k
     return out
@@ -40,7 +40,7 @@ def _d(t):
 def hessian(model, loss64: Callable, x, y, theta: Dict[str, torch.Tensor]) -> torch.Tensor:
     """Dense H of loss64(model(x), y) w.r.t. the parameters named in ``theta`` (others held fixed)."""
     m, names, shapes, flat = _double(model, theta)
-    return torch.autograd.functional.hessian(lambda f: loss64(functional_call(m, _split(f, names, shapes), (_d(x),)),
+    return torch.autograd.functional.hessian(lambda f: loss64(functional_call(m, split_flat(f, names, shapes), (_d(x),)),
                                                                _d(y)), flat)
 
 
@@ -49,7 +49,7 @@ def ggn(model, loss64: Callable, x, y, theta, split: Optional[Callable[[nn.Modul
     model folded into the loss, e.g. a trailing LogSoftmax)."""
     m, names, shapes, flat = _double(model, theta)
     head, tail = (m, nn.Identity()) if split is None else split(m)
-    out_of = lambda f: functional_call(head, {k[len(prefix):]: v for k, v in _split(f, names, shapes).items()},
+    out_of = lambda f: functional_call(head, {k[len(prefix):]: v for k, v in split_flat(f, names, shapes).items()},
                                        (_d(x),))
     prefix = "" if split is None else next(n for n, mod in m.named_modules() if mod is head) + "."
     out = out_of(flat)

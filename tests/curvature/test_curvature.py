@@ -16,6 +16,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cockpit_lite
+from curvature_reference import split_flat
 from helpers import watched_training
 from cockpit_lite.curvature.hutchinson import hutchinson_trace, hutchpp_trace
 from cockpit_lite.curvature.lanczos import top_eigenvalue
@@ -29,11 +30,7 @@ def _flat_loss(model, loss_fn, batches, names, shapes, reduction="mean"):
     sizes = [x.shape[0] for x, _ in batches]
 
     def f(flat):
-        params, i = {}, 0
-        for n, s in zip(names, shapes):
-            k = math.prod(s)
-            params[n] = flat[i:i + k].view(s)
-            i += k
+        params = split_flat(flat, names, shapes)
         total = 0.0
         for (x, y), b in zip(batches, sizes):
             w = b / sum(sizes) if reduction == "mean" else 1.0
@@ -68,12 +65,7 @@ def dense_ggn(model, loss_fn, x, y, params_at):
     yd = y.double() if y.is_floating_point() else y
 
     def out_of(fl):
-        params, i = {}, 0
-        for n, s in zip(names, shapes):
-            k = math.prod(s)
-            params[n] = fl[i:i + k].view(s)
-            i += k
-        return functional_call(model, params, (xd,))
+        return functional_call(model, split_flat(fl, names, shapes), (xd,))
 
     with sdpa_kernel([SDPBackend.MATH]):
         out = out_of(flat)

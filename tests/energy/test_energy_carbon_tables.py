@@ -93,17 +93,11 @@ def test_explicit_number_and_default_still_work_and_do_not_mix():
 
 def test_run_logs_the_table_entry_and_uses_it_for_co2(tmp_path, logdir):
     from test_energy_quantity import train
-    from test_energy_rapl import make_zone, set_uj
+    from test_energy_rapl import package_adding
 
     entry = load("private_infra/global_energy_mix.json")["FRA"]
     root = tmp_path / "powercap"
-    make_zone(root, "intel-rapl:0", "package-0", 0)
-    state = {"uj": 0}
-
-    def before_step(step):
-        state["uj"] += 2_000_000
-        set_uj(root, "intel-rapl:0", state["uj"])
-
+    before_step = package_adding(root, 2_000_000)
     run = train({"quantities": [Energy(powercap_root=root, carbon={"country": "FRA"})]}, logdir, steps=3,
                 before_step=before_step)
     _, co2 = run.series("energy/co2_g")

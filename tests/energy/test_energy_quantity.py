@@ -15,7 +15,7 @@ from cockpit_lite.energy.rapl import RaplReader
 from cockpit_lite.quantities.energy import Energy
 
 from energy_fakes import FakeEvent, FakeNvml
-from test_energy_rapl import MAX_UJ, make_zone, set_uj
+from test_energy_rapl import MAX_UJ, make_zone, package_adding, set_uj
 
 
 def train(cockpit_kwargs, logdir, steps=5, before_step=None, sleep_s=0.0, device="cpu"):
@@ -83,13 +83,7 @@ def test_fake_powercap_tree_is_measured_per_step_with_wraparound(tmp_path, logdi
 
 def test_sparse_schedule_records_cover_several_steps(tmp_path, logdir):
     root = tmp_path / "powercap"
-    make_zone(root, "intel-rapl:0", "package-0", 0)
-    value = {"uj": 0}
-
-    def before_step(step):
-        value["uj"] += 1_000_000
-        set_uj(root, "intel-rapl:0", value["uj"])
-
+    before_step = package_adding(root, 1_000_000)
     run = train({"quantities": [Energy("every:3", powercap_root=root)]}, logdir, steps=7, before_step=before_step)
     steps, pkg = run.series("energy/cpu0")
     assert list(steps) == [0, 3, 6]

@@ -36,6 +36,18 @@ def set_uj(root: Path, zone: str, value: int) -> None:
     (root / zone / "energy_uj").write_text(f"{value}\n")
 
 
+def package_adding(root: Path, uj_per_step: int):
+    """A package zone ``intel-rapl:0`` at 0 uJ, and a ``before_step(step)`` that adds ``uj_per_step`` to it."""
+    make_zone(root, "intel-rapl:0", "package-0", 0)
+    state = {"uj": 0}
+
+    def before_step(step):
+        state["uj"] += uj_per_step
+        set_uj(root, "intel-rapl:0", state["uj"])
+
+    return before_step
+
+
 def test_discovers_package_and_dram_only(powercap):
     domains = discover_domains(powercap)
     assert [(d.device, d.name, d.zone) for d in domains] == [
