@@ -68,6 +68,16 @@ class MetricsSink:
         self.flush()
 
 
+def require(module: str, sink: str):
+    """Import the tracker's package ``module`` for ``sink``, or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"{sink} needs {module}: pip install {module}") from err
+
+
 def as_float(value: Any) -> Optional[float]:
     """A run-log value as a float (NaN for the run log's "NaN"/None); None when it is no number."""
     if isinstance(value, bool):

@@ -12,22 +12,14 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 from .keys import KeySpec
-from .metrics import MetricsSink
-
-
-def _import_mlflow():
-    try:
-        import mlflow
-    except ImportError as err:
-        raise ImportError('MLflowSink needs mlflow: pip install mlflow') from err
-    return mlflow
+from .metrics import MetricsSink, require
 
 
 class MLflowSink(MetricsSink):
     def __init__(self, run_id: Optional[str] = None, tracking_uri: Optional[str] = None, keys: KeySpec = "totals",
                  prefix: str = "cockpit/", step_offset: int = 0):
         super().__init__(keys=keys, prefix=prefix, step_offset=step_offset)
-        self._mlflow = _import_mlflow()
+        self._mlflow = require("mlflow", "MLflowSink")
         self._started = False
         if tracking_uri is not None:
             self._mlflow.set_tracking_uri(tracking_uri)

@@ -15,22 +15,14 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from .keys import KeySpec
-from .metrics import MetricsSink
-
-
-def _import_wandb():
-    try:
-        import wandb
-    except ImportError as err:
-        raise ImportError("WandbSink needs wandb: pip install wandb") from err
-    return wandb
+from .metrics import MetricsSink, require
 
 
 class WandbSink(MetricsSink):
     def __init__(self, run: Any = None, keys: KeySpec = "totals", prefix: str = "cockpit/", step_offset: int = 0,
                  **init_kwargs: Any):
         super().__init__(keys=keys, prefix=prefix, step_offset=step_offset)
-        wandb = _import_wandb()
+        wandb = require("wandb", "WandbSink")
         self._started = False
         if run is None:
             run = wandb.run
