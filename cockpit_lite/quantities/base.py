@@ -91,6 +91,7 @@ class Quantity:
     def with_sums(self, ctx: "StepContext", totals: List[float]) -> None:
         """The declared numbers summed over the processes (data-parallel runs, at the end of the
         ``before_step`` hook): record what they give."""
+
     # -- the step's shared per-sample pass (persample/plan.py asks the active quantities) ------------
     #: ``hist_range(view) -> R``, defined by a quantity declaring "hist": the shared pass counts the elements
     #: g_ij in bins over [-R, R]; R None or not finite: no shared count on this step. Left None: the
