@@ -31,6 +31,8 @@ class MicroBatch:
     #: "sum" when the loss is already divided by the whole step's count (Hugging Face's num_items_in_batch):
     #: the step's loss is then the sum of its micro-batch losses, not their mean
     combine: Optional[str] = None
+    #: (key, sample id of each loss element), cached by persample/losses.py for this call's layout
+    sample_ids: Any = None
 
 
 @dataclass

@@ -62,7 +62,7 @@ def sample_ids(loss_fn, mb, elems: torch.Tensor, b: int, bdim: int = 0):
     if view is None:
         return None
     key = (b, bdim, tuple(elems.shape))
-    cached = getattr(mb, "_sample_ids", None)
+    cached = mb.sample_ids
     if cached is not None and cached[0] == key:
         return cached[1]
     if view.kind == "copy":
@@ -86,7 +86,7 @@ def sample_ids(loss_fn, mb, elems: torch.Tensor, b: int, bdim: int = 0):
         raise LossUnavailable(f"cannot tell which sample each element of the loss belongs to "
                               f"({type(err).__name__}: {err})") from None
     ids = ids.reshape(elems.shape).to(elems.device)
-    mb._sample_ids = (key, ids)
+    mb.sample_ids = (key, ids)
     return ids
 
 
