@@ -28,6 +28,7 @@ class LayerCall:
     kwargs: Dict[str, Any]
     training: bool
     output_grad: Optional[torch.Tensor] = None  # d(backward root)/d(output), summed over backward passes
+    output: Optional[torch.Tensor] = None  # the output (detached), kept for attention only (attention.py checks it)
 
 
 @dataclass
@@ -63,7 +64,8 @@ class LayerCapture:
             if not own:
                 continue
             self.modules[mname] = module
-            self._handles.append(module.register_forward_hook(self._make_hook(mname), with_kwargs=True))
+            keeps_output = isinstance(module, torch.nn.MultiheadAttention)
+            self._handles.append(module.register_forward_hook(self._make_hook(mname, keeps_output), with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._on_model_forward))
 
     # -- engine API ----------------------------------------------------------------------------
@@ -94,7 +96,7 @@ class LayerCapture:
             self._forward += 1
         return None
 
-    def _make_hook(self, mname: str):
+    def _make_hook(self, mname: str, keeps_output: bool = False):
         def hook(module, args, kwargs, output):
             if not self.armed or not torch.is_grad_enabled():
                 return None
@@ -108,7 +110,8 @@ class LayerCapture:
                              order=len(self._captured.calls),
                              inputs=tuple(_detach(a) for a in args),
                              kwargs={k: _detach(v) for k, v in kwargs.items()},
-                             training=module.training)
+                             training=module.training,
+                             output=out.detach() if keeps_output else None)
             self._captured.calls.append(call)
 
             def keep_grad(grad, call=call):

@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional, Tuple
 
 import torch
 
+from .attention import attention_applies, attention_samples
 from .conv import conv_samples, conv_supported
 from .embedding import embedding_samples
 from .fallback import fallback_reason, fallback_samples
@@ -28,7 +29,7 @@ class Rule:
     """One layer type's per-sample rule: it ``applies(module, x)`` (x: the call's first input), and
     ``samples(module, x, grad, factor, call)`` gives {parameter attribute name: ParamSamples} from the
     output gradient ``grad`` times ``factor`` (most rules take delta = grad * factor; conv applies the
-    factor where it is cheaper)."""
+    factor where it is cheaper), or None where this call is not served after all (the fallback's then)."""
 
     name: str
     applies: Callable[[torch.nn.Module, Any], bool]
@@ -43,6 +44,13 @@ def _batch_norm(m, x, grad, factor, call):
     if batchnorm_mixes_samples(m, call.training):
         raise Unsupported("BatchNorm in training mode mixes samples")
     return batch_norm_eval_samples(m, x, grad * factor)
+
+
+def _attention(m, x, grad, factor, call):
+    reason = fallback_reason(m, call)  # attention dropout: no route replays it
+    if reason:
+        raise Unsupported(reason)
+    return attention_samples(m, call, grad * factor)
 
 
 def _tensor(x) -> bool:
@@ -62,6 +70,7 @@ RULES: Tuple[Rule, ...] = (
     Rule("rms_norm", lambda m, x: _RMSNorm is not None and isinstance(m, _RMSNorm), _on_delta(rms_norm_samples)),
     Rule("group_norm", lambda m, x: isinstance(m, torch.nn.GroupNorm), _on_delta(group_norm_samples)),
     Rule("batch_norm", lambda m, x: isinstance(m, torch.nn.modules.batchnorm._BatchNorm), _batch_norm),
+    Rule("attention", attention_applies, _attention),
 )
 
 
@@ -77,7 +86,9 @@ def layer_samples(call, grad: torch.Tensor, b: int, factor: torch.Tensor):
     x = call.inputs[0] if call.inputs else None
     rule = rule_for(m, x)
     if rule is not None:
-        return rule.samples(m, x, grad, factor, call)
+        served = rule.samples(m, x, grad, factor, call)
+        if served is not None:
+            return served
     delta = grad * factor
     reason = fallback_reason(m, call)
     if reason:

@@ -19,7 +19,8 @@ from cockpit_lite.persample.rules import RULES, rule_for
     (nn.LayerNorm(4), torch.zeros(2, 4), "layer_norm"),
     (nn.GroupNorm(2, 4), torch.zeros(2, 4, 3, 3), "group_norm"),
     (nn.BatchNorm2d(4), torch.zeros(2, 4, 3, 3), "batch_norm"),
-    (nn.MultiheadAttention(4, 2, batch_first=True), torch.zeros(2, 3, 4), None),
+    (nn.MultiheadAttention(4, 2, batch_first=True), torch.zeros(2, 3, 4), "attention"),
+    (nn.MultiheadAttention(4, 2, add_bias_kv=True), torch.zeros(3, 2, 4), None),  # the fallback serves it
     (nn.PReLU(), torch.zeros(2, 4), None),
 ])
 def test_rule_for_each_layer_type(module, x, expected):
