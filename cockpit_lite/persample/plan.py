@@ -14,9 +14,11 @@ per step and every product is taken from that one pass, whatever order the quant
   (``per_sample_direction(step)``: the list of tensors it will pass to ``PerSampleView.dots``).
 
 A quantity that will project the step's per-sample gradients onto a vector known only after the
-optimizer step (alpha's start, ``per_sample_keep(step)`` true) has the pass keep the conv blocks it
-builds, up to ``KEEP_FLOATS`` floats per step (64 MB in float32; beyond that its own route per layer), so
-that the projection is one small product per block instead of a convolution (``kept_dots``).
+optimizer step (alpha's start, ``per_sample_keep(step)`` true) has the pass keep the blocks it builds
+(convolutions; sequence Linear layers and others that materialize for the histogram), up to
+``KEEP_FLOATS`` floats per step (64 MB in float32; beyond that its own route per layer), so that the
+projection is one small product per block instead of a convolution or a GEMM the size of the layer's
+forward (``kept_dots``).
 
 A quantity declares what it needs with ``per_sample_stats`` (a set of these names); one that wants the
 histogram also has ``hist_range(view)``. Plain data and functions of the active quantities: no ``ctx``.
@@ -42,7 +44,7 @@ class StepPlan:
     hist_owner: Optional[object] = None  # the quantity whose ``hist_range(view)`` sets R
     direction: Optional[tuple] = None  # the tensors of "dir" (not copied) ...
     versions: tuple = ()  # ... and their versions when planned: changed in place, they are not served
-    keep: bool = False  # keep the pass's conv blocks for a projection after the step
+    keep: bool = False  # keep the pass's blocks for a projection after the step
 
     @property
     def wants_hist(self) -> bool:
@@ -102,7 +104,7 @@ def layer_pass(parts, batch_sizes: List[int], wanted: set, v: Optional[torch.Ten
 
     ``parts``: [(forward position, [ParamSamples, ...])] of the parameter; ``batch_sizes``: samples per
     forward; ``v``, ``d``: the vectors of "dots" and "dir" (g_i . v, g_i . d); ``zeros(b)``: [b] zeros on
-    the parameter's device; ``keep_left`` ([floats]): the budget of conv blocks kept, returned under
+    the parameter's device; ``keep_left`` ([floats]): the budget of blocks kept, returned under
     "blocks" ({forward position: [blocks]}) and taken off the budget.
     Returns {stat: value} with "hist" = (R, {forward position: (counts, max, clipped)}) for the calls
     counted in the pass: those that build their per-sample gradients anyway (no cheap maximum:
@@ -127,13 +129,10 @@ def layer_pass(parts, batch_sizes: List[int], wanted: set, v: Optional[torch.Ten
             with_hist = hist and not getattr(ps, "cheap_max", False)
             if with_hist or any(ps.materializes(s_) for s_ in own):
                 keep = None
-                if keep_left is not None and hasattr(ps, "kept_dots") and b * ps.shape.numel() <= keep_left[0]:
+                if keep_left is not None and b * ps.shape.numel() <= keep_left[0]:
                     keep_left[0] -= b * ps.shape.numel()
                     keep = kept[pos] = []
-                if keep is None:
-                    res = ps.fused_stats(own | {"hist"} if with_hist else own, v, R, HIST_BINS, extra)
-                else:
-                    res = ps.fused_stats(own | {"hist"} if with_hist else own, v, R, HIST_BINS, extra, keep=keep)
+                res = ps.fused_stats(own | {"hist"} if with_hist else own, v, R, HIST_BINS, extra, keep=keep)
             else:
                 res = ps.factored_stats(own, v)
                 if extra:  # g_i . d the layer's own cheapest way (as PerSampleView.dots)

@@ -52,11 +52,12 @@ class ParamSamples:
             res["dots"] = self.dots(v)
         return res
 
-    def fused_stats(self, stats, v=None, hist_range=None, bins: int = 100, extra=None):
+    def fused_stats(self, stats, v=None, hist_range=None, bins: int = 100, extra=None, keep=None):
         """The requested stats among "sq" ([b]), "m2" ([*shape]), "dots" ([b], g_i . v) and "hist"
         ((counts, max_abs, clipped) over [-hist_range, hist_range], see ``histogram``) in one pass over
         the per-sample gradients, a block of samples at a time; ``extra`` ({key: vector}) adds g_i . vector
-        under each key."""
+        under each key; ``keep`` (a list): the blocks [b', P] are appended to it, for ``kept_dots`` later
+        in the step (a projection after the optimizer step without building them again)."""
         extra = extra or {}
         out = {"sq": [], "dots": [], "m2": None}
         out.update({k: [] for k in extra})
@@ -64,6 +65,8 @@ class ParamSamples:
         counts, top, clipped = torch.zeros(bins, dtype=torch.float64), 0.0, 0
         for G in self.chunks():
             Gf = G.reshape(G.shape[0], -1)
+            if keep is not None:
+                keep.append(Gf)
             if "hist" in stats:
                 c, m, k = _histc(Gf, hist_range, bins)
                 counts += c
@@ -93,6 +96,11 @@ class ParamSamples:
     def chunks(self):
         """The per-sample gradients [b', *shape], a block of samples at a time (default: all)."""
         yield self.materialize()
+
+    def kept_dots(self, blocks, v: torch.Tensor) -> torch.Tensor:
+        """[b] g_i . v from the blocks ``fused_stats`` kept: one matrix-vector product per block."""
+        u = v.reshape(-1)
+        return torch.cat([Gf @ u.to(Gf.dtype) for Gf in blocks])
 
     def histogram(self, R: float, bins: int):
         """(counts, max_abs, clipped): counts of the elements g_ik in ``bins`` equal bins over [-R, R]

@@ -258,3 +258,44 @@ def test_alpha_fused_equals_apart_with_accumulation(tmp_path, monkeypatch):
     for step in fused:
         for key in ("df0", "df1", "var_df0", "var_df1", "f0", "f1", "t"):
             assert fused[step][key] == pytest.approx(apart[step][key], rel=1e-5, abs=1e-8), (step, key)
+
+
+def test_alpha_projection_at_t_from_kept_sequence_linear_blocks(tmp_path, monkeypatch):
+    """A Linear layer over a sequence (T > 1) builds its per-sample gradients for the histogram; the pass
+    keeps them and alpha's projection after the optimizer step comes from them (no GEMM the size of the
+    layer's forward), with the fit's observations equal to the brute-force float64 reference."""
+    from test_alpha import make_batches, reference_alpha
+    from cockpit_lite.persample import linear as linear_rule
+    from cockpit_lite.persample.samples import ParamSamples
+
+    calls = {"kept_dots": 0, "dots": 0}
+    for cls, name in ((ParamSamples, "kept_dots"), (linear_rule.LinearWeightSamples, "dots")):
+        def wrapped(self, *a, _name=name, _orig=getattr(cls, name)):
+            if isinstance(self, linear_rule.LinearWeightSamples) and self.A.shape[1] > 1:  # the sequence layer
+                calls[_name] += 1
+            return _orig(self, *a)
+        monkeypatch.setattr(cls, name, wrapped)
+
+    def make():
+        return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6, 3))
+
+    batches = make_batches((4, 5), steps=4)
+    torch.manual_seed(0)
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    crit = nn.CrossEntropyLoss()
+    thetas = []
+    with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "a", quantities=["alpha"] + SET) as cp:
+        for x, y in batches:
+            thetas.append([p.detach().clone() for p in model.parameters()])
+            opt.zero_grad()
+            crit(model(x), y).backward()
+            opt.step()
+        thetas.append([p.detach().clone() for p in model.parameters()])
+    assert calls["kept_dots"] >= 4 and calls["dots"] == 0, calls  # the sequence layer, after each step
+    details = dict(cockpit_lite.load(cp.log_path).data("alpha"))
+    assert sorted(details) == [0, 1, 2]
+    for step in (0, 1, 2):
+        _, obs, _ = reference_alpha(make, thetas, batches, step)
+        for key, value in obs.items():
+            assert details[step][key] == pytest.approx(value, rel=2e-4, abs=1e-6), (step, key)
