@@ -60,13 +60,13 @@ TARGETS = {("first-order", "sgd"): 1.05, ("first-order", "adam"): 1.05, ("noise"
 class _Minimal:
     """One training loop on the MLP with one set computed by hand (see the module docstring)."""
 
-    def __init__(self, problem, kind: str, optimizer: str, logfile):
+    def __init__(self, problem, kind: str, optimizer: str, logfile, momentum: float = 0.0):
         torch.manual_seed(0)
         self.model = problem.make_model()
         self.linears = [m for m in self.model if isinstance(m, nn.Linear)]
         if any(not isinstance(m, (nn.Linear, nn.ReLU, nn.Flatten)) for m in self.model):
             raise SystemExit("benchmarks/floor.py: the minimal versions handle Linear/ReLU/Flatten models only")
-        self.opt = problems.make_optimizer(self.model, optimizer, momentum=0.0)
+        self.opt = problems.make_optimizer(self.model, optimizer, momentum=momentum)
         self.crit = nn.CrossEntropyLoss()
         self.params = list(self.model.parameters())
         self.kind = kind
@@ -91,7 +91,9 @@ class _Minimal:
         output.register_hook(keep_grad)
 
     def close(self):
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def _write(self, values):
         os.write(self.fd, (json.dumps({"type": "step", "step": self.step_no, "wall": time.time(),

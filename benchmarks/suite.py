@@ -14,7 +14,7 @@ import tempfile
 from typing import Dict, List, Optional
 
 import cockpit_lite
-from benchmarks import memory, problems, timing
+from benchmarks import floors, memory, problems, timing
 from benchmarks.variants import TARGET_ISSUE, TARGETS, Variant
 
 
@@ -37,7 +37,14 @@ def measure(problem: problems.Problem, optimizer: str, specs: Dict[str, Variant]
         logdir = tempfile.mkdtemp(prefix=f"{problem.name}-{optimizer}-", dir=tmp)
         steppers[name], cockpits[name], _ = problems.training_step(problem, spec, logdir, optimizer=optimizer)
         cockpits[name].step = start  # the schedules depend only on the step index
+    floor_steppers = {}  # issue 21's rows: their hand-written floor, timed in the same rounds (floors.py)
+    for name in specs:
+        make = floors.floor_for(problem.name, name) if TARGET_ISSUE.get((problem.name, name)) else None
+        if make is not None:
+            floor_steppers[name] = steppers[f"floor: {name}"] = make(problem, optimizer, tmp)
     per_round = timing.interleaved(steppers, rounds=rounds, steps=steps, warmup=1)
+    for f in floor_steppers.values():
+        f.close()
     ratios, med = timing.ratios(per_round), timing.medians(per_round)
     mem = {}
     if memory_steps:
@@ -56,6 +63,7 @@ def measure(problem: problems.Problem, optimizer: str, specs: Dict[str, Variant]
             "target": target, "target_issue": TARGET_ISSUE.get((problem.name, name)),
             "met": (ratios[name] <= target) if target else None,
             "hvps_per_step": float(statistics.mean(hvps)) if len(hvps) else None,
+            "floor_ratio": ratios.get(f"floor: {name}"),
             "memory": mem.get(name),
         })
         rows[-1]["reason_by_quantity"] = nan_quantities(run, spec)
