@@ -1,23 +1,28 @@
-"""nn.MultiheadAttention: per-sample gradients of its projections from one batched recomputation.
+"""nn.MultiheadAttention: per-sample gradients of its projections, as Linear layers over the tokens.
 
-Attention mixes the tokens of a sample, never two samples. So the gradient that reaches the input
-projections (q, k, v = x W^T + b, every token of every sample) comes from one batched backward of the
-attention alone, from the projections to the module's output, given the output gradient delta:
+Attention mixes the tokens of a sample, never two samples. Its input projections (q, k, v = x W^T + b)
+and ``out_proj`` are Linear maps applied to every token, so with dP the gradient reaching the
+projections' outputs and delta the one reaching the module's output:
 
-* g_i(W_in) = sum_t dP_it x_it^T and g_i(b_in) = sum_t dP_it, with dP = d<out, delta>/d(q, k, v);
+* g_i(W_in) = sum_t dP_it x_it^T and g_i(b_in) = sum_t dP_it;
 * g_i(W_out) = sum_t delta_it a_it^T and g_i(b_out) = sum_t delta_it, with a the heads' output.
 
-Both weights are then Linear layers over the tokens (``linear.py``: ghost norms, one GEMM per projection),
-instead of the torch.func fallback's per-sample re-run of the whole module (``fallback.py``), which
-materializes every per-sample gradient and costs several times more.
+Both are served by the Linear rule (``linear.py``: ghost norms, one GEMM per projection) instead of the
+torch.func fallback's per-sample re-run of the whole module (``fallback.py``), which materializes every
+per-sample gradient and costs several times more. x, dP, a and delta come from:
 
-The recomputation follows ``F.multi_head_attention_forward`` for the configurations served here: packed
-weights with one input (self-attention) or separate q/k/v weights (``kdim``/``vdim``), biases or not,
-a 2-D ``attn_mask`` (bool or additive), ``key_padding_mask``, ``is_causal`` with its mask. Its output is
-compared with the output the module produced in the step (``LayerCall.output``); a difference (another
-configuration, a wrong ``is_causal`` hint, a change in torch) returns None and the call goes to the
-fallback, as do the configurations not served: ``bias_k``/``bias_v``, ``add_zero_attn``, 3-D masks,
-unbatched inputs, packed weights with distinct query and key/value (cross-attention).
+1. the step itself: ``attention_tap.py`` records the projections' inputs and output gradients during
+   the tracked call (exact whatever the masks; also ``add_zero_attn``);
+2. else a batched recomputation of the attention from the projections on, with one backward of the
+   attention alone for dP. It follows ``F.multi_head_attention_forward`` for packed weights with one
+   input (self-attention) or separate q/k/v weights (``kdim``/``vdim``), biases or not, a 2-D
+   ``attn_mask`` (bool or additive), ``key_padding_mask``, ``is_causal`` with its mask, and its output
+   is compared with the output the module produced in the step (``LayerCall.output``): a difference (a
+   wrong ``is_causal`` hint, a change in torch) returns None.
+
+None sends the call to the fallback, as do ``bias_k``/``bias_v`` (parameters of their own), 3-D masks
+and unbatched inputs when not tapped, and packed weights with distinct query and key/value
+(cross-attention: the three row blocks of W_in see different inputs).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ _KWARGS = frozenset({"key_padding_mask", "need_weights", "attn_mask", "average_a
 def attention_applies(module, x) -> bool:
     """Whether the rule may serve this module (the per-call checks come in ``attention_samples``)."""
     return (isinstance(module, torch.nn.MultiheadAttention) and isinstance(x, torch.Tensor) and x.dim() == 3
-            and module.bias_k is None and module.bias_v is None and not module.add_zero_attn)
+            and module.bias_k is None and module.bias_v is None)
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -59,9 +64,63 @@ def _tolerance(dtype) -> float:
     return {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 5e-2)
 
 
-def attention_samples(module, call, delta: torch.Tensor) -> Optional[dict]:
+def attention_samples(module, call, grad: torch.Tensor, factor: torch.Tensor) -> Optional[dict]:
     """{parameter name: ParamSamples} of one call (names as ``fallback.owned_parameters``), or None when
-    this call is not served (the fallback's then). ``delta``: the scaled output gradient."""
+    this call is not served (the fallback's then). The per-sample loss gradient at the output is
+    ``grad * factor``. From the projections tapped in the step where complete, else recomputed."""
+    served = _from_taps(module, call, factor)
+    if served is not None:
+        return served
+    return _recomputed(module, call, grad * factor)
+
+
+_IN = {True: ("in_proj_weight",), False: ("q_proj_weight", "k_proj_weight", "v_proj_weight")}
+
+
+def _from_taps(m, call, factor: torch.Tensor) -> Optional[dict]:
+    """From the step's own projections (``attention_tap.py``): inputs and output gradients of the input
+    projections and of out_proj, inside the attention in its sequence-first layout ([T, B, .], out_proj's
+    rows t-major: t * B + b)."""
+    taps = getattr(call, "taps", None)
+    args = call.inputs
+    if (not taps or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3
+            or m.bias_k is not None or m.bias_v is not None):
+        return None
+    names = _IN[bool(m._qkv_same_embed_dim)] + ("out_proj.weight",)
+    got = {}
+    for name, x, g in taps:
+        if name in got or g is None:
+            return None  # called twice, or no gradient reached it
+        got[name] = (x, g)
+    if set(got) != set(names):
+        return None
+    B = args[0].shape[0 if m.batch_first else 1]
+    a, d_out = got["out_proj.weight"]
+    if a.dim() != 2 or a.shape[0] % B:
+        return None
+    T = a.shape[0] // B
+    f = lambda t: to_float(t)  # noqa: E731
+    seq = lambda t: f(t).reshape(T, B, t.shape[-1]).transpose(0, 1)  # noqa: E731  [T*B or T, B, .] -> [B, T, .]
+    fac = factor.to(f(d_out).dtype)
+    delta = seq(d_out) * fac
+    res = {f"out_proj.{k}": v for k, v in linear_samples(m.out_proj, seq(a), delta).items()}
+    grads = []
+    for name in names[:-1]:
+        x, g = got[name]
+        if x.dim() != 3 or g.dim() != 3 or x.shape[1] != B:
+            return None
+        dP = f(g).transpose(0, 1) * fac
+        grads.append(dP)
+        res[name] = linear_samples(m.out_proj, f(x).transpose(0, 1), dP)["weight"]
+    if m.in_proj_bias is not None:
+        res["in_proj_bias"] = DenseSamples(torch.cat([g.sum(1) for g in grads], dim=1))
+    return res
+
+
+def _recomputed(module, call, delta: torch.Tensor) -> Optional[dict]:
+    """Recompute the attention from the projections on, checked against the step's output."""
+    if module.add_zero_attn:
+        return None
     args, kw = call.inputs, call.kwargs
     out_ref = getattr(call, "output", None)
     if (len(args) != 3 or not all(isinstance(a, torch.Tensor) and a.dim() == 3 for a in args)

@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.utils._pytree import tree_leaves
 
+from . import attention_tap
+
 
 @dataclass
 class LayerCall:
@@ -29,6 +31,7 @@ class LayerCall:
     training: bool
     output_grad: Optional[torch.Tensor] = None  # d(backward root)/d(output), summed over backward passes
     output: Optional[torch.Tensor] = None  # the output (detached), kept for attention only (attention.py checks it)
+    taps: Optional[list] = None  # attention only: its projections' [name, input, output gradient] (attention_tap.py)
 
 
 @dataclass
@@ -65,6 +68,8 @@ class LayerCapture:
                 continue
             self.modules[mname] = module
             keeps_output = isinstance(module, torch.nn.MultiheadAttention)
+            if keeps_output:  # its projections are tapped during the call (attention_tap.py)
+                self._handles.append(module.register_forward_pre_hook(self._start_tap))
             self._handles.append(module.register_forward_hook(self._make_hook(mname, keeps_output), with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._on_model_forward))
 
@@ -75,6 +80,7 @@ class LayerCapture:
         self._forward = 0
 
     def disarm(self) -> Captured:
+        attention_tap.reset()
         captured = self._captured
         captured.forwards = self._forward
         captured.calls = [c for c in captured.calls if c.output_grad is not None]
@@ -84,6 +90,7 @@ class LayerCapture:
         return captured
 
     def remove(self) -> None:
+        attention_tap.reset()
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -96,8 +103,13 @@ class LayerCapture:
             self._forward += 1
         return None
 
+    def _start_tap(self, module, args):
+        if self.armed and torch.is_grad_enabled():
+            attention_tap.start(module)
+
     def _make_hook(self, mname: str, keeps_output: bool = False):
         def hook(module, args, kwargs, output):
+            tap = attention_tap.stop() if keeps_output else None
             if not self.armed or not torch.is_grad_enabled():
                 return None
             out = _first_output(output)
@@ -111,7 +123,8 @@ class LayerCapture:
                              inputs=tuple(_detach(a) for a in args),
                              kwargs={k: _detach(v) for k, v in kwargs.items()},
                              training=module.training,
-                             output=out.detach() if keeps_output else None)
+                             output=out.detach() if keeps_output else None,
+                             taps=tap.records if tap is not None else None)
             self._captured.calls.append(call)
 
             def keep_grad(grad, call=call):

@@ -50,7 +50,7 @@ def _attention(m, x, grad, factor, call):
     reason = fallback_reason(m, call)  # attention dropout: no route replays it
     if reason:
         raise Unsupported(reason)
-    return attention_samples(m, call, grad * factor)
+    return attention_samples(m, call, grad, factor)
 
 
 def _tensor(x) -> bool:

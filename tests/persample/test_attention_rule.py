@@ -32,8 +32,9 @@ def _loss(out, c):
     return torch.tanh(out * c).sum()
 
 
-def _samples(model, x, mem, c, bdim):
-    """{name: [B, *shape]} per-sample gradients from the layer rule, and whether the rule served."""
+def _samples(model, x, mem, c, bdim, path):
+    """{name: [B, *shape]} per-sample gradients from the layer rule, and whether the rule served (from the
+    step's tapped projections, or with them dropped, recomputed)."""
     names = [n for n, _ in model.named_parameters()]
     cap = LayerCapture(model, names, list(model.parameters()))
     cap.arm()
@@ -41,8 +42,13 @@ def _samples(model, x, mem, c, bdim):
     calls = cap.disarm().calls
     cap.remove()
     (call,) = [cl for cl in calls if isinstance(cl.module, nn.MultiheadAttention)]
-    served = attention.attention_samples(call.module, call, call.output_grad)
-    got = rules.layer_samples(call, call.output_grad, x.shape[bdim], torch.ones((), dtype=x.dtype))
+    one = torch.ones((), dtype=x.dtype)
+    if path == "recompute":
+        call.taps = None
+    served = attention.attention_samples(call.module, call, call.output_grad, one)
+    if path == "taps" and served is not None:
+        assert attention._from_taps(call.module, call, one) is not None
+    got = rules.layer_samples(call, call.output_grad, x.shape[bdim], one)
     return {k: ps.materialize() for k, ps in got.items()}, served is not None
 
 
@@ -61,7 +67,7 @@ def _reference(model, x, mem, c, bdim):
     return {n: torch.stack(v) for n, v in out.items()}
 
 
-def _check(mha, batch_first=True, cross=False, kwargs_fn=None, expect_served=True, dtype=torch.float64):
+def _check(mha, batch_first=True, cross=False, kwargs_fn=None, expect_served=True, dtype=torch.float64, path="taps"):
     torch.manual_seed(0)
     mha = mha.to(dtype)
     model = Wrap(mha, cross, kwargs_fn)
@@ -73,7 +79,7 @@ def _check(mha, batch_first=True, cross=False, kwargs_fn=None, expect_served=Tru
     if cross:
         mem = torch.randn(*((B, S, kdim) if batch_first else (S, B, kdim)), dtype=dtype)
     c = torch.randn(T, E, dtype=dtype)[:, None, :] if not batch_first else torch.randn(T, E, dtype=dtype)
-    got, served = _samples(model, x, mem, c, bdim)
+    got, served = _samples(model, x, mem, c, bdim, path)
     ref = _reference(model, x, mem, c, bdim)
     assert served == expect_served
     assert set(got) == set(ref)
@@ -82,22 +88,28 @@ def _check(mha, batch_first=True, cross=False, kwargs_fn=None, expect_served=Tru
                                    atol=1e-9 if dtype == torch.float64 else 1e-5, msg=n)
 
 
+PATHS = ["taps", "recompute"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_self_attention(batch_first, bias):
-    _check(nn.MultiheadAttention(E, H, bias=bias, batch_first=batch_first), batch_first)
+def test_self_attention(batch_first, bias, path):
+    _check(nn.MultiheadAttention(E, H, bias=bias, batch_first=batch_first), batch_first, path=path)
 
 
-def test_float32():
-    _check(nn.MultiheadAttention(E, H, batch_first=True), dtype=torch.float32)
+@pytest.mark.parametrize("path", PATHS)
+def test_float32(path):
+    _check(nn.MultiheadAttention(E, H, batch_first=True), dtype=torch.float32, path=path)
 
 
 causal = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", ["bool_causal", "float_mask", "is_causal", "padding", "padding_float", "both",
                                   "need_weights_false"])
-def test_masks(kind):
+def test_masks(kind, path):
     pad = torch.zeros(B, T, dtype=torch.bool)
     pad[0, -2:] = True
     pad[2, -1] = True
@@ -111,32 +123,41 @@ def test_masks(kind):
         "both": lambda rows: {"attn_mask": causal, "key_padding_mask": pad[rows]},
         "need_weights_false": lambda rows: {"need_weights": False},
     }
-    _check(nn.MultiheadAttention(E, H, batch_first=True), kwargs_fn=fns[kind])
+    _check(nn.MultiheadAttention(E, H, batch_first=True), kwargs_fn=fns[kind], path=path)
 
 
-def test_separate_projection_weights_cross_attention():
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_separate_projection_weights_cross_attention(path, batch_first):
     """kdim/vdim != embed_dim: q, k and v have their own weights; key and value are the memory."""
-    _check(nn.MultiheadAttention(E, H, kdim=4, vdim=4, batch_first=True), cross=True)
+    _check(nn.MultiheadAttention(E, H, kdim=4, vdim=4, batch_first=batch_first), batch_first, cross=True, path=path)
 
 
 @pytest.mark.parametrize("make, cross", [
     (lambda: nn.MultiheadAttention(E, H, batch_first=True), True),  # packed cross-attention
     (lambda: nn.MultiheadAttention(E, H, add_bias_kv=True, batch_first=True), False),
-    (lambda: nn.MultiheadAttention(E, H, add_zero_attn=True, batch_first=True), False),
 ])
 def test_not_served_goes_to_the_exact_fallback(make, cross):
     _check(make(), cross=cross, expect_served=False)
 
 
+def test_add_zero_attn_is_served_from_the_taps_only():
+    _check(nn.MultiheadAttention(E, H, add_zero_attn=True, batch_first=True))
+    _check(nn.MultiheadAttention(E, H, add_zero_attn=True, batch_first=True), path="recompute", expect_served=False)
+
+
 def test_a_wrong_is_causal_hint_is_caught_by_the_output_check():
     """is_causal=True with a mask that is not causal: torch attends causally; the recomputation, which
-    follows the mask, differs from the step's output, so the fallback (the module itself) serves."""
+    follows the mask, differs from the step's output, so the fallback (the module itself) serves (the
+    tapped projections, taken from the step itself, are right either way)."""
     not_causal = torch.zeros(T, T, dtype=torch.bool)
     not_causal[:, 0] = True
     not_causal[0, 0] = False
     _check(nn.MultiheadAttention(E, H, batch_first=True),
            kwargs_fn=lambda rows: {"attn_mask": not_causal, "is_causal": True, "need_weights": False},
-           expect_served=False)
+           expect_served=False, path="recompute")
+    _check(nn.MultiheadAttention(E, H, batch_first=True),
+           kwargs_fn=lambda rows: {"attn_mask": not_causal, "is_causal": True, "need_weights": False})
 
 
 def test_transformer_encoder_layer_is_served():
@@ -150,4 +171,27 @@ def test_transformer_encoder_layer_is_served():
     calls = cap.disarm().calls
     cap.remove()
     (call,) = [cl for cl in calls if isinstance(cl.module, nn.MultiheadAttention)]
-    assert attention.attention_samples(call.module, call, call.output_grad) is not None
+    one = torch.ones((), dtype=torch.float64)
+    assert attention._from_taps(call.module, call, one) is not None
+    call.taps = None
+    assert attention.attention_samples(call.module, call, call.output_grad, one) is not None
+
+
+def test_the_tap_leaves_f_linear_as_it_was():
+    """F.linear is patched only during a tracked attention call, also when the forward raises."""
+    import torch.nn.functional as F
+    from cockpit_lite.persample import attention_tap
+
+    original = F.linear
+    mha = nn.MultiheadAttention(E, H, batch_first=True)
+    cap = LayerCapture(mha, [n for n, _ in mha.named_parameters()], list(mha.parameters()))
+    cap.arm()
+    x = torch.randn(B, T, E)
+    mha(x, x, x)
+    assert F.linear is original
+    with pytest.raises(Exception):
+        mha(x, x, torch.randn(B, T + 1, E))  # key and value lengths differ: raises inside the call
+    cap.disarm()
+    assert F.linear is original
+    cap.remove()
+    assert attention_tap.stop() is None
