@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .bincount import count_in_range, fast_range_ok, zero_bin
+
 
 class ParamSamples:
     """Per-sample gradients g_i (i < b) of one parameter, as far as one layer call contributes."""
@@ -155,6 +157,17 @@ def _bin_counts(G: torch.Tensor, R: float, bins: int) -> torch.Tensor:
 def _histc(G: torch.Tensor, R: float, bins: int):
     """(counts, max |G|, number outside [-R, R]) with outside values counted in the edge bins."""
     G = G.float()
+    if G.device.type == "cpu" and G.numel() and fast_range_ok(R, bins):
+        # common case, one read of G: min/max, exact zeros and counts per cache-sized chunk, in threads
+        z_bin = zero_bin(R, bins)
+        res = count_in_range(G, R, bins, zeros=z_bin != bins // 2)
+        if res is not None:  # every value finite and within [-R, R]
+            c, lo, hi, z = res
+            counts = c.double()
+            if z_bin != bins // 2:
+                counts[z_bin] -= z
+                counts[bins // 2] += z
+            return counts, max(-lo, hi), 0
     m = 0.0
     if G.numel():  # max |G| from one pass that allocates nothing (NaN propagates as with abs().max())
         lo, hi = torch.aminmax(G)
@@ -164,7 +177,11 @@ def _histc(G: torch.Tensor, R: float, bins: int):
         k = int((G.abs() > R).sum())
         G = G.clamp(-R, R)
     if m == m and m != float("inf") and G.device.type == "cpu":
-        count = _bin_counts
+        if fast_range_ok(R, bins):
+            def count(X, R, bins):
+                return count_in_range(X, R, bins, check=False)[0].double()
+        else:
+            count = _bin_counts
     else:
         def count(X, R, bins):
             return torch.histc(X, bins=bins, min=-R, max=R).double().cpu()

@@ -1,0 +1,159 @@
+"""Exact histogram counts of float32 values on the CPU, in torch.histc's float32 bin arithmetic.
+
+The bin of x over [-R, R] is ``trunc((x - (-R)) * bins / (2R))`` computed in float32 (the scalars rounded
+to float32, as torch does), the top edge in the last bin. ``count_in_range`` reads each value once: per
+chunk of ``STEP`` values it takes the chunk's min and max (so that the caller needs no separate pass for
+max |x|), scales it to bin units in a reused scratch buffer, casts to int16 and runs ``torch.bincount``.
+
+Why this equals the clamped int32 kernel (``samples._bin_counts``) for every value within [-R, R]: with
+x >= fl(-R) the difference x - fl(-R) is >= 0 (rounding is monotone), and with x <= fl(R) the scaled value
+is at most bins * (1 + 2^-23), so t lies in [0, bins + 1) and the int16 cast truncates exactly like the
+int32 one; the clamp to bins - 1 becomes adding the count of index ``bins`` to the last bin. This needs R
+far inside float32's normal range (``fast_range_ok``); elsewhere the caller keeps the clamped kernel.
+
+``torch.bincount`` is single-threaded on the CPU, so with ``torch.get_num_threads()`` > 1 the values are
+split into that many ranges (at most ``MAX_WORKERS``), counted concurrently in Python threads (torch ops
+release the GIL) and summed. The helper threads come from one small daemon pool created on first use and
+reused (re-created in a forked child); callers from several threads share it safely.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from concurrent.futures import Future
+from typing import List, Optional, Tuple
+
+import torch
+
+STEP = 1 << 18  # values per chunk: the scratch (1 MB float32 + 0.5 MB int16 per thread) stays in cache
+MAX_WORKERS = 4  # concurrent ranges at most, whatever torch.get_num_threads() says
+MIN_PER_WORKER = 1 << 19  # below this many values per range, one thread (a hand-off costs ~0.1 ms)
+
+
+def fast_range_ok(R: float, bins: int) -> bool:
+    """Whether ``count_in_range``'s proof holds for this R (no overflow or subnormal scaling in float32)."""
+    return 1e-30 < R < 1e30 and 0 < bins <= 30000
+
+
+def zero_bin(R: float, bins: int) -> int:
+    """The bin the float32 arithmetic gives to an exact zero (not always bins // 2)."""
+    t = float(torch.zeros(1).sub_(-R).mul_(bins).div_(2 * R)[0])
+    return min(max(int(t), 0), bins - 1)
+
+
+class _Result:
+    __slots__ = ("counts", "lo", "hi", "zeros", "outside")
+
+    def __init__(self, bins: int):
+        self.counts = torch.zeros(bins + 1, dtype=torch.int64)
+        self.lo, self.hi, self.zeros, self.outside = float("inf"), float("-inf"), 0, False
+
+
+def _count_range(flat: torch.Tensor, R: float, bins: int, check: bool, zeros: bool,
+                 stop: threading.Event) -> _Result:
+    """Counts of one contiguous range; with ``check``, stops (``outside``) at the first chunk holding a
+    value outside [-R, R] or not finite."""
+    res = _Result(bins)
+    n = flat.numel()
+    if n == 0:
+        return res
+    m0 = min(STEP, n)
+    t_buf, q_buf = torch.empty(m0), torch.empty(m0, dtype=torch.int16)
+    for s in range(0, n, STEP):
+        if stop.is_set():
+            break
+        m = min(STEP, n - s)
+        x = flat[s:s + m]
+        if check:
+            lo, hi = torch.aminmax(x)
+            lo, hi = float(lo), float(hi)
+            if not (lo >= -R and hi <= R):  # NaN fails both
+                res.outside = True
+                stop.set()
+                break
+            res.lo, res.hi = min(res.lo, lo), max(res.hi, hi)
+        if zeros:
+            res.zeros += m - int(torch.count_nonzero(x))
+        t = torch.sub(x, -R, out=t_buf[:m]).mul_(bins).div_(2 * R)
+        q = q_buf[:m]
+        q.copy_(t)
+        c = torch.bincount(q, minlength=bins + 1)
+        res.counts += c[:bins + 1]
+        if c.numel() > bins + 1:  # not reached for values within [-R, R]; kept exact all the same
+            res.counts[bins] += c[bins + 1:].sum()
+    return res
+
+
+def count_in_range(G: torch.Tensor, R: float, bins: int, check: bool = True, zeros: bool = False
+                   ) -> Optional[Tuple[torch.Tensor, float, float, int]]:
+    """(counts int64 [bins], min, max, number of exact zeros) of the float32 CPU tensor G, or None when
+    ``check`` finds a value outside [-R, R] or not finite (the caller then clamps and counts again).
+    Without ``check``, every value must lie within [-fl(R), fl(R)] (min and max are then not taken).
+    Exact zeros are counted only with ``zeros``. Requires ``fast_range_ok(R, bins)``."""
+    flat = G.reshape(-1)
+    n = flat.numel()
+    parts = max(1, min(torch.get_num_threads(), MAX_WORKERS, n // MIN_PER_WORKER))
+    stop = threading.Event()
+    if parts == 1:
+        results = [_count_range(flat, R, bins, check, zeros, stop)]
+    else:
+        per = -(-n // parts)
+        futures = [_submit(parts - 1, _count_range, flat[i * per:(i + 1) * per], R, bins, check, zeros, stop)
+                   for i in range(1, parts)]
+        results = [_count_range(flat[:per], R, bins, check, zeros, stop)]
+        results += [f.result() for f in futures]
+    if any(r.outside for r in results):
+        return None
+    counts = results[0].counts
+    for r in results[1:]:
+        counts += r.counts
+    counts[bins - 1] += counts[bins]  # t == bins (the top edge) and rounding just above it
+    lo = min(r.lo for r in results)
+    hi = max(r.hi for r in results)
+    return counts[:bins], lo, hi, sum(r.zeros for r in results)
+
+
+# ---- one small pool of daemon threads, created on first use, shared by all callers ----
+
+_lock = threading.Lock()
+_queue: "queue.SimpleQueue" = queue.SimpleQueue()
+_threads: List[threading.Thread] = []
+
+
+def _work(q: "queue.SimpleQueue") -> None:
+    while True:
+        future, fn, args = q.get()
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # handed to the caller, who raises it
+                future.set_exception(e)
+        del future, fn, args
+
+
+def _submit(helpers: int, fn, *args) -> Future:
+    """Runs fn(*args) in a helper thread, with at least ``helpers`` threads in the pool (MAX_WORKERS - 1
+    at most). A caller
+    always does its own share meanwhile and helpers wait on nothing, so concurrent callers cannot
+    deadlock."""
+    future: Future = Future()
+    with _lock:
+        _threads[:] = [t for t in _threads if t.is_alive()]
+        while len(_threads) < min(helpers, MAX_WORKERS - 1):
+            t = threading.Thread(target=_work, args=(_queue,), name="cockpit-lite-bincount", daemon=True)
+            t.start()
+            _threads.append(t)
+        _queue.put((future, fn, args))
+    return future
+
+
+def _after_fork_in_child() -> None:  # the parent's helper threads do not exist in a forked child
+    global _lock, _queue
+    _lock, _queue = threading.Lock(), queue.SimpleQueue()
+    _threads.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
