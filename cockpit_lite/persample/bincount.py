@@ -4,6 +4,9 @@ The bin of x over [-R, R] is ``trunc((x - (-R)) * bins / (2R))`` computed in flo
 to float32, as torch does), the top edge in the last bin. ``count_in_range`` reads each value once: per
 chunk of ``STEP`` values it takes the chunk's min and max (so that the caller needs no separate pass for
 max |x|), scales it to bin units in a reused scratch buffer, casts to int16 and runs ``torch.bincount``.
+A chunk holding values outside [-R, R] is counted as ``samples._histc`` always did (how many have
+|x| > R, then the values clamped to [-R, R]), so clipping costs no second read either; a NaN or an
+infinity stops the count (None) and the caller takes its general path.
 
 Why this equals the clamped int32 kernel (``samples._bin_counts``) for every value within [-R, R]: with
 x >= fl(-R) the difference x - fl(-R) is >= 0 (rounding is monotone), and with x <= fl(R) the scaled value
@@ -30,6 +33,7 @@ import torch
 STEP = 1 << 18  # values per chunk: the scratch (1 MB float32 + 0.5 MB int16 per thread) stays in cache
 MAX_WORKERS = 4  # concurrent ranges at most, whatever torch.get_num_threads() says
 MIN_PER_WORKER = 1 << 19  # below this many values per range, one thread (a hand-off costs ~0.1 ms)
+_INF = float("inf")
 
 
 def fast_range_ok(R: float, bins: int) -> bool:
@@ -44,39 +48,42 @@ def zero_bin(R: float, bins: int) -> int:
 
 
 class _Result:
-    __slots__ = ("counts", "lo", "hi", "zeros", "outside")
+    __slots__ = ("counts", "lo", "hi", "zeros", "clipped", "not_finite")
 
     def __init__(self, bins: int):
         self.counts = torch.zeros(bins + 1, dtype=torch.int64)
-        self.lo, self.hi, self.zeros, self.outside = float("inf"), float("-inf"), 0, False
+        self.lo, self.hi, self.zeros, self.clipped, self.not_finite = float("inf"), float("-inf"), 0, 0, False
 
 
-def _count_range(flat: torch.Tensor, R: float, bins: int, check: bool, zeros: bool,
-                 stop: threading.Event) -> _Result:
-    """Counts of one contiguous range; with ``check``, stops (``outside``) at the first chunk holding a
-    value outside [-R, R] or not finite."""
+def _count_range(flat: torch.Tensor, R: float, bins: int, zeros: bool, stop: threading.Event) -> _Result:
+    """Counts of one contiguous range; stops (``not_finite``) at the first chunk holding a NaN or inf."""
     res = _Result(bins)
     n = flat.numel()
     if n == 0:
         return res
-    m0 = min(STEP, n)
+    step = STEP
+    m0 = min(step, n)
     t_buf, q_buf = torch.empty(m0), torch.empty(m0, dtype=torch.int16)
-    for s in range(0, n, STEP):
+    for s in range(0, n, step):
         if stop.is_set():
             break
-        m = min(STEP, n - s)
+        m = min(step, n - s)
         x = flat[s:s + m]
-        if check:
-            lo, hi = torch.aminmax(x)
-            lo, hi = float(lo), float(hi)
-            if not (lo >= -R and hi <= R):  # NaN fails both
-                res.outside = True
-                stop.set()
-                break
-            res.lo, res.hi = min(res.lo, lo), max(res.hi, hi)
+        lo, hi = torch.aminmax(x)
+        lo, hi = float(lo), float(hi)
+        if not (-_INF < lo and hi < _INF):  # NaN fails both
+            res.not_finite = True
+            stop.set()
+            break
+        res.lo, res.hi = min(res.lo, lo), max(res.hi, hi)
         if zeros:
             res.zeros += m - int(torch.count_nonzero(x))
-        t = torch.sub(x, -R, out=t_buf[:m]).mul_(bins).div_(2 * R)
+        if lo < -R or hi > R:  # as samples._histc did for the whole tensor: count outside, clamp
+            res.clipped += int((x.abs() > R).sum())
+            t = torch.clamp(x, -R, R, out=t_buf[:m]).sub_(-R)
+        else:
+            t = torch.sub(x, -R, out=t_buf[:m])
+        t.mul_(bins).div_(2 * R)
         q = q_buf[:m]
         q.copy_(t)
         c = torch.bincount(q, minlength=bins + 1)
@@ -86,33 +93,31 @@ def _count_range(flat: torch.Tensor, R: float, bins: int, check: bool, zeros: bo
     return res
 
 
-def count_in_range(G: torch.Tensor, R: float, bins: int, check: bool = True, zeros: bool = False
-                   ) -> Optional[Tuple[torch.Tensor, float, float, int]]:
-    """(counts int64 [bins], min, max, number of exact zeros) of the float32 CPU tensor G, or None when
-    ``check`` finds a value outside [-R, R] or not finite (the caller then clamps and counts again).
-    Without ``check``, every value must lie within [-fl(R), fl(R)] (min and max are then not taken).
+def count_in_range(G: torch.Tensor, R: float, bins: int, zeros: bool = False
+                   ) -> Optional[Tuple[torch.Tensor, float, float, int, int]]:
+    """(counts int64 [bins], min, max, number of exact zeros, number outside [-R, R]) of the float32 CPU
+    tensor G, values outside [-R, R] counted in the edge bins; None when a value is NaN or infinite.
     Exact zeros are counted only with ``zeros``. Requires ``fast_range_ok(R, bins)``."""
     flat = G.reshape(-1)
     n = flat.numel()
     parts = max(1, min(torch.get_num_threads(), MAX_WORKERS, n // MIN_PER_WORKER))
     stop = threading.Event()
     if parts == 1:
-        results = [_count_range(flat, R, bins, check, zeros, stop)]
+        results = [_count_range(flat, R, bins, zeros, stop)]
     else:
         per = -(-n // parts)
-        futures = [_submit(parts - 1, _count_range, flat[i * per:(i + 1) * per], R, bins, check, zeros, stop)
+        futures = [_submit(parts - 1, _count_range, flat[i * per:(i + 1) * per], R, bins, zeros, stop)
                    for i in range(1, parts)]
-        results = [_count_range(flat[:per], R, bins, check, zeros, stop)]
+        results = [_count_range(flat[:per], R, bins, zeros, stop)]
         results += [f.result() for f in futures]
-    if any(r.outside for r in results):
+    if any(r.not_finite for r in results):
         return None
     counts = results[0].counts
     for r in results[1:]:
         counts += r.counts
     counts[bins - 1] += counts[bins]  # t == bins (the top edge) and rounding just above it
-    lo = min(r.lo for r in results)
-    hi = max(r.hi for r in results)
-    return counts[:bins], lo, hi, sum(r.zeros for r in results)
+    return (counts[:bins], min(r.lo for r in results), max(r.hi for r in results),
+            sum(r.zeros for r in results), sum(r.clipped for r in results))
 
 
 # ---- one small pool of daemon threads, created on first use, shared by all callers ----

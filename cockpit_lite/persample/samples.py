@@ -144,7 +144,8 @@ def to_float(t: torch.Tensor) -> torch.Tensor:
 def _bin_counts(G: torch.Tensor, R: float, bins: int) -> torch.Tensor:
     """Counts of the (finite, within [-R, R]) values of G in ``bins`` equal bins over [-R, R], with
     torch.histc's float32 bin arithmetic ((x - lo) * bins / (hi - lo), truncated, the top edge in the
-    last bin), as one pass of elementwise ops and a bincount (several times faster than histc on CPU)."""
+    last bin), as one pass of elementwise ops and a bincount (several times faster than histc on CPU).
+    Kept for ranges outside ``bincount.fast_range_ok``; ``bincount.count_in_range`` does the rest."""
     flat = G.reshape(-1)
     counts = torch.zeros(bins, dtype=torch.int64, device=G.device)
     step = 1 << 20  # bounded scratch memory (8 MB), whatever the block size
@@ -158,16 +159,16 @@ def _histc(G: torch.Tensor, R: float, bins: int):
     """(counts, max |G|, number outside [-R, R]) with outside values counted in the edge bins."""
     G = G.float()
     if G.device.type == "cpu" and G.numel() and fast_range_ok(R, bins):
-        # common case, one read of G: min/max, exact zeros and counts per cache-sized chunk, in threads
+        # one read of G: min/max, clipping, exact zeros and counts per cache-sized chunk, in threads
         z_bin = zero_bin(R, bins)
         res = count_in_range(G, R, bins, zeros=z_bin != bins // 2)
-        if res is not None:  # every value finite and within [-R, R]
-            c, lo, hi, z = res
+        if res is not None:  # None: a NaN or an infinity, counted below
+            c, lo, hi, z, k = res
             counts = c.double()
-            if z_bin != bins // 2:
+            if z_bin != bins // 2:  # exact zeros: see below
                 counts[z_bin] -= z
                 counts[bins // 2] += z
-            return counts, max(-lo, hi), 0
+            return counts, max(-lo, hi), k
     m = 0.0
     if G.numel():  # max |G| from one pass that allocates nothing (NaN propagates as with abs().max())
         lo, hi = torch.aminmax(G)
@@ -177,11 +178,7 @@ def _histc(G: torch.Tensor, R: float, bins: int):
         k = int((G.abs() > R).sum())
         G = G.clamp(-R, R)
     if m == m and m != float("inf") and G.device.type == "cpu":
-        if fast_range_ok(R, bins):
-            def count(X, R, bins):
-                return count_in_range(X, R, bins, check=False)[0].double()
-        else:
-            count = _bin_counts
+        count = _bin_counts
     else:
         def count(X, R, bins):
             return torch.histc(X, bins=bins, min=-R, max=R).double().cpu()
