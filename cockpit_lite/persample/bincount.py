@@ -14,10 +14,12 @@ is at most bins * (1 + 2^-23), so t lies in [0, bins + 1) and the int16 cast tru
 int32 one; the clamp to bins - 1 becomes adding the count of index ``bins`` to the last bin. This needs R
 far inside float32's normal range (``fast_range_ok``); elsewhere the caller keeps the clamped kernel.
 
-``torch.bincount`` is single-threaded on the CPU, so with ``torch.get_num_threads()`` > 1 the values are
-split into that many ranges (at most ``MAX_WORKERS``), counted concurrently in Python threads (torch ops
-release the GIL) and summed. The helper threads come from one small daemon pool created on first use and
-reused (re-created in a forked child); callers from several threads share it safely.
+``torch.bincount`` is single-threaded on the CPU, so with ``torch.get_num_threads()`` = T > 1 and at least
+2 x ``MIN_PER_WORKER`` values, the values are split into min(T, ``MAX_WORKERS``) ranges counted
+concurrently in helper threads (torch ops release the GIL) and summed, the caller waiting. Each helper
+runs its torch ops single-threaded (its own OpenMP setting, see the pool below), so T helpers keep T cores
+busy instead of T thread teams competing for them. The helpers are daemon threads of one pool created on
+first use and reused (re-created in a forked child); callers from several threads share it safely.
 """
 
 from __future__ import annotations

@@ -183,6 +183,34 @@ def test_concurrent_callers_get_their_own_counts():
     assert 1 <= len(helpers) <= bincount.MAX_WORKERS and all(t.daemon for t in helpers)
 
 
+def test_helpers_are_single_threaded_and_torch_settings_are_left_alone():
+    torch.set_num_threads(2)
+    x = torch.randn(20000)
+    check(x, 3.0)
+    seen = []
+    helper = [t for t in threading.enumerate() if t.name == "cockpit-lite-bincount"]
+    assert helper
+    if all(bincount._serial):  # the OpenMP runtime was found: every range ran in a helper
+        done = bincount._submit(torch.get_num_threads)
+        assert done.result(timeout=10) == 1
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert torch.get_num_threads() == 2 and seen == [2]  # the caller's and a new thread's
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_counts_where_helpers_cannot_run_single_threaded(monkeypatch, threads):
+    torch.set_num_threads(threads)
+    real = bincount._start_helpers
+    monkeypatch.setattr(bincount, "_start_helpers", lambda n: real(n) and False)  # caller + one helper
+    g = torch.Generator().manual_seed(threads)
+    for n in (5000, 5001, 40000):
+        x = torch.randn(n, generator=g)
+        for R in (3.0, 0.5):
+            check(x, R)
+
+
 def test_an_error_in_a_helper_reaches_the_caller(monkeypatch):
     torch.set_num_threads(2)
     real = bincount._count_range
