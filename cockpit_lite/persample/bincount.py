@@ -35,7 +35,7 @@ import torch
 
 STEP = 1 << 18  # values per chunk: the scratch (1 MB float32 + 0.5 MB int16 per thread) stays in cache
 MAX_WORKERS = 8  # concurrent ranges at most, whatever torch.get_num_threads() says
-MIN_PER_WORKER = 1 << 20  # below this many values per range, one thread (measured: 2 threads win from 2^21)
+MIN_PER_WORKER = 1 << 23  # below this many values per range, one thread (see the note at the pool)
 _INF = float("inf")
 
 
@@ -105,10 +105,14 @@ def count_in_range(G: torch.Tensor, R: float, bins: int, zeros: bool = False
     n = flat.numel()
     parts = max(1, min(torch.get_num_threads(), MAX_WORKERS, n // MIN_PER_WORKER))
     stop = threading.Event()
+    if parts > 1:
+        try:
+            serial = _start_helpers(parts)  # helpers whose torch ops run single-threaded take every range
+        except RuntimeError:  # no new thread (interpreter shutting down): count here
+            parts = 1
     if parts == 1:
         results = [_count_range(flat, R, bins, zeros, stop)]
     else:
-        serial = _start_helpers(parts)  # helpers whose torch ops run single-threaded: they take every range
         if not serial:  # their ops would start thread teams of their own: two ranges, one of them here
             parts = 2
         per = -(-n // parts)

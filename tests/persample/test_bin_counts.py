@@ -211,6 +211,16 @@ def test_counts_where_helpers_cannot_run_single_threaded(monkeypatch, threads):
             check(x, R)
 
 
+def test_counts_in_the_caller_where_no_thread_can_start(monkeypatch):
+    torch.set_num_threads(2)
+
+    def no_threads(n):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(bincount, "_start_helpers", no_threads)
+    check(torch.randn(40000), 2.0)
+
+
 def test_an_error_in_a_helper_reaches_the_caller(monkeypatch):
     torch.set_num_threads(2)
     real = bincount._count_range
