@@ -2,12 +2,9 @@
 reference: the float32 bin arithmetic emulated in numpy float64 (each op rounded to float32), truncated and
 clamped to the edge bins, exact zeros in the bin [0, R/(bins/2)), clipped values at the edges.
 
-Chunk size and parallel threshold are shrunk so that small inputs cross chunk and thread boundaries.
+The chunk size is shrunk so that small inputs cross chunk boundaries.
 """
 
-import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -51,7 +48,6 @@ def check(x, R, bins=BINS):
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     monkeypatch.setattr(bincount, "STEP", 1000)
-    monkeypatch.setattr(bincount, "MIN_PER_WORKER", 2500)
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
@@ -59,7 +55,7 @@ def small_chunks(monkeypatch):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("n", [1, 7, 999, 1000, 1001, 4999, 5000, 12345, 40000])
-def test_random_values_every_size_and_thread_count(threads, n):
+def test_random_values_every_size_and_torch_thread_count(threads, n):
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(n)
     for scale in (1e-6, 1e-3, 1.0, 1e4):
@@ -120,7 +116,7 @@ def test_values_outside_the_range_are_clipped_into_the_edge_bins(threads):
     x = torch.randn(30000, generator=g)
     for R in (0.01, 0.5, 1.0, 2.5):
         check(x, R)
-    x[29999] = 1e30  # an outlier only in the last chunk of the last thread
+    x[29999] = 1e30  # an outlier only in the last chunk
     check(x, 1.0)
 
 
@@ -179,83 +175,3 @@ def test_concurrent_callers_get_their_own_counts():
     for (c, m, k), (rc, rm, rk) in zip(got, want):
         np.testing.assert_array_equal(c.numpy(), rc)
         assert (m, k) == (rm, rk)
-    helpers = [t for t in threading.enumerate() if t.name == "cockpit-lite-bincount"]
-    assert 1 <= len(helpers) <= bincount.MAX_WORKERS and all(t.daemon for t in helpers)
-
-
-def test_helpers_are_single_threaded_and_torch_settings_are_left_alone():
-    torch.set_num_threads(2)
-    x = torch.randn(20000)
-    check(x, 3.0)
-    seen = []
-    helper = [t for t in threading.enumerate() if t.name == "cockpit-lite-bincount"]
-    assert helper
-    if all(bincount._serial):  # the OpenMP runtime was found: every range ran in a helper
-        done = bincount._submit(torch.get_num_threads)
-        assert done.result(timeout=10) == 1
-    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-    t.start()
-    t.join()
-    assert torch.get_num_threads() == 2 and seen == [2]  # the caller's and a new thread's
-
-
-@pytest.mark.parametrize("threads", [2, 3])
-def test_counts_where_helpers_cannot_run_single_threaded(monkeypatch, threads):
-    torch.set_num_threads(threads)
-    real = bincount._start_helpers
-    monkeypatch.setattr(bincount, "_start_helpers", lambda n: real(n) and False)  # caller + one helper
-    g = torch.Generator().manual_seed(threads)
-    for n in (5000, 5001, 40000):
-        x = torch.randn(n, generator=g)
-        for R in (3.0, 0.5):
-            check(x, R)
-
-
-def test_counts_in_the_caller_where_no_thread_can_start(monkeypatch):
-    torch.set_num_threads(2)
-
-    def no_threads(n):
-        raise RuntimeError("can't create new thread at interpreter shutdown")
-
-    monkeypatch.setattr(bincount, "_start_helpers", no_threads)
-    check(torch.randn(40000), 2.0)
-
-
-def test_an_error_in_a_helper_reaches_the_caller(monkeypatch):
-    torch.set_num_threads(2)
-    real = bincount._count_range
-
-    def failing_in_helpers(*args):
-        if threading.current_thread().name == "cockpit-lite-bincount":
-            raise ValueError("boom")
-        return real(*args)
-
-    monkeypatch.setattr(bincount, "_count_range", failing_in_helpers)
-    with pytest.raises(ValueError, match="boom"):
-        bincount.count_in_range(torch.zeros(10000), 1.0, BINS)
-
-
-_CHILD = """
-import os, sys, torch
-from cockpit_lite.persample import bincount
-from cockpit_lite.persample.samples import _histc
-torch.set_num_threads(2)
-x, y = torch.randn(3_000_000), torch.randn(20000)
-_histc(x, 5.0, 100)  # the parent's helper thread exists now
-bincount.STEP, bincount.MIN_PER_WORKER = 1000, 2500  # ops below torch's grain size: no OpenMP region,
-want = _histc(y, 5.0, 100)[0]                          # which hangs in a forked child whatever we do
-pid = os.fork()
-if pid == 0:  # the parent's helper thread does not exist here: the child must start its own
-    ok = torch.equal(_histc(y, 5.0, 100)[0], want)
-    os._exit(0 if ok else 3)
-_, status = os.waitpid(pid, 0)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
-def test_fork_after_use_and_clean_interpreter_exit():
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=root)
-    out = subprocess.run([sys.executable, "-c", _CHILD], env=env, timeout=60, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
