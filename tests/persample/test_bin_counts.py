@@ -137,6 +137,15 @@ def test_ranges_outside_the_fast_band_use_the_clamped_kernel(R):
     check(x, R)
 
 
+@pytest.mark.parametrize("bins", [1, 2, 7, 99, 180, 181, 1000])
+def test_other_bin_counts_with_and_without_pair_codes(bins):
+    g = torch.Generator().manual_seed(bins)
+    x = torch.randn(12345, generator=g)
+    x[:100] = 0
+    for R in (float(x.abs().max()), 1.3, 0.7):
+        check(x, R, bins)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_are_counted_as_their_float32_values(dtype):
     torch.set_num_threads(2)
