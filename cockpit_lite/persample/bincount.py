@@ -26,6 +26,7 @@ spin for milliseconds and take the cores from the helpers, so two ranges lost be
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -35,6 +36,7 @@ _INF = float("inf")
 PAIRS = True
 
 
+@functools.lru_cache(maxsize=64)  # one R per step, shared by every parameter
 def fast_range_ok(R: float, bins: int) -> bool:
     """Whether ``count_in_range``'s premise holds for this R: no overflow or subnormal scaling in float32,
     and -fl(R), fl(R) (hence every value between, the ops being monotone) scaled into [0, bins + 1)."""
@@ -44,6 +46,7 @@ def fast_range_ok(R: float, bins: int) -> bool:
     return 0.0 <= float(t[0]) and float(t[1]) < bins + 1
 
 
+@functools.lru_cache(maxsize=64)
 def zero_bin(R: float, bins: int) -> int:
     """The bin the float32 arithmetic gives to an exact zero (not always bins // 2)."""
     t = float(torch.zeros(1).sub_(-R).mul_(bins).div_(2 * R)[0])
