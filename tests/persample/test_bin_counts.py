@@ -79,6 +79,22 @@ def test_values_on_every_bin_edge_and_next_to_it(threads):
         check(x, float(Rf))
 
 
+def ulp_neighbourhoods(centres, k: int) -> np.ndarray:
+    """The float32 values whose bit patterns lie within k of each float32 centre's (consecutive values;
+    non-finite patterns dropped)."""
+    bits = np.asarray(centres, dtype=np.float32).view(np.int32).astype(np.int64)
+    v = np.concatenate([np.arange(b - k, b + k + 1) for b in bits])
+    v = v[(v >= np.iinfo(np.int32).min) & (v <= np.iinfo(np.int32).max)].astype(np.int32).view(np.float32)
+    return v[np.isfinite(v)]
+
+
+@pytest.mark.parametrize("R", [1.0, 0.3, 2.0 ** -7, 5e-4 * (1 + 2 ** -30), 77.7])
+def test_thousands_of_float32_values_around_every_bin_edge(R):
+    edges = -R + np.arange(BINS + 1) * (2 * R / BINS)  # exact edges, then the float32 values near them
+    x = torch.from_numpy(ulp_neighbourhoods(np.concatenate([edges, [0.0, -0.0]]), 2048))
+    check(x, R)
+
+
 def test_range_not_representable_in_float32_either_way():
     for R in (0.1, 0.3, 1e-3 * (1 + 2 ** -30), 1e-3 * (1 - 2 ** -30), 5e7 + 1.5):
         Rf = np.float32(R)
