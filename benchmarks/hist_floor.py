@@ -10,10 +10,14 @@ built, so this is below what any implementation of ``grad_hist_1d`` costs. With 
 schedules (per-sample quantities every 10 steps), the histogram alone adds ``count / plain / 10`` to the
 average step.
 
-``--raw N`` instead times old and new on N random float32 values (one tensor) with 1 and 2 torch threads.
+``--raw N`` instead times old and new on N random float32 values (one tensor) with 1 and 2 torch threads;
+``--exhaustive R [R ...]`` compares old and new on every float32 value in [-1.5R, 1.5R] (about 2 x 10^9 per
+R, ~15 s each), in blocks of 2^26 consecutive values: both kernels are monotone in the value, so equal counts
+per block mean the same bin for every value.
 
     python benchmarks/hist_floor.py [--problem resnet18_gn] [--rounds 5]
     python benchmarks/hist_floor.py --raw 67108864 --rounds 7 [--quiet-wait 5]
+    python benchmarks/hist_floor.py --exhaustive 1.0 0.3
 """
 
 from __future__ import annotations
@@ -157,6 +161,26 @@ def _count_all(histc, blocks, R):
         histc(x, R, 100)
 
 
+def exhaustive(Rs) -> dict:
+    import numpy as np
+
+    from cockpit_lite.persample.samples import _histc
+
+    out = {}
+    for R in Rs:
+        top = int(np.array([1.5 * R], dtype=np.float32).view(np.int32)[0])  # bit pattern of fl(1.5 R)
+        values, differing = 0, []
+        for sign in (0, -2 ** 31):  # positive values, then negative ones (from -0.0 down)
+            for s in range(0, top + 1, 1 << 26):
+                x = torch.arange(sign + s, sign + min(s + (1 << 26), top + 1), dtype=torch.int32).view(torch.float32)
+                a, b = old_histc(x, R, 100), _histc(x, R, 100)
+                values += x.numel()
+                if not (torch.equal(a[0], b[0]) and a[1:] == b[1:]):
+                    differing.append([sign, s])
+        out[repr(R)] = {"values": values, "blocks_differing": differing}
+    return out
+
+
 def main(argv=None) -> dict:
     from benchmarks import problems
     from cockpit_lite.persample.samples import _histc
@@ -165,9 +189,15 @@ def main(argv=None) -> dict:
     p.add_argument("--problem", default="resnet18_gn")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--raw", type=int, default=0, help="time old and new on this many values instead")
+    p.add_argument("--exhaustive", type=float, nargs="+", default=None, metavar="R",
+                   help="compare old and new on every float32 value in [-1.5R, 1.5R] instead")
     p.add_argument("--quiet-wait", type=float, default=0.0,
                    help="before each timed call, wait up to this many seconds for the machine to be idle")
     args = p.parse_args(argv)
+    if args.exhaustive:
+        result = exhaustive(args.exhaustive)
+        print(json.dumps(result))
+        return result
     if args.raw:
         result = raw(args.raw, args.rounds, args.quiet_wait)
         print(json.dumps(result))
