@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .bincount import count_in_range, fast_range_ok, zero_bin
+
 
 class ParamSamples:
     """Per-sample gradients g_i (i < b) of one parameter, as far as one layer call contributes."""
@@ -150,7 +152,8 @@ def to_float(t: torch.Tensor) -> torch.Tensor:
 def _bin_counts(G: torch.Tensor, R: float, bins: int) -> torch.Tensor:
     """Counts of the (finite, within [-R, R]) values of G in ``bins`` equal bins over [-R, R], with
     torch.histc's float32 bin arithmetic ((x - lo) * bins / (hi - lo), truncated, the top edge in the
-    last bin), as one pass of elementwise ops and a bincount (several times faster than histc on CPU)."""
+    last bin), as one pass of elementwise ops and a bincount (several times faster than histc on CPU).
+    Kept for ranges outside ``bincount.fast_range_ok``; ``bincount.count_in_range`` does the rest."""
     flat = G.reshape(-1)
     counts = torch.zeros(bins, dtype=torch.int64, device=G.device)
     step = 1 << 20  # bounded scratch memory (8 MB), whatever the block size
@@ -163,6 +166,17 @@ def _bin_counts(G: torch.Tensor, R: float, bins: int) -> torch.Tensor:
 def _histc(G: torch.Tensor, R: float, bins: int):
     """(counts, max |G|, number outside [-R, R]) with outside values counted in the edge bins."""
     G = G.float()
+    if G.device.type == "cpu" and G.numel() and fast_range_ok(R, bins):
+        # one read of G: min/max, clipping, exact zeros and counts per cache-sized chunk, in threads
+        z_bin = zero_bin(R, bins)
+        res = count_in_range(G, R, bins, zeros=z_bin != bins // 2)
+        if res is not None:  # None: a NaN or an infinity, counted below
+            c, lo, hi, z, k = res
+            counts = c.double()
+            if z_bin != bins // 2:  # exact zeros: see below
+                counts[z_bin] -= z
+                counts[bins // 2] += z
+            return counts, max(-lo, hi), k
     m = 0.0
     if G.numel():  # max |G| from one pass that allocates nothing (NaN propagates as with abs().max())
         lo, hi = torch.aminmax(G)

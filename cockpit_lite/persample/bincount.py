@@ -1,0 +1,106 @@
+"""Exact histogram counts of float32 values on the CPU, in torch.histc's float32 bin arithmetic.
+
+The bin of x over [-R, R] is ``trunc((x - (-R)) * bins / (2R))`` computed in float32 (the scalars rounded
+to float32, as torch does), the top edge in the last bin. ``count_in_range`` reads each value once: per
+chunk of ``STEP`` values it takes the chunk's min and max (so that the caller needs no separate pass for
+max |x|), scales it to bin units in a reused scratch buffer, casts to int16 and runs ``torch.bincount``.
+The int16 bin indices are counted in pairs (first half x (bins + 1) + second half, one bincount over
+half as many codes, then the row and column sums: 6-10% faster than one index at a time). A chunk
+holding values outside [-R, R] is counted as ``samples._histc`` always did (how many have
+|x| > R, then the values clamped to [-R, R]), so clipping costs no second read either; a NaN or an
+infinity stops the count (None) and the caller takes its general path.
+
+Why this equals the clamped int32 kernel (``samples._bin_counts``) for every value within [-R, R]: with
+x >= fl(-R) the difference x - fl(-R) is >= 0 (rounding is monotone), and with x <= fl(R) the scaled value
+is at most bins * (1 + 2^-23), so t lies in [0, bins + 1) and the int16 cast truncates exactly like the
+int32 one; the clamp to bins - 1 becomes adding the count of index ``bins`` to the last bin. This needs R
+far inside float32's normal range, and ``fast_range_ok`` checks the premise itself (t(-fl(R)) >= 0 and
+t(fl(R)) < bins + 1) on every call; elsewhere the caller keeps the clamped kernel.
+
+One thread (the caller's, with torch's intra-op threads for the elementwise ops; ``torch.bincount`` itself
+is single-threaded): splitting the values over Python threads was measured and dropped (docs/benchmarks.md,
+"Where the counting time goes"): after the OpenMP ops that build each block, torch's idle OpenMP workers
+spin for milliseconds and take the cores from the helpers, so two ranges lost below 2^24 values and won
+11-13% only from 2^25, more than the conv and linear blocks the quantity counts (at most 2^24 floats).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+
+STEP = 1 << 18  # values per chunk: the scratch (1 MB float32 + 0.5 MB int16) stays in the 2 MB L2
+_INF = float("inf")
+PAIRS = True
+
+
+@functools.lru_cache(maxsize=64)  # one R per step, shared by every parameter
+def fast_range_ok(R: float, bins: int) -> bool:
+    """Whether ``count_in_range``'s premise holds for this R: no overflow or subnormal scaling in float32,
+    and -fl(R), fl(R) (hence every value between, the ops being monotone) scaled into [0, bins + 1)."""
+    if not (1e-30 < R < 1e30 and 0 < bins <= 30000):
+        return False
+    t = torch.tensor([-R, R], dtype=torch.float32).sub_(-R).mul_(bins).div_(2 * R)
+    return 0.0 <= float(t[0]) and float(t[1]) < bins + 1
+
+
+@functools.lru_cache(maxsize=64)
+def zero_bin(R: float, bins: int) -> int:
+    """The bin the float32 arithmetic gives to an exact zero (not always bins // 2)."""
+    t = float(torch.zeros(1).sub_(-R).mul_(bins).div_(2 * R)[0])
+    return min(max(int(t), 0), bins - 1)
+
+
+def _count(flat: torch.Tensor, R: float, bins: int, zeros: bool):
+    """(counts [bins + 1], min, max, exact zeros, clipped), chunk by chunk; None at the first chunk holding
+    a NaN or an infinity."""
+    n = flat.numel()
+    counts = torch.zeros(bins + 1, dtype=torch.int64)
+    lo_all, hi_all, z, clipped = _INF, -_INF, 0, 0
+    m0 = min(STEP, n)
+    t_buf, q_buf = torch.empty(m0), torch.empty(m0, dtype=torch.int16)
+    B1 = bins + 1
+    pairs = PAIRS and B1 * B1 <= 32767  # the codes stay int16
+    code_buf = torch.empty(m0 // 2, dtype=torch.int16) if pairs else None
+    for s in range(0, n, STEP):
+        m = min(STEP, n - s)
+        x = flat[s:s + m]
+        lo, hi = torch.aminmax(x)
+        lo, hi = float(lo), float(hi)
+        if not (-_INF < lo and hi < _INF):  # NaN fails both
+            return None
+        lo_all, hi_all = min(lo_all, lo), max(hi_all, hi)
+        if zeros:
+            z += m - int(torch.count_nonzero(x))
+        if lo < -R or hi > R:  # as samples._histc did for the whole tensor: count outside, clamp
+            clipped += int((x.abs() > R).sum())
+            t = torch.clamp(x, -R, R, out=t_buf[:m]).sub_(-R)
+        else:
+            t = torch.sub(x, -R, out=t_buf[:m])
+        t.mul_(bins).div_(2 * R)
+        q = q_buf[:m]
+        q.copy_(t)
+        h = m // 2 if pairs else 0
+        if h:  # bincount's serial loop over half as many codes, first half x B1 + second half
+            code = torch.add(q[h:2 * h], q[:h], alpha=B1, out=code_buf[:h])
+            c = torch.bincount(code, minlength=B1 * B1).view(B1, B1)
+            counts += c.sum(0)
+            counts += c.sum(1)
+        if 2 * h < m:
+            counts += torch.bincount(q[2 * h:], minlength=B1)
+    return counts, lo_all, hi_all, z, clipped
+
+
+def count_in_range(G: torch.Tensor, R: float, bins: int, zeros: bool = False
+                   ) -> Optional[Tuple[torch.Tensor, float, float, int, int]]:
+    """(counts int64 [bins], min, max, number of exact zeros, number outside [-R, R]) of the float32 CPU
+    tensor G, values outside [-R, R] counted in the edge bins; None when a value is NaN or infinite.
+    Exact zeros are counted only with ``zeros``. Requires ``fast_range_ok(R, bins)``."""
+    r = _count(G.reshape(-1), R, bins, zeros)
+    if r is None:
+        return None
+    counts, lo, hi, z, clipped = r
+    counts[bins - 1] += counts[bins]  # t == bins (the top edge) and rounding just above it
+    return counts[:bins], lo, hi, z, clipped
