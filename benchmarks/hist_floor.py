@@ -4,8 +4,8 @@ gradient elements has to touch each of the B x P elements once per per-sample st
 Times, side by side in one process (interleaved rounds, medians and ranges of ``--rounds``): a plain
 training step of the problem, and counting a histogram of B x P float32 values (random, drawn once; per
 parameter as the quantity does: ``persample/samples.py``'s ``_histc``, max |g| and the counts) with
-today's kernel (``count_ms``) and with the kernel before issue 21's histcount work (``count_old_ms``, kept
-below verbatim: aminmax, then int32 bincount in 2^20 chunks, single-threaded). No per-sample gradients are
+today's kernel (``count_ms``) and with the kernel before issue 21's histcount work (``count_old_ms``:
+``samples._histc_clamped``, its fallback: aminmax, then int32 bincount in 2^20 chunks, single-threaded). No per-sample gradients are
 built, so this is below what any implementation of ``grad_hist_1d`` costs. With the economy preset's
 schedules (per-sample quantities every 10 steps), the histogram alone adds ``count / plain / 10`` to the
 average step.
@@ -35,39 +35,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _old_bin_counts(G: torch.Tensor, R: float, bins: int) -> torch.Tensor:
-    flat = G.reshape(-1)
-    counts = torch.zeros(bins, dtype=torch.int64, device=G.device)
-    step = 1 << 20
-    for s in range(0, flat.numel(), step):
-        t = torch.sub(flat[s:s + step], -R).mul_(bins).div_(2 * R)
-        counts += torch.bincount(t.to(torch.int32).clamp_(0, bins - 1), minlength=bins)[:bins]
-    return counts.double().cpu()
-
-
 def old_histc(G: torch.Tensor, R: float, bins: int):
-    """``samples._histc`` as it was before the histcount branch (CPU, finite values)."""
-    G = G.float()
-    m = 0.0
-    if G.numel():
-        lo, hi = torch.aminmax(G)
-        m = max(-float(lo), float(hi)) if not (lo != lo or hi != hi) else float("nan")
-    k = 0
-    if m > R:
-        k = int((G.abs() > R).sum())
-        G = G.clamp(-R, R)
-    if m == m and m != float("inf") and G.device.type == "cpu":
-        count = _old_bin_counts
-    else:
-        def count(X, R, bins):
-            return torch.histc(X, bins=bins, min=-R, max=R).double().cpu()
-    counts = count(G, R, bins)
-    z_bin = int(count(G.new_zeros(1), R, bins).argmax())
-    if z_bin != bins // 2:
-        z = float(G.numel() - int(torch.count_nonzero(G)))
-        counts[z_bin] -= z
-        counts[bins // 2] += z
-    return counts, m, k
+    """The kernel before issue 21's histcount work: ``samples._histc_clamped`` (aminmax, then int32
+    bincount in 2^20 chunks, single-threaded), which ``_histc`` still falls back to."""
+    from cockpit_lite.persample.samples import _histc_clamped
+    return _histc_clamped(G, R, bins)
 
 
 def _stats(xs) -> dict:

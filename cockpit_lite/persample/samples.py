@@ -177,6 +177,13 @@ def _histc(G: torch.Tensor, R: float, bins: int):
                 counts[z_bin] -= z
                 counts[bins // 2] += z
             return counts, max(-lo, hi), k
+    return _histc_clamped(G, R, bins)
+
+
+def _histc_clamped(G: torch.Tensor, R: float, bins: int):
+    """``_histc`` in several passes (max |G|, then the values outside [-R, R] clamped into a copy, then
+    the counts): for the GPU, for NaN/infinities and for R outside ``bincount.fast_range_ok``."""
+    G = G.float()
     m = 0.0
     if G.numel():  # max |G| from one pass that allocates nothing (NaN propagates as with abs().max())
         lo, hi = torch.aminmax(G)

@@ -167,7 +167,6 @@ def test_alpha_projections_from_the_pass_match_bruteforce(tmp_path, monkeypatch,
     noise tests and the histogram building the conv blocks), those at t from the blocks the pass kept
     (or, without a budget to keep them, from each layer's own route): the fit's observations still
     match the brute-force float64 reference of test_alpha.py, and the pass did serve them."""
-    from test_alpha import make_batches, reference_alpha
     from cockpit_lite.persample import plan as plan_mod, view as view_mod
 
     if budget == "none":
@@ -191,31 +190,12 @@ def test_alpha_projections_from_the_pass_match_bruteforce(tmp_path, monkeypatch,
         return nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
                              nn.Linear(3 * 4 * 4, 3))
 
-    batches = make_batches((2, 6, 6), steps=4)
-    torch.manual_seed(0)
-    model = make()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    crit = nn.CrossEntropyLoss()
-    thetas = []
-    with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "a", quantities=["alpha"] + SET) as cp:
-        for x, y in batches:
-            thetas.append([p.detach().clone() for p in model.parameters()])
-            opt.zero_grad()
-            crit(model(x), y).backward()
-            opt.step()
-        thetas.append([p.detach().clone() for p in model.parameters()])
+    _alpha_matches_reference(make, (2, 6, 6), tmp_path)
     assert any(served)
     if budget == "none":
         assert calls["kept_dots"] == 0 and calls["dots"] > 0
     else:  # 2 conv layers, 4 steps, after each: from the kept blocks, never through a convolution
         assert calls["kept_dots"] >= 2 * 4 and calls["dots"] == 0, calls
-    run = cockpit_lite.load(cp.log_path)
-    details = dict(run.data("alpha"))
-    assert sorted(details) == [0, 1, 2], run.reasons("alpha")
-    for step in (0, 1, 2):
-        _, obs, _ = reference_alpha(make, thetas, batches, step)
-        for key, value in obs.items():
-            assert details[step][key] == pytest.approx(value, rel=2e-4, abs=1e-6), (step, key)
 
 
 def test_planned_direction_changed_in_place_is_not_served():
@@ -264,7 +244,6 @@ def test_alpha_projection_at_t_from_kept_sequence_linear_blocks(tmp_path, monkey
     """A Linear layer over a sequence (T > 1) builds its per-sample gradients for the histogram; the pass
     keeps them and alpha's projection after the optimizer step comes from them (no GEMM the size of the
     layer's forward), with the fit's observations equal to the brute-force float64 reference."""
-    from test_alpha import make_batches, reference_alpha
     from cockpit_lite.persample import linear as linear_rule
     from cockpit_lite.persample.samples import ParamSamples
 
@@ -279,7 +258,16 @@ def test_alpha_projection_at_t_from_kept_sequence_linear_blocks(tmp_path, monkey
     def make():
         return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6, 3))
 
-    batches = make_batches((4, 5), steps=4)
+    _alpha_matches_reference(make, (4, 5), tmp_path)
+    assert calls["kept_dots"] >= 4 and calls["dots"] == 0, calls  # the sequence layer, after each step
+
+
+def _alpha_matches_reference(make, shape, tmp_path):
+    """Train ``make()`` 4 SGD steps with alpha and the histogram set every step; alpha's observations of
+    steps 0-2 equal the float64 reference of test_alpha.py."""
+    from test_alpha import make_batches, reference_alpha
+
+    batches = make_batches(shape, steps=4)
     torch.manual_seed(0)
     model = make()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -292,9 +280,9 @@ def test_alpha_projection_at_t_from_kept_sequence_linear_blocks(tmp_path, monkey
             crit(model(x), y).backward()
             opt.step()
         thetas.append([p.detach().clone() for p in model.parameters()])
-    assert calls["kept_dots"] >= 4 and calls["dots"] == 0, calls  # the sequence layer, after each step
-    details = dict(cockpit_lite.load(cp.log_path).data("alpha"))
-    assert sorted(details) == [0, 1, 2]
+    run = cockpit_lite.load(cp.log_path)
+    details = dict(run.data("alpha"))
+    assert sorted(details) == [0, 1, 2], run.reasons("alpha")
     for step in (0, 1, 2):
         _, obs, _ = reference_alpha(make, thetas, batches, step)
         for key, value in obs.items():
