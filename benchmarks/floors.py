@@ -7,13 +7,16 @@ variant on that machine; where it is above a target, the target is out of reach 
 
 * ``mlp``, ``default`` and ``noise``: ``floor.py``'s hand-written minimal versions of the first-order
   and noise sets (three Linear layers; ``floor.py --check`` shows they log the same numbers).
-* ``<preset> (default schedules)`` on any problem: the first-order set's tensor work every step
+* ``economy (default schedules)`` on any problem: the first-order set's tensor work every step
   (snapshot of theta, norms of g, theta and theta - theta_0 before the step, of the update after it,
-  one host transfer) and, on the per-sample steps (one in ``PER_SAMPLE_EVERY``), the count of the 1D
-  histogram of the B x P per-sample gradient elements, with the quantity's own counting kernel
-  (``persample/samples.py``) on values made once at start (but for Linear layers on [b, in] inputs,
-  whose histogram cockpit-lite counts without forming the products). Building the per-sample gradients, the noise
-  statistics and alpha's projections are left out, so this is below what the preset costs; a faster
+  one host transfer). On the per-sample steps (one in ``PER_SAMPLE_EVERY``): each conv and sequence
+  Linear layer's weight gradient once more (a lower bound for building its B per-sample gradients, which
+  the noise statistics and the histogram need), and the count of the 1D histogram of the B x P
+  per-sample gradient elements with the quantity's own counting kernel (``persample/samples.py``) on
+  values made once at start (Linear layers on [b, in] inputs are left out: cockpit-lite counts them
+  without forming the products). On the step after it, alpha's end point: g_i . d for each such
+  layer, one product the size of its forward. Left out: the noise statistics themselves, attention's
+  recomputation, alpha's projection at t, the records; so this is below what the preset costs. A faster
   exact counting kernel would lower it (reading the 4 B P bytes once is the machine's own floor).
 """
 
@@ -24,6 +27,7 @@ import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import problems
@@ -43,13 +47,19 @@ class ScheduleFloor:
         self.opt = problems.make_optimizer(self.model, optimizer)
         self.crit = nn.CrossEntropyLoss()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.index = {id(p): j for j, p in enumerate(self.params)}
         self.batches = itertools.cycle([problems.to_device(problem.make_batch(s, problem.batch_size)) for s in range(4)])
         with torch.no_grad():
             self.theta0 = [p.detach().clone() for p in self.params]
             self.before = [torch.empty_like(p) for p in self.params]
         self.count_every, self.step_no, self._histc = count_every, 0, _histc
         self.blocks, self.R = [], 1.0
+        self.io: Dict[nn.Module, list] = {}  # layer -> [input, output gradient] on the steps that need them
+        self.unit: Optional[list] = None  # the last per-sample step's update / its norm (alpha's direction)
         if count_every:
+            for m in self.model.modules():
+                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                    m.register_forward_hook(self._keep_io)
             g = torch.Generator().manual_seed(0)
             b = problem.batch_size
             factored = _factored_weights(self.model, next(self.batches)[0])
@@ -57,25 +67,69 @@ class ScheduleFloor:
                            if id(p) not in factored]
             self.R = 1.05 * max(float(x.abs().max()) for x in self.blocks)  # covers every value: no clipping pass
 
+    def _phase(self) -> int:
+        """0: a per-sample step, 1: the step after it (alpha's end point), else -1."""
+        if not self.count_every:
+            return -1
+        k = self.step_no % self.count_every
+        return k if k in (0, 1) else -1
+
+    def _keep_io(self, module, inputs, output) -> None:
+        x = inputs[0]
+        if self._phase() < 0 or not output.requires_grad or (isinstance(module, nn.Linear) and x.dim() == 2):
+            return
+        slot = self.io[module] = [x.detach(), None]
+        output.register_hook(lambda g: slot.__setitem__(1, g.detach()))
+
     def __call__(self) -> None:
         x, y = next(self.batches)
+        phase = self._phase()
+        self.io.clear()
         self.opt.zero_grad()
         self.crit(self.model(x), y).backward()
         grads = [p.grad for p in self.params]
         with torch.no_grad():
+            if phase == 0:  # the per-sample gradients: at least each layer's weight gradient once more
+                for m, (X, D) in self.io.items():
+                    _weight_grad(m, X, D)
+            if phase == 1 and self.unit is not None:  # alpha's end point: g_i . d, one forward-sized product
+                for m, (X, D) in self.io.items():
+                    _projection(m, X, D, self.unit[self.index[id(m.weight)]])
             torch._foreach_copy_(self.before, self.params)
             norms = torch._foreach_norm(grads) + torch._foreach_norm(self.params) + torch._foreach_norm(
                 torch._foreach_sub(self.params, self.theta0))
             self.opt.step()
-            norms += torch._foreach_norm(torch._foreach_sub(self.params, self.before))
-            torch.stack(norms).tolist()
-        if self.count_every and self.step_no % self.count_every == 0:
+            update = torch._foreach_sub(self.params, self.before)
+            norms += torch._foreach_norm(update)
+            values = torch.stack(norms).tolist()
+            if phase == 0:
+                t = sum(v * v for v in values[-len(update):]) ** 0.5
+                self.unit = torch._foreach_div(update, t) if t > 0 else update
+        if phase == 0:
             for X in self.blocks:
                 self._histc(X, self.R, 100)
         self.step_no += 1
 
     def close(self) -> None:
         self.blocks = []
+
+
+def _weight_grad(m: nn.Module, X: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """The layer's ordinary (batched) weight gradient: a lower bound for building its B per-sample ones."""
+    if isinstance(m, nn.Linear):
+        return D.reshape(-1, D.shape[-1]).T @ X.reshape(-1, X.shape[-1])
+    nd = X.dim() - 2
+    return torch.ops.aten.convolution_backward(D, X, m.weight, None, list(m.stride), list(m.padding),
+                                               list(m.dilation), False, [0] * nd, m.groups, [False, True, False])[1]
+
+
+def _projection(m: nn.Module, X: torch.Tensor, D: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """[b] g_i . d for the layer's weight: one product the size of its forward."""
+    b = X.shape[0]
+    if isinstance(m, nn.Linear):
+        return ((D @ d) * X).reshape(b, -1).sum(1)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[X.dim() - 3]
+    return (conv(X, d, None, m.stride, m.padding, m.dilation, m.groups) * D).reshape(b, -1).sum(1)
 
 
 def _factored_weights(model: nn.Module, x) -> set:
@@ -119,5 +173,5 @@ def floor_for(problem: str, variant: str) -> Optional[Callable]:
 
 
 WHAT = {"default": "floor.py's hand-written first-order set", "noise": "floor.py's hand-written noise set",
-        SCHEDULED: "first-order tensor work every step + counting the histogram of the B x P values on each "
-                   "per-sample step (no per-sample gradients built)"}
+        SCHEDULED: "first-order tensor work every step; on each per-sample step the layers' weight gradients once "
+                   "more and the histogram count of the B x P values; alpha's end-point projection on the next"}

@@ -49,3 +49,31 @@ def test_suite_times_the_floor_beside_an_issue_21_row(tmp_path):
     (row,) = suite.measure(small, "sgd", specs, rounds=1, steps=10, tmp=str(tmp_path))
     assert row["target_issue"] == "21" and row["floor_ratio"] > 0
     assert "| cnn | sgd | economy (default schedules) |" in report.targets_table([row])
+
+
+def test_the_floor_does_the_work_it_claims(monkeypatch):
+    """Weight gradients on the per-sample step, alpha's end-point projections on the next one, per conv layer;
+    and both products are the right ones (per-sample autograd on a small conv and a sequence Linear)."""
+    import torch
+    from torch import nn
+
+    seen = {"grad": 0, "proj": 0}
+    wg, pr = floors._weight_grad, floors._projection
+    monkeypatch.setattr(floors, "_weight_grad", lambda *a: (seen.__setitem__("grad", seen["grad"] + 1), wg(*a))[1])
+    monkeypatch.setattr(floors, "_projection", lambda *a: (seen.__setitem__("proj", seen["proj"] + 1), pr(*a))[1])
+    floor = floors.ScheduleFloor(problems.make("cnn", batch_size=4), "sgd", count_every=10)
+    floor()
+    assert seen == {"grad": 3, "proj": 0}
+    floor()
+    assert seen == {"grad": 3, "proj": 3}
+    floor()
+    assert seen == {"grad": 3, "proj": 3}
+    torch.manual_seed(0)
+    for m, x in ((nn.Conv2d(2, 3, 3, padding=1).double(), torch.randn(4, 2, 5, 5, dtype=torch.float64)),
+                 (nn.Linear(3, 2).double(), torch.randn(4, 6, 3, dtype=torch.float64))):
+        out = m(x)
+        D = torch.randn_like(out)
+        d = torch.randn_like(m.weight)
+        per = [torch.autograd.grad((m(x[i:i + 1]) * D[i:i + 1]).sum(), m.weight)[0] for i in range(4)]
+        torch.testing.assert_close(floors._projection(m, x, D, d), torch.stack([(g * d).sum() for g in per]))
+        torch.testing.assert_close(floors._weight_grad(m, x, D), sum(per))
