@@ -20,14 +20,15 @@ per-sample gradient and costs several times more. x, dP, a and delta come from:
    is compared with the output the module produced in the step (``LayerCall.output``): a difference (a
    wrong ``is_causal`` hint, a change in torch) returns None.
 
-None sends the call to the fallback, as do ``bias_k``/``bias_v`` (parameters of their own), 3-D masks
-and unbatched inputs when not tapped, and packed weights with distinct query and key/value
-(cross-attention: the three row blocks of W_in see different inputs).
+Cross-attention with packed weights (a query distinct from key/value) splits W_in into row blocks that
+see different inputs: served from the taps only, with W_in's per-sample gradients built per block and
+stacked (materialized, as the fallback would). None sends the call to the fallback, as do
+``bias_k``/``bias_v`` (parameters of their own), and 3-D masks and unbatched inputs when not tapped.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -86,16 +87,17 @@ def _from_taps(m, call, factor: torch.Tensor) -> Optional[dict]:
     if (not taps or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3
             or m.bias_k is not None or m.bias_v is not None):
         return None
-    names = _IN[bool(m._qkv_same_embed_dim)] + ("out_proj.weight",)
-    got = {}
-    for name, x, g in taps:
-        if name in got or g is None:
-            return None  # called twice, or no gradient reached it
-        got[name] = (x, g)
-    if set(got) != set(names):
-        return None
+    packed = bool(m._qkv_same_embed_dim)
+    names = _IN[packed] + ("out_proj.weight",)
+    got: Dict[str, list] = {}
+    for name, x, g, rows in taps:
+        if g is None:
+            return None  # no gradient reached it
+        got.setdefault(name, []).append((x, g, rows))
+    if set(got) != set(names) or any(len(got[n]) != 1 or got[n][0][2] is not None for n in names if n != "in_proj_weight"):
+        return None  # another call pattern (e.g. a module called twice inside): recompute or fall back
     B = args[0].shape[0 if m.batch_first else 1]
-    a, d_out = got["out_proj.weight"]
+    a, d_out, _ = got["out_proj.weight"][0]
     if a.dim() != 2 or a.shape[0] % B:
         return None
     T = a.shape[0] // B
@@ -104,14 +106,25 @@ def _from_taps(m, call, factor: torch.Tensor) -> Optional[dict]:
     fac = factor.to(f(d_out).dtype)
     delta = seq(d_out) * fac
     res = {f"out_proj.{k}": v for k, v in linear_samples(m.out_proj, seq(a), delta).items()}
-    grads = []
+    grads = []  # dP per projection, in the order of in_proj_bias's rows
     for name in names[:-1]:
-        x, g = got[name]
-        if x.dim() != 3 or g.dim() != 3 or x.shape[1] != B:
+        parts = sorted(got[name], key=lambda r: -1 if r[2] is None else r[2][0])
+        blocks = []
+        for x, g, rows in parts:
+            if x.dim() != 3 or g.dim() != 3 or x.shape[1] != B:
+                return None
+            dP = f(g).transpose(0, 1) * fac
+            grads.append(dP)
+            blocks.append((linear_samples(m.out_proj, f(x).transpose(0, 1), dP)["weight"], rows))
+        if len(blocks) == 1 and blocks[0][1] is None:
+            res[name] = blocks[0][0]
+            continue
+        # row blocks of the packed weight with their own inputs (cross-attention): they must tile it
+        edges = [r for _, r in blocks]
+        if None in edges or edges[0][0] != 0 or edges[-1][1] != m.in_proj_weight.shape[0] or any(
+                a_[1] != b_[0] for a_, b_ in zip(edges, edges[1:])):
             return None
-        dP = f(g).transpose(0, 1) * fac
-        grads.append(dP)
-        res[name] = linear_samples(m.out_proj, f(x).transpose(0, 1), dP)["weight"]
+        res[name] = DenseSamples(torch.cat([ps.materialize() for ps, _ in blocks], dim=1))
     if m.in_proj_bias is not None:
         res["in_proj_bias"] = DenseSamples(torch.cat([g.sum(1) for g in grads], dim=1))
     return res

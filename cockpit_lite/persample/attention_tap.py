@@ -4,8 +4,9 @@
 ``q/k/v_proj_weight``) and ``out_proj`` with ``torch.nn.functional.linear``, looked up at call time.
 While a tracked step's attention call runs (``LayerCapture``'s pre-hook to its hook), that name points
 to a pass-through that records, for the calls whose weight is one of the module's own parameters, the
-input and (through a tensor hook) the gradient that reaches the output. These are exactly the Linear
-layers' A and D of the per-sample rule (``attention.py``), taken from the step itself: no recomputation.
+input and (through a tensor hook) the gradient that reaches the output; for a block of rows of the packed
+weight (cross-attention splits it), which rows. These are exactly the Linear layers' A and D of the
+per-sample rule (``attention.py``), taken from the step itself: no recomputation.
 
 Only the thread that started a tap records; the original function is put back when the call ends, and
 by ``reset()`` (``LayerCapture.disarm``/``remove``) if a forward raised in between.
@@ -30,13 +31,22 @@ class Tap:
         self.names: Dict[int, str] = {id(p): n for n, p in module.named_parameters()
                                       if n in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
                                                "out_proj.weight")}
-        self.records: List[list] = []  # [name, input (detached), output gradient or None]
+        self.records: List[list] = []  # [name, input (detached), output gradient or None, rows or None]
 
     def record(self, x, weight, out) -> None:
-        name = self.names.get(id(weight))
-        if name is None or not isinstance(out, torch.Tensor) or not out.requires_grad:
+        name, rows = self.names.get(id(weight)), None
+        if name is None:  # a block of rows of in_proj_weight (cross-attention: w.split / w.chunk)
+            base = getattr(weight, "_base", None)
+            name = self.names.get(id(base)) if base is not None else None
+            if name is None or weight.dim() != 2 or base.dim() != 2 or weight.stride() != base.stride():
+                return
+            start, rem = divmod(weight.storage_offset() - base.storage_offset(), base.stride(0))
+            if rem:
+                return
+            rows = (start, start + weight.shape[0])
+        if not isinstance(out, torch.Tensor) or not out.requires_grad:
             return
-        slot = [name, x.detach(), None]
+        slot = [name, x.detach(), None, rows]
         self.records.append(slot)
 
         def keep(grad, slot=slot):

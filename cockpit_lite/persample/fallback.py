@@ -5,8 +5,8 @@ gradient of a parameter is grad_theta <module(x_i; theta), delta_i>, evaluated f
 once with ``vmap(grad(...))`` over the module alone (its children run as they are). The result is
 materialized ([b, *shape] per parameter of this module): one layer at a time.
 
-Used for the nn.MultiheadAttention calls its own rule does not serve (``attention.py``: cross-attention
-with packed weights, bias_k/bias_v, add_zero_attn, 3-D masks), Conv3d and convolutions with string
+Used for the nn.MultiheadAttention calls its own rule does not serve (``attention.py``: bias_k/bias_v,
+calls whose projections were not recorded and cannot be recomputed), Conv3d and convolutions with string
 padding, and any other module with direct parameters (with a one-time warning naming the module).
 """
 

@@ -133,12 +133,47 @@ def test_separate_projection_weights_cross_attention(path, batch_first):
     _check(nn.MultiheadAttention(E, H, kdim=4, vdim=4, batch_first=batch_first), batch_first, cross=True, path=path)
 
 
-@pytest.mark.parametrize("make, cross", [
-    (lambda: nn.MultiheadAttention(E, H, batch_first=True), True),  # packed cross-attention
-    (lambda: nn.MultiheadAttention(E, H, add_bias_kv=True, batch_first=True), False),
-])
-def test_not_served_goes_to_the_exact_fallback(make, cross):
-    _check(make(), cross=cross, expect_served=False)
+def test_bias_kv_goes_to_the_exact_fallback():
+    _check(nn.MultiheadAttention(E, H, add_bias_kv=True, batch_first=True), expect_served=False)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_cross_attention_is_served_from_the_taps_only(batch_first, bias):
+    """Query distinct from key/value with packed weights: W_in's row blocks see different inputs."""
+    _check(nn.MultiheadAttention(E, H, bias=bias, batch_first=batch_first), batch_first, cross=True)
+    _check(nn.MultiheadAttention(E, H, bias=bias, batch_first=batch_first), batch_first, cross=True,
+           path="recompute", expect_served=False)
+
+
+def test_query_key_value_all_distinct():
+    """Three different tensors: F.multi_head_attention_forward splits W_in in three row blocks."""
+    torch.manual_seed(3)
+    mha = nn.MultiheadAttention(E, H, batch_first=True).double()
+    x, k, v = (torch.randn(B, n, E, dtype=torch.float64) for n in (T, S, S))
+
+    class Three(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x, k, v):
+            return self.mha(x, k, v)[0]
+
+    model = Three()
+    names = [n for n, _ in model.named_parameters()]
+    cap = LayerCapture(model, names, list(model.parameters()))
+    cap.arm()
+    model(x, k, v).tanh().sum().backward()
+    (call,) = cap.disarm().calls
+    cap.remove()
+    one = torch.ones((), dtype=torch.float64)
+    got = attention._from_taps(mha, call, one)
+    assert got is not None
+    for n, p in owned_parameters(mha):
+        ref = torch.stack([torch.autograd.grad(model(x[i:i + 1], k[i:i + 1], v[i:i + 1]).tanh().sum(), p)[0]
+                           for i in range(B)])
+        torch.testing.assert_close(got[n].materialize(), ref, msg=n)
 
 
 def test_add_zero_attn_is_served_from_the_taps_only():
