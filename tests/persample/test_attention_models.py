@@ -68,19 +68,13 @@ def routes(monkeypatch):
     return seen
 
 
-def test_causal_padded_encoder(tmp_path, routes):
-    torch.manual_seed(0)
-    model = CausalEncoder().double()
-    idx, y = _idx(1)
+@pytest.mark.parametrize("make, seed", [(CausalEncoder, 1), (Decoder, 2)])
+def test_every_attention_call_is_tapped_and_exact(tmp_path, routes, make, seed):
+    """Two calls each: the encoder's two self-attention layers; the decoder's self-attention and its
+    packed cross-attention."""
+    torch.manual_seed(seed)
+    model = make().double()
+    idx, y = _idx(seed)
     probe = run_probe(model, SeqCE("sum"), [(idx, y)], tmp_path)
     check_against(probe, model, ce_seq_none, [(idx, y)], rtol=1e-6, atol=1e-9)
     assert routes == ["taps", "taps"]
-
-
-def test_decoder_with_cross_attention(tmp_path, routes):
-    torch.manual_seed(1)
-    model = Decoder().double()
-    idx, y = _idx(2)
-    probe = run_probe(model, SeqCE("sum"), [(idx, y)], tmp_path)
-    check_against(probe, model, ce_seq_none, [(idx, y)], rtol=1e-6, atol=1e-9)
-    assert routes == ["taps", "taps"]  # self-attention and packed cross-attention, both tapped
