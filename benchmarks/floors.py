@@ -167,9 +167,10 @@ SCHEDULED = "economy (default schedules)"
 
 
 def floor_for(problem: str, variant: str) -> Optional[Callable]:
+    """The floor of a row, or None; floor.py's minimal versions run on the CPU only (not on a GPU run)."""
     if variant == SCHEDULED:
         return _schedule
-    return FLOORS.get((problem, variant))
+    return None if problems.on_gpu() else FLOORS.get((problem, variant))
 
 
 WHAT = {"default": "floor.py's hand-written first-order set", "noise": "floor.py's hand-written noise set",

@@ -77,3 +77,10 @@ def test_the_floor_does_the_work_it_claims(monkeypatch):
         per = [torch.autograd.grad((m(x[i:i + 1]) * D[i:i + 1]).sum(), m.weight)[0] for i in range(4)]
         torch.testing.assert_close(floors._projection(m, x, D, d), torch.stack([(g * d).sum() for g in per]))
         torch.testing.assert_close(floors._weight_grad(m, x, D), sum(per))
+
+
+def test_the_cpu_only_minimal_versions_are_left_out_of_a_gpu_run(monkeypatch):
+    assert floors.floor_for("mlp", "noise") is not None
+    monkeypatch.setattr(problems, "on_gpu", lambda: True)
+    assert floors.floor_for("mlp", "noise") is None
+    assert floors.floor_for("cnn", floors.SCHEDULED) is not None  # the schedule floor runs on the device
