@@ -1,14 +1,15 @@
 """nn.Embedding: g_i(E)[v] = sum_{t: idx_{i,t} = v} delta_{i,t} (padding_idx rows get no gradient).
 
 The tokens of a sample that share an index are first summed (one index_add over the b*T rows), so
-||g_i||^2, sum_i g_i^2 and g_i . V cost O(b T E): no [b, V, E] tensor except for ``materialize``.
+||g_i||^2, sum_i g_i^2, g_i . V and the histogram of the elements cost O(b T E): no [b, V, E] tensor
+except for ``materialize`` (the rows a sample did not use are exact zeros, counted without forming them).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .samples import ParamSamples, to_float
+from .samples import ParamSamples, _histc, to_float
 
 
 class EmbeddingWeightSamples(ParamSamples):
@@ -54,6 +55,15 @@ class EmbeddingWeightSamples(ParamSamples):
 
     def max_abs(self) -> torch.Tensor:
         return self.S.abs().max() if self.S.numel() else torch.zeros((), dtype=self.S.dtype)
+
+    def histogram(self, R: float, bins: int):
+        """As ``ParamSamples.histogram``: the rows the samples used, then every other element (an exact
+        zero) in the bin of zero, bins // 2, as ``_histc`` places zeros."""
+        counts, top, clipped = torch.zeros(bins, dtype=torch.float64), 0.0, 0
+        if self.S.numel():
+            counts, top, clipped = _histc(self.S, R, bins)
+        counts[bins // 2] += float(self.b * self.V * self.E - self.S.numel())
+        return counts, top, clipped
 
 
 def embedding_samples(module: torch.nn.Embedding, idx: torch.Tensor, delta: torch.Tensor):

@@ -63,3 +63,29 @@ def test_nonfinite_per_sample_gradients_give_no_histogram_but_a_reason(tmp_path)
     P = sum(p.numel() for p in model.parameters())
     for step in (0, 2):
         assert sum(hist[step]["counts"]) == 6 * P and hist[step]["edges"][-1] > 1e-6
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+@pytest.mark.parametrize("range_factor", [1.0, 0.5, 1.7])
+def test_embedding_histogram_without_the_dense_tensor(padding_idx, range_factor):
+    """nn.Embedding's per-sample gradients are zero outside the rows a sample used: the histogram counts
+    the used rows and adds the rest to the zero bin, equal to counting the built [b, V, E] tensor in
+    float64 (repeated tokens summed, a padding row, exact zeros in the output gradient, clipping)."""
+    from cockpit_lite.persample.embedding import EmbeddingWeightSamples
+
+    torch.manual_seed(int(range_factor * 10) + (padding_idx is None))
+    b, T, V, E = 3, 6, 9, 4
+    idx = torch.randint(0, V, (b, T))
+    idx[0, :3] = 5  # a token repeated in one sample
+    idx[1, 0] = 0
+    D = torch.randn(b, T, E)
+    D[2, 1] = 0.0
+    ps = EmbeddingWeightSamples(idx, D, V, padding_idx)
+    G = ps.materialize()
+    R = float(G.abs().max()) * range_factor
+    counts, top, clipped = ps.histogram(R, 100)
+    flat = G.double().reshape(-1)
+    ref = torch.bincount(((flat + R) / (2 * R) * 100).floor().clamp(0, 99).long(), minlength=100).double()
+    torch.testing.assert_close(counts, ref, rtol=0, atol=0)
+    assert top == pytest.approx(float(G.abs().max()))
+    assert clipped == int((flat.abs() > R).sum())
