@@ -32,7 +32,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from .samples import DenseSamples, ParamSamples, _histc, to_float
+from .samples import DenseSamples, ParamSamples, _histc, row_sq_norms, to_float
 
 _CHUNK_FLOATS = 1 << 24
 
@@ -172,7 +172,8 @@ class ConvWeightSamples(ParamSamples):
 
     def fused_stats(self, stats, v=None, hist_range=None, bins: int = 100, extra=None, keep=None):
         """As ``ParamSamples.fused_stats``, on blocks in the method's own layout; each block is fresh,
-        so it is squared in place once the projections (g_i . v, ``extra``) and the histogram are taken.
+        so where the second moment is asked it is squared in place once the projections (g_i . v,
+        ``extra``) and the histogram are taken (||g_i||^2 alone: ``row_sq_norms``, no squared copy).
         ``keep`` (a list): the blocks are appended to it (then squared into a new tensor), for
         ``kept_dots`` later in the step."""
         O, C = self.shape[:2]
@@ -200,13 +201,15 @@ class ConvWeightSamples(ParamSamples):
                 c, m, k = _histc(Gf, hist_range, bins)
                 counts += c
                 top, clipped = max(top, m), clipped + k
-            if "sq" in stats or "m2" in stats:
+            if "m2" in stats:
                 G2 = Gf.mul_(Gf) if keep is None else Gf * Gf
                 if "sq" in stats:
                     sq.append(G2.sum(2).sum(0) if shifts else G2.sum(1))
-                if "m2" in stats:
-                    m = G2.sum(1) if shifts else G2.sum(0)
-                    m2 = m if m2 is None else m2.add_(m)
+                m = G2.sum(1) if shifts else G2.sum(0)
+                m2 = m if m2 is None else m2.add_(m)
+            elif "sq" in stats:  # one read, no squared copy
+                sq.append(row_sq_norms(Gf.reshape(-1, Gf.shape[-1])).reshape(K, b).sum(0) if shifts
+                          else row_sq_norms(Gf))
         res = {key: torch.cat(got) for key, (_, got) in projs.items()}
         if "sq" in stats:
             res["sq"] = torch.cat(sq)

@@ -200,3 +200,4 @@ def test_concurrent_callers_get_their_own_counts():
     for (c, m, k), (rc, rm, rk) in zip(got, want):
         np.testing.assert_array_equal(c.numpy(), rc)
         assert (m, k) == (rm, rk)
+
