@@ -31,7 +31,11 @@ from typing import Optional, Tuple
 
 import torch
 
-STEP = 1 << 18  # values per chunk: the scratch (1 MB float32 + 0.5 MB int16) stays in the 2 MB L2
+# values per chunk (scratch: 16 MB float32 + 8 MB int16). Each chunk costs ~6 parallel regions; on a
+# machine where other processes keep the cores busy every region waits for its descheduled threads, so
+# fewer, larger chunks: 8M values beside 3 busy torch processes took 3.3 s with 2^18, 0.24 s with 2^22
+# (the old kernel 0.76 s); quiet, all sizes from 2^18 to 2^22 are within 7% (docs/benchmarks.md)
+STEP = 1 << 22
 _INF = float("inf")
 PAIRS = True
 
