@@ -40,6 +40,38 @@ class Decoder(nn.Module):
         return self.out(self.dec(self.emb(idx), mem))
 
 
+class SharedTwice(nn.Module):
+    """One attention module called twice in a forward (its per-sample gradients add up), the second
+    time with per-head weights asked for."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.mha = nn.MultiheadAttention(D, H, batch_first=True)
+        self.out = nn.Linear(D, V)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        h = h + self.mha(h, h, h)[0]
+        return self.out(h + self.mha(h, h, h, need_weights=True, average_attn_weights=False)[0])
+
+
+class KeyIsValue(nn.Module):
+    """Packed weights, the query distinct from key = value: W_in split into rows [E] and [2E]."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.mem = nn.Parameter(torch.randn(3, D))
+        self.mha = nn.MultiheadAttention(D, H, batch_first=True)
+        self.out = nn.Linear(D, V)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        m = torch.tanh(h[:, :3] + self.mem)
+        return self.out(h + self.mha(h, m, m)[0])
+
+
 def _idx(seed):
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(1, V, (4, T), generator=g)
@@ -60,7 +92,8 @@ def routes(monkeypatch):
         return out
 
     def fallback_samples(*a):
-        seen.append("fallback")
+        if isinstance(a[0], nn.MultiheadAttention):  # (another module may take it: a root's bare parameter)
+            seen.append("fallback")
         return fallback(*a)
 
     monkeypatch.setattr(attention, "_from_taps", from_taps)
@@ -78,3 +111,14 @@ def test_every_attention_call_is_tapped_and_exact(tmp_path, routes, make, seed):
     probe = run_probe(model, SeqCE("sum"), [(idx, y)], tmp_path)
     check_against(probe, model, ce_seq_none, [(idx, y)], rtol=1e-6, atol=1e-9)
     assert routes == ["taps", "taps"]
+
+
+@pytest.mark.parametrize("make", [SharedTwice, KeyIsValue])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_shared_calls_and_key_is_value_with_accumulation(tmp_path, routes, make, micro_batches):
+    torch.manual_seed(0)
+    model = make().double()
+    batches = [_idx(10 + k) for k in range(micro_batches)]
+    probe = run_probe(model, SeqCE("sum"), batches, tmp_path)
+    check_against(probe, model, ce_seq_none, batches, rtol=1e-6, atol=1e-9)
+    assert routes and set(routes) == {"taps"}
