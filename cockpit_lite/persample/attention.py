@@ -33,7 +33,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .linear import linear_samples
+from .linear import LinearWeightSamples, linear_samples
 from .samples import DenseSamples, to_float
 
 _KWARGS = frozenset({"key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal"})
@@ -69,6 +69,8 @@ def attention_samples(module, call, grad: torch.Tensor, factor: torch.Tensor) ->
     """{parameter name: ParamSamples} of one call (names as ``fallback.owned_parameters``), or None when
     this call is not served (the fallback's then). The per-sample loss gradient at the output is
     ``grad * factor``. From the projections tapped in the step where complete, else recomputed."""
+    if module.bias_k is not None or module.bias_v is not None:  # parameters of their own: not served here
+        return None
     served = _from_taps(module, call, factor)
     if served is not None:
         return served
@@ -78,17 +80,38 @@ def attention_samples(module, call, grad: torch.Tensor, factor: torch.Tensor) ->
 _IN = {True: ("in_proj_weight",), False: ("q_proj_weight", "k_proj_weight", "v_proj_weight")}
 
 
+def _served(m, a: torch.Tensor, delta: torch.Tensor, inputs: Dict[str, list]) -> Optional[dict]:
+    """{parameter name: ParamSamples} from out_proj's input ``a`` and output gradient ``delta`` ([B, T, E])
+    and, per input projection weight in the order of ``_IN`` (that of in_proj_bias's rows), its
+    [(x, dP, rows)] ([B, T, .]; rows None: the whole weight, else the row blocks of the packed weight
+    that cross-attention projects with their own inputs, which must tile it)."""
+    res = {f"out_proj.{k}": v for k, v in linear_samples(m.out_proj, a, delta).items()}
+    grads = []  # dP per projection, in the order of in_proj_bias's rows
+    for name, parts in inputs.items():
+        parts = sorted(parts, key=lambda r: -1 if r[2] is None else r[2][0])
+        grads += [dP for _, dP, _ in parts]
+        if len(parts) == 1 and parts[0][2] is None:
+            res[name] = LinearWeightSamples(parts[0][0], parts[0][1])
+            continue
+        edges = [r for _, _, r in parts]
+        if None in edges or edges[0][0] != 0 or edges[-1][1] != m.in_proj_weight.shape[0] or any(
+                e[1] != f[0] for e, f in zip(edges, edges[1:])):
+            return None
+        res[name] = DenseSamples(torch.cat([LinearWeightSamples(x, dP).materialize() for x, dP, _ in parts], dim=1))
+    if m.in_proj_bias is not None:
+        res["in_proj_bias"] = DenseSamples(torch.cat([g.sum(1) for g in grads], dim=1))
+    return res
+
+
 def _from_taps(m, call, factor: torch.Tensor) -> Optional[dict]:
     """From the step's own projections (``attention_tap.py``): inputs and output gradients of the input
     projections and of out_proj, inside the attention in its sequence-first layout ([T, B, .], out_proj's
     rows t-major: t * B + b)."""
     taps = getattr(call, "taps", None)
     args = call.inputs
-    if (not taps or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3
-            or m.bias_k is not None or m.bias_v is not None):
+    if not taps or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
         return None
-    packed = bool(m._qkv_same_embed_dim)
-    names = _IN[packed] + ("out_proj.weight",)
+    names = _IN[bool(m._qkv_same_embed_dim)] + ("out_proj.weight",)
     got: Dict[str, list] = {}
     for name, x, g, rows in taps:
         if g is None:
@@ -101,33 +124,14 @@ def _from_taps(m, call, factor: torch.Tensor) -> Optional[dict]:
     if a.dim() != 2 or a.shape[0] % B:
         return None
     T = a.shape[0] // B
-    f = lambda t: to_float(t)  # noqa: E731
-    seq = lambda t: f(t).reshape(T, B, t.shape[-1]).transpose(0, 1)  # noqa: E731  [T*B or T, B, .] -> [B, T, .]
-    fac = factor.to(f(d_out).dtype)
-    delta = seq(d_out) * fac
-    res = {f"out_proj.{k}": v for k, v in linear_samples(m.out_proj, seq(a), delta).items()}
-    grads = []  # dP per projection, in the order of in_proj_bias's rows
+    seq = lambda t: to_float(t).reshape(T, B, t.shape[-1]).transpose(0, 1)  # noqa: E731  [T*B, .] -> [B, T, .]
+    fac = factor.to(to_float(d_out).dtype)
+    inputs = {}
     for name in names[:-1]:
-        parts = sorted(got[name], key=lambda r: -1 if r[2] is None else r[2][0])
-        blocks = []
-        for x, g, rows in parts:
-            if x.dim() != 3 or g.dim() != 3 or x.shape[1] != B:
-                return None
-            dP = f(g).transpose(0, 1) * fac
-            grads.append(dP)
-            blocks.append((linear_samples(m.out_proj, f(x).transpose(0, 1), dP)["weight"], rows))
-        if len(blocks) == 1 and blocks[0][1] is None:
-            res[name] = blocks[0][0]
-            continue
-        # row blocks of the packed weight with their own inputs (cross-attention): they must tile it
-        edges = [r for _, r in blocks]
-        if None in edges or edges[0][0] != 0 or edges[-1][1] != m.in_proj_weight.shape[0] or any(
-                a_[1] != b_[0] for a_, b_ in zip(edges, edges[1:])):
+        if any(x.dim() != 3 or g.dim() != 3 or x.shape[1] != B for x, g, _ in got[name]):
             return None
-        res[name] = DenseSamples(torch.cat([ps.materialize() for ps, _ in blocks], dim=1))
-    if m.in_proj_bias is not None:
-        res["in_proj_bias"] = DenseSamples(torch.cat([g.sum(1) for g in grads], dim=1))
-    return res
+        inputs[name] = [(to_float(x).transpose(0, 1), to_float(g).transpose(0, 1) * fac, rows) for x, g, rows in got[name]]
+    return _served(m, seq(a), seq(d_out) * fac, inputs)
 
 
 def _recomputed(module, call, delta: torch.Tensor) -> Optional[dict]:
@@ -183,16 +187,5 @@ def _recomputed(module, call, delta: torch.Tensor) -> Optional[dict]:
         if not err <= _tolerance(out_ref.dtype) * max(scale, 1e-30):  # NaN fails too
             return None
         grads = torch.autograd.grad(a, leaves, delta @ Wo)
-    a = a.detach()
-    res = {f"out_proj.{k}": v for k, v in linear_samples(m.out_proj, a, delta).items()}
-    if packed:
-        lin = linear_samples(m.out_proj, xq, grads[0])  # a Linear E -> 3E over the tokens
-        res["in_proj_weight"] = lin["weight"]
-        if m.in_proj_bias is not None:
-            res["in_proj_bias"] = DenseSamples(grads[0].sum(1))
-    else:
-        for name, x, g in zip(("q_proj_weight", "k_proj_weight", "v_proj_weight"), (xq, xk, xv), grads):
-            res[name] = linear_samples(m.out_proj, x, g)["weight"]
-        if m.in_proj_bias is not None:
-            res["in_proj_bias"] = DenseSamples(torch.cat([g.sum(1) for g in grads], dim=1))
-    return res
+    xs = (xq,) if packed else (xq, xk, xv)
+    return _served(m, a.detach(), delta, {name: [(x, g, None)] for name, x, g in zip(_IN[bool(packed)], xs, grads)})
