@@ -185,17 +185,23 @@ def _histc(G: torch.Tensor, R: float, bins: int):
     """(counts, max |G|, number outside [-R, R]) with outside values counted in the edge bins."""
     G = G.float()
     if G.device.type == "cpu" and G.numel() and fast_range_ok(R, bins):
-        # one read of G: min/max, clipping, exact zeros and counts per cache-sized chunk, in threads
+        # one read of G: min/max, clipping, exact zeros and counts per chunk (bincount.py)
         z_bin = zero_bin(R, bins)
         res = count_in_range(G, R, bins, zeros=z_bin != bins // 2)
         if res is not None:  # None: a NaN or an infinity, counted below
             c, lo, hi, z, k = res
-            counts = c.double()
-            if z_bin != bins // 2:  # exact zeros: see below
-                counts[z_bin] -= z
-                counts[bins // 2] += z
-            return counts, max(-lo, hi), k
+            return _zeros_to_middle(c.double(), z_bin, z), max(-lo, hi), k
     return _histc_clamped(G, R, bins)
+
+
+def _zeros_to_middle(counts: torch.Tensor, z_bin: int, zeros) -> torch.Tensor:
+    """Exact zeros (ReLU, unused embedding rows) belong to the bin [0, R/(bins/2)), bins // 2; the float32
+    bin arithmetic puts them in ``z_bin``, one bin lower for some R: move the ``zeros`` counted there."""
+    middle = counts.numel() // 2
+    if z_bin != middle:
+        counts[z_bin] -= zeros
+        counts[middle] += zeros
+    return counts
 
 
 def _histc_clamped(G: torch.Tensor, R: float, bins: int):
@@ -216,11 +222,8 @@ def _histc_clamped(G: torch.Tensor, R: float, bins: int):
         def count(X, R, bins):
             return torch.histc(X, bins=bins, min=-R, max=R).double().cpu()
     counts = count(G, R, bins)
-    # exact zeros (ReLU, unused embedding rows) belong to the bin [0, R/(bins/2)); the float32 bin
-    # arithmetic can put them one bin lower for some R
     z_bin = int(count(G.new_zeros(1), R, bins).argmax())
     if z_bin != bins // 2:
         z = float(G.numel() - int(torch.count_nonzero(G)))  # exact zeros, in one pass without a mask
-        counts[z_bin] -= z
-        counts[bins // 2] += z
+        counts = _zeros_to_middle(counts, z_bin, z)
     return counts, m, k
