@@ -27,7 +27,6 @@ import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import problems
@@ -35,8 +34,9 @@ from cockpit_lite import presets
 
 
 class ScheduleFloor:
-    """The plain loop of ``problem`` with the first-order work every step and, when ``count_every``, the
-    histogram count of B x P values every ``count_every`` steps (see the module docstring)."""
+    """The plain loop of ``problem`` with the first-order work every step and, when ``count_every``, on
+    every ``count_every``-th step the layers' weight gradients once more and the histogram count of the
+    B x P values, on the step after it alpha's end-point projections (see the module docstring)."""
 
     def __init__(self, problem: problems.Problem, optimizer: str = "sgd", count_every: Optional[int] = None):
         from cockpit_lite.persample.samples import _histc
@@ -114,22 +114,25 @@ class ScheduleFloor:
         self.blocks = []
 
 
+def _layer(m: nn.Module, X: torch.Tensor, D: torch.Tensor):
+    """The layer's per-sample information as cockpit-lite holds it (no per-sample gradient built yet)."""
+    from cockpit_lite.persample.conv import ConvWeightSamples
+    from cockpit_lite.persample.linear import LinearWeightSamples
+
+    if isinstance(m, nn.Linear):
+        b = X.shape[0]
+        return LinearWeightSamples(X.reshape(b, -1, X.shape[-1]), D.reshape(b, -1, D.shape[-1]))
+    return ConvWeightSamples(m, X, D)
+
+
 def _weight_grad(m: nn.Module, X: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     """The layer's ordinary (batched) weight gradient: a lower bound for building its B per-sample ones."""
-    if isinstance(m, nn.Linear):
-        return D.reshape(-1, D.shape[-1]).T @ X.reshape(-1, X.shape[-1])
-    nd = X.dim() - 2
-    return torch.ops.aten.convolution_backward(D, X, m.weight, None, list(m.stride), list(m.padding),
-                                               list(m.dilation), False, [0] * nd, m.groups, [False, True, False])[1]
+    return _layer(m, X, D).total()
 
 
 def _projection(m: nn.Module, X: torch.Tensor, D: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """[b] g_i . d for the layer's weight: one product the size of its forward."""
-    b = X.shape[0]
-    if isinstance(m, nn.Linear):
-        return ((D @ d) * X).reshape(b, -1).sum(1)
-    conv = (F.conv1d, F.conv2d, F.conv3d)[X.dim() - 3]
-    return (conv(X, d, None, m.stride, m.padding, m.dilation, m.groups) * D).reshape(b, -1).sum(1)
+    """[b] g_i . d for the layer's weight: one product the size of its forward (the layer's cheapest route)."""
+    return _layer(m, X, D).dots(d)
 
 
 def _factored_weights(model: nn.Module, x) -> set:
