@@ -27,6 +27,7 @@ from ..runlog import RunLogWriter, load
 from ..runlog.batch import LOG_BATCH, BatchedWriter
 from ..step_context import MicroBatch, StepContext
 from .calls import bracket, call_hook
+from .grad_reach import ParamReach
 from .records import NoLog, Recorder, header
 from .setup import (QuantitySpec, nonfinite_grad_names, now, observed_parameters, resolve_quantities,
                     sequence_first_module, uncompiled)
@@ -172,6 +173,7 @@ class Cockpit(StepDetection):
         self.closed = False
         self._open_forwards: List[dict] = []  # forwards of the model begun and not yet returned (kept across steps)
         self._rule_check_failures = 0  # steps on which the per-sample self-check failed (retried up to 3)
+        self._reaches_params = ParamReach(params)  # whether a running backward pass writes their .grad
         self._quiet = 0  # > 0 while the hooks ignore what runs (later closure evaluations of one step)
         self._reset_step_state()
         for q in self.quantities:
@@ -272,6 +274,8 @@ class Cockpit(StepDetection):
         self._last_output = None  # the model's last training output until the loss call (persample/output_view.py)
         if getattr(self, "_layer_capture", None) is not None:
             self._layer_capture.disarm()  # drop what an unfinished/skipped step captured
+        if getattr(self, "_reaches_params", None) is not None:
+            self._reaches_params.take()
 
     def _activate(self) -> List[Quantity]:
         """Quantities active on the current step (decided once per step)."""
@@ -299,6 +303,7 @@ class Cockpit(StepDetection):
         ctx.active = list(active)  # lets shared work be planned (e.g. ctx.per_sample fuses per-layer passes)
         if self._layer_capture is not None and "layer_io" in self._needs:
             ctx.layer_io = self._layer_capture.disarm()
+            ctx.layer_io.reached = self._reaches_params.take()  # backward(inputs=...) leaves parameters out
         self._ctx = ctx
         if "update" in self._needs:
             with torch.no_grad():

@@ -73,8 +73,8 @@ def run(ctx) -> Optional[dict]:
         dots = [d[0] if d.numel() else None for d in view.dots_per_param(refs)]
         local = {}
         for j, name in enumerate(names):
-            if name in reasons or sq[j] is None:
-                continue
+            if name in reasons or sq[j] is None or j in view.frozen:
+                continue  # frozen or left out of backward(inputs=...): no gradient on this step, 0 in the rules
             rr = float(refs[j].double().pow(2).sum())
             g2, gr = float(sq[j]), float(dots[j])
             if not all(math.isfinite(x) for x in (rr, g2, gr)):

@@ -67,6 +67,7 @@ class StepDetection:
             from ..persample.capture import LayerCapture
 
             self._layer_capture = LayerCapture(self.model, self.watched.names, self.watched.params)
+            self._layer_capture.reaches = self._reaches_params  # output gradients of training backward passes only
             if self.compiled:
                 self._warn_once("compiled", (
                     "cockpit-lite: the model is compiled (torch.compile). Per-sample quantities hook every "
@@ -95,6 +96,8 @@ class StepDetection:
         return None
 
     def _count_backward(self, grad):
+        if not self._reaches_params():  # an input gradient (backward(inputs=[x]), autograd.grad): not the step's
+            return None
         self._backward_passes += 1
         if "backward_end" in self._needs and not self._backward_end_queued:
             self._backward_end_queued = True
@@ -137,7 +140,9 @@ class StepDetection:
             mb.output = first.detach() if isinstance(first, torch.Tensor) else first
             mb.target = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:])
 
-        def on_loss_grad(grad, mb=mb):
+        def on_loss_grad(grad, mb=mb, reaches=self._reaches_params):
+            if not reaches():  # an input gradient only: this loss call is not back-propagated into the model
+                return
             mb.loss_scale = grad.detach()
             mb.backpropagated = True
 

@@ -38,6 +38,7 @@ class LayerCall:
 class Captured:
     calls: List[LayerCall] = field(default_factory=list)
     forwards: int = 0  # model forward calls seen while armed
+    reached: Optional[set] = None  # ids of the parameters the step's backward passes wrote (None: unknown)
 
 
 def _detach(x):
@@ -58,6 +59,7 @@ class LayerCapture:
         self.model = model
         self.observed = {id(p) for p in params}
         self.armed = False
+        self.reaches = None  # set by the engine: False in a backward pass that writes no watched .grad (grad_reach.py)
         self._captured = Captured()
         self._forward = 0
         self._handles = []
@@ -128,6 +130,10 @@ class LayerCapture:
             self._captured.calls.append(call)
 
             def keep_grad(grad, call=call):
+                if self.reaches is not None:
+                    if not self.reaches():
+                        return None  # an input gradient (backward(inputs=[x]), autograd.grad): not the step's
+                    self.reaches.mark()
                 g = grad.detach()
                 call.output_grad = g if call.output_grad is None else call.output_grad + g
                 return None

@@ -80,7 +80,11 @@ def setup(self, captured) -> None:
     self.micro_batches = mbs
     # parameter -> [(forward position, call, attribute name)]
     self.feeds: Dict[int, list] = {j: [] for j in range(len(self.params))}
-    self.frozen = {j for j, p in enumerate(self.params) if not p.requires_grad}  # no gradient: 0 here
+    # no gradient on this step: 0 here (frozen, or written by none of the step's backward passes, e.g. a
+    # backward(inputs=head_params): their layers' outputs may still have received a gradient)
+    reached = getattr(captured, "reached", None)
+    self.frozen = {j for j, p in enumerate(self.params)
+                   if not p.requires_grad or (reached is not None and id(p) not in reached)}
     for pos, k in enumerate(forwards):
         fcalls = self.calls_by_forward[k]
         bn_orders = [c.order for c in fcalls if batchnorm_mixes_samples(c.module, c.training)]
@@ -111,7 +115,7 @@ def setup(self, captured) -> None:
                 self._replay[j] = seq_first_reason or rows_reason
     index = {name: j for j, name in enumerate(self.names)}
     for name, why in getattr(self.inputs.watched, "rule_failures", {}).items():
-        if name in index and name not in self._reasons:
+        if name in index and name not in self._reasons and index[name] not in self.frozen:
             self._replay.setdefault(index[name], why)  # failed the self-check (selfcheck.py)
     if self._global_reason is not None:
         for name in self.names:

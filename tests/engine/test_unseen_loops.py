@@ -1,0 +1,174 @@
+"""Training loops written the way users write them, none of which another test runs: every logged value
+against a float64 brute force of what the loop really did (``loop_truth.py``), or NaN with a reason, and
+one logged step per optimizer step taken."""
+
+import pytest
+import torch
+from torch import nn
+
+import cockpit_lite
+from loop_truth import QUANTITIES, Truth, mismatches
+
+CE = nn.CrossEntropyLoss(reduction="none")
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def batches(n, b=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, 5, generator=g), torch.randint(0, 3, (b,), generator=g)) for _ in range(n)]
+
+
+def ce_of(x, y):
+    return lambda m: CE(m(x.double()), y)
+
+
+def watched(tmp_path, model, opt, loop, crit, **options):
+    truth = Truth(model)
+    with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "run", quantities=QUANTITIES, **options):
+        loop(truth)
+    return cockpit_lite.load(tmp_path / "run"), truth
+
+
+def plain(m, opt, crit, x, y, t):
+    opt.zero_grad()
+    loss = crit(m(x), y)
+    t.note_loss(loss.item())
+    loss.backward()
+    t.note_grad()
+    opt.step()
+
+
+# -- loops whose extra work must not change the step: (name, body(m, opt, crit, x, y, truth, k)) ---------------
+def closure_sgd(m, opt, crit, x, y, t, k):
+    def closure():
+        opt.zero_grad()
+        loss = crit(m(x), y)
+        loss.backward()
+        if "grad" not in t.pending:
+            t.note_loss(loss.item())
+            t.note_grad()
+        return loss
+    opt.step(closure)
+
+
+def eval_no_grad(m, opt, crit, x, y, t, k):
+    with torch.no_grad():
+        m(x + 1)
+    plain(m, opt, crit, x, y, t)
+
+
+def eval_mode_with_grad(m, opt, crit, x, y, t, k):
+    m.eval()
+    crit(m(x + 1), y).item()  # a validation loss with grad mode on, never back-propagated
+    m.train()
+    plain(m, opt, crit, x, y, t)
+
+
+def metrics_after_backward(m, opt, crit, x, y, t, k):
+    opt.zero_grad()
+    loss = crit(m(x), y)
+    t.note_loss(loss.item())
+    loss.backward()
+    (m(x).argmax(1) == y).float().mean().item()  # accuracy on the training batch, grad mode on
+    crit(m(x), y).item()
+    t.note_grad()
+    opt.step()
+
+
+def input_grad_before(m, opt, crit, x, y, t, k):
+    xv = (x + 1).requires_grad_()
+    crit(m(xv), y).backward(inputs=[xv])  # a saliency map: no parameter gets a gradient
+    plain(m, opt, crit, x, y, t)
+
+
+def input_grad_after_backward(m, opt, crit, x, y, t, k):
+    opt.zero_grad()
+    loss = crit(m(x), y)
+    t.note_loss(loss.item())
+    loss.backward()
+    xv = (x + 1).requires_grad_()
+    torch.autograd.grad(crit(m(xv), y), xv)  # between backward and step
+    xv.grad = None
+    crit(m(xv), y).backward(inputs=[xv])
+    t.note_grad()
+    opt.step()
+
+
+def head_only(m, opt, crit, x, y, t, k):
+    t.only({"2.weight", "2.bias"})
+    opt.zero_grad(set_to_none=k % 2 == 0)  # the body's .grad: None, or zeros
+    loss = crit(m(x), y)
+    t.note_loss(loss.item())
+    loss.backward(inputs=list(m[2].parameters()))
+    t.note_grad()
+    opt.step()
+
+
+def freeze_then_unfreeze(m, opt, crit, x, y, t, k):
+    for p in m[0].parameters():
+        p.requires_grad_(k >= 2)
+    t.pending["trained"] = {n for n, p in m.named_parameters() if p.requires_grad}
+    plain(m, opt, crit, x, y, t)
+
+
+def clip_norm_and_scheduler(m, opt, crit, x, y, t, k):
+    opt.zero_grad()
+    loss = crit(m(x), y)
+    t.note_loss(loss.item())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)
+    t.note_grad()
+    opt.step()
+    m._sched.step()
+
+
+LOOPS = [closure_sgd, eval_no_grad, eval_mode_with_grad, metrics_after_backward, input_grad_before,
+         input_grad_after_backward, head_only, freeze_then_unfreeze, clip_norm_and_scheduler]
+
+
+@pytest.mark.parametrize("body", LOOPS, ids=[f.__name__ for f in LOOPS])
+def test_loop_logs_the_brute_force_values(tmp_path, body):
+    m, crit = mlp(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    m._sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.7)
+
+    def loop(t):
+        for k, (x, y) in enumerate(batches(5)):
+            t.begin(ce_of(x, y))
+            body(m, opt, crit, x, y, t, k)
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    assert mismatches(run, truth, m) == []
+
+
+def test_lr_zero_group(tmp_path):
+    m, crit = mlp(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD([{"params": m[0].parameters(), "lr": 0.0}, {"params": m[2].parameters()}], lr=0.1)
+
+    def loop(t):
+        for x, y in batches(4):
+            t.begin(ce_of(x, y))
+            plain(m, opt, crit, x, y, t)
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    assert mismatches(run, truth, m) == []
+
+
+def test_lbfgs_closure(tmp_path):
+    m, crit = mlp(), nn.CrossEntropyLoss()
+    opt = torch.optim.LBFGS(m.parameters(), lr=0.5, max_iter=3)
+
+    def loop(t):
+        for x, y in batches(4):
+            t.begin(ce_of(x, y))
+            closure_sgd(m, opt, crit, x, y, t, 0)
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    assert mismatches(run, truth, m) == []
