@@ -28,6 +28,7 @@ from ..runlog.batch import LOG_BATCH, BatchedWriter
 from ..step_context import MicroBatch, StepContext
 from .calls import bracket, call_hook
 from .grad_reach import ParamReach
+from .other_optimizers import watch_other_optimizers
 from .records import NoLog, Recorder, header
 from .setup import (QuantitySpec, nonfinite_grad_names, now, observed_parameters, resolve_quantities,
                     sequence_first_module, uncompiled)
@@ -189,6 +190,7 @@ class Cockpit(StepDetection):
             self._handles.append(loss_fn.register_forward_hook(self._on_loss, with_kwargs=True))
             _WATCHED_LOSSES.add(loss_fn)
         self._zero_grad_patches = patch_zero_grad(self, zero_grad_owners(optimizer, model, inner))
+        self._handles.append(watch_other_optimizers(self))  # a GAN's other step is not a skipped one
         if self._model_loss is not None:
             self._model_loss.install(self.watched)
         _WATCHED_MODELS.add(model)

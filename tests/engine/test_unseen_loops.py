@@ -172,3 +172,58 @@ def test_lbfgs_closure(tmp_path):
 
     run, truth = watched(tmp_path, m, opt, loop, crit)
     assert mismatches(run, truth, m) == []
+
+
+# -- a GAN: two optimizers, alternating; the other network's step runs through the watched one -------------
+BCE = nn.BCEWithLogitsLoss(reduction="none")
+
+
+def _frozen_copy(net):
+    c = nn.Sequential(*[type(m)(m.in_features, m.out_features) if isinstance(m, nn.Linear) else m for m in net])
+    c.load_state_dict(net.state_dict())
+    return c.double()
+
+
+@pytest.mark.parametrize("watch", ["D", "G"])
+def test_gan_alternating_steps(tmp_path, watch):
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 5))
+    D = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), lr=0.01), torch.optim.SGD(D.parameters(), lr=0.05, momentum=0.5)
+    crit = nn.BCEWithLogitsLoss()  # one criterion for both losses, as GAN code often has
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(4, 5, generator=g), torch.randn(4, 3, generator=g)) for _ in range(4)]
+    ones, zeros = torch.ones(4, 1), torch.zeros(4, 1)
+
+    def loop(t):
+        for real, z in data:
+            opt_d.zero_grad()
+            fake = G(z)  # the D step back-propagates into G too (no detach): the watched G is not stepped
+            if watch == "D":
+                g_now = _frozen_copy(G)
+                t.begin(lambda m, real=real, z=z, g_now=g_now: torch.cat([
+                    BCE(m(real.double()), ones.double()), BCE(m(g_now(z.double())), zeros.double())]).sum(1))
+            loss_d = (crit(D(real), ones) + crit(D(fake), zeros)) / 2
+            loss_d.backward()
+            if watch == "D":
+                t.note_loss(loss_d.item())
+                t.note_grad()
+            opt_d.step()
+            if watch == "D":
+                t.stepped()
+            opt_g.zero_grad()
+            if watch == "G":
+                d_now = _frozen_copy(D)
+                t.begin(lambda m, z=z, d_now=d_now: BCE(d_now(m(z.double())), ones.double()).sum(1))
+            loss_g = crit(D(G(z)), ones)  # the G step back-propagates through the watched D: not a D step
+            loss_g.backward()
+            if watch == "G":
+                t.note_loss(loss_g.item())
+                t.note_grad()
+            opt_g.step()
+            if watch == "G":
+                t.stepped()
+
+    run, truth = watched(tmp_path, D if watch == "D" else G, opt_d if watch == "D" else opt_g, loop, crit)
+    assert mismatches(run, truth, D if watch == "D" else G) == []
+    assert not run.skipped
