@@ -33,6 +33,9 @@ class MicroBatch:
     combine: Optional[str] = None
     #: (key, sample id of each loss element), cached by persample/losses.py for this call's layout
     sample_ids: Any = None
+    #: it reads samples an earlier loss call of the step read (two heads' losses, a forward repeated on the
+    #: same input): not counted in the step's samples (engine/repeated_samples.py)
+    repeats: bool = False
 
 
 @dataclass

@@ -28,6 +28,7 @@ from ..runlog.batch import LOG_BATCH, BatchedWriter
 from ..step_context import MicroBatch, StepContext
 from .calls import bracket, call_hook
 from .grad_reach import ParamReach
+from .repeated_samples import RepeatedSamples
 from .other_optimizers import watch_other_optimizers
 from .records import NoLog, Recorder, header
 from .setup import (QuantitySpec, nonfinite_grad_names, now, observed_parameters, resolve_quantities,
@@ -174,6 +175,7 @@ class Cockpit(StepDetection):
         self.closed = False
         self._open_forwards: List[dict] = []  # forwards of the model begun and not yet returned (kept across steps)
         self._rule_check_failures = 0  # steps on which the per-sample self-check failed (retried up to 3)
+        self._repeats = RepeatedSamples()  # loss calls reading samples already read (repeated_samples.py)
         self._reaches_params = ParamReach(params)  # whether a running backward pass writes their .grad
         self._quiet = 0  # > 0 while the hooks ignore what runs (later closure evaluations of one step)
         self._reset_step_state()
@@ -267,6 +269,7 @@ class Cockpit(StepDetection):
         self._active: Optional[List[Quantity]] = None
         self._needs: frozenset = frozenset()
         self._micro_batches: List[MicroBatch] = []
+        self._repeats.reset()
         self._backward_passes = 0
         self._t_start: Optional[float] = None
         self._overhead = 0.0
@@ -296,6 +299,7 @@ class Cockpit(StepDetection):
     # -- a tracked step -------------------------------------------------------------------------
     def _before_step(self) -> None:
         t0 = time.perf_counter()
+        self._repeats.resolve()  # the step's gradients are final: which loss calls read samples twice
         active = self._activate()
         if not active:
             return None

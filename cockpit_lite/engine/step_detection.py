@@ -47,6 +47,7 @@ class StepDetection:
                 self._model_calls.remove(outer["call"])
             outer["nested"] = True
         self._open_forwards.append({"call": None, "nested": False})
+        self._repeats.on_forward_pre(args)
         self._last_output = None
         if self._t_start is None:
             self._t_start = time.perf_counter()
@@ -81,6 +82,7 @@ class StepDetection:
             return None
         if self._open_forwards and self._open_forwards.pop()["nested"]:
             return None  # a redirection around the real forward (see _on_model_forward_pre)
+        self._repeats.on_forward(output)
         if self._needs:  # a tracked step: how the loss reads the output says what a sample is (its count)
             # held until the loss call (then dropped): a weak reference dies in an inline
             # crit(model(x).view(-1, V), y), where only the view outlives the output's Python object
@@ -131,6 +133,7 @@ class StepDetection:
             loss=output.detach().mean(),
             batch_size=int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else None,
         )
+        self._repeats.on_loss(mb, first)  # a second head's loss on the same samples (repeated_samples.py)
         if isinstance(module, ModelLoss):  # a loss divided by the step's count is a part of the step's loss
             mb.combine = module.combine
         if self._last_output is not None:  # a view of the model output: its rows are the samples (B, not B*T)

@@ -62,6 +62,10 @@ def setup(self, captured) -> None:
     elif self.inputs.reduction not in ("mean", "sum"):
         self._global_reason = (f"the loss reduction is {self.inputs.reduction!r}; per-sample gradients need the "
                                "loss module passed as watch(..., loss_fn=...) with reduction 'mean' or 'sum'")
+    elif any(m.repeats for m in mbs):
+        self._global_reason = ("loss calls of this step read the same samples more than once (losses of two heads "
+                               "on one forward, or a forward repeated on the same input): sample i's gradient is "
+                               "the sum over those calls, which the per-sample layer data do not separate")
     elif len(mbs) != len(forwards):
         self._global_reason = (f"{len(forwards)} model forward passes but {len(mbs)} back-propagated loss calls "
                                "on this step: cannot match micro-batches to losses")

@@ -227,3 +227,88 @@ def test_gan_alternating_steps(tmp_path, watch):
     run, truth = watched(tmp_path, D if watch == "D" else G, opt_d if watch == "D" else opt_g, loop, crit)
     assert mismatches(run, truth, D if watch == "D" else G) == []
     assert not run.skipped
+
+
+# -- the same samples read twice in one step: not two micro-batches ---------------------------------------
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
+        self.h1, self.h2 = nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.h1(h), self.h2(h)
+
+
+def retain_graph(m, crit, x, y1, y2):
+    a, b = m(x)
+    l1, l2 = crit(a, y1), crit(b, y2)
+    l1.backward(retain_graph=True)
+    l2.backward()
+    return l1.item() + l2.item()
+
+
+def summed(m, crit, x, y1, y2):
+    a, b = m(x)
+    loss = crit(a, y1) + crit(b, y2)
+    loss.backward()
+    return loss.item()
+
+
+def forward_per_loss(m, crit, x, y1, y2):
+    l1 = crit(m(x)[0], y1)
+    l1.backward()
+    l2 = crit(m(x)[1], y2)
+    l2.backward()
+    return l1.item() + l2.item()
+
+
+@pytest.mark.parametrize("body", [retain_graph, summed, forward_per_loss], ids=lambda f: f.__name__)
+def test_two_losses_on_the_same_batch(tmp_path, body):
+    """sample i's loss is l1_i + l2_i: the loss is l1 + l2 over B samples (not their mean over 2B); the
+    per-sample quantities cannot separate the two calls' parts: NaN with a reason."""
+    m, crit = TwoHeads(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 5, generator=g), torch.randint(0, 3, (4,), generator=g), torch.randint(0, 3, (4,), generator=g))
+            for _ in range(3)]
+
+    def loop(t):
+        for x, y1, y2 in data:
+            opt.zero_grad()
+            t.begin(lambda m64, x=x, y1=y1, y2=y2: CE(m64(x.double())[0], y1) + CE(m64(x.double())[1], y2))
+            t.note_loss(body(m, crit, x, y1, y2))
+            t.note_grad()
+            opt.step()
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    assert mismatches(run, truth, m) == []
+    rec = next(iter(run))
+    assert rec["samples"] == 4
+    assert "same samples" in rec["reasons"]["norm_test"]
+
+
+@pytest.mark.xfail(strict=True, reason="persample/output_view.observe counts the first loss call's slice out[:4] as "
+                   "the whole output's 8 rows (samples 12, loss weighted 8:4); the noise tests are right")
+def test_one_forward_two_loss_calls_on_its_halves_are_distinct_samples(tmp_path):
+    m, crit = mlp(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+
+    def loop(t):
+        for x, y in batches(3, b=8):
+            opt.zero_grad()
+            t.begin(ce_of(x, y))
+            out = m(x)
+            l1, l2 = crit(out[:4], y[:4]), crit(out[4:], y[4:])
+            ((l1 + l2) / 2).backward()
+            t.note_loss((l1.item() + l2.item()) / 2)
+            t.note_grad()
+            opt.step()
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    assert mismatches(run, truth, m) == []
+    assert [r["samples"] for r in run] == [8, 8, 8]
