@@ -112,17 +112,19 @@ def references(model, truth: Truth) -> List[dict]:
     return out
 
 
-def mismatches(run, truth: Truth, model, tol: float = 1e-4, skip=()) -> List[str]:
+def mismatches(run, truth: Truth, model, tol: float = 1e-4, skip=(), skipped=()) -> List[str]:
     """Every logged value that is neither within ``tol`` relative (alpha: 1e-3 absolute; samples: exact) of
-    the brute force nor NaN with a reason; and step numbers that are not the optimizer steps taken."""
+    the brute force nor NaN with a reason; and step numbers that are not the optimizer steps taken
+    (``skipped``: the step numbers of the attempts the loop skipped, logged as skipped steps)."""
     problems = []
     records = {r["step"]: r for r in run}
-    if sorted(records) != list(range(len(truth.steps))):
+    numbers = [k for k in range(len(truth.steps) + len(skipped)) if k not in skipped]
+    if sorted(records) != numbers or sorted(s["step"] for s in run.skipped) != sorted(skipped):
         problems.append(f"steps logged {sorted(records)} for {len(truth.steps)} optimizer steps "
                         f"(skipped: {[(s['step'], s['reason'][:60]) for s in run.skipped]})")
         return problems
     for k, ref in enumerate(references(model, truth)):
-        rec = records[k]
+        rec = records[numbers[k]]
         for key, want in ref.items():
             if key in skip:
                 continue

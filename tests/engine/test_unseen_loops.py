@@ -312,3 +312,129 @@ def test_one_forward_two_loss_calls_on_its_halves_are_distinct_samples(tmp_path)
     run, truth = watched(tmp_path, m, opt, loop, crit)
     assert mismatches(run, truth, m) == []
     assert [r["samples"] for r in run] == [8, 8, 8]
+
+
+# -- skipped steps, clipping by value, schedulers, accumulation that varies per step ------------------------
+def test_user_skip_and_gradscaler_skip(tmp_path):
+    """A step the loop skips after backward (its own isfinite check, or a GradScaler's inf) is logged as
+    skipped under its number; the steps around it keep their values (alpha only across taken steps)."""
+    m, crit = mlp(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+
+    def loop(t):
+        for k, (x, y) in enumerate(batches(6)):
+            t.begin(ce_of(x, y))
+            opt.zero_grad(set_to_none=False)
+            loss = crit(m(x), y) * (float("inf") if k in (1, 4) else 1.0)
+            if k < 3:
+                loss.backward()
+                if not torch.isfinite(loss):
+                    continue
+                t.note_loss(loss.item())
+                t.note_grad()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                if k != 4:
+                    t.note_loss(loss.item())
+                    t.note_grad()
+                scaler.step(opt)
+                scaler.update()
+                if k == 4:
+                    continue
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    assert mismatches(run, truth, m, skip=("alpha",), skipped=(1, 4)) == []
+
+
+def clip_value_no_none(m, opt, crit, x, y, t, k):
+    opt.zero_grad(set_to_none=False)
+    loss = crit(m(x), y)
+    t.note_loss(loss.item())
+    loss.backward()
+    torch.nn.utils.clip_grad_value_(m.parameters(), 0.05)  # per-sample values: NaN (the self-check sees it)
+    t.note_grad()
+    opt.step()
+    m._sched.step()
+
+
+def test_clip_by_value_adamw_one_cycle(tmp_path):
+    m, crit = mlp(), nn.CrossEntropyLoss()
+    opt = torch.optim.AdamW(m.parameters(), lr=0.05)
+    m._sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+
+    def loop(t):
+        for k, (x, y) in enumerate(batches(4)):
+            t.begin(ce_of(x, y))
+            clip_value_no_none(m, opt, crit, x, y, t, k)
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    assert mismatches(run, truth, m) == []
+
+
+def test_accumulation_varying_per_step_with_a_partial_last_batch(tmp_path):
+    m, crit = mlp(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(5)
+    steps = [[(torch.randn(s, 5, generator=g), torch.randint(0, 3, (s,), generator=g)) for s in sizes]
+             for sizes in ([6, 6, 6], [6], [6, 2], [5, 3])]
+
+    def loop(t):
+        for mbs in steps:
+            t.begin(lambda m64, mbs=mbs: torch.cat([CE(m64(a.double()), b) for a, b in mbs]))
+            opt.zero_grad()
+            losses = []
+            for a, b in mbs:
+                loss = crit(m(a), b)
+                (loss / len(mbs)).backward()
+                losses.append((loss.item(), len(b)))
+            t.note_loss(sum(v * n for v, n in losses) / sum(n for _, n in losses))
+            t.note_grad()
+            opt.step()
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    assert mismatches(run, truth, m) == []
+    assert [r["samples"] for r in run] == [18, 6, 8, 8]
+
+
+# -- compiled, channels_last, bf16 autocast ------------------------------------------------------------------
+def cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3))
+
+
+@pytest.mark.parametrize("how", ["channels_last", "autocast_bf16", "compile_eager", "compile_aot_eager"])
+def test_cnn_layouts_precisions_and_compile(tmp_path, how):
+    m, crit = cnn(), nn.CrossEntropyLoss()
+    if how == "channels_last":
+        m = m.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    forward = torch.compile(m, backend=how.split("_", 1)[1]) if how.startswith("compile") else m
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(6, 2, 4, 4, generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(4)]
+
+    def loop(t):
+        for x, y in data:
+            t.begin(ce_of(x, y))
+            opt.zero_grad()
+            x_in = x.to(memory_format=torch.channels_last) if how == "channels_last" else x
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast_bf16"):
+                loss = crit(forward(x_in), y)
+            t.note_loss(loss.item())
+            loss.backward()
+            t.note_grad()
+            opt.step()
+            t.stepped()
+
+    truth = Truth(m)
+    with cockpit_lite.watch(forward, opt, loss_fn=crit, logdir=tmp_path / "run", quantities=QUANTITIES):
+        loop(truth)
+    run = cockpit_lite.load(tmp_path / "run")
+    # bf16: the brute force is the float64 model, the step ran in bf16 (about 3 significant digits)
+    tol, skip = (2e-2, ("alpha",)) if how == "autocast_bf16" else (1e-4, ())
+    assert mismatches(run, truth, m, tol=tol, skip=skip) == []
