@@ -10,9 +10,10 @@ up per sample (``loss_combine.micro_batch_weights``), and per-sample quantities 
 Seen from the hooks, without keeping tensors alive (weak references only), and decided when the step's
 gradients are final, among the back-propagated loss calls (a metric computed on the same batch is not one):
 
-* a loss call repeats when its input is one of its forward's output tensors (or a view of one) with at most
-  that output's number of rows, and the rows read by such calls of that forward exceed it (a loss on
-  ``out[:B]`` and one on ``out[B:]`` of a [2B, ...] output read each row once: no repeat);
+* a loss call repeats when its input is one of its forward's output tensors (or a slice of its rows) with at
+  most that output's number of rows, and the rows read by such calls of that forward exceed it (a loss on
+  ``out[:B]`` and one on ``out[B:]`` of a [2B, ...] output read each row once: no repeat); a slice's samples
+  are its rows (``MicroBatch.batch_size``), not the output's;
 * a forward repeats when its first tensor argument is (a tensor still alive at the same memory, shape and
   strides as) the first tensor argument of an earlier back-propagated forward of the step.
 """
@@ -65,9 +66,7 @@ class RepeatedSamples:
             return
         rows = None
         if fwd.rows is not None and isinstance(loss_input, torch.Tensor) and 0 < loss_input.dim():
-            base = loss_input._base
-            if int(loss_input.shape[0]) <= fwd.rows and any(
-                    r() is loss_input or (base is not None and r() is base) for r in fwd.outputs):
+            if int(loss_input.shape[0]) <= fwd.rows and _reads_rows(loss_input, [r() for r in fwd.outputs]):
                 rows = int(loss_input.shape[0])
         self._reads.append((mb, fwd, rows))
 
@@ -86,4 +85,15 @@ class RepeatedSamples:
             elif rows is not None:
                 read[id(fwd)] = read.get(id(fwd), 0) + rows
                 mb.repeats = read[id(fwd)] > fwd.rows
+                if rows < fwd.rows:
+                    mb.batch_size = rows  # a slice of the output's rows: those are its samples, not all rows
         self._reads = []
+
+
+def _reads_rows(loss_input: torch.Tensor, outputs) -> bool:
+    """Whether ``loss_input`` is one of ``outputs`` or a slice of one along dim 0 (whole rows)."""
+    if any(o is loss_input for o in outputs):
+        return True
+    base = loss_input._base
+    return (base is not None and any(o is base for o in outputs) and base.dim() == loss_input.dim()
+            and base.shape[1:] == loss_input.shape[1:] and base.stride() == loss_input.stride())
