@@ -120,7 +120,10 @@ def setup(self, captured) -> None:
     index = {name: j for j, name in enumerate(self.names)}
     for name, why in getattr(self.inputs.watched, "rule_failures", {}).items():
         if name in index and name not in self._reasons and index[name] not in self.frozen:
-            self._replay.setdefault(index[name], why)  # failed the self-check (selfcheck.py)
+            if name in getattr(self.inputs.watched, "replay_rejected", {}):
+                self._reasons[name] = why  # the replay does not explain .grad either (selfcheck.py)
+            else:
+                self._replay.setdefault(index[name], why)  # failed the self-check (selfcheck.py)
     if self._global_reason is not None:
         for name in self.names:
             self._reasons[name] = self._global_reason
