@@ -24,8 +24,9 @@ NOISE = ("norm_test", "inner_test", "ortho_test", "mean_gsnr")
 
 
 class Truth:
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, observed=None):
         self.model = model
+        self.observed = set(observed) if observed is not None else {n for n, _ in model.named_parameters()}
         self.theta0 = self._theta()
         self.steps: List[dict] = []
         self.pending: Optional[dict] = None
@@ -36,7 +37,7 @@ class Truth:
     def begin(self, per_sample: Callable[[torch.nn.Module], torch.Tensor], loss: Optional[float] = None) -> None:
         """A step starts: ``per_sample(model64)`` gives its l_i; parameters that require no gradient now
         have none on this step."""
-        trained = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        trained = {n for n, p in self.model.named_parameters() if p.requires_grad and n in self.observed}
         self.pending = dict(theta=self._theta(), per_sample=per_sample, loss=loss, trained=trained)
 
     def note_loss(self, loss: float) -> None:
@@ -44,7 +45,8 @@ class Truth:
 
     def note_grad(self) -> None:
         """The gradient the optimizer is about to use (call right before ``optimizer.step()``)."""
-        self.pending["grad"] = [p.grad.detach().double().clone() for p in self.model.parameters() if p.grad is not None]
+        self.pending["grad"] = [p.grad.detach().double().clone() for n, p in self.model.named_parameters()
+                                if p.grad is not None and n in self.observed]
 
     def only(self, names) -> None:
         """Only these parameters get a gradient on this step (``backward(inputs=...)``)."""
@@ -100,7 +102,7 @@ def references(model, truth: Truth) -> List[dict]:
             ref["loss"] = st["loss"]
         if st.get("grad") is not None:
             ref["grad_norm"] = float(torch.sqrt(sum((g ** 2).sum() for g in st["grad"])))
-        every = set(st["theta"])
+        every = truth.observed
         ref["update_size"] = float(_flat_update(model, st, every).norm())
         ref["distance"] = float(torch.sqrt(sum(((st["theta"][n] - truth.theta0[n]).double() ** 2).sum() for n in every)))
         t = ref["update_size"]

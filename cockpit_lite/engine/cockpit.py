@@ -177,6 +177,7 @@ class Cockpit(StepDetection):
         self._rule_check_failures = 0  # steps on which the per-sample self-check failed (retried up to 3)
         self._repeats = RepeatedSamples()  # loss calls reading samples already read (repeated_samples.py)
         self._reaches_params = ParamReach(params)  # whether a running backward pass writes their .grad
+        self._param_groups_seen = len(optimizer.param_groups)
         self._quiet = 0  # > 0 while the hooks ignore what runs (later closure evaluations of one step)
         self._reset_step_state()
         for q in self.quantities:

@@ -25,6 +25,7 @@ from ..persample.output_view import observe
 from ..replay import is_replaying
 from ..rng import rng_state
 from ..step_context import MicroBatch, ModelCall
+from .param_groups import check_param_groups
 from .setup import autocast_state, positional
 
 
@@ -159,6 +160,7 @@ class StepDetection:
         computes the gradients inside the step, after this hook: the closure is then replaced by one
         that runs it and observes once it returns (an optimizer evaluating the closure several times,
         like L-BFGS, is observed at its first evaluation)."""
+        check_param_groups(self)  # a group added after watch() is not observed: said once (param_groups.py)
         positional_call = len(args) > 1 and args[0] is optimizer
         closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if positional_call else None)
         if closure is None:

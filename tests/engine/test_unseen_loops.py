@@ -500,3 +500,24 @@ def test_second_loss_module_on_another_head(tmp_path):
 
     run, truth = watched(tmp_path, m, opt, loop, crit)
     assert mismatches(run, truth, m) == []
+
+
+def test_param_group_added_after_watch_is_said_and_the_values_cover_the_header(tmp_path):
+    m, crit = mlp(), nn.CrossEntropyLoss()
+    for p in m[0].parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.SGD(m[2].parameters(), lr=0.1)
+    truth = Truth(m, observed={"2.weight", "2.bias"})
+    with pytest.warns(RuntimeWarning, match="add_param_group"):
+        with cockpit_lite.watch(m, opt, loss_fn=crit, logdir=tmp_path / "run", quantities=QUANTITIES):
+            for k, (x, y) in enumerate(batches(4)):
+                if k == 2:  # unfreeze the body part-way
+                    for p in m[0].parameters():
+                        p.requires_grad_(True)
+                    opt.add_param_group({"params": list(m[0].parameters()), "lr": 0.05})
+                truth.begin(ce_of(x, y))
+                plain(m, opt, crit, x, y, truth)
+                truth.stepped()
+    run = cockpit_lite.load(tmp_path / "run")
+    assert mismatches(run, truth, m) == []
+    assert any("add_param_group" in e.get("message", "") for e in run.events)
