@@ -521,3 +521,42 @@ def test_param_group_added_after_watch_is_said_and_the_values_cover_the_header(t
     run = cockpit_lite.load(tmp_path / "run")
     assert mismatches(run, truth, m) == []
     assert any("add_param_group" in e.get("message", "") for e in run.events)
+
+
+def test_gan_both_networks_watched(tmp_path):
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 5))
+    D = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), lr=0.01), torch.optim.SGD(D.parameters(), lr=0.05, momentum=0.5)
+    crit_d, crit_g = nn.BCEWithLogitsLoss(), nn.BCEWithLogitsLoss()
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(4, 5, generator=g), torch.randn(4, 3, generator=g)) for _ in range(4)]
+    ones, zeros = torch.ones(4, 1), torch.zeros(4, 1)
+    t_d, t_g = Truth(D), Truth(G)
+    with cockpit_lite.watch(D, opt_d, loss_fn=crit_d, logdir=tmp_path / "D", quantities=QUANTITIES), \
+            cockpit_lite.watch(G, opt_g, loss_fn=crit_g, logdir=tmp_path / "G", quantities=QUANTITIES):
+        for real, z in data:
+            opt_d.zero_grad()
+            fake = G(z)
+            g_now = _frozen_copy(G)
+            t_d.begin(lambda m, real=real, z=z, g_now=g_now: torch.cat([
+                BCE(m(real.double()), ones.double()), BCE(m(g_now(z.double())), zeros.double())]).sum(1))
+            loss_d = (crit_d(D(real), ones) + crit_d(D(fake), zeros)) / 2  # also back-propagates into G
+            loss_d.backward()
+            t_d.note_loss(loss_d.item())
+            t_d.note_grad()
+            opt_d.step()
+            t_d.stepped()
+            opt_g.zero_grad()
+            d_now = _frozen_copy(D)
+            t_g.begin(lambda m, z=z, d_now=d_now: BCE(d_now(m(z.double())), ones.double()).sum(1))
+            loss_g = crit_g(D(G(z)), ones)
+            loss_g.backward()
+            t_g.note_loss(loss_g.item())
+            t_g.note_grad()
+            opt_g.step()
+            t_g.stepped()
+    for name, net, truth in (("D", D, t_d), ("G", G, t_g)):
+        run = cockpit_lite.load(tmp_path / name)
+        assert mismatches(run, truth, net) == [], name
+        assert not run.skipped, name
