@@ -560,3 +560,42 @@ def test_gan_both_networks_watched(tmp_path):
         run = cockpit_lite.load(tmp_path / name)
         assert mismatches(run, truth, net) == [], name
         assert not run.skipped, name
+
+
+# -- loss modules whose mean is not over B: l_i is scaled so that its mean is the mini-batch loss ------------
+W = torch.tensor([0.2, 1.0, 3.0])
+
+
+@pytest.mark.parametrize("kind", ["class_weights", "ignore_index", "sum_divided_by_B", "label_smoothing"])
+def test_loss_module_variants(tmp_path, kind):
+    m = mlp()
+    crit = {"class_weights": nn.CrossEntropyLoss(weight=W), "ignore_index": nn.CrossEntropyLoss(),
+            "sum_divided_by_B": nn.CrossEntropyLoss(reduction="sum"),
+            "label_smoothing": nn.CrossEntropyLoss(label_smoothing=0.1)}[kind]
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+
+    def per_sample(x, y):
+        if kind == "class_weights":  # mean = sum_i w_yi ce_i / sum_i w_yi
+            return lambda m64: 6 * nn.CrossEntropyLoss(weight=W.double(), reduction="none")(m64(x.double()), y) / W.double()[y].sum()
+        if kind == "ignore_index":  # mean over the rows not ignored
+            return lambda m64: 6 * CE(m64(x.double()), y) / (y != -100).sum()
+        if kind == "label_smoothing":
+            return lambda m64: nn.CrossEntropyLoss(label_smoothing=0.1, reduction="none")(m64(x.double()), y)
+        return ce_of(x, y)
+
+    def loop(t):
+        for k, (x, y) in enumerate(batches(4)):
+            if kind == "ignore_index":
+                y = y.clone()
+                y[k % 3] = -100
+            t.begin(per_sample(x, y))
+            opt.zero_grad()
+            loss = crit(m(x), y)
+            t.note_loss(loss.item())  # the loss module's value (sum: not divided)
+            (loss / 6 if kind == "sum_divided_by_B" else loss).backward()
+            t.note_grad()
+            opt.step()
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    assert mismatches(run, truth, m) == []
