@@ -16,12 +16,18 @@ gradients are final, among the back-propagated loss calls (a metric computed on 
   are its rows (``MicroBatch.batch_size``), not the output's;
 * a forward repeats when its first tensor argument is (a tensor still alive at the same memory, shape and
   strides as) the first tensor argument of an earlier back-propagated forward of the step.
+
+The same bookkeeping finds an objective that is more than loss_fn's: where loss_fn read one output tensor of
+a forward (``a, b = model(x); crit(a, y) + mse(b, z)``, ``logits, aux = model(x); crit(logits, y) + aux``)
+and a training backward pass reached another that no loss_fn call read, ``MicroBatch.outside`` says so and
+per-sample quantities (and alpha, whose losses they are) are NaN with that reason.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -34,6 +40,7 @@ class _Forward:
         self.outputs: List[weakref.ref] = []
         self.rows: Optional[int] = None
         self.repeated = False  # its input is that of an earlier back-propagated forward of the step
+        self.grad_leaves: set = set()  # positions of its output tensors a training backward pass reached
 
     def same_input(self, other: "_Forward") -> bool:
         mine, theirs = self.input() if self.input else None, other.input() if other.input else None
@@ -53,28 +60,34 @@ class RepeatedSamples:
         first = next((a for a in tree_leaves(args) if isinstance(a, torch.Tensor) and a.dim() > 0), None)
         self._forward = _Forward(first)
 
-    def on_forward(self, output) -> None:
-        if self._forward is None:
+    def on_forward(self, output, reaches: Optional[Callable[[], bool]] = None) -> None:
+        """``reaches`` (tracked steps): note which output tensors training backward passes reach."""
+        fwd = self._forward
+        if fwd is None:
             return
         leaves = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
-        self._forward.outputs = [weakref.ref(t) for t in leaves]
-        self._forward.rows = int(leaves[0].shape[0]) if leaves and leaves[0].dim() > 0 else None
+        fwd.outputs = [weakref.ref(t) for t in leaves]
+        fwd.rows = int(leaves[0].shape[0]) if leaves and leaves[0].dim() > 0 else None
+        if reaches is not None and len(leaves) > 1:
+            for i, leaf in enumerate(leaves):
+                if leaf.requires_grad:
+                    leaf.register_hook(functools.partial(_note_grad, fwd, i, reaches))
 
     def on_loss(self, mb, loss_input) -> None:
         fwd = self._forward
         if fwd is None:
             return
-        rows = None
+        rows, leaf = None, _leaf_read(loss_input, [r() for r in fwd.outputs])
         if fwd.rows is not None and isinstance(loss_input, torch.Tensor) and 0 < loss_input.dim():
             if int(loss_input.shape[0]) <= fwd.rows and _reads_rows(loss_input, [r() for r in fwd.outputs]):
                 rows = int(loss_input.shape[0])
-        self._reads.append((mb, fwd, rows))
+        self._reads.append((mb, fwd, rows, leaf))
 
     def resolve(self) -> None:
         """Mark the step's back-propagated loss calls that repeat samples (``MicroBatch.repeats``)."""
         seen: List[_Forward] = []
         read = {}
-        for mb, fwd, rows in self._reads:
+        for mb, fwd, rows, _ in self._reads:
             if not mb.backpropagated:
                 continue
             if all(f is not fwd for f in seen):
@@ -87,7 +100,42 @@ class RepeatedSamples:
                 mb.repeats = read[id(fwd)] > fwd.rows
                 if rows < fwd.rows:
                     mb.batch_size = rows  # a slice of the output's rows: those are its samples, not all rows
+        self._outside()
         self._reads = []
+
+    def _outside(self) -> None:
+        """Mark the loss calls of a forward one of whose output tensors loss_fn read while a training backward
+        pass reached another that no back-propagated loss_fn call read (``MicroBatch.outside``)."""
+        read, calls = {}, {}
+        for mb, fwd, _, leaf in self._reads:
+            if mb.backpropagated:
+                calls.setdefault(id(fwd), (fwd, []))[1].append(mb)
+                if leaf is not None:
+                    read.setdefault(id(fwd), set()).add(leaf)
+        for key, (fwd, mbs) in calls.items():
+            other = sorted(fwd.grad_leaves - read.get(key, set()))
+            if read.get(key) and other:
+                why = (f"output tensor {other[0]} of the model's forward (of {len(fwd.outputs)}) was back-propagated "
+                       "without going through loss_fn (a second loss module, or an auxiliary loss the model returns): "
+                       "the per-sample losses of loss_fn are not the whole objective")
+                for mb in mbs:
+                    mb.outside = why
+
+
+def _note_grad(fwd: _Forward, i: int, reaches, grad) -> None:
+    if reaches():
+        fwd.grad_leaves.add(i)
+
+
+def _leaf_read(loss_input, outputs) -> Optional[int]:
+    """Which of the forward's output tensors ``loss_input`` is, or is a view of (None: neither)."""
+    if not isinstance(loss_input, torch.Tensor):
+        return None
+    base = loss_input._base
+    for i, o in enumerate(outputs):
+        if o is not None and (o is loss_input or (base is not None and o is base)):
+            return i
+    return None
 
 
 def _reads_rows(loss_input: torch.Tensor, outputs) -> bool:

@@ -83,7 +83,7 @@ class StepDetection:
             return None
         if self._open_forwards and self._open_forwards.pop()["nested"]:
             return None  # a redirection around the real forward (see _on_model_forward_pre)
-        self._repeats.on_forward(output)
+        self._repeats.on_forward(output, self._reaches_params if "layer_io" in self._needs else None)
         if self._needs:  # a tracked step: how the loss reads the output says what a sample is (its count)
             # held until the loss call (then dropped): a weak reference dies in an inline
             # crit(model(x).view(-1, V), y), where only the view outlives the output's Python object

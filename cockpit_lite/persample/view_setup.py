@@ -62,6 +62,8 @@ def setup(self, captured) -> None:
     elif self.inputs.reduction not in ("mean", "sum"):
         self._global_reason = (f"the loss reduction is {self.inputs.reduction!r}; per-sample gradients need the "
                                "loss module passed as watch(..., loss_fn=...) with reduction 'mean' or 'sum'")
+    elif any(m.outside for m in mbs):
+        self._global_reason = next(m.outside for m in mbs if m.outside)
     elif any(m.repeats for m in mbs):
         self._global_reason = ("loss calls of this step read the same samples more than once (losses of two heads "
                                "on one forward, or a forward repeated on the same input): sample i's gradient is "
