@@ -34,7 +34,8 @@ class ParamReach:
             if task == -1:
                 return True
             if task != self._task:
-                self._answer = any(torch._C._will_engine_execute_node(n) for n in self._accumulators())
+                # lazily: the first parameter written usually answers (one query per backward pass)
+                self._answer = any(torch._C._will_engine_execute_node(n) for n in self._iter_accumulators())
                 self._task = task
             return self._answer
         except Exception:  # not answerable here: count the pass, as without this check
@@ -67,12 +68,15 @@ class ParamReach:
         return [p for p in self.params if p.requires_grad]
 
     def _accumulators(self) -> List[object]:
-        nodes = []
-        for p in self._trainable():
+        return list(self._iter_accumulators())
+
+    def _iter_accumulators(self):
+        for p in self.params:
+            if not p.requires_grad:
+                continue
             node = self._nodes.get(id(p))
             if node is None:
                 with torch.enable_grad():  # inside a backward pass grad mode is off: no graph to read it from
                     node = p.view_as(p).grad_fn.next_functions[0][0]
                 self._nodes[id(p)] = node
-            nodes.append(node)
-        return nodes
+            yield node
