@@ -29,7 +29,7 @@ from ..step_context import MicroBatch, StepContext
 from .calls import bracket, call_hook
 from .grad_reach import ParamReach
 from .repeated_samples import RepeatedSamples
-from .other_optimizers import watch_other_optimizers
+from .other_optimizers import passes_of_another_step, watch_other_optimizers
 from .records import NoLog, Recorder, header
 from .setup import (QuantitySpec, nonfinite_grad_names, now, observed_parameters, resolve_quantities,
                     sequence_first_module, uncompiled)
@@ -270,6 +270,7 @@ class Cockpit(StepDetection):
         self._active: Optional[List[Quantity]] = None
         self._needs: frozenset = frozenset()
         self._micro_batches: List[MicroBatch] = []
+        self._other_stepped = False  # another optimizer stepped after a pass through the model (other_optimizers.py)
         self._repeats.reset()
         self._backward_passes = 0
         self._t_start: Optional[float] = None
@@ -387,6 +388,9 @@ class Cockpit(StepDetection):
 
     # -- skipped steps, events ------------------------------------------------------------------
     def _record_skipped(self, reason: str) -> None:
+        if passes_of_another_step(self):  # a GAN's other network stepped: its passes, not a skip (other_optimizers.py)
+            self._reset_step_state()
+            return
         nonfinite = nonfinite_grad_names(self.watched)
         if nonfinite:
             reason = (f"{reason}; gradients were not finite in {', '.join(nonfinite[:5])}"

@@ -635,3 +635,28 @@ def test_loss_module_variants(tmp_path, kind):
 
     run, truth = watched(tmp_path, m, opt, loop, crit)
     assert mismatches(run, truth, m) == []
+
+
+def test_an_optimizer_of_loss_weights_stepping_before_the_watched_one(tmp_path):
+    """Learned task weights with their own optimizer, stepped between backward and the model's step: the
+    model's step keeps its micro-batch."""
+    m, crit = mlp(), nn.CrossEntropyLoss()
+    scale = nn.Parameter(torch.tensor(1.0))
+    opt, opt_w = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), torch.optim.SGD([scale], lr=0.01)
+
+    def loop(t):
+        for x, y in batches(4):
+            t.begin(ce_of(x, y))
+            opt.zero_grad()
+            opt_w.zero_grad()
+            loss = crit(m(x), y)
+            t.note_loss(loss.item())
+            (loss * scale.detach() + (scale - 1).pow(2)).backward()
+            t.note_grad()
+            opt_w.step()
+            opt.step()
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    assert mismatches(run, truth, m) == []
+    assert all(isinstance(r["values"]["norm_test"], float) for r in run)
