@@ -14,8 +14,8 @@ gradients are final, among the back-propagated loss calls (a metric computed on 
   most that output's number of rows, and the rows read by such calls of that forward exceed it (a loss on
   ``out[:B]`` and one on ``out[B:]`` of a [2B, ...] output read each row once: no repeat); a slice's samples
   are its rows (``MicroBatch.batch_size``), not the output's;
-* a forward repeats when its first tensor argument is (a tensor still alive at the same memory, shape and
-  strides as) the first tensor argument of an earlier back-propagated forward of the step.
+* a forward repeats when its first tensor argument is (a tensor still alive at the same memory, shape,
+  strides and version as) the first tensor argument of an earlier back-propagated forward of the step.
 
 The same bookkeeping finds an objective that is more than loss_fn's: where loss_fn read one output tensor of
 a forward (``a, b = model(x); crit(a, y) + mse(b, z)``, ``logits, aux = model(x); crit(logits, y) + aux``)
@@ -36,7 +36,8 @@ from torch.utils._pytree import tree_leaves
 class _Forward:
     def __init__(self, first: Optional[torch.Tensor]):
         self.input = weakref.ref(first) if first is not None else None
-        self.key = (first.data_ptr(), tuple(first.shape), first.stride()) if first is not None else None
+        # the version counter tells a buffer refilled in place (x_buf.copy_(next_batch)) from the same batch
+        self.key = (first.data_ptr(), tuple(first.shape), first.stride(), first._version) if first is not None else None
         self.outputs: List[weakref.ref] = []
         self.rows: Optional[int] = None
         self.repeated = False  # its input is that of an earlier back-propagated forward of the step
@@ -44,7 +45,7 @@ class _Forward:
 
     def same_input(self, other: "_Forward") -> bool:
         mine, theirs = self.input() if self.input else None, other.input() if other.input else None
-        return mine is not None and theirs is not None and (mine is theirs or self.key == other.key)
+        return mine is not None and theirs is not None and self.key == other.key
 
 
 class RepeatedSamples:

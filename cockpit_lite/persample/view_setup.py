@@ -57,7 +57,12 @@ def setup(self, captured) -> None:
     rows_reason = (_rows_disagree(self, mbs, forwards) if seq_first_reason is None and not declared_any
                    and getattr(self.inputs.watched, "seq_first", None) is None else None)
     self.n_local = int(sum(self.batch_sizes))  # samples of this process
-    if not calls:
+    overwritten = getattr(captured, "overwritten", None)
+    if overwritten:
+        self._global_reason = (f"the input of '{overwritten[0]}' was modified in place after its forward (e.g. a static "
+                               "input buffer refilled for the next micro-batch with x_buf.copy_(x)): the per-sample "
+                               "gradients need each micro-batch's own input; pass a new tensor per micro-batch")
+    elif not calls:
         self._global_reason = "no layer with observed parameters received a gradient on this step"
     elif self.inputs.reduction not in ("mean", "sum"):
         self._global_reason = (f"the loss reduction is {self.inputs.reduction!r}; per-sample gradients need the "

@@ -660,3 +660,32 @@ def test_an_optimizer_of_loss_weights_stepping_before_the_watched_one(tmp_path):
     run, truth = watched(tmp_path, m, opt, loop, crit)
     assert mismatches(run, truth, m) == []
     assert all(isinstance(r["values"]["norm_test"], float) for r in run)
+
+
+def test_accumulation_through_one_input_buffer_refilled_in_place(tmp_path):
+    """A static input buffer refilled per micro-batch (x_buf.copy_(x)) holds different samples each time."""
+    m, crit = mlp(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    data = batches(6)
+    x_buf = torch.empty(6, 5)
+
+    def loop(t):
+        for k in range(0, 6, 2):
+            mbs = data[k:k + 2]
+            t.begin(lambda m64, mbs=mbs: torch.cat([CE(m64(a.double()), b) for a, b in mbs]))
+            opt.zero_grad()
+            losses = []
+            for x, y in mbs:
+                x_buf.copy_(x)
+                loss = crit(m(x_buf), y)
+                (loss / 2).backward()
+                losses.append(loss.item())
+            t.note_loss(sum(losses) / 2)
+            t.note_grad()
+            opt.step()
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    assert mismatches(run, truth, m) == []
+    assert [r["samples"] for r in run] == [12, 12, 12]
+    assert "modified in place" in next(iter(run))["reasons"]["norm_test"]
