@@ -27,8 +27,7 @@ from ..runlog import RunLogWriter, load
 from ..runlog.batch import LOG_BATCH, BatchedWriter
 from ..step_context import MicroBatch, StepContext
 from .calls import bracket, call_hook
-from .grad_reach import ParamReach
-from .repeated_samples import RepeatedSamples
+from .loop_trackers import reset_loop_trackers, start_loop_trackers
 from .other_optimizers import passes_of_another_step, watch_other_optimizers
 from .records import NoLog, Recorder, header
 from .setup import (QuantitySpec, nonfinite_grad_names, now, observed_parameters, resolve_quantities,
@@ -175,9 +174,7 @@ class Cockpit(StepDetection):
         self.closed = False
         self._open_forwards: List[dict] = []  # forwards of the model begun and not yet returned (kept across steps)
         self._rule_check_failures = 0  # steps on which the per-sample self-check failed (retried up to 3)
-        self._repeats = RepeatedSamples()  # loss calls reading samples already read (repeated_samples.py)
-        self._reaches_params = ParamReach(params)  # whether a running backward pass writes their .grad
-        self._param_groups_seen = len(optimizer.param_groups)
+        start_loop_trackers(self, params)  # extra backward passes, repeated samples, other optimizers (loop_trackers.py)
         self._quiet = 0  # > 0 while the hooks ignore what runs (later closure evaluations of one step)
         self._reset_step_state()
         for q in self.quantities:
@@ -270,8 +267,7 @@ class Cockpit(StepDetection):
         self._active: Optional[List[Quantity]] = None
         self._needs: frozenset = frozenset()
         self._micro_batches: List[MicroBatch] = []
-        self._other_stepped = False  # another optimizer stepped after a pass through the model (other_optimizers.py)
-        self._repeats.reset()
+        reset_loop_trackers(self)
         self._backward_passes = 0
         self._t_start: Optional[float] = None
         self._overhead = 0.0
@@ -281,8 +277,6 @@ class Cockpit(StepDetection):
         self._last_output = None  # the model's last training output until the loss call (persample/output_view.py)
         if getattr(self, "_layer_capture", None) is not None:
             self._layer_capture.disarm()  # drop what an unfinished/skipped step captured
-        if getattr(self, "_reaches_params", None) is not None:
-            self._reaches_params.take()
 
     def _activate(self) -> List[Quantity]:
         """Quantities active on the current step (decided once per step)."""
