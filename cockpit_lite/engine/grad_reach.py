@@ -41,6 +41,26 @@ class ParamReach:
         except Exception:  # not answerable here: count the pass, as without this check
             return True
 
+    def defer(self, fn) -> None:
+        """Call ``fn`` when the running backward pass has ended if it changed a watched ``.grad`` after all: a
+        pass whose own graph holds no watched parameter may still write them from a nested backward pass (a
+        reentrant ``torch.utils.checkpoint`` around every parameter). Only asked where ``self()`` said no."""
+        from ..backward_end import queue_after_backward
+
+        before = self._grad_state()
+
+        def then():
+            if self._grad_state() != before:
+                fn()
+
+        try:
+            queue_after_backward(then)
+        except Exception:  # not in a backward pass after all: nothing to wait for
+            pass
+
+    def _grad_state(self) -> List[tuple]:
+        return [(id(p.grad), p.grad._version) if p.grad is not None else None for p in self.params]
+
     def mark(self) -> None:
         """Note which parameters the running backward pass writes (once per graph task; called from the
         layer hooks of tracked steps). A parameter no pass of the step wrote (``backward(inputs=head)``)

@@ -99,13 +99,17 @@ class StepDetection:
         return None
 
     def _count_backward(self, grad):
-        if not self._reaches_params():  # an input gradient (backward(inputs=[x]), autograd.grad): not the step's
+        if not self._reaches_params():  # an input gradient (backward(inputs=[x]), autograd.grad): not the step's,
+            self._reaches_params.defer(self._count_late)  # unless a nested pass (reentrant checkpoint) writes .grad
             return None
         self._backward_passes += 1
         if "backward_end" in self._needs and not self._backward_end_queued:
             self._backward_end_queued = True
             queue_after_backward(self._on_backward_end)
         return None
+
+    def _count_late(self) -> None:
+        self._backward_passes += 1
 
     def _on_backward_end(self) -> None:
         """End of a backward pass (after DDP's all-reduce): quantities needing "backward_end"."""
@@ -145,10 +149,14 @@ class StepDetection:
             mb.target = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:])
 
         def on_loss_grad(grad, mb=mb, reaches=self._reaches_params):
-            if not reaches():  # an input gradient only: this loss call is not back-propagated into the model
-                return
-            mb.loss_scale = grad.detach()
-            mb.backpropagated = True
+            def taken(scale=grad.detach()):
+                mb.loss_scale = scale
+                mb.backpropagated = True
+
+            if reaches():
+                taken()
+            else:  # an input gradient only, unless a nested pass (reentrant checkpoint) writes .grad after all
+                reaches.defer(taken)
 
         output.register_hook(on_loss_grad)
         self._micro_batches.append(mb)
