@@ -16,12 +16,15 @@ def micro_batch_weights(mbs: List[Any], reduction: str) -> List[float]:
     """The factor of each micro-batch's loss in the step's loss, as the loss reduction implies.
 
     ``sum`` (or losses already divided by the step's total count, ``MicroBatch.combine == "sum"``): 1 each;
-    ``mean`` with known batch sizes: the sample share; otherwise: the plain mean."""
+    ``mean`` with known batch sizes: the sample share (of the distinct samples); otherwise: the plain mean."""
     sizes = [m.batch_size for m in mbs]
     if reduction == "sum" or step_normalised(mbs):
         return [1.0] * len(mbs)
     if reduction == "mean" and all(sizes):
-        return [s / sum(sizes) for s in sizes]
+        # loss calls that read samples already read (MicroBatch.repeats: two heads' losses) add to those
+        # samples' losses: the mean is over the distinct samples
+        n = sum(s for s, m in zip(sizes, mbs) if not getattr(m, "repeats", False)) or sum(sizes)
+        return [s / n for s in sizes]
     return [1.0 / len(mbs)] * len(mbs)
 
 

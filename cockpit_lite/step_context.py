@@ -33,6 +33,11 @@ class MicroBatch:
     combine: Optional[str] = None
     #: (key, sample id of each loss element), cached by persample/losses.py for this call's layout
     sample_ids: Any = None
+    #: it reads samples an earlier loss call of the step read (two heads' losses, a forward repeated on the
+    #: same input): not counted in the step's samples (engine/repeated_samples.py)
+    repeats: bool = False
+    #: why the objective is more than loss_fn's (another output of the forward back-propagated outside it)
+    outside: Optional[str] = None
 
 
 @dataclass

@@ -27,6 +27,8 @@ from ..runlog import RunLogWriter, load
 from ..runlog.batch import LOG_BATCH, BatchedWriter
 from ..step_context import MicroBatch, StepContext
 from .calls import bracket, call_hook
+from .loop_trackers import reset_loop_trackers, start_loop_trackers
+from .other_optimizers import passes_of_another_step, watch_other_optimizers
 from .records import NoLog, Recorder, header
 from .setup import (QuantitySpec, nonfinite_grad_names, now, observed_parameters, resolve_quantities,
                     sequence_first_module, uncompiled)
@@ -172,6 +174,7 @@ class Cockpit(StepDetection):
         self.closed = False
         self._open_forwards: List[dict] = []  # forwards of the model begun and not yet returned (kept across steps)
         self._rule_check_failures = 0  # steps on which the per-sample self-check failed (retried up to 3)
+        start_loop_trackers(self, params)  # extra backward passes, repeated samples, other optimizers (loop_trackers.py)
         self._quiet = 0  # > 0 while the hooks ignore what runs (later closure evaluations of one step)
         self._reset_step_state()
         for q in self.quantities:
@@ -187,6 +190,7 @@ class Cockpit(StepDetection):
             self._handles.append(loss_fn.register_forward_hook(self._on_loss, with_kwargs=True))
             _WATCHED_LOSSES.add(loss_fn)
         self._zero_grad_patches = patch_zero_grad(self, zero_grad_owners(optimizer, model, inner))
+        self._handles.append(watch_other_optimizers(self))  # a GAN's other step is not a skipped one
         if self._model_loss is not None:
             self._model_loss.install(self.watched)
         _WATCHED_MODELS.add(model)
@@ -263,6 +267,7 @@ class Cockpit(StepDetection):
         self._active: Optional[List[Quantity]] = None
         self._needs: frozenset = frozenset()
         self._micro_batches: List[MicroBatch] = []
+        reset_loop_trackers(self)
         self._backward_passes = 0
         self._t_start: Optional[float] = None
         self._overhead = 0.0
@@ -290,6 +295,7 @@ class Cockpit(StepDetection):
     # -- a tracked step -------------------------------------------------------------------------
     def _before_step(self) -> None:
         t0 = time.perf_counter()
+        self._repeats.resolve()  # the step's gradients are final: which loss calls read samples twice
         active = self._activate()
         if not active:
             return None
@@ -299,6 +305,7 @@ class Cockpit(StepDetection):
         ctx.active = list(active)  # lets shared work be planned (e.g. ctx.per_sample fuses per-layer passes)
         if self._layer_capture is not None and "layer_io" in self._needs:
             ctx.layer_io = self._layer_capture.disarm()
+            ctx.layer_io.reached = self._reaches_params.take()  # backward(inputs=...) leaves parameters out
         self._ctx = ctx
         if "update" in self._needs:
             with torch.no_grad():
@@ -375,6 +382,9 @@ class Cockpit(StepDetection):
 
     # -- skipped steps, events ------------------------------------------------------------------
     def _record_skipped(self, reason: str) -> None:
+        if passes_of_another_step(self):  # a GAN's other network stepped: its passes, not a skip (other_optimizers.py)
+            self._reset_step_state()
+            return
         nonfinite = nonfinite_grad_names(self.watched)
         if nonfinite:
             reason = (f"{reason}; gradients were not finite in {', '.join(nonfinite[:5])}"

@@ -93,7 +93,7 @@ class Recorder:
         record = {"type": "step", "step": ctx.step, "wall": time.time(),
                   "backward_passes": max(backward_passes, sum(m.backpropagated for m in ctx.micro_batches)),
                   "values": values}
-        samples = sum(m.batch_size or 0 for m in ctx.micro_batches if m.backpropagated)
+        samples = sum(m.batch_size or 0 for m in ctx.micro_batches if m.backpropagated and not m.repeats)
         if samples and ctx.watched.seq_first is not None:
             # dim 0 of the loss input counts positions there: the per-sample view's count when it read the
             # batch along dim 1 on this step, else no count (never T logged as the number of samples)

@@ -50,6 +50,12 @@ SUM_FAILED = ("the per-sample layer rule disagrees with .grad on this parameter 
               "plain matmul), or was .grad changed after the backward pass (clip_grad_value_, a term added to it)?")
 
 
+REPLAY_OFF = ("the per-sample layer rule disagrees with autograd on this parameter, and so does the per-sample "
+              "replay of loss_fn with .grad (its mean over the samples is off by {rel:.2g} relative on step {step}): "
+              "the back-propagated loss is not only loss_fn's (a term added to it outside loss_fn, e.g. a penalty "
+              "on the model output or a second loss module), so the per-sample losses l_i are not known")
+
+
 class _Unavailable(Exception):
     pass
 
@@ -73,8 +79,8 @@ def run(ctx) -> Optional[dict]:
         dots = [d[0] if d.numel() else None for d in view.dots_per_param(refs)]
         local = {}
         for j, name in enumerate(names):
-            if name in reasons or sq[j] is None:
-                continue
+            if name in reasons or sq[j] is None or j in view.frozen:
+                continue  # frozen or left out of backward(inputs=...): no gradient on this step, 0 in the rules
             rr = float(refs[j].double().pow(2).sum())
             g2, gr = float(sq[j]), float(dots[j])
             if not all(math.isfinite(x) for x in (rr, g2, gr)):
@@ -104,6 +110,15 @@ def run(ctx) -> Optional[dict]:
         # rebuilt: the failed parameters come from the per-sample replay (replayed.py) or are NaN from here on
         ctx._per_sample = PerSampleView(ctx.inputs())
         still = ctx._per_sample.unsupported()
+        off = _replay_off(ctx, ctx._per_sample, [j for j in failed if names[j] not in still], tol) \
+            if watched.dist is None else {}
+        if off:  # the replay of loss_fn does not explain .grad: NaN, not the replay's values
+            for j, rel in off.items():
+                watched.replay_rejected[names[j]] = watched.rule_failures[names[j]] = REPLAY_OFF.format(
+                    rel=rel, step=ctx.step)
+                outcome["failed"][names[j]] = watched.rule_failures[names[j]]
+            ctx._per_sample = PerSampleView(ctx.inputs())
+            still = ctx._per_sample.unsupported()
         outcome["replayed"] = sorted(names[j] for j in failed if names[j] not in still)
     elif not outcome:
         outcome = {"status": "passed"}
@@ -152,6 +167,38 @@ def _sum_check(ctx, view) -> Dict[int, float]:
         if d2 > TOL * TOL * max(c * c * gg, rr):  # .grad may be clipped or unscaled in another precision
             failed[j] = math.sqrt(d2 / max(c * c * gg, rr))
     return failed
+
+
+def _replay_off(ctx, view, replayed: List[int], tol: float) -> Dict[int, float]:
+    """{parameter index: relative difference} for the replayed parameters whose mean per-sample gradient is
+    not c .grad, with c measured on the parameters the layer rules serve (a replay of loss_fn alone cannot
+    explain a gradient that has more in it). Empty where it cannot be told (no such parameter, unequal
+    micro-batch weights)."""
+    from ..persample.dense_grads import dense_grads
+    from ..persample.mean_grad import equal_weights
+
+    if not replayed or not equal_weights(view):
+        return {}
+    reasons, grads, sums = view.unsupported(), dense_grads(ctx), view.sum_grads()
+    rows = {}
+    for j, name in enumerate(view.names):
+        if name in reasons or grads[j] is None or j in view.frozen:
+            continue
+        gr, r = grads[j].detach().double().reshape(-1), sums[j].detach().double().reshape(-1) / view.n_local
+        rows[j] = (float(gr @ gr), float(gr @ r), float(r @ r))
+    ratios = sorted(gr_r / gg for j, (gg, gr_r, _) in rows.items() if j not in replayed and gg > 0)
+    if not ratios:
+        return {}
+    c = ratios[len(ratios) // 2]
+    off = {}
+    for j in replayed:
+        if j not in rows:
+            continue
+        gg, gr_r, rr = rows[j]
+        d2 = max(c * c * gg - 2 * c * gr_r + rr, 0.0)
+        if math.isfinite(d2) and d2 > tol * tol * max(c * c * gg, rr):
+            off[j] = math.sqrt(d2 / max(c * c * gg, rr))
+    return off
 
 
 def _agree(dist, local: Dict[int, float], count: int, retry: bool) -> Optional[Dict[int, Optional[float]]]:

@@ -25,6 +25,7 @@ from ..persample.output_view import observe
 from ..replay import is_replaying
 from ..rng import rng_state
 from ..step_context import MicroBatch, ModelCall
+from .param_groups import check_param_groups
 from .setup import autocast_state, positional
 
 
@@ -47,6 +48,7 @@ class StepDetection:
                 self._model_calls.remove(outer["call"])
             outer["nested"] = True
         self._open_forwards.append({"call": None, "nested": False})
+        self._repeats.on_forward_pre(args)
         self._last_output = None
         if self._t_start is None:
             self._t_start = time.perf_counter()
@@ -67,6 +69,7 @@ class StepDetection:
             from ..persample.capture import LayerCapture
 
             self._layer_capture = LayerCapture(self.model, self.watched.names, self.watched.params)
+            self._layer_capture.reaches = self._reaches_params  # output gradients of training backward passes only
             if self.compiled:
                 self._warn_once("compiled", (
                     "cockpit-lite: the model is compiled (torch.compile). Per-sample quantities hook every "
@@ -80,6 +83,7 @@ class StepDetection:
             return None
         if self._open_forwards and self._open_forwards.pop()["nested"]:
             return None  # a redirection around the real forward (see _on_model_forward_pre)
+        self._repeats.on_forward(output, self._reaches_params if "layer_io" in self._needs else None)
         if self._needs:  # a tracked step: how the loss reads the output says what a sample is (its count)
             # held until the loss call (then dropped): a weak reference dies in an inline
             # crit(model(x).view(-1, V), y), where only the view outlives the output's Python object
@@ -95,11 +99,17 @@ class StepDetection:
         return None
 
     def _count_backward(self, grad):
+        if not self._reaches_params():  # an input gradient (backward(inputs=[x]), autograd.grad): not the step's,
+            self._reaches_params.defer(self._count_late)  # unless a nested pass (reentrant checkpoint) writes .grad
+            return None
         self._backward_passes += 1
         if "backward_end" in self._needs and not self._backward_end_queued:
             self._backward_end_queued = True
             queue_after_backward(self._on_backward_end)
         return None
+
+    def _count_late(self) -> None:
+        self._backward_passes += 1
 
     def _on_backward_end(self) -> None:
         """End of a backward pass (after DDP's all-reduce): quantities needing "backward_end"."""
@@ -128,6 +138,7 @@ class StepDetection:
             loss=output.detach().mean(),
             batch_size=int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else None,
         )
+        self._repeats.on_loss(mb, first)  # a second head's loss on the same samples (repeated_samples.py)
         if isinstance(module, ModelLoss):  # a loss divided by the step's count is a part of the step's loss
             mb.combine = module.combine
         if self._last_output is not None:  # a view of the model output: its rows are the samples (B, not B*T)
@@ -137,9 +148,15 @@ class StepDetection:
             mb.output = first.detach() if isinstance(first, torch.Tensor) else first
             mb.target = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:])
 
-        def on_loss_grad(grad, mb=mb):
-            mb.loss_scale = grad.detach()
-            mb.backpropagated = True
+        def on_loss_grad(grad, mb=mb, reaches=self._reaches_params):
+            def taken(scale=grad.detach()):
+                mb.loss_scale = scale
+                mb.backpropagated = True
+
+            if reaches():
+                taken()
+            else:  # an input gradient only, unless a nested pass (reentrant checkpoint) writes .grad after all
+                reaches.defer(taken)
 
         output.register_hook(on_loss_grad)
         self._micro_batches.append(mb)
@@ -151,6 +168,7 @@ class StepDetection:
         computes the gradients inside the step, after this hook: the closure is then replaced by one
         that runs it and observes once it returns (an optimizer evaluating the closure several times,
         like L-BFGS, is observed at its first evaluation)."""
+        check_param_groups(self)  # a group added after watch() is not observed: said once (param_groups.py)
         positional_call = len(args) > 1 and args[0] is optimizer
         closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if positional_call else None)
         if closure is None:

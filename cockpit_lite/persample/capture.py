@@ -32,12 +32,15 @@ class LayerCall:
     output_grad: Optional[torch.Tensor] = None  # d(backward root)/d(output), summed over backward passes
     output: Optional[torch.Tensor] = None  # the output (detached), kept for attention only (attention.py checks it)
     taps: Optional[list] = None  # attention only: its projections' [name, input, output gradient] (attention_tap.py)
+    versions: Tuple[int, ...] = ()  # the input tensors' version counters when captured (in-place changes after)
 
 
 @dataclass
 class Captured:
     calls: List[LayerCall] = field(default_factory=list)
     forwards: int = 0  # model forward calls seen while armed
+    reached: Optional[set] = None  # ids of the parameters the step's backward passes wrote (None: unknown)
+    overwritten: List[str] = field(default_factory=list)  # modules whose captured input changed in place since
 
 
 def _detach(x):
@@ -58,6 +61,7 @@ class LayerCapture:
         self.model = model
         self.observed = {id(p) for p in params}
         self.armed = False
+        self.reaches = None  # set by the engine: False in a backward pass that writes no watched .grad (grad_reach.py)
         self._captured = Captured()
         self._forward = 0
         self._handles = []
@@ -84,6 +88,7 @@ class LayerCapture:
         captured = self._captured
         captured.forwards = self._forward
         captured.calls = [c for c in captured.calls if c.output_grad is not None]
+        captured.overwritten = [c.module_name for c in captured.calls if _overwritten(c)]
         self.armed = False
         self._captured = Captured()
         self._forward = 0
@@ -124,10 +129,15 @@ class LayerCapture:
                              kwargs={k: _detach(v) for k, v in kwargs.items()},
                              training=module.training,
                              output=out.detach() if keeps_output else None,
-                             taps=tap.records if tap is not None else None)
+                             taps=tap.records if tap is not None else None,
+                             versions=tuple(a._version for a in args if isinstance(a, torch.Tensor)))
             self._captured.calls.append(call)
 
             def keep_grad(grad, call=call):
+                if self.reaches is not None:
+                    if not self.reaches():
+                        return None  # an input gradient (backward(inputs=[x]), autograd.grad): not the step's
+                    self.reaches.mark()
                 g = grad.detach()
                 call.output_grad = g if call.output_grad is None else call.output_grad + g
                 return None
@@ -136,6 +146,13 @@ class LayerCapture:
             return None
 
         return hook
+
+
+def _overwritten(call: LayerCall) -> bool:
+    """Whether an input of the call was modified in place after it was captured (a static input buffer refilled
+    for the next micro-batch, ``x_buf.copy_(x)``): the captured (shared-memory) input is then another batch's."""
+    now = tuple(a._version for a in call.inputs if isinstance(a, torch.Tensor))
+    return bool(call.versions) and now != call.versions
 
 
 def _in_backward() -> bool:

@@ -57,11 +57,22 @@ def setup(self, captured) -> None:
     rows_reason = (_rows_disagree(self, mbs, forwards) if seq_first_reason is None and not declared_any
                    and getattr(self.inputs.watched, "seq_first", None) is None else None)
     self.n_local = int(sum(self.batch_sizes))  # samples of this process
-    if not calls:
+    overwritten = getattr(captured, "overwritten", None)
+    if overwritten:
+        self._global_reason = (f"the input of '{overwritten[0]}' was modified in place after its forward (e.g. a static "
+                               "input buffer refilled for the next micro-batch with x_buf.copy_(x)): the per-sample "
+                               "gradients need each micro-batch's own input; pass a new tensor per micro-batch")
+    elif not calls:
         self._global_reason = "no layer with observed parameters received a gradient on this step"
     elif self.inputs.reduction not in ("mean", "sum"):
         self._global_reason = (f"the loss reduction is {self.inputs.reduction!r}; per-sample gradients need the "
                                "loss module passed as watch(..., loss_fn=...) with reduction 'mean' or 'sum'")
+    elif any(m.outside for m in mbs):
+        self._global_reason = next(m.outside for m in mbs if m.outside)
+    elif any(m.repeats for m in mbs):
+        self._global_reason = ("loss calls of this step read the same samples more than once (losses of two heads "
+                               "on one forward, or a forward repeated on the same input): sample i's gradient is "
+                               "the sum over those calls, which the per-sample layer data do not separate")
     elif len(mbs) != len(forwards):
         self._global_reason = (f"{len(forwards)} model forward passes but {len(mbs)} back-propagated loss calls "
                                "on this step: cannot match micro-batches to losses")
@@ -80,7 +91,11 @@ def setup(self, captured) -> None:
     self.micro_batches = mbs
     # parameter -> [(forward position, call, attribute name)]
     self.feeds: Dict[int, list] = {j: [] for j in range(len(self.params))}
-    self.frozen = {j for j, p in enumerate(self.params) if not p.requires_grad}  # no gradient: 0 here
+    # no gradient on this step: 0 here (frozen, or written by none of the step's backward passes, e.g. a
+    # backward(inputs=head_params): their layers' outputs may still have received a gradient)
+    reached = getattr(captured, "reached", None)
+    self.frozen = {j for j, p in enumerate(self.params)
+                   if not p.requires_grad or (reached is not None and id(p) not in reached)}
     for pos, k in enumerate(forwards):
         fcalls = self.calls_by_forward[k]
         bn_orders = [c.order for c in fcalls if batchnorm_mixes_samples(c.module, c.training)]
@@ -111,8 +126,11 @@ def setup(self, captured) -> None:
                 self._replay[j] = seq_first_reason or rows_reason
     index = {name: j for j, name in enumerate(self.names)}
     for name, why in getattr(self.inputs.watched, "rule_failures", {}).items():
-        if name in index and name not in self._reasons:
-            self._replay.setdefault(index[name], why)  # failed the self-check (selfcheck.py)
+        if name in index and name not in self._reasons and index[name] not in self.frozen:
+            if name in getattr(self.inputs.watched, "replay_rejected", {}):
+                self._reasons[name] = why  # the replay does not explain .grad either (selfcheck.py)
+            else:
+                self._replay.setdefault(index[name], why)  # failed the self-check (selfcheck.py)
     if self._global_reason is not None:
         for name in self.names:
             self._reasons[name] = self._global_reason

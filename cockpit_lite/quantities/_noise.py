@@ -17,7 +17,8 @@ from ..distributed import sum_numbers, sum_tensors
 from . import _resolution
 
 
-FROZEN = "the parameter is frozen (requires_grad=False) on this step: it has no gradient; the totals leave it out"
+FROZEN = ("the parameter has no gradient on this step (frozen with requires_grad=False, or left out of "
+          "backward(inputs=...)); the totals leave it out")
 
 
 def mean_grad(ctx) -> List[torch.Tensor]:

@@ -140,6 +140,7 @@ class Watched:
         self.dist = dist  # cockpit_lite.distributed.Group of a data-parallel run, None in one process
         self.rule_check: Optional[dict] = None  # outcome of the per-sample self-check (engine/selfcheck.py)
         self.rule_failures: Dict[str, str] = {}  # parameter name -> why its per-sample values are NaN for good
+        self.replay_rejected: Dict[str, str] = {}  # of those, where the per-sample replay is no remedy either
         #: "name (Type)" of a module that reads dim 1 as the batch (batch_first=False), else None
         #: (engine/setup.py ``sequence_first_module``): the batch size is then not the loss input's dim 0
         self.seq_first: Optional[str] = None

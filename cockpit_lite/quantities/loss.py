@@ -27,7 +27,7 @@ class Loss(Quantity):
         """Every process takes part, with or without a loss of its own."""
         loss = ctx.loss()
         mbs = [m for m in ctx.micro_batches if m.backpropagated]
-        n = sum(m.batch_size or 0 for m in mbs)
+        n = sum(m.batch_size or 0 for m in mbs if not m.repeats)  # distinct samples (engine/repeated_samples.py)
         # a loss already divided by a step-wide count (num_items_in_batch) is averaged over processes,
         # as DDP averages their gradients
         weight = 1.0 if ctx.reduction == "sum" or step_normalised(mbs) else (n if ctx.reduction == "mean" else 1)

@@ -1,0 +1,148 @@
+"""Loss calls of one step that read samples an earlier loss call of the step already read.
+
+Two losses on one forward's outputs (a multi-task model's heads: ``l1.backward(retain_graph=True);
+l2.backward()`` or ``(l1 + l2).backward()``), or a second forward on the same input tensor (``model(x)``
+twice, one loss each), are not micro-batches of different samples: sample i's loss is l1_i + l2_i. Such a
+loss call is marked ``MicroBatch.repeats``: the step's ``samples`` leaves it out, the step's loss adds it
+up per sample (``loss_combine.micro_batch_weights``), and per-sample quantities are NaN with a reason
+(``persample/view_setup.py``).
+
+Seen from the hooks, without keeping tensors alive (weak references only), and decided when the step's
+gradients are final, among the back-propagated loss calls (a metric computed on the same batch is not one):
+
+* a loss call repeats when its input is one of its forward's output tensors (or a slice of its rows) with at
+  most that output's number of rows, and the rows read by such calls of that forward exceed it (a loss on
+  ``out[:B]`` and one on ``out[B:]`` of a [2B, ...] output read each row once: no repeat); a slice's samples
+  are its rows (``MicroBatch.batch_size``), not the output's;
+* a forward repeats when its first tensor argument is (a tensor still alive at the same memory, shape,
+  strides and version as) the first tensor argument of an earlier back-propagated forward of the step.
+
+The same bookkeeping finds an objective that is more than loss_fn's: where loss_fn read one output tensor of
+a forward (``a, b = model(x); crit(a, y) + mse(b, z)``, ``logits, aux = model(x); crit(logits, y) + aux``)
+and a training backward pass reached another that no loss_fn call read, ``MicroBatch.outside`` says so and
+per-sample quantities (and alpha, whose losses they are) are NaN with that reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Callable, List, Optional
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+
+class _Forward:
+    def __init__(self, first: Optional[torch.Tensor]):
+        self.input = weakref.ref(first) if first is not None else None
+        # the version counter tells a buffer refilled in place (x_buf.copy_(next_batch)) from the same batch
+        self.key = (first.data_ptr(), tuple(first.shape), first.stride(), first._version) if first is not None else None
+        self.outputs: List[weakref.ref] = []
+        self.rows: Optional[int] = None
+        self.repeated = False  # its input is that of an earlier back-propagated forward of the step
+        self.grad_leaves: set = set()  # positions of its output tensors a training backward pass reached
+
+    def same_input(self, other: "_Forward") -> bool:
+        mine, theirs = self.input() if self.input else None, other.input() if other.input else None
+        return mine is not None and theirs is not None and self.key == other.key
+
+
+class RepeatedSamples:
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """A new step."""
+        self._forward: Optional[_Forward] = None
+        self._reads: List[tuple] = []  # (micro-batch, its forward, rows it reads of that forward's output or None)
+
+    def on_forward_pre(self, args) -> None:
+        first = next((a for a in tree_leaves(args) if isinstance(a, torch.Tensor) and a.dim() > 0), None)
+        self._forward = _Forward(first)
+
+    def on_forward(self, output, reaches: Optional[Callable[[], bool]] = None) -> None:
+        """``reaches`` (tracked steps): note which output tensors training backward passes reach."""
+        fwd = self._forward
+        if fwd is None:
+            return
+        leaves = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+        fwd.outputs = [weakref.ref(t) for t in leaves]
+        fwd.rows = int(leaves[0].shape[0]) if leaves and leaves[0].dim() > 0 else None
+        if reaches is not None and len(leaves) > 1:
+            for i, leaf in enumerate(leaves):
+                if leaf.requires_grad:
+                    leaf.register_hook(functools.partial(_note_grad, fwd, i, reaches))
+
+    def on_loss(self, mb, loss_input) -> None:
+        fwd = self._forward
+        if fwd is None:
+            return
+        rows, leaf = None, _leaf_read(loss_input, [r() for r in fwd.outputs])
+        if fwd.rows is not None and isinstance(loss_input, torch.Tensor) and 0 < loss_input.dim():
+            if int(loss_input.shape[0]) <= fwd.rows and _reads_rows(loss_input, [r() for r in fwd.outputs]):
+                rows = int(loss_input.shape[0])
+        self._reads.append((mb, fwd, rows, leaf))
+
+    def resolve(self) -> None:
+        """Mark the step's back-propagated loss calls that repeat samples (``MicroBatch.repeats``)."""
+        seen: List[_Forward] = []
+        read = {}
+        for mb, fwd, rows, _ in self._reads:
+            if not mb.backpropagated:
+                continue
+            if all(f is not fwd for f in seen):
+                fwd.repeated = any(fwd.same_input(f) for f in seen)
+                seen.append(fwd)
+            if fwd.repeated:
+                mb.repeats = True
+            elif rows is not None:
+                read[id(fwd)] = read.get(id(fwd), 0) + rows
+                mb.repeats = read[id(fwd)] > fwd.rows
+                if rows < fwd.rows:
+                    mb.batch_size = rows  # a slice of the output's rows: those are its samples, not all rows
+        self._outside()
+        self._reads = []
+
+    def _outside(self) -> None:
+        """Mark the loss calls of a forward one of whose output tensors loss_fn read while a training backward
+        pass reached another that no back-propagated loss_fn call read (``MicroBatch.outside``)."""
+        read, calls = {}, {}
+        for mb, fwd, _, leaf in self._reads:
+            if mb.backpropagated:
+                calls.setdefault(id(fwd), (fwd, []))[1].append(mb)
+                if leaf is not None:
+                    read.setdefault(id(fwd), set()).add(leaf)
+        for key, (fwd, mbs) in calls.items():
+            other = sorted(fwd.grad_leaves - read.get(key, set()))
+            if read.get(key) and other:
+                why = (f"output tensor {other[0]} of the model's forward (of {len(fwd.outputs)}) was back-propagated "
+                       "without going through loss_fn (a second loss module, or an auxiliary loss the model returns): "
+                       "the per-sample losses of loss_fn are not the whole objective")
+                for mb in mbs:
+                    mb.outside = why
+
+
+def _note_grad(fwd: _Forward, i: int, reaches, grad) -> None:
+    if reaches():
+        fwd.grad_leaves.add(i)
+
+
+def _leaf_read(loss_input, outputs) -> Optional[int]:
+    """Which of the forward's output tensors ``loss_input`` is, or is a view of (None: neither)."""
+    if not isinstance(loss_input, torch.Tensor):
+        return None
+    base = loss_input._base
+    for i, o in enumerate(outputs):
+        if o is not None and (o is loss_input or (base is not None and o is base)):
+            return i
+    return None
+
+
+def _reads_rows(loss_input: torch.Tensor, outputs) -> bool:
+    """Whether ``loss_input`` is one of ``outputs`` or a slice of one along dim 0 (whole rows)."""
+    if any(o is loss_input for o in outputs):
+        return True
+    base = loss_input._base
+    return (base is not None and any(o is base for o in outputs) and base.dim() == loss_input.dim()
+            and base.shape[1:] == loss_input.shape[1:] and base.stride() == loss_input.stride())
