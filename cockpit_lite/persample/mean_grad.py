@@ -4,6 +4,7 @@ cannot hold (unequal micro-batch weights, DDP over unequal shards, ``.grad`` hol
 
 from __future__ import annotations
 
+import math
 from typing import List
 
 import torch
@@ -53,6 +54,11 @@ def mean_grad(view) -> List[torch.Tensor]:
                 view._cache["mean_factor"] = c
                 result = [view._nan(g.shape) if view.names[j] in view._reasons
                           else _scaled(g.detach(), c) for j, g in enumerate(grads)]
+            elif dist is None:
+                # one process, every sample of the same weight: .grad must be c g. It is not: .grad holds a
+                # term the per-sample gradients do not (a penalty on the parameters in the loss), or was changed
+                # after backward; the values would describe another gradient than the step's
+                result = _disagrees(view, [view.names[j] for j in checks], grads, c, sums)
         if dist is not None:  # the same decision everywhere
             ok = sum_numbers(dist, [1 if result is not None else 0])[0] == dist.size
             result = result if ok else None
@@ -60,6 +66,29 @@ def mean_grad(view) -> List[torch.Tensor]:
         result = [s / view.n for s in sum_tensors(dist, view.sum_grads())]
     view._cache["mean"] = result
     return result
+
+
+DISAGREES = ("the mean of the per-sample gradients is not proportional to .grad (on {names}, off by {rel:.2g} "
+             "relative): the loss has a term that does not pass through the model output (e.g. an L2 penalty on the "
+             "parameters added to the loss; use the optimizer's weight_decay), or .grad was changed after the "
+             "backward pass (clip_grad_value_, a hook); the per-sample gradients would not describe this step's gradient")
+
+
+def _disagrees(view, names, grads, c, sums) -> List[torch.Tensor]:
+    """Every parameter NaN with the reason (``DISAGREES``); the mean gradient returned is NaN too."""
+    rel = max(math.sqrt(max(c * c * x[0] - 2 * c * x[1] + x[2], 0.0) / x[2]) if x[2] > 0 else 1.0 for x in sums)
+    reason = DISAGREES.format(names=" and ".join(repr(n) for n in names), rel=rel)
+    for name in view.names:
+        view._reasons.setdefault(name, reason)
+    view._cache["mean_reason"] = reason
+    return [view._nan(g.shape) for g in grads]
+
+
+def check(view) -> None:
+    """Run the check of ``mean_grad`` now (one process, equal weights): its reasons reach ``unsupported()``
+    before any quantity reads them, also for quantities that never ask for g (alpha)."""
+    if view.inputs.watched.dist is None and equal_weights(view):
+        mean_grad(view)
 
 
 def equal_weights(view) -> bool:
