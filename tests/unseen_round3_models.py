@@ -279,6 +279,7 @@ def vision_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
     def vit():
         m = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8,
                                                  mlp_dim=16, num_classes=3)
+        nn.init.normal_(m.heads.head.weight, std=0.3)  # zero-initialised: every other gradient would be 0
         return Unseen("tv_vit", m, nn.CrossEntropyLoss(), [(x16, labels(B), 1.0)])
     add("tv_vit", vit)
 

@@ -109,3 +109,106 @@ def test_l2_penalty_in_the_loss_is_nan_with_the_reason(tmp_path):
 def test_info_nce_coupled_loss(tmp_path):
     u = M.coupled_cases()["info_nce"]()
     _check(u, tmp_path, M.reference_rows, None)
+
+
+def _hf(kind):
+    import transformers
+
+    torch.manual_seed(0)
+    V = 100
+    if kind == "t5":
+        cfg = transformers.T5Config(vocab_size=V, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+                                    num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0,
+                                    decoder_start_token_id=0, pad_token_id=0)
+        return transformers.T5ForConditionalGeneration(cfg).train()
+    cfg = transformers.BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                                  vocab_size=V, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    return transformers.BertForMaskedLM(cfg).train()
+
+
+@pytest.mark.parametrize("kind", ["t5", "bert_mlm"])
+def test_hf_loss_inside_forward_with_most_labels_ignored(tmp_path, kind):
+    rec = _hf_step(tmp_path, kind)
+    assert rec["checked"] > 10
+
+
+@pytest.mark.xfail(strict=True, reason="T5 (CrossEntropyLoss module on lm_logits.view(-1, V) inside forward) and "
+                                       "BertForMaskedLM (loss_function on the flattened logits): the record's "
+                                       "'samples' is B*T = 24, not the 4 sequences (the engine calls output_view."
+                                       "observe only once the model output is known, after the loss call)")
+@pytest.mark.parametrize("kind", ["t5", "bert_mlm"])
+def test_hf_loss_inside_forward_samples_is_the_batch(tmp_path, kind):
+    assert _hf_step(tmp_path, kind)["samples"] == 4
+
+
+def _hf_step(tmp_path, kind):
+    """T5ForConditionalGeneration (relative attention bias, labels with -100) and BertForMaskedLM (most labels
+    -100), loss computed inside forward (``labels=``): every gradient test equals the float64 brute force
+    (each sequence alone, its share B/N of the batch's token mean) or is NaN with a reason."""
+    pytest.importorskip("transformers")
+    import torch.nn.functional as F
+
+    from test_integration_hf_models import B, assert_brute_force_or_reason, brute_force, train_one_step
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(1, 100, (B, 6), generator=g)
+    labels = torch.randint(1, 100, (B, 6), generator=g)
+    keep = torch.rand(B, 6, generator=g) < (0.6 if kind == "t5" else 0.25)
+    keep[:, 0] = True
+    labels[~keep] = -100
+    model = _hf(kind)
+    n = int((labels != -100).sum())
+
+    def shares(m, x, y):
+        out = []
+        for i in range(B):
+            kw = {"labels": y[i:i + 1]} if kind == "t5" else {}
+            logits = m(input_ids=x[i:i + 1], **kw).logits[0]
+            out.append(B / n * F.cross_entropy(logits, y[i], ignore_index=-100, reduction="sum"))
+        return out
+
+    G = brute_force(model, shares, x, labels)
+    loss, run = train_one_step(model, x, labels, tmp_path / "run")
+    (rec,) = [r for r in run.records if not r.get("amends")]
+    assert rec["values"]["loss"] == pytest.approx(loss, rel=1e-6)
+    rec["checked"] = assert_brute_force_or_reason(rec, G)
+    return rec
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small_eval", "tv_vit", "tv_swin"])
+def test_torchvision_models(tmp_path, name):
+    """Stock torchvision models at 16x16/32x32 (weights=None): exact, or NaN with a reason. MobileNetV3's SE blocks
+    have gradients ~1e-21..1e-25 at init (squares subnormal in float32): NaN naming the module (was: finite and
+    off by ~1%). Its classifier.0 (Linear 576 -> 1024) inner_test is within 2.2e-4 (float32 dots over 590k
+    elements, the variance cancelling ~10x), checked at 1e-3."""
+    pytest.importorskip("torchvision")
+    u = M.vision_cases()[name]()
+    before, rec = run_case(u, tmp_path)
+    wrong, nan = compare(u, before, rec)
+    loose = [w for w in wrong if w[0] == "inner_test/classifier.0.weight" and math.isclose(w[1], w[2], rel_tol=1e-3)]
+    assert [w for w in wrong if w not in loose] == []
+    assert all(nan.values())
+    if name == "mobilenet_v3_small_eval":
+        assert nan and all("float32" in r or "not finite" in r for r in nan.values()), nan
+        assert any("block.2.fc1" in r for r in nan.values())
+    else:
+        assert nan == {}, nan
+    assert rec.get("samples") == u.B
+
+
+def test_batchnorm_in_train_mode_and_stochastic_depth_never_crash(tmp_path):
+    """MobileNetV3 with BatchNorm in train mode: NaN with the BatchNorm reason (no single-sample reference exists);
+    EfficientNet-B0 with stochastic depth drawn per call (BatchNorm frozen): no exception reaches the loop, every
+    NaN has a reason (a replay with other random draws cannot pass for the step's)."""
+    pytest.importorskip("torchvision")
+    u = M.vision_cases()["mobilenet_v3_small_train"]()
+    _, rec = run_case(u, tmp_path / "a")
+    # the classifier after the last BatchNorm is not mixed (row i only; its dropout mask is the step's): left out
+    keys = [k for k in rec["values"] if k.split("/")[0] in QS and "/classifier." not in k]
+    assert keys and all(math.isnan(float(rec["values"][k])) and "BatchNorm" in rec["reasons"][k] for k in keys)
+    u = M.vision_cases()["efficientnet_b0_stochastic_depth"]()
+    _, rec = run_case(u, tmp_path / "b")
+    nan = [k for k in rec["values"] if k.split("/")[0] in QS and math.isnan(float(rec["values"][k]))]
+    assert all(rec["reasons"].get(k) for k in nan)
+    assert math.isfinite(float(rec["values"]["loss"]))
