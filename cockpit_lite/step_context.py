@@ -33,6 +33,8 @@ class MicroBatch:
     combine: Optional[str] = None
     #: (key, sample id of each loss element), cached by persample/losses.py for this call's layout
     sample_ids: Any = None
+    #: why the loss couples the samples (a product of two tensors made from the model output), else None
+    coupled: Optional[str] = None
 
 
 @dataclass

@@ -361,4 +361,8 @@ def coupled_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
     def build():
         torch.manual_seed(0)
         return Unseen("info_nce", PairEncoder(), nn.CrossEntropyLoss(), [(x, torch.arange(B), 1.0)], info_nce)
-    return {"info_nce": build}
+    def cdist():
+        torch.manual_seed(0)
+        return Unseen("cdist", PairEncoder(), nn.CrossEntropyLoss(), [(x, torch.arange(B), 1.0)],
+                      lambda o, y: (-torch.cdist(o[:, :4], o[:, 4:]) / 0.1, y))
+    return {"info_nce": build, "cdist": cdist}

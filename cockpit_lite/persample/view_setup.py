@@ -62,6 +62,8 @@ def setup(self, captured) -> None:
     elif self.inputs.reduction not in ("mean", "sum"):
         self._global_reason = (f"the loss reduction is {self.inputs.reduction!r}; per-sample gradients need the "
                                "loss module passed as watch(..., loss_fn=...) with reduction 'mean' or 'sum'")
+    elif any(getattr(m, "coupled", None) for m in mbs):
+        self._global_reason = next(m.coupled for m in mbs if getattr(m, "coupled", None))
     elif len(mbs) != len(forwards):
         self._global_reason = (f"{len(forwards)} model forward passes but {len(mbs)} back-propagated loss calls "
                                "on this step: cannot match micro-batches to losses")

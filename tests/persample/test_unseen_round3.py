@@ -104,11 +104,20 @@ def test_l2_penalty_in_the_loss_is_nan_with_the_reason(tmp_path):
     assert all(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(G, G0))
 
 
-@pytest.mark.xfail(strict=True, reason="a loss coupling the samples (InfoNCE: z1 @ z2.T) is split by the model "
-                                       "output's rows: finite g_i that are not grad l_i (no check sees it)")
-def test_info_nce_coupled_loss(tmp_path):
-    u = M.coupled_cases()["info_nce"]()
-    _check(u, tmp_path, M.reference_rows, None)
+@pytest.mark.parametrize("kind", ["mm", "cdist"])
+def test_coupled_loss_is_nan_with_the_reason(tmp_path, kind):
+    """InfoNCE (logits z1 @ z2.T / tau over the batch) and a cdist(z1, z2) loss: every row of the loss input
+    depends on every sample. Was: finite values from the split by the output's rows, which are not grad of any
+    row's loss (reference_rows); now NaN with the reason; the logged loss stays exact."""
+    u = M.coupled_cases()["info_nce" if kind == "mm" else "cdist"]()
+    before, rec = run_case(u, tmp_path)
+    loss, G, names = M.reference_rows(u, before)
+    vals, reasons = rec["values"], rec["reasons"]
+    keys = [k for k in vals if k.split("/")[0] in QS]
+    assert len(keys) == 5 * 5
+    assert all(math.isnan(float(vals[k])) and "coupled" in reasons[k] for k in keys), reasons
+    assert float(vals["loss"]) == pytest.approx(loss, rel=1e-5)
+    assert rec.get("samples") == u.B
 
 
 def _hf(kind):
