@@ -47,8 +47,9 @@ def mean_grad(view) -> List[torch.Tensor]:
         gg = sum(x[0] for x in sums)
         if gg > 0:
             c = sum(x[1] for x in sums) / gg
-            # ||c gr - r||^2 = c^2 gr.gr - 2c gr.r + r.r, each within 1e-3 of ||r||
-            if all(c * c * x[0] - 2 * c * x[1] + x[2] <= 1e-6 * x[2] + 1e-60 for x in sums):
+            # ||c gr - r||^2 = c^2 gr.gr - 2c gr.r + r.r, each within 1e-3 of ||r|| (1e-5 in exact float32)
+            tol2 = _tolerance(view) ** 2
+            if all(c * c * x[0] - 2 * c * x[1] + x[2] <= tol2 * x[2] + 1e-60 for x in sums):
                 if abs(c - 1.0) < 1e-6:
                     c = 1.0  # mean reduction without accumulation: .grad is g (no copy)
                 view._cache["mean_factor"] = c
@@ -99,6 +100,24 @@ def equal_weights(view) -> bool:
         return True
     f = torch.stack([x.detach().double().reshape(()).cpu() for x in view.factors]).tolist()
     return max(f) - min(f) <= 1e-6 * max(abs(x) for x in f)
+
+
+def _tolerance(view) -> float:
+    """Relative difference allowed between c .grad and the per-sample mean: 1e-5 where both are float32 sums of
+    the same products (CPU, or CUDA without TF32; no autocast, no half-precision parameters), else 1e-3. A penalty
+    of 1e-4 * ||theta||^2 in the loss moves a bias's gradient by ~6e-4 relative: the loose bound lets it through."""
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in view.params):
+        return 1e-3
+    if any(getattr(c, "autocast", None) is not None for c in getattr(view.inputs, "model_calls", None) or ()):
+        return 1e-3
+    half = (torch.float16, torch.bfloat16)
+    for calls in getattr(view, "calls_by_forward", {}).values():  # autocast seen in the captured layer calls
+        if any(getattr(c, "output_grad", None) is not None and c.output_grad.dtype in half for c in calls):
+            return 1e-3
+    dev = view.params[0].device.type if view.params else "cpu"
+    if dev == "cuda" and (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32):
+        return 1e-3
+    return 1e-3 if dev not in ("cpu", "cuda") else 1e-5
 
 
 def _check_params(view) -> List[int]:

@@ -70,7 +70,8 @@ def test_sequence_first_transformer(tmp_path, name):
            samples=(None, None))  # left out, not T (known limit: the loss input is a copy of the output)
 
 
-def test_l2_penalty_in_the_loss_is_nan_with_the_reason(tmp_path):
+@pytest.mark.parametrize("coef", [1e-3, 1e-4])
+def test_l2_penalty_in_the_loss_is_nan_with_the_reason(tmp_path, coef):
     """loss = ce + 1e-3 * sum ||p||^2: the penalty's gradient reaches .grad without passing through any layer output.
     l_i = ce_i + penalty (QUANTITIES.md) is not what the layer rules see: every per-sample value is NaN with a reason
     naming the penalty (was: finite, computed without it); the logged loss is the loss module's value."""
@@ -80,6 +81,7 @@ def test_l2_penalty_in_the_loss_is_nan_with_the_reason(tmp_path):
     import cockpit_lite
 
     u = M.loss_cases()["l2_in_loss"]()
+    u.penalty = lambda m: coef * sum(p.pow(2).sum() for p in m.parameters())  # 1e-4: a bias moves by ~6e-4
     before = copy.deepcopy(u.model)
     opt = torch.optim.SGD(u.model.parameters(), lr=0.0)
     with warnings.catch_warnings():
@@ -101,7 +103,7 @@ def test_l2_penalty_in_the_loss_is_nan_with_the_reason(tmp_path):
     # the reference with the penalty differs from what the rules alone would give: the check matters
     _, G, _ = M.reference_extra(u, before)
     _, G0, _ = reference(u, before)
-    assert all(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(G, G0))
+    assert any(not torch.allclose(a, b, rtol=1e-4, atol=0) for a, b in zip(G, G0))
 
 
 @pytest.mark.parametrize("kind", ["mm", "cdist"])
