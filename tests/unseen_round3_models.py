@@ -366,3 +366,47 @@ def coupled_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
         return Unseen("cdist", PairEncoder(), nn.CrossEntropyLoss(), [(x, torch.arange(B), 1.0)],
                       lambda o, y: (-torch.cdist(o[:, :4], o[:, 4:]) / 0.1, y))
     return {"info_nce": build, "cdist": cdist}
+
+
+class StochasticDepthRecorder:
+    """Patches torchvision's ``stochastic_depth``: while recording, each call's drawn mask [b, 1, 1, 1] is kept (the
+    first ``n`` calls: the step's forward; the cockpit's replays draw the same masks again); while replaying, call
+    k of a forward of sample i alone (``take``) or of the whole batch uses the step's mask (rows i or all)."""
+
+    def __init__(self, n: int):
+        import sys
+
+        import torchvision.ops  # noqa: F401
+
+        self.mod = sys.modules["torchvision.ops.stochastic_depth"]
+        self.orig = self.mod.stochastic_depth
+        self.n, self.masks, self.replay, self.sample, self.k = n, [], False, None, 0
+        self.mod.stochastic_depth = self
+
+    def __call__(self, input, p, mode, training=True):
+        if not training or p == 0.0:
+            return input
+        if self.replay:
+            mask = self.masks[self.k % self.n]
+            self.k += 1
+            mask = mask if self.sample is None else mask[self.sample:self.sample + 1]
+            return input * mask.to(input.dtype)
+        noise = torch.empty([input.shape[0]] + [1] * (input.ndim - 1), dtype=input.dtype).bernoulli_(1 - p).div_(1 - p)
+        if len(self.masks) < self.n:
+            self.masks.append(noise.detach().clone())
+        return input * noise
+
+    def start_replay(self):
+        self.replay = True
+
+    def take(self, x, i):
+        self.sample, self.k = i, 0
+        return x[i:i + 1]
+
+    def call(self, m, x):
+        if self.replay and x.shape[0] != 1:
+            self.sample, self.k = None, 0
+        return m(x)
+
+    def close(self):
+        self.mod.stochastic_depth = self.orig
