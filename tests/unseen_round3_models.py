@@ -186,6 +186,10 @@ def loss_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
                                                       ce(weight=torch.tensor([0.3, 1.0, 2.5])), [(xm, labels(B), 1.0)]))
     add("kl_batchmean", lambda: Unseen("kl_batchmean", LogSoftmaxMLP(), nn.KLDivLoss(reduction="batchmean"),
                                        [(xm, soft, 1.0)]))
+    soft_lm = torch.softmax(torch.randn(B * 5, V, generator=g), -1)  # T = 5 (unseen_models.T)
+    add("kl_batchmean_lm", lambda: Unseen("kl_batchmean_lm", TinyLM(), nn.KLDivLoss(reduction="batchmean"),
+                                          [(tokens(B)[0], soft_lm, 1.0)],
+                                          lambda o, y: (o.log_softmax(-1).view(-1, V), y.to(o.dtype))))
     add("nll_log_softmax", lambda: Unseen("nll_log_softmax", LogSoftmaxMLP(), nn.NLLLoss(), [(xm, labels(B), 1.0)]))
     add("bce_pos_weight_k", lambda: Unseen("bce_pos_weight_k", MLP(d_out=4),
                                            nn.BCEWithLogitsLoss(pos_weight=torch.tensor([0.5, 1.0, 2.0, 4.0])),

@@ -136,7 +136,7 @@ class PerSampleView:
             try:
                 if self._global_reason is not None:
                     raise LossUnavailable(self._global_reason)
-                parts = [per_sample_losses(self.inputs.watched.loss_fn, mb, b, self.inputs.reduction, self.sample_dim) * share
+                parts = [per_sample_losses(self.inputs.watched.loss_fn, mb, b, self.reduction, self.sample_dim) * share
                          for mb, b, share in zip(self.micro_batches, self.batch_sizes, self.shares)]
                 self._cache["losses"] = torch.cat(parts)
             except LossUnavailable as err:
