@@ -253,3 +253,35 @@ def test_stochastic_depth_drawn_per_call_against_the_steps_masks(tmp_path):
     assert [w for w in wrong if w not in loose] == []
     assert all(nan.values())
     assert sum(1 for k in rec["values"] if k.split("/")[0] in QS and k not in nan) > 100
+
+
+@pytest.mark.parametrize("name", ["huber_bk", "mixup_soft_ce", "kl_batchmean", "conv3d", "encoder_decoder",
+                                  "ce_class_weights_classifier", "l2_in_loss", "info_nce"])
+def test_alpha_against_brute_force_or_nan(tmp_path, name):
+    """Two SGD steps on the same batch: alpha within 1e-3 of the float64 fit of QUANTITIES.md, or (penalty in the
+    loss, coupled loss) NaN with the reason."""
+    import warnings
+
+    import cockpit_lite
+    from test_real_models_unseen import reference_alpha
+
+    u = _cases()[name]()
+    opt = torch.optim.SGD(u.model.parameters(), lr=0.3)
+    snaps = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with cockpit_lite.watch(u.model, opt, loss_fn=u.loss_fn, logdir=tmp_path / "run", quantities={"alpha": "every"}):
+            for _ in range(2):
+                fresh = _cases()[name]().model
+                fresh.load_state_dict(u.model.state_dict())
+                snaps.append(fresh)
+                opt.zero_grad()
+                u.step_loss().backward()
+                opt.step()
+    run = cockpit_lite.load(tmp_path / "run")
+    if name in ("l2_in_loss", "info_nce"):
+        reasons = run.reasons("alpha")
+        assert reasons and all(("penalty" if name == "l2_in_loss" else "coupled") in r for r in reasons.values())
+        return
+    assert run.reasons("alpha") == {}
+    assert run.series("alpha")[1][0] == pytest.approx(reference_alpha(u, *snaps), abs=1e-3)
