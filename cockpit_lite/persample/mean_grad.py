@@ -70,9 +70,10 @@ def mean_grad(view) -> List[torch.Tensor]:
 
 
 DISAGREES = ("the mean of the per-sample gradients is not proportional to .grad (on {names}, off by {rel:.2g} "
-             "relative): the loss has a term that does not pass through the model output (e.g. an L2 penalty on the "
-             "parameters added to the loss; use the optimizer's weight_decay), or .grad was changed after the "
-             "backward pass (clip_grad_value_, a hook); the per-sample gradients would not describe this step's gradient")
+             "relative): the loss back-propagated has a term the loss module does not compute (e.g. an L2 penalty on "
+             "the parameters, use the optimizer's weight_decay; an auxiliary or z-loss on the output, pass a loss "
+             "module that computes the whole loss), or .grad was changed after the backward pass (clip_grad_value_, "
+             "a hook); the per-sample gradients would not describe this step's gradient")
 
 
 def _disagrees(view, names, grads, c, sums) -> List[torch.Tensor]:

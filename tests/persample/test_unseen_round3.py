@@ -285,3 +285,29 @@ def test_alpha_against_brute_force_or_nan(tmp_path, name):
         return
     assert run.reasons("alpha") == {}
     assert run.series("alpha")[1][0] == pytest.approx(reference_alpha(u, *snaps), abs=1e-3)
+
+
+def test_z_loss_outside_the_loss_module_is_nan_with_the_reason(tmp_path):
+    """loss = crit(out, y) + 0.1 * mean(logsumexp(out)^2), crit the watched module: the self-check's replay of
+    crit alone disagrees with the rules, the per-sample replay reproduces crit's losses but not the gradient
+    (was: finite, computed without the z-loss: norm_test 1.419 for 1.286); now NaN with the reason."""
+    import warnings
+
+    import cockpit_lite
+
+    u = M.loss_cases()["l2_in_loss"]()
+    (x, y, _), = u.micro
+    opt = torch.optim.SGD(u.model.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with cockpit_lite.watch(u.model, opt, loss_fn=u.loss_fn, logdir=tmp_path / "run",
+                                quantities={q: "every" for q in ["loss", *QS]}):
+            for _ in range(2):
+                opt.zero_grad()
+                o = u.model(x)
+                (u.loss_fn(o, y) + 0.1 * (o.logsumexp(-1) ** 2).mean()).backward()
+                opt.step()
+    for rec in [r for r in cockpit_lite.load(tmp_path / "run").records if not r.get("amends")]:
+        keys = [k for k in rec["values"] if k.split("/")[0] in QS]
+        assert len(keys) == 25
+        assert all(math.isnan(float(rec["values"][k])) and "z-loss" in rec["reasons"][k] for k in keys), rec["reasons"]
