@@ -414,3 +414,17 @@ class StochasticDepthRecorder:
 
     def close(self):
         self.mod.stochastic_depth = self.orig
+
+
+class ManifoldMix(nn.Module):
+    """Manifold mixup inside forward: hidden rows mixed with a permutation of the batch (drawn per call or fixed)."""
+
+    def __init__(self, random: bool):
+        super().__init__()
+        self.random = random
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        perm = torch.randperm(x.shape[0]) if self.random else torch.arange(x.shape[0]).flip(0)
+        return self.b(0.7 * h + 0.3 * h[perm])

@@ -311,3 +311,32 @@ def test_z_loss_outside_the_loss_module_is_nan_with_the_reason(tmp_path):
         keys = [k for k in rec["values"] if k.split("/")[0] in QS]
         assert len(keys) == 25
         assert all(math.isnan(float(rec["values"][k])) and "z-loss" in rec["reasons"][k] for k in keys), rec["reasons"]
+
+
+@pytest.mark.parametrize("random", [False, True])
+def test_manifold_mixup_in_forward(tmp_path, random):
+    """Hidden rows mixed with a permutation of the batch inside forward (drawn per call: the self-check replays the
+    step's draw): the layer before the mix is NaN with the self-check's reason, the one after it exact against
+    the per-row gradients of the whole batch's forward (same permutation), float64."""
+    import copy
+
+    import reference as R
+    from unseen_models import Unseen, labels
+
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 5, generator=g), labels(4)
+    u = Unseen("manifold_mixup", M.ManifoldMix(random), torch.nn.CrossEntropyLoss(), [(x, y, 1.0)])
+    torch.manual_seed(1)
+    before, rec = run_case(u, tmp_path)
+    m = copy.deepcopy(before).double()
+    torch.manual_seed(1)
+    losses = torch.nn.functional.cross_entropy(m(x.double()), y, reduction="none")
+    vals, reasons = rec["values"], rec["reasons"]
+    for q, f in QS.items():
+        for n in ("a.weight", "a.bias"):
+            assert math.isnan(float(vals[f"{q}/{n}"])) and "disagrees" in reasons[f"{q}/{n}"], (q, n)
+        for n in ("b.weight", "b.bias"):
+            p = dict(m.named_parameters())[n]
+            G = torch.stack([torch.autograd.grad(losses[i], p, retain_graph=True)[0] for i in range(4)])
+            assert float(vals[f"{q}/{n}"]) == pytest.approx(f(R.flat([G])), rel=1e-4, abs=1e-7), (q, n)
