@@ -428,3 +428,36 @@ class ManifoldMix(nn.Module):
         h = torch.tanh(self.a(x))
         perm = torch.randperm(x.shape[0]) if self.random else torch.arange(x.shape[0]).flip(0)
         return self.b(0.7 * h + 0.3 * h[perm])
+
+
+class Triplet(nn.Module):
+    """One encoder for anchor, positive and negative of a sample ([B, 3, 5] -> [B, 3, 4])."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def pair_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
+    """Losses whose other arguments are model outputs too (the 'target' is not a constant)."""
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(B, 3, 5, generator=g)
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0])[:B]
+    out: Dict[str, Callable[[], Unseen]] = {}
+
+    def add(name, f):
+        def build():
+            torch.manual_seed(0)
+            return f()
+        out[name] = build
+
+    add("triplet", lambda: Unseen("triplet", Triplet(), nn.TripletMarginLoss(margin=2.0), [(x, None, 1.0)],
+                                  lambda o, y: (o[:, 0], o[:, 1], o[:, 2])))
+    add("cosine_embedding", lambda: Unseen("cosine_embedding", Triplet(), nn.CosineEmbeddingLoss(margin=0.1),
+                                           [(x, sign, 1.0)], lambda o, y: (o[:, 0], o[:, 1], y)))
+    add("margin_ranking", lambda: Unseen("margin_ranking", Triplet(), nn.MarginRankingLoss(margin=0.5),
+                                         [(x, sign, 1.0)], lambda o, y: (o[:, 0, 0], o[:, 1, 0], y)))
+    return out

@@ -44,18 +44,20 @@ def mean_grad(view) -> List[torch.Tensor]:
         grs = [grads[j].detach().double().reshape(-1) for j in checks]
         # c by least squares over the checked parameters, then each one must agree on its own
         sums = torch.stack([torch.stack([gr @ gr, gr @ r, r @ r]) for gr, r in zip(grs, refs)]).tolist()
+        floor = _rounding_floor(grads, checks)  # a gradient that is 0 up to rounding agrees with any c
         gg = sum(x[0] for x in sums)
         if gg > 0:
             c = sum(x[1] for x in sums) / gg
             # ||c gr - r||^2 = c^2 gr.gr - 2c gr.r + r.r, each within 1e-3 of ||r|| (1e-5 in exact float32)
             tol, nan_tol = _tolerance(view)
-            if all(c * c * x[0] - 2 * c * x[1] + x[2] <= tol * tol * x[2] + 1e-60 for x in sums):
+            if all(c * c * x[0] - 2 * c * x[1] + x[2] <= tol * tol * x[2] + f + 1e-60 for x, f in zip(sums, floor)):
                 if abs(c - 1.0) < 1e-6:
                     c = 1.0  # mean reduction without accumulation: .grad is g (no copy)
                 view._cache["mean_factor"] = c
                 result = [view._nan(g.shape) if view.names[j] in view._reasons
                           else _scaled(g.detach(), c) for j, g in enumerate(grads)]
-            elif dist is None and any(c * c * x[0] - 2 * c * x[1] + x[2] > nan_tol * nan_tol * x[2] for x in sums):
+            elif dist is None and any(c * c * x[0] - 2 * c * x[1] + x[2] > nan_tol * nan_tol * x[2] + f
+                                      for x, f in zip(sums, floor)):
                 # one process, every sample of the same weight: .grad must be c g. It is not: .grad holds a
                 # term the per-sample gradients do not (a penalty on the parameters in the loss), or was changed
                 # after backward; the values would describe another gradient than the step's. (Between tol and
@@ -102,6 +104,18 @@ def equal_weights(view) -> bool:
         return True
     f = torch.stack([x.detach().double().reshape(()).cpu() for x in view.factors]).tolist()
     return max(f) - min(f) <= 1e-6 * max(abs(x) for x in f)
+
+
+def _rounding_floor(grads, checks) -> List[float]:
+    """Per checked parameter, the squared difference that float32 rounding alone can leave: (1e-5)^2 times its
+    size times the largest mean squared gradient element of any parameter. A bias whose gradient is 0 by structure
+    (the shared bias of a triplet loss's anchor, positive and negative) holds only rounding, ~1e-8."""
+    present = [g for g in grads if g is not None and g.numel()]
+    if not present:
+        return [0.0 for _ in checks]
+    norms = torch.stack(torch._foreach_norm([g.detach().float() for g in present])).double().cpu()
+    scale2 = max(float(n) ** 2 / g.numel() for n, g in zip(norms, present))
+    return [1e-10 * scale2 * grads[j].numel() for j in checks]
 
 
 def _tolerance(view) -> Tuple[float, float]:
