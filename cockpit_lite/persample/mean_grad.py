@@ -44,12 +44,14 @@ def mean_grad(view) -> List[torch.Tensor]:
         grs = [grads[j].detach().double().reshape(-1) for j in checks]
         # c by least squares over the checked parameters, then each one must agree on its own
         sums = torch.stack([torch.stack([gr @ gr, gr @ r, r @ r]) for gr, r in zip(grs, refs)]).tolist()
-        floor = _rounding_floor(grads, checks)  # a gradient that is 0 up to rounding agrees with any c
         gg = sum(x[0] for x in sums)
         if gg > 0:
             c = sum(x[1] for x in sums) / gg
             # ||c gr - r||^2 = c^2 gr.gr - 2c gr.r + r.r, each within 1e-3 of ||r|| (1e-5 in exact float32)
             tol, nan_tol = _tolerance(view)
+            floor = [0.0] * len(sums)
+            if not all(c * c * x[0] - 2 * c * x[1] + x[2] <= tol * tol * x[2] + 1e-60 for x in sums):
+                floor = _rounding_floor(grads, checks)  # a gradient that is 0 up to rounding agrees with any c
             if all(c * c * x[0] - 2 * c * x[1] + x[2] <= tol * tol * x[2] + f + 1e-60 for x, f in zip(sums, floor)):
                 if abs(c - 1.0) < 1e-6:
                     c = 1.0  # mean reduction without accumulation: .grad is g (no copy)
