@@ -461,3 +461,55 @@ def pair_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
     add("margin_ranking", lambda: Unseen("margin_ranking", Triplet(), nn.MarginRankingLoss(margin=0.5),
                                          [(x, sign, 1.0)], lambda o, y: (o[:, 0, 0], o[:, 1, 0], y)))
     return out
+
+
+class KVAttention(nn.Module):
+    """nn.MultiheadAttention with kdim/vdim (separate q/k/v projection weights), keys from another encoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(5, 8), nn.Linear(5, 6), nn.Linear(5, 4)
+        self.att = nn.MultiheadAttention(8, 2, kdim=6, vdim=4, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # [B, L, 5]
+        h = self.att(self.q(x), torch.tanh(self.k(x)), torch.tanh(self.v(x)), need_weights=False)[0]
+        return self.head(h.mean(1))
+
+
+class PaddingModes(nn.Module):
+    """Conv2d with padding_mode='reflect' and 'circular', grouped dilated Conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.r = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+        self.c = nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular")
+        self.g = nn.Conv1d(4, 4, 3, padding=2, dilation=2, groups=2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # [B, 3, 4, 4]
+        h = torch.tanh(self.c(torch.tanh(self.r(x))))
+        h = torch.tanh(self.g(h.flatten(2)))
+        return self.head(h.mean(-1))
+
+
+def more_layer_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
+    g = torch.Generator().manual_seed(29)
+    xs = torch.randn(B, 3, 5, generator=g)
+    x2 = torch.randn(B, 3, 4, 4, generator=g)
+    x, y = tokens(B)
+    out: Dict[str, Callable[[], Unseen]] = {}
+
+    def add(name, f):
+        def build():
+            torch.manual_seed(0)
+            return f()
+        out[name] = build
+
+    add("mha_kdim_vdim", lambda: Unseen("mha_kdim_vdim", KVAttention(), nn.CrossEntropyLoss(), [(xs, labels(B), 1.0)]))
+    add("padding_modes", lambda: Unseen("padding_modes", PaddingModes(), nn.CrossEntropyLoss(), [(x2, labels(B), 1.0)]))
+    # reduction='sum' divided by the token count in the loop (the Hugging Face num_items_in_batch way)
+    n = int((y != -100).sum())
+    add("sum_over_tokens", lambda: Unseen("sum_over_tokens", TinyLM(), nn.CrossEntropyLoss(reduction="sum"),
+                                          [(x, y, 1.0 / n)], flat))
+    return out

@@ -15,7 +15,8 @@ import test_real_models_unseen
 
 
 def _cases():
-    return {**M.loss_cases(), **M.embedding_cases(), **M.layer_cases(), **M.coupled_cases(), **M.pair_cases()}
+    return {**M.loss_cases(), **M.embedding_cases(), **M.layer_cases(), **M.coupled_cases(), **M.pair_cases(),
+            **M.more_layer_cases()}
 
 
 # case -> a piece of the reason of its NaN parameters (None: every value exact)
@@ -28,6 +29,8 @@ EXPECT = {
     # the loss's other arguments are model outputs too: the self-check re-evaluates the loss with them detached
     # (mb.target) and disagrees with the rules, which are right here (NaN where exact is reachable)
     "triplet": "disagrees", "cosine_embedding": "disagrees", "margin_ranking": "disagrees",
+    "mha_kdim_vdim": None, "padding_modes": None,
+    "sum_over_tokens": None,  # reduction='sum' / n in the loop: g_i = grad of the sample's sum; 'loss' is the sum
     "conv1d_same_convtranspose1d": None, "conv3d": None, "pixel_shuffle_upsample": None, "encoder_decoder": None,
 }
 SEQ_FIRST = ["transformer_seq_first", "transformer_seq_first_permute_loss"]
