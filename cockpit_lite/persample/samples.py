@@ -61,14 +61,16 @@ class ParamSamples:
         under each key; ``keep`` (a list): the blocks [b', P] are appended to it, for ``kept_dots`` later
         in the step (a projection after the optimizer step without building them again)."""
         extra = extra or {}
-        out = {"sq": [], "dots": [], "m2": None}
-        out.update({k: [] for k in extra})
-        vf = v.reshape(-1) if v is not None else None
+        names = (["dots"] if "dots" in stats else []) + list(extra)  # every projection: one product per block
+        U = torch.stack([(v if key == "dots" else extra[key]).reshape(-1) for key in names]) if names else None
+        out = {"sq": [], "proj": [], "m2": None}
         counts, top, clipped = torch.zeros(bins, dtype=torch.float64), 0.0, 0
         for G in self.chunks():
             Gf = G.reshape(G.shape[0], -1)
             if keep is not None:
                 keep.append(Gf)
+            if U is not None:  # [k, b']: one read of the block for all k vectors (see ConvWeightSamples)
+                out["proj"].append(U.to(Gf.dtype) @ Gf.T)
             if "hist" in stats:
                 c, m, k = _histc(Gf, hist_range, bins)
                 counts += c
@@ -81,15 +83,9 @@ class ParamSamples:
                 out["m2"] = m if out["m2"] is None else out["m2"] + m
             elif "sq" in stats:
                 out["sq"].append(row_sq_norms(Gf))
-            if "dots" in stats:
-                out["dots"].append(Gf @ vf.to(Gf.dtype))
-            for key, u in extra.items():
-                out[key].append(Gf @ u.reshape(-1).to(Gf.dtype))
-        res = {k: torch.cat(out[k]) for k in extra}
+        res = dict(zip(names, torch.cat(out["proj"], 1))) if names else {}
         if "sq" in stats:
             res["sq"] = torch.cat(out["sq"])
-        if "dots" in stats:
-            res["dots"] = torch.cat(out["dots"])
         if "m2" in stats:
             res["m2"] = out["m2"].reshape(self.shape)
         if "hist" in stats:

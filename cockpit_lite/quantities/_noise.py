@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..distributed import sum_numbers, sum_tensors
+from . import _resolution
 
 
 FROZEN = "the parameter is frozen (requires_grad=False) on this step: it has no gradient; the totals leave it out"
@@ -99,12 +100,25 @@ def precheck(ctx, name: str) -> bool:
     return True
 
 
-def emit_total_and_parts(ctx, name: str, total: Optional[torch.Tensor], parts, per_param: bool = True) -> None:
+def resolution(ctx) -> Tuple[Dict[int, str], Optional[str]]:
+    """Where float32 does not resolve the mean gradient well enough for the gradient tests
+    (``_resolution.py``): ({parameter index: reason}, reason for the total or None); once per step."""
+    return ctx.once(_resolution_reasons)
+
+
+def _resolution_reasons(ctx):
+    return _resolution.reasons(ctx, sums(ctx, "sq")["sq"], sq_mean_norm_vector(ctx), ctx.per_sample.n)
+
+
+def emit_total_and_parts(ctx, name: str, total: Optional[torch.Tensor], parts, per_param: bool = True,
+                         resolved: Optional[Tuple[Dict[int, str], Optional[str]]] = None) -> None:
     """Emit ``name`` and ``name/<param>`` (``parts``: a list of 0-d tensors or a 1-d tensor); unavailable
     parameters (and the total, if any is) as NaN with the reason; non-finite results (e.g. a zero
-    gradient) as NaN with that reason."""
+    gradient) as NaN with that reason; ``resolved`` (``resolution(ctx)``): values float32 does not
+    resolve, NaN with that reason."""
     reasons = ctx.per_sample.unsupported()
     frozen = ctx.per_sample.frozen
+    coarse, coarse_total = resolved or ({}, None)
     if per_param and len(ctx.names) > 1:
         values = (parts.tolist() if isinstance(parts, torch.Tensor)
                   else [float(v) if v is not None else math.nan for v in parts])
@@ -114,12 +128,16 @@ def emit_total_and_parts(ctx, name: str, total: Optional[torch.Tensor], parts, p
                 ctx.emit_nan(key, reasons[pname])
             elif j in frozen:
                 ctx.emit_nan(key, FROZEN)
+            elif j in coarse:
+                ctx.emit_nan(key, coarse[j])
             else:
                 _emit_checked(ctx, key, v)
     if reasons:
         first = next(iter(reasons))
         more = f" (and {len(reasons) - 1} more parameter(s))" if len(reasons) > 1 else ""
         ctx.emit_nan(name, f"per-sample information unavailable for {first}: {reasons[first]}{more}")
+    elif coarse_total is not None:
+        ctx.emit_nan(name, coarse_total)
     else:
         _emit_checked(ctx, name, total)
 

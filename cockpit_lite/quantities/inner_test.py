@@ -17,7 +17,7 @@ def inner_test_value(p2: torch.Tensor, gg: torch.Tensor, n: int) -> torch.Tensor
 class InnerTest(Quantity):
     name = "inner_test"
     needs = frozenset({"layer_io"})
-    per_sample_stats = frozenset({"dots"})  # shared per-layer passes (PerSampleView)
+    per_sample_stats = frozenset({"dots", "sq"})  # shared per-layer passes; "sq" for noise.resolution
     description = "inner-product test of the gradient noise (Bollapragada et al. 2018); total and per param"
 
     def before_step(self, ctx):
@@ -28,4 +28,4 @@ class InnerTest(Quantity):
         gg = noise.sq_mean_norm_vector(ctx)
         parts = inner_test_value(sums["dots2"], gg, n)
         total = inner_test_value(sums["dots2_total"], gg.sum().reshape(1), n)[0]
-        noise.emit_total_and_parts(ctx, self.name, total, parts)
+        noise.emit_total_and_parts(ctx, self.name, total, parts, resolved=noise.resolution(ctx))

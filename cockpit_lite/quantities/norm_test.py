@@ -21,4 +21,4 @@ class NormTest(Quantity):
         gg = noise.sq_mean_norm_vector(ctx)
         parts = noise.sqrt0((sq / gg - n) / (n * (n - 1)))
         total = noise.sqrt0((sq.sum() / gg.sum() - n) / (n * (n - 1)))
-        noise.emit_total_and_parts(ctx, self.name, total, parts)
+        noise.emit_total_and_parts(ctx, self.name, total, parts, resolved=noise.resolution(ctx))

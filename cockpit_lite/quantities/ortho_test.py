@@ -26,4 +26,4 @@ class OrthoTest(Quantity):
         gg = noise.sq_mean_norm_vector(ctx)
         parts = ortho_test_value(sq, sums["dots2"], gg, n)
         total = ortho_test_value(sq.sum().reshape(1), sums["dots2_total"], gg.sum().reshape(1), n)[0]
-        noise.emit_total_and_parts(ctx, self.name, total, parts)
+        noise.emit_total_and_parts(ctx, self.name, total, parts, resolved=noise.resolution(ctx))

@@ -1,0 +1,86 @@
+"""The gradient tests where float32 does not resolve the mean gradient (quantities/_resolution.py): NaN with
+the reason, never a value off by percents; resolved cases keep their values (float64 brute force)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import cockpit_lite
+from cockpit_lite.quantities import _resolution
+from reference import flat, inner_test, norm_test, ortho_test, per_sample_grads_bruteforce
+
+TESTS = {"norm_test": norm_test, "inner_test": inner_test, "ortho_test": ortho_test}
+
+
+def _fitted(iters: int, dtype=torch.float32, n: int = 64, d: int = 20):
+    """Linear least squares on noisy targets, trained by full-batch GD (unwatched) for ``iters`` steps: at the
+    optimum the mean gradient vanishes while each sample's stays ~ its residual."""
+    torch.manual_seed(0)
+    X = torch.randn(n, d, dtype=dtype)
+    Y = X @ torch.randn(d, 3, dtype=dtype) + 0.1 * torch.randn(n, 3, dtype=dtype)
+    model = nn.Linear(d, 3).to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    for _ in range(iters):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(X), Y).backward()
+        opt.step()
+    return model, opt, X, Y
+
+
+def _watched_step(model, opt, X, Y, logdir):
+    ref = per_sample_grads_bruteforce(copy.deepcopy(model).double(), nn.MSELoss(reduction="none"), X.double(), Y.double())
+    crit = nn.MSELoss()
+    with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=logdir, quantities={k: "every" for k in TESTS}):
+        opt.zero_grad()
+        crit(model(X), Y).backward()
+        opt.step()
+    return cockpit_lite.load(logdir), flat(ref)
+
+
+def test_unresolved_mean_gradient_is_nan_with_the_reason(tmp_path):
+    model, opt, X, Y = _fitted(3000)
+    run, G = _watched_step(model, opt, X, Y, str(tmp_path))
+    g = G.mean(0)
+    rho = float((G.pow(2).sum(1).mean() / g.pow(2).sum()).sqrt())
+    assert rho * torch.finfo(torch.float32).eps > _resolution.MAX_REL  # the premise: g is ~1e5 below the samples'
+    for key in TESTS:
+        value = dict(zip(*run.series(key)))[0]
+        assert np.isnan(value), (key, value)
+        assert "float32" in run.reasons(key)[0] and "times smaller" in run.reasons(key)[0]
+        for name in ("weight", "bias"):
+            assert np.isnan(dict(zip(*run.series(f"{key}/{name}")))[0])
+
+
+def test_float64_is_judged_with_its_own_resolution(tmp_path):
+    """120 steps: resolved in float64 (exact to 1e-10); 3000: g ~1e-14 of the samples', unresolved even there."""
+    model, opt, X, Y = _fitted(120, dtype=torch.float64)
+    run, G = _watched_step(model, opt, X, Y, str(tmp_path / "a"))
+    for key, ref in TESTS.items():
+        assert dict(zip(*run.series(key)))[0] == pytest.approx(ref(G), rel=1e-10), key
+    model, opt, X, Y = _fitted(3000, dtype=torch.float64)
+    run, G = _watched_step(model, opt, X, Y, str(tmp_path / "b"))
+    assert np.isnan(dict(zip(*run.series("norm_test")))[0])
+    assert "float64" in run.reasons("norm_test")[0]
+
+
+@pytest.mark.parametrize("iters", [10, 120])
+def test_resolved_steps_keep_their_values(tmp_path, iters):
+    """Early (rho ~ 7) and near the optimum (rho ~ 540): finite and within 1e-4 of float64."""
+    model, opt, X, Y = _fitted(iters)
+    run, G = _watched_step(model, opt, X, Y, str(tmp_path))
+    for key, ref in TESTS.items():
+        assert dict(zip(*run.series(key)))[0] == pytest.approx(ref(G), rel=1e-4), key
+
+
+def test_judge_thresholds():
+    eps = float(torch.finfo(torch.float32).eps)
+    rho_max = _resolution.MAX_REL / eps
+    n = 8
+    g = 1.0
+    assert _resolution._judge(eps, (0.99 * rho_max) ** 2 * n * g, g, n, "") is None
+    assert "times smaller" in _resolution._judge(eps, (1.01 * rho_max) ** 2 * n * g, g, n, " of 'w'")
+    assert _resolution._judge(eps, 1.0, 0.0, n, "") is None  # a zero gradient: the tests' own reason
+    assert _resolution._judge(eps, float("nan"), 1.0, n, "") is None
