@@ -236,7 +236,7 @@ class PerSampleView:
         if self.plan().keep:
             keep_left = self._cache.setdefault("keep_left", [KEEP_FLOATS])
         got = layer_pass(parts, self.batch_sizes, wanted, v, R, self._zeros, p, d, keep_left)
-        why = underflow_reason(self, j, got.get("sq"))
+        why = underflow_reason(self, j)
         if why is not None:
             self._reasons.setdefault(self.names[j], why)
         if "blocks" in got:
