@@ -2,13 +2,15 @@
 ~1e-20 (a squeeze-excitation block of an untrained MobileNetV3) are sums of subnormal squares (below 1.2e-38),
 kept to a few digits or flushed to 0: norm/inner/ortho tests of that parameter would be finite and off by percents.
 Such a parameter is NaN with the reason naming its module; exact zeros (a row no sample used) are not tiny. Judged
-on the mean gradient g (if every g_i is that small, so is g), all parameters in one pass and one sync per step."""
+on .grad (if every g_i is that small, so is their mean), all parameters in one pass and one sync per step."""
 
 from __future__ import annotations
 
 from typing import List, Optional
 
 import torch
+
+from .dense_grads import dense_grads
 
 TINY_ABS = 1e-15  # an element below it squares to below 1e-30, a sum of such squares nears the subnormal range
 
@@ -27,8 +29,16 @@ def underflow_reason(view, j: int) -> Optional[str]:
 
 
 def _abs_max(view) -> List[float]:
-    """max |g_j| of every parameter's mean gradient (NaN where unavailable), cached for the step."""
+    """max |.grad| of every parameter (0 without one), cached for the step. ``.grad``, not ``mean_grad()``: no
+    reduction over the processes of a data-parallel run here (the parameters' passes need not run in the same
+    order everywhere); .grad is g times the loss's factor (1 for a mean without accumulation)."""
     if "abs_max" not in view._cache:
-        g = view.mean_grad()
-        view._cache["abs_max"] = torch.stack(torch._foreach_norm([t.detach().float() for t in g], float("inf"))).tolist()
+        grads = dense_grads(view.inputs)
+        present = [j for j, g in enumerate(grads) if g is not None and g.numel()]
+        tops = [0.0] * len(grads)
+        if present:
+            norms = torch._foreach_norm([grads[j].detach().float() for j in present], float("inf"))
+            for j, v in zip(present, torch.stack(norms).tolist()):
+                tops[j] = v
+        view._cache["abs_max"] = tops
     return view._cache["abs_max"]
