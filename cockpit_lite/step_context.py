@@ -38,6 +38,8 @@ class MicroBatch:
     repeats: bool = False
     #: why the objective is more than loss_fn's (another output of the forward back-propagated outside it)
     outside: Optional[str] = None
+    #: why the loss couples the samples (a product of two tensors made from the model output), else None
+    coupled: Optional[str] = None
 
 
 @dataclass

@@ -4,7 +4,8 @@ cannot hold (unequal micro-batch weights, DDP over unequal shards, ``.grad`` hol
 
 from __future__ import annotations
 
-from typing import List
+import math
+from typing import List, Tuple
 
 import torch
 
@@ -46,13 +47,24 @@ def mean_grad(view) -> List[torch.Tensor]:
         gg = sum(x[0] for x in sums)
         if gg > 0:
             c = sum(x[1] for x in sums) / gg
-            # ||c gr - r||^2 = c^2 gr.gr - 2c gr.r + r.r, each within 1e-3 of ||r||
-            if all(c * c * x[0] - 2 * c * x[1] + x[2] <= 1e-6 * x[2] + 1e-60 for x in sums):
+            # ||c gr - r||^2 = c^2 gr.gr - 2c gr.r + r.r, each within 1e-3 of ||r|| (1e-5 in exact float32)
+            tol, nan_tol = _tolerance(view)
+            floor = [0.0] * len(sums)
+            if not all(c * c * x[0] - 2 * c * x[1] + x[2] <= tol * tol * x[2] + 1e-60 for x in sums):
+                floor = _rounding_floor(grads, checks)  # a gradient that is 0 up to rounding agrees with any c
+            if all(c * c * x[0] - 2 * c * x[1] + x[2] <= tol * tol * x[2] + f + 1e-60 for x, f in zip(sums, floor)):
                 if abs(c - 1.0) < 1e-6:
                     c = 1.0  # mean reduction without accumulation: .grad is g (no copy)
                 view._cache["mean_factor"] = c
                 result = [view._nan(g.shape) if view.names[j] in view._reasons
                           else _scaled(g.detach(), c) for j, g in enumerate(grads)]
+            elif dist is None and any(c * c * x[0] - 2 * c * x[1] + x[2] > nan_tol * nan_tol * x[2] + f
+                                      for x, f in zip(sums, floor)):
+                # one process, every sample of the same weight: .grad must be c g. It is not: .grad holds a
+                # term the per-sample gradients do not (a penalty on the parameters in the loss), or was changed
+                # after backward; the values would describe another gradient than the step's. (Between tol and
+                # nan_tol, where rounding in half precision can be the cause: g from the per-sample sums, below.)
+                result = _disagrees(view, [view.names[j] for j in checks], grads, c, sums)
         if dist is not None:  # the same decision everywhere
             ok = sum_numbers(dist, [1 if result is not None else 0])[0] == dist.size
             result = result if ok else None
@@ -60,6 +72,30 @@ def mean_grad(view) -> List[torch.Tensor]:
         result = [s / view.n for s in sum_tensors(dist, view.sum_grads())]
     view._cache["mean"] = result
     return result
+
+
+DISAGREES = ("the mean of the per-sample gradients is not proportional to .grad (on {names}, off by {rel:.2g} "
+             "relative): the loss back-propagated has a term the loss module does not compute (e.g. an L2 penalty on "
+             "the parameters, use the optimizer's weight_decay; an auxiliary or z-loss on the output, pass a loss "
+             "module that computes the whole loss), or .grad was changed after the backward pass (clip_grad_value_, "
+             "a hook); the per-sample gradients would not describe this step's gradient")
+
+
+def _disagrees(view, names, grads, c, sums) -> List[torch.Tensor]:
+    """Every parameter NaN with the reason (``DISAGREES``); the mean gradient returned is NaN too."""
+    rel = max(math.sqrt(max(c * c * x[0] - 2 * c * x[1] + x[2], 0.0) / x[2]) if x[2] > 0 else 1.0 for x in sums)
+    reason = DISAGREES.format(names=" and ".join(repr(n) for n in names), rel=rel)
+    for name in view.names:
+        view._reasons.setdefault(name, reason)
+    view._cache["mean_reason"] = reason
+    return [view._nan(g.shape) for g in grads]
+
+
+def check(view) -> None:
+    """Run the check of ``mean_grad`` now (one process, equal weights): its reasons reach ``unsupported()``
+    before any quantity reads them, also for quantities that never ask for g (alpha)."""
+    if view.inputs.watched.dist is None and equal_weights(view):
+        mean_grad(view)
 
 
 def equal_weights(view) -> bool:
@@ -70,6 +106,42 @@ def equal_weights(view) -> bool:
         return True
     f = torch.stack([x.detach().double().reshape(()).cpu() for x in view.factors]).tolist()
     return max(f) - min(f) <= 1e-6 * max(abs(x) for x in f)
+
+
+def _rounding_floor(grads, checks) -> List[float]:
+    """Per checked parameter, the squared difference that float32 rounding alone can leave: (1e-5)^2 times its
+    size times the largest mean squared gradient element of any parameter. A bias whose gradient is 0 by structure
+    (the shared bias of a triplet loss's anchor, positive and negative) holds only rounding, ~1e-8."""
+    present = [g for g in grads if g is not None and g.numel()]
+    if not present:
+        return [0.0 for _ in checks]
+    norms = torch.stack(torch._foreach_norm([g.detach().float() for g in present])).double().cpu()
+    scale2 = max(float(n) ** 2 / g.numel() for n, g in zip(norms, present))
+    return [1e-10 * scale2 * grads[j].numel() for j in checks]
+
+
+def _tolerance(view) -> Tuple[float, float]:
+    """(tol, nan_tol): relative differences between c .grad and the per-sample mean. Within tol, g is c .grad;
+    beyond nan_tol, every parameter is NaN (``DISAGREES``); between them, g comes from the per-sample sums.
+    Exact float32 (CPU, or CUDA without TF32; no autocast, no half-precision parameters or captures), where both
+    are float32 sums of the same products: (1e-5, 1e-5). Otherwise rounding reaches ~1e-2 (bfloat16):
+    (1e-3, 5e-2). A penalty of 1e-4 * ||theta||^2 in the loss moves a bias's gradient by ~6e-4 relative."""
+    loose = (1e-3, 5e-2)
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in view.params):
+        return loose
+    if any(getattr(c, "autocast", None) is not None for c in getattr(view.inputs, "model_calls", None) or ()):
+        return loose
+    half = (torch.float16, torch.bfloat16)
+    for calls in getattr(view, "calls_by_forward", {}).values():  # autocast seen in the captured layer calls
+        if any(getattr(c, "output_grad", None) is not None and c.output_grad.dtype in half for c in calls):
+            return loose
+    dev = view.params[0].device.type if view.params else "cpu"
+    if dev == "cuda":  # TF32 rounds to ~1e-3: matmuls where allowed, convolutions (cuDNN's default) where allowed
+        convs = any(isinstance(c.module, torch.nn.modules.conv._ConvNd)
+                    for calls in getattr(view, "calls_by_forward", {}).values() for c in calls)
+        if torch.backends.cuda.matmul.allow_tf32 or (convs and torch.backends.cudnn.allow_tf32):
+            return loose
+    return (1e-5, 1e-5) if dev in ("cpu", "cuda") else loose
 
 
 def _check_params(view) -> List[int]:

@@ -293,6 +293,48 @@ def _probe(fn, x, target, input_ids, b, tol):
     return torch.where(live, ids.long() - 1, torch.full_like(ids, -1, dtype=torch.long))
 
 
+_PRODUCTS = ("MmBackward0", "CdistBackward0")  # 2-D products: rows of one operand meet every row of the other
+
+
+def coupling(output, loss_input, budget: int = 256) -> Optional[str]:
+    """A reason when the loss input multiplies two tensors both computed from the model output (``z @ z.T / tau``
+    of a contrastive loss, ``torch.cdist(z, z)``): every row of it then depends on every sample, and the layer
+    rules' split by the output's rows is not the gradient of any sample's loss. None otherwise, or when the
+    autograd graph between the two is larger than ``budget`` nodes (not examined)."""
+    target = getattr(output, "grad_fn", None)
+    start = getattr(loss_input, "grad_fn", None) if isinstance(loss_input, torch.Tensor) else None
+    if target is None or start is None:
+        return None
+    order, stack, seen = [], [start], {start}
+    while stack:  # the nodes between the loss input and the output (iterative, bounded)
+        node = stack.pop()
+        order.append(node)
+        if len(order) > budget:
+            return None
+        if node is target:
+            continue
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+
+    reach = {target}  # the nodes that lead to the output, by a fixed point over the (few) nodes seen
+    grown = True
+    while grown:
+        grown = False
+        for node in order:
+            if node not in reach and any(f in reach for f, _ in node.next_functions if f is not None):
+                reach.add(node)
+                grown = True
+    for node in order:
+        name = type(node).__name__
+        if name in _PRODUCTS and sum(f in reach for f, _ in node.next_functions if f is not None) >= 2:
+            return (f"the loss input is a product of two tensors computed from the model output ({name[:-9]}: e.g. "
+                    "z @ z.T of a contrastive loss): every row of it depends on every sample, the samples are coupled "
+                    "in the loss and have no per-sample gradients")
+    return None
+
+
 def observe(mb, output, loss_input) -> None:
     """At a loss call: keep how its input was read from the model output (``mb.view``); the samples of the
     micro-batch are then the model output's rows, not the loss input's (B sequences, not B*T tokens).
@@ -304,6 +346,7 @@ def observe(mb, output, loss_input) -> None:
     replay) is trusted only where it reproduces the step's loss or per-sample losses."""
     view = describe(output, loss_input) if output is not None else None
     if view is None:
+        mb.coupled = coupling(output, loss_input) if output is not None else None
         mb.view = view = _reshaped(loss_input)
         if view is not None:
             mb.batch_size = int(view.out_shape[0])

@@ -84,6 +84,10 @@ def layer_samples(call, grad: torch.Tensor, b: int, factor: torch.Tensor):
     times ``factor`` (0-d) is the per-sample loss gradient delta (``PerSampleView``)."""
     m = call.module
     x = call.inputs[0] if call.inputs else None
+    if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.scale_grad_by_freq:
+        raise Unsupported(f"{type(m).__name__} ('{call.module_name}') has scale_grad_by_freq=True: its gradient "
+                          "divides by each index's count over the whole batch, the samples mix (no per-sample "
+                          "gradients add up to .grad)")
     rule = rule_for(m, x)
     if rule is not None:
         served = rule.samples(m, x, grad, factor, call)

@@ -24,7 +24,8 @@ from ..distributed import sum_numbers
 from .losses import LossUnavailable, per_sample_losses
 from .rules import Unsupported, layer_samples
 from .plan import HIST_BINS, KEEP_FLOATS, hist_range as plan_hist_range, layer_pass, plan_for, sum_parts, summed as _summed
-from .mean_grad import mean_grad
+from .mean_grad import check as check_mean, mean_grad
+from .underflow import underflow_reason
 from .samples import DenseSamples, to_float
 from .view_setup import setup
 
@@ -68,6 +69,7 @@ class PerSampleView:
         if self._global_reason is None:
             for j in range(len(self.params)):
                 self._param_samples(j)
+            check_mean(self)  # .grad against the per-sample gradients' mean (mean_grad.py)
 
     # -- per-call layer rules -----------------------------------------------------------------------
     def _call_samples(self, pos: int, call):
@@ -134,7 +136,7 @@ class PerSampleView:
             try:
                 if self._global_reason is not None:
                     raise LossUnavailable(self._global_reason)
-                parts = [per_sample_losses(self.inputs.watched.loss_fn, mb, b, self.inputs.reduction, self.sample_dim) * share
+                parts = [per_sample_losses(self.inputs.watched.loss_fn, mb, b, self.reduction, self.sample_dim) * share
                          for mb, b, share in zip(self.micro_batches, self.batch_sizes, self.shares)]
                 self._cache["losses"] = torch.cat(parts)
             except LossUnavailable as err:
@@ -234,6 +236,9 @@ class PerSampleView:
         if self.plan().keep:
             keep_left = self._cache.setdefault("keep_left", [KEEP_FLOATS])
         got = layer_pass(parts, self.batch_sizes, wanted, v, R, self._zeros, p, d, keep_left)
+        why = underflow_reason(self, j)
+        if why is not None:
+            self._reasons.setdefault(self.names[j], why)
         if "blocks" in got:
             self._cache[("kept", j)] = got.pop("blocks")
         have.update(got)

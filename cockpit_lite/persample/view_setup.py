@@ -20,6 +20,9 @@ def setup(self, captured) -> None:
     """Fill ``self`` (a ``PerSampleView``): the micro-batches, their scales and shares, which layer calls
     feed which parameter, and the parameters left to the per-sample replay."""
     calls = list(captured.calls) if captured is not None else []
+    # KLDivLoss(reduction="batchmean"): the sum of the elements over the loss input's rows, a mean whose normaliser
+    # (the rows) losses.py recovers from the logged loss as for any mean
+    self.reduction = "mean" if self.inputs.reduction == "batchmean" else self.inputs.reduction
     mbs = [m for m in self.inputs.micro_batches if m.backpropagated]
     forwards = sorted({c.forward for c in calls})
     self.forwards = forwards
@@ -64,8 +67,8 @@ def setup(self, captured) -> None:
                                "gradients need each micro-batch's own input; pass a new tensor per micro-batch")
     elif not calls:
         self._global_reason = "no layer with observed parameters received a gradient on this step"
-    elif self.inputs.reduction not in ("mean", "sum"):
-        self._global_reason = (f"the loss reduction is {self.inputs.reduction!r}; per-sample gradients need the "
+    elif self.reduction not in ("mean", "sum"):
+        self._global_reason = (f"the loss reduction is {self.reduction!r}; per-sample gradients need the "
                                "loss module passed as watch(..., loss_fn=...) with reduction 'mean' or 'sum'")
     elif any(m.outside for m in mbs):
         self._global_reason = next(m.outside for m in mbs if m.outside)
@@ -73,12 +76,14 @@ def setup(self, captured) -> None:
         self._global_reason = ("loss calls of this step read the same samples more than once (losses of two heads "
                                "on one forward, or a forward repeated on the same input): sample i's gradient is "
                                "the sum over those calls, which the per-sample layer data do not separate")
+    elif any(getattr(m, "coupled", None) for m in mbs):
+        self._global_reason = next(m.coupled for m in mbs if getattr(m, "coupled", None))
     elif len(mbs) != len(forwards):
         self._global_reason = (f"{len(forwards)} model forward passes but {len(mbs)} back-propagated loss calls "
                                "on this step: cannot match micro-batches to losses")
     # a micro-batch loss already divided by the step's count (num_items_in_batch) is a part of the step's
     # mean, not a mean of its own: its samples' l_i scale by n_local / b_k (``loss_combine.step_normalised``)
-    parts = step_normalised(mbs) and self.inputs.reduction == "mean"
+    parts = step_normalised(mbs) and self.reduction == "mean"
     self.shares = [self.n_local / b if parts and b else 1.0 for b in self.batch_sizes]
     if self._global_reason is None:
         for mb, b, share in zip(mbs, self.batch_sizes, self.shares):
@@ -87,7 +92,7 @@ def setup(self, captured) -> None:
                 self._global_reason = "the gradient arriving at the loss (its backward scale) is unknown or zero"
                 break
             s = s.detach().reshape(()).float()
-            self.factors.append((b * share / s) if self.inputs.reduction == "mean" else (1.0 / s))
+            self.factors.append((b * share / s) if self.reduction == "mean" else (1.0 / s))
     self.micro_batches = mbs
     # parameter -> [(forward position, call, attribute name)]
     self.feeds: Dict[int, list] = {j: [] for j in range(len(self.params))}
@@ -174,7 +179,7 @@ def resolve_replays(self) -> None:
         losses = self.losses()
         out, start = {j: [] for j in wanted}, 0
         for pos, (call, mb, b, share) in enumerate(zip(calls, self.micro_batches, self.batch_sizes, self.shares)):
-            got = replayed_grads(self.inputs.watched.model, self.inputs.watched.loss_fn, call, mb, b, self.inputs.reduction,
+            got = replayed_grads(self.inputs.watched.model, self.inputs.watched.loss_fn, call, mb, b, self.reduction,
                                  {j: self.params[j] for j in wanted}, losses[start:start + b] / share,
                                  self.sample_dim)
             start += b
