@@ -141,9 +141,10 @@ class StepDetection:
         self._repeats.on_loss(mb, first)  # a second head's loss on the same samples (repeated_samples.py)
         if isinstance(module, ModelLoss):  # a loss divided by the step's count is a part of the step's loss
             mb.combine = module.combine
-        if self._last_output is not None:  # a view of the model output: its rows are the samples (B, not B*T)
-            observe(mb, self._last_output, first)
-            self._last_output = None
+        # a view of the model output: its rows are the samples (B, not B*T); without a kept output (a loss
+        # computed inside forward, as Hugging Face models do with labels=) the loss input's own view is read
+        observe(mb, self._last_output, first)
+        self._last_output = None
         if "loss_inputs" in self._needs:
             mb.output = first.detach() if isinstance(first, torch.Tensor) else first
             mb.target = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:])

@@ -163,7 +163,9 @@ def test_penalty_on_the_output_added_outside_loss_fn(tmp_path):
 
     run, truth = watched(tmp_path, m, opt, loop, crit)
     assert mismatches(run, truth, m) == []
-    assert "not only loss_fn's" in next(iter(run))["reasons"]["norm_test"]
+    why = next(iter(run))["reasons"]["norm_test"]
+    # the self-check's replay or the mean check (persample/mean_grad.py), whichever sees it first
+    assert "not only loss_fn's" in why or "not proportional to .grad" in why, why
 
 
 def test_second_loss_module_on_another_head(tmp_path):

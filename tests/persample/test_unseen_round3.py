@@ -150,12 +150,9 @@ def test_hf_loss_inside_forward_with_most_labels_ignored(tmp_path, kind):
     assert rec["checked"] > 10
 
 
-@pytest.mark.xfail(strict=True, reason="T5 (CrossEntropyLoss module on lm_logits.view(-1, V) inside forward) and "
-                                       "BertForMaskedLM (loss_function on the flattened logits): the record's "
-                                       "'samples' is B*T = 24, not the 4 sequences (the engine calls output_view."
-                                       "observe only once the model output is known, after the loss call)")
 @pytest.mark.parametrize("kind", ["t5", "bert_mlm"])
 def test_hf_loss_inside_forward_samples_is_the_batch(tmp_path, kind):
+    """The loss is computed inside forward on lm_logits.view(-1, V): the samples are the 4 sequences, not B*T."""
     assert _hf_step(tmp_path, kind)["samples"] == 4
 
 
