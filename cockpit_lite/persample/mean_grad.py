@@ -50,16 +50,19 @@ def mean_grad(view) -> List[torch.Tensor]:
             # ||c gr - r||^2 = c^2 gr.gr - 2c gr.r + r.r, each within 1e-3 of ||r|| (1e-5 in exact float32)
             tol, nan_tol = _tolerance(view)
             floor = [0.0] * len(sums)
-            if not all(c * c * x[0] - 2 * c * x[1] + x[2] <= tol * tol * x[2] + 1e-60 for x in sums):
+            # c = 0: the per-sample sums are 0 where .grad is not; only a .grad that is 0 up to rounding may pass
+            if c == 0.0 or not all(c * c * x[0] - 2 * c * x[1] + x[2] <= tol * tol * x[2] + 1e-60 for x in sums):
                 floor = _rounding_floor(grads, checks)  # a gradient that is 0 up to rounding agrees with any c
-            if all(c * c * x[0] - 2 * c * x[1] + x[2] <= tol * tol * x[2] + f + 1e-60 for x, f in zip(sums, floor)):
+            zero_sums = c == 0.0 and any(x[0] > f for x, f in zip(sums, floor))
+            if not zero_sums and all(c * c * x[0] - 2 * c * x[1] + x[2] <= tol * tol * x[2] + f + 1e-60
+                                     for x, f in zip(sums, floor)):
                 if abs(c - 1.0) < 1e-6:
                     c = 1.0  # mean reduction without accumulation: .grad is g (no copy)
                 view._cache["mean_factor"] = c
                 result = [view._nan(g.shape) if view.names[j] in view._reasons
                           else _scaled(g.detach(), c) for j, g in enumerate(grads)]
-            elif dist is None and any(c * c * x[0] - 2 * c * x[1] + x[2] > nan_tol * nan_tol * x[2] + f
-                                      for x, f in zip(sums, floor)):
+            elif dist is None and (zero_sums or any(c * c * x[0] - 2 * c * x[1] + x[2] > nan_tol * nan_tol * x[2] + f
+                                                    for x, f in zip(sums, floor))):
                 # one process, every sample of the same weight: .grad must be c g. It is not: .grad holds a
                 # term the per-sample gradients do not (a penalty on the parameters in the loss), or was changed
                 # after backward; the values would describe another gradient than the step's. (Between tol and
