@@ -26,7 +26,7 @@ from ..quantities.base import Quantity, Watched
 from ..runlog import RunLogWriter, load
 from ..runlog.batch import LOG_BATCH, BatchedWriter
 from ..step_context import MicroBatch, StepContext
-from .calls import bracket, call_hook
+from .calls import call_hook
 from .loop_trackers import reset_loop_trackers, start_loop_trackers
 from .other_optimizers import passes_of_another_step, watch_other_optimizers
 from .records import NoLog, Recorder, header
@@ -333,30 +333,9 @@ class Cockpit(StepDetection):
         return None
 
     def _check_rules(self, ctx: StepContext) -> None:
-        from . import selfcheck
+        from .selfcheck import check_step
 
-        with bracket(self.watched.dist, ctx.step, "persample_check") as outcome:
-            try:
-                result = selfcheck.run(ctx)
-            except Exception as err:
-                outcome.fail(err)
-        if outcome.anywhere:  # never stops training: tried again on the next per-sample steps, then given up
-            self._rule_check_failures += 1
-            if self._rule_check_failures >= 3:  # the same count everywhere: the same decision
-                err = outcome.failed or RuntimeError("the check failed in another process")
-                result = {"status": "unavailable", "reason": f"{type(err).__name__}: {err}", "step": ctx.step}
-                self.watched.rule_check = result  # the values stand unverified, as logged
-                ctx.emit_data("persample_check", result)
-            else:
-                self.watched.rule_check = None
-                self.watched.rule_failures.clear()
-                ctx.data.pop("persample_check", None)
-                return
-        lost = {} if result is None or result["status"] != "failed" else {
-            n: why for n, why in result.get("failed", {}).items() if n not in result.get("replayed", ())}
-        if lost:  # parameters the replay (persample/replayed.py) recovered are not lost
-            self._warn_once("rules", "cockpit-lite: per-sample values are unavailable (NaN) for " + "; ".join(
-                f"{name}: {why}" for name, why in lost.items()))
+        check_step(self, ctx)
 
     def _failed(self, q: Quantity, method: str, ctx: StepContext, failed: BaseException) -> None:
         reason = f"{type(failed).__name__} in {q.name}.{method}: {failed}"

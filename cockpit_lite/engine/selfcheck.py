@@ -33,6 +33,7 @@ import torch
 from ..distributed import sum_tensors
 from ..rng import preserved_rng
 from ..persample.losses import LossUnavailable, elementwise_loss, group_elements
+from .calls import bracket
 
 TOL = 0.1  # relative norm of g_0 - r; a broken rule is off by O(1), autocast rounding by ~1e-2
 # without autocast or half-precision parameters (TF32 matmuls and convolutions round to ~1e-3): samples that mix
@@ -258,3 +259,31 @@ def _autocast(amp):
         return nullcontext()
     device, dtype = amp
     return torch.autocast(device, dtype=dtype)
+
+
+def check_step(cockpit, ctx) -> None:
+    """The engine's call on a tracked per-sample step (``Cockpit._check_rules``): ``run`` in a bracket that
+    never stops training (a failure anywhere is retried on the next per-sample steps, given up after 3, the
+    same count in every process), then one warning naming the parameters whose values are lost."""
+    with bracket(cockpit.watched.dist, ctx.step, "persample_check") as outcome:
+        try:
+            result = run(ctx)
+        except Exception as err:
+            outcome.fail(err)
+    if outcome.anywhere:
+        cockpit._rule_check_failures += 1
+        if cockpit._rule_check_failures >= 3:  # the same count everywhere: the same decision
+            err = outcome.failed or RuntimeError("the check failed in another process")
+            result = {"status": "unavailable", "reason": f"{type(err).__name__}: {err}", "step": ctx.step}
+            cockpit.watched.rule_check = result  # the values stand unverified, as logged
+            ctx.emit_data("persample_check", result)
+        else:
+            cockpit.watched.rule_check = None
+            cockpit.watched.rule_failures.clear()
+            ctx.data.pop("persample_check", None)
+            return
+    lost = {} if result is None or result["status"] != "failed" else {
+        n: why for n, why in result.get("failed", {}).items() if n not in result.get("replayed", ())}
+    if lost:  # parameters the replay (persample/replayed.py) recovered are not lost
+        cockpit._warn_once("rules", "cockpit-lite: per-sample values are unavailable (NaN) for " + "; ".join(
+            f"{name}: {why}" for name, why in lost.items()))
