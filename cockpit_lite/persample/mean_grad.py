@@ -10,7 +10,7 @@ from typing import List, Tuple
 import torch
 
 from ..distributed import sum_numbers, sum_tensors
-from .dense_grads import dense_grads
+from .dense_grads import dense_grads, grad_norms
 from .plan import sum_parts
 
 
@@ -47,27 +47,26 @@ def mean_grad(view) -> List[torch.Tensor]:
         gg = sum(x[0] for x in sums)
         if gg > 0:
             c = sum(x[1] for x in sums) / gg
-            # ||c gr - r||^2 = c^2 gr.gr - 2c gr.r + r.r, each within 1e-3 of ||r|| (1e-5 in exact float32)
+            # ||c gr - r||^2 = c^2 gr.gr - 2c gr.r + r.r per checked parameter, against its ||r||^2
+            miss = [(c * c * x[0] - 2 * c * x[1] + x[2], x[2]) for x in sums]
             tol, nan_tol = _tolerance(view)
             floor = [0.0] * len(sums)
             # c = 0: the per-sample sums are 0 where .grad is not; only a .grad that is 0 up to rounding may pass
-            if c == 0.0 or not all(c * c * x[0] - 2 * c * x[1] + x[2] <= tol * tol * x[2] + 1e-60 for x in sums):
-                floor = _rounding_floor(grads, checks)  # a gradient that is 0 up to rounding agrees with any c
+            if c == 0.0 or not all(d <= tol * tol * r2 + 1e-60 for d, r2 in miss):
+                floor = _rounding_floor(view, grads, checks)  # a gradient that is 0 up to rounding agrees with any c
             zero_sums = c == 0.0 and any(x[0] > f for x, f in zip(sums, floor))
-            if not zero_sums and all(c * c * x[0] - 2 * c * x[1] + x[2] <= tol * tol * x[2] + f + 1e-60
-                                     for x, f in zip(sums, floor)):
+            if not zero_sums and all(d <= tol * tol * r2 + f + 1e-60 for (d, r2), f in zip(miss, floor)):
                 if abs(c - 1.0) < 1e-6:
                     c = 1.0  # mean reduction without accumulation: .grad is g (no copy)
                 view._cache["mean_factor"] = c
                 result = [view._nan(g.shape) if view.names[j] in view._reasons
                           else _scaled(g.detach(), c) for j, g in enumerate(grads)]
-            elif dist is None and (zero_sums or any(c * c * x[0] - 2 * c * x[1] + x[2] > nan_tol * nan_tol * x[2] + f
-                                                    for x, f in zip(sums, floor))):
+            elif dist is None and (zero_sums or any(d > nan_tol * nan_tol * r2 + f for (d, r2), f in zip(miss, floor))):
                 # one process, every sample of the same weight: .grad must be c g. It is not: .grad holds a
                 # term the per-sample gradients do not (a penalty on the parameters in the loss), or was changed
                 # after backward; the values would describe another gradient than the step's. (Between tol and
                 # nan_tol, where rounding in half precision can be the cause: g from the per-sample sums, below.)
-                result = _disagrees(view, [view.names[j] for j in checks], grads, c, sums)
+                result = _disagrees(view, [view.names[j] for j in checks], grads, miss)
         if dist is not None:  # the same decision everywhere
             ok = sum_numbers(dist, [1 if result is not None else 0])[0] == dist.size
             result = result if ok else None
@@ -84,9 +83,10 @@ DISAGREES = ("the mean of the per-sample gradients is not proportional to .grad 
              "a hook); the per-sample gradients would not describe this step's gradient")
 
 
-def _disagrees(view, names, grads, c, sums) -> List[torch.Tensor]:
-    """Every parameter NaN with the reason (``DISAGREES``); the mean gradient returned is NaN too."""
-    rel = max(math.sqrt(max(c * c * x[0] - 2 * c * x[1] + x[2], 0.0) / x[2]) if x[2] > 0 else 1.0 for x in sums)
+def _disagrees(view, names, grads, miss) -> List[torch.Tensor]:
+    """Every parameter NaN with the reason (``DISAGREES``); the mean gradient returned is NaN too. ``miss``:
+    (||c .grad - r||^2, ||r||^2) per checked parameter."""
+    rel = max(math.sqrt(max(d, 0.0) / r2) if r2 > 0 else 1.0 for d, r2 in miss)
     reason = DISAGREES.format(names=" and ".join(repr(n) for n in names), rel=rel)
     for name in view.names:
         view._reasons.setdefault(name, reason)
@@ -111,15 +111,12 @@ def equal_weights(view) -> bool:
     return max(f) - min(f) <= 1e-6 * max(abs(x) for x in f)
 
 
-def _rounding_floor(grads, checks) -> List[float]:
+def _rounding_floor(view, grads, checks) -> List[float]:
     """Per checked parameter, the squared difference that float32 rounding alone can leave: (1e-5)^2 times its
     size times the largest mean squared gradient element of any parameter. A bias whose gradient is 0 by structure
     (the shared bias of a triplet loss's anchor, positive and negative) holds only rounding, ~1e-8."""
-    present = [g for g in grads if g is not None and g.numel()]
-    if not present:
-        return [0.0 for _ in checks]
-    norms = torch.stack(torch._foreach_norm([g.detach().float() for g in present])).double().cpu()
-    scale2 = max(float(n) ** 2 / g.numel() for n, g in zip(norms, present))
+    scale2 = max((n * n / g.numel() for n, g in zip(grad_norms(view), grads) if g is not None and g.numel()),
+                 default=0.0)
     return [1e-10 * scale2 * grads[j].numel() for j in checks]
 
 
