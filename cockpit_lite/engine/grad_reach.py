@@ -35,7 +35,7 @@ class ParamReach:
                 return True
             if task != self._task:
                 # lazily: the first parameter written usually answers (one query per backward pass)
-                self._answer = any(torch._C._will_engine_execute_node(n) for n in self._iter_accumulators())
+                self._answer = any(torch._C._will_engine_execute_node(n) for _, n in self._accumulators())
                 self._task = task
             return self._answer
         except Exception:  # not answerable here: count the pass, as without this check
@@ -72,7 +72,7 @@ class ParamReach:
             if task == -1 or task == self._marked_task:
                 return
             self._marked_task = task
-            for p, node in zip(self._trainable(), self._accumulators()):
+            for p, node in self._accumulators():
                 if torch._C._will_engine_execute_node(node):
                     self._reached.add(id(p))
         except Exception:
@@ -84,13 +84,8 @@ class ParamReach:
         reached, self._reached, self._marked_task = self._reached, set(), None
         return reached or None
 
-    def _trainable(self) -> List[torch.Tensor]:
-        return [p for p in self.params if p.requires_grad]
-
-    def _accumulators(self) -> List[object]:
-        return list(self._iter_accumulators())
-
-    def _iter_accumulators(self):
+    def _accumulators(self):
+        """(parameter, its AccumulateGrad node) for the parameters that require a gradient, lazily."""
         for p in self.params:
             if not p.requires_grad:
                 continue
@@ -99,4 +94,4 @@ class ParamReach:
                 with torch.enable_grad():  # inside a backward pass grad mode is off: no graph to read it from
                     node = p.view_as(p).grad_fn.next_functions[0][0]
                 self._nodes[id(p)] = node
-            yield node
+            yield p, node
