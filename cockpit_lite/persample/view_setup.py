@@ -68,8 +68,10 @@ def setup(self, captured) -> None:
     elif not calls:
         self._global_reason = "no layer with observed parameters received a gradient on this step"
     elif self.reduction not in ("mean", "sum"):
-        self._global_reason = (f"the loss reduction is {self.reduction!r}; per-sample gradients need the "
-                               "loss module passed as watch(..., loss_fn=...) with reduction 'mean' or 'sum'")
+        # reduction="none" combined in the loop with unequal weights says how (engine/loss_elements.py)
+        self._global_reason = next((m.elements for m in mbs if getattr(m, "elements", None)), None) or (
+            f"the loss reduction is {self.reduction!r}; per-sample gradients need the loss module passed as "
+            "watch(..., loss_fn=...) with reduction 'mean' or 'sum' (or 'none' with the elements weighed equally)")
     elif any(m.outside for m in mbs):
         self._global_reason = next(m.outside for m in mbs if m.outside)
     elif any(m.repeats for m in mbs):

@@ -20,6 +20,8 @@ class Loss(Quantity):
         loss = ctx.loss()
         if loss is None:
             ctx.emit_nan("loss", "no call of loss_fn was seen in this step (pass loss_fn=<nn.Module> to watch)")
+        elif _weighted(ctx):
+            ctx.emit_nan("loss", _weighted(ctx))
         else:
             ctx.emit("loss", loss)
 
@@ -40,4 +42,13 @@ class Loss(Quantity):
             ctx.emit_nan("loss", "no call of loss_fn was seen in this step on "
                                  f"{int(missing)} of {ctx.watched.dist.size} processes")
             return
+        if total != total and _weighted(ctx):  # NaN: here because of the weights the loop gave the elements
+            ctx.emit_nan("loss", _weighted(ctx))
+            return
         ctx.emit("loss", total if ctx.reduction == "sum" else total / weights)
+
+
+def _weighted(ctx):
+    """Why the logged mean of loss_fn's elements would not be the loss (``engine/loss_elements.py``), or None."""
+    return next((m.elements for m in ctx.micro_batches if m.backpropagated and m.elements
+                 and bool(m.loss.isnan())), None)
