@@ -91,6 +91,30 @@ def _cancelled(eps: float, name: str, w: float, p: float, what: str, where: str)
                             err=min(eps * cond, 1.0), max=MAX_REL)
 
 
+ROUNDED = ("the per-sample gradients of {name!r} are sums over positions that cancel to {ratio:.2g} of their terms "
+           "(e.g. an attention key bias: softmax is invariant to it, so its gradient is 0 up to rounding): {dtype} "
+           "leaves them about {err:.1g} relative, rounding noise (at most {max:g})")
+
+
+def rounded_away(ctx, sq: torch.Tensor, floors: torch.Tensor) -> Tuple[Dict[int, str], Optional[str]]:
+    """({parameter index: reason}, None): parameters whose per-sample gradients (sums over positions) are
+    mostly the rounding of their sums, judged by sum_i ||g_i||^2 (``sq``) against ``floors`` (sum_i || sum_t
+    |terms| ||^2, ``DenseSamples.floor_sq``; NaN where unknown). Their share of the totals is that small too."""
+    eps = _eps(ctx)
+    if eps is None:
+        return {}, None
+    out: Dict[int, str] = {}
+    for j, (s, f) in enumerate(zip(sq.tolist(), floors.tolist())):
+        if not (math.isfinite(s) and math.isfinite(f)) or f <= 0.0:
+            continue
+        ratio = math.sqrt(s / f)
+        if eps <= MAX_REL * ratio:
+            continue
+        out[j] = ROUNDED.format(name=ctx.names[j], ratio=ratio, dtype="float32" if eps > 1e-10 else "float64",
+                                err=min(eps / ratio, 1.0) if ratio > 0 else 1.0, max=MAX_REL)
+    return out, None
+
+
 def merged(*judged: Tuple[Dict[int, str], Optional[str]]) -> Tuple[Dict[int, str], Optional[str]]:
     """The reasons of several judges: the first one's where several apply."""
     parts: Dict[int, str] = {}
