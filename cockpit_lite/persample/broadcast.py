@@ -62,6 +62,9 @@ def attach(pending: list, output, batch: int) -> None:
     if found is None:
         return
     for call, out in todo:
+        if any(isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] == batch for a in call.inputs) or any(
+                isinstance(v, torch.Tensor) for v in tree_leaves(call.kwargs)):
+            continue  # an input with the batch (or a tensor keyword): the output is not a batch-free table
         uses = found[id(out.grad_fn)]
         if len(uses) != 1:
             continue
