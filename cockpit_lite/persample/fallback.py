@@ -92,7 +92,9 @@ def fallback_samples(module, call, delta: torch.Tensor, b: int):
     params = {n: own[n].detach() for n in names}
     args_b = [a for flag, a in zip(batched_args, args) if flag]
     # the math attention kernel decomposes into ops that vmap batches (the fused CPU kernel has no rule)
-    with sdpa_kernel(SDPBackend.MATH):
+    # outer no_grad: the module's other parameters (a root module owning a bare table) would otherwise link the
+    # per-sample gradients to autograd's graph (torch.func.grad differentiates inside regardless)
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
         grads = vmap(grad(inner), in_dims=(None, [bdim] * len(args_b), {k: 0 for k in kw_b}, bdim))(
             params, args_b, kw_b, delta)
-    return {n: DenseSamples(to_float(grads[n])) for n in names}
+    return {n: DenseSamples(to_float(grads[n]).detach()) for n in names}

@@ -185,8 +185,9 @@ def resolve_replays(self) -> None:
                                  {j: self.params[j] for j in wanted}, losses[start:start + b] / share,
                                  self.sample_dim)
             start += b
-            for j in wanted:
-                out[j].append((pos, [DenseSamples(got[j] * share if share != 1.0 else got[j])]))
+            for j in wanted:  # detached: a replay of a parameter the graph still needs (a bare table) tracks grads
+                g = got[j].detach()
+                out[j].append((pos, [DenseSamples(g * share if share != 1.0 else g)]))
         self._replayed.update(out)
     except ReplayUnavailable as err:
         for j, why in wanted.items():

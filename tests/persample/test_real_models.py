@@ -124,6 +124,18 @@ def test_full_preset_gradient_tests_against_brute_force(tmp_path, name):
     for key, ref in (("norm_test", norm_test(Gf)), ("inner_test", inner_test(Gf)), ("ortho_test", ortho_test(Gf))):
         assert rec["values"][key] == pytest.approx(ref, rel=1e-4), key
     assert np.isfinite(run.series("hess_max_ev")[1][0])
+    # the histogram of every g_ij (a bare table's per-sample gradients from the fallback on the root module were
+    # still linked to autograd: the count raised)
+    hist = rec["data"]["grad_hist_1d"]
+    assert "grad_hist_1d" not in rec.get("reasons", {}) and hist["counts"] is not None, rec.get("reasons")
+    got, R = np.asarray(hist["counts"]), np.float32(hist["edges"][-1])
+    # torch.histc's bins in float32: (x + R) / (2R) * bins, truncated (tiny negative values round into the
+    # bin right of 0), values outside [-R, R] in the edge bins
+    x = Gf.numpy().reshape(-1).astype(np.float32)
+    pos = np.floor((x + R) / (np.float32(2) * R) * np.float32(len(got))).astype(np.int64)
+    want = np.bincount(np.clip(pos, 0, len(got) - 1), minlength=len(got))
+    assert got.sum() == want.sum()
+    assert np.abs(got - want).sum() <= 2e-3 * want.sum()  # float32 gradients within ulps of an edge may flip
 
 
 def reference_alpha(case, m0, m1) -> float:
