@@ -40,7 +40,12 @@ REASON = ("the mean gradient{where} is {rho:.3g} times smaller than the samples'
 
 def _eps(ctx) -> Optional[float]:
     """The unit roundoff of the gradients' sums: float64's where every gradient is float64, float32's where
-    the coarsest is float32; None for half precision (not judged)."""
+    the coarsest is float32; None for half precision (not judged). Once per step."""
+    once = getattr(ctx, "once", None)
+    return once(_eps_of_step) if once is not None else _eps_of(ctx.params)
+
+
+def _eps_of_step(ctx) -> Optional[float]:
     return _eps_of(ctx.params)
 
 
