@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.utils._pytree import tree_leaves
 
-from . import attention_tap, broadcast
+from . import attention_tap, broadcast, flat_rows
 
 
 @dataclass
@@ -37,6 +37,8 @@ class LayerCall:
     broadcast: Optional[tuple] = None
     broadcast_grad: Optional[torch.Tensor] = None  # the per-sample gradient read at that addition, until taken
     expanded: bool = False  # inputs expanded to the batch
+    #: a row-wise layer called on [B*T, d] rows flattened from [B, T, d] (flat_rows.py): (B, T, ...)
+    flat_lead: Optional[tuple] = None
 
 
 @dataclass
@@ -69,6 +71,7 @@ class LayerCapture:
         self._captured = Captured()
         self._forward = 0
         self._pending: list = []  # (call, output) of the forward under way
+        self._rows_known: dict = {}  # id(output node) -> (B, T): layers of this forward on flattened rows
         self._handles = []
         self.modules: Dict[str, torch.nn.Module] = {}
         for mname, module in model.named_modules(remove_duplicate=True):
@@ -85,6 +88,7 @@ class LayerCapture:
     # -- engine API ----------------------------------------------------------------------------
     def arm(self) -> None:
         self._pending = []
+        self._rows_known = {}
         self.armed = True
         self._captured = Captured()
         self._forward = 0
@@ -96,6 +100,7 @@ class LayerCapture:
         captured.calls = [c for c in captured.calls if c.output_grad is not None]
         captured.overwritten = [c.module_name for c in captured.calls if _overwritten(c)]
         self._pending = []
+        self._rows_known = {}
         self.armed = False
         self._captured = Captured()
         self._forward = 0
@@ -113,6 +118,7 @@ class LayerCapture:
     def _on_model_forward(self, module, args, output):
         if self.armed and torch.is_grad_enabled():
             pending, self._pending = self._pending, []
+            self._rows_known = {}
             if len({out.shape[0] for _, out in pending}) > 1:  # some layer called without the batch: broadcast.py
                 sizes = [_rows(c) for c in self._captured.calls if c.forward == self._forward]
                 sizes = [n for n in sizes if n is not None]
@@ -136,9 +142,14 @@ class LayerCapture:
             forward = self._forward
             if forward > 0 and _in_backward():  # a recomputation (reentrant torch.utils.checkpoint) during the
                 forward -= 1  # backward pass of the forward that just ended: its calls, not a new forward's
+            lead = flat_rows.lead_of(module, args[0], self._rows_known) if args else None
+            inputs = tuple(_detach(a) for a in args)
+            if lead is not None:  # rows flattened from [B, T, d]: read as the call on [B, T, d] (flat_rows.py)
+                self._rows_known[id(out.grad_fn)] = lead
+                inputs = (flat_rows.regrouped(inputs[0], lead), *inputs[1:])
             call = LayerCall(module=module, module_name=mname, forward=forward,
                              order=len(self._captured.calls),
-                             inputs=tuple(_detach(a) for a in args),
+                             inputs=inputs, flat_lead=lead,
                              kwargs={k: _detach(v) for k, v in kwargs.items()},
                              training=module.training,
                              output=out.detach() if keeps_output else None,
@@ -154,6 +165,8 @@ class LayerCapture:
                         return None  # an input gradient (backward(inputs=[x]), autograd.grad): not the step's
                     self.reaches.mark()
                 g = broadcast.taken(call, grad.detach())
+                if call.flat_lead is not None:
+                    g = flat_rows.regrouped(g, call.flat_lead)
                 call.output_grad = g if call.output_grad is None else call.output_grad + g
                 return None
 

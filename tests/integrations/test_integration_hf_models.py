@@ -49,6 +49,16 @@ def roberta():
     return transformers.RobertaForMaskedLM(config).train()
 
 
+def opt():
+    """OPT flattens the hidden states into [B*T, d] rows for its feed-forward layers (persample/flat_rows.py)
+    and computes its positions from the attention mask in a subclass of nn.Embedding."""
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                    num_attention_heads=2, max_position_embeddings=T + 4, dropout=0.0,
+                                    attention_dropout=0.0, word_embed_proj_dim=32, pad_token_id=1)
+    return transformers.OPTForCausalLM(config).train()
+
+
 def mlm_batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(2, V, (B, T), generator=g)
@@ -135,8 +145,9 @@ def assert_brute_force_or_reason(record, G):
 
 
 @pytest.mark.parametrize("build, batch, shares", [(gpt2, lm_batch, lm_shares), (bert, cls_batch, cls_shares),
-                                                  (roberta, mlm_batch, mlm_shares)],
-                         ids=["GPT2LMHeadModel", "BertForSequenceClassification", "RobertaForMaskedLM"])
+                                                  (roberta, mlm_batch, mlm_shares), (opt, lm_batch, lm_shares)],
+                         ids=["GPT2LMHeadModel", "BertForSequenceClassification", "RobertaForMaskedLM",
+                              "OPTForCausalLM"])
 def test_plain_loop_observes_the_loss_inside_forward(tmp_path, build, batch, shares):
     """Position embeddings on position_ids [1, T] (persample/broadcast.py), a head bias held twice: the totals
     are the brute force's too, not NaN."""
