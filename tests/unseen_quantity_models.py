@@ -1,0 +1,366 @@
+"""Probe harness for the step quantities (brief probe_quant): ``loop_truth.Truth`` plus what the loop's
+optimizer did (the lr of each group at the step), and a float64 brute force of every quantity that
+``loop_truth.mismatches`` does not check: param_norm, the per-parameter parts of grad_norm / param_norm /
+distance / update_size / mean_gsnr / early_stopping, early_stopping, cabs, lr, grad_hist_1d, grad_hist_2d.
+
+Histograms: the float64 per-sample gradients rounded to float32, binned with the logged edges; an element
+within 2e-5 * R of an edge may land in either bin beside it (the fast path computes it in float32).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List
+
+import numpy as np
+import torch
+from torch import nn
+
+import cockpit_lite
+import reference as R
+from loop_truth import Truth, mismatches, per_sample_grads
+
+ALL = {name: "every" for name in ("loss", "grad_norm", "param_norm", "distance", "update_size", "lr", "cabs",
+                                  "early_stopping", "mean_gsnr", "grad_hist_1d", "grad_hist_2d", "alpha",
+                                  "norm_test", "inner_test", "ortho_test")}
+CE = nn.CrossEntropyLoss(reduction="none")
+
+
+class QTruth(Truth):
+    """``Truth`` that also notes the optimizer's groups at each step (call ``note_grad`` right before step)."""
+
+    def __init__(self, model, optimizer, observed=None):
+        super().__init__(model, observed)
+        self.optimizer = optimizer
+
+    def note_grad(self) -> None:
+        super().note_grad()
+        self.pending["lrs"] = [float(g["lr"]) for g in self.optimizer.param_groups]
+        self.pending["cabs_ok"] = (type(self.optimizer) is torch.optim.SGD and len(set(self.pending["lrs"])) == 1
+                                   and not any(g.get("momentum", 0) for g in self.optimizer.param_groups))
+
+
+def _close(got, want, tol):
+    return abs(got - want) <= tol * max(abs(want), 1e-12)
+
+
+def _hist_problem(counts, edges_list, values: List[np.ndarray], total: int):
+    """None if ``counts`` (nd) are the exact counts of ``values`` (one array per axis) with these edges, except
+    that an element within 2e-5 * R of an edge may be counted in either bin beside it."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.sum() != total:
+        return f"counts sum to {counts.sum():.0f}, want {total} elements"
+    edges = [np.asarray(e, dtype=np.float64) for e in edges_list]
+    clipped = [np.clip(v, e[0], e[-1]) for v, e in zip(values, edges)]
+    ref, _ = np.histogramdd(np.stack(clipped, 1), bins=edges)
+    near = np.zeros(len(clipped[0]), dtype=bool)  # elements within 2e-5 * R of an edge on some axis
+    for v, e in zip(clipped, edges):
+        band = 2e-5 * max(abs(e[0]), abs(e[-1]))
+        i = np.clip(np.searchsorted(e, v), 1, len(e) - 1)
+        near |= np.minimum(np.abs(v - e[i]), np.abs(v - e[i - 1])) <= band
+    slack = np.zeros_like(ref)
+    for axis, e in enumerate(edges):  # every bin such an element could land in
+        band = 2e-5 * max(abs(e[0]), abs(e[-1]))
+        for shift in (-band, 0.0, band):
+            moved = [v[near] for v in clipped]
+            moved[axis] = np.clip(moved[axis] + shift, e[0], e[-1])
+            slack += np.histogramdd(np.stack(moved, 1), bins=edges)[0]
+    off = np.abs(counts - ref)
+    if (off > slack).any():
+        return f"{off.sum():.0f} counts off the brute force ({slack.sum():.0f} allowed, beside edges)"
+    return None
+
+
+def extra_references(model, truth: QTruth):
+    out = []
+    names = [n for n, _ in model.named_parameters()]
+    for k, st in enumerate(truth.steps):
+        losses, G = per_sample_grads(model, st)
+        trained = [n for n in names if n in st["trained"]]
+        ref = {"early_stopping": R.early_stopping(G)}
+        obs = [n for n in names if n in truth.observed]
+        ref["param_norm"] = float(torch.sqrt(sum((st["theta"][n].double() ** 2).sum() for n in obs)))
+        for n in obs:
+            ref[f"param_norm/{n}"] = float(st["theta"][n].double().norm())
+            ref[f"distance/{n}"] = float((st["theta"][n].double() - truth.theta0[n].double()).norm())
+            ref[f"update_size/{n}"] = float((st["after"][n].double() - st["theta"][n].double()).norm())
+        sizes = [st["theta"][n].numel() for n in trained]
+        cols = torch.split(G, sizes, dim=1)
+        for n, Gp in zip(trained, cols):
+            if len(trained) > 1:
+                ref[f"mean_gsnr/{n}"] = R.mean_gsnr(Gp)
+                ref[f"early_stopping/{n}"] = R.early_stopping(Gp)
+        if st.get("lrs") is not None:
+            ref["lr"] = st["lrs"][0]
+            if len(st["lrs"]) > 1:
+                for i, lr in enumerate(st["lrs"]):
+                    ref[f"lr/group{i}"] = lr
+            if st.get("cabs_ok"):
+                ref["cabs"] = R.cabs(G, st["lrs"][0], float(losses.mean()))
+        g32 = G.float().double().numpy()
+        ref["_hist1d"] = g32.reshape(-1)
+        theta = torch.cat([st["theta"][n].double().reshape(-1) for n in trained]).numpy()
+        ref["_hist2d"] = (g32.reshape(-1), np.broadcast_to(theta, g32.shape).reshape(-1))
+        out.append(ref)
+    return out
+
+
+def all_mismatches(run, truth: QTruth, model, tol=1e-4, skip=(), skipped=(), hists=True) -> List[str]:
+    problems = mismatches(run, truth, model, tol=tol, skip=skip, skipped=skipped)
+    if problems:
+        return problems
+    records = {r["step"]: r for r in run}
+    numbers = [k for k in range(len(truth.steps) + len(skipped)) if k not in skipped]
+    for k, ref in enumerate(extra_references(model, truth)):
+        rec = records[numbers[k]]
+        for key, want in ref.items():
+            if key.startswith("_") or key.split("/")[0] in skip:
+                continue
+            got = rec["values"].get(key)
+            if got is None:
+                problems.append(f"step {k}: {key} missing (want {want:.6g})")
+                continue
+            got = float(got)
+            if math.isnan(got):
+                if not (rec.get("reasons") or {}).get(key):
+                    problems.append(f"step {k}: {key} NaN without a reason")
+            elif not _close(got, want, tol):
+                problems.append(f"step {k}: {key} = {got:.6g}, brute force {want:.6g}")
+        if not hists:
+            continue
+        data = rec.get("data") or {}
+        h1 = data.get("grad_hist_1d")
+        if h1 is not None and "grad_hist_1d" not in skip:
+            if h1.get("counts") is None:
+                if not h1.get("reason"):
+                    problems.append(f"step {k}: grad_hist_1d without counts or a reason")
+            elif h1.get("excluded"):
+                pass  # some parameters left out, with their reasons
+            else:
+                why = _hist_problem(h1["counts"], [h1["edges"]], [ref["_hist1d"]], ref["_hist1d"].size)
+                if why:
+                    problems.append(f"step {k}: grad_hist_1d {why}")
+        h2 = data.get("grad_hist_2d")
+        if "grad_hist_2d" not in skip and (h2 is not None or "grad_hist_2d" in rec["values"]):
+            if h2 is None or h2.get("counts") is None:
+                if not (rec.get("reasons") or {}).get("grad_hist_2d"):
+                    problems.append(f"step {k}: grad_hist_2d without counts or a reason")
+            elif not h2.get("missing"):
+                x, y = ref["_hist2d"]
+                why = _hist_problem(h2["counts"], [h2["x_edges"], h2["y_edges"]], [x, y], x.size)
+                if why:
+                    problems.append(f"step {k}: grad_hist_2d {why}")
+    return problems
+
+
+def watched(tmp_path, model, opt, loop, crit, quantities=None, observed=None, **options):
+    truth = QTruth(model, opt, observed)
+    with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "run", quantities=quantities or ALL,
+                            **options):
+        loop(truth)
+    return cockpit_lite.load(tmp_path / "run"), truth
+
+
+# -- tiny models, written the way users write them --------------------------------------------------------
+def mlp(seed=0, dropout=0.0, bn=False):
+    torch.manual_seed(seed)
+    mid = [nn.Dropout(dropout)] if dropout else [nn.BatchNorm1d(8)] if bn else []
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), *mid, nn.Linear(8, 3))
+
+
+def batches(n, b=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, 5, generator=g), torch.randint(0, 3, (b,), generator=g)) for _ in range(n)]
+
+
+def ce_of(x, y):
+    return lambda m: CE(m(x.double()), y)
+
+
+def plain(m, opt, crit, x, y, t):
+    opt.zero_grad()
+    loss = crit(m(x), y)
+    t.note_loss(loss.item())
+    loss.backward()
+    t.note_grad()
+    opt.step()
+
+
+OPTIMIZERS = {
+    "sgd_momentum_nesterov": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True),
+    "sgd_weight_decay": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, weight_decay=0.1),
+    "sgd_maximize": lambda m: torch.optim.SGD(m.parameters(), lr=0.01, maximize=True),
+    "adam_maximize": lambda m: torch.optim.Adam(m.parameters(), lr=0.01, maximize=True),
+    "adamw_decoupled": lambda m: torch.optim.AdamW(m.parameters(), lr=0.01, weight_decay=0.5),
+    "adamw_fused": lambda m: torch.optim.AdamW(m.parameters(), lr=0.01, fused=True),
+    "adam_no_foreach": lambda m: torch.optim.Adam(m.parameters(), lr=0.01, foreach=False),
+    "adagrad": lambda m: torch.optim.Adagrad(m.parameters(), lr=0.1),
+    "rmsprop_momentum": lambda m: torch.optim.RMSprop(m.parameters(), lr=0.01, momentum=0.5),
+    "adamax": lambda m: torch.optim.Adamax(m.parameters(), lr=0.05),
+    "nadam": lambda m: torch.optim.NAdam(m.parameters(), lr=0.05),
+    "radam": lambda m: torch.optim.RAdam(m.parameters(), lr=0.05),
+    "sgd_groups_lr0": lambda m: torch.optim.SGD([{"params": m[0].parameters(), "lr": 0.0},
+                                                 {"params": m[-1].parameters(), "lr": 0.2}], lr=0.1),
+    "sgd_plain_subset": lambda m: torch.optim.SGD(m[-1].parameters(), lr=0.1),
+}
+
+
+# -- sequence models: a transformer LM with flattened logits, sequence-first GRUs ----------------------------
+V, T, D = 7, 5, 8
+
+
+class LM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.enc = nn.TransformerEncoderLayer(D, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(D, V)
+
+    def forward(self, idx):
+        return self.head(self.enc(self.emb(idx)))
+
+
+class GRUSeq(nn.Module):
+    """Sequence-first (``[T, B]`` tokens): logits per position (``per_step``) or from the last hidden state."""
+
+    def __init__(self, per_step=True):
+        super().__init__()
+        self.emb, self.gru = nn.Embedding(V, D), nn.GRU(D, D)
+        self.head = nn.Linear(D, V if per_step else 3)
+        self.per_step = per_step
+
+    def forward(self, idx):
+        h, last = self.gru(self.emb(idx))
+        return self.head(h) if self.per_step else self.head(last[0])
+
+
+def sequence_run(tmp_path, kind, sizes, ignore=False, steps=3):
+    """``kind``: "lm" (batch-first, logits.view(-1, V)), "gru_step" (sequence-first, logits per position,
+    flattened), "gru_last" (sequence-first, a class from the last hidden state). Micro-batches of ``sizes``
+    sequences, each loss weighted by its share of the sequences; ``ignore``: -100 targets (the first two
+    positions, all of the first sequence). l_i = n_k * (sample i's token losses) / (counted tokens of its
+    micro-batch): the mean over a micro-batch's samples is its loss."""
+    torch.manual_seed(0)
+    seq_first = kind.startswith("gru")
+    m = LM() if kind == "lm" else GRUSeq(per_step=kind == "gru_step")
+    crit = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(3)
+
+    def make(b):
+        x = torch.randint(0, V, (b, T), generator=g)
+        if kind == "gru_last":
+            return x.T.contiguous(), torch.randint(0, 3, (b,), generator=g)
+        y = torch.randint(0, V, (b, T), generator=g)
+        if ignore:
+            y[:, :2] = -100
+            y[0] = -100
+        return (x.T.contiguous(), y.T.contiguous()) if seq_first else (x, y)
+
+    def per_sample(m64, mbs):
+        out = []
+        for x, y in mbs:
+            o = m64(x)
+            if kind == "gru_last":
+                out.append(CE(o, y))
+                continue
+            ce = nn.CrossEntropyLoss(reduction="none")(o.reshape(-1, V), y.reshape(-1)).view(*y.shape)
+            ce = ce.T if seq_first else ce
+            out.append(ce.shape[0] * ce.sum(1) / (y != -100).sum())
+        return torch.cat(out)
+
+    def loop(t):
+        for _ in range(steps):
+            mbs = [make(s) for s in sizes]
+            t.begin(lambda m64, mbs=mbs: per_sample(m64, mbs))
+            opt.zero_grad()
+            total = 0.0
+            for (x, y), b in zip(mbs, sizes):
+                o = m(x)
+                loss = crit(o, y) if kind == "gru_last" else crit(o.view(-1, V), y.view(-1))
+                (loss * b / sum(sizes)).backward()
+                total += loss.item() * b
+            t.note_loss(total / sum(sizes))
+            t.note_grad()
+            opt.step()
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    return run, truth, m
+
+
+def _record_dropout_mask(mod, inputs, output):
+    mod.mask = (output != 0).double() / (1 - mod.p)
+
+
+def step_setup_run(tmp_path, name, steps=5):
+    """SGD with momentum on the MLP under one of the set-ups where alpha / update_size are most likely wrong:
+    clip, scaler, sum, accumulation (unequal micro-batches), dropout, bn_train, bn_eval, lbfgs, scheduler."""
+    crit = nn.CrossEntropyLoss(reduction="sum" if name == "sum" else "mean")
+    m = mlp(dropout=0.3 if name == "dropout" else 0.0, bn=name.startswith("bn"))
+    if name == "bn_eval":
+        m.eval()
+    if name == "dropout":  # the brute force reuses the step's mask (the end point of alpha: step t+1's own)
+        m[2].register_forward_hook(_record_dropout_mask)
+    opt = (torch.optim.LBFGS(m.parameters(), lr=0.5, max_iter=3) if name == "lbfgs"
+           else torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=20) if name == "scheduler" else None
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if name == "scaler" else None
+    g = torch.Generator().manual_seed(7)
+
+    def loop(t):
+        for k, (x, y) in enumerate(batches(steps)):
+            if name == "accumulation":
+                sizes = [3, 2, 1] if k % 2 == 0 else [4, 2]
+                mbs = [(torch.randn(s, 5, generator=g), torch.randint(0, 3, (s,), generator=g)) for s in sizes]
+                t.begin(lambda m64, mbs=mbs: torch.cat([CE(m64(a.double()), b) for a, b in mbs]))
+                opt.zero_grad()
+                total = 0.0
+                for a, b in mbs:
+                    loss = crit(m(a), b)
+                    (loss * len(b) / sum(sizes)).backward()
+                    total += loss.item() * len(b)
+                t.note_loss(total / sum(sizes))
+                t.note_grad()
+                opt.step()
+            elif name == "lbfgs":
+                t.begin(ce_of(x, y))
+
+                def closure(x=x, y=y):
+                    opt.zero_grad()
+                    loss = crit(m(x), y)
+                    loss.backward()
+                    if "grad" not in t.pending:
+                        t.note_loss(loss.item())
+                        t.note_grad()
+                    return loss
+                opt.step(closure)
+            else:
+                t.begin(ce_of(x, y))
+                opt.zero_grad()
+                loss = crit(m(x), y)
+                if name == "dropout":
+                    t.pending["per_sample"] = (lambda m64, x=x, y=y, mask=m[2].mask:
+                                               CE(m64[3](m64[1](m64[0](x.double())) * mask), y))
+                t.note_loss(loss.item())
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(opt)
+                    t.note_grad()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    if name == "clip":
+                        torch.nn.utils.clip_grad_norm_(m.parameters(), 0.3)
+                    t.note_grad()
+                    opt.step()
+                if sched is not None:
+                    sched.step()
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    return run, truth, m
+
+
+STEP_SETUPS = ["clip", "scaler", "sum", "accumulation", "dropout", "bn_train", "bn_eval", "lbfgs", "scheduler"]
