@@ -22,7 +22,7 @@ from loop_truth import Truth, mismatches, per_sample_grads
 
 ALL = {name: "every" for name in ("loss", "grad_norm", "param_norm", "distance", "update_size", "lr", "cabs",
                                   "early_stopping", "mean_gsnr", "grad_hist_1d", "grad_hist_2d", "alpha",
-                                  "norm_test", "inner_test", "ortho_test")}
+                                  "norm_test", "inner_test", "ortho_test", "grad_norm_preclip")}
 CE = nn.CrossEntropyLoss(reduction="none")
 
 
@@ -33,8 +33,18 @@ class QTruth(Truth):
         super().__init__(model, observed)
         self.optimizer = optimizer
 
+    def note_preclip(self, scale: float = 1.0) -> None:
+        """||.grad|| / scale right after backward, before the loop clips (or unscales) it."""
+        self.pending["preclip"] = float(torch.sqrt(sum(p.grad.double().pow(2).sum() for n, p in self.model.named_parameters()
+                                                       if p.grad is not None and n in self.observed))) / scale
+
     def note_grad(self) -> None:
+        # a parameter the step's backward never reached (.grad None: unused in the forward) is not trained on
+        # the step, as for a frozen one (the totals leave it out)
+        self.pending["trained"] &= {n for n, p in self.model.named_parameters() if p.grad is not None}
         super().note_grad()
+        self.pending["grad_named"] = {n: p.grad.detach().double().clone() for n, p in self.model.named_parameters()
+                                      if p.grad is not None and n in self.observed}
         self.pending["lrs"] = [float(g["lr"]) for g in self.optimizer.param_groups]
         self.pending["cabs_ok"] = (type(self.optimizer) is torch.optim.SGD and len(set(self.pending["lrs"])) == 1
                                    and not any(g.get("momentum", 0) for g in self.optimizer.param_groups))
@@ -90,6 +100,13 @@ def extra_references(model, truth: QTruth):
             if len(trained) > 1:
                 ref[f"mean_gsnr/{n}"] = R.mean_gsnr(Gp)
                 ref[f"early_stopping/{n}"] = R.early_stopping(Gp)
+        if st.get("grad") is not None:
+            ref["grad_norm_preclip"] = st.get("preclip", float(torch.sqrt(sum((g ** 2).sum() for g in st["grad"]))))
+        named = st.get("grad_named") or {}
+        if len(obs) > 1:
+            for n in obs:
+                if n in named:
+                    ref[f"grad_norm/{n}"] = float(named[n].norm())
         if st.get("lrs") is not None:
             ref["lr"] = st["lrs"][0]
             if len(st["lrs"]) > 1:
@@ -345,12 +362,14 @@ def step_setup_run(tmp_path, name, steps=5):
                 t.note_loss(loss.item())
                 if scaler is not None:
                     scaler.scale(loss).backward()
+                    t.note_preclip(scaler.get_scale())
                     scaler.unscale_(opt)
                     t.note_grad()
                     scaler.step(opt)
                     scaler.update()
                 else:
                     loss.backward()
+                    t.note_preclip()
                     if name == "clip":
                         torch.nn.utils.clip_grad_norm_(m.parameters(), 0.3)
                     t.note_grad()
@@ -364,3 +383,52 @@ def step_setup_run(tmp_path, name, steps=5):
 
 
 STEP_SETUPS = ["clip", "scaler", "sum", "accumulation", "dropout", "bn_train", "bn_eval", "lbfgs", "scheduler"]
+
+
+# -- parameters whose per-sample gradients are all zero, or that get none; a CNN with growing inputs ---------
+class Zeroed(nn.Module):
+    """``extra``: reached by backward, every per-sample gradient exactly 0 (g = 0, m2 = 0: 0/0 in the noise
+    ratios); ``unused``: never called (.grad None: not trained on the step)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.extra, self.unused = nn.Linear(5, 8), nn.Linear(8, 3), nn.Linear(5, 3), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))) + 0.0 * self.extra(x)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c, self.f = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(48, 3)
+
+    def forward(self, x):
+        return self.f(torch.relu(self.c(x)).flatten(1))
+
+
+def model_run(tmp_path, name):
+    """"zeroed" (SGD), "zeroed_frozen_adam" (Adam, a.weight frozen), "cnn" (inputs growing 1x..10x, so the
+    histogram range of the conv layer, taken from the previous step, is exceeded)."""
+    crit = nn.CrossEntropyLoss()
+    if name == "cnn":
+        m, g = SmallCNN(), torch.Generator().manual_seed(3)
+        data = [(torch.randn(6, 2, 4, 4, generator=g) * (1 + 3 * k), torch.randint(0, 3, (6,), generator=g))
+                for k in range(4)]
+    else:
+        m, data = Zeroed(), batches(4)
+    if name.endswith("frozen_adam"):
+        m.a.weight.requires_grad_(False)
+    opt = (torch.optim.Adam(m.parameters(), lr=0.01) if name.endswith("adam")
+           else torch.optim.SGD(m.parameters(), lr=0.1))
+
+    def loop(t):
+        for x, y in data:
+            t.begin(ce_of(x, y))
+            plain(m, opt, crit, x, y, t)
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    return run, truth, m

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from unseen_quantity_models import (OPTIMIZERS, STEP_SETUPS, all_mismatches, batches, ce_of, mlp, plain,
+from unseen_quantity_models import (OPTIMIZERS, STEP_SETUPS, all_mismatches, batches, ce_of, mlp, model_run, plain,
                                     sequence_run, step_setup_run, watched)
 
 
@@ -66,6 +66,19 @@ def test_sequence_first_gru_classifier_on_the_last_hidden_state(tmp_path):
     """``head(h_n[0])`` of a sequence-first GRU: no per-sample values (NaN with reasons), never wrong ones."""
     run, truth, m = sequence_run(tmp_path, "gru_last", [4, 2])
     assert all_mismatches(run, truth, m, skip=("samples",)) == []
+
+
+@pytest.mark.parametrize("name", ["zeroed", "zeroed_frozen_adam", "cnn"])
+def test_zero_and_missing_gradients_and_a_cnn(tmp_path, name):
+    """A parameter whose per-sample gradients are all 0 (mean_gsnr/<p> = 0, early_stopping/<p> = 1 by the
+    formulas; the gradient tests 0/0: NaN with a reason), one never used (.grad None: left out of the totals),
+    a frozen one under Adam, and a CNN whose inputs grow every step."""
+    run, truth, m = model_run(tmp_path, name)
+    assert all_mismatches(run, truth, m) == []
+    if name.startswith("zeroed"):
+        first = next(iter(run))
+        assert first["values"]["mean_gsnr/extra.weight"] == 0.0 and first["values"]["early_stopping/extra.weight"] == 1.0
+        assert first["reasons"]["norm_test/extra.weight"] and first["reasons"]["mean_gsnr/unused.weight"]
 
 
 def test_the_harness_sees_a_wrong_value_and_a_wrong_histogram(tmp_path):
