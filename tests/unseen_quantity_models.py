@@ -38,12 +38,14 @@ class QTruth(Truth):
         self.pending["preclip"] = float(torch.sqrt(sum(p.grad.double().pow(2).sum() for n, p in self.model.named_parameters()
                                                        if p.grad is not None and n in self.observed))) / scale
 
-    def note_grad(self) -> None:
+    def note_grad(self, scale: float = 1.0) -> None:
+        """``scale``: the loss scale still on .grad (GradScaler.step unscales it before the optimizer sees it)."""
         # a parameter the step's backward never reached (.grad None: unused in the forward) is not trained on
         # the step, as for a frozen one (the totals leave it out)
         self.pending["trained"] &= {n for n, p in self.model.named_parameters() if p.grad is not None}
         super().note_grad()
-        self.pending["grad_named"] = {n: p.grad.detach().double().clone() for n, p in self.model.named_parameters()
+        self.pending["grad"] = [g / scale for g in self.pending["grad"]]
+        self.pending["grad_named"] = {n: p.grad.detach().double().clone() / scale for n, p in self.model.named_parameters()
                                       if p.grad is not None and n in self.observed}
         self.pending["lrs"] = [float(g["lr"]) for g in self.optimizer.param_groups]
         self.pending["cabs_ok"] = (type(self.optimizer) is torch.optim.SGD and len(set(self.pending["lrs"])) == 1
@@ -219,6 +221,11 @@ OPTIMIZERS = {
     "sgd_groups_lr0": lambda m: torch.optim.SGD([{"params": m[0].parameters(), "lr": 0.0},
                                                  {"params": m[-1].parameters(), "lr": 0.2}], lr=0.1),
     "sgd_plain_subset": lambda m: torch.optim.SGD(m[-1].parameters(), lr=0.1),
+    "sgd_dampening": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, dampening=0.5),
+    "asgd": lambda m: torch.optim.ASGD(m.parameters(), lr=0.05),
+    "rprop": lambda m: torch.optim.Rprop(m.parameters(), lr=0.01),
+    "adafactor": lambda m: torch.optim.Adafactor(m.parameters(), lr=0.01),
+    "adam_tensor_lr_amsgrad": lambda m: torch.optim.Adam(m.parameters(), lr=torch.tensor(0.01), amsgrad=True),
 }
 
 
@@ -313,7 +320,7 @@ def _record_dropout_mask(mod, inputs, output):
 def step_setup_run(tmp_path, name, steps=5):
     """SGD with momentum on the MLP under one of the set-ups where alpha / update_size are most likely wrong:
     clip, scaler, sum, accumulation (unequal micro-batches), dropout, bn_train, bn_eval, lbfgs, scheduler."""
-    crit = nn.CrossEntropyLoss(reduction="sum" if name == "sum" else "mean")
+    crit = nn.CrossEntropyLoss(reduction="sum" if name.startswith("sum") else "mean")
     m = mlp(dropout=0.3 if name == "dropout" else 0.0, bn=name.startswith("bn"))
     if name == "bn_eval":
         m.eval()
@@ -322,12 +329,12 @@ def step_setup_run(tmp_path, name, steps=5):
     opt = (torch.optim.LBFGS(m.parameters(), lr=0.5, max_iter=3) if name == "lbfgs"
            else torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=20) if name == "scheduler" else None
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if name == "scaler" else None
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if name.startswith("scaler") else None
     g = torch.Generator().manual_seed(7)
 
     def loop(t):
         for k, (x, y) in enumerate(batches(steps)):
-            if name == "accumulation":
+            if name in ("accumulation", "sum_accumulation"):
                 sizes = [3, 2, 1] if k % 2 == 0 else [4, 2]
                 mbs = [(torch.randn(s, 5, generator=g), torch.randint(0, 3, (s,), generator=g)) for s in sizes]
                 t.begin(lambda m64, mbs=mbs: torch.cat([CE(m64(a.double()), b) for a, b in mbs]))
@@ -335,9 +342,13 @@ def step_setup_run(tmp_path, name, steps=5):
                 total = 0.0
                 for a, b in mbs:
                     loss = crit(m(a), b)
-                    (loss * len(b) / sum(sizes)).backward()
-                    total += loss.item() * len(b)
-                t.note_loss(total / sum(sizes))
+                    if name == "sum_accumulation":  # per-sample losses: the CE of each sample; the loss: their sum
+                        loss.backward()
+                        total += loss.item()
+                    else:
+                        (loss * len(b) / sum(sizes)).backward()
+                        total += loss.item() * len(b) / sum(sizes)
+                t.note_loss(total)
                 t.note_grad()
                 opt.step()
             elif name == "lbfgs":
@@ -363,8 +374,9 @@ def step_setup_run(tmp_path, name, steps=5):
                 if scaler is not None:
                     scaler.scale(loss).backward()
                     t.note_preclip(scaler.get_scale())
-                    scaler.unscale_(opt)
-                    t.note_grad()
+                    if name == "scaler":  # else scaler.step unscales
+                        scaler.unscale_(opt)
+                    t.note_grad(1.0 if name == "scaler" else scaler.get_scale())
                     scaler.step(opt)
                     scaler.update()
                 else:
@@ -382,7 +394,7 @@ def step_setup_run(tmp_path, name, steps=5):
     return run, truth, m
 
 
-STEP_SETUPS = ["clip", "scaler", "sum", "accumulation", "dropout", "bn_train", "bn_eval", "lbfgs", "scheduler"]
+STEP_SETUPS = ["clip", "scaler", "scaler_implicit_unscale", "sum", "sum_accumulation", "accumulation", "dropout", "bn_train", "bn_eval", "lbfgs", "scheduler"]
 
 
 # -- parameters whose per-sample gradients are all zero, or that get none; a CNN with growing inputs ---------
