@@ -48,6 +48,45 @@ def test_alpha_and_update_under_loop_setups(tmp_path, name):
         assert all(math.isfinite(float(a)) for a in alphas)
 
 
+@pytest.mark.parametrize("how", ["isfinite_check", "gradscaler_inf", "zero_grad_to_zeros"])
+def test_alpha_around_skipped_steps(tmp_path, how):
+    """Steps 2 and 5 are skipped (inf loss): alpha of steps 1 and 4 must be NaN with the reason (their end
+    point never came), the others the brute force between consecutive taken steps."""
+    m, crit = mlp(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+
+    def loop(t):
+        for k, (x, y) in enumerate(batches(7)):
+            t.begin(ce_of(x, y))
+            opt.zero_grad(set_to_none=how != "zero_grad_to_zeros")
+            loss = crit(m(x), y) * (float("inf") if k in (2, 5) else 1.0)
+            if how == "gradscaler_inf":
+                scaler.scale(loss).backward()
+                t.note_preclip(scaler.get_scale())
+                scaler.unscale_(opt)
+                if k not in (2, 5):
+                    t.note_loss(loss.item())
+                    t.note_grad()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                t.note_preclip()
+                if k not in (2, 5):
+                    t.note_loss(loss.item())
+                    t.note_grad()
+                    opt.step()
+            if k not in (2, 5):
+                t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    assert all_mismatches(run, truth, m, skipped=(2, 5)) == []
+    alpha = {r["step"]: r["values"].get("alpha") for r in run}
+    assert math.isnan(float(alpha[1])) and math.isnan(float(alpha[4]))
+    assert all(math.isfinite(float(alpha[k])) for k in (0, 3))
+
+
 @pytest.mark.parametrize("kind,sizes,ignore", [
     ("lm", [5], False), ("lm", [4, 2], False), ("lm", [5], True), ("lm", [4, 2], True),
     ("gru_step", [5], False), ("gru_step", [4, 2], False), ("gru_step", [4, 2], True)])
