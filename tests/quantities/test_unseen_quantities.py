@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from unseen_quantity_models import (OPTIMIZERS, STEP_SETUPS, all_mismatches, batches, ce_of, mlp, model_run, plain,
+from unseen_quantity_models import (OPTIMIZERS, STEP_SETUPS, all_mismatches, batches, ce_of, dropout_lm_run, mlp,
+                                    model_run, plain,
                                     sequence_run, step_setup_run, watched)
 
 
@@ -99,6 +100,16 @@ def test_sequence_models(tmp_path, kind, sizes, ignore):
     assert all_mismatches(run, truth, m) == []
     assert all(r["samples"] == sum(sizes) for r in run)
     assert all(math.isfinite(float(r["values"]["early_stopping"])) for r in run)
+
+
+@pytest.mark.parametrize("sizes", [(5,), (3, 2)])
+def test_transformer_with_dropout(tmp_path, sizes):
+    run, truth, m = dropout_lm_run(tmp_path, sizes)
+    assert all_mismatches(run, truth, m) == []
+    first = next(iter(run))
+    assert math.isfinite(float(first["values"]["mean_gsnr/enc.linear1.weight"]))  # exact, not NaN
+    assert "dropout" in first["reasons"]["mean_gsnr/enc.self_attn.in_proj_weight"]
+    assert first["data"]["grad_hist_1d"]["excluded"]  # the attention's parameters, the rest counted
 
 
 def test_sequence_first_gru_classifier_on_the_last_hidden_state(tmp_path):
