@@ -131,6 +131,18 @@ def test_zero_and_missing_gradients_and_a_cnn(tmp_path, name):
         assert first["reasons"]["norm_test/extra.weight"] and first["reasons"]["mean_gsnr/unused.weight"]
 
 
+def test_samples_that_agree_leave_the_variance_unresolved(tmp_path):
+    """Found here: mean_gsnr 8.4e-4 off where an element's per-sample gradients agree to 1e-3 (GSNR 1.4e4):
+    the float32 sums cancel in m2/n - g^2. Now NaN with the reason there, exact elsewhere."""
+    run, truth, m = model_run(tmp_path, "agreeing")
+    assert all_mismatches(run, truth, m) == []
+    rec = {r["step"]: r for r in run}
+    assert "nearly equal float32 sums" in rec[1]["reasons"]["mean_gsnr"]
+    assert "nearly equal float32 sums" in rec[1]["reasons"]["mean_gsnr/f.bias"]
+    assert math.isfinite(float(rec[1]["values"]["mean_gsnr/c.weight"]))
+    assert all(math.isfinite(float(rec[k]["values"]["mean_gsnr"])) for k in (0, 2, 3))
+
+
 def test_the_harness_sees_a_wrong_value_and_a_wrong_histogram(tmp_path):
     m, crit = mlp(), nn.CrossEntropyLoss()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
