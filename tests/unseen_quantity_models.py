@@ -512,3 +512,22 @@ def dropout_lm_run(tmp_path, sizes=(5,), steps=3):
 
     run, truth = watched(tmp_path, m, opt, loop, crit)
     return run, truth, m
+
+
+def agreeing_run(tmp_path, spread, steps=3):
+    """The MLP on 6 inputs that differ by ``spread`` around one point, all of class 1: the samples' gradients
+    agree, every variance the noise statistics estimate cancels in float32 (``_cancellation.py``)."""
+    m, crit = mlp(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(1, 5, generator=g)
+    data = [(base + spread * torch.randn(6, 5, generator=g), torch.full((6,), 1)) for _ in range(steps)]
+
+    def loop(t):
+        for x, y in data:
+            t.begin(ce_of(x, y))
+            plain(m, opt, crit, x, y, t)
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    return run, truth, m

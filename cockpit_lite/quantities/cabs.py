@@ -4,6 +4,7 @@ losses l_i, whatever the loss reduction). Defined for SGD without momentum; NaN 
 
 import torch
 
+from . import _cancellation
 from . import _noise as noise
 from .base import Quantity
 
@@ -44,6 +45,11 @@ class CABS(Quantity):
             ctx.emit_nan(self.name, f"per-sample losses unavailable: {why}")
             return
         lr = float(ctx.watched.optimizer.param_groups[0]["lr"])
-        var_sum = sum((m2.double() - n * g.double().pow(2)).sum()
-                      for g, m2 in zip(noise.mean_grad(ctx), noise.second_moment(ctx)))
+        pairs = list(zip(noise.mean_grad(ctx), noise.second_moment(ctx)))
+        var_sum = sum((m2.double() - n * g.double().pow(2)).sum() for g, m2 in pairs)
+        m2_sum = sum(m2.double().sum() for _, m2 in pairs)
+        why = _cancellation.total_reason(ctx, m2_sum, var_sum, power=1.0)
+        if why:
+            ctx.emit_nan(self.name, why)
+            return
         noise.emit_total_and_parts(ctx, self.name, lr * var_sum / (n * L), [], per_param=False)

@@ -4,6 +4,7 @@ projections are one GEMM per layer."""
 
 import torch
 
+from . import _cancellation
 from . import _noise as noise
 from .base import Quantity
 
@@ -28,4 +29,7 @@ class InnerTest(Quantity):
         gg = noise.sq_mean_norm_vector(ctx)
         parts = inner_test_value(sums["dots2"], gg, n)
         total = inner_test_value(sums["dots2_total"], gg.sum().reshape(1), n)[0]
-        noise.emit_total_and_parts(ctx, self.name, total, parts, resolved=noise.resolution(ctx))
+        p2, p2_total, gg_total = sums["dots2"], sums["dots2_total"].sum(), gg.sum()
+        cancel = _cancellation.reasons(ctx, p2, p2 - n * gg * gg, p2_total, p2_total - n * gg_total * gg_total)
+        noise.emit_total_and_parts(ctx, self.name, total, parts,
+                                   resolved=_cancellation.merged(noise.resolution(ctx), cancel))

@@ -3,6 +3,7 @@
 Total and per parameter tensor, from ghost norms ||g_i||^2 (no per-sample gradient is built where the
 layer has a factored form)."""
 
+from . import _cancellation
 from . import _noise as noise
 from .base import Quantity
 
@@ -21,4 +22,6 @@ class NormTest(Quantity):
         gg = noise.sq_mean_norm_vector(ctx)
         parts = noise.sqrt0((sq / gg - n) / (n * (n - 1)))
         total = noise.sqrt0((sq.sum() / gg.sum() - n) / (n * (n - 1)))
-        noise.emit_total_and_parts(ctx, self.name, total, parts, resolved=noise.resolution(ctx))
+        cancel = _cancellation.reasons(ctx, sq, sq - n * gg, sq.sum(), sq.sum() - n * gg.sum())
+        noise.emit_total_and_parts(ctx, self.name, total, parts,
+                                   resolved=_cancellation.merged(noise.resolution(ctx), cancel))

@@ -1,6 +1,9 @@
 """``ortho_test``: Var_perp = (sum_i ||g_i||^2 - sum_i (g_i.g)^2/||g||^2)/(B-1); sqrt(Var_perp/(B ||g||^2))
 (Bollapragada et al. 2018, eq. 3.3). Total and per parameter tensor."""
 
+import torch
+
+from . import _cancellation
 from . import _noise as noise
 from .base import Quantity
 
@@ -26,4 +29,11 @@ class OrthoTest(Quantity):
         gg = noise.sq_mean_norm_vector(ctx)
         parts = ortho_test_value(sq, sums["dots2"], gg, n)
         total = ortho_test_value(sq.sum().reshape(1), sums["dots2_total"], gg.sum().reshape(1), n)[0]
-        noise.emit_total_and_parts(ctx, self.name, total, parts, resolved=noise.resolution(ctx))
+        p2, p2_total, gg_total = sums["dots2"], sums["dots2_total"].sum(), gg.sum()
+        # a one-element parameter's g_i all lie along g: its Var_perp is 0 by construction, not a cancellation
+        scalar = torch.tensor([p.numel() == 1 for p in ctx.params], device=parts.device) & (gg > 0).to(parts.device)
+        parts = torch.where(scalar, torch.zeros_like(parts), parts)
+        cancel = _cancellation.reasons(ctx, torch.where(scalar.to(sq.device), torch.zeros_like(sq), sq), sq - p2 / gg,
+                                       sq.sum(), sq.sum() - p2_total / gg_total)
+        noise.emit_total_and_parts(ctx, self.name, total, parts,
+                                   resolved=_cancellation.merged(noise.resolution(ctx), cancel))
