@@ -531,3 +531,25 @@ def agreeing_run(tmp_path, spread, steps=3):
 
     run, truth = watched(tmp_path, m, opt, loop, crit)
     return run, truth, m
+
+
+def modified_after_step_run(tmp_path, how, steps=5):
+    """The loop changes the parameters in place after ``optimizer.step()``: "clamp" (WGAN weight clipping),
+    "renorm" (a max-norm projection of the first layer's rows, active on some steps only)."""
+    m, crit = mlp(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9)
+
+    def loop(t):
+        for x, y in batches(steps):
+            t.begin(ce_of(x, y))
+            plain(m, opt, crit, x, y, t)
+            with torch.no_grad():
+                if how == "clamp":
+                    for p in m.parameters():
+                        p.clamp_(-0.3, 0.3)
+                else:
+                    m[0].weight.div_(m[0].weight.norm(dim=1, keepdim=True).clamp(min=1.0))
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    return run, truth, m

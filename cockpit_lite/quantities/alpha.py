@@ -35,6 +35,7 @@ import torch
 
 from ..alpha_fit import fit_alpha
 from ..distributed import mean_and_var, means_and_vars
+from . import _moved
 from .base import Quantity
 
 
@@ -49,6 +50,7 @@ class _Start:
     t: Optional[torch.Tensor] = None  # ||d||, known after the step
     df: Optional[torch.Tensor] = None
     var_df: Optional[torch.Tensor] = None
+    after: Optional[torch.Tensor] = None  # the parameters' norms after the step (_moved.py)
 
 
 class _Unmeasurable(Exception):
@@ -174,6 +176,7 @@ class Alpha(Quantity):
                 torch._foreach_mul_(self._direction, inv_t)
                 start.t = t
                 start.df, start.var_df = slope_observation(ctx.per_sample, self._direction)
+                start.after = _moved.fingerprint(ctx.params)
         except _Unmeasurable as err:
             self._start = None
             ctx.emit_nan("alpha", str(err))
@@ -232,11 +235,17 @@ class Alpha(Quantity):
             ctx.emit_for_step(start.step, "alpha", reason=f"{type(err).__name__} while observing the end point "
                                                           f"(step {ctx.step}): {err}")
             return
-        # one device-to-host transfer for all nine scalars
+        # one device-to-host transfer for all nine scalars and the check of the end point's parameters
         device = start.t.device
-        (t, f0, f1, df0, df1, var_f0, var_f1, var_df0, var_df1) = torch.stack([
+        moved = _moved.changed(start.after, ctx.params)
+        (t, f0, f1, df0, df1, var_f0, var_f1, var_df0, var_df1, *moved) = torch.cat([torch.stack([
             x.detach().double().reshape(()).to(device) for x in
-            (start.t, start.f, f1, start.df, df1, start.var_f, var_f1, start.var_df, var_df1)]).tolist()
+            (start.t, start.f, f1, start.df, df1, start.var_f, var_f1, start.var_df, var_df1)]),
+            moved.double().to(device)]).tolist()
+        if any(moved):
+            ctx.emit_for_step(start.step, "alpha", reason=_moved.reason(
+                [n for n, m in zip(ctx.names, moved) if m]) + f" (the end point, step {ctx.step}, is off the update)")
+            return
         fit = fit_alpha(t, f0, f1, df0, df1, var_f0, var_f1, var_df0, var_df1)
         data = {"t": t, "f0": f0, "f1": f1, "df0": df0, "df1": df1, "var_f0": var_f0, "var_f1": var_f1,
                 "var_df0": var_df0, "var_df1": var_df1, "w": list(fit.w) if fit.w is not None else None,

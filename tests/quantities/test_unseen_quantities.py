@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from unseen_quantity_models import (OPTIMIZERS, STEP_SETUPS, agreeing_run, all_mismatches, batches, ce_of,
-                                    dropout_lm_run, mlp,
-                                    model_run, plain,
+                                    dropout_lm_run, mlp, model_run, modified_after_step_run, plain,
                                     sequence_run, step_setup_run, watched)
 
 
@@ -157,6 +156,23 @@ def test_samples_whose_gradients_agree(tmp_path, spread):
             assert "nearly equal float32 sums" in first["reasons"][q], q
         elif spread == 1e-1:
             assert math.isfinite(float(first["values"][q])), q
+
+
+@pytest.mark.parametrize("how", ["clamp", "renorm"])
+def test_parameters_changed_after_the_step(tmp_path, how):
+    """Found here: WGAN weight clipping after optimizer.step() left update_size 0.48 for 0.54 and alpha -0.95
+    for -0.61 (the optimizer's update, not the one taken). Now NaN with the reason, amended at the next step
+    (the last step's at close); steps where nothing changed keep their values."""
+    run, truth, m = modified_after_step_run(tmp_path, how)
+    assert all_mismatches(run, truth, m) == []
+    recs = list(run)
+    nan = [math.isnan(float(r["values"]["update_size"])) for r in recs]
+    if how == "clamp":
+        assert all(nan) and "changed between optimizer.step()" in recs[0]["reasons"]["alpha"]
+    else:
+        assert nan[-1] and not all(nan)
+        assert "0.weight" in recs[-1]["reasons"]["update_size"]
+        assert math.isfinite(float(recs[-1]["values"]["update_size/2.weight"]))
 
 
 def test_the_harness_sees_a_wrong_value_and_a_wrong_histogram(tmp_path):
