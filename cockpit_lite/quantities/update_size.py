@@ -44,6 +44,7 @@ class UpdateSize(Quantity):
     def close(self):
         self._after = None
 
+
 def _amend(ctx, step, names, moved):
     which = [n for n, m in zip(names, moved) if m]
     if not which:
