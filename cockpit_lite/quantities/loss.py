@@ -29,6 +29,20 @@ def sequence_first_loss(ctx, mbs):
     return (losses * sizes).sum() / sizes.sum(), None
 
 
+def weighted_elements(mbs) -> str:
+    """A reason where a loss_fn returned per-element losses (reduction='none') that the loop combined with
+    unequal weights (the gradient arriving at them differs: a weighted or masked mean, a top-k): the mean of
+    the output, which is logged, is then not the loss trained on; else ''."""
+    for m in mbs:
+        s = m.loss_scale
+        if s is not None and s.numel() > 1:
+            flat = s.detach().reshape(-1)
+            if not bool((flat == flat[0]).all()):
+                return ("loss_fn returned per-element losses (reduction='none') that the loop combined with unequal "
+                        "weights (a weighted or masked mean, a top-k): their plain mean is not the loss trained on")
+    return ""
+
+
 class Loss(Quantity):
     name = "loss"
     needs = frozenset({"loss"})
@@ -40,6 +54,10 @@ class Loss(Quantity):
             return  # summed over the processes at the end of the hook: local_sums, then with_sums
         loss = ctx.loss()
         mbs = [m for m in ctx.micro_batches if m.backpropagated]
+        why = weighted_elements(mbs)
+        if why:
+            ctx.emit_nan("loss", why)
+            return
         if (loss is not None and ctx.watched.seq_first is not None and len(mbs) > 1 and ctx.reduction == "mean"
                 and not step_normalised(mbs)):
             loss, why = sequence_first_loss(ctx, mbs)
@@ -55,6 +73,10 @@ class Loss(Quantity):
         """Every process takes part, with or without a loss of its own."""
         loss = ctx.loss()
         mbs = [m for m in ctx.micro_batches if m.backpropagated]
+        why = weighted_elements(mbs)
+        if why:
+            ctx.emit_nan("loss", why)
+            return
         n = sum(m.batch_size or 0 for m in mbs if not m.repeats)  # distinct samples (engine/repeated_samples.py)
         # a loss already divided by a step-wide count (num_items_in_batch) is averaged over processes,
         # as DDP averages their gradients

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from unseen_quantity_models import (OPTIMIZERS, STEP_SETUPS, agreeing_run, all_mismatches, batches, ce_of,
+from unseen_quantity_models import (CE, OPTIMIZERS, STEP_SETUPS, agreeing_run, all_mismatches, batches, ce_of,
                                     dropout_lm_run, mlp, model_run, modified_after_step_run, plain,
                                     sequence_run, step_setup_run, watched)
 
@@ -173,6 +173,37 @@ def test_parameters_changed_after_the_step(tmp_path, how):
         assert nan[-1] and not all(nan)
         assert "0.weight" in recs[-1]["reasons"]["update_size"]
         assert math.isfinite(float(recs[-1]["values"]["update_size/2.weight"]))
+
+
+@pytest.mark.parametrize("how", ["mean", "weighted", "masked"])
+def test_loss_of_per_element_losses_combined_by_the_loop(tmp_path, how):
+    """loss_fn with reduction='none', combined by the loop: found here, a sample-weighted mean was logged as
+    the plain mean of loss_fn's output (1.302 for 1.313). Now NaN with the reason where the weights differ
+    (the gradient arriving at the elements is not uniform); the plain mean stays exact."""
+    m, crit = mlp(), nn.CrossEntropyLoss(reduction="none")
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    w = {"mean": torch.ones(6), "weighted": torch.tensor([0.5, 1.0, 2.0, 1.0, 0.2, 1.3]),
+         "masked": torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.0])}[how]
+
+    def loop(t):
+        for x, y in batches(3):
+            t.begin(lambda m64, x=x, y=y: CE(m64(x.double()), y) * w.double() * 6 / w.sum())
+            opt.zero_grad()
+            loss = (crit(m(x), y) * w).sum() / w.sum()
+            t.note_loss(loss.item())
+            loss.backward()
+            t.note_grad()
+            opt.step()
+            t.stepped()
+
+    with pytest.warns(RuntimeWarning, match="not a scalar"):
+        run, truth = watched(tmp_path, m, opt, loop, crit)
+    assert all_mismatches(run, truth, m) == []
+    first = next(iter(run))
+    if how == "mean":
+        assert math.isfinite(float(first["values"]["loss"]))
+    else:
+        assert "unequal weights" in first["reasons"]["loss"]
 
 
 def test_the_harness_sees_a_wrong_value_and_a_wrong_histogram(tmp_path):
