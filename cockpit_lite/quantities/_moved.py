@@ -35,6 +35,21 @@ def changed(before: Optional[torch.Tensor], params: Sequence[torch.Tensor]) -> t
     return now != before.to(now.device)
 
 
+def others(watched) -> tuple:
+    """(names, parameters) of the model's trainable parameters outside the watched optimizer (another
+    optimizer's): when they move between two steps, the second step's loss is not on the first one's update."""
+    model = getattr(watched, "model", None)
+    if model is None or not hasattr(model, "named_parameters"):
+        return [], []
+    mine = {id(p) for p in watched.params}
+    pairs = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in mine]
+    return [n for n, _ in pairs], [p for _, p in pairs]
+
+
+OTHERS = ("parameters outside the watched optimizer ({names}) moved between this step and the next (another "
+          "optimizer trains them): the next step's loss is not on this step's update")
+
+
 def reason(names: List[str]) -> str:
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     return REASON.format(which=f" ({shown})" if names else "")

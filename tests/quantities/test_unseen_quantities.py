@@ -206,6 +206,34 @@ def test_loss_of_per_element_losses_combined_by_the_loop(tmp_path, how):
         assert "unequal weights" in first["reasons"]["loss"]
 
 
+@pytest.mark.parametrize("order", ["other_first", "other_after"])
+def test_a_second_optimizer_trains_the_rest_of_the_model(tmp_path, order):
+    """Body under the watched SGD, head under an unwatched Adam, both stepping every batch: the next step's
+    loss is not on the watched update's line (the head moved too). Found here: alpha was logged as if only
+    the update moved; now NaN with the reason. The other values are those of the watched parameters."""
+    m, crit = mlp(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(m[0].parameters(), lr=0.1, momentum=0.9)
+    other = torch.optim.Adam(m[2].parameters(), lr=0.05)
+
+    def loop(t):
+        for x, y in batches(4):
+            t.begin(ce_of(x, y))
+            other.zero_grad()
+            opt.zero_grad()
+            loss = crit(m(x), y)
+            t.note_loss(loss.item())
+            loss.backward()
+            t.note_grad()
+            first, second = (other, opt) if order == "other_first" else (opt, other)
+            first.step()
+            second.step()
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit, observed={"0.weight", "0.bias"})
+    assert all_mismatches(run, truth, m) == []
+    assert all("another optimizer" in r["reasons"]["alpha"] for r in list(run)[:-1])
+
+
 def test_the_harness_sees_a_wrong_value_and_a_wrong_histogram(tmp_path):
     m, crit = mlp(), nn.CrossEntropyLoss()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
