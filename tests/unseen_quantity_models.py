@@ -553,3 +553,43 @@ def modified_after_step_run(tmp_path, how, steps=5):
 
     run, truth = watched(tmp_path, m, opt, loop, crit)
     return run, truth, m
+
+
+def _loss_modules(name):
+    pw = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    return {"mse": (nn.MSELoss(), nn.MSELoss(reduction="none")),
+            "huber": (nn.HuberLoss(delta=0.5), nn.HuberLoss(delta=0.5, reduction="none")),
+            "bce_pos_weight": (nn.BCEWithLogitsLoss(pos_weight=pw),
+                               nn.BCEWithLogitsLoss(pos_weight=pw.double(), reduction="none")),
+            "l1": (nn.L1Loss(), nn.L1Loss(reduction="none"))}[name]
+
+
+def regression_run(tmp_path, name, sizes=(4, 2), steps=3):
+    """A 4-output MLP under an elementwise loss module (mean over B x 4), micro-batches of unequal sizes:
+    l_i = the mean of sample i's 4 elements."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4))
+    crit, none = _loss_modules(name)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(2)
+
+    def target(b):
+        return (torch.rand(b, 4, generator=g) > 0.5).float() if name.startswith("bce") else torch.randn(b, 4, generator=g)
+
+    def loop(t):
+        for _ in range(steps):
+            mbs = [(torch.randn(b, 5, generator=g), target(b)) for b in sizes]
+            t.begin(lambda m64, mbs=mbs: torch.cat([none(m64(x.double()), y.double()).mean(1) for x, y in mbs]))
+            opt.zero_grad()
+            total = 0.0
+            for x, y in mbs:
+                loss = crit(m(x), y)
+                (loss * len(x) / sum(sizes)).backward()
+                total += loss.item() * len(x) / sum(sizes)
+            t.note_loss(total)
+            t.note_grad()
+            opt.step()
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    return run, truth, m

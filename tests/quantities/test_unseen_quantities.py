@@ -12,6 +12,7 @@ from torch import nn
 
 from unseen_quantity_models import (CE, OPTIMIZERS, STEP_SETUPS, agreeing_run, all_mismatches, batches, ce_of,
                                     dropout_lm_run, mlp, model_run, modified_after_step_run, plain,
+                                    regression_run,
                                     sequence_run, step_setup_run, watched)
 
 
@@ -232,6 +233,13 @@ def test_a_second_optimizer_trains_the_rest_of_the_model(tmp_path, order):
     run, truth = watched(tmp_path, m, opt, loop, crit, observed={"0.weight", "0.bias"})
     assert all_mismatches(run, truth, m) == []
     assert all("another optimizer" in r["reasons"]["alpha"] for r in list(run)[:-1])
+
+
+@pytest.mark.parametrize("name", ["mse", "huber", "bce_pos_weight", "l1"])
+def test_elementwise_losses_with_unequal_micro_batches(tmp_path, name):
+    run, truth, m = regression_run(tmp_path, name)
+    assert all_mismatches(run, truth, m) == []
+    assert not next(iter(run)).get("reasons")  # every value exact, none NaN
 
 
 def test_the_harness_sees_a_wrong_value_and_a_wrong_histogram(tmp_path):
