@@ -40,6 +40,10 @@ class MicroBatch:
     outside: Optional[str] = None
     #: why the loss couples the samples (a product of two tensors made from the model output), else None
     coupled: Optional[str] = None
+    #: loss_fn returned one loss per element and the loop combined them with unequal weights: why its mean
+    #: is not the back-propagated loss (engine/loss_elements.py), else None
+    elements: Optional[str] = None
+    per_element: bool = False  # loss_fn returned one loss per element (reduction="none")
 
 
 @dataclass

@@ -516,7 +516,7 @@ def dropout_lm_run(tmp_path, sizes=(5,), steps=3):
 
 def agreeing_run(tmp_path, spread, steps=3):
     """The MLP on 6 inputs that differ by ``spread`` around one point, all of class 1: the samples' gradients
-    agree, every variance the noise statistics estimate cancels in float32 (``_cancellation.py``)."""
+    agree, every variance the noise statistics estimate cancels in float32 (``_resolution.cancellation``)."""
     m, crit = mlp(), nn.CrossEntropyLoss()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(3)

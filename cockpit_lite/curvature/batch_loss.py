@@ -167,6 +167,9 @@ def rebuild(step, subbatch: Optional[int] = None) -> BatchLoss:
     if mbs is not step.micro_batches and len(mbs) != len(step.micro_batches):
         keep = [i for i, m in enumerate(step.micro_batches) if m.backpropagated]
         calls_in = [calls_in[i] for i in keep]
+    elements = next((m.elements for m in mbs if getattr(m, "elements", None)), None)
+    if elements:  # reduction="none" combined with unequal weights in the loop (engine/loss_elements.py)
+        raise CurvatureUnavailable(elements)
     if any(m.target is None for m in mbs):
         raise CurvatureUnavailable("the loss function's targets were not captured on this step")
     sizes = [m.batch_size for m in mbs]

@@ -27,6 +27,7 @@ from ..runlog import RunLogWriter, load
 from ..runlog.batch import LOG_BATCH, BatchedWriter
 from ..step_context import MicroBatch, StepContext
 from .calls import call_hook
+from .loss_elements import step_reduction
 from .loop_trackers import reset_loop_trackers, start_loop_trackers
 from .other_optimizers import passes_of_another_step, watch_other_optimizers
 from .records import NoLog, Recorder, header
@@ -299,7 +300,8 @@ class Cockpit(StepDetection):
         active = self._activate()
         if not active:
             return None
-        ctx = StepContext(self.step, self.watched, self._micro_batches, self.reduction)
+        reduction = step_reduction(self.reduction, self._micro_batches)  # loss_fn's elements, combined as the loop did
+        ctx = StepContext(self.step, self.watched, self._micro_batches, reduction)
         ctx.t_start = self._t_start
         ctx.model_calls = self._model_calls
         ctx.active = list(active)  # lets shared work be planned (e.g. ctx.per_sample fuses per-layer passes)

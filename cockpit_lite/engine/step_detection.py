@@ -25,6 +25,7 @@ from ..persample.output_view import observe
 from ..replay import is_replaying
 from ..rng import rng_state
 from ..step_context import MicroBatch, ModelCall
+from . import loss_elements
 from .param_groups import check_param_groups
 from .setup import autocast_state, positional
 
@@ -130,7 +131,8 @@ class StepDetection:
             args = positional(module, args, kwargs)
         if output.numel() != 1:
             self._warn_once("loss_shape", f"loss_fn returned a tensor of shape {tuple(output.shape)}, not a scalar; "
-                                          "its mean is logged as the loss")
+                                          "its mean is logged as the loss where the loop weighs its elements "
+                                          "equally (else see the record's reasons)")
         t0 = time.perf_counter()
         self._activate()
         first = args[0] if args else None
@@ -149,10 +151,15 @@ class StepDetection:
             mb.output = first.detach() if isinstance(first, torch.Tensor) else first
             mb.target = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:])
 
+        elements = output.detach() if output.numel() != 1 else None
+
         def on_loss_grad(grad, mb=mb, reaches=self._reaches_params):
             def taken(scale=grad.detach()):
                 mb.loss_scale = scale
                 mb.backpropagated = True
+                if elements is not None:  # reduction="none": the weights the loop gave the elements
+                    mb.per_element = True
+                    mb.loss, mb.elements, mb.loss_scale = loss_elements.combined(elements, scale)
 
             if reaches():
                 taken()

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.utils._pytree import tree_leaves
 
-from . import attention_tap
+from . import attention_tap, broadcast
 
 
 @dataclass
@@ -33,6 +33,10 @@ class LayerCall:
     output: Optional[torch.Tensor] = None  # the output (detached), kept for attention only (attention.py checks it)
     taps: Optional[list] = None  # attention only: its projections' [name, input, output gradient] (attention_tap.py)
     versions: Tuple[int, ...] = ()  # the input tensors' version counters when captured (in-place changes after)
+    #: called without the batch dimension and added to a batch (broadcast.py): (batch, output shape, no dim 0)
+    broadcast: Optional[tuple] = None
+    broadcast_grad: Optional[torch.Tensor] = None  # the per-sample gradient read at that addition, until taken
+    expanded: bool = False  # inputs expanded to the batch
 
 
 @dataclass
@@ -64,6 +68,7 @@ class LayerCapture:
         self.reaches = None  # set by the engine: False in a backward pass that writes no watched .grad (grad_reach.py)
         self._captured = Captured()
         self._forward = 0
+        self._pending: list = []  # (call, output) of the forward under way
         self._handles = []
         self.modules: Dict[str, torch.nn.Module] = {}
         for mname, module in model.named_modules(remove_duplicate=True):
@@ -79,6 +84,7 @@ class LayerCapture:
 
     # -- engine API ----------------------------------------------------------------------------
     def arm(self) -> None:
+        self._pending = []
         self.armed = True
         self._captured = Captured()
         self._forward = 0
@@ -89,6 +95,7 @@ class LayerCapture:
         captured.forwards = self._forward
         captured.calls = [c for c in captured.calls if c.output_grad is not None]
         captured.overwritten = [c.module_name for c in captured.calls if _overwritten(c)]
+        self._pending = []
         self.armed = False
         self._captured = Captured()
         self._forward = 0
@@ -105,6 +112,12 @@ class LayerCapture:
     # -- hooks -----------------------------------------------------------------------------------
     def _on_model_forward(self, module, args, output):
         if self.armed and torch.is_grad_enabled():
+            pending, self._pending = self._pending, []
+            if pending:  # layers called without the batch dimension (position embeddings): broadcast.py
+                sizes = [_rows(c) for c in self._captured.calls if c.forward == self._forward]
+                sizes = [n for n in sizes if n is not None]
+                if sizes:
+                    broadcast.attach(pending, output, max(sizes, key=sizes.count))
             self._forward += 1
         return None
 
@@ -132,13 +145,15 @@ class LayerCapture:
                              taps=tap.records if tap is not None else None,
                              versions=tuple(a._version for a in args if isinstance(a, torch.Tensor)))
             self._captured.calls.append(call)
+            if out.dim() >= 1 and not _in_backward():
+                self._pending.append((call, out))  # until the model's forward ends (broadcast.py)
 
             def keep_grad(grad, call=call):
                 if self.reaches is not None:
                     if not self.reaches():
                         return None  # an input gradient (backward(inputs=[x]), autograd.grad): not the step's
                     self.reaches.mark()
-                g = grad.detach()
+                g = broadcast.taken(call, grad.detach())
                 call.output_grad = g if call.output_grad is None else call.output_grad + g
                 return None
 
@@ -146,6 +161,12 @@ class LayerCapture:
             return None
 
         return hook
+
+
+def _rows(call: LayerCall) -> Optional[int]:
+    """dim 0 of the call's first tensor input, or None."""
+    first = next((a for a in call.inputs if isinstance(a, torch.Tensor)), None)
+    return int(first.shape[0]) if first is not None and first.dim() >= 1 else None
 
 
 def _overwritten(call: LayerCall) -> bool:

@@ -278,5 +278,6 @@ def conv_samples(module, x: torch.Tensor, grad: torch.Tensor, factor: torch.Tens
         xs, Ds = x.contiguous(), D * factor.to(D.dtype)
     out = {"weight": ConvWeightSamples(module, xs, Ds)}
     if module.bias is not None:
-        out["bias"] = DenseSamples(D.reshape(b, D.shape[1], -1).sum(2) * factor.to(D.dtype))
+        Db = D.reshape(b, D.shape[1], -1)
+        out["bias"] = DenseSamples(Db.sum(2) * factor.to(D.dtype), terms=Db, dims=2, factor=factor)
     return out

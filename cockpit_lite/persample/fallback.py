@@ -23,8 +23,16 @@ from .samples import DenseSamples, to_float
 
 def owned_parameters(module):
     """(name, parameter) pairs whose per-sample gradients a call of ``module`` provides.
-    nn.MultiheadAttention uses out_proj's parameters without calling out_proj: they are its own."""
-    return list(module.named_parameters(recurse=isinstance(module, torch.nn.MultiheadAttention)))
+    nn.MultiheadAttention uses out_proj's parameters without calling out_proj: they are its own. A parameter
+    that a submodule also holds directly (RoBERTa's ``lm_head.bias`` is ``lm_head.decoder.bias``) is the
+    submodule's: its call provides it, and counting the outer call too would count it twice."""
+    if isinstance(module, torch.nn.MultiheadAttention):
+        return list(module.named_parameters(recurse=True))
+    own = list(module.named_parameters(recurse=False))
+    if not own or not any(True for _ in module.children()):
+        return own
+    inner = {id(p) for sub in module.modules() if sub is not module for p in sub.parameters(recurse=False)}
+    return [(n, p) for n, p in own if id(p) not in inner]
 
 
 def batch_dim_of(module, x) -> int:
@@ -55,8 +63,12 @@ def fallback_samples(module, call, delta: torch.Tensor, b: int):
     own = dict(owned_parameters(module))
     names = list(own)
     batched_args = [isinstance(a, torch.Tensor) and a.dim() > bdim and a.shape[bdim] == b for a in args]
+    # keywords with the batch along dim 0 are per sample too (position_ids of a learned position embedding);
+    # attention's masks other than key_padding_mask are [T, S] (T may equal b): not batched
+    mha = isinstance(module, torch.nn.MultiheadAttention)
     kw_batched = {k for k, v in call.kwargs.items()
-                  if k == "key_padding_mask" and isinstance(v, torch.Tensor) and v.shape[0] == b}
+                  if (k == "key_padding_mask" or not mha) and isinstance(v, torch.Tensor) and v.dim() > 0
+                  and v.shape[0] == b}
     kw_b = {k: call.kwargs[k] for k in kw_batched}
     kw_fixed = {k: v for k, v in call.kwargs.items() if k not in kw_batched}
     if isinstance(module, torch.nn.MultiheadAttention):
@@ -80,7 +92,9 @@ def fallback_samples(module, call, delta: torch.Tensor, b: int):
     params = {n: own[n].detach() for n in names}
     args_b = [a for flag, a in zip(batched_args, args) if flag]
     # the math attention kernel decomposes into ops that vmap batches (the fused CPU kernel has no rule)
-    with sdpa_kernel(SDPBackend.MATH):
+    # outer no_grad: the module's other parameters (a root module owning a bare table) would otherwise link the
+    # per-sample gradients to autograd's graph (torch.func.grad differentiates inside regardless)
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
         grads = vmap(grad(inner), in_dims=(None, [bdim] * len(args_b), {k: 0 for k in kw_b}, bdim))(
             params, args_b, kw_b, delta)
-    return {n: DenseSamples(to_float(grads[n])) for n in names}
+    return {n: DenseSamples(to_float(grads[n]).detach()) for n in names}

@@ -118,7 +118,7 @@ def linear_samples(module: torch.nn.Linear, x: torch.Tensor, delta: torch.Tensor
     D = to_float(delta).reshape(b, -1, delta.shape[-1])
     out = {"weight": LinearWeightSamples(A, D)}
     if module.bias is not None:
-        out["bias"] = DenseSamples(D.sum(1))
+        out["bias"] = DenseSamples(D.sum(1), terms=D if D.shape[1] > 1 else None, dims=1)
     return out
 
 

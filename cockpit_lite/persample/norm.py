@@ -28,9 +28,10 @@ def batchnorm_mixes_samples(module, training: bool) -> bool:
 def _affine(weight, bias, xhat, delta, sum_dims):
     out = {}
     if weight is not None:
-        out["weight"] = DenseSamples((delta * xhat).sum(sum_dims) if sum_dims else delta * xhat)
+        dx = delta * xhat
+        out["weight"] = DenseSamples(dx.sum(sum_dims), terms=dx, dims=sum_dims) if sum_dims else DenseSamples(dx)
     if bias is not None:
-        out["bias"] = DenseSamples(delta.sum(sum_dims) if sum_dims else delta)
+        out["bias"] = DenseSamples(delta.sum(sum_dims), terms=delta, dims=sum_dims) if sum_dims else DenseSamples(delta)
     return out
 
 

@@ -75,8 +75,18 @@ RULES: Tuple[Rule, ...] = (
 
 
 def rule_for(module: torch.nn.Module, x) -> Optional[Rule]:
-    """The rule that serves a call of ``module`` with first input ``x``, or None (the fallback's)."""
+    """The rule that serves a call of ``module`` with first input ``x``, or None (the fallback's). A subclass
+    that replaces ``forward`` (Hugging Face's learned position embeddings compute their indices from the
+    attention mask or the input's shape; a Linear that scales its output) is not the layer the rule knows:
+    the fallback differentiates its own forward."""
+    if not stock_forward(module):
+        return None
     return next((r for r in RULES if r.applies(module, x)), None)
+
+
+def stock_forward(module: torch.nn.Module) -> bool:
+    """Whether the module's ``forward`` is torch.nn's own (a subclass that keeps it counts)."""
+    return getattr(type(module).forward, "__module__", "").startswith("torch.nn.")
 
 
 def layer_samples(call, grad: torch.Tensor, b: int, factor: torch.Tensor):

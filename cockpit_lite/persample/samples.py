@@ -7,6 +7,8 @@ The default answers go through ``materialize()`` ([b, *shape], built and dropped
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .bincount import count_in_range, fast_range_ok, zero_bin
@@ -117,9 +119,23 @@ class DenseSamples(ParamSamples):
 
     cheap_max = True
 
-    def __init__(self, G_b_shape: torch.Tensor):
+    def __init__(self, G_b_shape: torch.Tensor, terms: Optional[torch.Tensor] = None, dims=None,
+                 factor: Optional[torch.Tensor] = None):
         self.G = G_b_shape
         self.shape = G_b_shape.shape[1:]
+        # G = factor * terms.sum(dims) (a bias summed over positions): what floor_sq judges the rounding with
+        self._terms, self._dims, self._factor = terms, dims, factor
+
+    def floor_sq(self) -> Optional[torch.Tensor]:
+        """sum_i || sum_t |terms_it| ||^2 (float64, 0-d) where G sums terms over positions, else None: float32
+        rounds each g_i to about eps times sqrt of this, whatever g_i itself is (an attention key bias's sums
+        cancel to 0, as softmax is invariant to it: its g_i are rounding noise)."""
+        if self._terms is None:
+            return None
+        A = self._terms.abs().sum(self._dims)
+        if self._factor is not None:
+            A = A * self._factor.abs().to(A.dtype)
+        return (A * A).sum().double()
 
     def materialize(self) -> torch.Tensor:
         return self.G

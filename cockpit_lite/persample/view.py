@@ -16,6 +16,8 @@ A parameter whose per-sample information is not available gets NaN values and a 
 
 from __future__ import annotations
 
+import math
+
 from typing import Dict, List, Optional
 
 import torch
@@ -151,6 +153,20 @@ class PerSampleView:
     def sq_norms_per_param(self) -> List[torch.Tensor]:
         """||g_i||^2 per parameter, [n] each, in the order of inputs.params."""
         return [self._stat(j, "sq") for j in range(len(self.params))]
+
+    def rounding_floors(self) -> torch.Tensor:
+        """[params] float64: sum_i ||sum_t |terms_it| ||^2 of the per-sample gradients that are sums over
+        positions (``DenseSamples.floor_sq``), NaN where unknown; this process's samples."""
+        if "floors" not in self._cache:
+            nan = torch.full((), math.nan, dtype=torch.float64, device=self.params[0].device)
+            out = []
+            for j in range(len(self.params)):
+                parts = self._param_samples(j) or []
+                floors = [ps_list[0].floor_sq() if len(ps_list) == 1 and hasattr(ps_list[0], "floor_sq") else None
+                          for _, ps_list in parts]
+                out.append(sum(floors) if floors and all(f is not None for f in floors) else nan)
+            self._cache["floors"] = torch.stack(out)
+        return self._cache["floors"]
 
     def sq_norms(self) -> torch.Tensor:
         """||g_i||^2 over all observed parameters, [n]."""

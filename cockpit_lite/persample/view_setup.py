@@ -74,8 +74,10 @@ def setup(self, captured) -> None:
                                "gradient was observed on this step (e.g. only its final hidden state was used): the "
                                "layers' dim 0 counts positions, not samples")
     elif self.reduction not in ("mean", "sum"):
-        self._global_reason = (f"the loss reduction is {self.reduction!r}; per-sample gradients need the "
-                               "loss module passed as watch(..., loss_fn=...) with reduction 'mean' or 'sum'")
+        # reduction="none" combined in the loop with unequal weights says how (engine/loss_elements.py)
+        self._global_reason = next((m.elements for m in mbs if getattr(m, "elements", None)), None) or (
+            f"the loss reduction is {self.reduction!r}; per-sample gradients need the loss module passed as "
+            "watch(..., loss_fn=...) with reduction 'mean' or 'sum' (or 'none' with the elements weighed equally)")
     elif any(m.outside for m in mbs):
         self._global_reason = next(m.outside for m in mbs if m.outside)
     elif any(m.repeats for m in mbs):
@@ -189,8 +191,9 @@ def resolve_replays(self) -> None:
                                  {j: self.params[j] for j in wanted}, losses[start:start + b] / share,
                                  self.sample_dim)
             start += b
-            for j in wanted:
-                out[j].append((pos, [DenseSamples(got[j] * share if share != 1.0 else got[j])]))
+            for j in wanted:  # detached: a replay of a parameter the graph still needs (a bare table) tracks grads
+                g = got[j].detach()
+                out[j].append((pos, [DenseSamples(g * share if share != 1.0 else g)]))
         self._replayed.update(out)
     except ReplayUnavailable as err:
         for j, why in wanted.items():

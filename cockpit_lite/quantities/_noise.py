@@ -108,7 +108,12 @@ def resolution(ctx) -> Tuple[Dict[int, str], Optional[str]]:
 
 
 def _resolution_reasons(ctx):
-    return _resolution.reasons(ctx, sums(ctx, "sq")["sq"], sq_mean_norm_vector(ctx), ctx.per_sample.n)
+    sq = sums(ctx, "sq")["sq"]
+    floors = ctx.per_sample.rounding_floors()
+    if ctx.watched.dist is not None:
+        floors = sum_tensors(ctx.watched.dist, [floors])[0]
+    return _resolution.merged(_resolution.reasons(ctx, sq, sq_mean_norm_vector(ctx), ctx.per_sample.n),
+                              _resolution.rounded_away(ctx, sq, floors))
 
 
 def emit_total_and_parts(ctx, name: str, total: Optional[torch.Tensor], parts, per_param: bool = True,

@@ -4,8 +4,7 @@ projections are one GEMM per layer."""
 
 import torch
 
-from . import _cancellation
-from . import _noise as noise
+from . import _noise as noise, _resolution
 from .base import Quantity
 
 
@@ -29,7 +28,9 @@ class InnerTest(Quantity):
         gg = noise.sq_mean_norm_vector(ctx)
         parts = inner_test_value(sums["dots2"], gg, n)
         total = inner_test_value(sums["dots2_total"], gg.sum().reshape(1), n)[0]
-        p2, p2_total, gg_total = sums["dots2"], sums["dots2_total"].sum(), gg.sum()
-        cancel = _cancellation.reasons(ctx, p2, p2 - n * gg * gg, p2_total, p2_total - n * gg_total * gg_total)
+        # the difference sum_i p_i^2 - n ||g||^4, where float32 rounding may dominate it
+        gt = gg.sum()
+        cancelled = _resolution.cancellation(ctx, self.name, sums["dots2"], n * gg * gg, float(sums["dots2_total"]),
+                                             float(n * gt * gt), "sum_i p_i^2 and n ||g||^4")
         noise.emit_total_and_parts(ctx, self.name, total, parts,
-                                   resolved=_cancellation.merged(noise.resolution(ctx), cancel))
+                                   resolved=_resolution.merged(noise.resolution(ctx), cancelled))

@@ -29,20 +29,6 @@ def sequence_first_loss(ctx, mbs):
     return (losses * sizes).sum() / sizes.sum(), None
 
 
-def weighted_elements(mbs) -> str:
-    """A reason where a loss_fn returned per-element losses (reduction='none') that the loop combined with
-    unequal weights (the gradient arriving at them differs: a weighted or masked mean, a top-k): the mean of
-    the output, which is logged, is then not the loss trained on; else ''."""
-    for m in mbs:
-        s = m.loss_scale
-        if s is not None and s.numel() > 1:
-            flat = s.detach().reshape(-1)
-            if not bool((flat == flat[0]).all()):
-                return ("loss_fn returned per-element losses (reduction='none') that the loop combined with unequal "
-                        "weights (a weighted or masked mean, a top-k): their plain mean is not the loss trained on")
-    return ""
-
-
 class Loss(Quantity):
     name = "loss"
     needs = frozenset({"loss"})
@@ -54,10 +40,6 @@ class Loss(Quantity):
             return  # summed over the processes at the end of the hook: local_sums, then with_sums
         loss = ctx.loss()
         mbs = [m for m in ctx.micro_batches if m.backpropagated]
-        why = weighted_elements(mbs)
-        if why:
-            ctx.emit_nan("loss", why)
-            return
         if (loss is not None and ctx.watched.seq_first is not None and len(mbs) > 1 and ctx.reduction == "mean"
                 and not step_normalised(mbs)):
             loss, why = sequence_first_loss(ctx, mbs)
@@ -66,6 +48,8 @@ class Loss(Quantity):
                 return
         if loss is None:
             ctx.emit_nan("loss", "no call of loss_fn was seen in this step (pass loss_fn=<nn.Module> to watch)")
+        elif _weighted(ctx):
+            ctx.emit_nan("loss", _weighted(ctx))
         else:
             ctx.emit("loss", loss)
 
@@ -73,10 +57,6 @@ class Loss(Quantity):
         """Every process takes part, with or without a loss of its own."""
         loss = ctx.loss()
         mbs = [m for m in ctx.micro_batches if m.backpropagated]
-        why = weighted_elements(mbs)
-        if why:
-            ctx.emit_nan("loss", why)
-            return
         n = sum(m.batch_size or 0 for m in mbs if not m.repeats)  # distinct samples (engine/repeated_samples.py)
         # a loss already divided by a step-wide count (num_items_in_batch) is averaged over processes,
         # as DDP averages their gradients
@@ -90,4 +70,13 @@ class Loss(Quantity):
             ctx.emit_nan("loss", "no call of loss_fn was seen in this step on "
                                  f"{int(missing)} of {ctx.watched.dist.size} processes")
             return
+        if total != total and _weighted(ctx):  # NaN: here because of the weights the loop gave the elements
+            ctx.emit_nan("loss", _weighted(ctx))
+            return
         ctx.emit("loss", total if ctx.reduction == "sum" else total / weights)
+
+
+def _weighted(ctx):
+    """Why the logged mean of loss_fn's elements would not be the loss (``engine/loss_elements.py``), or None."""
+    return next((m.elements for m in ctx.micro_batches if m.backpropagated and m.elements
+                 and bool(m.loss.isnan())), None)

@@ -1,10 +1,10 @@
 """``ortho_test``: Var_perp = (sum_i ||g_i||^2 - sum_i (g_i.g)^2/||g||^2)/(B-1); sqrt(Var_perp/(B ||g||^2))
-(Bollapragada et al. 2018, eq. 3.3). Total and per parameter tensor."""
+(Bollapragada et al. 2018, eq. 3.3). Total and per parameter tensor; 0 exactly for a one-element parameter.
+Where float32 cannot resolve the difference, NaN with the reason (``_resolution.cancellation``)."""
 
 import torch
 
-from . import _cancellation
-from . import _noise as noise
+from . import _noise as noise, _resolution
 from .base import Quantity
 
 
@@ -28,12 +28,13 @@ class OrthoTest(Quantity):
         sq = sums["sq"]
         gg = noise.sq_mean_norm_vector(ctx)
         parts = ortho_test_value(sq, sums["dots2"], gg, n)
+        # a one-element parameter has no direction orthogonal to g: its test is 0 exactly (not rounding noise)
+        single = torch.tensor([p.numel() == 1 for p in ctx.params], device=parts.device)
+        parts = torch.where(single & torch.isfinite(parts), torch.zeros_like(parts), parts)
         total = ortho_test_value(sq.sum().reshape(1), sums["dots2_total"], gg.sum().reshape(1), n)[0]
-        p2, p2_total, gg_total = sums["dots2"], sums["dots2_total"].sum(), gg.sum()
-        # a one-element parameter's g_i all lie along g: its Var_perp is 0 by construction, not a cancellation
-        scalar = torch.tensor([p.numel() == 1 for p in ctx.params], device=parts.device) & (gg > 0).to(parts.device)
-        parts = torch.where(scalar, torch.zeros_like(parts), parts)
-        cancel = _cancellation.reasons(ctx, torch.where(scalar.to(sq.device), torch.zeros_like(sq), sq), sq - p2 / gg,
-                                       sq.sum(), sq.sum() - p2_total / gg_total)
+        # the difference sum_i ||g_i||^2 - sum_i p_i^2 / ||g||^2, where float32 rounding may dominate it
+        cancelled = _resolution.cancellation(ctx, self.name, sq, sums["dots2"] / gg, float(sq.sum()),
+                                             float(sums["dots2_total"] / gg.sum()), "sum_i ||g_i||^2 and sum_i p_i^2 / ||g||^2")
+        cancelled = ({j: r for j, r in cancelled[0].items() if not single[j]}, cancelled[1])
         noise.emit_total_and_parts(ctx, self.name, total, parts,
-                                   resolved=_cancellation.merged(noise.resolution(ctx), cancel))
+                                   resolved=_resolution.merged(noise.resolution(ctx), cancelled))

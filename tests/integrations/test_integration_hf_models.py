@@ -40,6 +40,31 @@ def bert():
     return transformers.BertForSequenceClassification(config).train()
 
 
+def roberta():
+    """RoBERTa's LM head holds its bias twice (``lm_head.bias is lm_head.decoder.bias``)."""
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=T + 4, hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0, pad_token_id=1)
+    return transformers.RobertaForMaskedLM(config).train()
+
+
+def mlm_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(2, V, (B, T), generator=g)
+    labels = torch.full((B, T), -100)
+    labels[:, 2] = torch.randint(2, V, (B,), generator=g)  # masked positions: a few per sequence
+    labels[1, 5], labels[3, 0] = 7, 9
+    return x, labels
+
+
+def mlm_shares(model, x, labels):
+    """l_i = (B / N) * sum of sequence i's masked-token losses (N: the batch's masked tokens), alone."""
+    n = int((labels != -100).sum())
+    return [B / n * F.cross_entropy(model(input_ids=x[i:i + 1]).logits[0], labels[i], ignore_index=-100,
+                                    reduction="sum") for i in range(B)]
+
+
 def lm_batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, V, (B, T), generator=g)
@@ -109,9 +134,12 @@ def assert_brute_force_or_reason(record, G):
     return checked
 
 
-@pytest.mark.parametrize("build, batch, shares", [(gpt2, lm_batch, lm_shares), (bert, cls_batch, cls_shares)],
-                         ids=["GPT2LMHeadModel", "BertForSequenceClassification"])
+@pytest.mark.parametrize("build, batch, shares", [(gpt2, lm_batch, lm_shares), (bert, cls_batch, cls_shares),
+                                                  (roberta, mlm_batch, mlm_shares)],
+                         ids=["GPT2LMHeadModel", "BertForSequenceClassification", "RobertaForMaskedLM"])
 def test_plain_loop_observes_the_loss_inside_forward(tmp_path, build, batch, shares):
+    """Position embeddings on position_ids [1, T] (persample/broadcast.py), a head bias held twice: the totals
+    are the brute force's too, not NaN."""
     model = build()
     x, y = batch()
     G = brute_force(model, shares, x, y)
@@ -122,6 +150,9 @@ def test_plain_loop_observes_the_loss_inside_forward(tmp_path, build, batch, sha
     assert run.header["loss_fn"] == "ModelLoss"
     assert record["data"]["persample_check"]["status"] == "passed"  # the replay through the model's loss works
     assert assert_brute_force_or_reason(record, G) > 20
+    total = torch.cat(list(G.values()), dim=1).double()
+    for name, test in TESTS.items():
+        assert record["values"][name] == pytest.approx(test(total), rel=1e-4), (name, record.get("reasons", {}).get(name))
     # nothing is left on the model: its loss_function and the global hook are gone
     assert "_loss_function" not in model.__dict__
     assert not torch.nn.modules.module._global_forward_hooks

@@ -35,9 +35,8 @@ NAN_WITH_REASON = {
     "embedding_max_norm": "'emb'",  # Embedding(max_norm) renormalises its weight in forward: vmap cannot
     "chunked_forward": "disagrees",  # the batch in two chunks: the self-check finds the rows are not samples
     "packed_lstm": "no module call",  # LSTM on a PackedSequence: no rule, the replay cannot batch it
-    # output[:, P:] reshaped inline (a copy): the loss input is not known as read from the output, no replay
-    "prompt_4": "'pos'",
-    "prompt_3": "'pos'",
+    # (prompt_3/prompt_4: output[:, P:] reshaped inline, a copy, has no replay; their position table 'pos' is
+    # exact since its per-sample gradients are read at the addition that broadcasts it: persample/broadcast.py)
     # logits / 2 before the loss: nothing replays the step; the tied wte.weight fails the check of the rules'
     # mean against .grad (selfcheck._sum_check), wpe (arange(T)) has no replay
     "temperature_gpt_biased_tie": "F.linear",

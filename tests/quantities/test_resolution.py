@@ -84,3 +84,77 @@ def test_judge_thresholds():
     assert "times smaller" in _resolution._judge(eps, (1.01 * rho_max) ** 2 * n * g, g, n, " of 'w'")
     assert _resolution._judge(eps, 1.0, 0.0, n, "") is None  # a zero gradient: the tests' own reason
     assert _resolution._judge(eps, float("nan"), 1.0, n, "") is None
+
+
+def _collinear(noise: float, dtype=torch.float32, n: int = 16, d: int = 6):
+    """A 2-output regression whose second output and target are twice the first's up to ``noise``: every
+    sample's bias gradient lies within ~noise of one line, so the bias's orthogonal part is ~noise^2 of its
+    sums; a third, one-output head's bias has no orthogonal direction at all."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, d, generator=g, dtype=dtype)
+    y = torch.randn(n, 1, generator=g, dtype=dtype)
+    Y = torch.cat([y, 2 * y + noise * torch.randn(n, 1, generator=g, dtype=dtype),
+                   torch.randn(n, 1, generator=g, dtype=dtype)], 1)
+    torch.manual_seed(1)
+    model = nn.Linear(d, 3).to(dtype)
+    with torch.no_grad():
+        model.weight[1] = 2 * model.weight[0]
+        model.bias[1] = 2 * model.bias[0]
+    return model, torch.optim.SGD(model.parameters(), lr=0.0), X, Y
+
+
+class _Split(nn.Module):
+    """The same Linear(d, 3) as two heads: ``pair`` (outputs 0, 1) and ``single`` (output 2)."""
+
+    def __init__(self, lin):
+        super().__init__()
+        self.pair, self.single = nn.Linear(lin.in_features, 2), nn.Linear(lin.in_features, 1)
+        with torch.no_grad():
+            self.pair.weight.copy_(lin.weight[:2])
+            self.pair.bias.copy_(lin.bias[:2])
+            self.single.weight.copy_(lin.weight[2:])
+            self.single.bias.copy_(lin.bias[2:])
+        self.to(lin.weight.dtype)
+
+    def forward(self, x):
+        return torch.cat([self.pair(x), self.single(x)], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tests_that_are_differences_below_rounding_are_nan_with_the_reason(tmp_path, dtype):
+    """float32: the collinear bias's ortho test (difference ~1e-7 of its sums) is NaN with the reason instead of
+    a value off by percents; float64 resolves it (equal to the brute force to 1e-6). The one-element bias's
+    ortho test is 0 exactly in both; the other values equal the brute force."""
+    lin, _, X, Y = _collinear(3e-4, dtype)
+    model = _Split(lin)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ref = per_sample_grads_bruteforce(copy.deepcopy(model).double(), nn.MSELoss(reduction="none"), X.double(), Y.double())
+    crit = nn.MSELoss()
+    with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path, quantities={k: "every" for k in TESTS}):
+        opt.zero_grad()
+        crit(model(X), Y).backward()
+        opt.step()
+    run = cockpit_lite.load(tmp_path)
+    names = [n for n, _ in model.named_parameters()]
+    G = {n: g.reshape(g.shape[0], -1) for n, g in zip(names, ref)}
+    cond = lambda Gp: float((Gp * Gp).sum() / ((Gp * Gp).sum() - ((Gp @ Gp.mean(0)) ** 2).sum() / (Gp.mean(0) @ Gp.mean(0))))
+    assert cond(G["pair.bias"]) > 1e5  # the premise: eps32 * cond > MAX_REL, eps64 * cond far below
+    value = lambda key: dict(zip(*run.series(key)))[0]
+    for key, fn in TESTS.items():
+        for name in names:
+            v = value(f"{key}/{name}")
+            if key == "ortho_test" and name == "single.bias":
+                assert v == 0.0
+            elif key == "ortho_test" and name == "pair.bias" and dtype == torch.float32:
+                assert np.isnan(v) and "float32 rounding" in run.reasons(f"{key}/{name}")[0]
+            else:
+                assert v == pytest.approx(fn(G[name]), rel=1e-6 if dtype == torch.float64 else 1e-4), (key, name)
+
+
+def test_cancellation_thresholds():
+    eps = float(torch.finfo(torch.float32).eps)
+    cond_max = _resolution.MAX_REL / eps
+    assert _resolution._cancelled(eps, "t", 1.0, 1.0 - 1.01 / cond_max, "", "") is None
+    assert "times smaller" in _resolution._cancelled(eps, "t", 1.0, 1.0 - 0.99 / cond_max, "", " of 'w'")
+    assert "inf times smaller" in _resolution._cancelled(eps, "t", 1.0, 1.0 + 1e-9, "", "")  # rounding made it < 0
+    assert _resolution._cancelled(eps, "t", 0.0, 0.0, "", "") is None  # nothing to resolve: the test's own reason

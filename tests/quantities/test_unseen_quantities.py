@@ -144,17 +144,23 @@ def test_samples_that_agree_leave_the_variance_unresolved(tmp_path):
     assert all(math.isfinite(float(rec[k]["values"]["mean_gsnr"])) for k in (0, 2, 3))
 
 
-@pytest.mark.parametrize("spread", [1e-1, 3e-2, 1e-2, 1e-3])
+COARSE = pytest.mark.xfail(strict=True, reason=(
+    "_resolution.cancellation judges eps * cond against 1e-3 (main, 06b519f: 'up to ~6e-4 off' below it); the "
+    "probe's rule is 1e-4: inputs 3e-2 apart leave inner_test 1.9e-4 off, 1e-2 apart norm_test 3e-4 off, finite"))
+
+
+@pytest.mark.parametrize("spread", [1e-1, pytest.param(3e-2, marks=COARSE), pytest.param(1e-2, marks=COARSE), 1e-3])
 def test_samples_whose_gradients_agree(tmp_path, spread):
     """Found here: with inputs 1e-2 apart, norm_test 3e-4, inner_test 2.4e-3, cabs 5e-4 relative off the
     float64 brute force; 1e-3 apart, inner_test logged 0 for 1.1e-4 (the variance, a difference of nearly
-    equal float32 sums, rounded below 0). Now NaN with the reason where float32 does not resolve it."""
+    equal float32 sums, rounded below 0). norm_test and cabs now share the inner/ortho tests' rule
+    (``_resolution.cancellation``); mean_gsnr / early_stopping have their own (``_snr_resolution.py``)."""
     run, truth, m = agreeing_run(tmp_path, spread)
     assert all_mismatches(run, truth, m) == []
     first = next(iter(run))
     for q in ("norm_test", "inner_test", "ortho_test", "cabs"):
-        if spread <= 1e-2:
-            assert "nearly equal float32 sums" in first["reasons"][q], q
+        if spread <= 1e-3:
+            assert "too coarse" in first["reasons"][q], q
         elif spread == 1e-1:
             assert math.isfinite(float(first["values"][q])), q
 
@@ -178,9 +184,8 @@ def test_parameters_changed_after_the_step(tmp_path, how):
 
 @pytest.mark.parametrize("how", ["mean", "weighted", "masked"])
 def test_loss_of_per_element_losses_combined_by_the_loop(tmp_path, how):
-    """loss_fn with reduction='none', combined by the loop: found here, a sample-weighted mean was logged as
-    the plain mean of loss_fn's output (1.302 for 1.313). Now NaN with the reason where the weights differ
-    (the gradient arriving at the elements is not uniform); the plain mean stays exact."""
+    """loss_fn with reduction='none', combined by the loop (``engine/loss_elements.py``, main): a plain or
+    masked mean is logged exactly, unequal weights are NaN with the reason; every other value exact or NaN."""
     m, crit = mlp(), nn.CrossEntropyLoss(reduction="none")
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     w = {"mean": torch.ones(6), "weighted": torch.tensor([0.5, 1.0, 2.0, 1.0, 0.2, 1.3]),
@@ -197,14 +202,13 @@ def test_loss_of_per_element_losses_combined_by_the_loop(tmp_path, how):
             opt.step()
             t.stepped()
 
-    with pytest.warns(RuntimeWarning, match="not a scalar"):
-        run, truth = watched(tmp_path, m, opt, loop, crit)
+    run, truth = watched(tmp_path, m, opt, loop, crit)
     assert all_mismatches(run, truth, m) == []
     first = next(iter(run))
-    if how == "mean":
-        assert math.isfinite(float(first["values"]["loss"]))
+    if how == "weighted":
+        assert "unequal" in first["reasons"]["loss"]
     else:
-        assert "unequal weights" in first["reasons"]["loss"]
+        assert math.isfinite(float(first["values"]["loss"]))
 
 
 @pytest.mark.parametrize("order", ["other_first", "other_after"])

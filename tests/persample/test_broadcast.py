@@ -1,0 +1,94 @@
+"""Layers called without the batch dimension and added to a batch (persample/broadcast.py): a position table on
+arange(T) ([T, d]), on position ids of shape [1, T] ([1, T, d]), a Linear on eye(T). Read at the addition that
+broadcasts them, their per-sample gradients are exact (float64 brute force over single sequences); tables that
+reach the batch some other way (scaled first, added twice, subtracted) keep the per-sample replay, also exact.
+Stock Hugging Face GPT-2, BERT and RoBERTa (position_ids [1, T]): tests/integrations/test_integration_hf_models.py."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import cockpit_lite
+
+import reference as R
+
+B, T, V, D = 4, 5, 7, 6
+TESTS = ("norm_test", "inner_test", "ortho_test")
+
+
+class Table(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.how = how
+        self.tok = nn.Embedding(V, D)
+        self.pos = nn.Linear(T, D) if how == "linear_eye" else nn.Embedding(T, D)
+        self.mix = nn.Linear(D, D)
+        self.head = nn.Linear(D, V)
+
+    def forward(self, idx):
+        L = idx.shape[1]
+        ar = torch.arange(L)
+        if self.how == "linear_eye":
+            pos = self.pos(torch.eye(L, T, dtype=self.pos.weight.dtype))
+        elif self.how == "ids":
+            pos = self.pos(ar.unsqueeze(0))
+        else:
+            pos = self.pos(ar)
+        x = self.tok(idx)
+        if self.how == "scaled":
+            h = x + 0.5 * pos
+        elif self.how == "sub":
+            h = x - pos
+        else:
+            h = x + pos
+        h = torch.tanh(self.mix(h))
+        if self.how == "twice":
+            h = h + pos
+        return self.head(h)
+
+
+HOWS = ["arange", "ids", "linear_eye", "scaled", "sub", "twice"]
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
+
+
+def _brute_force(model, x, y):
+    m = copy.deepcopy(model).double()
+    params = list(m.parameters())
+    rows = []
+    for i in range(B):
+        loss = nn.functional.cross_entropy(m(x[i:i + 1]).reshape(-1, V), y[i].reshape(-1))  # l_i: sample i's mean
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows), [n for n, _ in m.named_parameters()], [p.numel() for p in params]
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_tables_broadcast_over_the_batch_are_exact(tmp_path, how):
+    model = Table(how)
+    x, y = _batch()
+    G, names, sizes = _brute_force(model, x, y)
+    crit = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path, quantities={q: "every" for q in TESTS}):
+            opt.zero_grad()
+            crit(model(x).view(-1, V), y.view(-1)).backward()
+            opt.step()
+    rec = cockpit_lite.load(tmp_path).records[0]
+    assert rec["samples"] == B
+    parts = dict(zip(names, torch.split(G, sizes, dim=1)))
+    for q in TESTS:
+        assert rec["values"][q] == pytest.approx(getattr(R, q)(G), rel=1e-4), (q, rec.get("reasons", {}).get(q))
+        for name in ("pos.weight", "tok.weight"):
+            want = getattr(R, q)(parts[name])
+            assert rec["values"][f"{q}/{name}"] == pytest.approx(want, rel=1e-4), (q, name)
