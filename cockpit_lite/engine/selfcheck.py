@@ -78,10 +78,14 @@ def run(ctx) -> Optional[dict]:
     try:
         refs = _first_sample_gradient(ctx, view)
         dots = [d[0] if d.numel() else None for d in view.dots_per_param(refs)]
+        noise = _rounding_noise(view)
         local = {}
         for j, name in enumerate(names):
-            if name in reasons or sq[j] is None or j in view.frozen:
-                continue  # frozen or left out of backward(inputs=...): no gradient on this step, 0 in the rules
+            if name in reasons or sq[j] is None or j in view.frozen or j in noise:
+                # frozen or left out of backward(inputs=...): no gradient on this step, 0 in the rules; or
+                # gradients that are rounding noise (an attention key bias): noise cannot be compared with noise,
+                # and their values are NaN with that reason (quantities/_resolution.py)
+                continue
             rr = float(refs[j].double().pow(2).sum())
             g2, gr = float(sq[j]), float(dots[j])
             if not all(math.isfinite(x) for x in (rr, g2, gr)):
@@ -129,6 +133,17 @@ def run(ctx) -> Optional[dict]:
     return outcome
 
 
+def _rounding_noise(view) -> set:
+    """Parameters whose per-sample gradients are sums over positions that cancel below float32's rounding."""
+    from ..quantities._resolution import _eps_of, is_rounding_noise
+
+    eps = _eps_of(view.params)
+    if eps is None:
+        return set()
+    sq = torch.stack([s.double().sum() for s in view.sq_norms_per_param()]).tolist()
+    return {j for j, (s, f) in enumerate(zip(sq, view.rounding_floors().tolist())) if is_rounding_noise(eps, s, f)}
+
+
 def _tolerance(ctx, view) -> float:
     """TOL under autocast or with half-precision parameters, else TOL_FULL."""
     calls = getattr(ctx, "model_calls", None) or []
@@ -150,9 +165,10 @@ def _sum_check(ctx, view) -> Dict[int, float]:
         return {}
 
     reasons, grads, sums = view.unsupported(), dense_grads(ctx), view.sum_grads()
+    noise = _rounding_noise(view)  # rounding noise on both sides: not comparable
     rows = []
     for j, name in enumerate(view.names):
-        if name in reasons or grads[j] is None or j in view.frozen:
+        if name in reasons or grads[j] is None or j in view.frozen or j in noise:
             continue
         gr, r = grads[j].detach().double().reshape(-1), sums[j].detach().double().reshape(-1) / view.n_local
         rows.append((j, float(gr @ gr), float(gr @ r), float(r @ r)))

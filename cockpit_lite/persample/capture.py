@@ -113,7 +113,7 @@ class LayerCapture:
     def _on_model_forward(self, module, args, output):
         if self.armed and torch.is_grad_enabled():
             pending, self._pending = self._pending, []
-            if pending:  # layers called without the batch dimension (position embeddings): broadcast.py
+            if len({out.shape[0] for _, out in pending}) > 1:  # some layer called without the batch: broadcast.py
                 sizes = [_rows(c) for c in self._captured.calls if c.forward == self._forward]
                 sizes = [n for n in sizes if n is not None]
                 if sizes:

@@ -29,7 +29,7 @@ def owned_parameters(module):
     if isinstance(module, torch.nn.MultiheadAttention):
         return list(module.named_parameters(recurse=True))
     own = list(module.named_parameters(recurse=False))
-    if not own or not any(True for _ in module.children()):
+    if not own or not module._modules:
         return own
     inner = {id(p) for sub in module.modules() if sub is not module for p in sub.parameters(recurse=False)}
     return [(n, p) for n, p in own if id(p) not in inner]

@@ -158,14 +158,18 @@ class PerSampleView:
         """[params] float64: sum_i ||sum_t |terms_it| ||^2 of the per-sample gradients that are sums over
         positions (``DenseSamples.floor_sq``), NaN where unknown; this process's samples."""
         if "floors" not in self._cache:
-            nan = torch.full((), math.nan, dtype=torch.float64, device=self.params[0].device)
-            out = []
+            out = torch.full((len(self.params),), math.nan, dtype=torch.float64, device=self.params[0].device)
+            known, values = [], []
             for j in range(len(self.params)):
                 parts = self._param_samples(j) or []
                 floors = [ps_list[0].floor_sq() if len(ps_list) == 1 and hasattr(ps_list[0], "floor_sq") else None
                           for _, ps_list in parts]
-                out.append(sum(floors) if floors and all(f is not None for f in floors) else nan)
-            self._cache["floors"] = torch.stack(out)
+                if floors and all(f is not None for f in floors):
+                    known.append(j)
+                    values.append(sum(floors))
+            if known:
+                out[known] = torch.stack(values).to(out.device)
+            self._cache["floors"] = out
         return self._cache["floors"]
 
     def sq_norms(self) -> torch.Tensor:

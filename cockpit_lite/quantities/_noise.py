@@ -42,6 +42,9 @@ def sums(ctx, *need: str) -> Dict[str, torch.Tensor]:
         parts: Dict[str, torch.Tensor] = {}
         if "sq" in todo:
             parts["sq"] = torch.stack(view.sq_norms_per_param()).double().sum(1)
+            # the rounding floors of per-sample gradients summed over positions (_resolution.rounded_away), in
+            # the same reduction over the processes
+            parts["floors"] = view.rounding_floors().to(parts["sq"].device)
         if "dots" in todo:
             p = torch.stack(view.dots_mean_per_param()).double()  # [params, n_local]
             parts["dots2"] = (p * p).sum(1)
@@ -108,10 +111,8 @@ def resolution(ctx) -> Tuple[Dict[int, str], Optional[str]]:
 
 
 def _resolution_reasons(ctx):
-    sq = sums(ctx, "sq")["sq"]
-    floors = ctx.per_sample.rounding_floors()
-    if ctx.watched.dist is not None:
-        floors = sum_tensors(ctx.watched.dist, [floors])[0]
+    have = sums(ctx, "sq")
+    sq, floors = have["sq"], have["floors"]
     return _resolution.merged(_resolution.reasons(ctx, sq, sq_mean_norm_vector(ctx), ctx.per_sample.n),
                               _resolution.rounded_away(ctx, sq, floors))
 

@@ -40,8 +40,17 @@ REASON = ("the mean gradient{where} is {rho:.3g} times smaller than the samples'
 
 def _eps(ctx) -> Optional[float]:
     """The unit roundoff of the gradients' sums: float64's where every gradient is float64, float32's where
-    the coarsest is float32; None for half precision (not judged)."""
-    dtypes = {p.grad.dtype for p in ctx.params if getattr(p, "grad", None) is not None}
+    the coarsest is float32; None for half precision (not judged). Once per step."""
+    once = getattr(ctx, "once", None)
+    return once(_eps_of_step) if once is not None else _eps_of(ctx.params)
+
+
+def _eps_of_step(ctx) -> Optional[float]:
+    return _eps_of(ctx.params)
+
+
+def _eps_of(params) -> Optional[float]:
+    dtypes = {p.grad.dtype for p in params if getattr(p, "grad", None) is not None}
     if not dtypes or not dtypes <= {torch.float32, torch.float64}:
         return None
     return float(torch.finfo(torch.float32 if torch.float32 in dtypes else torch.float64).eps)
@@ -96,6 +105,14 @@ ROUNDED = ("the per-sample gradients of {name!r} are sums over positions that ca
            "leaves them about {err:.1g} relative, rounding noise (at most {max:g})")
 
 
+def is_rounding_noise(eps: float, sq: float, floor: float) -> bool:
+    """Whether per-sample gradients with sum_i ||g_i||^2 = ``sq``, sums over positions whose terms give ``floor``
+    (``DenseSamples.floor_sq``), are mostly rounding: eps * sqrt(floor / sq) > MAX_REL."""
+    if not (math.isfinite(sq) and math.isfinite(floor)) or floor <= 0.0:
+        return False
+    return eps * math.sqrt(floor) > MAX_REL * math.sqrt(max(sq, 0.0))
+
+
 def rounded_away(ctx, sq: torch.Tensor, floors: torch.Tensor) -> Tuple[Dict[int, str], Optional[str]]:
     """({parameter index: reason}, None): parameters whose per-sample gradients (sums over positions) are
     mostly the rounding of their sums, judged by sum_i ||g_i||^2 (``sq``) against ``floors`` (sum_i || sum_t
@@ -105,11 +122,9 @@ def rounded_away(ctx, sq: torch.Tensor, floors: torch.Tensor) -> Tuple[Dict[int,
         return {}, None
     out: Dict[int, str] = {}
     for j, (s, f) in enumerate(zip(sq.tolist(), floors.tolist())):
-        if not (math.isfinite(s) and math.isfinite(f)) or f <= 0.0:
+        if not is_rounding_noise(eps, s, f):
             continue
-        ratio = math.sqrt(s / f)
-        if eps <= MAX_REL * ratio:
-            continue
+        ratio = math.sqrt(max(s, 0.0) / f)
         out[j] = ROUNDED.format(name=ctx.names[j], ratio=ratio, dtype="float32" if eps > 1e-10 else "float64",
                                 err=min(eps / ratio, 1.0) if ratio > 0 else 1.0, max=MAX_REL)
     return out, None

@@ -28,7 +28,9 @@ EXPECT = {
     "embedding_max_norm_1": "'emb'",
     # the loss's other arguments are model outputs too: the self-check re-evaluates the loss with them detached
     # (mb.target) and disagrees with the rules, which are right here (NaN where exact is reachable)
-    "triplet": "disagrees", "cosine_embedding": "disagrees", "margin_ranking": "disagrees",
+    # (the second head's bias enters the compared arguments alike: its per-sample gradients cancel to 0, rounding noise)
+    "triplet": ("disagrees", "rounding noise"), "cosine_embedding": ("disagrees", "rounding noise"),
+    "margin_ranking": ("disagrees", "rounding noise"),
     "mha_kdim_vdim": None, "padding_modes": None,
     "sum_over_tokens": None,  # reduction='sum' / n in the loop: g_i = grad of the sample's sum; 'loss' is the sum
     "conv1d_same_convtranspose1d": None, "conv3d": None, "pixel_shuffle_upsample": None, "encoder_decoder": None,
@@ -49,7 +51,8 @@ def _check(u, tmp_path, ref, expect, samples=(None,)):
     if expect is None:
         assert nan == {}, nan
     else:
-        assert nan and all(expect in r for r in nan.values()), nan
+        pieces = expect if isinstance(expect, tuple) else (expect,)
+        assert nan and all(any(p in r for p in pieces) for r in nan.values()), nan
     assert rec.get("samples") in (u.B, *samples[1:]), rec.get("samples")
     return rec
 

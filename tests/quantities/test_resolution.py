@@ -158,3 +158,43 @@ def test_cancellation_thresholds():
     assert "times smaller" in _resolution._cancelled(eps, "t", 1.0, 1.0 - 0.99 / cond_max, "", " of 'w'")
     assert "inf times smaller" in _resolution._cancelled(eps, "t", 1.0, 1.0 + 1e-9, "", "")  # rounding made it < 0
     assert _resolution._cancelled(eps, "t", 0.0, 0.0, "", "") is None  # nothing to resolve: the test's own reason
+
+
+class _KeyBias(nn.Module):
+    """Softmax attention with its own key projection (BERT's layout): softmax is invariant to the key bias, so
+    its gradient is 0 up to rounding, every sample's too."""
+
+    def __init__(self, d=6, v=5):
+        super().__init__()
+        torch.manual_seed(2)
+        self.emb = nn.Embedding(v, d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.head = nn.Linear(d, v)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        scores = self.q(h) @ self.k(h).transpose(1, 2) / h.shape[-1] ** 0.5
+        return self.head(torch.softmax(scores, -1) @ self.v(h))
+
+
+def test_per_sample_gradients_that_are_rounding_noise_are_nan_with_the_reason(tmp_path):
+    model = _KeyBias()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 5, (6, 4), generator=g), torch.randint(0, 5, (6, 4), generator=g)
+    crit = nn.CrossEntropyLoss()
+    ref = copy.deepcopy(model).double()
+    rows = [torch.cat([p.reshape(-1) for p in torch.autograd.grad(
+        nn.functional.cross_entropy(ref(x[i:i + 1]).reshape(-1, 5), y[i]), list(ref.parameters()))]) for i in range(6)]
+    G = torch.stack(rows)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path, quantities={k: "every" for k in TESTS}):
+        opt.zero_grad()
+        crit(model(x).reshape(-1, 5), y.reshape(-1)).backward()
+        opt.step()
+    run = cockpit_lite.load(tmp_path)
+    value = lambda key: dict(zip(*run.series(key)))[0]
+    for key, fn in TESTS.items():
+        assert np.isnan(value(f"{key}/k.bias"))
+        assert "rounding noise" in run.reasons(f"{key}/k.bias")[0]
+        assert value(key) == pytest.approx(fn(G), rel=1e-4), key  # the totals keep their values
+        assert value(f"{key}/k.weight") == pytest.approx(fn(G[:, 6 * 5 + 6 * 6 + 6:6 * 5 + 2 * 36 + 6]), rel=1e-4)
