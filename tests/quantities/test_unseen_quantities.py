@@ -211,6 +211,33 @@ def test_loss_of_per_element_losses_combined_by_the_loop(tmp_path, how):
         assert math.isfinite(float(first["values"]["loss"]))
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "parameters changed between backward() and optimizer.step() (a manual weight decay): param_norm and distance "
+    "are read in the step's pre-hook, not at the point where the gradient was taken (distance 0.207 for 0 at step "
+    "0), and the last step's update_size misses the change; finding it needs the parameters' norms at the end of "
+    "backward (a 'backward_end' fingerprint): not done"))
+def test_parameters_changed_between_backward_and_step(tmp_path):
+    m, crit = mlp(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+
+    def loop(t):
+        for x, y in batches(4):
+            t.begin(ce_of(x, y))
+            opt.zero_grad()
+            loss = crit(m(x), y)
+            t.note_loss(loss.item())
+            loss.backward()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.mul_(0.9)
+            t.note_grad()
+            opt.step()
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    assert all_mismatches(run, truth, m) == []
+
+
 @pytest.mark.parametrize("order", ["other_first", "other_after"])
 def test_a_second_optimizer_trains_the_rest_of_the_model(tmp_path, order):
     """Body under the watched SGD, head under an unwatched Adam, both stepping every batch: the next step's
