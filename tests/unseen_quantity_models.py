@@ -593,3 +593,42 @@ def regression_run(tmp_path, name, sizes=(4, 2), steps=3):
 
     run, truth = watched(tmp_path, m, opt, loop, crit)
     return run, truth, m
+
+
+def hf_style_run(tmp_path, reduction="mean", steps=4, sizes=(3, 2)):
+    """The loop most fine-tuning scripts write: AdamW with a no-decay group for biases/norms, linear warm-up
+    stepped every batch, GradScaler, accumulation over unequal micro-batches, unscale_ + clip_grad_norm_."""
+    torch.manual_seed(0)
+    m = LM()
+    crit = nn.CrossEntropyLoss(reduction=reduction)
+    opt = torch.optim.AdamW([{"params": [p for p in m.parameters() if p.dim() > 1], "weight_decay": 0.1},
+                             {"params": [p for p in m.parameters() if p.dim() <= 1], "weight_decay": 0.0}], lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    g = torch.Generator().manual_seed(3)
+    reduce = (lambda ce: ce.sum(1)) if reduction == "sum" else (lambda ce: ce.mean(1))
+
+    def loop(t):
+        for _ in range(steps):
+            mbs = [(torch.randint(0, V, (b, T), generator=g), torch.randint(0, V, (b, T), generator=g)) for b in sizes]
+            t.begin(lambda m64, mbs=mbs: torch.cat([reduce(CE(m64(x).reshape(-1, V), y.reshape(-1)).view(*y.shape))
+                                                    for x, y in mbs]))
+            opt.zero_grad()
+            total = 0.0
+            for x, y in mbs:
+                loss = crit(m(x).view(-1, V), y.view(-1))
+                w = 1.0 if reduction == "sum" else len(x) / sum(sizes)
+                scaler.scale(loss * w).backward()
+                total += loss.item() * w
+            t.note_preclip(scaler.get_scale())
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)
+            t.note_loss(total)
+            t.note_grad()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    return run, truth, m

@@ -12,7 +12,7 @@ from torch import nn
 
 from unseen_quantity_models import (CE, OPTIMIZERS, STEP_SETUPS, agreeing_run, all_mismatches, batches, ce_of,
                                     dropout_lm_run, mlp, model_run, modified_after_step_run, plain,
-                                    regression_run,
+                                    hf_style_run, regression_run,
                                     sequence_run, step_setup_run, watched)
 
 
@@ -271,6 +271,13 @@ def test_elementwise_losses_with_unequal_micro_batches(tmp_path, name):
     run, truth, m = regression_run(tmp_path, name)
     assert all_mismatches(run, truth, m) == []
     assert not next(iter(run)).get("reasons")  # every value exact, none NaN
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fine_tuning_loop(tmp_path, reduction):
+    run, truth, m = hf_style_run(tmp_path, reduction)
+    assert all_mismatches(run, truth, m) == []
+    assert all(math.isfinite(float(r["values"]["alpha"])) for r in list(run)[:-1])
 
 
 def test_the_harness_sees_a_wrong_value_and_a_wrong_histogram(tmp_path):
