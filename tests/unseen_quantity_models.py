@@ -252,6 +252,15 @@ class LM(nn.Module):
         return self.head(self.enc(self.emb(idx)))
 
 
+class TiedLM(LM):
+    """The LM with its output layer tied to the embedding (one Parameter in two modules)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(D, V, bias=False)
+        self.head.weight = self.emb.weight
+
+
 class GRUSeq(nn.Module):
     """Sequence-first (``[T, B]`` tokens): logits per position (``per_step``) or from the last hidden state."""
 
@@ -267,14 +276,14 @@ class GRUSeq(nn.Module):
 
 
 def sequence_run(tmp_path, kind, sizes, ignore=False, steps=3):
-    """``kind``: "lm" (batch-first, logits.view(-1, V)), "gru_step" (sequence-first, logits per position,
+    """``kind``: "lm" (batch-first, logits.view(-1, V)), "lm_tied" (its head tied to the embedding), "gru_step" (sequence-first, logits per position,
     flattened), "gru_last" (sequence-first, a class from the last hidden state). Micro-batches of ``sizes``
     sequences, each loss weighted by its share of the sequences; ``ignore``: -100 targets (the first two
     positions, all of the first sequence). l_i = n_k * (sample i's token losses) / (counted tokens of its
     micro-batch): the mean over a micro-batch's samples is its loss."""
     torch.manual_seed(0)
     seq_first = kind.startswith("gru")
-    m = LM() if kind == "lm" else GRUSeq(per_step=kind == "gru_step")
+    m = LM() if kind == "lm" else TiedLM() if kind == "lm_tied" else GRUSeq(per_step=kind == "gru_step")
     crit = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(3)

@@ -91,7 +91,7 @@ def test_alpha_around_skipped_steps(tmp_path, how):
 
 @pytest.mark.parametrize("kind,sizes,ignore", [
     ("lm", [5], False), ("lm", [4, 2], False), ("lm", [5], True), ("lm", [4, 2], True),
-    ("gru_step", [5], False), ("gru_step", [4, 2], False), ("gru_step", [4, 2], True)])
+    ("lm_tied", [4, 2], True), ("gru_step", [5], False), ("gru_step", [4, 2], False), ("gru_step", [4, 2], True)])
 def test_sequence_models(tmp_path, kind, sizes, ignore):
     """Histograms, noise statistics and the loss on a transformer with flattened logits and on a
     sequence-first GRU (samples are sequences), with unequal micro-batches and ignore_index. Found here:
