@@ -46,8 +46,8 @@ def others(watched) -> tuple:
     return [n for n, _ in pairs], [p for _, p in pairs]
 
 
-OTHERS = ("parameters outside the watched optimizer ({names}) moved between this step and the next (another "
-          "optimizer trains them): the next step's loss is not on this step's update")
+OTHERS = ("parameters the cockpit does not watch ({names}) moved between this step and the next (another optimizer "
+          "trains them, or a param group added after watch()): the next step's loss is not on this step's update")
 
 
 def reason(names: List[str]) -> str:

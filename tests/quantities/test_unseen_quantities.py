@@ -266,6 +266,32 @@ def test_a_second_optimizer_trains_the_rest_of_the_model(tmp_path, order):
     assert all("another optimizer" in r["reasons"]["alpha"] for r in list(run)[:-1])
 
 
+def test_param_group_added_after_watch(tmp_path):
+    """The body is unfrozen and added to the optimizer at step 2 (not watched: said by a warning): the values
+    of the watched head stay exact; alpha of steps 2 and 3 is NaN (the body moves off the head's update)."""
+    m, crit = mlp(), nn.CrossEntropyLoss()
+    for p in m[0].parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.SGD(m[2].parameters(), lr=0.1)
+
+    def loop(t):
+        for k, (x, y) in enumerate(batches(5)):
+            if k == 2:
+                for p in m[0].parameters():
+                    p.requires_grad_(True)
+                opt.add_param_group({"params": list(m[0].parameters()), "lr": 0.05})
+            t.begin(ce_of(x, y))
+            plain(m, opt, crit, x, y, t)
+            t.stepped()
+
+    with pytest.warns(RuntimeWarning, match="add_param_group"):
+        run, truth = watched(tmp_path, m, opt, loop, crit, observed={"2.weight", "2.bias"})
+    assert all_mismatches(run, truth, m) == []
+    alpha = [r["values"].get("alpha") for r in run]
+    assert math.isfinite(float(alpha[1])) and all(math.isnan(float(a)) for a in alpha[2:4])
+    assert next(r for r in run if r["step"] == 2)["values"]["lr/group1"] == 0.05
+
+
 @pytest.mark.parametrize("name", ["mse", "huber", "bce_pos_weight", "l1"])
 def test_elementwise_losses_with_unequal_micro_batches(tmp_path, name):
     run, truth, m = regression_run(tmp_path, name)
