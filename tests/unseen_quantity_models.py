@@ -220,6 +220,8 @@ OPTIMIZERS = {
     "adam_maximize": lambda m: torch.optim.Adam(m.parameters(), lr=0.01, maximize=True),
     "adamw_decoupled": lambda m: torch.optim.AdamW(m.parameters(), lr=0.01, weight_decay=0.5),
     "adamw_fused": lambda m: torch.optim.AdamW(m.parameters(), lr=0.01, fused=True),
+    "sgd_fused": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, fused=True),
+    "adagrad_fused": lambda m: torch.optim.Adagrad(m.parameters(), lr=0.1, fused=True),
     "adam_no_foreach": lambda m: torch.optim.Adam(m.parameters(), lr=0.01, foreach=False),
     "adagrad": lambda m: torch.optim.Adagrad(m.parameters(), lr=0.1),
     "rmsprop_momentum": lambda m: torch.optim.RMSprop(m.parameters(), lr=0.01, momentum=0.5),
