@@ -643,3 +643,37 @@ def hf_style_run(tmp_path, reduction="mean", steps=4, sizes=(3, 2)):
 
     run, truth = watched(tmp_path, m, opt, loop, crit)
     return run, truth, m
+
+
+def cnn_zoo_run(tmp_path, steps=4):
+    """Conv + GroupNorm, a grouped strided conv, BatchNorm2d in eval mode, Dropout2d in training (its masks
+    drawn again by seed in the brute force), label smoothing, SGD with momentum."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(),
+                      nn.Conv2d(4, 4, 3, stride=2, groups=2), nn.BatchNorm2d(4), nn.Dropout2d(0.3),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    m[4].eval()
+    crit = nn.CrossEntropyLoss(label_smoothing=0.1)
+    none = nn.CrossEntropyLoss(label_smoothing=0.1, reduction="none")
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(3)
+
+    def loop(t):
+        for k in range(steps):
+            x, y = torch.randn(6, 2, 6, 6, generator=g), torch.randint(0, 3, (6,), generator=g)
+
+            def per_sample(m64, x=x, y=y, seed=50 + k):
+                torch.manual_seed(seed)
+                return none(m64(x.double()), y)
+            t.begin(per_sample)
+            opt.zero_grad()
+            torch.manual_seed(50 + k)
+            loss = crit(m(x), y)
+            t.note_loss(loss.item())
+            loss.backward()
+            t.note_grad()
+            opt.step()
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    return run, truth, m

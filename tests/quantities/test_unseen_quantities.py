@@ -12,7 +12,7 @@ from torch import nn
 
 from unseen_quantity_models import (CE, OPTIMIZERS, STEP_SETUPS, agreeing_run, all_mismatches, batches, ce_of,
                                     dropout_lm_run, mlp, model_run, modified_after_step_run, plain,
-                                    hf_style_run, regression_run,
+                                    cnn_zoo_run, hf_style_run, regression_run,
                                     sequence_run, step_setup_run, watched)
 
 
@@ -304,6 +304,12 @@ def test_fine_tuning_loop(tmp_path, reduction):
     run, truth, m = hf_style_run(tmp_path, reduction)
     assert all_mismatches(run, truth, m) == []
     assert all(math.isfinite(float(r["values"]["alpha"])) for r in list(run)[:-1])
+
+
+def test_cnn_with_norms_grouped_conv_and_dropout2d(tmp_path):
+    run, truth, m = cnn_zoo_run(tmp_path)
+    assert all_mismatches(run, truth, m) == []
+    assert math.isfinite(float(next(iter(run))["values"]["mean_gsnr"]))
 
 
 def test_the_harness_sees_a_wrong_value_and_a_wrong_histogram(tmp_path):
