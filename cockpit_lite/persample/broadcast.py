@@ -16,7 +16,7 @@ Anything else (two consumers, a scaling or dropout before the addition, a concat
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -31,9 +31,9 @@ def _roots(output) -> List[Any]:
     return [t.grad_fn for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
 
 
-def _consumers(roots, targets: Dict[int, Any]) -> Optional[Dict[int, list]]:
-    """{id(target node): [(consumer node, input index)]} over the graph below ``roots``; None if too large."""
-    found: Dict[int, list] = {k: [] for k in targets}
+def _consumers(roots) -> Optional[Dict[int, list]]:
+    """{id(node): [consumer node, ...]} over the graph below ``roots``; None if it is too large."""
+    parents: Dict[int, list] = {}
     seen, stack = set(), list(roots)
     while stack:
         node = stack.pop()
@@ -42,38 +42,71 @@ def _consumers(roots, targets: Dict[int, Any]) -> Optional[Dict[int, list]]:
         seen.add(id(node))
         if len(seen) > MAX_NODES:
             return None
-        for i, (nxt, _) in enumerate(node.next_functions):
-            if nxt is None:
-                continue
-            if id(nxt) in found:
-                found[id(nxt)].append((node, i))
-            stack.append(nxt)
-    return found
+        for nxt, _ in node.next_functions:
+            if nxt is not None:
+                parents.setdefault(id(nxt), []).append(node)
+                stack.append(nxt)
+    return parents
+
+
+SHAPE_OPS = ("PermuteBackward0", "UnsqueezeBackward0", "TransposeBackward0", "CloneBackward0")
+
+
+def _route(parents: Dict[int, list], node, shape: Tuple[int, ...]):
+    """(the addition, the shape ops on the way [(name, args)], the shape entering the addition) where ``node``'s
+    output reaches a plain addition through single-use permute / unsqueeze / transpose / clone only (T5's
+    relative attention bias: [T, S, H] -> permute(2, 0, 1) -> unsqueeze(0) -> clone -> + mask), else None."""
+    ops = []
+    for _ in range(8):
+        uses = parents.get(id(node), [])
+        if len(uses) != 1:
+            return None
+        nxt = uses[0]
+        name = nxt.name()
+        if name == "AddBackward0":
+            return (nxt, ops, shape) if getattr(nxt, "_saved_alpha", 1) == 1 else None
+        if name not in SHAPE_OPS:
+            return None
+        if name == "CloneBackward0":
+            pass  # the identity on values
+        elif name == "PermuteBackward0":
+            dims = tuple(d % len(shape) for d in nxt._saved_dims)
+            ops.append(("permute", dims))
+            shape = tuple(shape[d] for d in dims)
+        elif name == "UnsqueezeBackward0":
+            d = nxt._saved_dim % (len(shape) + 1)
+            ops.append(("unsqueeze", d))
+            shape = shape[:d] + (1,) + shape[d:]
+        else:
+            d0, d1 = sorted((nxt._saved_dim0 % len(shape), nxt._saved_dim1 % len(shape)))
+            ops.append(("transpose", (d0, d1)))
+            shape = shape[:d0] + (shape[d1],) + shape[d0 + 1:d1] + (shape[d0],) + shape[d1 + 1:]
+        node = nxt
+    return None
 
 
 def attach(pending: list, output, batch: int) -> None:
     """For each (call, output tensor) of ``pending`` whose output lacks the batch dimension of size ``batch``:
-    where its only consumer is a broadcasting addition, read its per-sample output gradient at the addition
-    in backward (``LayerCall.broadcast_grad``; ``taken`` then expands the call's inputs to the batch)."""
+    where it reaches a broadcasting addition as its only use (through shape ops at most), read its per-sample
+    output gradient there in backward (``LayerCall.broadcast_grad``; ``taken`` then expands the call's inputs
+    to the batch)."""
     todo = [(c, out) for c, out in pending if _lacks_batch(out, batch) and out.grad_fn is not None]
     if not todo or batch < 2:
         return
-    found = _consumers(_roots(output), {id(out.grad_fn): out.grad_fn for _, out in todo})
-    if found is None:
+    parents = _consumers(_roots(output))
+    if parents is None:
         return
     for call, out in todo:
         if any(isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] == batch for a in call.inputs) or any(
                 isinstance(v, torch.Tensor) for v in tree_leaves(call.kwargs)):
             continue  # an input with the batch (or a tensor keyword): the output is not a batch-free table
-        uses = found[id(out.grad_fn)]
-        if len(uses) != 1:
+        route = _route(parents, out.grad_fn, tuple(out.shape))
+        if route is None:
             continue
-        node, _ = uses[0]
-        if node.name() != "AddBackward0" or getattr(node, "_saved_alpha", 1) != 1:
-            continue
+        node, ops, shape = route
         lead = out.shape[0] != 1  # [T, d]: no batch dimension at all (else [1, T, d])
         call.broadcast = (batch, tuple(out.shape), lead)
-        node.register_prehook(_reader(call))
+        node.register_prehook(_reader(call, ops, shape))
 
 
 def taken(call, grad: torch.Tensor) -> torch.Tensor:
@@ -104,13 +137,53 @@ def _expanded(a, batch: int, lead: bool):
     return a
 
 
-def _reader(call):
+def _reader(call, ops, shape):
     def read(grad_outputs):
         g = grad_outputs[0] if grad_outputs else None
-        batch, shape, lead = call.broadcast
-        want = (batch, *shape) if lead else (batch, *shape[1:])
-        if g is not None and tuple(g.shape) == want:
-            call.broadcast_grad = g.detach()
+        batch, out_shape, lead = call.broadcast
+        if g is None or g.dim() < 1 or g.shape[0] != batch:
+            return None
+        try:
+            per = _undone(g.detach(), ops, shape, batch)
+        except (RuntimeError, ValueError):
+            return None
+        want = (batch, *out_shape) if lead else (batch, *out_shape[1:])
+        if per is not None and tuple(per.shape) == want:
+            call.broadcast_grad = per
         return None
 
     return read
+
+
+def _undone(g: torch.Tensor, ops, shape: Tuple[int, ...], batch: int) -> Optional[torch.Tensor]:
+    """The per-sample gradient of the layer's output from the gradient ``g`` of the addition's result: ``shape``
+    is the layer output's shape after ``ops``, broadcast to g's shape. The batch is g's dim 0: the size-1 dim 0
+    of ``shape`` (``at`` = 0), or a dim in front of it (``at`` = None); the ops are undone in reverse order."""
+    if len(shape) == g.dim() and shape[0] == 1 and tuple(g.shape[1:]) == tuple(shape[1:]):
+        at = 0
+    elif len(shape) == g.dim() - 1 and tuple(g.shape[1:]) == tuple(shape):
+        at = None
+    else:
+        return None
+    off = 0 if at is not None else 1  # g's dims of the (virtual) shape start here
+    for name, arg in reversed(ops):
+        if name == "unsqueeze":
+            if at == arg:  # the dim the batch broadcasts into: the batch now stands in front
+                at, off = None, 1
+            else:
+                g = g.squeeze(arg + off)
+                if at is not None and arg < at:
+                    at -= 1
+        elif name == "permute":
+            inv = sorted(range(len(arg)), key=lambda k: arg[k])
+            g = g.permute(*range(off), *[k + off for k in inv]) if off else g.permute(*inv)
+            if at is not None:
+                at = arg[at]
+        else:
+            d0, d1 = arg
+            g = g.transpose(d0 + off, d1 + off)
+            if at is not None and at in (d0, d1):
+                at = d1 if at == d0 else d0
+    if at not in (None, 0):
+        return None
+    return g.contiguous()
