@@ -67,6 +67,12 @@ def setup(self, captured) -> None:
                                "gradients need each micro-batch's own input; pass a new tensor per micro-batch")
     elif not calls:
         self._global_reason = "no layer with observed parameters received a gradient on this step"
+    elif getattr(self.inputs.watched, "seq_first", None) is not None and seq_first_reason is None and not declared_any:
+        # declared sequence-first, but no recurrent call read dim 1 (one whose output got no gradient, e.g. only
+        # h_n was used): the layers' dim 0 counts positions, not samples
+        self._global_reason = (f"{self.inputs.watched.seq_first} makes dim 1 the batch, but no call of it with a "
+                               "gradient was observed on this step (e.g. only its final hidden state was used): the "
+                               "layers' dim 0 counts positions, not samples")
     elif self.reduction not in ("mean", "sum"):
         # reduction="none" combined in the loop with unequal weights says how (engine/loss_elements.py)
         self._global_reason = next((m.elements for m in mbs if getattr(m, "elements", None)), None) or (

@@ -162,19 +162,27 @@ def _emit_checked(ctx, key, v):
 
 def snr_sums(ctx, a: float, b: float, eps: float):
     """sum_j g_j^2 / v_j per parameter, with the variance estimate v_j = a m2_j - b g_j^2 + eps
-    (m2 = sum_i g_ij^2, g the mean gradient), and the element counts.
+    (m2 = sum_i g_ij^2, g the mean gradient), the element counts, the rounding estimate
+    sum_j r_j a m2_j / v_j (r_j = g_j^2 / v_j; times eps: the sums' absolute float32 error,
+    ``_snr_resolution.py``) and the largest r_j, per parameter.
 
-    Five multi-tensor kernels over the parameters (v, then g / v times g) and one float32 sum per tensor
-    (torch's pairwise summation; the sums of the parameters are combined in float64)."""
+    In float64, one parameter tensor at a time (temporaries the size of the largest tensor): v cancels
+    (a m2 - b g^2 with both terms near each other where the samples agree), and early_stopping's
+    1 - n mean_j(...) cancels again near 0, where float32 arithmetic left it 1e-4 off the float64 value."""
     grads, m2s = mean_grad(ctx), second_moment(ctx)
-    v = torch._foreach_mul(m2s, a)
-    torch._foreach_addcmul_(v, grads, grads, value=-b)
-    torch._foreach_add_(v, eps)
-    ratios = torch._foreach_div(grads, v)
-    torch._foreach_mul_(ratios, grads)
-    sums = torch.stack([r.sum() for r in ratios]).double()
+    parts, errs, tops = [], [], []
+    for g, m2 in zip(grads, m2s):
+        g = g.double()
+        big = m2.double() * a  # a new tensor: m2 is the cached one
+        v = big.addcmul(g, g, value=-b).add_(eps)
+        r = torch.div(g, v).mul_(g)
+        parts.append(r.sum())
+        errs.append((r * big / v).sum())
+        tops.append(r.max() if r.numel() else r.new_zeros(()))
+    stack = (lambda xs: torch.stack(xs) if xs else torch.zeros(0, dtype=torch.float64))
     frozen = ctx.per_sample.frozen  # not trained: not among the means' elements
-    return sums, torch.tensor([0 if j in frozen else g.numel() for j, g in enumerate(grads)], dtype=torch.float64)
+    counts = torch.tensor([0 if j in frozen else g.numel() for j, g in enumerate(grads)], dtype=torch.float64)
+    return stack(parts), counts, stack(errs), stack(tops)
 
 
 def sqrt0(x: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ import torch
 
 from ..alpha_fit import fit_alpha
 from ..distributed import mean_and_var, means_and_vars
+from . import _moved
 from .base import Quantity
 
 
@@ -49,6 +50,8 @@ class _Start:
     t: Optional[torch.Tensor] = None  # ||d||, known after the step
     df: Optional[torch.Tensor] = None
     var_df: Optional[torch.Tensor] = None
+    after: Optional[torch.Tensor] = None  # the parameters' norms after the step (_moved.py)
+    others: Optional[torch.Tensor] = None  # norms of the model's parameters another optimizer trains, at theta_t
 
 
 class _Unmeasurable(Exception):
@@ -149,7 +152,8 @@ class Alpha(Quantity):
             try:
                 check_supported(ctx.per_sample)
                 n, f, var_f = loss_observation(ctx.per_sample, stats)
-                self._start = _Start(step=ctx.step, n=n, f=f, var_f=var_f)
+                self._start = _Start(step=ctx.step, n=n, f=f, var_f=var_f,
+                                     others=_moved.fingerprint(_moved.others(ctx.watched)[1]))
             except _Unmeasurable as err:
                 ctx.emit_nan("alpha", str(err))
             except Exception as err:  # never let a hook crash the loop; say what went wrong
@@ -174,6 +178,7 @@ class Alpha(Quantity):
                 torch._foreach_mul_(self._direction, inv_t)
                 start.t = t
                 start.df, start.var_df = slope_observation(ctx.per_sample, self._direction)
+                start.after = _moved.fingerprint(ctx.params)
         except _Unmeasurable as err:
             self._start = None
             ctx.emit_nan("alpha", str(err))
@@ -232,11 +237,25 @@ class Alpha(Quantity):
             ctx.emit_for_step(start.step, "alpha", reason=f"{type(err).__name__} while observing the end point "
                                                           f"(step {ctx.step}): {err}")
             return
-        # one device-to-host transfer for all nine scalars
+        # one device-to-host transfer for all nine scalars and the check of the end point's parameters
         device = start.t.device
-        (t, f0, f1, df0, df1, var_f0, var_f1, var_df0, var_df1) = torch.stack([
+        moved = _moved.changed(start.after, ctx.params)
+        other_names, other_params = _moved.others(ctx.watched)
+        moved_others = _moved.changed(start.others, other_params)
+        (t, f0, f1, df0, df1, var_f0, var_f1, var_df0, var_df1, *flags) = torch.cat([torch.stack([
             x.detach().double().reshape(()).to(device) for x in
-            (start.t, start.f, f1, start.df, df1, start.var_f, var_f1, start.var_df, var_df1)]).tolist()
+            (start.t, start.f, f1, start.df, df1, start.var_f, var_f1, start.var_df, var_df1)]),
+            moved.double().to(device), moved_others.double().to(device)]).tolist()
+        moved, moved_others = flags[:len(moved)], flags[len(moved):]
+        if any(moved):
+            ctx.emit_for_step(start.step, "alpha", reason=_moved.reason(
+                [n for n, m in zip(ctx.names, moved) if m]) + f" (the end point, step {ctx.step}, is off the update)")
+            return
+        if any(moved_others):
+            names = [n for n, m in zip(other_names, moved_others) if m]
+            ctx.emit_for_step(start.step, "alpha", reason=_moved.OTHERS.format(
+                names=", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")))
+            return
         fit = fit_alpha(t, f0, f1, df0, df1, var_f0, var_f1, var_df0, var_df1)
         data = {"t": t, "f0": f0, "f1": f1, "df0": df0, "df1": df1, "var_f0": var_f0, "var_f1": var_f1,
                 "var_df0": var_df0, "var_df1": var_df1, "w": list(fit.w) if fit.w is not None else None,

@@ -4,6 +4,7 @@ s_j^2 = (sum_i g_ij^2 - B g_j^2)/(B-1);  1 - B mean_j [ g_j^2 / (s_j^2 + 1e-5) ]
 Total (mean over all parameter elements) and per parameter tensor."""
 
 from . import _noise as noise
+from . import _snr_resolution
 from .base import Quantity
 
 EPS = 1e-5
@@ -19,7 +20,8 @@ class EarlyStopping(Quantity):
         if not noise.precheck(ctx, self.name):
             return
         n = ctx.per_sample.n
-        sums, counts = noise.snr_sums(ctx, 1.0 / (n - 1), n / (n - 1), EPS)  # s_j^2 = (m2 - n g^2)/(n-1)
+        sums, counts, errs, tops = noise.snr_sums(ctx, 1.0 / (n - 1), n / (n - 1), EPS)  # s_j^2 = (m2 - n g^2)/(n-1)
         parts = 1 - n * sums / counts
         total = 1 - n * sums.sum() / counts.sum()
-        noise.emit_total_and_parts(ctx, self.name, total, parts)
+        resolved = _snr_resolution.reasons(ctx, parts, n * errs / counts, total, n * errs.sum() / counts.sum(), tops)
+        noise.emit_total_and_parts(ctx, self.name, total, parts, resolved=resolved)

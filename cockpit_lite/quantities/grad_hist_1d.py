@@ -22,6 +22,7 @@ import math
 import torch
 
 from .base import Quantity
+from .grad_hist_2d import bin_edges
 
 BINS = 100
 
@@ -92,7 +93,7 @@ class GradHist1d(Quantity):
             if cheap[j] is None:
                 self._last_max[j] = top
             clipped = -1 if (k < 0 or clipped < 0) else clipped + k
-        edges = torch.linspace(-R, R, BINS + 1, dtype=torch.float64).tolist()
+        edges = bin_edges(-R, R, BINS)
         data = {"edges": edges, "counts": [int(c) for c in counts.round().tolist()], "scale": "B*g_ij",
                 "clipped": clipped}
         if reasons:

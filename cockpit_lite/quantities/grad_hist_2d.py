@@ -33,6 +33,16 @@ def _range(lo: float, hi: float) -> Tuple[float, float]:
     return lo, hi
 
 
+def bin_edges(lo: float, hi: float, bins: int) -> list:
+    """``bins + 1`` uniform edges from ``lo`` to ``hi``; a symmetric range (lo = -hi, bins even) has exactly 0 as
+    its middle edge and mirrored edges (``linspace`` leaves it at +-5e-17, so that an exact zero, e.g. an
+    embedding row no sample uses, was counted right of an edge logged right of 0)."""
+    if lo == -hi and bins % 2 == 0:
+        half = bins // 2
+        return (torch.arange(-half, half + 1, dtype=torch.float64) / half * hi).tolist()
+    return torch.linspace(lo, hi, bins + 1, dtype=torch.float64).tolist()
+
+
 def joint_histogram(grads: Sequence, params: Sequence[torch.Tensor], x_range, y_range, bins: Tuple[int, int]):
     """Counts [nx, ny] of (grads[k][i].flat[j], params[k].flat[j]) over k, i, j.
 
@@ -97,8 +107,8 @@ class GradHist2d(Quantity):
             (counts,) = sum_tensors(ctx.watched.dist, [counts])
         nx, ny = self.bins
         data = {
-            "x_edges": torch.linspace(x_range[0], x_range[1], nx + 1, dtype=torch.float64).tolist(),
-            "y_edges": torch.linspace(y_range[0], y_range[1], ny + 1, dtype=torch.float64).tolist(),
+            "x_edges": bin_edges(x_range[0], x_range[1], nx),
+            "y_edges": bin_edges(y_range[0], y_range[1], ny),
             "counts": counts.tolist(), "x": "B*g_ij", "y": "theta_j"}
         if missing:
             data["missing"] = missing

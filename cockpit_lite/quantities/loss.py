@@ -4,8 +4,29 @@ In a data-parallel run, the loss of the global batch: the shards' losses weighte
 counts (mean reduction), summed (sum reduction), or averaged (otherwise). The same reduction counts
 the global batch's samples, which the engine writes as the record's ``samples``."""
 
+import torch
+
 from ..loss_combine import step_normalised
 from .base import Quantity
+
+
+def sequence_first_loss(ctx, mbs):
+    """(loss, None) or (None, reason) for a mean-reduced step of several micro-batches of a sequence-first
+    model: the loss input's dim 0 counts positions there, not sequences, so the micro-batches are weighted
+    by the sequence counts the per-sample view read along dim 1 (never built only for this)."""
+    view = None
+    if ctx.layer_io is not None:
+        try:
+            view = ctx.per_sample
+        except Exception:  # no per-sample view on this step: no sequence counts
+            view = None
+    if view is None or view.sample_dim != 1 or len(view.batch_sizes) != len(view.micro_batches) \
+            or any(not m.backpropagated for m in view.micro_batches):
+        return None, (f"{ctx.watched.seq_first} reads dim 1 as the batch: the micro-batches' shares of the step's "
+                      "mean loss need their sequence counts, known only on steps with per-sample quantities")
+    sizes = torch.tensor(view.batch_sizes, dtype=torch.float64)
+    losses = torch.stack([m.loss.detach().double().cpu() for m in view.micro_batches])
+    return (losses * sizes).sum() / sizes.sum(), None
 
 
 class Loss(Quantity):
@@ -18,6 +39,13 @@ class Loss(Quantity):
         if ctx.watched.dist is not None:
             return  # summed over the processes at the end of the hook: local_sums, then with_sums
         loss = ctx.loss()
+        mbs = [m for m in ctx.micro_batches if m.backpropagated]
+        if (loss is not None and ctx.watched.seq_first is not None and len(mbs) > 1 and ctx.reduction == "mean"
+                and not step_normalised(mbs)):
+            loss, why = sequence_first_loss(ctx, mbs)
+            if why:
+                ctx.emit_nan("loss", why)
+                return
         if loss is None:
             ctx.emit_nan("loss", "no call of loss_fn was seen in this step (pass loss_fn=<nn.Module> to watch)")
         elif _weighted(ctx):

@@ -4,6 +4,7 @@ The mean runs over all parameter elements (total) or over one tensor's elements 
 sum_i g_ij^2 is one GEMM for a Linear layer without sequence axes."""
 
 from . import _noise as noise
+from . import _snr_resolution
 from .base import Quantity
 
 EPS = 1e-5
@@ -19,8 +20,9 @@ class MeanGSNR(Quantity):
         if not noise.precheck(ctx, self.name):
             return
         n = ctx.per_sample.n
-        sums, counts = noise.snr_sums(ctx, 1.0 / n, 1.0, EPS)  # variance: m2 / n - g^2
+        sums, counts, errs, tops = noise.snr_sums(ctx, 1.0 / n, 1.0, EPS)  # variance: m2 / n - g^2
         parts = sums / counts
         total = sums.sum() / counts.sum()
-        noise.emit_total_and_parts(ctx, self.name, total, parts)
+        resolved = _snr_resolution.reasons(ctx, parts, errs / counts, total, errs.sum() / counts.sum(), tops)
+        noise.emit_total_and_parts(ctx, self.name, total, parts, resolved=resolved)
 

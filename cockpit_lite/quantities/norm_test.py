@@ -3,7 +3,7 @@
 Total and per parameter tensor, from ghost norms ||g_i||^2 (no per-sample gradient is built where the
 layer has a factored form)."""
 
-from . import _noise as noise
+from . import _noise as noise, _resolution
 from .base import Quantity
 
 
@@ -21,4 +21,8 @@ class NormTest(Quantity):
         gg = noise.sq_mean_norm_vector(ctx)
         parts = noise.sqrt0((sq / gg - n) / (n * (n - 1)))
         total = noise.sqrt0((sq.sum() / gg.sum() - n) / (n * (n - 1)))
-        noise.emit_total_and_parts(ctx, self.name, total, parts, resolved=noise.resolution(ctx))
+        # the difference sum_i ||g_i||^2 - n ||g||^2, where float32 rounding may dominate it (samples that agree)
+        cancelled = _resolution.cancellation(ctx, self.name, sq, n * gg, float(sq.sum()), float(n * gg.sum()),
+                                             "sum_i ||g_i||^2 and n ||g||^2")
+        noise.emit_total_and_parts(ctx, self.name, total, parts,
+                                   resolved=_resolution.merged(noise.resolution(ctx), cancelled))
