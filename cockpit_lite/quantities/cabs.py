@@ -28,11 +28,11 @@ def _cancelled(ctx, m2_sum: float, var_sum: float) -> str:
     if eps is None or not (math.isfinite(m2_sum) and math.isfinite(var_sum)) or m2_sum <= 0.0:
         return ""
     cond = m2_sum / var_sum if var_sum > 0 else math.inf
-    if eps * cond <= _resolution.MAX_REL:
+    if eps * cond <= _resolution.CANCEL_MAX_REL:  # linear in the difference: its whole relative error
         return ""
     return (f"the gradient variance is {cond:.3g} times smaller than the sums it is the difference of (sum_i ||g_i||^2 "
             f"and B ||g||^2): float32 rounding leaves it about {min(eps * cond, 1.0):.1g} relative, too coarse "
-            f"(at most {_resolution.MAX_REL:g})")
+            f"(at most {_resolution.CANCEL_MAX_REL:g})")
 
 
 class CABS(Quantity):

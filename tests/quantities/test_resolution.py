@@ -153,7 +153,7 @@ def test_tests_that_are_differences_below_rounding_are_nan_with_the_reason(tmp_p
 
 def test_cancellation_thresholds():
     eps = float(torch.finfo(torch.float32).eps)
-    cond_max = _resolution.MAX_REL / eps
+    cond_max = 2 * _resolution.CANCEL_MAX_REL / eps  # the value's error: eps * cond / 2 (a square root's)
     assert _resolution._cancelled(eps, "t", 1.0, 1.0 - 1.01 / cond_max, "", "") is None
     assert "times smaller" in _resolution._cancelled(eps, "t", 1.0, 1.0 - 0.99 / cond_max, "", " of 'w'")
     assert "inf times smaller" in _resolution._cancelled(eps, "t", 1.0, 1.0 + 1e-9, "", "")  # rounding made it < 0

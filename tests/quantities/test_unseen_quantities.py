@@ -144,12 +144,7 @@ def test_samples_that_agree_leave_the_variance_unresolved(tmp_path):
     assert all(math.isfinite(float(rec[k]["values"]["mean_gsnr"])) for k in (0, 2, 3))
 
 
-COARSE = pytest.mark.xfail(strict=True, reason=(
-    "_resolution.cancellation judges eps * cond against 1e-3 (main, 06b519f: 'up to ~6e-4 off' below it); the "
-    "probe's rule is 1e-4: inputs 3e-2 apart leave inner_test 1.9e-4 off, 1e-2 apart norm_test 3e-4 off, finite"))
-
-
-@pytest.mark.parametrize("spread", [1e-1, pytest.param(3e-2, marks=COARSE), pytest.param(1e-2, marks=COARSE), 1e-3])
+@pytest.mark.parametrize("spread", [1e-1, 3e-2, 1e-2, 1e-3])
 def test_samples_whose_gradients_agree(tmp_path, spread):
     """Found here: with inputs 1e-2 apart, norm_test 3e-4, inner_test 2.4e-3, cabs 5e-4 relative off the
     float64 brute force; 1e-3 apart, inner_test logged 0 for 1.1e-4 (the variance, a difference of nearly
