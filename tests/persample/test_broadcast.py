@@ -7,19 +7,14 @@ Stock Hugging Face GPT-2, BERT and RoBERTa (position_ids [1, T]): tests/integrat
 
 from __future__ import annotations
 
-import copy
-import warnings
-
 import pytest
 import torch
 from torch import nn
 
-import cockpit_lite
-
 import reference as R
+from sequence_truth import TESTS, per_sequence_grads, watched_step
 
 B, T, V, D = 4, 5, 7, 6
-TESTS = ("norm_test", "inner_test", "ortho_test")
 
 
 class Table(nn.Module):
@@ -87,32 +82,13 @@ def _batch():
     return torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
 
 
-def _brute_force(model, x, y):
-    m = copy.deepcopy(model).double()
-    params = list(m.parameters())
-    rows = []
-    for i in range(B):
-        loss = nn.functional.cross_entropy(m(x[i:i + 1]).reshape(-1, V), y[i].reshape(-1))  # l_i: sample i's mean
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
-    return torch.stack(rows), [n for n, _ in m.named_parameters()], [p.numel() for p in params]
-
-
 @pytest.mark.parametrize("how", HOWS)
 def test_tables_broadcast_over_the_batch_are_exact(tmp_path, how):
     model = RelBias() if how == "relative_bias" else Table(how)
     x, y = _batch()
-    G, names, sizes = _brute_force(model, x, y)
-    crit = nn.CrossEntropyLoss()
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path, quantities={q: "every" for q in TESTS}):
-            opt.zero_grad()
-            crit(model(x).view(-1, V), y.view(-1)).backward()
-            opt.step()
-    rec = cockpit_lite.load(tmp_path).records[0]
+    G, parts = per_sequence_grads(model, (x,), y, V)
+    rec = watched_step(model, (x,), y, V, tmp_path)
     assert rec["samples"] == B
-    parts = dict(zip(names, torch.split(G, sizes, dim=1)))
     for q in TESTS:
         assert rec["values"][q] == pytest.approx(getattr(R, q)(G), rel=1e-4), (q, rec.get("reasons", {}).get(q))
         for name in ("rel.weight", "tok.weight") if how == "relative_bias" else ("pos.weight", "tok.weight"):

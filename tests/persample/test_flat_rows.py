@@ -6,20 +6,16 @@ from the per-sample replay or NaN with the reason, never grouped as samples."""
 
 from __future__ import annotations
 
-import copy
 import math
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
-import cockpit_lite
-
 import reference as R
+from sequence_truth import TESTS, per_sequence_grads, watched_step
 
 B, T, V, D = 4, 5, 7, 6
-TESTS = ("norm_test", "inner_test", "ortho_test")
 
 
 class FlatBlock(nn.Module):
@@ -53,24 +49,11 @@ def test_flattened_rows_are_grouped_by_sample(tmp_path, order):
     model = FlatBlock(order)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
-    ref = copy.deepcopy(model).double()
-    params = list(ref.parameters())
-    G = torch.stack([torch.cat([p.reshape(-1) for p in torch.autograd.grad(
-        nn.functional.cross_entropy(ref(x[i:i + 1]).reshape(-1, V), y[i]), params)]) for i in range(B)])
-    names = [n for n, _ in ref.named_parameters()]
-    parts = dict(zip(names, torch.split(G, [p.numel() for p in params], dim=1)))
-    crit = nn.CrossEntropyLoss()
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path, quantities={q: "every" for q in TESTS}):
-            opt.zero_grad()
-            crit(model(x).view(-1, V), y.view(-1)).backward()
-            opt.step()
-    rec = cockpit_lite.load(tmp_path).records[0]
+    G, parts = per_sequence_grads(model, (x,), y, V)
+    rec = watched_step(model, (x,), y, V, tmp_path)
     values, reasons = rec["values"], rec.get("reasons", {})
     for q in TESTS:
-        for key, want in [(q, getattr(R, q)(G))] + [(f"{q}/{n}", getattr(R, q)(parts[n])) for n in names]:
+        for key, want in [(q, getattr(R, q)(G))] + [(f"{q}/{n}", getattr(R, q)(P)) for n, P in parts.items()]:
             v = float(values[key])
             if math.isnan(v):
                 assert order == "sequence_first" and reasons.get(key), (key, reasons.get(key))

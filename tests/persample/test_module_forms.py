@@ -11,19 +11,14 @@ Every gradient test, total and per parameter, against a float64 brute force over
 
 from __future__ import annotations
 
-import copy
-import warnings
-
 import pytest
 import torch
 from torch import nn
 
-import cockpit_lite
-
 import reference as R
+from sequence_truth import TESTS, per_sequence_grads, watched_step
 
 B, T, V, D = 4, 5, 9, 6
-TESTS = ("norm_test", "inner_test", "ortho_test")
 
 
 class ScaledLinear(nn.Linear):
@@ -88,31 +83,14 @@ def _batch():
 def test_module_forms_are_exact(tmp_path, kind):
     model = Model(kind)
     idx, mask, y = _batch()
-    ref = copy.deepcopy(model).double()
-    params = list(ref.parameters())
-    rows = []
-    for i in range(B):
-        out = ref(idx[i:i + 1], mask[i:i + 1])
-        loss = nn.functional.cross_entropy(out.reshape(-1, V), y[i])  # sample i's mean over its T tokens
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
-    G = torch.stack(rows)
-    names = [n for n, _ in ref.named_parameters()]
-    parts = dict(zip(names, torch.split(G, [p.numel() for p in params], dim=1)))
-    crit = nn.CrossEntropyLoss()
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path, quantities={q: "every" for q in TESTS}):
-            opt.zero_grad()
-            crit(model(idx, mask).view(-1, V), y.view(-1)).backward()
-            opt.step()
-    rec = cockpit_lite.load(tmp_path).records[0]
+    G, parts = per_sequence_grads(model, (idx, mask), y, V)
+    rec = watched_step(model, (idx, mask), y, V, tmp_path)
     values, reasons = rec["values"], rec.get("reasons", {})
     for q in TESTS:
         assert values[q] == pytest.approx(getattr(R, q)(G), rel=1e-4), (q, reasons.get(q))
-        for name in names:
+        for name, P in parts.items():
             key = f"{q}/{name}"
             if key in reasons:  # only float32's resolution limits (quantities/_resolution.py) may leave one out
                 assert "float32" in reasons[key], (key, reasons[key])
                 continue
-            assert values[key] == pytest.approx(getattr(R, q)(parts[name]), rel=1e-4, abs=1e-7), key
+            assert values[key] == pytest.approx(getattr(R, q)(P), rel=1e-4, abs=1e-7), key
