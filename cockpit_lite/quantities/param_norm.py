@@ -9,4 +9,4 @@ class ParamNorm(Quantity):
     reduces = False  # reads only what every process has (its own devices, the all-reduced .grad)
 
     def before_step(self, ctx):
-        ctx.emit_norms("param_norm", ctx.params)
+        ctx.emit_norms("param_norm", ctx.params, share="params")  # update_size's check reads the same norms
