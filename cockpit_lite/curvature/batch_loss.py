@@ -107,10 +107,12 @@ class BatchLoss:
             raise CurvatureUnavailable(f"parameters not in the model cannot be re-evaluated: {missing[:3]}")
         self.keys = ["model." + model_names[id(p)] for p in params]
         self.params = [p.detach() for p in params]
+        self._param_keys = [_aliases(model, "_parameters").get(id(p), [k]) for p, k in zip(params, self.keys)]
         # frozen parameters (requires_grad=False, e.g. in a fine-tuning optimizer's group) are constants of
         # the loss: their rows and columns of the Hessian are 0 (``trainable`` masks them in the operators)
         self.trainable = [bool(p.requires_grad) for p in params]
         self.buffers = {"model." + n: b for n, b in model.named_buffers()}
+        self._buffer_keys = _aliases(model, "_buffers")
         self.calls = calls
         self.subbatch = subbatch
 
@@ -120,8 +122,18 @@ class BatchLoss:
         return sum(sizes) if all(s is not None for s in sizes) else None
 
     def _state(self, params: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
-        state = {k: b.clone() for k, b in self.buffers.items()}  # running stats stay untouched
-        state.update(zip(self.keys, params))
+        """Every (module, attribute) slot of each parameter and buffer, for ``functional_call(tie_weights=False)``:
+        with the default ``tie_weights=True``, torch 2.14 leaves a submodule registered twice (``nn.Sequential(l,
+        act, l)``) holding the temporary tensor afterwards instead of its parameter, so the user's model no longer
+        trains that layer. Listing the slots ourselves keeps tied parameters (``c.weight = a.weight``) tied."""
+        state = {}
+        for b in {id(b): b for b in self.buffers.values()}.values():
+            clone = b.clone()  # running stats stay untouched
+            for k in self._buffer_keys.get(id(b), ()):
+                state[k] = clone
+        for keys, p in zip(self._param_keys, params):
+            for k in keys:
+                state[k] = p
         return state
 
     def replay(self, params: Sequence[torch.Tensor], index: int):
@@ -129,7 +141,8 @@ class BatchLoss:
         state (the caller restores the generators: ``preserved_rng``)."""
         c = self.calls[index]
         set_rng_state(c.rng_state)
-        return functional_call(self.wrapper, self._state(params), (c.args, c.kwargs, c.target, c.view, c.batch))
+        return functional_call(self.wrapper, self._state(params), (c.args, c.kwargs, c.target, c.view, c.batch),
+                               tie_weights=False)
 
     def outputs_and_losses(self, params: Sequence[torch.Tensor]):
         """[(model output, weighted loss)] per micro-batch, in the training RNG states."""
@@ -191,6 +204,17 @@ def rebuild(step, subbatch: Optional[int] = None) -> BatchLoss:
             for c in calls:
                 c.weight = c.batch_size / tot
     return BatchLoss(watched.model, watched.loss_fn, watched.names, watched.params, calls, subbatch)
+
+
+def _aliases(model: nn.Module, slot: str) -> Dict[int, List[str]]:
+    """id(tensor) -> the ``model.``-prefixed names of every (module, attribute) holding it: each module object
+    once (a module registered twice has one slot), a tensor shared by two modules (tied weights) under both."""
+    out: Dict[int, List[str]] = {}
+    for path, mod in model.named_modules():
+        for name, t in getattr(mod, slot).items():
+            if t is not None:
+                out.setdefault(id(t), []).append("model." + (f"{path}.{name}" if path else name))
+    return out
 
 
 def _head1(x, n, m):

@@ -100,7 +100,8 @@ class ExactDiagonals:
     estimators, the run keeps the exact path), and (3) once its first result agreed with the step's own
     curvature-vector products (:mod:`.diagonal_check`); a disagreement turns the exact path off for the run."""
 
-    def __init__(self):
+    def __init__(self, float64: bool = False):
+        self.float64 = float64  # BackPACK on a float64 copy (tic_diag: ratios with single diagonal entries)
         self.engine: Optional[backpack_diag.ExactDiagonal] = None
         self.reason: Optional[str] = None
         self.checked = False
@@ -114,7 +115,7 @@ class ExactDiagonals:
             self.reason = backpack_diag.unsupported_reason(w.model, w.loss_fn)
             if self.reason is None:
                 try:
-                    self.engine = backpack_diag.ExactDiagonal(w.model, w.loss_fn)
+                    self.engine = backpack_diag.ExactDiagonal(w.model, w.loss_fn, self.float64)
                 except Exception as err:
                     self.reason = f"BackPACK could not extend a copy of the model: {err!r}"
         if self.engine is None:
