@@ -384,3 +384,26 @@ def test_per_sample_replay_keeps_a_twice_registered_layer_training(tmp_path):
             lf(model(x), y).backward()
             opt.step()
     assert model.l.weight is w and model.l2.weight is w
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_trace_standard_errors_over_many_draws_on_real_ggns(method):
+    """The dense GGNs and Hessians of six of the cases above, 200 draws each of the default 10 probes: the
+    sample standard error alone left the dense trace beyond 4 standard errors in 1-3% of the GGN draws (skewed
+    samples: a low draw also has a low spread), Hutch++'s (4 remainder samples) in 4.5%; with the variance bound
+    2 E||A v||^2, Hutchinson: at most 1 of the 2,400 (measured 1 in 6,000), Hutch++: 0.25% (10 in 6,000)."""
+    from cockpit_lite.curvature.hutchinson import hutchinson_trace, hutchpp_trace
+
+    estimate = hutchinson_trace if method == "hutchinson" else hutchpp_trace
+    beyond = draws = 0
+    for name in ("softplus", "silu", "logsigmoid", "conv1d_dilation_groups", "tied_in_sequential", "batchnorm_eval"):
+        build, _, loss64, steps, _, opts = CASES[name]
+        model = U.seeded(build)
+        theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for M in U.dense(model, loss64, steps[0], theta, opts.get("split")):
+            A, truth = M.float(), float(torch.trace(M))
+            for seed in range(200):
+                est = estimate(lambda v: [A @ v[0]], [torch.zeros(A.shape[0])], 10, torch.Generator().manual_seed(seed))
+                beyond += abs(est.total - truth) > 4 * est.stderr
+                draws += 1
+    assert draws == 2400 and beyond <= (1 if method == "hutchinson" else 6), beyond
