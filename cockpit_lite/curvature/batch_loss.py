@@ -150,8 +150,12 @@ class BatchLoss:
         with preserved_rng(), twice_differentiable_attention():
             for i, c in enumerate(self.calls):
                 y, loss = self.replay(params, i)
-                if loss.numel() != 1:
-                    loss = loss.mean()
+                if loss.numel() != 1:  # reduction='none': the reduction trained on ((l * mask).sum() / mask.sum(),
+                    # l.sum(), a weighted mean) is not seen; its plain mean gave curvature 6x (sum) or 20% (weights) off
+                    raise CurvatureUnavailable(
+                        f"{type(self.wrapper.loss_fn).__name__} returns per-element losses of shape {tuple(loss.shape)} "
+                        "and the reduction applied after it is not seen: curvature needs loss_fn to return the loss "
+                        "trained on (reduction 'mean' or 'sum')")
                 out.append((y, loss * c.weight, c))
         return out
 

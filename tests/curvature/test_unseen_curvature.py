@@ -407,3 +407,21 @@ def test_trace_standard_errors_over_many_draws_on_real_ggns(method):
                 beyond += abs(est.total - truth) > 4 * est.stderr
                 draws += 1
     assert draws == 2400 and beyond <= (1 if method == "hutchinson" else 6), beyond
+
+
+@pytest.mark.parametrize("reduce", ["sum", "masked_mean", "mean"])
+def test_per_element_losses_reduced_outside_loss_fn_are_nan_with_the_reason(tmp_path, reduce):
+    """CrossEntropyLoss(reduction='none') reduced by the loop: the re-evaluation took the plain mean whatever the loop
+    did, so l.sum() gave curvature 6x too small and a masked mean 20% off, logged as estimates / converged. The
+    reduction is not seen, so every curvature quantity is NaN with the reason (even for a plain .mean())."""
+    model = U.seeded(U.mlp)
+    x, y = U.batch(42)
+    mask = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    red = {"sum": lambda l: l.sum(), "masked_mean": lambda l: (l * mask).sum() / mask.sum(),
+           "mean": lambda l: l.mean()}[reduce]
+    run, _ = U.train(model, CE(reduction="none"), [[(x, y)]], tmp_path / "r", U.quantities(tic=True),
+                     loop=lambda m, x, y, lf: red(lf(m(x), y)))
+    for key in ("hess_trace", "ggn_trace", "hess_max_ev", "tic_trace", "tic_diag"):
+        assert math.isnan(run.series(key)[1][0]), key
+        assert run.reasons(key)[0], key
+    assert "reduction applied after it is not seen" in run.reasons("hess_max_ev")[0]
