@@ -68,6 +68,8 @@ class TraceQuantity(Quantity):
             for pname, x in zip(ctx.names, est.per_block):
                 ctx.emit(f"{name}/{pname}", x)
         data = {"method": est.method, "probes": est.probes, "subbatch": self.subbatch}
+        if est.per_block_stderr is not None:  # the per-parameter values are estimates too: their standard errors
+            data["stderr_per_parameter"] = dict(zip(ctx.names, est.per_block_stderr))
         if self.kind == "diag_ggn" and getattr(op, "split", "loss input") != "loss input":
             data["ggn_split"] = op.split  # e.g. at the logits, before a LogSoftmax module
         if fallback:

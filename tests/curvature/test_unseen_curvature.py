@@ -425,3 +425,20 @@ def test_per_element_losses_reduced_outside_loss_fn_are_nan_with_the_reason(tmp_
         assert math.isnan(run.series(key)[1][0]), key
         assert run.reasons(key)[0], key
     assert "reduction applied after it is not seen" in run.reasons("hess_max_ev")[0]
+
+
+def test_per_parameter_trace_estimates_carry_standard_errors(tmp_path):
+    """hess_trace/<parameter> of an estimate: its standard error is in the data (stderr_per_parameter) and covers the
+    trace of the parameter's diagonal block of the dense Hessian."""
+    model = U.seeded(U.Residual)
+    x, y = U.batch(43)
+    run, thetas = U.train(model, CE(), [[(x, y)]], tmp_path / "r", [HessTrace("every", probes=U.PROBES)])
+    H, _ = U.dense(model, CE(), [(x, y)], thetas[0], "none")
+    info = dict(run.data("hess_trace")[0][1])
+    assert info["method"] == "hutchinson"
+    i = 0
+    for name, p in thetas[0].items():
+        block = float(torch.trace(H[i:i + p.numel(), i:i + p.numel()]))
+        i += p.numel()
+        se = info["stderr_per_parameter"][name]
+        assert se > 0 and abs(run.series(f"hess_trace/{name}")[1][0] - block) <= 4 * se, name
