@@ -37,12 +37,13 @@ def check_reevaluation(ctx, loss: torch.Tensor, rtol: float = 1e-2) -> None:
     or the forward is not replayable.
     The tolerance is loose (1%) because training may run under autocast while the re-evaluation runs
     in the parameters' precision; feeding the loss something else changes it far more."""
+    a = float(loss)
+    if not math.isfinite(a):  # autograd's derivatives of log(x < 0) are finite: the solvers would not notice
+        raise CurvatureUnavailable(f"the step's loss is {a} (not finite): its curvature is not defined")
     trained = ctx.loss()
     if trained is None:
         return
-    a, b = float(loss), float(trained)
-    if math.isnan(a) and math.isnan(b):
-        return  # a non-finite step: the eigen/trace solvers report it
+    b = float(trained)
     if not abs(a - b) <= rtol * max(abs(a), abs(b), 1e-12):
         raise CurvatureUnavailable(
             f"re-evaluating the step gives loss {a:.6g}, but training computed {b:.6g}: the loss function must "
