@@ -106,7 +106,12 @@ class BatchLoss:
         if missing:
             raise CurvatureUnavailable(f"parameters not in the model cannot be re-evaluated: {missing[:3]}")
         self.keys = ["model." + model_names[id(p)] for p in params]
-        self.params = [p.detach() for p in params]
+        # 16-bit parameters: the re-evaluation runs in float32 (parameters, buffers and floating inputs upcast), the
+        # loss as a function of the 16-bit values; bfloat16 products left hess_max_ev 0.2% off "converged" and
+        # float16 BackPACK diagonals 2.5e-4 off "exact"
+        self.dtype = torch.float32 if any(p.dtype in LOW_PRECISION for p in params) else None
+        self.params = [p.detach() if self.dtype is None or not p.is_floating_point() else p.detach().to(self.dtype)
+                       for p in params]
         self._param_keys = [_aliases(model, "_parameters").get(id(p), [k]) for p, k in zip(params, self.keys)]
         # frozen parameters (requires_grad=False, e.g. in a fine-tuning optimizer's group) are constants of
         # the loss: their rows and columns of the Hessian are 0 (``trainable`` masks them in the operators)
@@ -128,7 +133,7 @@ class BatchLoss:
         trains that layer. Listing the slots ourselves keeps tied parameters (``c.weight = a.weight``) tied."""
         state = {}
         for b in {id(b): b for b in self.buffers.values()}.values():
-            clone = b.clone()  # running stats stay untouched
+            clone = b.clone() if self.dtype is None else cast(b, self.dtype).clone()  # running stats stay untouched
             for k in self._buffer_keys.get(id(b), ()):
                 state[k] = clone
         for keys, p in zip(self._param_keys, params):
@@ -141,7 +146,11 @@ class BatchLoss:
         state (the caller restores the generators: ``preserved_rng``)."""
         c = self.calls[index]
         set_rng_state(c.rng_state)
-        return functional_call(self.wrapper, self._state(params), (c.args, c.kwargs, c.target, c.view, c.batch),
+        args, kwargs, target = c.args, c.kwargs, c.target
+        if self.dtype is not None:
+            args, target = tuple(cast(a, self.dtype) for a in args), tuple(cast(t, self.dtype) for t in target)
+            kwargs = {k: cast(v, self.dtype) for k, v in kwargs.items()}
+        return functional_call(self.wrapper, self._state(params), (args, kwargs, target, c.view, c.batch),
                                tie_weights=False)
 
     def outputs_and_losses(self, params: Sequence[torch.Tensor]):
@@ -208,6 +217,14 @@ def rebuild(step, subbatch: Optional[int] = None) -> BatchLoss:
             for c in calls:
                 c.weight = c.batch_size / tot
     return BatchLoss(watched.model, watched.loss_fn, watched.names, watched.params, calls, subbatch)
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def cast(x, dtype):
+    """A 16-bit floating tensor in ``dtype``; anything else unchanged."""
+    return x.to(dtype) if isinstance(x, torch.Tensor) and x.dtype in LOW_PRECISION else x
 
 
 def _aliases(model: nn.Module, slot: str) -> Dict[int, List[str]]:
