@@ -12,7 +12,12 @@ r <= tol * max(|theta|, 1e-3 * scale) (scale = max|theta_i|, the spectral-norm e
 top eigenvalue near zero reachable: there the promise is tol * 1e-3 of the spectral norm, absolute).
 The Ritz value itself is never used to stop: it can stall for a few iterations far from the top
 eigenvalue (an earlier "the Ritz value changed by <= tol * scale" rule logged ``converged`` 0.1-0.9% low).
-``error_bound`` = r is reported either way (absolute); ``residual`` = r / scale as before.
+``error_bound`` = r is reported either way (absolute), but never below ``ROUNDING`` * eps(dtype) * scale: r is
+the residual of the tridiagonal problem, which goes to 0 (1e-19) when the Krylov space fills the space while the
+products themselves carry rounding (float32 Hessian-vector products of 45 small networks: up to 0.9 eps * ||H||,
+a 94k-parameter MLP 0.34 eps, a 26k-parameter CNN 0.18 eps; a top eigenvalue of -2.0e-5 under a spectral norm
+of 8 came out 3.9e-3 relative off with a bound of 5e-19).
+``residual`` = r / scale as before.
 A bound on the distance to *some* eigenvalue does not exclude a larger eigenvalue that the start
 vector missed (Krylov methods share this); a random or warm start has a non-zero component on it with
 probability one, and full re-orthogonalisation keeps it from being lost in rounding.
@@ -26,6 +31,9 @@ from typing import Callable, Optional
 import torch
 
 
+ROUNDING = 4.0  # error_bound >= ROUNDING * eps(dtype) * scale (measured: <= 0.9 eps, margin > 4)
+
+
 @dataclass
 class LanczosResult:
     eigenvalue: float
@@ -34,6 +42,7 @@ class LanczosResult:
     converged: bool
     residual: float  # ||A y - theta y|| relative to max |Ritz value|
     error_bound: float = float("inf")  # ||A y - theta y||: some eigenvalue lies within this of ``eigenvalue``
+    scale: float = 0.0  # max |Ritz value|: the spectral-norm estimate
 
 
 def top_eigenvalue(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, *, v0: Optional[torch.Tensor] = None,
@@ -77,4 +86,5 @@ def top_eigenvalue(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, *, v0
     Q = torch.stack(basis[: len(alphas)])
     y = (s.to(Q.dtype) @ Q)
     y = y / y.norm()
-    return LanczosResult(theta, y, len(alphas), converged, residual, bound)
+    floor = ROUNDING * torch.finfo(dtype).eps * scale  # the products' own rounding (module docstring)
+    return LanczosResult(theta, y, len(alphas), converged, residual, max(bound, floor), scale)

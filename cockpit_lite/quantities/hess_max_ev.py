@@ -83,10 +83,12 @@ class HessMaxEV(Quantity):
             ctx.emit_nan(self.name, str(err))
             return
         self._v = res.eigenvector.detach()
+        # converged: the (rounding-floored) bound within tol of the value, the promise made for ``tol``
+        converged = res.converged and res.error_bound <= self.tol * max(abs(res.eigenvalue), 1e-3 * res.scale)
         ctx.emit(self.name, res.eigenvalue)
         ctx.emit(f"{self.name}/hvps", res.hvps)
         ctx.emit(f"{self.name}/error_bound", res.error_bound)
-        ctx.emit_data(self.name, {"converged": res.converged, "hvps": res.hvps, "method": "lanczos",
+        ctx.emit_data(self.name, {"converged": converged, "hvps": res.hvps, "method": "lanczos",
                                   "residual": res.residual, "error_bound": res.error_bound, "tol": self.tol,
                                   "stop_tol": self.tol * STOP_MARGIN, "warm_start": self.warm_start,
                                   "subbatch": self.subbatch})
