@@ -308,6 +308,7 @@ def test_exact_diagonals_follow_layers_frozen_or_unfrozen_during_the_run(tmp_pat
         assert run.series("ggn_trace")[1][t] == pytest.approx(float(torch.trace(G)), rel=1e-4)
 
 
+@pytest.mark.slow  # importing transformers: 5-25 s on 2 shared cores
 def test_tiny_hugging_face_model_with_labels(tmp_path):
     """GPT2LMHeadModel from a config (212 parameters, lm_head tied to the token embedding, loss inside forward with
     labels=, padding ignored): the estimates cover the dense trace / GGN trace, hess_max_ev is within its bound."""
