@@ -44,6 +44,9 @@ class MicroBatch:
     #: is not the back-propagated loss (engine/loss_elements.py), else None
     elements: Optional[str] = None
     per_element: bool = False  # loss_fn returned one loss per element (reduction="none")
+    #: its elements weighed equally but not as a mean (d root / d mean(l) > 1: a sum, or a scaled loss): why the
+    #: loop's loss and curvature are not known (the per-sample quantities, scale-free, are)
+    scale: Optional[str] = None
 
 
 @dataclass

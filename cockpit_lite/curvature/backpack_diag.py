@@ -18,7 +18,9 @@ Hessians (tests/curvature/test_exact_diag_guard.py), these are silently wrong an
   padding stay exact;
 * convolutions with ``padding_mode`` other than 'zeros' (reflect / circular / replicate padding is
   treated as zero padding: 14-67% off);
-* AvgPool with ``divisor_override`` or ``count_include_pad=False``.
+* AvgPool with ``divisor_override`` or ``count_include_pad=False``;
+* a layer registered twice (``nn.Sequential(l, act, l)``) or a parameter tied between two layers (each use's
+  rule sees one use: a failure or a diagonal without the cross terms).
 
 Whatever else may be wrong is caught by the first-use cross-check against Hessian-vector products
 (:mod:`.diagonal_check`).
@@ -54,6 +56,9 @@ def unsupported_reason(model: nn.Module, loss_fn) -> Optional[str]:
         return f"BackPACK is not importable ({err!r})"
     if not isinstance(model, nn.Sequential):
         return f"BackPACK's exact diagonals need an nn.Sequential model, got {type(model).__name__}"
+    shared = _shared_reason(model)
+    if shared is not None:
+        return shared
     for name, m in model.named_modules():
         if isinstance(m, nn.Sequential):
             continue
@@ -71,6 +76,23 @@ def unsupported_reason(model: nn.Module, loss_fn) -> Optional[str]:
         reason = _module_reason(m)
         if reason is not None:
             return f"layer {name} ({type(m).__name__}): {reason}"
+    return None
+
+
+def _shared_reason(model: nn.Module) -> Optional[str]:
+    """Why a module used twice or a parameter tied between modules rules BackPACK out (its per-module rules see
+    one use of each parameter: 'Linear' object has no attribute 'output', or a diagonal without the cross terms
+    between the uses, which only the cross-check would catch), or None."""
+    seen = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if id(m) in seen and not isinstance(m, nn.Sequential) and any(True for _ in m.parameters(recurse=False)):
+            return f"layer {name} is layer {seen[id(m)]} used again; BackPACK's rules see each parameter used once"
+        seen.setdefault(id(m), name)
+    owners = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in owners:
+            return f"parameter {name} is tied to {owners[id(p)]}; BackPACK's rules see each parameter used once"
+        owners[id(p)] = name
     return None
 
 
@@ -108,6 +130,22 @@ def step_reason(loss_fn: nn.Module, batch_loss: BatchLoss) -> Optional[str]:
     return None
 
 
+def _has_float64(model: nn.Module) -> bool:
+    """Whether a float64 copy replays the step: float64 exists on the device, and dropout draws the same masks
+    as in float32 (checked on CPU; on CUDA a model with dropout keeps float32)."""
+    devices = {p.device.type for p in model.parameters()}
+    if not devices <= {"cpu", "cuda"}:
+        return False
+    dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+    return devices == {"cpu"} or not dropout
+
+
+def _cast(xs, dtype) -> tuple:
+    """The floating tensors of ``xs`` in ``dtype`` (None: unchanged)."""
+    return tuple(x.to(dtype) if dtype is not None and isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                 for x in xs)
+
+
 def _hook_free_copy(model: nn.Module) -> nn.Module:
     memo = {}
     for m in model.modules():
@@ -126,14 +164,22 @@ def _hook_free_copy(model: nn.Module) -> nn.Module:
 class ExactDiagonal:
     """Exact diag(H) or diag(GGN) of the step's loss, in the order of the observed parameters."""
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module):
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, float64: bool = False):
         reason = unsupported_reason(model, loss_fn)
         if reason is not None:
             raise ValueError(reason)
         from backpack import extend
 
         self.model = model
-        self.copy = extend(_hook_free_copy(model))
+        copy_ = _hook_free_copy(model)
+        # float64: the private copy and the step's floating inputs in double precision (CPU / CUDA only), for
+        # quantities that divide by single diagonal entries (tic_diag): float32 leaves a tiny entry 2e-4 off
+        self.dtype = torch.float64 if float64 and _has_float64(model) else None
+        if self.dtype is None and any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
+            self.dtype = torch.float32  # 16-bit parameters: float16 diagonals were 2.5e-4 off "exact"
+        if self.dtype is not None:
+            copy_ = copy_.to(self.dtype)
+        self.copy = extend(copy_)
         kwargs = {"reduction": loss_fn.reduction}
         self.loss = extend(type(loss_fn)(**kwargs))
         if isinstance(loss_fn, nn.CrossEntropyLoss):
@@ -151,6 +197,10 @@ class ExactDiagonal:
                 b.copy_(theirs[n])
             for key, p in zip(batch_loss.keys, batch_loss.params):
                 own[key[len("model."):]].copy_(p)
+        # frozen / unfrozen since the copy was made (fine-tuning schedules): the copy follows the model's flags now,
+        # else an unfrozen layer's diagonal stayed 0 (hess_trace 1.49 logged exact, dense 2.44)
+        for key, trainable in zip(batch_loss.keys, batch_loss.trainable):
+            own[key[len("model."):]].requires_grad_(trainable)
         for mine, orig in zip(self.copy.modules(), self.model.modules()):
             mine.training = orig.training  # same train/eval mode per layer (dropout)
         total = {n: torch.zeros_like(p) for n, p in own.items()}
@@ -158,8 +208,9 @@ class ExactDiagonal:
         with preserved_rng(), torch.enable_grad():
             for call in batch_loss.calls:
                 set_rng_state(call.rng_state)
-                out = self.copy(*call.args, **call.kwargs)
-                loss = self.loss(out, *call.target)
+                out = self.copy(*_cast(call.args, self.dtype), **dict(zip(call.kwargs, _cast(call.kwargs.values(),
+                                                                                           self.dtype))))
+                loss = self.loss(out, *_cast(call.target, self.dtype))
                 self.last_loss += float(loss.detach()) * call.weight
                 with backpack(ext), warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # BackPACK's full backward hooks on the first layer

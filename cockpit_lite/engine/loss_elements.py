@@ -6,8 +6,11 @@ loss module) take the mean of the elements; that is the loop's loss only when ev
 the back-propagated loss with the same weight. The gradient that reaches the elements in backward
 says which weights they had (``d root / d l_i``):
 
-* all equal: the loop's loss is c * mean(l) (c: 1/accumulation, a loss scale; ``.sum()`` is the mean
-  times n, as with ``reduction="sum"`` divided in the loop): the mean is logged, as before;
+* all equal: the loop's loss is c * mean(l) with c = d root / d mean(l). c <= 1 (``.mean()``, divided by
+  the number of accumulated micro-batches): a mean-reduced loss, the mean is logged and the curvature is
+  its curvature. c > 1 (``.sum()``: c = n; a loss scaled up): the per-sample quantities (free of the scale)
+  are a mean-reduced loss's, but ``loss`` and the curvature are NaN with the reason (``SCALED``): whether the
+  loop trained on the sum or on a scaled mean is not known (curvature would be n times off);
 * equal where not zero (a masked mean over real tokens, the top-k samples' mean): the mean over the
   elements that count is logged; the curvature, which would re-evaluate all of them, is NaN with why;
 * otherwise (per-sample weights, focal loss, any non-linear transform): no value is the loop's loss
@@ -25,6 +28,9 @@ RTOL = 1e-5  # equal weights: within float32 rounding of one division
 WEIGHTED = ("loss_fn returns one loss per element (reduction='none') and the loop combined them with unequal "
             "weights (per-sample weights, a focal or other non-linear transform): the mean of the elements "
             "is not the loss that was back-propagated")
+SCALED = ("loss_fn returns one loss per element (reduction='none') and the loop weighed them equally by {c:.4g} / n "
+          "(their sum, or a scaled mean): the scale of the loss trained on is not known, so neither its value nor its "
+          "curvature; the per-sample quantities do not depend on it")
 MASKED = ("loss_fn returns one loss per element (reduction='none') and the loop's loss leaves some of them out "
           "(a masked mean, the k hardest samples): re-evaluating loss_fn would count every element")
 
@@ -39,7 +45,7 @@ def combined(elements: torch.Tensor, grad: torch.Tensor) -> Tuple[torch.Tensor, 
         return elements.mean(), None, grad
     w0 = w[0]
     if bool((w - w0).abs().le(RTOL * w0.abs()).all()):
-        return elements.mean(), None, w0 * w.numel()
+        return elements.mean(), None, w0 * w.numel()  # (a scale above 1: see scaled())
     counts = w.ne(0)
     if bool(counts.any()):
         nz = w[counts]
@@ -58,3 +64,9 @@ def step_reduction(reduction: str, micro_batches) -> str:
     if mbs and all(m.per_element and m.elements is None for m in mbs):
         return "mean"
     return reduction
+
+
+def scaled(scale: torch.Tensor) -> Optional[str]:
+    """Why equally weighed elements with backward scale ``scale`` (d root / d mean(l)) are not a mean, or None."""
+    c = float(scale)
+    return SCALED.format(c=c) if c > 1.0 + 1e-6 else None

@@ -160,6 +160,8 @@ class StepDetection:
                 if elements is not None:  # reduction="none": the weights the loop gave the elements
                     mb.per_element = True
                     mb.loss, mb.elements, mb.loss_scale = loss_elements.combined(elements, scale)
+                    if mb.elements is None:
+                        mb.scale = loss_elements.scaled(mb.loss_scale)
 
             if reaches():
                 taken()

@@ -85,7 +85,7 @@ def fallback_samples(module, call, delta: torch.Tensor, b: int):
         kwargs = dict(kw_fixed)
         kwargs.update({k: v.unsqueeze(1 if k == "hx" else 0) for k, v in kw_b1.items()})
         with replaying():  # a watched model's own hooks must not take this for a training forward
-            out = functional_call(module, params, tuple(full), kwargs)
+            out = functional_call(module, params, tuple(full), kwargs, tie_weights=False)  # (param_slots.py)
         out = next(leaf for leaf in tree_leaves(out) if isinstance(leaf, torch.Tensor))
         return (to_float(out) * delta_i.unsqueeze(bdim)).sum()
 

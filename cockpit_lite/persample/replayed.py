@@ -30,6 +30,7 @@ import torch
 from torch.func import functional_call, grad_and_value, vmap
 from torch.utils._pytree import tree_leaves
 
+from ..param_slots import aliases
 from ..replay import replaying
 from ..rng import preserved_rng, set_rng_state
 from .losses import LossUnavailable, elementwise_loss, mean_factor, none_copy
@@ -61,9 +62,14 @@ def replayed_grads(model: torch.nn.Module, loss_fn, call, mb, b: int, reduction:
     missing = [j for j, p in wanted.items() if id(p) not in names]
     if missing:
         raise ReplayUnavailable("the parameter is not a parameter of the watched model")
-    keys = {j: names[id(p)] for j, p in wanted.items()}
-    state = {n: p.detach() for n, p in model.named_parameters()}
-    state.update({n: buf.clone() for n, buf in model.named_buffers()})
+    # every (module, attribute) slot, for functional_call(tie_weights=False): the default left a layer registered
+    # twice holding the replay's tensor afterwards (param_slots.py); tied weights are given under each name
+    slots = aliases(model, "_parameters")
+    keys = {j: slots[id(p)] for j, p in wanted.items()}
+    state = {k: p.detach() for p in {id(p): p for p in model.parameters()}.values() for k in slots[id(p)]}
+    for buf in {id(b): b for b in model.buffers()}.values():
+        clone = buf.clone()
+        state.update({k: clone for k in aliases(model, "_buffers").get(id(buf), ())})
 
     args_b, args_fixed, arg_flags = _split_batched(call.args, b, dim)
     kw_names = sorted(call.kwargs)
@@ -77,11 +83,11 @@ def replayed_grads(model: torch.nn.Module, loss_fn, call, mb, b: int, reduction:
 
     def one_sample(theta, a_b, k_b, t_b):
         st = dict(state)
-        st.update({keys[j]: t for j, t in theta.items()})
+        st.update({k: t for j, t in theta.items() for k in keys[j]})
         args = _merge(a_b, args_fixed, arg_flags, dim)
         kwargs = dict(zip(kw_names, _merge(k_b, kw_fixed, kw_flags, dim)))
         with replaying():
-            out = functional_call(model, st, tuple(args), kwargs)
+            out = functional_call(model, st, tuple(args), kwargs, tie_weights=False)
         leaf = out if isinstance(out, torch.Tensor) else next(x for x in tree_leaves(out) if isinstance(x, torch.Tensor))
         L = replay_view(view, leaf.movedim(dim, 0) if dim else leaf, (b, 1))
         elems = fn(L, *(t.unsqueeze(0) if flag == 1 else t for t, flag in t_b))

@@ -37,12 +37,13 @@ def check_reevaluation(ctx, loss: torch.Tensor, rtol: float = 1e-2) -> None:
     or the forward is not replayable.
     The tolerance is loose (1%) because training may run under autocast while the re-evaluation runs
     in the parameters' precision; feeding the loss something else changes it far more."""
+    a = float(loss)
+    if not math.isfinite(a):  # autograd's derivatives of log(x < 0) are finite: the solvers would not notice
+        raise CurvatureUnavailable(f"the step's loss is {a} (not finite): its curvature is not defined")
     trained = ctx.loss()
     if trained is None:
         return
-    a, b = float(loss), float(trained)
-    if math.isnan(a) and math.isnan(b):
-        return  # a non-finite step: the eigen/trace solvers report it
+    b = float(trained)
     if not abs(a - b) <= rtol * max(abs(a), abs(b), 1e-12):
         raise CurvatureUnavailable(
             f"re-evaluating the step gives loss {a:.6g}, but training computed {b:.6g}: the loss function must "
@@ -100,7 +101,8 @@ class ExactDiagonals:
     estimators, the run keeps the exact path), and (3) once its first result agreed with the step's own
     curvature-vector products (:mod:`.diagonal_check`); a disagreement turns the exact path off for the run."""
 
-    def __init__(self):
+    def __init__(self, float64: bool = False):
+        self.float64 = float64  # BackPACK on a float64 copy (tic_diag: ratios with single diagonal entries)
         self.engine: Optional[backpack_diag.ExactDiagonal] = None
         self.reason: Optional[str] = None
         self.checked = False
@@ -114,7 +116,7 @@ class ExactDiagonals:
             self.reason = backpack_diag.unsupported_reason(w.model, w.loss_fn)
             if self.reason is None:
                 try:
-                    self.engine = backpack_diag.ExactDiagonal(w.model, w.loss_fn)
+                    self.engine = backpack_diag.ExactDiagonal(w.model, w.loss_fn, self.float64)
                 except Exception as err:
                     self.reason = f"BackPACK could not extend a copy of the model: {err!r}"
         if self.engine is None:

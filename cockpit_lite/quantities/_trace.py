@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -39,6 +40,9 @@ class TraceQuantity(Quantity):
             fallback = None
             if self.method in ("auto", "exact"):
                 diag, how = self.exact.get(ctx, self.kind, self.subbatch)
+                if diag is not None and not all(bool(torch.isfinite(d).all()) for d in diag):
+                    ctx.emit_nan(name, f"the exact diagonal ({how}) is not finite")
+                    return
                 if diag is not None:
                     per = [d.sum() for d in diag]
                     ctx.emit(name, torch.stack([x.double() for x in per]).sum())
@@ -62,12 +66,17 @@ class TraceQuantity(Quantity):
         except CurvatureUnavailable as err:
             ctx.emit_nan(name, str(err))
             return
+        if not (math.isfinite(est.total) and math.isfinite(est.stderr)):
+            ctx.emit_nan(name, f"the {est.method} estimate is not finite ({est.total} +- {est.stderr})")
+            return
         ctx.emit(name, est.total)
         ctx.emit(f"{name}/stderr", est.stderr)
         if est.per_block is not None:
             for pname, x in zip(ctx.names, est.per_block):
                 ctx.emit(f"{name}/{pname}", x)
         data = {"method": est.method, "probes": est.probes, "subbatch": self.subbatch}
+        if est.per_block_stderr is not None:  # the per-parameter values are estimates too: their standard errors
+            data["stderr_per_parameter"] = dict(zip(ctx.names, est.per_block_stderr))
         if self.kind == "diag_ggn" and getattr(op, "split", "loss input") != "loss input":
             data["ggn_split"] = op.split  # e.g. at the logits, before a LogSoftmax module
         if fallback:

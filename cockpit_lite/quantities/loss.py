@@ -78,5 +78,5 @@ class Loss(Quantity):
 
 def _weighted(ctx):
     """Why the logged mean of loss_fn's elements would not be the loss (``engine/loss_elements.py``), or None."""
-    return next((m.elements for m in ctx.micro_batches if m.backpropagated and m.elements
-                 and bool(m.loss.isnan())), None)
+    return next((m.elements if m.elements else m.scale for m in ctx.micro_batches if m.backpropagated and (
+        (m.elements and bool(m.loss.isnan())) or getattr(m, "scale", None))), None)

@@ -213,7 +213,7 @@ def test_exact_quantities_match_dense_hessian_and_ggn(tmp_path):
 def test_warm_start_uses_fewer_products_on_later_steps(tmp_path):
     model = tanh_mlp(1)
     x, y = data(7, n=16)
-    run, _ = train(model, nn.CrossEntropyLoss(), [(x, y)] * 5, [HessMaxEV("every", tol=1e-4)], tmp_path / "r",
+    run, _ = train(model, nn.CrossEntropyLoss(), [(x, y)] * 5, [HessMaxEV("every", tol=1e-4, warm_start=True)], tmp_path / "r",
                    lr=1e-3)
     hvps = run.series("hess_max_ev/hvps")[1]
     assert hvps[0] > 3 and max(hvps[2:]) < hvps[0]
