@@ -20,8 +20,15 @@ class EarlyStopping(Quantity):
         if not noise.precheck(ctx, self.name):
             return
         n = ctx.per_sample.n
-        sums, counts, errs, tops = noise.snr_sums(ctx, 1.0 / (n - 1), n / (n - 1), EPS)  # s_j^2 = (m2 - n g^2)/(n-1)
+        a, b = 1.0 / (n - 1), n / (n - 1)  # s_j^2 = (m2 - n g^2)/(n-1)
+        sums, counts, errs, tops = noise.snr_sums(ctx, a, b, EPS)
         parts = 1 - n * sums / counts
         total = 1 - n * sums.sum() / counts.sum()
+        if any(noise.arithmetic_too_coarse(float(v), float(x)) for v, x in
+               zip([*parts.tolist(), float(total)], [*(n * sums / counts).tolist(), float(n * sums.sum() / counts.sum())])):
+            # near 0, 1 - n mean_j r_j cancels: the r_j again in float64 arithmetic (one tensor at a time)
+            sums, counts, errs, tops = noise.snr_sums(ctx, a, b, EPS, exact=True)
+            parts = 1 - n * sums / counts
+            total = 1 - n * sums.sum() / counts.sum()
         resolved = _snr_resolution.reasons(ctx, parts, n * errs / counts, total, n * errs.sum() / counts.sum(), tops)
         noise.emit_total_and_parts(ctx, self.name, total, parts, resolved=resolved)
