@@ -75,10 +75,10 @@ def run(ctx) -> Optional[dict]:
     names, reasons = view.names, view.unsupported()
     tol = _tolerance(ctx, view)
     sq = [s[0] if s.numel() else None for s in view.sq_norms_per_param()]  # same order of reductions everywhere
+    noise = _rounding_noise(view)
     try:
         refs = _first_sample_gradient(ctx, view)
         dots = [d[0] if d.numel() else None for d in view.dots_per_param(refs)]
-        noise = _rounding_noise(view)
         local = {}
         for j, name in enumerate(names):
             if name in reasons or sq[j] is None or j in view.frozen or j in noise:
@@ -101,7 +101,7 @@ def run(ctx) -> Optional[dict]:
         local, outcome, retry = {}, {"status": "unavailable", "reason": f"{type(err).__name__}: {err}"}, False
     template = FAILED
     if outcome and not retry and watched.dist is None:
-        local, template = _sum_check(ctx, view), SUM_FAILED  # without a replay: the rules' sums against .grad
+        local, template = _sum_check(ctx, view, noise), SUM_FAILED  # without a replay: the rules' sums against .grad
     failed = _agree(watched.dist, local, len(names), retry)
     if failed is None:
         return None
@@ -152,38 +152,18 @@ def _tolerance(ctx, view) -> float:
     return TOL if amp is not None or half else TOL_FULL
 
 
-def _sum_check(ctx, view) -> Dict[int, float]:
+def _sum_check(ctx, view, noise: set) -> Dict[int, float]:
     """{parameter index: relative difference} where the rules' mean (1/n) sum_i g_i is not c .grad (one
     factor c for all: accumulation, loss scale, clipping; the median of the per-parameter ratios). Catches a
     parameter also used outside its module (``F.linear(h, emb.weight)``) without re-evaluating the step; not
     a module called without the batch dimension (its per-position values sum to the right total). Only
-    where ``.grad`` is proportional to g (micro-batches of equal weight per sample, one process)."""
-    from ..persample.dense_grads import dense_grads
-    from ..persample.mean_grad import equal_weights
-
-    if not equal_weights(view):
+    where ``.grad`` is proportional to g (micro-batches of equal weight per sample, one process). ``noise``:
+    parameters whose per-sample gradients are rounding noise (``_rounding_noise``), noise on both sides."""
+    rows = _grad_rows(ctx, view, noise)
+    if rows is None:
         return {}
-
-    reasons, grads, sums = view.unsupported(), dense_grads(ctx), view.sum_grads()
-    noise = _rounding_noise(view)  # rounding noise on both sides: not comparable
-    rows = []
-    for j, name in enumerate(view.names):
-        if name in reasons or grads[j] is None or j in view.frozen or j in noise:
-            continue
-        gr, r = grads[j].detach().double().reshape(-1), sums[j].detach().double().reshape(-1) / view.n_local
-        rows.append((j, float(gr @ gr), float(gr @ r), float(r @ r)))
-    ratios = sorted(gr_r / gg for _, gg, gr_r, _ in rows if gg > 0)
-    if not ratios:
-        return {}
-    c = ratios[len(ratios) // 2]
-    failed = {}
-    for j, gg, gr_r, rr in rows:
-        d2 = max(c * c * gg - 2 * c * gr_r + rr, 0.0)
-        if not math.isfinite(d2):
-            continue
-        if d2 > TOL * TOL * max(c * c * gg, rr):  # .grad may be clipped or unscaled in another precision
-            failed[j] = math.sqrt(d2 / max(c * c * gg, rr))
-    return failed
+    # .grad may be clipped or unscaled in another precision: TOL, not the tolerance of the first-sample check
+    return _off_factor(rows, [j for j in rows], rows, TOL)
 
 
 def _replay_off(ctx, view, replayed: List[int], tol: float) -> Dict[int, float]:
@@ -191,28 +171,42 @@ def _replay_off(ctx, view, replayed: List[int], tol: float) -> Dict[int, float]:
     not c .grad, with c measured on the parameters the layer rules serve (a replay of loss_fn alone cannot
     explain a gradient that has more in it). Empty where it cannot be told (no such parameter, unequal
     micro-batch weights)."""
+    rows = _grad_rows(ctx, view) if replayed else None
+    if rows is None:
+        return {}
+    return _off_factor(rows, [j for j in rows if j not in replayed], [j for j in replayed if j in rows], tol)
+
+
+def _grad_rows(ctx, view, skip=()) -> Optional[Dict[int, tuple]]:
+    """{parameter index: (gr.gr, gr.r, r.r)} in float64, gr = ``.grad``, r = the rules' mean per-sample gradient,
+    for the parameters that have both (not unsupported, frozen or in ``skip``); None where ``.grad`` is not
+    proportional to g (micro-batches of unequal weight per sample)."""
     from ..persample.dense_grads import dense_grads
     from ..persample.mean_grad import equal_weights
 
-    if not replayed or not equal_weights(view):
-        return {}
+    if not equal_weights(view):
+        return None
     reasons, grads, sums = view.unsupported(), dense_grads(ctx), view.sum_grads()
     rows = {}
     for j, name in enumerate(view.names):
-        if name in reasons or grads[j] is None or j in view.frozen:
+        if name in reasons or grads[j] is None or j in view.frozen or j in skip:
             continue
         gr, r = grads[j].detach().double().reshape(-1), sums[j].detach().double().reshape(-1) / view.n_local
         rows[j] = (float(gr @ gr), float(gr @ r), float(r @ r))
-    ratios = sorted(gr_r / gg for j, (gg, gr_r, _) in rows.items() if j not in replayed and gg > 0)
+    return rows
+
+
+def _off_factor(rows: Dict[int, tuple], among, judged, tol: float) -> Dict[int, float]:
+    """{j: ||c gr - r|| / max(||c gr||, ||r||)} over the ``judged`` rows where it exceeds ``tol``, with c the
+    median of the ratios gr.r / gr.gr ``among`` the given rows (one factor for all: accumulation, loss scale)."""
+    ratios = sorted(rows[j][1] / rows[j][0] for j in among if rows[j][0] > 0)
     if not ratios:
         return {}
     c = ratios[len(ratios) // 2]
     off = {}
-    for j in replayed:
-        if j not in rows:
-            continue
+    for j in judged:
         gg, gr_r, rr = rows[j]
-        d2 = max(c * c * gg - 2 * c * gr_r + rr, 0.0)
+        d2 = max(c * c * gg - 2 * c * gr_r + rr, 0.0)  # ||c gr - r||^2
         if math.isfinite(d2) and d2 > tol * tol * max(c * c * gg, rr):
             off[j] = math.sqrt(d2 / max(c * c * gg, rr))
     return off
