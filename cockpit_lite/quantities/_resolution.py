@@ -72,8 +72,9 @@ def reasons(ctx, sq: torch.Tensor, gg: torch.Tensor, n: int) -> Tuple[Dict[int, 
     return out, _judge(eps, float(sq.sum()), float(gg.sum()), n, "")
 
 
-CANCELLED = ("{name}{where} is the square root of a difference {cond:.3g} times smaller than the sums it is taken "
+CANCELLED = ("{name}{where} is {form} a difference {cond:.3g} times smaller than the sums it is taken "
              "from ({what}): {dtype} rounding leaves it about {err:.1g} relative, too coarse (at most {max:g})")
+FORMS = {0.5: "the square root of", 1.0: "proportional to"}
 
 
 def cancellation(ctx, name: str, whole: torch.Tensor, part: torch.Tensor, whole_total: float, part_total: float,
@@ -91,14 +92,17 @@ def cancellation(ctx, name: str, whole: torch.Tensor, part: torch.Tensor, whole_
     return out, _cancelled(eps, name, whole_total, part_total, what, "")
 
 
-def _cancelled(eps: float, name: str, w: float, p: float, what: str, where: str) -> Optional[str]:
+def _cancelled(eps: float, name: str, w: float, p: float, what: str, where: str, power: float = 0.5) -> Optional[str]:
+    """The reason a value proportional to (w - p) ** ``power`` is too coarse (its relative error about
+    power * eps * w / (w - p)), or None."""
     if not (math.isfinite(w) and math.isfinite(p)) or w <= 0.0:
         return None
     cond = w / (w - p) if w > p else math.inf
-    if eps * cond / 2 <= CANCEL_MAX_REL:
+    if power * eps * cond <= CANCEL_MAX_REL:
         return None
-    return CANCELLED.format(name=name, where=where, cond=cond, what=what, dtype="float32" if eps > 1e-10 else "float64",
-                            err=min(eps * cond / 2, 1.0), max=CANCEL_MAX_REL)
+    return CANCELLED.format(name=name, where=where, form=FORMS[power], cond=cond, what=what,
+                            dtype="float32" if eps > 1e-10 else "float64", err=min(power * eps * cond, 1.0),
+                            max=CANCEL_MAX_REL)
 
 
 ROUNDED = ("the per-sample gradients of {name!r} are sums over positions that cancel to {ratio:.2g} of their terms "

@@ -2,8 +2,6 @@
 lr * sum_j (sum_i g_ij^2 - B g_j^2) / (B * L), L = the mini-batch loss (mean of the per-sample
 losses l_i, whatever the loss reduction). Defined for SGD without momentum; NaN with a reason else."""
 
-import math
-
 import torch
 
 from . import _noise as noise, _resolution
@@ -19,20 +17,6 @@ def cabs_unsupported_reason(optimizer):
     if len(lrs) > 1:
         return "CABS needs one learning rate; the param groups have several"
     return ""
-
-
-def _cancelled(ctx, m2_sum: float, var_sum: float) -> str:
-    """Why float32 does not resolve sum_j (sum_i g_ij^2 - B g_j^2), a difference of nearly equal sums where the
-    samples' gradients agree (``_resolution.cancellation``'s rule, for a value linear in the difference), or ''."""
-    eps = _resolution._eps(ctx)
-    if eps is None or not (math.isfinite(m2_sum) and math.isfinite(var_sum)) or m2_sum <= 0.0:
-        return ""
-    cond = m2_sum / var_sum if var_sum > 0 else math.inf
-    if eps * cond <= _resolution.CANCEL_MAX_REL:  # linear in the difference: its whole relative error
-        return ""
-    return (f"the gradient variance is {cond:.3g} times smaller than the sums it is the difference of (sum_i ||g_i||^2 "
-            f"and B ||g||^2): float32 rounding leaves it about {min(eps * cond, 1.0):.1g} relative, too coarse "
-            f"(at most {_resolution.CANCEL_MAX_REL:g})")
 
 
 class CABS(Quantity):
@@ -63,7 +47,10 @@ class CABS(Quantity):
         pairs = list(zip(noise.mean_grad(ctx), noise.second_moment(ctx)))
         var_sum = sum((m2.double() - n * g.double().pow(2)).sum() for g, m2 in pairs)
         m2_sum = sum(m2.double().sum() for _, m2 in pairs)
-        why = _cancelled(ctx, float(m2_sum), float(var_sum))
+        eps = _resolution._eps(ctx)  # sum_j (sum_i g_ij^2 - B g_j^2): a difference of nearly equal float32 sums
+        m2_sum, var_sum = float(m2_sum), float(var_sum)
+        why = eps is not None and _resolution._cancelled(eps, self.name, m2_sum, m2_sum - var_sum,
+                                                          "sum_i ||g_i||^2 and B ||g||^2", "", power=1.0)
         if why:
             ctx.emit_nan(self.name, why)
             return

@@ -46,10 +46,11 @@ class Loss(Quantity):
             if why:
                 ctx.emit_nan("loss", why)
                 return
+        why = _weighted(ctx)
         if loss is None:
             ctx.emit_nan("loss", "no call of loss_fn was seen in this step (pass loss_fn=<nn.Module> to watch)")
-        elif _weighted(ctx):
-            ctx.emit_nan("loss", _weighted(ctx))
+        elif why:
+            ctx.emit_nan("loss", why)
         else:
             ctx.emit("loss", loss)
 
@@ -70,8 +71,9 @@ class Loss(Quantity):
             ctx.emit_nan("loss", "no call of loss_fn was seen in this step on "
                                  f"{int(missing)} of {ctx.watched.dist.size} processes")
             return
-        if total != total and _weighted(ctx):  # NaN: here because of the weights the loop gave the elements
-            ctx.emit_nan("loss", _weighted(ctx))
+        why = _weighted(ctx) if total != total else None  # NaN: because of the weights the loop gave the elements?
+        if why:
+            ctx.emit_nan("loss", why)
             return
         ctx.emit("loss", total if ctx.reduction == "sum" else total / weights)
 
