@@ -131,16 +131,30 @@ def mismatches(run, truth: Truth, model, tol: float = 1e-4, skip=(), skipped=())
             if key in skip:
                 continue
             got = rec.get("samples") if key == "samples" else rec["values"].get(key)
-            if got is None:
-                problems.append(f"step {k}: {key} missing (want {want:.6g})")
-                continue
-            got = float(got)
-            if math.isnan(got):
-                if not (rec.get("reasons") or {}).get(key):
-                    problems.append(f"step {k}: {key} NaN without a reason")
-                continue
-            bad = (abs(got - want) > 1e-3 if key == "alpha" else got != want if key == "samples"
-                   else abs(got - want) > tol * max(abs(want), 1e-12))
-            if bad:
-                problems.append(f"step {k}: {key} = {got:.6g}, brute force {want:.6g}")
+            why = value_problem(k, key, got, want, rec, lambda v, key=key, want=want: (
+                abs(v - want) > 1e-3 if key == "alpha" else v != want if key == "samples"
+                else abs(v - want) > tol * max(abs(want), 1e-12)))
+            if why:
+                problems.append(why)
     return problems
+
+
+def plain(m, opt, crit, x, y, t):
+    """The usual step, noting the loss and the gradient in the brute force ``t`` (a ``Truth``)."""
+    opt.zero_grad()
+    loss = crit(m(x), y)
+    t.note_loss(loss.item())
+    loss.backward()
+    t.note_grad()
+    opt.step()
+
+
+def value_problem(k: int, key: str, got, want: float, rec: dict, bad) -> "str | None":
+    """The mismatch of one logged value with the brute force, or None: missing, NaN without a reason, or
+    ``bad(got)`` (the caller's tolerance)."""
+    if got is None:
+        return f"step {k}: {key} missing (want {want:.6g})"
+    got = float(got)
+    if math.isnan(got):
+        return None if (rec.get("reasons") or {}).get(key) else f"step {k}: {key} NaN without a reason"
+    return f"step {k}: {key} = {got:.6g}, brute force {want:.6g}" if bad(got) else None

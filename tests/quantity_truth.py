@@ -9,7 +9,6 @@ within 2e-5 * R of an edge may land in either bin beside it (the fast path compu
 
 from __future__ import annotations
 
-import math
 from typing import List
 
 import numpy as np
@@ -18,7 +17,7 @@ from torch import nn
 
 import cockpit_lite
 import reference as R
-from loop_truth import Truth, mismatches, per_sample_grads
+from loop_truth import Truth, mismatches, per_sample_grads, value_problem
 
 ALL = {name: "every" for name in ("loss", "grad_norm", "param_norm", "distance", "update_size", "lr", "cabs",
                                   "early_stopping", "mean_gsnr", "grad_hist_1d", "grad_hist_2d", "alpha",
@@ -140,16 +139,9 @@ def all_mismatches(run, truth: QTruth, model, tol=1e-4, skip=(), skipped=(), his
         for key, want in ref.items():
             if key.startswith("_") or key.split("/")[0] in skip:
                 continue
-            got = rec["values"].get(key)
-            if got is None:
-                problems.append(f"step {k}: {key} missing (want {want:.6g})")
-                continue
-            got = float(got)
-            if math.isnan(got):
-                if not (rec.get("reasons") or {}).get(key):
-                    problems.append(f"step {k}: {key} NaN without a reason")
-            elif not _close(got, want, tol):
-                problems.append(f"step {k}: {key} = {got:.6g}, brute force {want:.6g}")
+            why = value_problem(k, key, rec["values"].get(key), want, rec, lambda v, want=want: not _close(v, want, tol))
+            if why:
+                problems.append(why)
         if not hists:
             continue
         data = rec.get("data") or {}
@@ -204,10 +196,3 @@ def ce_of(x, y):
     return lambda m: CE(m(x.double()), y)
 
 
-def plain(m, opt, crit, x, y, t):
-    opt.zero_grad()
-    loss = crit(m(x), y)
-    t.note_loss(loss.item())
-    loss.backward()
-    t.note_grad()
-    opt.step()

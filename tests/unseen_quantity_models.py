@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantity_truth import (ALL, CE, QTruth, all_mismatches, batches, ce_of, extra_references, mlp, plain,  # noqa: F401
+from loop_truth import plain
+from quantity_truth import (ALL, CE, QTruth, all_mismatches, batches, ce_of, extra_references, mlp,  # noqa: F401
                             watched)
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import cockpit_lite
-from loop_truth import QUANTITIES, Truth, mismatches
+from loop_truth import QUANTITIES, Truth, mismatches, plain
 
 CE = nn.CrossEntropyLoss(reduction="none")
 
@@ -33,13 +33,6 @@ def watched(tmp_path, model, opt, loop, crit, **options):
     return cockpit_lite.load(tmp_path / "run"), truth
 
 
-def plain(m, opt, crit, x, y, t):
-    opt.zero_grad()
-    loss = crit(m(x), y)
-    t.note_loss(loss.item())
-    loss.backward()
-    t.note_grad()
-    opt.step()
 
 
 # -- loops whose extra work must not change the step: (name, body(m, opt, crit, x, y, truth, k)) ---------------
