@@ -33,6 +33,17 @@ def watched(tmp_path, model, opt, loop, crit, **options):
     return cockpit_lite.load(tmp_path / "run"), truth
 
 
+def body_mismatches(tmp_path, m, opt, crit, body, steps: int):
+    """Train ``steps`` batches, each step ``body(m, opt, crit, x, y, truth, k)``, watched: the log's mismatches
+    with the float64 brute force."""
+    def loop(t):
+        for k, (x, y) in enumerate(batches(steps)):
+            t.begin(ce_of(x, y))
+            body(m, opt, crit, x, y, t, k)
+            t.stepped()
+
+    run, truth = watched(tmp_path, m, opt, loop, crit)
+    return mismatches(run, truth, m)
 
 
 # -- loops whose extra work must not change the step: (name, body(m, opt, crit, x, y, truth, k)) ---------------
@@ -128,43 +139,19 @@ def test_loop_logs_the_brute_force_values(tmp_path, body):
     m, crit = mlp(), nn.CrossEntropyLoss()
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
     m._sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.7)
-
-    def loop(t):
-        for k, (x, y) in enumerate(batches(5)):
-            t.begin(ce_of(x, y))
-            body(m, opt, crit, x, y, t, k)
-            t.stepped()
-
-    run, truth = watched(tmp_path, m, opt, loop, crit)
-    assert mismatches(run, truth, m) == []
+    assert body_mismatches(tmp_path, m, opt, crit, body, 5) == []
 
 
 def test_lr_zero_group(tmp_path):
     m, crit = mlp(), nn.CrossEntropyLoss()
     opt = torch.optim.SGD([{"params": m[0].parameters(), "lr": 0.0}, {"params": m[2].parameters()}], lr=0.1)
-
-    def loop(t):
-        for x, y in batches(4):
-            t.begin(ce_of(x, y))
-            plain(m, opt, crit, x, y, t)
-            t.stepped()
-
-    run, truth = watched(tmp_path, m, opt, loop, crit)
-    assert mismatches(run, truth, m) == []
+    assert body_mismatches(tmp_path, m, opt, crit, lambda m, opt, crit, x, y, t, k: plain(m, opt, crit, x, y, t), 4) == []
 
 
 def test_lbfgs_closure(tmp_path):
     m, crit = mlp(), nn.CrossEntropyLoss()
     opt = torch.optim.LBFGS(m.parameters(), lr=0.5, max_iter=3)
-
-    def loop(t):
-        for x, y in batches(4):
-            t.begin(ce_of(x, y))
-            closure_sgd(m, opt, crit, x, y, t, 0)
-            t.stepped()
-
-    run, truth = watched(tmp_path, m, opt, loop, crit)
-    assert mismatches(run, truth, m) == []
+    assert body_mismatches(tmp_path, m, opt, crit, closure_sgd, 4) == []
 
 
 # -- a GAN: two optimizers, alternating; the other network's step runs through the watched one -------------

@@ -9,7 +9,7 @@ from torch import nn
 
 import cockpit_lite
 from loop_truth import QUANTITIES, Truth, mismatches
-from test_unseen_loops import CE, TwoHeads, batches, ce_of, mlp, plain, watched
+from test_unseen_loops import CE, TwoHeads, batches, body_mismatches, ce_of, mlp, plain, watched
 
 # -- skipped steps, clipping by value, schedulers, accumulation that varies per step ------------------------
 def test_user_skip_and_gradscaler_skip(tmp_path):
@@ -62,15 +62,7 @@ def test_clip_by_value_adamw_one_cycle(tmp_path):
     m, crit = mlp(), nn.CrossEntropyLoss()
     opt = torch.optim.AdamW(m.parameters(), lr=0.05)
     m._sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
-
-    def loop(t):
-        for k, (x, y) in enumerate(batches(4)):
-            t.begin(ce_of(x, y))
-            clip_value_no_none(m, opt, crit, x, y, t, k)
-            t.stepped()
-
-    run, truth = watched(tmp_path, m, opt, loop, crit)
-    assert mismatches(run, truth, m) == []
+    assert body_mismatches(tmp_path, m, opt, crit, clip_value_no_none, 4) == []
 
 
 def test_accumulation_varying_per_step_with_a_partial_last_batch(tmp_path):
