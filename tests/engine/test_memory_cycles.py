@@ -45,7 +45,29 @@ def _transformer():
     return _Transformer(), lambda b: (torch.randint(0, 10, (b, 5)), torch.randint(0, 3, (b,)))
 
 
-MODELS = {"mlp": _mlp, "cnn": _cnn, "transformer": _transformer}
+class _GPT(nn.Module):
+    """The layouts read through autograd's graph (persample/broadcast.py, flat_rows.py): a position table on
+    arange(T) added to the batch, an attention with a key bias (rounding floors), an MLP on flattened rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(10, 8), nn.Embedding(5, 8)
+        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+        h = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2), -1) @ h
+        h = h + torch.relu(self.fc(h.reshape(-1, 8))).view(h.shape)
+        return self.head(h.mean(1))
+
+
+def _gpt():
+    return _GPT(), lambda b: (torch.randint(0, 10, (b, 5)), torch.randint(0, 3, (b,)))
+
+
+MODELS = {"mlp": _mlp, "cnn": _cnn, "transformer": _transformer, "gpt": _gpt}
 
 
 @contextmanager
@@ -89,7 +111,7 @@ def _own_or_tensor(obj) -> bool:
     return isinstance(obj, torch.Tensor) or type(obj).__module__.startswith("cockpit_lite")
 
 
-@pytest.mark.parametrize("model_name,optimizer", [("mlp", "sgd"), ("cnn", "adam"), ("transformer", "sgd")])
+@pytest.mark.parametrize("model_name,optimizer", [("mlp", "sgd"), ("cnn", "adam"), ("transformer", "sgd"), ("gpt", "adam")])
 @pytest.mark.parametrize("preset", ["default", "economy", "business", "full"])
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_tracked_step_leaves_no_cyclic_garbage(tmp_path, model_name, optimizer, preset):
@@ -122,7 +144,8 @@ def _live_tensors():
     return count, sum(storages.values())
 
 
-@pytest.mark.parametrize("model_name,optimizer,preset", [("mlp", "adam", "economy"), ("cnn", "sgd", "business")])
+@pytest.mark.parametrize("model_name,optimizer,preset", [("mlp", "adam", "economy"), ("cnn", "sgd", "business"),
+                                                          ("gpt", "sgd", "economy")])
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_live_tensors_do_not_grow_with_tracked_steps(tmp_path, model_name, optimizer, preset):
     cockpit, step = _training(model_name, optimizer, preset, tmp_path / "run")
