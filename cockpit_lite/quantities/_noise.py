@@ -104,16 +104,17 @@ def precheck(ctx, name: str) -> bool:
     return True
 
 
-def resolution(ctx) -> Tuple[Dict[int, str], Optional[str]]:
-    """Where float32 does not resolve the mean gradient well enough for the gradient tests
-    (``_resolution.py``): ({parameter index: reason}, reason for the total or None); once per step."""
-    return ctx.once(_resolution_reasons)
+def resolution(ctx, sensitivity: float = 1.0) -> Tuple[Dict[int, str], Optional[str]]:
+    """Where float32 does not resolve the mean gradient well enough for a gradient test whose relative error
+    is about ``sensitivity`` * eps * rho (``_resolution.py``): ({parameter index: reason}, reason for the total
+    or None); once per step and sensitivity."""
+    return ctx.once(_resolution_reasons, sensitivity)
 
 
-def _resolution_reasons(ctx):
+def _resolution_reasons(ctx, sensitivity: float):
     have = sums(ctx, "sq")
     sq, floors = have["sq"], have["floors"]
-    return _resolution.merged(_resolution.reasons(ctx, sq, sq_mean_norm_vector(ctx), ctx.per_sample.n),
+    return _resolution.merged(_resolution.reasons(ctx, sq, sq_mean_norm_vector(ctx), ctx.per_sample.n, sensitivity),
                               _resolution.rounded_away(ctx, sq, floors))
 
 

@@ -14,6 +14,10 @@ def inner_test_value(p2: torch.Tensor, gg: torch.Tensor, n: int) -> torch.Tensor
     return noise.sqrt0(var / (n * gg * gg))
 
 
+# relative error about 2 eps * rho where g is rho times below the samples' gradients (_resolution.py)
+SENSITIVITY = 2.0
+
+
 class InnerTest(Quantity):
     name = "inner_test"
     needs = frozenset({"layer_io"})
@@ -33,4 +37,4 @@ class InnerTest(Quantity):
         cancelled = _resolution.cancellation(ctx, self.name, sums["dots2"], n * gg * gg, float(sums["dots2_total"]),
                                              float(n * gt * gt), "sum_i p_i^2 and n ||g||^4")
         noise.emit_total_and_parts(ctx, self.name, total, parts,
-                                   resolved=_resolution.merged(noise.resolution(ctx), cancelled))
+                                   resolved=_resolution.merged(noise.resolution(ctx, SENSITIVITY), cancelled))
