@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional, Tuple
 
+import numpy as np
 import torch
 
 MAX_REL = 1e-3  # largest eps * rho (the tests' expected float32 error) logged as a value
@@ -59,7 +60,7 @@ def _eps_of(params) -> Optional[float]:
     return float(torch.finfo(torch.float32 if torch.float32 in dtypes else torch.float64).eps)
 
 
-def reasons(ctx, sq: torch.Tensor, gg: torch.Tensor, n: int,
+def reasons(ctx, sq: np.ndarray, gg: np.ndarray, n: int,
             sensitivity: float = 1.0) -> Tuple[Dict[int, str], Optional[str]]:
     """({parameter index: reason}, reason for the total or None) from sum_i ||g_i||^2 (``sq``) and ||g||^2
     (``gg``) per parameter, float64; a test's relative error is about ``sensitivity`` * eps * rho. Half-precision
@@ -80,7 +81,7 @@ CANCELLED = ("{name}{where} is {form} a difference {cond:.3g} times smaller than
 FORMS = {0.5: "the square root of", 1.0: "proportional to"}
 
 
-def cancellation(ctx, name: str, whole: torch.Tensor, part: torch.Tensor, whole_total: float, part_total: float,
+def cancellation(ctx, name: str, whole: np.ndarray, part: np.ndarray, whole_total: float, part_total: float,
                  what: str) -> Tuple[Dict[int, str], Optional[str]]:
     """Like ``reasons`` for a test whose square is proportional to ``whole - part`` (float64 [params] sums, and
     the totals): where eps * whole / (whole - part) / 2 exceeds ``CANCEL_MAX_REL`` the value is too coarse."""
@@ -121,7 +122,7 @@ def is_rounding_noise(eps: float, sq: float, floor: float) -> bool:
     return eps * math.sqrt(floor) > MAX_REL * math.sqrt(max(sq, 0.0))
 
 
-def rounded_away(ctx, sq: torch.Tensor, floors: torch.Tensor) -> Tuple[Dict[int, str], Optional[str]]:
+def rounded_away(ctx, sq: np.ndarray, floors: np.ndarray) -> Tuple[Dict[int, str], Optional[str]]:
     """({parameter index: reason}, None): parameters whose per-sample gradients (sums over positions) are
     mostly the rounding of their sums, judged by sum_i ||g_i||^2 (``sq``) against ``floors`` (sum_i || sum_t
     |terms| ||^2, ``DenseSamples.floor_sq``; NaN where unknown). Their share of the totals is that small too."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional, Tuple
 
-import torch
+import numpy as np
 
 from ._resolution import _eps
 
@@ -24,8 +24,8 @@ REASON = ("the gradient variance{where} is the difference of nearly equal float3
           "up to {top:.3g} on an element), resolved to about {err:.1g} relative, too coarse (at most {max:g})")
 
 
-def reasons(ctx, parts: torch.Tensor, parts_err: torch.Tensor, total: torch.Tensor, total_err: torch.Tensor,
-            top: torch.Tensor) -> Tuple[Dict[int, str], Optional[str]]:
+def reasons(ctx, parts: np.ndarray, parts_err: np.ndarray, total: float, total_err: float,
+            top: np.ndarray) -> Tuple[Dict[int, str], Optional[str]]:
     """({parameter index: reason}, reason for the total or None) from the values, their absolute error
     estimates in units of eps (float64) and the largest element ratio per parameter (``top``)."""
     eps = _eps(ctx)
@@ -36,7 +36,7 @@ def reasons(ctx, parts: torch.Tensor, parts_err: torch.Tensor, total: torch.Tens
         why = _judge(eps, v, e, t, f" of {ctx.names[j]!r}")
         if why is not None:
             out[j] = why
-    return out, _judge(eps, float(total), float(total_err), float(top.max()) if top.numel() else 0.0, "")
+    return out, _judge(eps, float(total), float(total_err), float(top.max()) if len(top) else 0.0, "")
 
 
 def _judge(eps: float, value: float, err: float, top: float, where: str) -> Optional[str]:

@@ -16,6 +16,7 @@ class EarlyStopping(Quantity):
     per_sample_stats = frozenset({"m2"})  # shared per-layer passes (PerSampleView)
     description = "evidence-based early-stopping criterion (Mahsereci et al. 2017); > 0 suggests stopping"
 
+    @noise.quietly
     def before_step(self, ctx):
         if not noise.precheck(ctx, self.name):
             return

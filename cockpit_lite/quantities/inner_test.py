@@ -2,13 +2,13 @@
 (Bollapragada et al. 2018, eq. 2.6). Total and per parameter tensor (p_i restricted to it); the
 projections are one GEMM per layer."""
 
-import torch
+import numpy as np
 
 from . import _noise as noise, _resolution
 from .base import Quantity
 
 
-def inner_test_value(p2: torch.Tensor, gg: torch.Tensor, n: int) -> torch.Tensor:
+def inner_test_value(p2: np.ndarray, gg: np.ndarray, n: int) -> np.ndarray:
     """p2: [k] sums of squared projections sum_i p_i^2, gg: [k] squared norms -> [k] values."""
     var = (p2 - n * gg * gg) / (n - 1)
     return noise.sqrt0(var / (n * gg * gg))
@@ -24,6 +24,7 @@ class InnerTest(Quantity):
     per_sample_stats = frozenset({"dots", "sq"})  # shared per-layer passes; "sq" for noise.resolution
     description = "inner-product test of the gradient noise (Bollapragada et al. 2018); total and per param"
 
+    @noise.quietly
     def before_step(self, ctx):
         if not noise.precheck(ctx, self.name):
             return
@@ -34,7 +35,7 @@ class InnerTest(Quantity):
         total = inner_test_value(sums["dots2_total"], gg.sum().reshape(1), n)[0]
         # the difference sum_i p_i^2 - n ||g||^4, where float32 rounding may dominate it
         gt = gg.sum()
-        cancelled = _resolution.cancellation(ctx, self.name, sums["dots2"], n * gg * gg, float(sums["dots2_total"]),
+        cancelled = _resolution.cancellation(ctx, self.name, sums["dots2"], n * gg * gg, float(sums["dots2_total"][0]),
                                              float(n * gt * gt), "sum_i p_i^2 and n ||g||^4")
         noise.emit_total_and_parts(ctx, self.name, total, parts,
                                    resolved=_resolution.merged(noise.resolution(ctx, SENSITIVITY), cancelled))

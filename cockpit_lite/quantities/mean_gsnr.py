@@ -16,6 +16,7 @@ class MeanGSNR(Quantity):
     per_sample_stats = frozenset({"m2"})  # shared per-layer passes (PerSampleView)
     description = "mean gradient signal-to-noise ratio (Liu et al. 2020); total and per param"
 
+    @noise.quietly
     def before_step(self, ctx):
         if not noise.precheck(ctx, self.name):
             return

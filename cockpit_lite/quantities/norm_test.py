@@ -13,6 +13,7 @@ class NormTest(Quantity):
     per_sample_stats = frozenset({"sq"})  # shared per-layer passes (PerSampleView)
     description = "norm test of the gradient noise (Byrd et al. 2012); total and norm_test/<param>"
 
+    @noise.quietly
     def before_step(self, ctx):
         if not noise.precheck(ctx, self.name):
             return
