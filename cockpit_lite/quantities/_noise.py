@@ -35,6 +35,11 @@ def host(tensors: List[torch.Tensor]) -> List[np.ndarray]:
         return []
     if all(t.device.type == "cpu" for t in tensors):
         return [t.detach().to(torch.float64).numpy() for t in tensors]
+    return _packed(tensors)
+
+
+def _packed(tensors: List[torch.Tensor]) -> List[np.ndarray]:
+    """``host`` through one float64 buffer: one device-to-host copy (and sync) for all the tensors."""
     flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]).cpu().numpy()
     out, k = [], 0
     for t in tensors:
