@@ -12,6 +12,7 @@ On steps where no quantity is active the hooks return at once.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import warnings
@@ -22,6 +23,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Union
 import torch
 
 from ..distributed import detect, unwrap
+from ..quantities._moved import since_grad_reason
 from ..quantities.base import Quantity, Watched
 from ..runlog import RunLogWriter, load
 from ..runlog.batch import LOG_BATCH, BatchedWriter
@@ -317,10 +319,29 @@ class Cockpit(StepDetection):
             ctx.params_before = self._before_buffers
         if ctx.layer_io is not None and self.watched.rule_check is None:
             self._check_rules(ctx)
+        active = self._at_grad_point(ctx, active)
         call_hook(active, "before_step", ctx, self.watched.dist, self._failed)
         ctx.flush_norms()  # every norm asked for, in one reduction, before the optimizer changes the parameters
         self._overhead += time.perf_counter() - t0
         return None
+
+    def _at_grad_point(self, ctx: StepContext, active: List[Quantity]) -> List[Quantity]:
+        """Where the loop changed parameters in place since the step's backward pass (param_versions.py),
+        the quantities reading them as theta_t are NaN with the reason: those reading norms keep the parts
+        of the unchanged parameters, those needing their values (curvature, grad_hist_2d) are not computed.
+        Returns the quantities to call."""
+        moved = self._param_versions.moved()
+        if not moved:
+            return active
+        ctx.moved_since_grad = names = [self.watched.names[i] for i in moved]
+        reason = since_grad_reason(names)
+        keep = set(self.watched.names) - set(names)
+        for q in active:
+            if q.reads_theta == "norms":
+                ctx.after_values(q.name, functools.partial(StepContext.withdraw, name=q.name, reason=reason, keep=keep))
+            elif q.reads_theta == "all":
+                ctx.emit_nan(q.name, reason)
+        return [q for q in active if q.reads_theta != "all"]
 
     def _on_step_post(self, optimizer, args, kwargs):
         t0 = time.perf_counter()
@@ -367,6 +388,15 @@ class Cockpit(StepDetection):
             self._reset_step_state()
             return
         nonfinite = nonfinite_grad_names(self.watched)
+        if not nonfinite and self._param_versions.moved():
+            # the loop moved the parameters after these passes and dropped their gradients: an ascent pass of
+            # sharpness-aware minimization (param_versions.py), not a skipped step; the step is the next passes
+            self._warn_once("probe_pass", (
+                "cockpit-lite: backward() was followed by an in-place change of the parameters and cleared "
+                "gradients without optimizer.step() (e.g. sharpness-aware minimization's ascent pass): not a "
+                "skipped step; the step's values describe the gradient of the passes after it"))
+            self._reset_step_state()
+            return
         if nonfinite:
             reason = (f"{reason}; gradients were not finite in {', '.join(nonfinite[:5])}"
                       f"{' ...' if len(nonfinite) > 5 else ''} (a GradScaler skips such steps)")

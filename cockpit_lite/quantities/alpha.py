@@ -148,7 +148,9 @@ class Alpha(Quantity):
         stats: dict = {}  # the step's per-sample loss statistics, shared by the end and the start of fits
         if self._start is not None:
             self._finish(ctx, stats)
-        if self.schedule(ctx.step):
+        if self.schedule(ctx.step) and ctx.moved_since_grad:  # f(0) is not at the update's start point
+            ctx.emit_nan("alpha", _moved.since_grad_reason(ctx.moved_since_grad))
+        elif self.schedule(ctx.step):
             try:
                 check_supported(ctx.per_sample)
                 n, f, var_f = loss_observation(ctx.per_sample, stats)
