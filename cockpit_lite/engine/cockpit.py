@@ -34,7 +34,7 @@ from .loop_trackers import reset_loop_trackers, start_loop_trackers
 from .other_optimizers import passes_of_another_step, watch_other_optimizers
 from .records import NoLog, Recorder, header
 from .setup import (QuantitySpec, nonfinite_grad_names, now, observed_parameters, resolve_quantities,
-                    sequence_first_module, uncompiled)
+                    sequence_first_module, stepping_optimizer, uncompiled)
 from .step_detection import StepDetection
 from .zero_grad import patch_zero_grad, unpatch_zero_grad, zero_grad_owners
 
@@ -183,16 +183,18 @@ class Cockpit(StepDetection):
         for q in self.quantities:
             q.start(self.watched)
         self._before_buffers: Optional[List[torch.Tensor]] = None
+        stepper = stepping_optimizer(optimizer)  # a SAM wrapper's base optimizer takes the step
         self._handles = [
             model.register_forward_pre_hook(self._on_model_forward_pre, with_kwargs=True),
             model.register_forward_hook(self._on_model_forward, always_call=True),  # also when it raises
-            optimizer.register_step_pre_hook(self._on_step_pre),
-            optimizer.register_step_post_hook(self._on_step_post),
+            stepper.register_step_pre_hook(self._on_step_pre),
+            stepper.register_step_post_hook(self._on_step_post),
         ]
         if isinstance(loss_fn, torch.nn.Module):
             self._handles.append(loss_fn.register_forward_hook(self._on_loss, with_kwargs=True))
             _WATCHED_LOSSES.add(loss_fn)
-        self._zero_grad_patches = patch_zero_grad(self, zero_grad_owners(optimizer, model, inner))
+        self._zero_grad_patches = patch_zero_grad(self, zero_grad_owners(optimizer, model, inner) +
+                                                  ([stepper] if stepper is not optimizer else []))
         self._handles.append(watch_other_optimizers(self))  # a GAN's other step is not a skipped one
         if self._model_loss is not None:
             self._model_loss.install(self.watched)
@@ -396,6 +398,7 @@ class Cockpit(StepDetection):
                 "gradients without optimizer.step() (e.g. sharpness-aware minimization's ascent pass): not a "
                 "skipped step; the step's values describe the gradient of the passes after it"))
             self._reset_step_state()
+            self._param_versions.probed()
             return
         if nonfinite:
             reason = (f"{reason}; gradients were not finite in {', '.join(nonfinite[:5])}"

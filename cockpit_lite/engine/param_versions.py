@@ -15,7 +15,9 @@ parameter, no tensor work) and compared where the step's quantities read the par
 
 The same note tells a sharpness-aware step's ascent pass from a skipped step: backward passes followed by
 an in-place change of the parameters and ``zero_grad()`` without ``optimizer.step()`` were taken at
-parameters the loop then moved on purpose; they are dropped, not recorded as a skipped step.
+parameters the loop then moved on purpose; they are dropped, not recorded as a skipped step. SAM restores w
+through ``p.data = old_p`` (davda54/sam), which the versions do not see: on a step with such a probe (only
+there) the parameters' norms at the probe are kept and compared too (one multi-tensor norm each time).
 """
 
 from __future__ import annotations
@@ -24,10 +26,18 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ..quantities import _moved
+
 class ParamVersions:
     def __init__(self, params: Sequence[torch.Tensor]):
         self.params = list(params)
         self._at_grad: Optional[List[int]] = None
+        self._at_probe: Optional[torch.Tensor] = None  # norms after a dropped probe pass (SAM's w + e)
+
+    def probed(self) -> None:
+        """A probe pass was dropped (call after ``reset``): the next passes' gradient is taken where the
+        parameters are now; keep their norms, so that a restore through ``.data`` shows at the step."""
+        self._at_probe = _moved.fingerprint(self.params)
 
     def note(self) -> None:
         """At a backward pass that writes the watched ``.grad``: the first pass of the step sets the mark."""
@@ -38,8 +48,12 @@ class ParamVersions:
         """Indices of the parameters changed in place since the step's first backward pass (none if no pass)."""
         if self._at_grad is None:
             return []
-        return [i for i, (p, v) in enumerate(zip(self.params, self._at_grad)) if p._version != v]
+        moved = {i for i, (p, v) in enumerate(zip(self.params, self._at_grad)) if p._version != v}
+        if self._at_probe is not None:
+            moved |= {i for i, c in enumerate(_moved.changed(self._at_probe, self.params).tolist()) if c}
+        return sorted(moved)
 
     def reset(self) -> None:
         self._at_grad = None
+        self._at_probe = None
 

@@ -250,6 +250,10 @@ class Alpha(Quantity):
         if start.t is None:  # the step's own after_step never completed
             ctx.emit_for_step(start.step, "alpha", reason="the update of the step was not observed")
             return
+        if ctx.moved_since_grad:  # the end point's gradient and loss were taken elsewhere than at the step
+            ctx.emit_for_step(start.step, "alpha", reason=_moved.since_grad_reason(ctx.moved_since_grad) +
+                              f" (the end point, step {ctx.step})")
+            return
         try:
             check_supported(ctx.per_sample)
             with torch.no_grad():  # the slope along the last update, reduced with the losses

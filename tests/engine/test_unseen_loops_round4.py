@@ -313,3 +313,101 @@ def test_sam(tmp_path):
     first = next(iter(run))
     assert math.isfinite(float(first["values"]["norm_test"]))
     assert "between the backward pass and optimizer.step()" in first["reasons"]["param_norm"]
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-aware minimization as davda54/sam writes it (abridged): a wrapper sharing its base optimizer's
+    parameter groups; w + e in ``first_step``, w restored through ``p.data = old_p`` (no version bump) and the
+    base optimizer's step in ``second_step``; ``step(closure)`` runs the three."""
+
+    def __init__(self, params, base_optimizer, rho=0.05, **kwargs):
+        super().__init__(params, dict(rho=rho, **kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad=False):
+        norm = torch.norm(torch.stack([p.grad.norm() for g in self.param_groups for p in g["params"]
+                                       if p.grad is not None]))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["old_p"] = p.data.clone()
+                    p.add_(p.grad * group["rho"] / (norm + 1e-12))
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad=False):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data = self.state[p]["old_p"]
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.first_step(zero_grad=True)
+        torch.enable_grad()(closure)()
+        self.second_step()
+
+
+@pytest.mark.parametrize("usage", ["first_second_step", "step_closure", "every_other_step"])
+def test_sam_optimizer_class(tmp_path, usage):
+    """The SAM wrapper watched as the loop's optimizer. Found here: with first_step / second_step (its README's
+    loop) the wrapper's step() never runs and the log had no step at all; the base optimizer's step is now the
+    step (engine/setup.py ``stepping_optimizer``). Its restore through ``.data`` bumps no version: the norms kept
+    at the ascent pass show it (param_norm, distance, update_size, alpha NaN with the reason); the gradient's
+    values are those of the second pass, at w + e, exact. Also SAM on every other step only: the end point of the
+    plain step's alpha is at a SAM step's w + e (NaN with the reason, was a fit through the wrong point)."""
+    m, crit = mlp(), nn.CrossEntropyLoss()
+    sam = SAM(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    params = dict(m.named_parameters())
+
+    def at_ascent(t, x, y):
+        shift = {n: (p.detach() - sam.state[p]["old_p"]).double() for n, p in params.items()}
+        t.pending["per_sample"] = lambda m64: CE(functional_call(
+            m64, {n: p + shift[n] for n, p in m64.named_parameters()}, (x.double(),)), y)
+
+    def loop(t):
+        for k, (x, y) in enumerate(batches(5)):
+            if usage == "every_other_step" and k % 2 == 0:  # a plain step of the base optimizer
+                t.begin(ce_of(x, y))
+                plain(m, sam.base_optimizer, crit, x, y, t)
+                t.stepped()
+                continue
+            t.begin(None)
+            crit(m(x), y).backward()
+            if usage != "step_closure":
+                sam.first_step(zero_grad=True)
+                at_ascent(t, x, y)
+                loss = crit(m(x), y)
+                loss.backward()
+                t.note_loss(loss.item())
+                t.note_grad()
+                sam.second_step(zero_grad=True)
+            else:
+                def closure(x=x, y=y):
+                    at_ascent(t, x, y)
+                    loss = crit(m(x), y)
+                    loss.backward()
+                    t.note_loss(loss.item())
+                    t.note_grad()
+                    return loss
+                sam.step(closure)
+                sam.zero_grad()
+            t.stepped()
+
+    with pytest.warns(RuntimeWarning, match="ascent pass"):
+        run, truth = watched(tmp_path, m, sam, loop, crit)
+    assert all_mismatches(run, truth, m) == []
+    assert not run.skipped and len(list(run)) == 5
+    rec = {r["step"]: r for r in run}
+    assert math.isfinite(float(rec[1]["values"]["norm_test"]))
+    assert "between the backward pass and optimizer.step()" in rec[1]["reasons"]["update_size"]
+    if usage == "every_other_step":  # the plain steps' own values stay; alpha's end point at a SAM step is NaN
+        assert math.isfinite(float(rec[2]["values"]["update_size"]))
+        assert "the end point, step 1" in rec[0]["reasons"]["alpha"]
