@@ -390,7 +390,7 @@ class Cockpit(StepDetection):
             self._reset_step_state()
             return
         nonfinite = nonfinite_grad_names(self.watched)
-        if not nonfinite and self._param_versions.moved():
+        if not nonfinite and not self.closed and self._param_versions.moved():
             # the loop moved the parameters after these passes and dropped their gradients: an ascent pass of
             # sharpness-aware minimization (param_versions.py), not a skipped step; the step is the next passes
             self._warn_once("probe_pass", (

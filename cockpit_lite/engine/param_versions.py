@@ -28,6 +28,7 @@ import torch
 
 from ..quantities import _moved
 
+
 class ParamVersions:
     def __init__(self, params: Sequence[torch.Tensor]):
         self.params = list(params)
