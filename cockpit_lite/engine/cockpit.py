@@ -397,8 +397,14 @@ class Cockpit(StepDetection):
                 "cockpit-lite: backward() was followed by an in-place change of the parameters and cleared "
                 "gradients without optimizer.step() (e.g. sharpness-aware minimization's ascent pass): not a "
                 "skipped step; the step's values describe the gradient of the passes after it"))
+            t_start, overhead = self._t_start, self._overhead  # the step's time includes its ascent pass
             self._reset_step_state()
             self._param_versions.probed()
+            self._t_start, self._overhead = t_start, overhead
+            if t_start is not None:
+                self._activate()
+                if "layer_io" in self._needs:
+                    self._arm_layer_capture()
             return
         if nonfinite:
             reason = (f"{reason}; gradients were not finite in {', '.join(nonfinite[:5])}"

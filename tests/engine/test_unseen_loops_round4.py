@@ -4,6 +4,7 @@ the gradient-noise tests, histograms) against the float64 brute force of what th
 with a reason; one logged step per optimizer step taken, and no crash caused by the cockpit."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from torch.func import functional_call
 
 import cockpit_lite
-from quantity_truth import CE, all_mismatches, batches, ce_of, mlp, watched
+from quantity_truth import ALL, CE, all_mismatches, batches, ce_of, mlp, watched
 
 
 def plain(m, opt, crit, x, y, t, set_to_none=True):
@@ -276,7 +277,7 @@ def test_sam(tmp_path):
     zero_grad without a step) was logged as a skipped step (steps 1, 3, 5, 7 for 4 optimizer steps). Now the
     in-place change of the parameters after it says it was a probe (engine/param_versions.py): dropped, with a
     warning; the step's gradient values are the second pass's, exact, and param_norm, distance, update_size and
-    alpha NaN (the parameters changed after the gradient was taken)."""
+    alpha NaN (the parameters changed after the gradient was taken); its time includes the ascent pass."""
     m, crit = mlp(), nn.CrossEntropyLoss()
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
     names = [n for n, _ in m.named_parameters()]
@@ -287,6 +288,7 @@ def test_sam(tmp_path):
             t.begin(None)
             opt.zero_grad()
             crit(m(x), y).backward()
+            time.sleep(0.03)  # the ascent pass is part of the step's time
             with torch.no_grad():
                 gn = torch.norm(torch.stack([p.grad.norm() for p in m.parameters()]))
                 eps = [rho * p.grad / gn for p in m.parameters()]
@@ -307,9 +309,10 @@ def test_sam(tmp_path):
             t.stepped()
 
     with pytest.warns(RuntimeWarning, match="ascent pass"):
-        run, truth = watched(tmp_path, m, opt, loop, crit)
+        run, truth = watched(tmp_path, m, opt, loop, crit, quantities=dict(ALL, time="every"))
     assert all_mismatches(run, truth, m) == []
     assert not run.skipped
+    assert all(r["values"]["time"] >= 0.03 for r in run)  # was: from the second forward only
     first = next(iter(run))
     assert math.isfinite(float(first["values"]["norm_test"]))
     assert "between the backward pass and optimizer.step()" in first["reasons"]["param_norm"]
