@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Hashable, List, Optional, Set
+from typing import Any, Callable, Container, Dict, Hashable, List, Optional, Set
 
 import torch
 
@@ -128,6 +128,9 @@ class StepContext:
         self.t_hook: Optional[float] = None  # perf_counter when the step post-hook began
         self.t_overhead: float = 0.0  # seconds the hooks spent before the post-hook
         self.samples_global: Optional[int] = None  # samples of the global batch (DDP; set by 'loss')
+        # names of the parameters the loop changed in place between the step's backward pass and the step
+        # (engine/param_versions.py): what reads them in the pre-hook is not at the gradient's point
+        self.moved_since_grad: List[str] = []
 
     def per_sample_if_built(self):
         """The step's ``PerSampleView`` if a quantity asked for it, else None (never builds it)."""
@@ -272,6 +275,29 @@ class StepContext:
             for key in [k for k in store if k == name or k.startswith(name + "/")]:
                 del store[key]
         self._norm_groups = [(k, v) for k, v in self._norm_groups if not (k == name or k.startswith(name + "/"))]
+
+    def withdraw(self, name: str, reason: str, keep: Container[str] = ()) -> None:
+        """In an ``after_values`` check: replace what ``name`` recorded on this step, its total and every
+        part, by NaN with ``reason``, except the per-parameter norms ``name/<param>`` of the parameters in
+        ``keep`` (their values stay)."""
+        keys = {k for k in self.values if k == name or k.startswith(name + "/")}
+        kept = {}
+        for key, group in self._norm_groups:
+            if key == name or key.startswith(name + "/"):
+                keys.add(key)
+                if group.values is not None and len(group.values) > 1:
+                    for pname, x in zip(self.watched.names, group.values):
+                        keys.add(f"{key}/{pname}")
+                        if pname in keep:
+                            kept[f"{key}/{pname}"] = x
+        if not keys:
+            return
+        self.discard(name)
+        for key in keys:
+            if key in kept:
+                self.values[key] = kept[key]
+            else:
+                self.emit_nan(key, reason)
 
     def emit_nan(self, key: str, reason: str) -> None:
         """Record that ``key`` could not be computed on this step, and why."""

@@ -64,7 +64,7 @@ def per_sample_grads(model, step) -> tuple:
     with torch.no_grad():
         for n, p in m.named_parameters():
             p.copy_(step["theta"][n])
-    params = [p for n, p in m.named_parameters() if n in step["trained"]]
+    params = [p.requires_grad_() for n, p in m.named_parameters() if n in step["trained"]]
     losses = step["per_sample"](m)
     rows = []
     for i in range(losses.shape[0]):
@@ -90,6 +90,16 @@ def _flat_update(model, step, names) -> torch.Tensor:
                       for n, _ in model.named_parameters() if n in names])
 
 
+def full_grads(model, truth: Truth, k: int, grads: list) -> tuple:
+    """(l, G) of step k over every observed parameter (in model order), trained on the step or not."""
+    st = truth.steps[k]
+    if st["trained"] == truth.observed:
+        return grads[k]
+    if "full_grads" not in st:
+        st["full_grads"] = per_sample_grads(model, dict(st, trained=truth.observed))
+    return st["full_grads"]
+
+
 def references(model, truth: Truth) -> List[dict]:
     """Per optimizer step, every value the brute force gives."""
     out = []
@@ -106,10 +116,12 @@ def references(model, truth: Truth) -> List[dict]:
         ref["update_size"] = float(_flat_update(model, st, every).norm())
         ref["distance"] = float(torch.sqrt(sum(((st["theta"][n] - truth.theta0[n]).double() ** 2).sum() for n in every)))
         t = ref["update_size"]
-        if k + 1 < len(truth.steps) and t > 0 and truth.steps[k + 1]["trained"] == st["trained"]:
-            u = _flat_update(model, st, st["trained"]) / t
-            l1, G1 = grads[k + 1]
-            ref["alpha"] = alpha(losses, l1, G @ u, G1 @ u, t)
+        if k + 1 < len(truth.steps) and t > 0:
+            # the slopes along d need every moved parameter's gradient, also of those without one on the step
+            # (frozen, or not reached by backward: their gradient as a function of theta is not zero)
+            u = _flat_update(model, st, every) / t
+            (l0, G0), (l1, G1) = (full_grads(model, truth, j, grads) for j in (k, k + 1))
+            ref["alpha"] = alpha(l0, l1, G0 @ u, G1 @ u, t)
         out.append(ref)
     return out
 

@@ -12,6 +12,7 @@ On steps where no quantity is active the hooks return at once.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import warnings
@@ -22,6 +23,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Union
 import torch
 
 from ..distributed import detect, unwrap
+from ..quantities._moved import since_grad_reason
 from ..quantities.base import Quantity, Watched
 from ..runlog import RunLogWriter, load
 from ..runlog.batch import LOG_BATCH, BatchedWriter
@@ -32,7 +34,7 @@ from .loop_trackers import reset_loop_trackers, start_loop_trackers
 from .other_optimizers import passes_of_another_step, watch_other_optimizers
 from .records import NoLog, Recorder, header
 from .setup import (QuantitySpec, nonfinite_grad_names, now, observed_parameters, resolve_quantities,
-                    sequence_first_module, uncompiled)
+                    sequence_first_module, stepping_optimizer, uncompiled)
 from .step_detection import StepDetection
 from .zero_grad import patch_zero_grad, unpatch_zero_grad, zero_grad_owners
 
@@ -181,16 +183,18 @@ class Cockpit(StepDetection):
         for q in self.quantities:
             q.start(self.watched)
         self._before_buffers: Optional[List[torch.Tensor]] = None
+        stepper = stepping_optimizer(optimizer)  # a SAM wrapper's base optimizer takes the step
         self._handles = [
             model.register_forward_pre_hook(self._on_model_forward_pre, with_kwargs=True),
             model.register_forward_hook(self._on_model_forward, always_call=True),  # also when it raises
-            optimizer.register_step_pre_hook(self._on_step_pre),
-            optimizer.register_step_post_hook(self._on_step_post),
+            stepper.register_step_pre_hook(self._on_step_pre),
+            stepper.register_step_post_hook(self._on_step_post),
         ]
         if isinstance(loss_fn, torch.nn.Module):
             self._handles.append(loss_fn.register_forward_hook(self._on_loss, with_kwargs=True))
             _WATCHED_LOSSES.add(loss_fn)
-        self._zero_grad_patches = patch_zero_grad(self, zero_grad_owners(optimizer, model, inner))
+        self._zero_grad_patches = patch_zero_grad(self, zero_grad_owners(optimizer, model, inner) +
+                                                  ([stepper] if stepper is not optimizer else []))
         self._handles.append(watch_other_optimizers(self))  # a GAN's other step is not a skipped one
         if self._model_loss is not None:
             self._model_loss.install(self.watched)
@@ -317,10 +321,29 @@ class Cockpit(StepDetection):
             ctx.params_before = self._before_buffers
         if ctx.layer_io is not None and self.watched.rule_check is None:
             self._check_rules(ctx)
+        active = self._at_grad_point(ctx, active)
         call_hook(active, "before_step", ctx, self.watched.dist, self._failed)
         ctx.flush_norms()  # every norm asked for, in one reduction, before the optimizer changes the parameters
         self._overhead += time.perf_counter() - t0
         return None
+
+    def _at_grad_point(self, ctx: StepContext, active: List[Quantity]) -> List[Quantity]:
+        """Where the loop changed parameters in place since the step's backward pass (param_versions.py),
+        the quantities reading them as theta_t are NaN with the reason: those reading norms keep the parts
+        of the unchanged parameters, those needing their values (curvature, grad_hist_2d) are not computed.
+        Returns the quantities to call."""
+        moved = self._param_versions.moved()
+        if not moved:
+            return active
+        ctx.moved_since_grad = names = [self.watched.names[i] for i in moved]
+        reason = since_grad_reason(names)
+        keep = set(self.watched.names) - set(names)
+        for q in active:
+            if q.reads_theta == "norms":
+                ctx.after_values(q.name, functools.partial(StepContext.withdraw, name=q.name, reason=reason, keep=keep))
+            elif q.reads_theta == "all":
+                ctx.emit_nan(q.name, reason)
+        return [q for q in active if q.reads_theta != "all"]
 
     def _on_step_post(self, optimizer, args, kwargs):
         t0 = time.perf_counter()
@@ -367,6 +390,22 @@ class Cockpit(StepDetection):
             self._reset_step_state()
             return
         nonfinite = nonfinite_grad_names(self.watched)
+        if not nonfinite and not self.closed and self._param_versions.moved():
+            # the loop moved the parameters after these passes and dropped their gradients: an ascent pass of
+            # sharpness-aware minimization (param_versions.py), not a skipped step; the step is the next passes
+            self._warn_once("probe_pass", (
+                "cockpit-lite: backward() was followed by an in-place change of the parameters and cleared "
+                "gradients without optimizer.step() (e.g. sharpness-aware minimization's ascent pass): not a "
+                "skipped step; the step's values describe the gradient of the passes after it"))
+            t_start, overhead = self._t_start, self._overhead  # the step's time includes its ascent pass
+            self._reset_step_state()
+            self._param_versions.probed()
+            self._t_start, self._overhead = t_start, overhead
+            if t_start is not None:
+                self._activate()
+                if "layer_io" in self._needs:
+                    self._arm_layer_capture()
+            return
         if nonfinite:
             reason = (f"{reason}; gradients were not finite in {', '.join(nonfinite[:5])}"
                       f"{' ...' if len(nonfinite) > 5 else ''} (a GradScaler skips such steps)")

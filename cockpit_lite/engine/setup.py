@@ -46,6 +46,17 @@ def observed_parameters(model, optimizer):
     return names, params
 
 
+def stepping_optimizer(optimizer):
+    """The optimizer whose ``step()`` takes the update: ``optimizer`` itself, or the ``base_optimizer`` of a
+    wrapper sharing its parameter groups (sharpness-aware minimization, davda54/sam and its variants), whose
+    loops call ``first_step()`` / ``second_step()`` and never the wrapper's ``step()``: hooks on the wrapper
+    alone logged no step at all. Its ``step(closure)`` runs the base optimizer's step once, too."""
+    base = getattr(optimizer, "base_optimizer", None)
+    if isinstance(base, torch.optim.Optimizer) and base.param_groups is optimizer.param_groups:
+        return base
+    return optimizer
+
+
 def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
     """The original module of a ``torch.compile``d one (``OptimizedModule._orig_mod``), else ``model``."""
     orig = getattr(model, "_orig_mod", None)

@@ -104,6 +104,7 @@ class StepDetection:
             self._reaches_params.defer(self._count_late)  # unless a nested pass (reentrant checkpoint) writes .grad
             return None
         self._backward_passes += 1
+        self._param_versions.note()  # where the gradient is taken (param_versions.py): one int per parameter
         if "backward_end" in self._needs and not self._backward_end_queued:
             self._backward_end_queued = True
             queue_after_backward(self._on_backward_end)

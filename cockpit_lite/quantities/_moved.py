@@ -53,3 +53,13 @@ OTHERS = ("parameters the cockpit does not watch ({names}) moved between this st
 def reason(names: List[str]) -> str:
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     return REASON.format(which=f" ({shown})" if names else "")
+
+
+SINCE_GRAD = ("the parameters{which} changed in place between the backward pass and optimizer.step() (e.g. a manual "
+              "weight decay, or sharpness-aware minimization restoring w): the parameters at the step are not those "
+              "the gradient was taken at (engine/param_versions.py)")
+
+
+def since_grad_reason(names: List[str]) -> str:
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return SINCE_GRAD.format(which=f" ({shown})" if names else "")

@@ -18,6 +18,7 @@ METHODS = ("auto", "exact", "hutchinson", "hutch++")
 
 class TraceQuantity(Quantity):
     needs = frozenset({"model_inputs"})
+    reads_theta = "all"  # the batch re-evaluated at theta_t (engine/param_versions.py)
     default_schedule = "log"
     kind = ""  # "diag_h" or "diag_ggn"
 

@@ -52,6 +52,29 @@ class _Start:
     var_df: Optional[torch.Tensor] = None
     after: Optional[torch.Tensor] = None  # the parameters' norms after the step (_moved.py)
     others: Optional[torch.Tensor] = None  # norms of the model's parameters another optimizer trains, at theta_t
+    # parameters without a gradient on the step (frozen, not reached by backward) and the norms of their parts
+    # of d: their slope is not observed, so d must not move them (_unobserved_slope)
+    frozen: Optional[Tuple[List[str], torch.Tensor]] = None
+
+
+def _frozen_parts(ctx, norms=None, direction=None) -> Optional[Tuple[List[str], torch.Tensor]]:
+    """(names, float64 norms of their parts of d) of the step's parameters without a gradient (the per-sample
+    view's ``frozen``), or None where every parameter has one (no tensor work then)."""
+    frozen = sorted(getattr(ctx.per_sample_if_built(), "frozen", None) or ())
+    if not frozen or (norms is None and direction is None):
+        return None
+    with torch.no_grad():
+        parts = [norms[j] for j in frozen] if norms is not None else torch._foreach_norm([direction[j] for j in frozen])
+        return [ctx.names[j] for j in frozen], torch.stack([x.double() for x in parts])
+
+
+def _unobserved_slope(frozen, flags) -> List[str]:
+    """Names of parameters without a gradient whose part of d is not zero, from the transferred norms."""
+    out, at = [], 0
+    for names, _ in frozen:
+        out += [n for n, x in zip(names, flags[at:at + len(names)]) if x > 0]
+        at += len(names)
+    return sorted(set(out))
 
 
 class _Unmeasurable(Exception):
@@ -148,7 +171,9 @@ class Alpha(Quantity):
         stats: dict = {}  # the step's per-sample loss statistics, shared by the end and the start of fits
         if self._start is not None:
             self._finish(ctx, stats)
-        if self.schedule(ctx.step):
+        if self.schedule(ctx.step) and ctx.moved_since_grad:  # f(0) is not at the update's start point
+            ctx.emit_nan("alpha", _moved.since_grad_reason(ctx.moved_since_grad))
+        elif self.schedule(ctx.step):
             try:
                 check_supported(ctx.per_sample)
                 n, f, var_f = loss_observation(ctx.per_sample, stats)
@@ -178,6 +203,7 @@ class Alpha(Quantity):
                 torch._foreach_mul_(self._direction, inv_t)
                 start.t = t
                 start.df, start.var_df = slope_observation(ctx.per_sample, self._direction)
+                start.frozen = _frozen_parts(ctx, norms)
                 start.after = _moved.fingerprint(ctx.params)
         except _Unmeasurable as err:
             self._start = None
@@ -224,6 +250,10 @@ class Alpha(Quantity):
         if start.t is None:  # the step's own after_step never completed
             ctx.emit_for_step(start.step, "alpha", reason="the update of the step was not observed")
             return
+        if ctx.moved_since_grad:  # the end point's gradient and loss were taken elsewhere than at the step
+            ctx.emit_for_step(start.step, "alpha", reason=_moved.since_grad_reason(ctx.moved_since_grad) +
+                              f" (the end point, step {ctx.step})")
+            return
         try:
             check_supported(ctx.per_sample)
             with torch.no_grad():  # the slope along the last update, reduced with the losses
@@ -242,11 +272,22 @@ class Alpha(Quantity):
         moved = _moved.changed(start.after, ctx.params)
         other_names, other_params = _moved.others(ctx.watched)
         moved_others = _moved.changed(start.others, other_params)
+        end_frozen = _frozen_parts(ctx, None, self._direction)
+        frozen = [f for f in (start.frozen, end_frozen) if f is not None]
         (t, f0, f1, df0, df1, var_f0, var_f1, var_df0, var_df1, *flags) = torch.cat([torch.stack([
             x.detach().double().reshape(()).to(device) for x in
             (start.t, start.f, f1, start.df, df1, start.var_f, var_f1, start.var_df, var_df1)]),
-            moved.double().to(device), moved_others.double().to(device)]).tolist()
-        moved, moved_others = flags[:len(moved)], flags[len(moved):]
+            moved.double().to(device), moved_others.double().to(device)] + [f[1].to(device) for f in frozen]).tolist()
+        moved, moved_others, flags = flags[:len(moved)], flags[len(moved):len(moved) + len(moved_others)], \
+            flags[len(moved) + len(moved_others):]
+        unobserved = _unobserved_slope(frozen, flags)
+        if unobserved:
+            ctx.emit_for_step(start.step, "alpha", reason=(
+                f"the update moves {', '.join(unobserved[:4])}{' and more' if len(unobserved) > 4 else ''}, which "
+                f"had no gradient on step {start.step} or {ctx.step} (frozen with requires_grad_(False), or not "
+                "reached by backward) but still moved (momentum, weight decay on a zero .grad): the slope along "
+                "the update misses their part"))
+            return
         if any(moved):
             ctx.emit_for_step(start.step, "alpha", reason=_moved.reason(
                 [n for n, m in zip(ctx.names, moved) if m]) + f" (the end point, step {ctx.step}, is off the update)")

@@ -60,6 +60,11 @@ class Quantity:
     #: "m2" (sum_i g_i^2), "dots" (g_i . g), "hist" (the 1D histogram of the elements g_ij, counted
     #: over ``hist_range``)
     per_sample_stats: ClassVar[FrozenSet[str]] = frozenset()
+    #: how the quantity reads the parameters as theta_t in the pre-hook, for steps where the loop changed them
+    #: in place after the backward pass (``engine/param_versions.py``): "" not at all; "norms": per-parameter
+    #: norms (the total and the changed parameters' parts become NaN with the reason, the others stay);
+    #: "all": their values or a re-evaluation of the batch at them (not computed: NaN with the reason)
+    reads_theta: ClassVar[str] = ""
 
     def __init__(self, schedule: schedules.ScheduleLike = None):
         self.schedule: Callable[[int], bool] = schedules.parse(

@@ -8,6 +8,7 @@ from .base import Quantity
 class Distance(Quantity):
     name = "distance"
     description = "||theta_t - theta_0||_2 from the parameters at watch(); total and distance/<param>"
+    reads_theta = "norms"
     reduces = False  # reads only what every process has (its own devices, the all-reduced .grad)
 
     def start(self, watched):

@@ -66,6 +66,7 @@ def joint_histogram(grads: Sequence, params: Sequence[torch.Tensor], x_range, y_
 class GradHist2d(Quantity):
     name = "grad_hist_2d"
     needs = frozenset({"layer_io"})
+    reads_theta = "all"  # the parameter values at theta_t (engine/param_versions.py)
     per_sample_stats = frozenset({"m2"})  # joins the step's shared per-layer pass (persample/plan.py)
     default_schedule = "log"
     description = "joint histogram of individual gradient elements and parameter values"

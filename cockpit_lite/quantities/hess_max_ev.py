@@ -40,6 +40,7 @@ STOP_MARGIN = 0.1  # Lanczos stops on a residual of STOP_MARGIN * tol (see the m
 class HessMaxEV(Quantity):
     name = "hess_max_ev"
     needs = frozenset({"model_inputs"})
+    reads_theta = "all"  # the batch re-evaluated at theta_t (engine/param_versions.py)
     default_schedule = "log"
     description = ("largest algebraic Hessian eigenvalue (Lanczos, stops on the residual bound); "
                    "hess_max_ev/hvps, hess_max_ev/error_bound")

@@ -13,6 +13,7 @@ from .base import Quantity
 class TICDiag(Quantity):
     name = "tic_diag"
     needs = frozenset({"layer_io", "model_inputs"})
+    reads_theta = "all"  # the batch re-evaluated at theta_t (engine/param_versions.py)
     per_sample_stats = frozenset({"m2"})  # joins the step's shared per-layer pass (persample/plan.py)
     default_schedule = "log"
     description = "Takeuchi information criterion with the Hessian diagonal (exact via BackPACK, else NaN + reason)"

@@ -14,6 +14,7 @@ class UpdateSize(Quantity):
     name = "update_size"
     needs = frozenset({"update"})
     description = "||theta_{t+1} - theta_t||_2 (stored under step t); total and update_size/<param>"
+    reads_theta = "norms"
     reduces = False  # reads only what every process has (its own devices, the all-reduced .grad)
 
     def __init__(self, schedule=None):
