@@ -376,3 +376,277 @@ def cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
                 name, PackedLSTM(pool, bi), ce(), [({"idx": idx, "lengths": lengths}, labels(B), 1.0)],
                 take=take, size=lambda x: int(x["idx"].shape[0])))
     return out
+
+
+# -- beyond the brief's list: the same families written in other common ways -----------------------------------------
+class StdConv2d(nn.Conv2d):
+    """timm's StdConv2d (BiT / ResNetV2): the weight standardized in forward before F.conv2d."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / torch.sqrt(w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+                                                                      + 1e-6)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class EqualLinear(nn.Linear):
+    """StyleGAN's equalized-learning-rate Linear: weight and bias scaled in forward."""
+
+    def __init__(self, i, o, lr_mul=0.5):
+        super().__init__(i, o)
+        self.scale, self.lr_mul = lr_mul / i ** 0.5, lr_mul
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
+
+
+class StdNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = StdConv2d(3, 4, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.f = EqualLinear(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.relu(self.gn(self.c(x))).mean((2, 3))
+        return self.head(torch.tanh(self.f(h)))
+
+
+class LoRALinear(nn.Module):
+    """A frozen base Linear and a low-rank update: bare Parameters (``bare=True``, hand-written) or two
+    nn.Linear (PEFT's layout); the update merged into the weight in forward (``merged=True``)."""
+
+    def __init__(self, i, o, r=2, bare=True, merged=False):
+        super().__init__()
+        self.base = nn.Linear(i, o)
+        self.base.requires_grad_(False)
+        self.bare, self.merged, self.s = bare, merged, 2.0 / r
+        if bare:
+            self.lora_A = nn.Parameter(0.3 * torch.randn(r, i))
+            self.lora_B = nn.Parameter(0.3 * torch.randn(o, r))
+        else:
+            self.lora_A, self.lora_B = nn.Linear(i, r, bias=False), nn.Linear(r, o, bias=False)
+            nn.init.normal_(self.lora_B.weight, std=0.3)
+
+    def forward(self, x):
+        if self.merged:
+            return F.linear(x, self.base.weight + self.s * self.lora_B @ self.lora_A, self.base.bias)
+        if self.bare:
+            return self.base(x) + self.s * (x @ self.lora_A.T) @ self.lora_B.T
+        return self.base(x) + self.s * self.lora_B(self.lora_A(x))
+
+
+class LoRALM(nn.Module):
+    def __init__(self, bare=True, merged=False):
+        super().__init__()
+        self.tok = nn.Embedding(V, D)
+        self.tok.requires_grad_(False)
+        self.q = LoRALinear(D, D, bare=bare, merged=merged)
+        self.head = nn.Linear(D, V)
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.q(self.tok(idx))))
+
+
+class TimeUNet(nn.Module):
+    """A diffusion UNet's time conditioning: a per-sample timestep, sinusoidal features, an MLP, added to the
+    feature maps broadcast over H and W; the input is a dict {x, t}."""
+
+    def __init__(self, c=2, w=4):
+        super().__init__()
+        self.inc = nn.Conv2d(c, w, 3, padding=1)
+        self.temb = nn.Sequential(nn.Linear(8, w), nn.SiLU(), nn.Linear(w, w))
+        self.gn = nn.GroupNorm(2, w)
+        self.down = nn.Conv2d(w, w, 2, stride=2)
+        self.up = nn.ConvTranspose2d(w, w, 2, stride=2)
+        self.out = nn.Conv2d(2 * w, c, 3, padding=1)
+
+    def forward(self, x, t):
+        freqs = torch.exp(-torch.arange(4, dtype=x.dtype) * 0.5)
+        ang = t.to(x.dtype)[:, None] * freqs[None]
+        te = self.temb(torch.cat([ang.sin(), ang.cos()], -1))
+        h = F.silu(self.gn(self.inc(x) + te[:, :, None, None]))
+        u = self.up(F.silu(self.down(h)))
+        return self.out(torch.cat([u, h], 1))
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7 conv, LayerNorm and Linear on channels-last [B, H, W, C], layer scale gamma."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 2, stride=2)
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.ln = nn.LayerNorm(c, eps=1e-6)
+        self.pw1, self.pw2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(0.5 * torch.ones(c))
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        h = self.dw(x).permute(0, 2, 3, 1)
+        h = self.pw2(F.gelu(self.pw1(self.ln(h)))) * self.gamma
+        x = x + h.permute(0, 3, 1, 2)
+        return self.head(x.mean((2, 3)))
+
+
+class Mixer(nn.Module):
+    """MLP-Mixer: token mixing by a Linear over the sequence axis of [B, D, T]."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.tok_mlp = nn.Sequential(nn.Linear(T, 2 * T), nn.GELU(), nn.Linear(2 * T, T))
+        self.ch_mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        x = x + self.tok_mlp(self.ln1(x).transpose(1, 2)).transpose(1, 2)
+        x = x + self.ch_mlp(self.ln2(x))
+        return self.head(x.mean(1))
+
+
+class QueryDecoder(nn.Module):
+    """DETR / Perceiver: learned queries (an nn.Embedding's weight read directly, or a Parameter expanded over the
+    batch) cross-attending to the inputs through nn.MultiheadAttention."""
+
+    def __init__(self, kind="embedding_weight", queries=3):
+        super().__init__()
+        self.kind = kind
+        self.inp = nn.Linear(5, D)
+        if kind == "embedding_weight":
+            self.query_embed = nn.Embedding(queries, D)
+        else:
+            self.latents = nn.Parameter(0.5 * torch.randn(queries, D))
+        self.attn = nn.MultiheadAttention(D, 2, batch_first=True)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):  # [B, L, 5]
+        B = x.shape[0]
+        mem = self.inp(x)
+        if self.kind == "embedding_weight":
+            q = self.query_embed.weight.unsqueeze(0).repeat(B, 1, 1)
+        else:
+            q = self.latents.expand(B, -1, -1)
+        o, _ = self.attn(q, mem, mem, need_weights=False)
+        return self.head(o.mean(1))
+
+
+class TableIndex(nn.Module):
+    """A bare table indexed by the tokens (``table[idx]``) or read through F.embedding."""
+
+    def __init__(self, how="index"):
+        super().__init__()
+        self.how = how
+        self.table = nn.Parameter(torch.randn(V, D))
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, idx):
+        e = self.table[idx] if self.how == "index" else F.embedding(idx, self.table)
+        return self.head(torch.tanh(e).mean(1))
+
+
+class MaskedLlama(Llama):
+    """Llama with a padding mask (left padding) combined with the causal mask, positions from the mask's cumsum,
+    called with keyword arguments as Hugging Face models are (input_ids, attention_mask); Gemma's sqrt(D) scaling."""
+
+    def forward(self, input_ids, attention_mask):
+        B, L = input_ids.shape
+        x = self.tok(input_ids) * D ** 0.5
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L], per sample
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [B, 1, L, hd]
+        keep = attention_mask.bool()[:, None, None, :] & torch.ones(L, L, dtype=torch.bool).tril()
+        for blk in self.layers:
+            a = blk.self_attn
+            h = blk.input_layernorm(x)
+            q = a.q_proj(h).view(B, L, a.h, a.hd).transpose(1, 2)
+            k = a.k_proj(h).view(B, L, a.kv, a.hd).transpose(1, 2)
+            v = a.v_proj(h).view(B, L, a.kv, a.hd).transpose(1, 2)
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True)
+            x = x + a.o_proj(o.transpose(1, 2).reshape(B, L, -1))
+            x = x + blk.mlp(blk.post_attention_layernorm(x))
+        return self.head(self.norm(x))
+
+
+class AuxMoELM(MoELM):
+    """Switch-style load-balancing loss returned next to the logits (added to the loss in the loop)."""
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        h = self.ln(x).reshape(-1, D)
+        probs = self.moe.router(h).softmax(-1)
+        frac = F.one_hot(probs.argmax(-1), probs.shape[-1]).float().mean(0)
+        aux = probs.shape[-1] * (frac * probs.mean(0)).sum()
+        x = x + self.moe(self.ln(x))
+        return self.head(self.lnf(x)), aux
+
+
+def more_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
+    out: Dict[str, Callable[[], Unseen]] = {}
+    ce = nn.CrossEntropyLoss
+
+    def add(name, f):
+        def build():
+            torch.manual_seed(0)
+            return f()
+        out[name] = build
+
+    g = torch.Generator().manual_seed(9)
+    img, xs = torch.randn(B, 3, 6, 6, generator=g), torch.randn(B, T, 5, generator=g)
+    add("std_conv_equal_linear", lambda: Unseen("std_conv_equal_linear", StdNet(), ce(), [(img, labels(B), 1.0)]))
+    for bare in (True, False):
+        for merged in ((False, True) if bare else (False,)):
+            name = f"lora_{'bare' if bare else 'linear'}{'_merged' if merged else ''}"
+            add(name, lambda bare=bare, merged=merged, name=name: Unseen(
+                name, LoRALM(bare, merged), ce(ignore_index=-100), [(*tokens(B), 1.0)], flat))
+
+    def time_unet():
+        gg = torch.Generator().manual_seed(10)
+        x, y = torch.randn(B, 2, 4, 4, generator=gg), torch.randn(B, 2, 4, 4, generator=gg)
+        t = torch.randint(0, 1000, (B,), generator=gg)
+        return Unseen("time_unet", TimeUNet(), nn.MSELoss(), [({"x": x, "t": t}, y, 1.0)], call=lambda m, x: m(**x),
+                      size=lambda x: int(x["x"].shape[0]))
+    add("time_unet", time_unet)
+    add("convnext", lambda: Unseen("convnext", ConvNeXtBlock(), ce(), [(img, labels(B), 1.0)]))
+    add("mixer", lambda: Unseen("mixer", Mixer(), ce(), [(tokens(B)[0], labels(B), 1.0)]))
+    for kind in ("embedding_weight", "latents"):
+        add(f"queries_{kind}", lambda kind=kind: Unseen(f"queries_{kind}", QueryDecoder(kind), ce(),
+                                                        [(xs, labels(B), 1.0)]))
+    for how in ("index", "f_embedding"):
+        add(f"table_{how}", lambda how=how: Unseen(f"table_{how}", TableIndex(how), ce(), [(tokens(B)[0], labels(B), 1.0)]))
+
+    def masked_llama():
+        x, y = tokens(B)
+        mask = torch.ones(B, T, dtype=torch.long)
+        for i in range(B):
+            mask[i, :i] = 0  # left padding
+            x[i, :i] = 0
+            y[i, :i] = -100
+        return Unseen("masked_llama", MaskedLlama(1), ce(ignore_index=-100), [({"input_ids": x, "attention_mask": mask},
+                      y, 1.0)], lm_loss, call=lambda m, x: m(**x), size=lambda x: int(x["input_ids"].shape[0]))
+    add("masked_llama", masked_llama)
+
+    def sorted_batch():
+        x = torch.randn(B, 5, generator=torch.Generator().manual_seed(11))
+        x[:, 0] = torch.tensor([3.0, -1.0, 2.0, 0.5, 1.0, -2.0, 0.0, -0.5][:B])  # sample 0 first, the rest reordered
+        return Unseen("sorted_batch", SortedBatch(), ce(), [(x, labels(B), 1.0)])
+    add("sorted_batch", sorted_batch)
+    return out
+
+
+class SortedBatch(nn.Module):
+    """Older RNN code: the batch sorted by length inside forward (``x[perm]``), a layer on the sorted rows, the
+    order restored (``h[inverse]``) before the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):  # [B, 5]; column 0 plays the length
+        perm = x[:, 0].argsort(descending=True)
+        h = torch.tanh(self.a(x[perm]))
+        return self.b(h[perm.argsort()])
