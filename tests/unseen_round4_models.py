@@ -650,3 +650,43 @@ class SortedBatch(nn.Module):
         perm = x[:, 0].argsort(descending=True)
         h = torch.tanh(self.a(x[perm]))
         return self.b(h[perm.argsort()])
+
+
+def curvature_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
+    """The brief's families at sizes whose dense float64 Hessian takes about a second (a few hundred parameters):
+    {name: builder}; the loss input and target as in ``cases``."""
+    out: Dict[str, Callable[[], Unseen]] = {}
+    ce = nn.CrossEntropyLoss
+
+    def add(name, f):
+        def build():
+            torch.manual_seed(0)
+            return f()
+        out[name] = build
+
+    add("llama_tied", lambda: Unseen("llama_tied", Llama(1, "enable_gqa", True), ce(ignore_index=-100),
+                                     [(*tokens(B), 1.0)], lm_loss))
+    for k in (1, 2):
+        def moe(k=k):
+            m = MoELM(k)
+            m.moe = MoE(D, experts=3, k=k, hidden=4)
+            return Unseen(f"moe_top{k}", m, ce(ignore_index=-100), [(*tokens(B), 1.0)], lm_loss)
+        add(f"moe_top{k}", moe)
+
+    def unet():
+        g = torch.Generator().manual_seed(4)
+        x, y = torch.randn(B, 1, 4, 4, generator=g), torch.randn(B, 1, 4, 4, generator=g)
+        return Unseen("unet", UNet(c=1, w=2), nn.MSELoss(), [(x, y, 1.0)])
+    add("unet", unet)
+
+    def vit():
+        x = torch.randn(B, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+        return Unseen("vit_prenorm", ViT(d=4, layers=1), ce(), [(x, labels(B), 1.0)])
+    add("vit_prenorm", vit)
+    g = torch.Generator().manual_seed(6)
+    xs, x8 = torch.randn(B, T, D, generator=g), torch.randn(B, 8, generator=g)
+    add("einsum_param_seq", lambda: Unseen("einsum_param_seq", EinsumParam(), ce(ignore_index=-100),
+                                           [(*tokens(B), 1.0)], lm_loss))
+    add("bmm_param", lambda: Unseen("bmm_param", BmmParam(), ce(), [(xs, labels(B), 1.0)]))
+    add("bilinear_prelu", lambda: Unseen("bilinear_prelu", BilinearPReLU(), ce(), [(x8, labels(B), 1.0)]))
+    return out

@@ -134,7 +134,9 @@ def _leaf_read(loss_input, outputs) -> Optional[int]:
         return None
     base = loss_input._base
     for i, o in enumerate(outputs):
-        if o is not None and (o is loss_input or (base is not None and o is base)):
+        # a view of a view shares its root's _base: logits.view(-1, V) of a Linear's [B, T, V] output (itself a
+        # view of [B*T, V]) has the output's base, not the output, as its _base
+        if o is not None and (o is loss_input or (base is not None and (o is base or o._base is base))):
             return i
     return None
 
