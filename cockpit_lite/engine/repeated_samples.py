@@ -42,6 +42,8 @@ class _Forward:
         self.rows: Optional[int] = None
         self.repeated = False  # its input is that of an earlier back-propagated forward of the step
         self.grad_leaves: set = set()  # positions of its output tensors a training backward pass reached
+        self.upstream: set = set()  # positions of its output tensors that a tensor loss_fn read was computed from
+        self.hooked = False  # grad_leaves is being noted (a tracked step, several output tensors)
 
     def same_input(self, other: "_Forward") -> bool:
         mine, theirs = self.input() if self.input else None, other.input() if other.input else None
@@ -70,6 +72,7 @@ class RepeatedSamples:
         fwd.outputs = [weakref.ref(t) for t in leaves]
         fwd.rows = int(leaves[0].shape[0]) if leaves and leaves[0].dim() > 0 else None
         if reaches is not None and len(leaves) > 1:
+            fwd.hooked = True
             for i, leaf in enumerate(leaves):
                 if leaf.requires_grad:
                     leaf.register_hook(functools.partial(_note_grad, fwd, i, reaches))
@@ -78,7 +81,10 @@ class RepeatedSamples:
         fwd = self._forward
         if fwd is None:
             return
-        rows, leaf = None, _leaf_read(loss_input, [r() for r in fwd.outputs])
+        outputs = [r() for r in fwd.outputs]
+        rows, leaf = None, _leaf_read(loss_input, outputs)
+        if fwd.hooked and leaf is not None:
+            fwd.upstream |= _computed_from(loss_input, outputs, leaf)
         if fwd.rows is not None and isinstance(loss_input, torch.Tensor) and 0 < loss_input.dim():
             if int(loss_input.shape[0]) <= fwd.rows and _reads_rows(loss_input, [r() for r in fwd.outputs]):
                 rows = int(loss_input.shape[0])
@@ -114,7 +120,8 @@ class RepeatedSamples:
                 if leaf is not None:
                     read.setdefault(id(fwd), set()).add(leaf)
         for key, (fwd, mbs) in calls.items():
-            other = sorted(fwd.grad_leaves - read.get(key, set()))
+            # (a returned hidden state the logits were computed from gets its gradient through them)
+            other = sorted(fwd.grad_leaves - read.get(key, set()) - fwd.upstream)
             if read.get(key) and other:
                 why = (f"output tensor {other[0]} of the model's forward (of {len(fwd.outputs)}) was back-propagated "
                        "without going through loss_fn (a second loss module, or an auxiliary loss the model returns): "
@@ -126,6 +133,31 @@ class RepeatedSamples:
 def _note_grad(fwd: _Forward, i: int, reaches, grad) -> None:
     if reaches():
         fwd.grad_leaves.add(i)
+
+
+GRAPH_BUDGET = 256  # autograd nodes visited at most, from the loss input towards the model's inputs
+
+
+def _computed_from(loss_input: torch.Tensor, outputs, read: int) -> set:
+    """Positions of the other output tensors that ``loss_input`` was computed from (a returned hidden state under
+    the logits: a backward pass through loss_fn reaches it), found within ``GRAPH_BUDGET`` autograd nodes. A leaf
+    further up is not found, and its gradient counts as a term outside loss_fn (NaN, not a wrong value); an extra
+    term on a leaf that is found (a penalty on the hidden states) goes unseen here."""
+    nodes = {id(o.grad_fn): i for i, o in enumerate(outputs)
+             if i != read and o is not None and o.grad_fn is not None}
+    if not nodes:
+        return set()
+    found, stack, seen, visited = set(), [loss_input.grad_fn], 0, set()
+    while stack and seen < GRAPH_BUDGET and len(found) < len(nodes):
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        seen += 1
+        if id(node) in nodes:
+            found.add(nodes[id(node)])
+        stack.extend(n for n, _ in node.next_functions)
+    return found
 
 
 def _leaf_read(loss_input, outputs) -> Optional[int]:

@@ -45,12 +45,12 @@ def gathered(x, suspects: Dict[int, str]) -> Tuple[Optional[str], List[object]]:
         budget[0] -= 1
         if id(node) in suspects:
             return suspects[id(node)]
-        op = _picks_rows(node)
+        name = node.name()
+        op = _picks_rows(node, name) if name in PICKERS else None
         if op:
             sources.append((node.next_functions[0][0] if node.next_functions else None,
                             f"has its output's rows reordered by {op} later in the forward"))
             return f"was called on rows picked from the batch by {op}"
-        name = node.name()
         if name in BINARY:
             found = [status(n) for n, _ in node.next_functions[:2] if n is not None and n.name() != "AccumulateGrad"]
             return found[0] if found and all(found) else None
@@ -88,8 +88,11 @@ def _row_inputs(node) -> List[object]:
     return []
 
 
-def _picks_rows(node) -> Optional[str]:
-    name = node.name()
+PICKERS = frozenset({"IndexSelectBackward0", "IndexBackward0", "GatherBackward0", "FlipBackward0", "RollBackward0"})
+
+
+def _picks_rows(node, name: str) -> Optional[str]:
+    """The op, where ``node`` (named ``name``) picks rows along dim 0 other than all of them in order."""
     try:
         if name == "IndexSelectBackward0":
             if int(node._saved_dim) == 0 and not _in_order(node._saved_index, node._saved_self_sym_sizes[0]):

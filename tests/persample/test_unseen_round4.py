@@ -168,16 +168,17 @@ def _lm64(o, y):
     return nn.functional.cross_entropy(o.reshape(-1, o.shape[-1]), y.reshape(-1), ignore_index=-100)
 
 
-CURVATURE_SLOW = {"unet"}  # 1,339 parameters: the dense reference takes ~10 s on 2 cores
+CURVATURE_SLOW = {"unet"}  # 1,339 parameters: its dense float64 Hessian alone takes minutes on 2 busy cores
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in CURVATURE_SLOW else n
                                   for n in sorted(M.curvature_cases())])
 def test_curvature_against_dense_hessians(tmp_path, name):
-    """hess_trace / ggn_trace: exact within 1e-4 or estimates within 4 s.e.; hess_max_ev within its bound;
-    tic_trace / tic_diag against M_j = (1/B) sum_i g_ij^2 from the Unseen reference (cockpit-lite's l_i: a
-    sample's share of the batch's token mean, not its own mean) and the dense Hessian's diagonal, or NaN with a
-    reason (tic_diag needs an exact diagonal, which these non-Sequential models do not have)."""
+    """hess_trace / ggn_trace: estimates within 4 s.e. of the dense float64 traces (no exact diagonal for these
+    non-Sequential models); hess_max_ev within its logged bound of the top eigenvalue; tic_trace against
+    M_j = (1/B) sum_i g_ij^2 from the Unseen reference (cockpit-lite's l_i: a sample's share of the batch's token
+    mean, not its own mean) over the dense trace, within 4 s.e., or NaN with a reason (too noisy to divide by);
+    tic_diag NaN with the reason (it needs an exact diagonal)."""
     import unseen_curvature_models as U
 
     u = M.curvature_cases()[name]()
@@ -187,25 +188,18 @@ def test_curvature_against_dense_hessians(tmp_path, name):
     loop = (lambda m, x, y, lf: lf(*M.lm_loss(m(x), y))) if lm else None
     before = copy.deepcopy(u.model)
     run, thetas = U.train(u.model, u.loss_fn, [[(x, y)]], tmp_path / "r", U.quantities(True), None, loop)
-    bad, paths = U.check(run, thetas, [[(x, y)]], u.model, loss64, tic=False)
-    _, G, _ = reference(u, before)
-    second = torch.cat([(g ** 2).mean(0).reshape(-1) for g in G])
-    H, _ = U.dense(u.model, loss64, [(x, y)], thetas[0], "none")
-    c = torch.diagonal(H)
-    truth = {"tic_diag": float((second / (c + U.EPS)).sum()), "tic_trace": float(second.sum() / (c.sum() + U.EPS))}
+    H, G = U.dense(before, loss64, [(x, y)], thetas[0])
+    _, grads, _ = reference(u, before)
+    second = torch.cat([(g ** 2).mean(0).reshape(-1) for g in grads])
+    truth = {"hess_trace": float(torch.trace(H)), "ggn_trace": float(torch.trace(G)),
+             "tic_trace": float(second.sum() / (torch.trace(H) + U.EPS))}
     for key, ref in truth.items():
-        got = run.series(key)[1][0]
-        if math.isnan(got):
-            paths[key] = "nan"
-            assert run.reasons(key).get(0), key
+        got, se = run.series(key)[1][0], U._at(run, f"{key}/stderr", 0)
+        if key == "tic_trace" and math.isnan(got):
+            assert "too noisy" in run.reasons(key)[0]
             continue
-        se = U._at(run, f"{key}/stderr", 0)
-        paths[key] = "estimate" if se else "exact"
-        if se:
-            assert abs(got - ref) <= 4 * se, (key, got, ref, se)
-        else:
-            assert got == pytest.approx(ref, rel=1e-4), key
-    assert not bad, bad
-    assert paths["hess_max_ev"] == "lanczos" and paths["tic_diag"] == "nan", paths
-    assert paths["hess_trace"] == paths["ggn_trace"] == "estimate", paths
-    assert "exact Hessian diagonal" in run.reasons("tic_diag")[0]
+        assert se is not None and se > 0 and abs(got - ref) <= 4 * se, (key, got, ref, se)
+    top = float(torch.linalg.eigvalsh(H)[-1])
+    got, bound = run.series("hess_max_ev")[1][0], run.series("hess_max_ev/error_bound")[1][0]
+    assert abs(got - top) <= bound + 1e-6 * abs(top), (got, top, bound)
+    assert math.isnan(run.series("tic_diag")[1][0]) and "exact Hessian diagonal" in run.reasons("tic_diag")[0]
