@@ -20,7 +20,7 @@ most ``BUDGET`` nodes per layer call on tracked steps, tensor-free except at an 
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -28,40 +28,47 @@ from .flat_rows import ELEMENTWISE
 
 #: ops of two tensors whose result keeps the rows of their inputs (a SwiGLU expert's silu(gate(h)) * up(h))
 BINARY = frozenset({"AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0"})
-BUDGET = 16  # autograd nodes visited per call at most
+#: ops that may pick rows along dim 0 (each judged by its saved arguments: _picks_rows)
+PICKERS = frozenset({"IndexSelectBackward0", "IndexBackward0", "GatherBackward0", "FlipBackward0", "RollBackward0"})
+BUDGET = 8  # autograd nodes visited per call at most (an expert's SwiGLU: 4; manifold mixup: 6)
 
 
-def gathered(x, suspects: Dict[int, str]) -> Tuple[Optional[str], List[object]]:
+def gathered(x, suspects: Dict[int, str]) -> Tuple[Optional[str], list]:
     """(why the rows of ``x``, a layer call's first input, are not the batch's rows in order, or None; [(autograd
-    node, why)] for the nodes rows were picked from on the way, whether or not that decided it). ``suspects``: {id(autograd node):
-    reason} of the outputs of calls already found on gathered rows. A binary op's rows are gathered where every
-    input that has rows is (a SwiGLU expert's silu(gate(h)) * up(h)); one input in order keeps its rows those of
-    the samples (manifold mixup's 0.7 h + 0.3 h[perm]: row i is sample i's, mixed with another)."""
-    budget, sources = [BUDGET], []
+    node, why)] for the nodes rows were picked from on the way, whether or not that decided it). ``suspects``:
+    {id(autograd node): reason} of the outputs of calls already found on gathered rows. A binary op's rows are
+    gathered where every input that has rows is (a SwiGLU expert's silu(gate(h)) * up(h)); one input in order
+    keeps its rows those of the samples (manifold mixup's 0.7 h + 0.3 h[perm]: row i is sample i's, mixed)."""
+    node = x.grad_fn if isinstance(x, torch.Tensor) else None
+    if node is None:  # the model input, or computed without a gradient: no graph to read
+        return None, ()
+    sources: list = []
+    return _status(node, suspects, [BUDGET], sources), sources
 
-    def status(node) -> Optional[str]:
-        if node is None or budget[0] <= 0:
-            return None
-        budget[0] -= 1
-        if id(node) in suspects:
-            return suspects[id(node)]
-        name = node.name()
-        op = _picks_rows(node, name) if name in PICKERS else None
+
+def _status(node, suspects, budget, sources) -> Optional[str]:
+    if node is None or budget[0] <= 0:
+        return None
+    budget[0] -= 1
+    if id(node) in suspects:
+        return suspects[id(node)]
+    name = node.name()
+    if name in PICKERS:
+        op = _picks_rows(node, name)
         if op:
             sources.append((node.next_functions[0][0] if node.next_functions else None,
                             f"has its output's rows reordered by {op} later in the forward"))
             return f"was called on rows picked from the batch by {op}"
-        if name in BINARY:
-            found = [status(n) for n, _ in node.next_functions[:2] if n is not None and n.name() != "AccumulateGrad"]
-            return found[0] if found and all(found) else None
-        if name in ELEMENTWISE or name in ("IndexBackward0", "IndexSelectBackward0"):  # (an index in order)
-            return status(node.next_functions[0][0] if node.next_functions else None)
-        return None
+    if name in BINARY:
+        found = [_status(n, suspects, budget, sources) for n, _ in node.next_functions[:2]
+                 if n is not None and n.name() != "AccumulateGrad"]
+        return found[0] if found and all(found) else None
+    if name in ELEMENTWISE or name in PICKERS:  # (an index that keeps the rows in order)
+        return _status(node.next_functions[0][0] if node.next_functions else None, suspects, budget, sources)
+    return None
 
-    return status(getattr(x, "grad_fn", None) if isinstance(x, torch.Tensor) else None), sources
 
-
-def upstream(node, outputs: Dict[int, object]) -> List[object]:
+def upstream(node, outputs: Dict[int, object]) -> list:
     """The values of ``outputs`` ({id(autograd node): call}) whose node ``node``'s rows come from through
     element-wise ops: calls whose rows a later index reordered (a batch sorted, its order restored afterwards:
     the rows before the restoring index were not the samples in order either)."""
@@ -78,17 +85,14 @@ def upstream(node, outputs: Dict[int, object]) -> List[object]:
     return found
 
 
-def _row_inputs(node) -> List[object]:
+def _row_inputs(node) -> list:
     """The nodes whose rows ``node``'s result keeps (none for an op that does not keep rows)."""
     name = node.name()
     if name in BINARY:
         return [n for n, _ in node.next_functions[:2]]
-    if name in ELEMENTWISE or name in ("IndexBackward0", "IndexSelectBackward0"):
+    if name in ELEMENTWISE or name in PICKERS:
         return [n for n, _ in node.next_functions[:1]]
     return []
-
-
-PICKERS = frozenset({"IndexSelectBackward0", "IndexBackward0", "GatherBackward0", "FlipBackward0", "RollBackward0"})
 
 
 def _picks_rows(node, name: str) -> Optional[str]:

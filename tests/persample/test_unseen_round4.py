@@ -7,6 +7,8 @@ are exact, honest estimates (4 s.e.) or NaN with a reason against dense float64 
 Bugs found this way (fixed, each with its test below):
 * a layer called on rows picked from the batch by an index (an expert's routed tokens, ``x[perm]`` of a batch
   sorted in forward) took its rows for the samples whenever they numbered B (``persample/row_order.py``);
+* (NaN made exact) a model returning a tuple had no curvature and no first-step self-check
+  (``curvature/batch_loss.py``: the loss input is read from its first tensor, as the per-sample replay does);
 * (NaN made exact) the per-sample replay passed a dict input (``model({"idx": x, "lengths": n})``) whole: the packed LSTM's
   parameters were NaN; the tensors inside dict / list / tuple arguments are now split per sample (``replayed.py``);
 * an auxiliary loss returned next to the logits of a Linear on [B, T, d] was not seen as outside loss_fn
@@ -168,7 +170,8 @@ def _lm64(o, y):
     return nn.functional.cross_entropy(o.reshape(-1, o.shape[-1]), y.reshape(-1), ignore_index=-100)
 
 
-CURVATURE_SLOW = {"unet"}  # 1,339 parameters: its dense float64 Hessian alone takes minutes on 2 busy cores
+# dense float64 Hessians of 130-1,339 parameters: 10-140 s each on this shared 2-core VM (UNet: minutes)
+CURVATURE_SLOW = set(M.curvature_cases()) - {"bmm_param"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in CURVATURE_SLOW else n
@@ -203,3 +206,46 @@ def test_curvature_against_dense_hessians(tmp_path, name):
     got, bound = run.series("hess_max_ev")[1][0], run.series("hess_max_ev/error_bound")[1][0]
     assert abs(got - top) <= bound + 1e-6 * abs(top), (got, top, bound)
     assert math.isnan(run.series("tic_diag")[1][0]) and "exact Hessian diagonal" in run.reasons("tic_diag")[0]
+
+
+class _Swapped(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        logits, aux = self.m(x)
+        return aux, logits
+
+
+@pytest.mark.parametrize("read", [pytest.param("first", marks=pytest.mark.slow), "second"])  # first: 70 s here
+def test_curvature_of_a_model_returning_a_tuple(tmp_path, read):
+    """``logits, aux = model(x)`` (aux not in the loss): the re-evaluation took only a tensor output or a loss
+    called inside forward, so every curvature value was NaN ("the model returns tuple") and the first-step
+    self-check was unavailable. Now the first tensor is the loss input's source, as for the per-sample replay:
+    hess_trace within 4 s.e. of the dense trace, hess_max_ev within its bound. The loss read from another output
+    (``aux, logits = model(x)``) fails the re-evaluation's check: NaN with the reason."""
+    import unseen_curvature_models as U
+
+    torch.manual_seed(0)
+    model = M.AuxMoELM(1, d=4, vocab=7, experts=3, hidden=4)
+    model = _Swapped(model) if read == "second" else model
+    x, y = M.tokens(4)
+    x, y = x % 7, torch.where(y < 0, y, y % 7)
+
+    def pick(o):
+        return o[1] if read == "second" else o[0]
+
+    run, thetas = U.train(model, nn.CrossEntropyLoss(ignore_index=-100), [[(x, y)]], tmp_path / "r",
+                          U.quantities(False), None, lambda m, x, y, lf: lf(*M.lm_loss(pick(m(x)), y)))
+    if read == "second":
+        for key in ("hess_trace", "ggn_trace", "hess_max_ev"):
+            assert math.isnan(run.series(key)[1][0]) and "re-evaluated" in run.reasons(key)[0], key
+        return
+    H, _ = U.dense(model, lambda o, y: _lm64(pick(o), y), [(x, y)], thetas[0], "none")
+    got, se = run.series("hess_trace")[1][0], run.series("hess_trace/stderr")[1][0]
+    assert se > 0 and abs(got - float(torch.trace(H))) <= 4 * se
+    top = float(torch.linalg.eigvalsh(H)[-1])
+    ev, bound = run.series("hess_max_ev")[1][0], run.series("hess_max_ev/error_bound")[1][0]
+    assert abs(ev - top) <= bound + 1e-6 * abs(top)
+    assert math.isfinite(run.series("ggn_trace")[1][0]) and run.series("ggn_trace/stderr")[1][0] > 0
