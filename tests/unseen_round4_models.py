@@ -635,6 +635,9 @@ def more_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
         x[:, 0] = torch.tensor([3.0, -1.0, 2.0, 0.5, 1.0, -2.0, 0.0, -0.5][:B])  # sample 0 first, the rest reordered
         return Unseen("sorted_batch", SortedBatch(), ce(), [(x, labels(B), 1.0)])
     add("sorted_batch", sorted_batch)
+    for k in (1, 2):
+        add(f"mixtral_top{k}", lambda k=k: Unseen(f"mixtral_top{k}", MixtralLM(k), ce(ignore_index=-100),
+                                                  [(*tokens(B, pad=False), 1.0)], flat))
     return out
 
 
@@ -689,3 +692,38 @@ def curvature_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
     add("bmm_param", lambda: Unseen("bmm_param", BmmParam(), ce(), [(xs, labels(B), 1.0)]))
     add("bilinear_prelu", lambda: Unseen("bilinear_prelu", BilinearPReLU(), ce(), [(x8, labels(B), 1.0)]))
     return out
+
+
+class MixtralMoE(nn.Module):
+    """Hugging Face's Mixtral / Qwen-MoE sparse block: top-k of the router's softmax renormalised, a one-hot expert
+    mask, each expert's tokens taken as ``hidden[None, top_x].reshape(-1, d)``, SwiGLU experts, the weighted outputs
+    added back with ``index_add_``."""
+
+    def __init__(self, d=D, experts=4, k=2, hidden=6):
+        super().__init__()
+        self.k, self.n = k, experts
+        self.gate = nn.Linear(d, experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(d, hidden) for _ in range(experts))
+
+    def forward(self, x):
+        B, L, d = x.shape
+        h = x.view(-1, d)
+        weights = F.softmax(self.gate(h), dim=1, dtype=torch.float)
+        weights, selected = torch.topk(weights, self.k, dim=-1)
+        if self.k > 1:  # (top-1 renormalised is 1: the router would get no gradient, only float32 rounding)
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(h.dtype)
+        out = torch.zeros_like(h)
+        mask = F.one_hot(selected, num_classes=self.n).permute(2, 1, 0)
+        for e in range(self.n):
+            idx, top_x = torch.where(mask[e])
+            state = h[None, top_x].reshape(-1, d)
+            y = self.experts[e](state) * weights[top_x, idx, None]
+            out.index_add_(0, top_x, y.to(h.dtype))
+        return out.reshape(B, L, d)
+
+
+class MixtralLM(MoELM):
+    def __init__(self, k=2):
+        super().__init__(k)
+        self.moe = MixtralMoE(D, k=k)

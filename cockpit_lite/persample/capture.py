@@ -146,12 +146,13 @@ class LayerCapture:
             forward = self._forward
             if forward > 0 and _in_backward():  # a recomputation (reentrant torch.utils.checkpoint) during the
                 forward -= 1  # backward pass of the forward that just ended: its calls, not a new forward's
-            lead = flat_rows.lead_of(module, args[0], self._rows_known) if args else None
+            gathered, sources = row_order.gathered(args[0], self._rows_gathered) if args else (None, ())
+            # (rows picked by an index and reshaped, Mixtral's h[None, idx].reshape(-1, d), are not [B, T, d] rows)
+            lead = flat_rows.lead_of(module, args[0], self._rows_known) if args and gathered is None else None
             inputs = tuple(_detach(a) for a in args)
             if lead is not None:  # rows flattened from [B, T, d]: read as the call on [B, T, d] (flat_rows.py)
                 self._rows_known[id(out.grad_fn)] = lead
                 inputs = (flat_rows.regrouped(inputs[0], lead), *inputs[1:])
-            gathered, sources = row_order.gathered(args[0], self._rows_gathered) if lead is None and args else (None, ())
             if gathered is not None:
                 self._rows_gathered[id(out.grad_fn)] = gathered
             for source, why in sources:  # the calls whose output rows an index reordered: not the samples' either

@@ -24,10 +24,12 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .flat_rows import ELEMENTWISE
+from .flat_rows import ELEMENTWISE, VIEWS
 
 #: ops of two tensors whose result keeps the rows of their inputs (a SwiGLU expert's silu(gate(h)) * up(h))
 BINARY = frozenset({"AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0"})
+#: reshapes walked through: the rows of a view are those of its source, regrouped (Mixtral's h[None, idx].reshape(-1, d))
+RESHAPES = VIEWS | {"UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2"}
 #: ops that may pick rows along dim 0 (each judged by its saved arguments: _picks_rows)
 PICKERS = frozenset({"IndexSelectBackward0", "IndexBackward0", "GatherBackward0", "FlipBackward0", "RollBackward0"})
 BUDGET = 8  # autograd nodes visited per call at most (an expert's SwiGLU: 4; manifold mixup: 6)
@@ -63,7 +65,7 @@ def _status(node, suspects, budget, sources) -> Optional[str]:
         found = [_status(n, suspects, budget, sources) for n, _ in node.next_functions[:2]
                  if n is not None and n.name() != "AccumulateGrad"]
         return found[0] if found and all(found) else None
-    if name in ELEMENTWISE or name in PICKERS:  # (an index that keeps the rows in order)
+    if name in ELEMENTWISE or name in PICKERS or name in RESHAPES:  # (an index that keeps the rows in order)
         return _status(node.next_functions[0][0] if node.next_functions else None, suspects, budget, sources)
     return None
 
@@ -102,8 +104,12 @@ def _picks_rows(node, name: str) -> Optional[str]:
             if int(node._saved_dim) == 0 and not _in_order(node._saved_index, node._saved_self_sym_sizes[0]):
                 return "index_select along dim 0"
         elif name == "IndexBackward0":
-            first = node._saved_indices[0] if node._saved_indices else None
-            if first is not None and not _in_order(first, node._saved_self_sym_sizes[0]):
+            # the first indexed dimension, where the ones before it have size 1 (h[None, idx]: h's rows)
+            sizes, k = node._saved_self_sym_sizes, 0
+            indices = node._saved_indices
+            while k < len(indices) and indices[k] is None and int(sizes[k]) == 1:
+                k += 1
+            if k < len(indices) and indices[k] is not None and not _in_order(indices[k], sizes[k]):
                 return "indexing along dim 0 (x[idx])"
         elif name == "GatherBackward0":
             if int(node._saved_dim) == 0:

@@ -11,6 +11,8 @@ Bugs found this way (fixed, each with its test below):
   (``curvature/batch_loss.py``: the loss input is read from its first tensor, as the per-sample replay does);
 * (NaN made exact) the per-sample replay passed a dict input (``model({"idx": x, "lengths": n})``) whole: the packed LSTM's
   parameters were NaN; the tensors inside dict / list / tuple arguments are now split per sample (``replayed.py``);
+* (NaN made exact) Hugging Face's Mixtral expert input ``h[None, top_x].reshape(-1, d)`` was read by flat_rows.py as a
+  [1, n, d] batch of one, outvoting the batch: every per-sample value NaN; now a gathered call (no regrouping);
 * an auxiliary loss returned next to the logits of a Linear on [B, T, d] was not seen as outside loss_fn
   (``engine/repeated_samples.py``: ``logits.view(-1, V)`` has the output's base, not the output, as its base).
 """
@@ -45,6 +47,10 @@ EXPECT = {
     # was: total inner_test 0.6052 for 0.6481, ortho_test 1.2591 for 1.2376 (layer 'a' on the sorted rows read by
     # the rules as samples in order, the self-check passing as sample 0 stays first); now replayed: exact
     "sorted_batch": None,
+    # Hugging Face's Mixtral block (h[None, top_x].reshape(-1, d) per expert): was NaN everywhere ("needs at least 2
+    # samples per step, got 1": flat_rows read the experts' [1, n, d] views as batches of one, outvoting B); expert 1
+    # of top-1 gets one sample's token only: its ortho test is 0 up to rounding
+    "mixtral_top1": "float32 rounding", "mixtral_top2": None,
     # expert 2 gets the tokens of one sample only: its ortho test is 0 up to rounding (float64 2.6e-8 .. NaN)
     "moe_top1": "float32 rounding",
     # one sample's q/k gradient is ~1e-5 (left padding, causal): the ortho test's difference cancels completely
