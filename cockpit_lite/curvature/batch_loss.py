@@ -58,10 +58,10 @@ class _ModelAndLoss(nn.Module):
                 out = self.model.forward(*args, **kwargs)
         finally:
             handle.remove()
-        if not inside and not isinstance(out, torch.Tensor):
+        if not inside and not isinstance(out, torch.Tensor) and view is not None:
             # a tuple / dict output and the loss on its first tensor ((logits, aux), nanoGPT's (logits, None)): the
-            # tensor the step's view was read from (engine/step_detection.first_tensor); a loss on another one
-            # fails check_reevaluation (the loss differs) or the self-check's per-sample losses
+            # tensor the step's view was read from (engine/step_detection.first_tensor; no view: the loss read
+            # another one); a loss computed from it otherwise fails check_reevaluation or the self-check's losses
             out = next((x for x in tree_leaves(out) if isinstance(x, torch.Tensor)), out)
         if isinstance(out, torch.Tensor) and not inside:
             try:  # the loss input as the training loop read it from the output (logits.view(-1, V), ...)
