@@ -10,9 +10,12 @@ and wrong (the total inner test of a sorted batch 0.605 for 0.648; an expert fed
 1.06 for 1.15).
 
 So, while capturing, the input of each call is traced back a few autograd nodes (element-wise and binary
-arithmetic ops, which keep rows) to an op that picks rows along dim 0 with an index that is not 0..n-1
-(``index_select``, advanced indexing, ``gather``, ``flip``/``roll`` of dim 0), or to the output of a call already
-found to be on gathered rows (the second layer of the expert). Such a call's parameters come from the per-sample
+arithmetic ops and reshapes, which keep rows) to an op that picks rows along dim 0 with an index that is not
+0..n-1 (``index_select``, advanced indexing, also after leading size-1 dims as in Hugging Face's Mixtral
+``h[None, top_x].reshape(-1, d)``, ``gather``, ``flip``/``roll`` of dim 0), or to the output of a call already
+found to be on gathered rows (the second layer of the expert); such a call is not regrouped by ``flat_rows.py``
+either. The calls whose output such an index reorders are marked too (the layer between sorting a batch and
+restoring its order, the layer before manifold mixup's ``h[perm]``). Their parameters come from the per-sample
 replay (exact, verified against the step's per-sample losses) or are NaN with the reason. An index that keeps
 the rows in order (``h[torch.arange(B), last]``, ``x[:, idx]``) is not a gather. Cost: a bounded walk of at
 most ``BUDGET`` nodes per layer call on tracked steps, tensor-free except at an index node.
