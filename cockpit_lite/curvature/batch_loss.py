@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_leaves
 
 from ..persample.output_view import ViewUnavailable, head_target, replay as replay_view
 from ..replay import replaying
@@ -40,7 +41,7 @@ class CurvatureUnavailable(RuntimeError):
 class _ModelAndLoss(nn.Module):
     """model.forward + the loss, without the hooks registered on either top-level module.
 
-    The loss is ``loss_fn`` on the model output, or, for a model that calls ``loss_fn`` itself inside
+    The loss is ``loss_fn`` on the model output (its first tensor, where it returns several), or, for a model that calls ``loss_fn`` itself inside
     ``forward`` (the Hugging Face style: it returns a dict or a ModelOutput), that call's input and
     result, caught by a hook for the duration of the call. Returns (the loss function's input, loss)."""
 
@@ -57,6 +58,11 @@ class _ModelAndLoss(nn.Module):
                 out = self.model.forward(*args, **kwargs)
         finally:
             handle.remove()
+        if not inside and not isinstance(out, torch.Tensor) and view is not None:
+            # a tuple / dict output and the loss on its first tensor ((logits, aux), nanoGPT's (logits, None)): the
+            # tensor the step's view was read from (engine/step_detection.first_tensor; no view: the loss read
+            # another one); a loss computed from it otherwise fails check_reevaluation or the self-check's losses
+            out = next((x for x in tree_leaves(out) if isinstance(x, torch.Tensor)), out)
         if isinstance(out, torch.Tensor) and not inside:
             try:  # the loss input as the training loop read it from the output (logits.view(-1, V), ...)
                 out = replay_view(view, out, batch)

@@ -42,6 +42,9 @@ class _Forward:
         self.rows: Optional[int] = None
         self.repeated = False  # its input is that of an earlier back-propagated forward of the step
         self.grad_leaves: set = set()  # positions of its output tensors a training backward pass reached
+        self.upstream: set = set()  # positions of its output tensors that a tensor loss_fn read was computed from
+        self.hooked = False  # grad_leaves is being noted (a tracked step, several output tensors)
+        self.nodes: List[Optional[int]] = []  # id of each output tensor's autograd node, where hooked
 
     def same_input(self, other: "_Forward") -> bool:
         mine, theirs = self.input() if self.input else None, other.input() if other.input else None
@@ -70,6 +73,10 @@ class RepeatedSamples:
         fwd.outputs = [weakref.ref(t) for t in leaves]
         fwd.rows = int(leaves[0].shape[0]) if leaves and leaves[0].dim() > 0 else None
         if reaches is not None and len(leaves) > 1:
+            fwd.hooked = True
+            # their autograd nodes' ids: an output dropped before the loss call (crit(model(x).logits.view(-1, V), y)
+            # drops the hidden states) keeps its node, and its gradient hook, in the graph of what was made from it
+            fwd.nodes = [id(t.grad_fn) if t.grad_fn is not None else None for t in leaves]
             for i, leaf in enumerate(leaves):
                 if leaf.requires_grad:
                     leaf.register_hook(functools.partial(_note_grad, fwd, i, reaches))
@@ -78,7 +85,10 @@ class RepeatedSamples:
         fwd = self._forward
         if fwd is None:
             return
-        rows, leaf = None, _leaf_read(loss_input, [r() for r in fwd.outputs])
+        outputs = [r() for r in fwd.outputs]
+        rows, leaf = None, _leaf_read(loss_input, outputs)
+        if fwd.hooked and leaf is not None:
+            fwd.upstream |= _computed_from(loss_input, fwd.nodes, leaf)
         if fwd.rows is not None and isinstance(loss_input, torch.Tensor) and 0 < loss_input.dim():
             if int(loss_input.shape[0]) <= fwd.rows and _reads_rows(loss_input, [r() for r in fwd.outputs]):
                 rows = int(loss_input.shape[0])
@@ -114,7 +124,8 @@ class RepeatedSamples:
                 if leaf is not None:
                     read.setdefault(id(fwd), set()).add(leaf)
         for key, (fwd, mbs) in calls.items():
-            other = sorted(fwd.grad_leaves - read.get(key, set()))
+            # (a returned hidden state the logits were computed from gets its gradient through them)
+            other = sorted(fwd.grad_leaves - read.get(key, set()) - fwd.upstream)
             if read.get(key) and other:
                 why = (f"output tensor {other[0]} of the model's forward (of {len(fwd.outputs)}) was back-propagated "
                        "without going through loss_fn (a second loss module, or an auxiliary loss the model returns): "
@@ -128,13 +139,40 @@ def _note_grad(fwd: _Forward, i: int, reaches, grad) -> None:
         fwd.grad_leaves.add(i)
 
 
+GRAPH_BUDGET = 256  # autograd nodes visited at most, from the loss input towards the model's inputs
+
+
+def _computed_from(loss_input: torch.Tensor, node_ids, read: int) -> set:
+    """Positions of the other output tensors (``node_ids``: their autograd nodes' ids) that ``loss_input`` was
+    computed from (a returned hidden state under the logits: a backward pass through loss_fn reaches it), found
+    within ``GRAPH_BUDGET`` autograd nodes. A leaf further up is not found, and its gradient counts as a term outside
+    loss_fn (NaN, not a wrong value); an extra term on a leaf that is found (a penalty on the hidden states) goes
+    unseen here. (An id whose node died was no output's with a gradient: its hook died with it.)"""
+    nodes = {n: i for i, n in enumerate(node_ids) if i != read and n is not None}
+    if not nodes:
+        return set()
+    found, stack, seen, visited = set(), [loss_input.grad_fn], 0, set()
+    while stack and seen < GRAPH_BUDGET and len(found) < len(nodes):
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        seen += 1
+        if id(node) in nodes:
+            found.add(nodes[id(node)])
+        stack.extend(n for n, _ in node.next_functions)
+    return found
+
+
 def _leaf_read(loss_input, outputs) -> Optional[int]:
     """Which of the forward's output tensors ``loss_input`` is, or is a view of (None: neither)."""
     if not isinstance(loss_input, torch.Tensor):
         return None
     base = loss_input._base
     for i, o in enumerate(outputs):
-        if o is not None and (o is loss_input or (base is not None and o is base)):
+        # a view of a view shares its root's _base: logits.view(-1, V) of a Linear's [B, T, V] output (itself a
+        # view of [B*T, V]) has the output's base, not the output, as its _base
+        if o is not None and (o is loss_input or (base is not None and (o is base or o._base is base))):
             return i
     return None
 

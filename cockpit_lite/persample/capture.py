@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.utils._pytree import tree_leaves
 
-from . import attention_tap, broadcast, flat_rows
+from . import attention_tap, broadcast, flat_rows, row_order
 
 
 @dataclass
@@ -39,6 +39,8 @@ class LayerCall:
     expanded: bool = False  # inputs expanded to the batch
     #: a row-wise layer called on [B*T, d] rows flattened from [B, T, d] (flat_rows.py): (B, T, ...)
     flat_lead: Optional[tuple] = None
+    #: rows picked from the batch by an index (an expert's tokens, a sorted batch; row_order.py): why, else None
+    gathered: Optional[str] = None
 
 
 @dataclass
@@ -72,6 +74,8 @@ class LayerCapture:
         self._forward = 0
         self._pending: list = []  # (call, output) of the forward under way
         self._rows_known: dict = {}  # id(output node) -> (B, T): layers of this forward on flattened rows
+        self._rows_gathered: dict = {}  # id(output node) -> why: layers of this forward on gathered rows
+        self._outputs: dict = {}  # id(output node) -> call, this forward's (row_order.upstream)
         self._handles = []
         self.modules: Dict[str, torch.nn.Module] = {}
         for mname, module in model.named_modules(remove_duplicate=True):
@@ -88,7 +92,7 @@ class LayerCapture:
     # -- engine API ----------------------------------------------------------------------------
     def arm(self) -> None:
         self._pending = []
-        self._rows_known = {}
+        self._rows_known, self._rows_gathered, self._outputs = {}, {}, {}
         self.armed = True
         self._captured = Captured()
         self._forward = 0
@@ -100,7 +104,7 @@ class LayerCapture:
         captured.calls = [c for c in captured.calls if c.output_grad is not None]
         captured.overwritten = [c.module_name for c in captured.calls if _overwritten(c)]
         self._pending = []
-        self._rows_known = {}
+        self._rows_known, self._rows_gathered, self._outputs = {}, {}, {}
         self.armed = False
         self._captured = Captured()
         self._forward = 0
@@ -118,7 +122,7 @@ class LayerCapture:
     def _on_model_forward(self, module, args, output):
         if self.armed and torch.is_grad_enabled():
             pending, self._pending = self._pending, []
-            self._rows_known = {}
+            self._rows_known, self._rows_gathered, self._outputs = {}, {}, {}
             if len({out.shape[0] for _, out in pending}) > 1:  # some layer called without the batch: broadcast.py
                 sizes = [_rows(c) for c in self._captured.calls if c.forward == self._forward]
                 sizes = [n for n in sizes if n is not None]
@@ -142,20 +146,28 @@ class LayerCapture:
             forward = self._forward
             if forward > 0 and _in_backward():  # a recomputation (reentrant torch.utils.checkpoint) during the
                 forward -= 1  # backward pass of the forward that just ended: its calls, not a new forward's
-            lead = flat_rows.lead_of(module, args[0], self._rows_known) if args else None
+            gathered, sources = row_order.gathered(args[0], self._rows_gathered) if args else (None, ())
+            # (rows picked by an index and reshaped, Mixtral's h[None, idx].reshape(-1, d), are not [B, T, d] rows)
+            lead = flat_rows.lead_of(module, args[0], self._rows_known) if args and gathered is None else None
             inputs = tuple(_detach(a) for a in args)
             if lead is not None:  # rows flattened from [B, T, d]: read as the call on [B, T, d] (flat_rows.py)
                 self._rows_known[id(out.grad_fn)] = lead
                 inputs = (flat_rows.regrouped(inputs[0], lead), *inputs[1:])
+            if gathered is not None:
+                self._rows_gathered[id(out.grad_fn)] = gathered
+            for source, why in sources:  # the calls whose output rows an index reordered: not the samples' either
+                for earlier in row_order.upstream(source, self._outputs):
+                    earlier.gathered = earlier.gathered or why
             call = LayerCall(module=module, module_name=mname, forward=forward,
                              order=len(self._captured.calls),
-                             inputs=inputs, flat_lead=lead,
+                             inputs=inputs, flat_lead=lead, gathered=gathered,
                              kwargs={k: _detach(v) for k, v in kwargs.items()},
                              training=module.training,
                              output=out.detach() if keeps_output else None,
                              taps=tap.records if tap is not None else None,
                              versions=tuple(a._version for a in args if isinstance(a, torch.Tensor)))
             self._captured.calls.append(call)
+            self._outputs[id(out.grad_fn)] = call
             if out.dim() >= 1 and not _in_backward():
                 self._pending.append((call, out))  # until the model's forward ends (broadcast.py)
 

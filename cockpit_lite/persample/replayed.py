@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch.func import functional_call, grad_and_value, vmap
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from ..param_slots import aliases
 from ..replay import replaying
@@ -71,9 +71,11 @@ def replayed_grads(model: torch.nn.Module, loss_fn, call, mb, b: int, reduction:
         clone = buf.clone()
         state.update({k: clone for k in aliases(model, "_buffers").get(id(buf), ())})
 
-    args_b, args_fixed, arg_flags = _split_batched(call.args, b, dim)
-    kw_names = sorted(call.kwargs)
-    kw_b, kw_fixed, kw_flags = _split_batched(tuple(call.kwargs[k] for k in kw_names), b, dim)
+    # the tensors inside a dict / list / tuple argument too (model({"idx": x, "lengths": n}))
+    arg_leaves, arg_spec = tree_flatten(tuple(call.args))
+    args_b, args_fixed, arg_flags = _split_batched(tuple(arg_leaves), b, dim)
+    kw_leaves, kw_spec = tree_flatten(dict(call.kwargs))
+    kw_b, kw_fixed, kw_flags = _split_batched(tuple(kw_leaves), b, dim)
     targets = _per_sample_targets(tuple(mb.target), view, b, dim)
     try:
         factor = mean_factor(elementwise_loss(loss_fn, mb.output, tuple(mb.target)), b, reduction, float(mb.loss))
@@ -84,8 +86,8 @@ def replayed_grads(model: torch.nn.Module, loss_fn, call, mb, b: int, reduction:
     def one_sample(theta, a_b, k_b, t_b):
         st = dict(state)
         st.update({k: t for j, t in theta.items() for k in keys[j]})
-        args = _merge(a_b, args_fixed, arg_flags, dim)
-        kwargs = dict(zip(kw_names, _merge(k_b, kw_fixed, kw_flags, dim)))
+        args = tree_unflatten(_merge(a_b, args_fixed, arg_flags, dim), arg_spec)
+        kwargs = tree_unflatten(_merge(k_b, kw_fixed, kw_flags, dim), kw_spec)
         with replaying():
             out = functional_call(model, st, tuple(args), kwargs, tie_weights=False)
         leaf = out if isinstance(out, torch.Tensor) else next(x for x in tree_leaves(out) if isinstance(x, torch.Tensor))

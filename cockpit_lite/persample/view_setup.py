@@ -13,6 +13,7 @@ import torch
 from ..loss_combine import step_normalised
 from .fallback import owned_parameters
 from .norm import BATCHNORM_REASON, batchnorm_mixes_samples
+from .row_order import reason as gathered_reason
 from .samples import DenseSamples
 
 
@@ -32,12 +33,14 @@ def setup(self, captured) -> None:
     off_batch = {}  # id(call) -> (its size, the forward's batch size): a module called without the batch dimension
     for k in forwards:
         sizes = [_batch_size(c) for c in self.calls_by_forward[k]]
+        # calls on rows gathered by an index (row_order.py) do not vote: many experts' calls would outnumber the rest
+        votes = [n for c, n in zip(self.calls_by_forward[k], sizes) if c.gathered is None] or sizes
         # the batch: where attention declares its batch dimension (batch_first), its size (the layers
         # around a sequence-first attention see T along dim 0); else the size most calls agree on
         # (ties: the first call's)
         declared = [n for c, n in zip(self.calls_by_forward[k], sizes)
                     if isinstance(c.module, torch.nn.MultiheadAttention)]
-        b = declared[0] if declared else max(sizes, key=lambda v: (sizes.count(v), -sizes.index(v)))
+        b = declared[0] if declared else max(votes, key=lambda v: (votes.count(v), -votes.index(v)))
         self.batch_sizes.append(b)
         off_batch.update((id(c), (n, b)) for c, n in zip(self.calls_by_forward[k], sizes) if n != b)
     self.sample_dim = 0  # of the model inputs and output
@@ -121,7 +124,9 @@ def setup(self, captured) -> None:
                 self.feeds[j].append((pos, c, attr))
                 if c.order <= last_bn:
                     self._reasons.setdefault(self.names[j], BATCHNORM_REASON)
-                if id(c) in off_batch:
+                if c.gathered is not None:
+                    self._replay.setdefault(j, gathered_reason(c.module_name, c.gathered))
+                elif id(c) in off_batch:
                     n, b = off_batch[id(c)]
                     self._replay.setdefault(j, (
                         f"its module ('{c.module_name}') was called on {n} entries along the batch dimension "

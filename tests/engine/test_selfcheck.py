@@ -109,17 +109,18 @@ def test_check_waits_for_the_first_per_sample_step(tmp_path):
 
 def test_unreplayable_step_is_labelled_unavailable_and_values_stand(tmp_path):
     torch.manual_seed(0)
-    model = TupleOut()  # returns (logits, something else); the loss gets the logits
+    model = TupleOut(logits_first=False)  # returns (something else, logits); the loss gets the logits
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     crit = nn.CrossEntropyLoss()
     with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path, quantities=NOISE):
         for _ in range(2):
             x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
             opt.zero_grad()
-            crit(model(x)[0], y).backward()
+            crit(model(x)[1], y).backward()
             opt.step()
     run = cockpit_lite.load(tmp_path)
     _, check = check_record(run)
+    # the re-evaluation reads a tuple's first tensor (a loss on it is replayed: round 4), not the second
     assert check["status"] == "unavailable" and "returns tuple" in check["reason"]
     assert np.isfinite(run.series("norm_test")[1]).all()
 

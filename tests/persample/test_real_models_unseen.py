@@ -34,7 +34,8 @@ NAN_WITH_REASON = {
     "embedding_bag_offsets": "'bag'",  # EmbeddingBag(tokens, offsets): the per-sample fallback cannot split
     "embedding_max_norm": "'emb'",  # Embedding(max_norm) renormalises its weight in forward: vmap cannot
     "chunked_forward": "disagrees",  # the batch in two chunks: the self-check finds the rows are not samples
-    "packed_lstm": "no module call",  # LSTM on a PackedSequence: no rule, the replay cannot batch it
+    # (packed_lstm: an LSTM on a PackedSequence has no rule; since the per-sample replay splits the tensors of a dict
+    # input, its one-sample-at-a-time loop serves it: exact, was NaN "no module call")
     # (prompt_3/prompt_4: output[:, P:] reshaped inline, a copy, has no replay; their position table 'pos' is
     # exact since its per-sample gradients are read at the addition that broadcasts it: persample/broadcast.py)
     # logits / 2 before the loss: nothing replays the step; the tied wte.weight fails the check of the rules'
