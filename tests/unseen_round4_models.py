@@ -317,15 +317,21 @@ def lm_loss(o, y):
     return o.reshape(-1, o.shape[-1]), y.reshape(-1)  # logits flattened to (B*T, V) (reshape: a view here)
 
 
-def cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
+def _registry():
+    """({name: builder}, add): ``add(name, f)`` registers ``f`` to be built with torch's seed 0."""
     out: Dict[str, Callable[[], Unseen]] = {}
-    ce = nn.CrossEntropyLoss
 
     def add(name, f):
         def build():
             torch.manual_seed(0)
             return f()
         out[name] = build
+    return out, add
+
+
+def cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
+    out, add = _registry()
+    ce = nn.CrossEntropyLoss
 
     for gqa in ("enable_gqa", "repeat"):
         for tied in (True, False):
@@ -586,14 +592,8 @@ class AuxMoELM(MoELM):
 
 
 def more_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
-    out: Dict[str, Callable[[], Unseen]] = {}
+    out, add = _registry()
     ce = nn.CrossEntropyLoss
-
-    def add(name, f):
-        def build():
-            torch.manual_seed(0)
-            return f()
-        out[name] = build
 
     g = torch.Generator().manual_seed(9)
     img, xs = torch.randn(B, 3, 6, 6, generator=g), torch.randn(B, T, 5, generator=g)
@@ -658,14 +658,8 @@ class SortedBatch(nn.Module):
 def curvature_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
     """The brief's families at sizes whose dense float64 Hessian takes seconds (100-300 parameters; the UNet 1,339):
     {name: builder}; the loss input and target as in ``cases``, tokens below 7 for the 7-token vocabularies."""
-    out: Dict[str, Callable[[], Unseen]] = {}
+    out, add = _registry()
     ce = nn.CrossEntropyLoss
-
-    def add(name, f):
-        def build():
-            torch.manual_seed(0)
-            return f()
-        out[name] = build
 
     def small_tokens():
         x, y = tokens(B)
