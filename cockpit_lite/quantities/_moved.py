@@ -50,9 +50,13 @@ OTHERS = ("parameters the cockpit does not watch ({names}) moved between this st
           "trains them, or a param group added after watch()): the next step's loss is not on this step's update")
 
 
+def shown(names: List[str]) -> str:
+    """The first four names and how many more: how the reasons list parameters."""
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
 def reason(names: List[str]) -> str:
-    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-    return REASON.format(which=f" ({shown})" if names else "")
+    return REASON.format(which=f" ({shown(names)})" if names else "")
 
 
 SINCE_GRAD = ("the parameters{which} changed in place between the backward pass and optimizer.step() (e.g. a manual "
@@ -61,5 +65,4 @@ SINCE_GRAD = ("the parameters{which} changed in place between the backward pass 
 
 
 def since_grad_reason(names: List[str]) -> str:
-    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-    return SINCE_GRAD.format(which=f" ({shown})" if names else "")
+    return SINCE_GRAD.format(which=f" ({shown(names)})" if names else "")

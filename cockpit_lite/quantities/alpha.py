@@ -171,9 +171,11 @@ class Alpha(Quantity):
         stats: dict = {}  # the step's per-sample loss statistics, shared by the end and the start of fits
         if self._start is not None:
             self._finish(ctx, stats)
-        if self.schedule(ctx.step) and ctx.moved_since_grad:  # f(0) is not at the update's start point
+        if not self.schedule(ctx.step):
+            return
+        if ctx.moved_since_grad:  # f(0) is not at the update's start point
             ctx.emit_nan("alpha", _moved.since_grad_reason(ctx.moved_since_grad))
-        elif self.schedule(ctx.step):
+        else:
             try:
                 check_supported(ctx.per_sample)
                 n, f, var_f = loss_observation(ctx.per_sample, stats)
@@ -294,8 +296,7 @@ class Alpha(Quantity):
             return
         if any(moved_others):
             names = [n for n, m in zip(other_names, moved_others) if m]
-            ctx.emit_for_step(start.step, "alpha", reason=_moved.OTHERS.format(
-                names=", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")))
+            ctx.emit_for_step(start.step, "alpha", reason=_moved.OTHERS.format(names=_moved.shown(names)))
             return
         fit = fit_alpha(t, f0, f1, df0, df1, var_f0, var_f1, var_df0, var_df1)
         data = {"t": t, "f0": f0, "f1": f1, "df0": df0, "df1": df1, "var_f0": var_f0, "var_f1": var_f1,
