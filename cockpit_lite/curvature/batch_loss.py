@@ -25,9 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.utils._pytree import tree_leaves
 
-from ..persample.output_view import ViewUnavailable, head_target, replay as replay_view
+from ..persample.output_view import ViewUnavailable, first_tensor, head_target, replay as replay_view
 from ..replay import replaying
 from ..rng import preserved_rng, set_rng_state
 from ..loss_combine import micro_batch_weights, step_normalised
@@ -60,9 +59,10 @@ class _ModelAndLoss(nn.Module):
             handle.remove()
         if not inside and not isinstance(out, torch.Tensor) and view is not None:
             # a tuple / dict output and the loss on its first tensor ((logits, aux), nanoGPT's (logits, None)): the
-            # tensor the step's view was read from (engine/step_detection.first_tensor; no view: the loss read
-            # another one); a loss computed from it otherwise fails check_reevaluation or the self-check's losses
-            out = next((x for x in tree_leaves(out) if isinstance(x, torch.Tensor)), out)
+            # tensor the step's view was read from (output_view.first_tensor; no view: the loss read another one);
+            # a loss computed from it otherwise fails check_reevaluation or the self-check's losses
+            first = first_tensor(out)
+            out = out if first is None else first
         if isinstance(out, torch.Tensor) and not inside:
             try:  # the loss input as the training loop read it from the output (logits.view(-1, V), ...)
                 out = replay_view(view, out, batch)

@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..backward_end import queue_after_backward
 from ..integrations.hf_loss import ModelLoss
-from ..persample.output_view import observe
+from ..persample.output_view import first_tensor, observe
 from ..replay import is_replaying
 from ..rng import rng_state
 from ..step_context import MicroBatch, ModelCall
@@ -202,9 +202,3 @@ class StepDetection:
         if "closure" in kwargs:
             return args, dict(kwargs, closure=closure_then_observe)
         return (args[0], closure_then_observe) + tuple(args[2:]), kwargs
-
-
-def first_tensor(output):
-    """The model output's first tensor (the loss input may be a view or a copy of it)."""
-    return output if isinstance(output, torch.Tensor) else next(
-        (x for x in tree_leaves(output) if isinstance(x, torch.Tensor)), None)

@@ -28,6 +28,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 
 class ViewUnavailable(Exception):
@@ -354,3 +355,9 @@ def observe(mb, output, loss_input) -> None:
     mb.view = view
     if view.out_shape and not view.identity:
         mb.batch_size = int(view.out_shape[0])
+
+
+def first_tensor(output):
+    """The model output's first tensor (the loss input may be a view or a copy of it); None if it has none."""
+    return output if isinstance(output, torch.Tensor) else next(
+        (x for x in tree_leaves(output) if isinstance(x, torch.Tensor)), None)
