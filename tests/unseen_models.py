@@ -386,3 +386,16 @@ def reference_losses(u: Unseen, model: nn.Module) -> torch.Tensor:
         el = none(*u.loss_input(out, y))
     per = el.reshape(B, -1).sum(1)
     return per * (B * mean / el.sum())
+
+
+def seeded_cases():
+    """({name: builder}, add): ``add(name, f)`` registers ``f``, built under torch's seed 0 (the probe files'
+    case tables)."""
+    out: Dict[str, Callable[[], Unseen]] = {}
+
+    def add(name, f):
+        def build():
+            torch.manual_seed(0)
+            return f()
+        out[name] = build
+    return out, add

@@ -10,7 +10,7 @@ from torch import nn
 
 from torch.nn import functional as F
 
-from unseen_models import D, T, V, NormGPT, RelBiasAttn, TinyLM, Unseen, flat, labels, tokens
+from unseen_models import D, T, V, NormGPT, RelBiasAttn, TinyLM, Unseen, flat, labels, seeded_cases, tokens
 
 class Siamese(nn.Module):
     """One encoder called twice per sample (two views), outputs concatenated."""
@@ -61,14 +61,8 @@ class MaxNormEmb(nn.Module):
 
 
 def more_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
-    out: Dict[str, Callable[[], Unseen]] = {}
+    out, add = seeded_cases()
     g = torch.Generator().manual_seed(5)
-
-    def add(name, f):
-        def build():
-            torch.manual_seed(0)
-            return f()
-        out[name] = build
 
     def shift(style):
         def f():
@@ -163,15 +157,9 @@ class PackedLSTM(nn.Module):
 
 
 def training_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
-    out: Dict[str, Callable[[], Unseen]] = {}
+    out, add = seeded_cases()
     g = torch.Generator().manual_seed(7)
     xm = torch.randn(B, 5, generator=g)
-
-    def add(name, f):
-        def build():
-            torch.manual_seed(0)
-            return f()
-        out[name] = build
 
     add("chunked_forward", lambda: Unseen("chunked_forward", Chunked(), nn.CrossEntropyLoss(), [(xm, labels(B), 1.0)]))
     add("two_views", lambda: Unseen("two_views", TwoViews(), nn.CrossEntropyLoss(), [(xm, labels(B), 1.0)]))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from unseen_models import D, V, TinyLM, Unseen, flat, labels, reference, to_double, tokens
+from unseen_models import D, V, TinyLM, Unseen, flat, labels, reference, seeded_cases, to_double, tokens
 
 
 @dataclass
@@ -167,18 +167,12 @@ def take_dict(x, i):
 
 
 def loss_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
-    out: Dict[str, Callable[[], Unseen]] = {}
+    out, add = seeded_cases()
     g = torch.Generator().manual_seed(11)
     xm = torch.randn(B, 5, generator=g)
     yk = torch.randn(B, 4, generator=g)
     ym = (torch.rand(B, 4, generator=g) > 0.5).float()
     soft = torch.softmax(torch.randn(B, 3, generator=g), -1)
-
-    def add(name, f):
-        def build():
-            torch.manual_seed(0)
-            return f()
-        out[name] = build
 
     ce = nn.CrossEntropyLoss
     add("l2_in_loss", lambda: Extra("l2_in_loss", MLP(), ce(), [(xm, labels(B), 1.0)], penalty=l2))
@@ -224,7 +218,7 @@ def embedding_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
 
 
 def layer_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
-    out: Dict[str, Callable[[], Unseen]] = {}
+    out, add = seeded_cases()
     g = torch.Generator().manual_seed(13)
     x1 = torch.randn(B, 3, 6, generator=g)
     x3 = torch.randn(B, 2, 4, 4, 4, generator=g)
@@ -232,12 +226,6 @@ def layer_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
     src, _ = tokens(B, pad_y=False, seed=3)
     tgt, y = tokens(B, pad_y=True, seed=4)
     s2s = {"src": src, "tgt": tgt}
-
-    def add(name, f):
-        def build():
-            torch.manual_seed(0)
-            return f()
-        out[name] = build
 
     ce = nn.CrossEntropyLoss
     add("conv1d_same_convtranspose1d", lambda: Unseen("conv1d_same_convtranspose1d", Conv1dSame(), ce(), [(x1, labels(B), 1.0)]))
@@ -259,16 +247,10 @@ def layer_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
 def vision_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
     import torchvision
 
-    out: Dict[str, Callable[[], Unseen]] = {}
+    out, add = seeded_cases()
     g = torch.Generator().manual_seed(17)
     x32 = torch.randn(B, 3, 32, 32, generator=g)
     x16 = torch.randn(B, 3, 16, 16, generator=g)
-
-    def add(name, f):
-        def build():
-            torch.manual_seed(0)
-            return f()
-        out[name] = build
 
     def mnv3(train):
         def f():
@@ -446,13 +428,7 @@ def pair_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
     g = torch.Generator().manual_seed(23)
     x = torch.randn(B, 3, 5, generator=g)
     sign = torch.tensor([1.0, -1.0, 1.0, -1.0])[:B]
-    out: Dict[str, Callable[[], Unseen]] = {}
-
-    def add(name, f):
-        def build():
-            torch.manual_seed(0)
-            return f()
-        out[name] = build
+    out, add = seeded_cases()
 
     add("triplet", lambda: Unseen("triplet", Triplet(), nn.TripletMarginLoss(margin=2.0), [(x, None, 1.0)],
                                   lambda o, y: (o[:, 0], o[:, 1], o[:, 2])))
@@ -498,13 +474,7 @@ def more_layer_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
     xs = torch.randn(B, 3, 5, generator=g)
     x2 = torch.randn(B, 3, 4, 4, generator=g)
     x, y = tokens(B)
-    out: Dict[str, Callable[[], Unseen]] = {}
-
-    def add(name, f):
-        def build():
-            torch.manual_seed(0)
-            return f()
-        out[name] = build
+    out, add = seeded_cases()
 
     add("mha_kdim_vdim", lambda: Unseen("mha_kdim_vdim", KVAttention(), nn.CrossEntropyLoss(), [(xs, labels(B), 1.0)]))
     add("padding_modes", lambda: Unseen("padding_modes", PaddingModes(), nn.CrossEntropyLoss(), [(x2, labels(B), 1.0)]))

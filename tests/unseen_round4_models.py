@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from unseen_models import Unseen, flat, labels
+from unseen_models import Unseen, flat, labels, seeded_cases
 
 V, T, D = 13, 6, 8
 
@@ -317,20 +317,8 @@ def lm_loss(o, y):
     return o.reshape(-1, o.shape[-1]), y.reshape(-1)  # logits flattened to (B*T, V) (reshape: a view here)
 
 
-def _registry():
-    """({name: builder}, add): ``add(name, f)`` registers ``f`` to be built with torch's seed 0."""
-    out: Dict[str, Callable[[], Unseen]] = {}
-
-    def add(name, f):
-        def build():
-            torch.manual_seed(0)
-            return f()
-        out[name] = build
-    return out, add
-
-
 def cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
-    out, add = _registry()
+    out, add = seeded_cases()
     ce = nn.CrossEntropyLoss
 
     for gqa in ("enable_gqa", "repeat"):
@@ -592,7 +580,7 @@ class AuxMoELM(MoELM):
 
 
 def more_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
-    out, add = _registry()
+    out, add = seeded_cases()
     ce = nn.CrossEntropyLoss
 
     g = torch.Generator().manual_seed(9)
@@ -658,7 +646,7 @@ class SortedBatch(nn.Module):
 def curvature_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
     """The brief's families at sizes whose dense float64 Hessian takes seconds (100-300 parameters; the UNet 1,339):
     {name: builder}; the loss input and target as in ``cases``, tokens below 7 for the 7-token vocabularies."""
-    out, add = _registry()
+    out, add = seeded_cases()
     ce = nn.CrossEntropyLoss
 
     def small_tokens():
