@@ -23,6 +23,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Union
 import torch
 
 from ..distributed import detect, unwrap
+from ..persample import scratch
 from ..quantities._moved import since_grad_reason
 from ..quantities.base import Quantity, Watched
 from ..runlog import RunLogWriter, load
@@ -248,6 +249,7 @@ class Cockpit(StepDetection):
         if isinstance(self.loss_fn, torch.nn.Module):
             _WATCHED_LOSSES.discard(self.loss_fn)
         self._before_buffers = None
+        scratch.release()  # the per-sample pass's reused buffers (this thread's; another cockpit maps them again)
         if self.watched.dist is not None:
             self.watched.dist.release()  # no process group of ours outlives the run (issue 24 item 10)
         if self._live is not None:

@@ -32,6 +32,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
+from . import scratch
 from .samples import DenseSamples, ParamSamples, _histc, row_sq_norms, to_float
 
 _CHUNK_FLOATS = 1 << 24
@@ -61,11 +62,12 @@ def _shifts_supported(module, x: torch.Tensor) -> bool:
     return x.dim() == 4 and module.groups == 1
 
 
-def per_sample_conv_weight_grads_k(module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def per_sample_conv_weight_grads_k(module, x: torch.Tensor, delta: torch.Tensor, reuse: bool = False) -> torch.Tensor:
     """[kh * kw, b, out, in] per-sample weight gradients of a 2D convolution (groups = 1), kernel offset
     first: one batched GEMM per kernel offset, delta [b, out, HW'] times the input window shifted by
     that offset [b, HW', in]. Cheaper than the grouped kernel where the output is small and the
-    channels many (e.g. 8x8 maps with 64 channels)."""
+    channels many (e.g. 8x8 maps with 64 channels). ``reuse``: written into the pass's scratch block
+    (``scratch.py``; valid until the next block is built)."""
     b, C = x.shape[:2]
     O, Ho, Wo = delta.shape[1:]
     kh, kw = module.kernel_size
@@ -74,10 +76,13 @@ def per_sample_conv_weight_grads_k(module, x: torch.Tensor, delta: torch.Tensor)
     dh, dw = module.dilation
     xp = F.pad(x, (pw, pw, ph, ph)) if (ph or pw) else x
     D = delta.reshape(b, O, Ho * Wo)
-    out = x.new_empty((kh * kw, b, O, C))
+    shape = (kh * kw, b, O, C)
+    out = scratch.take("conv_block", shape, x.dtype, x.device) if reuse else x.new_empty(shape)
     for i in range(kh):
         for j in range(kw):
             xs = xp[:, :, i * dh: i * dh + sh * (Ho - 1) + 1: sh, j * dw: j * dw + sw * (Wo - 1) + 1: sw]
+            if reuse and not xs.is_contiguous():  # the window's copy, in reused memory too
+                xs = scratch.take("conv_window", xs.shape, x.dtype, x.device).copy_(xs)
             torch.bmm(D, xs.reshape(b, C, Ho * Wo).transpose(1, 2), out=out[i * kw + j])
     return out
 
@@ -139,13 +144,17 @@ class ConvWeightSamples(ParamSamples):
                 self._method = _METHOD[key]
         return self._method
 
-    def _raw_chunks(self):
-        """Blocks of per-sample gradients in the method's own layout ([b', *shape] or [K, b', out, in])."""
+    def _raw_chunks(self, reuse: bool = False):
+        """Blocks of per-sample gradients in the method's own layout ([b', *shape] or [K, b', out, in]);
+        ``reuse``: each block (shifts) in the same scratch memory, valid until the next is built."""
         b = self.x.shape[0]
         step = self._block_rows()
-        build = per_sample_conv_weight_grads_k if self.method() == "shifts" else per_sample_conv_weight_grads
+        shifts = self.method() == "shifts"
         for s in range(0, b, step):
-            yield build(self.module, self.x[s:s + step], self.D[s:s + step])
+            if shifts:
+                yield per_sample_conv_weight_grads_k(self.module, self.x[s:s + step], self.D[s:s + step], reuse)
+            else:  # (the grouped kernel has no out= variant that writes in place)
+                yield per_sample_conv_weight_grads(self.module, self.x[s:s + step], self.D[s:s + step])
 
     def materialize(self) -> torch.Tensor:
         if self.method() == "shifts":
@@ -162,8 +171,14 @@ class ConvWeightSamples(ParamSamples):
         (see ``_block_projs``)."""
         O, C = self.shape[:2]
         K = self.shape.numel() // (O * C)
-        U = torch.stack([u.reshape(-1) for u in us]).to(self.x.dtype)  # [k, P] in the weight's layout
-        return U.reshape(len(us), O * C, K).permute(2, 0, 1).contiguous() if shifts else U
+        shape = (K, len(us), O * C) if shifts else (len(us), self.shape.numel())
+        U = scratch.take("conv_dirs", shape, self.x.dtype, self.x.device)  # valid for this call (scratch.py)
+        for j, u in enumerate(us):
+            if shifts:
+                U[:, j].copy_(u.reshape(O * C, K).T)
+            else:
+                U[j].copy_(u.reshape(-1))
+        return U
 
     @staticmethod
     def _block_projs(Gf: torch.Tensor, U: torch.Tensor, shifts: bool) -> torch.Tensor:
@@ -187,7 +202,7 @@ class ConvWeightSamples(ParamSamples):
         U = self._layout([v if key == "dots" else extra[key] for key in names], shifts) if names else None
         projs, sq, m2 = [], [], None
         counts, top, clipped = torch.zeros(bins, dtype=torch.float64), 0.0, 0
-        for G in self._raw_chunks():
+        for G in self._raw_chunks(reuse=keep is None):  # kept blocks are built apart
             if shifts:
                 b = G.shape[1]
                 Gf = G.reshape(K, b, O * C)
@@ -240,7 +255,7 @@ class ConvWeightSamples(ParamSamples):
         conv = (F.conv1d, F.conv2d, F.conv3d)[self.x.dim() - 3]
         y = conv(self.x, v.to(self.x.dtype), None, self.module.stride, self.module.padding, self.module.dilation,
                  self.module.groups)
-        return (y * self.D).reshape(self.x.shape[0], -1).sum(1)
+        return y.mul_(self.D).reshape(self.x.shape[0], -1).sum(1)  # y is this call's own: no second temporary
 
     def dots(self, v: torch.Tensor) -> torch.Tensor:
         key = _config(self.module, self.x, self.D)
@@ -262,7 +277,12 @@ class ConvWeightSamples(ParamSamples):
             [False, True, False])[1]
 
     def max_abs(self) -> torch.Tensor:
-        return max(G.abs().max() for G in self._raw_chunks())
+        top = None
+        for G in self._raw_chunks(reuse=True):  # each block's extremes, no |G| copy (NaN propagates)
+            lo, hi = torch.aminmax(G)
+            m = torch.maximum(-lo, hi)
+            top = m if top is None else torch.maximum(top, m)
+        return top
 
 
 def conv_samples(module, x: torch.Tensor, grad: torch.Tensor, factor: torch.Tensor):

@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from . import scratch
 from .samples import DenseSamples, ParamSamples, to_float
 
 _CHUNK_FLOATS = 1 << 24  # at most ~64 MB for one materialized chunk
@@ -50,11 +51,19 @@ class LinearWeightSamples(ParamSamples):
         top = float(self.max_abs())
         return counts, top, 0 if top <= R else -1  # -1: some outside, not counted (never with R = max)
 
-    def _chunks(self):
+    def _chunks(self, reuse: bool = False):
+        """[b', out, in] blocks, one GEMM per sample (D_i^T A_i); ``reuse``: in the pass's scratch block."""
         b = self.A.shape[0]
         step = max(1, _CHUNK_FLOATS // max(1, self.shape.numel()))
         for s in range(0, b, step):
-            yield torch.einsum("bto,bti->boi", self.D[s:s + step], self.A[s:s + step])
+            D, A = self.D[s:s + step], self.A[s:s + step]
+            shape = (D.shape[0], D.shape[2], A.shape[2])
+            out = scratch.take("linear_block", shape, A.dtype, A.device) if reuse else None
+            yield torch.bmm(D.transpose(1, 2), A, out=out)
+
+    def pass_chunks(self, reuse: bool = False):
+        for G in self._chunks(reuse):
+            yield G, True
 
     def sq_norms(self) -> torch.Tensor:
         A, D = self.A, self.D

@@ -67,7 +67,7 @@ class ParamSamples:
         U = torch.stack([(v if key == "dots" else extra[key]).reshape(-1) for key in names]) if names else None
         out = {"sq": [], "proj": [], "m2": None}
         counts, top, clipped = torch.zeros(bins, dtype=torch.float64), 0.0, 0
-        for G in self.chunks():
+        for G, owned in self.pass_chunks(reuse=keep is None):  # kept blocks are built apart
             Gf = G.reshape(G.shape[0], -1)
             if keep is not None:
                 keep.append(Gf)
@@ -78,7 +78,7 @@ class ParamSamples:
                 counts += c
                 top, clipped = max(top, m), clipped + k
             if "m2" in stats:
-                G2 = Gf * Gf
+                G2 = Gf.mul_(Gf) if owned and keep is None else Gf * Gf  # the last use of an owned block
                 if "sq" in stats:
                     out["sq"].append(G2.sum(1))
                 m = G2.sum(0)
@@ -97,6 +97,13 @@ class ParamSamples:
     def chunks(self):
         """The per-sample gradients [b', *shape], a block of samples at a time (default: all)."""
         yield self.materialize()
+
+    def pass_chunks(self, reuse: bool = False):
+        """(block [b', *shape], owned) for one pass over the per-sample gradients: ``owned`` when the block is
+        built for this pass (which may then overwrite it); with ``reuse`` an owned block may live in scratch
+        memory (``scratch.py``), valid until the next block is built. Default: ``chunks()``, not owned."""
+        for G in self.chunks():
+            yield G, False
 
     def kept_dots(self, blocks, v: torch.Tensor) -> torch.Tensor:
         """[b] g_i . v from the blocks ``fused_stats`` kept: one matrix-vector product per block."""
