@@ -249,7 +249,6 @@ class Cockpit(StepDetection):
         if isinstance(self.loss_fn, torch.nn.Module):
             _WATCHED_LOSSES.discard(self.loss_fn)
         self._before_buffers = None
-        scratch.release()  # the per-sample pass's reused buffers (this thread's; another cockpit maps them again)
         if self.watched.dist is not None:
             self.watched.dist.release()  # no process group of ours outlives the run (issue 24 item 10)
         if self._live is not None:
@@ -284,6 +283,7 @@ class Cockpit(StepDetection):
         self._last_output = None  # the model's last training output until the loss call (persample/output_view.py)
         if getattr(self, "_layer_capture", None) is not None:
             self._layer_capture.disarm()  # drop what an unfinished/skipped step captured
+        scratch.release()  # the per-sample pass's buffers: reused within a step, not held into the next forward
 
     def _activate(self) -> List[Quantity]:
         """Quantities active on the current step (decided once per step)."""

@@ -31,8 +31,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import scratch
-
 # values per chunk (scratch: 16 MB float32 + 8 MB int16). Each chunk costs ~6 parallel regions; on a
 # machine where other processes keep the cores busy every region waits for its descheduled threads, so
 # fewer, larger chunks: 8M values beside 3 busy torch processes took 3.3 s with 2^18, 0.24 s with 2^22
@@ -66,11 +64,10 @@ def _count(flat: torch.Tensor, R: float, bins: int, zeros: bool):
     counts = torch.zeros(bins + 1, dtype=torch.int64)
     lo_all, hi_all, z, clipped = _INF, -_INF, 0, 0
     m0 = min(STEP, n)
-    # scratch reused across calls and steps (scratch.py: fresh mappings would fault on every call)
-    t_buf, q_buf = scratch.take("hist_t", (m0,)), scratch.take("hist_q", (m0,), torch.int16)
+    t_buf, q_buf = torch.empty(m0), torch.empty(m0, dtype=torch.int16)
     B1 = bins + 1
     pairs = PAIRS and B1 * B1 <= 32767  # the codes stay int16
-    code_buf = scratch.take("hist_code", (m0 // 2,), torch.int16) if pairs else None
+    code_buf = torch.empty(m0 // 2, dtype=torch.int16) if pairs else None
     for s in range(0, n, STEP):
         m = min(STEP, n - s)
         x = flat[s:s + m]

@@ -11,7 +11,6 @@ from typing import Optional
 
 import torch
 
-from . import scratch
 from .bincount import count_in_range, fast_range_ok, zero_bin
 
 
@@ -140,8 +139,7 @@ class DenseSamples(ParamSamples):
         cancel to 0, as softmax is invariant to it: its g_i are rounding noise)."""
         if self._terms is None:
             return None
-        T = self._terms
-        A = torch.abs(T, out=scratch.take("abs_terms", T.shape, T.dtype, T.device)).sum(self._dims)
+        A = self._terms.abs().sum(self._dims)
         if self._factor is not None:
             A = A * self._factor.abs().to(A.dtype)
         return (A * A).sum().double()

@@ -1,21 +1,25 @@
-"""Scratch tensors of the per-sample pass, reused from one tracked step to the next (CPU only).
+"""Scratch tensors of the per-sample pass, reused within a tracked step (CPU only).
 
 glibc serves an allocation above its mmap threshold (128 KB at start, raised as such blocks are freed,
 to at most 32 MB) with a fresh mapping, and a fresh mapping is faulted in page by page on its first
-write: about 1.2-2 us per 4 KB page on the development VMs, the kernel zeroing each page. The
-per-sample pass asks for the same large temporaries on every tracked step: blocks of per-sample
-gradients of up to 64 MB (``conv._CHUNK_FLOATS``) and the histogram's scratch. Allocated afresh, a
-ResNet-18's tracked step faulted 187,000 times, and the batched GEMMs that fill its conv blocks ran 3x
-slower than into memory already mapped (benchmarks/scratch_reuse.py, docs/benchmarks.md).
+write: about 1.2-2 us per 4 KB page on the development VMs, the kernel zeroing each page. Within one
+tracked step the per-sample pass builds blocks of per-sample gradients of up to 64 MB
+(``conv._CHUNK_FLOATS``), one per chunk of samples and layer. Allocated afresh, a ResNet-18's tracked
+step faulted 164,000 times, and the batched GEMMs that fill its conv blocks ran 3x slower than into
+memory already mapped (benchmarks/scratch_reuse.py, docs/benchmarks.md).
 
 ``take(slot, shape, dtype)`` returns a tensor backed by the slot's buffer, grown when too small. It is
 valid until the next ``take`` of the same slot: a caller fills and reads it within one call and never
 keeps it (blocks kept for a later projection are allocated apart). Only CPU tensors of at least
 ``MIN_BYTES`` come from a slot (smaller ones are served from malloc's heap without faults, and GPU
-allocators cache already); the others are fresh. The buffers are per thread and held until
-``release()`` (``Cockpit.close`` calls it); at most one buffer per slot, the largest asked for, so what
-is held is what the pass's peak needs anyway (the per-sample blocks and the histogram scratch: 110 MB on
-the ResNet-18 of benchmarks/problems.py, 28 MB on the 3c3d CNN, measured after 3 economy steps).
+allocators cache already); the others are fresh. The buffers are per thread, one per slot (the largest
+asked for), and the engine releases them at the end of every step (``Cockpit._reset_step_state``).
+
+Slots are for temporaries that the pass would allocate at that size anyway, at the same moment (the
+blocks, the shifted input windows, the stacked directions). A small buffer used here and there during the
+pass does not belong in one: held from its first use to the end of the step it adds to the pass's peak.
+The histogram's scratch (28 MB) and the bias's |delta| copy in slots raised the 3c3d CNN's peak by 44 MB
+(144 -> 188 MB, benchmarks/memory.py) for 4 ms per tracked step; they stay fresh allocations.
 """
 
 from __future__ import annotations

@@ -118,3 +118,32 @@ def test_sequence_linear_pass_on_reused_blocks_matches_bruteforce(monkeypatch):
     monkeypatch.setattr(linear_rule, "_CHUNK_FLOATS", 3 * 24)  # blocks of 3 samples
     ps = linear_rule.LinearWeightSamples(A, D)
     _check(ps, _linear_reference(A, D), torch.randn(4, 6), torch.randn(4, 6))
+
+
+def test_the_engine_releases_the_slots_at_every_step_end(tmp_path, monkeypatch):
+    """A watched CNN with the economy preset: the pass takes slots during the step, none is held after it."""
+    import cockpit_lite
+    from cockpit_lite.presets import preset
+
+    monkeypatch.setattr(scratch, "MIN_BYTES", 0)
+    taken, held = [], []
+    orig = scratch.take
+
+    def recording(slot, *args, **kwargs):
+        taken.append(slot)
+        return orig(slot, *args, **kwargs)
+
+    monkeypatch.setattr(scratch, "take", recording)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 5 * 5, 3))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    crit = torch.nn.CrossEntropyLoss()
+    x, y = torch.randn(16, 3, 7, 7), torch.randint(0, 3, (16,))
+    with cockpit_lite.watch(net, opt, loss_fn=crit, logdir=tmp_path, quantities=preset("economy", "every")):
+        for _ in range(3):
+            opt.zero_grad()
+            crit(net(x), y).backward()
+            opt.step()
+            held.append(scratch.held_bytes())
+    assert "conv_dirs" in taken and held == [0, 0, 0]
