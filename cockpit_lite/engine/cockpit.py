@@ -283,7 +283,7 @@ class Cockpit(StepDetection):
         self._last_output = None  # the model's last training output until the loss call (persample/output_view.py)
         if getattr(self, "_layer_capture", None) is not None:
             self._layer_capture.disarm()  # drop what an unfinished/skipped step captured
-        scratch.release()  # the per-sample pass's buffers: reused within a step, not held into the next forward
+        scratch.release()  # (and after the step's after_step projections, which may take them again)
 
     def _activate(self) -> List[Quantity]:
         """Quantities active on the current step (decided once per step)."""
@@ -325,6 +325,7 @@ class Cockpit(StepDetection):
             self._check_rules(ctx)
         active = self._at_grad_point(ctx, active)
         call_hook(active, "before_step", ctx, self.watched.dist, self._failed)
+        scratch.release()  # the pass's reused buffers (persample/scratch.py): not held through the optimizer step
         ctx.flush_norms()  # every norm asked for, in one reduction, before the optimizer changes the parameters
         self._overhead += time.perf_counter() - t0
         return None

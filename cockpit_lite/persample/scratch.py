@@ -13,7 +13,8 @@ valid until the next ``take`` of the same slot: a caller fills and reads it with
 keeps it (blocks kept for a later projection are allocated apart). Only CPU tensors of at least
 ``MIN_BYTES`` come from a slot (smaller ones are served from malloc's heap without faults, and GPU
 allocators cache already); the others are fresh. The buffers are per thread, one per slot (the largest
-asked for), and the engine releases them at the end of every step (``Cockpit._reset_step_state``).
+asked for), and the engine releases them once the step's quantities ran before the optimizer step
+(``Cockpit._before_step``) and again at the end of every step (``Cockpit._reset_step_state``).
 
 Slots are for temporaries that the pass would allocate at that size anyway, at the same moment (the
 blocks, the shifted input windows, the stacked directions). A small buffer used here and there during the
