@@ -93,15 +93,18 @@ def _check(ps, G, v, d):
     torch.testing.assert_close(ps.kept_dots(kept, d).double(), G @ d.double().reshape(-1), **tol)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("method", ["shifts", "grouped"])
 @pytest.mark.parametrize("cfg", [(3, 8, 9, 1), (6, 4, 7, 2)])  # (in, out, side, stride)
-def test_conv_pass_on_reused_blocks_matches_bruteforce(monkeypatch, method, cfg):
+def test_conv_pass_on_reused_blocks_matches_bruteforce(monkeypatch, method, cfg, layout):
     C, O, H, stride = cfg
     monkeypatch.setattr(scratch, "MIN_BYTES", 0)  # every block through a slot
     torch.manual_seed(0)
     module = torch.nn.Conv2d(C, O, 3, stride=stride, padding=1)
     x = torch.randn(11, C, H, H)
     D = torch.randn(11, O, *module(x).shape[2:])
+    if layout == "channels_last":  # strided windows: copied into their slot
+        x, D = x.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     monkeypatch.setattr(conv_rule, "_CHUNK_FLOATS", 3 * module.weight.numel())  # blocks of 3 samples (4 blocks)
     ps = conv_rule.ConvWeightSamples(module, x, D)
     ps._method = method
