@@ -78,13 +78,16 @@ def _count(flat: torch.Tensor, R: float, bins: int, zeros: bool):
         lo_all, hi_all = min(lo_all, lo), max(hi_all, hi)
         if zeros:
             z += m - int(torch.count_nonzero(x))
+        q = q_buf[:m]
         if lo < -R or hi > R:  # as samples._histc did for the whole tensor: count outside, clamp
-            clipped += int((x.abs() > R).sum())
+            mask = q.view(torch.bool)[:m]  # q's memory, free until the cast below: no fresh |x| or mask copy
+            # (count_nonzero: a bool .sum() converts the mask to int64 first, 8 bytes per value, fresh memory)
+            clipped += int(torch.count_nonzero(torch.gt(x, R, out=mask)))
+            clipped += int(torch.count_nonzero(torch.lt(x, -R, out=mask)))
             t = torch.clamp(x, -R, R, out=t_buf[:m]).sub_(-R)
         else:
             t = torch.sub(x, -R, out=t_buf[:m])
         t.mul_(bins).div_(2 * R)
-        q = q_buf[:m]
         q.copy_(t)
         h = m // 2 if pairs else 0
         if h:  # bincount's serial loop over half as many codes, first half x B1 + second half

@@ -233,7 +233,7 @@ def _histc_clamped(G: torch.Tensor, R: float, bins: int):
         m = max(-float(lo), float(hi)) if not (lo != lo or hi != hi) else float("nan")
     k = 0
     if m > R:
-        k = int((G.abs() > R).sum())
+        k = int(torch.count_nonzero(G.abs() > R))  # (a bool .sum() converts to int64 first)
         G = G.clamp(-R, R)
     if m == m and m != float("inf") and G.device.type == "cpu":
         count = _bin_counts
