@@ -82,7 +82,7 @@ class ParamSamples:
                 if "sq" in stats:
                     out["sq"].append(G2.sum(1))
                 m = G2.sum(0)
-                out["m2"] = m if out["m2"] is None else out["m2"] + m
+                out["m2"] = m if out["m2"] is None else out["m2"].add_(m)  # m: a fresh sum
             elif "sq" in stats:
                 out["sq"].append(row_sq_norms(Gf))
         res = dict(zip(names, torch.cat(out["proj"], 1))) if names else {}
