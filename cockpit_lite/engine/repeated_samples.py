@@ -90,7 +90,7 @@ class RepeatedSamples:
         if fwd.hooked and leaf is not None:
             fwd.upstream |= _computed_from(loss_input, fwd.nodes, leaf)
         if fwd.rows is not None and isinstance(loss_input, torch.Tensor) and 0 < loss_input.dim():
-            if int(loss_input.shape[0]) <= fwd.rows and _reads_rows(loss_input, [r() for r in fwd.outputs]):
+            if int(loss_input.shape[0]) <= fwd.rows and _reads_rows(loss_input, outputs):
                 rows = int(loss_input.shape[0])
         self._reads.append((mb, fwd, rows, leaf))
 
@@ -151,13 +151,12 @@ def _computed_from(loss_input: torch.Tensor, node_ids, read: int) -> set:
     nodes = {n: i for i, n in enumerate(node_ids) if i != read and n is not None}
     if not nodes:
         return set()
-    found, stack, seen, visited = set(), [loss_input.grad_fn], 0, set()
-    while stack and seen < GRAPH_BUDGET and len(found) < len(nodes):
+    found, stack, visited = set(), [loss_input.grad_fn], set()
+    while stack and len(visited) < GRAPH_BUDGET and len(found) < len(nodes):
         node = stack.pop()
         if node is None or id(node) in visited:
             continue
         visited.add(id(node))
-        seen += 1
         if id(node) in nodes:
             found.add(nodes[id(node)])
         stack.extend(n for n, _ in node.next_functions)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import scratch
-from .samples import DenseSamples, ParamSamples, _histc, row_sq_norms, to_float
+from .samples import DenseSamples, ParamSamples, _histc, max_abs_of, row_sq_norms, to_float
 
 _CHUNK_FLOATS = 1 << 24
 
@@ -277,12 +277,7 @@ class ConvWeightSamples(ParamSamples):
             [False, True, False])[1]
 
     def max_abs(self) -> torch.Tensor:
-        top = None
-        for G in self._raw_chunks(reuse=True):  # each block's extremes, no |G| copy (NaN propagates)
-            lo, hi = torch.aminmax(G)
-            m = torch.maximum(-lo, hi)
-            top = m if top is None else torch.maximum(top, m)
-        return top
+        return max_abs_of(self._raw_chunks(reuse=True))
 
 
 def conv_samples(module, x: torch.Tensor, grad: torch.Tensor, factor: torch.Tensor):

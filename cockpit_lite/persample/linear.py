@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import scratch
-from .samples import DenseSamples, ParamSamples, to_float
+from .samples import DenseSamples, ParamSamples, max_abs_of, to_float
 
 _CHUNK_FLOATS = 1 << 24  # at most ~64 MB for one materialized chunk
 
@@ -117,7 +117,7 @@ class LinearWeightSamples(ParamSamples):
     def max_abs(self) -> torch.Tensor:
         if self.A.shape[1] == 1:  # max |delta_o a_i| = max|delta| * max|a| per sample
             return (self.D[:, 0].abs().amax(1) * self.A[:, 0].abs().amax(1)).max()
-        return max(G.abs().max() for G in self._chunks())
+        return max_abs_of(self._chunks(reuse=True))
 
 
 def linear_samples(module: torch.nn.Linear, x: torch.Tensor, delta: torch.Tensor):

@@ -181,6 +181,17 @@ def row_sq_norms(G: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def max_abs_of(blocks) -> torch.Tensor:
+    """0-d max |x| over the tensors ``blocks`` yields, from each one's extremes (no |x| copy of a block; a NaN
+    propagates). Blocks may live in scratch memory: each is read before the next is built."""
+    top = None
+    for G in blocks:
+        lo, hi = torch.aminmax(G)
+        m = torch.maximum(-lo, hi)
+        top = m if top is None else torch.maximum(top, m)
+    return top
+
+
 def to_float(t: torch.Tensor) -> torch.Tensor:
     """Statistics are computed in float32 at least (half-precision captures are upcast)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

@@ -25,6 +25,7 @@ The histogram's scratch (28 MB) and the bias's |delta| copy in slots raised the 
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Sequence
 
@@ -48,12 +49,9 @@ def take(slot: str, shape: Sequence[int], dtype: torch.dtype = torch.float32,
     """An uninitialised tensor of ``shape``, from the slot's reused buffer where that pays (see the module
     docstring); valid until the next ``take`` of ``slot`` in this thread."""
     shape = tuple(int(s) for s in shape)
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     device = torch.device(device)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if not ENABLED or device.type != "cpu" or n * itemsize < MIN_BYTES:
+    if not ENABLED or device.type != "cpu" or n * dtype.itemsize < MIN_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
     slots = _slots()
     buf = slots.get(slot)
