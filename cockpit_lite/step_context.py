@@ -40,6 +40,9 @@ class MicroBatch:
     outside: Optional[str] = None
     #: why the loss couples the samples (a product of two tensors made from the model output), else None
     coupled: Optional[str] = None
+    #: why loss_fn applied to the re-evaluated model output cannot give this loss again (its input computed from
+    #: the output outside forward, an argument computed with gradients), else None (persample/output_view.py)
+    replay: Optional[str] = None
     #: loss_fn returned one loss per element and the loop combined them with unequal weights: why its mean
     #: is not the back-propagated loss (engine/loss_elements.py), else None
     elements: Optional[str] = None

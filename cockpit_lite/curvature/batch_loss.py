@@ -202,6 +202,9 @@ def rebuild(step, subbatch: Optional[int] = None) -> BatchLoss:
         raise CurvatureUnavailable(elements)
     if any(m.target is None for m in mbs):
         raise CurvatureUnavailable("the loss function's targets were not captured on this step")
+    unreplayable = next((m.replay for m in mbs if getattr(m, "replay", None)), None)
+    if unreplayable:  # loss_fn on the re-evaluated output is not this loss (persample/output_view.py)
+        raise CurvatureUnavailable(unreplayable)
     sizes = [m.batch_size for m in mbs]
     reduction = step.reduction
     weights = micro_batch_weights(mbs, reduction)

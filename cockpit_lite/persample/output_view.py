@@ -348,6 +348,8 @@ def observe(mb, output, loss_input) -> None:
     view = describe(output, loss_input) if output is not None else None
     if view is None:
         mb.coupled = coupling(output, loss_input) if output is not None else None
+        if output is not None and isinstance(loss_input, torch.Tensor):
+            mb.replay = computed_reason(output, loss_input)
         mb.view = view = _reshaped(loss_input)
         if view is not None:
             mb.batch_size = int(view.out_shape[0])
@@ -355,6 +357,39 @@ def observe(mb, output, loss_input) -> None:
     mb.view = view
     if view.out_shape and not view.identity:
         mb.batch_size = int(view.out_shape[0])
+
+
+def computed_reason(output: torch.Tensor, loss_input: torch.Tensor, budget: int = 64) -> str:
+    """Why a loss input that is neither the model output (its first tensor) nor a view or copy of it cannot be
+    re-evaluated: every replay (curvature, the per-sample self-check and replay) feeds loss_fn the re-evaluated
+    output, so a temperature, clamp or activation applied to it in the loop would be left out, and another output
+    tensor would not be the one read. A check of the re-evaluated loss's value cannot tell: a clamp inactive on
+    this batch, or a temperature near 1, gives the same loss and other derivatives."""
+    node = getattr(loss_input, "grad_fn", None)
+    target, stack, seen = getattr(output, "grad_fn", None), [node], set()
+    while stack and target is not None and len(seen) < budget:  # is the output upstream, within a few nodes?
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        if n is target:
+            op = type(node).__name__.removesuffix("Backward0").removesuffix("Backward1")
+            return (f"the loss input is computed from the model output in the loop (its last operation: {op}): "
+                    "loss_fn applied to the re-evaluated model output would leave that computation out; do it "
+                    "inside the model's forward (or inside the loss module) to have the step re-evaluated")
+        seen.add(n)
+        stack.extend(f for f, _ in n.next_functions)
+    return ("the loss input is neither the model output's first tensor nor a view or copy of it (another output "
+            "tensor, or a tensor made elsewhere): a re-evaluation of the step feeds loss_fn the first tensor; return "
+            "the loss input first, or compute the loss inside forward")
+
+
+def target_reason(k: int) -> str:
+    """Why a loss whose argument ``k`` (after the input) is computed with gradients cannot be re-evaluated: the
+    replays keep the step's arguments as constants (GaussianNLLLoss's var, a triplet's positive computed by the
+    model would then be held fixed, and the curvature would be that of another function)."""
+    return (f"argument {k} of loss_fn is computed with gradients (from the model, e.g. GaussianNLLLoss's var or "
+            "a triplet's positive and negative): a re-evaluation of the step would hold it constant; detach it if "
+            "it is a constant target")
 
 
 def first_tensor(output):

@@ -51,6 +51,8 @@ def replayed_grads(model: torch.nn.Module, loss_fn, call, mb, b: int, reduction:
         raise ReplayUnavailable("the loss function is not an nn.Module with a 'reduction' attribute")
     if mb.output is None or mb.target is None:
         raise ReplayUnavailable("the loss inputs of this step were not kept")
+    if getattr(mb, "replay", None):
+        raise ReplayUnavailable(mb.replay)
     view = getattr(mb, "view", None)
     if view is None:
         raise ReplayUnavailable("the loss input is neither the model output nor read from it by a view or a copy, "
