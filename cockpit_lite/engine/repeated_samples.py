@@ -10,8 +10,8 @@ up per sample (``loss_combine.micro_batch_weights``), and per-sample quantities 
 Seen from the hooks, without keeping tensors alive (weak references only), and decided when the step's
 gradients are final, among the back-propagated loss calls (a metric computed on the same batch is not one):
 
-* a loss call repeats when its input is one of its forward's output tensors (or a slice of its rows) with at
-  most that output's number of rows, and the rows read by such calls of that forward exceed it (a loss on
+* a loss call repeats when its input is one of its forward's output tensors (or a slice of its rows or columns:
+  ``out[:, :3]`` and ``out[:, 3:]`` are two heads on the same samples) with at most that output's number of rows, and the rows read by such calls of that forward exceed it (a loss on
   ``out[:B]`` and one on ``out[B:]`` of a [2B, ...] output read each row once: no repeat); a slice's samples
   are its rows (``MicroBatch.batch_size``), not the output's;
 * a forward repeats when its first tensor argument is (a tensor still alive at the same memory, shape,
@@ -177,9 +177,23 @@ def _leaf_read(loss_input, outputs) -> Optional[int]:
 
 
 def _reads_rows(loss_input: torch.Tensor, outputs) -> bool:
-    """Whether ``loss_input`` is one of ``outputs`` or a slice of one along dim 0 (whole rows)."""
+    """Whether ``loss_input`` is one of ``outputs`` or a view of one whose dim 0 runs over its rows: a slice of
+    rows (``out[:B]``), of columns (``out[:, :3]``, one head of a multi-head output: the same samples as the
+    other heads), or both. Only for an output whose rows are contiguous blocks of its storage."""
     if any(o is loss_input for o in outputs):
         return True
     base = loss_input._base
-    return (base is not None and any(o is base for o in outputs) and base.dim() == loss_input.dim()
-            and base.shape[1:] == loss_input.shape[1:] and base.stride() == loss_input.stride())
+    if base is None or loss_input.dim() == 0:
+        return False
+    for o in outputs:
+        if o is None or o.dim() == 0 or not (o is base or o._base is base) or not o.is_contiguous():
+            continue
+        row = o.stride(0) if o.shape[0] > 1 else o[0].numel()
+        rel = loss_input.storage_offset() - o.storage_offset()
+        if row <= 0 or rel < 0 or (loss_input.shape[0] > 1 and loss_input.stride(0) != row):
+            continue
+        # the elements of one loss-input row stay inside one output row, and the rows inside the output's
+        span = sum((n - 1) * st for n, st in zip(loss_input.shape[1:], loss_input.stride()[1:]) if n > 0)
+        if rel % row + span < row and rel // row + loss_input.shape[0] <= o.shape[0]:
+            return True
+    return False

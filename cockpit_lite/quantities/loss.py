@@ -4,6 +4,8 @@ In a data-parallel run, the loss of the global batch: the shards' losses weighte
 counts (mean reduction), summed (sum reduction), or averaged (otherwise). The same reduction counts
 the global batch's samples, which the engine writes as the record's ``samples``."""
 
+import math
+
 import torch
 
 from ..loss_combine import step_normalised
@@ -62,7 +64,8 @@ class Loss(Quantity):
         # a loss already divided by a step-wide count (num_items_in_batch) is averaged over processes,
         # as DDP averages their gradients
         weight = 1.0 if ctx.reduction == "sum" or step_normalised(mbs) else (n if ctx.reduction == "mean" else 1)
-        return [loss is None, 0.0 if loss is None else float(loss) * weight, weight, n]
+        value = 0.0 if loss is None else math.nan if _heads_weighted(mbs) else float(loss) * weight
+        return [loss is None, value, weight, n]
 
     def with_sums(self, ctx, totals):
         missing, total, weights, samples = totals
@@ -80,5 +83,24 @@ class Loss(Quantity):
 
 def _weighted(ctx):
     """Why the logged mean of loss_fn's elements would not be the loss (``engine/loss_elements.py``), or None."""
-    return next((m.elements if m.elements else m.scale for m in ctx.micro_batches if m.backpropagated and (
-        (m.elements and bool(m.loss.isnan())) or getattr(m, "scale", None))), None)
+    mbs = [m for m in ctx.micro_batches if m.backpropagated]
+    return next((m.elements if m.elements else m.scale for m in mbs if (
+        (m.elements and bool(m.loss.isnan())) or getattr(m, "scale", None))), None) or _heads_weighted(mbs)
+
+
+HEADS_WEIGHTED = ("loss calls of this step read the same samples (two heads' losses on one output) and the loop weighed "
+                  "them unequally ({weights}): the loss of a sample is a weighted sum of theirs, whose overall scale is "
+                  "not known (accumulation, a loss scaler and the weights all multiply the back-propagated loss)")
+
+
+def _heads_weighted(mbs):
+    """Why the step's loss is unknown where loss calls on the same samples (``MicroBatch.repeats``) entered the
+    backward pass with different factors (``0.3 * l1 + 0.7 * l2``): each sample's loss is l1_i + l2_i only where
+    the factors are equal. None otherwise."""
+    if len(mbs) < 2 or not any(getattr(m, "repeats", False) for m in mbs):
+        return None
+    scales = [float(m.loss_scale) for m in mbs if m.loss_scale is not None and m.loss_scale.numel() == 1]
+    if len(scales) < 2 or max(scales) - min(scales) <= 1e-6 * max(abs(x) for x in scales):
+        return None
+    top = max(abs(x) for x in scales) or 1.0
+    return HEADS_WEIGHTED.format(weights=" : ".join(f"{x / top:.3g}" for x in scales))
