@@ -76,6 +76,7 @@ def run(ctx) -> Optional[dict]:
     tol = _tolerance(ctx, view)
     sq = [s[0] if s.numel() else None for s in view.sq_norms_per_param()]  # same order of reductions everywhere
     noise = _rounding_noise(view)
+    looked_at = {(names[j], how) for j, how in rule_served(view).items()}
     try:
         refs = _first_sample_gradient(ctx, view)
         dots = [d[0] if d.numel() else None for d in view.dots_per_param(refs)]
@@ -105,6 +106,7 @@ def run(ctx) -> Optional[dict]:
     failed = _agree(watched.dist, local, len(names), retry)
     if failed is None:
         return None
+    watched.rule_checked |= looked_at
     if failed:
         for j, rel in failed.items():
             reason = template.format(rel=rel, step=ctx.step) if rel is not None else (
@@ -131,6 +133,29 @@ def run(ctx) -> Optional[dict]:
     watched.rule_check = outcome
     ctx.emit_data("persample_check", outcome)
     return outcome
+
+
+def rule_served(view) -> Dict[int, str]:
+    """{parameter index: how its layer rule reads the samples} for the parameters whose per-sample gradients
+    come from a layer rule on this step (not unsupported, frozen, or left to the per-sample replay): "rows" (its
+    calls' dim 0) or "broadcast" (a call without the batch dimension, read at the addition, broadcast.py)."""
+    reasons = view.unsupported()
+    return {j: "broadcast" if any(getattr(c, "broadcast", None) for _, c, _ in view.feeds.get(j, ())) else "rows"
+            for j, name in enumerate(view.names)
+            if name not in reasons and j not in view.frozen and j not in view._replayed}
+
+
+def unchecked(ctx) -> bool:
+    """Whether a layer rule serves a parameter on this step in a way no self-check has looked at: frozen or not
+    called on the checked step, or read there at a broadcasting addition because its module's rows differed from
+    the batch (``pos(arange(T))`` with T != B) and now, with T == B, read by its rows as if they were samples. One
+    process only: in a data-parallel run the check runs once (every process would have to agree on a re-check)."""
+    watched = ctx.watched
+    if watched.dist is not None or watched.rule_check is None:
+        return False
+    view = ctx.per_sample
+    return any((view.names[j], how) not in watched.rule_checked and view.names[j] not in watched.rule_failures
+               for j, how in rule_served(view).items())
 
 
 def _rounding_noise(view) -> set:

@@ -29,7 +29,7 @@ Needs the engine understands:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, FrozenSet, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 from .. import schedules
 
@@ -146,6 +146,10 @@ class Watched:
         self.rule_check: Optional[dict] = None  # outcome of the per-sample self-check (engine/selfcheck.py)
         self.rule_failures: Dict[str, str] = {}  # parameter name -> why its per-sample values are NaN for good
         self.replay_rejected: Dict[str, str] = {}  # of those, where the per-sample replay is no remedy either
+        #: (parameter name, how its layer rule read the samples) that a self-check has looked at (passed, failed or
+        #: could not check); a parameter served otherwise later (unfrozen, first called, rows read where a
+        #: broadcast was) is checked again (engine/selfcheck.py)
+        self.rule_checked: Set[Tuple[str, str]] = set()
         #: "name (Type)" of a module that reads dim 1 as the batch (batch_first=False), else None
         #: (engine/setup.py ``sequence_first_module``): the batch size is then not the loss input's dim 0
         self.seq_first: Optional[str] = None
