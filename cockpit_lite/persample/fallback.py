@@ -52,6 +52,12 @@ def fallback_reason(module, call) -> str:
             return "a per-sample 3-d attn_mask is not supported"
     elif any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules()) and module.training:
         return f"{type(module).__name__} contains dropout, which cannot be replayed per sample"
+    elif isinstance(module, torch.nn.EmbeddingBag):
+        x = call.inputs[0] if call.inputs else None
+        if isinstance(x, torch.Tensor) and x.dim() == 1:
+            return (f"EmbeddingBag ('{call.module_name}') is called on a 1-D index list with offsets: its bags are "
+                    "packed along one dimension, which no per-sample rule splits; pass a 2-D [B, L] input "
+                    "(per_sample_weights of the same shape) for per-sample values")
     return ""
 
 

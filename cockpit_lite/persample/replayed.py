@@ -174,7 +174,11 @@ def _per_sample_targets(target: Tuple, view, b: int, dim: int = 0):
             out.append((t, 1))
         elif dim and view.size and t.shape[0] == view.size[0] and view.kind != "copy":
             # rows of a flattened sequence-first output: each row's sample from the view's positions
-            rows = row_sample_ids(view, dim).to(t.device)
+            rows = row_sample_ids(view, dim).to(t.device) if len(view.out_shape) > dim else None
+            if rows is None or bool((torch.bincount(rows, minlength=b) != rows.numel() // b).any()):
+                raise ReplayUnavailable(f"the model output {tuple(view.out_shape)} does not have the batch of the "
+                                        f"sequence-first inputs ({b}) along dim {dim} (e.g. pooled over time into "
+                                        "[B, classes]): the per-sample replay along dim 1 cannot split its loss")
             out.append((torch.stack([t[rows == i] for i in range(b)]), 2))
         elif (view.kind in ("reshape", "identity", "cast") and view.size and t.shape[0] == view.size[0]
               and t.shape[0] % b == 0):

@@ -157,20 +157,40 @@ def setup(self, captured) -> None:
 
 def _rows_disagree(self, mbs, forwards):
     """A forward whose layers saw b rows along dim 0 where its loss has a number of samples that is not a
-    multiple of b (two augmented views stacked into [2B, ...] and averaged before the loss): the rows are not
-    the samples. The loss's count is taken as the batch (every parameter then comes from the per-sample replay
-    over the model inputs, trusted only where it reproduces the per-sample losses); the reason, else None."""
+    multiple of b (two augmented views stacked into [2B, ...] and averaged before the loss), or a module called
+    on parts of the loss's samples (an encoder run over the batch in chunks, ``torch.cat([enc(c) for c in
+    x.split(4)])``: its rows are summed per row as if each call saw the same samples): the rows are not the
+    samples. The loss's count is taken as the batch (every parameter then comes from the per-sample replay over
+    the model inputs, trusted only where it reproduces the per-sample losses); the reason, else None."""
     if len(mbs) != len(forwards):
         return None
-    bad = [(pos, mb.batch_size, b) for pos, (mb, b) in enumerate(zip(mbs, self.batch_sizes))
-           if mb.batch_size and b and mb.batch_size % b]
+    bad = [(pos, mb.batch_size, b, _chunked(self.calls_by_forward[k], mb.batch_size))
+           for pos, (k, mb, b) in enumerate(zip(forwards, mbs, self.batch_sizes)) if mb.batch_size and b]
+    bad = [x for x in bad if x[1] % x[2] or x[3]]
     if not bad:
         return None
-    for pos, rows, _ in bad:
+    for pos, rows, _, _ in bad:
         self.batch_sizes[pos] = int(rows)
-    _, rows, b = bad[0]
+    _, rows, b, chunks = bad[0]
+    if chunks:
+        return (f"'{chunks[0]}' is called {chunks[1]} times in one forward on parts of the loss's {rows} samples "
+                f"(rows {' + '.join(str(n) for n in chunks[2])}: the batch run in chunks), and the layer rules read "
+                "each call's rows as the whole batch")
     return (f"the layers saw {b} rows along the batch dimension where the loss has {rows} samples (the forward "
             "stacks or splits the batch, e.g. two augmented views concatenated): the layer rules' rows are not samples")
+
+
+def _chunked(calls, n: int):
+    """(module name, calls, their rows) of a module called at least twice in one forward on fewer than the loss's
+    ``n`` samples each, with rows adding up to n (the batch in chunks); else None."""
+    by_module: Dict[int, list] = {}
+    for c in calls:
+        by_module.setdefault(id(c.module), []).append(c)
+    for group in by_module.values():
+        rows = [_batch_size(c) for c in group]
+        if len(group) > 1 and all(r and r < n for r in rows) and sum(rows) == n:
+            return group[0].module_name, len(group), rows
+    return None
 
 
 def resolve_replays(self) -> None:

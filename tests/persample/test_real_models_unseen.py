@@ -33,7 +33,8 @@ QS = {"norm_test": R.norm_test, "inner_test": R.inner_test, "ortho_test": R.orth
 NAN_WITH_REASON = {
     "embedding_bag_offsets": "'bag'",  # EmbeddingBag(tokens, offsets): the per-sample fallback cannot split
     "embedding_max_norm": "'emb'",  # Embedding(max_norm) renormalises its weight in forward: vmap cannot
-    "chunked_forward": "disagrees",  # the batch in two chunks: the self-check finds the rows are not samples
+    # (chunked_forward: the batch in two chunks; its calls' rows add up to the loss's samples, so every parameter
+    # comes from the per-sample replay: exact, was NaN since the self-check found the rows are not samples)
     # (packed_lstm: an LSTM on a PackedSequence has no rule; since the per-sample replay splits the tensors of a dict
     # input, its one-sample-at-a-time loop serves it: exact, was NaN "no module call")
     # (prompt_3/prompt_4: output[:, P:] reshaped inline, a copy, has no replay; their position table 'pos' is
