@@ -73,8 +73,10 @@ def describe(output, loss_input) -> Optional[OutputView]:
     """The view that reads ``loss_input`` from ``output``, or None when it is not one (a copy, another tensor)."""
     if not (isinstance(output, torch.Tensor) and isinstance(loss_input, torch.Tensor)):
         return None
-    if output.dtype != loss_input.dtype or output.device != loss_input.device or output.dim() == 0:
+    if output.dim() == 0:
         return None
+    if output.dtype != loss_input.dtype or output.device != loss_input.device:  # out.float() under autocast
+        return _copy_of(output, loss_input)
     try:
         same = output.untyped_storage().data_ptr() == loss_input.untyped_storage().data_ptr()
     except Exception:  # tensors without storage (functional tensors, ...)

@@ -145,3 +145,22 @@ def test_view_of_the_output_is_still_re_evaluated(tmp_path):
     # (a strided view: BackPACK's exact diagonal is unavailable, the trace is Hutchinson's estimate with its error)
     trace, stderr = rec["values"]["hess_trace"], rec["values"]["hess_trace/stderr"]
     assert abs(trace - float(H.diagonal().sum())) <= 4 * stderr
+
+
+@pytest.mark.parametrize("how", ["float() under autocast", "transpose().contiguous().T"])
+def test_copies_of_the_output_are_still_re_evaluated(tmp_path, how):
+    """Control: a cast of the output (``out.float()`` after a bfloat16 autocast forward: a copy in another dtype)
+    and a copy in another layout read back in the same one are the output itself for the re-evaluation."""
+    x, y, _ = _data()
+    model, crit = _net(), nn.CrossEntropyLoss()
+
+    def loop_loss(m):
+        if how.startswith("float"):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = m(x)
+            return crit(out.float(), y)
+        return crit(m(x).T.contiguous().T, y)
+
+    H = _dense_hessian(model, lambda fwd, theta: nn.CrossEntropyLoss()(fwd(x.double()), y))
+    rec = _one_step(model, crit, loop_loss, tmp_path, ["hess_max_ev"])
+    assert rec["values"]["hess_max_ev"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-4)
