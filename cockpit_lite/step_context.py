@@ -36,6 +36,8 @@ class MicroBatch:
     #: it reads samples an earlier loss call of the step read (two heads' losses, a forward repeated on the
     #: same input): not counted in the step's samples (engine/repeated_samples.py)
     repeats: bool = False
+    #: the loss calls of the step on the same samples share this key (the forward they read; repeated_samples.py)
+    samples_of: Optional[int] = None
     #: why the objective is more than loss_fn's (another output of the forward back-propagated outside it)
     outside: Optional[str] = None
     #: why the loss couples the samples (a product of two tensors made from the model output), else None

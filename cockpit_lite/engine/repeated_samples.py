@@ -98,12 +98,16 @@ class RepeatedSamples:
         """Mark the step's back-propagated loss calls that repeat samples (``MicroBatch.repeats``)."""
         seen: List[_Forward] = []
         read = {}
+        group = {}  # id(forward) -> id of the first forward of the step on the same samples
         for mb, fwd, rows, _ in self._reads:
             if not mb.backpropagated:
                 continue
             if all(f is not fwd for f in seen):
-                fwd.repeated = any(fwd.same_input(f) for f in seen)
+                same = next((f for f in seen if fwd.same_input(f)), None)
+                fwd.repeated = same is not None
+                group[id(fwd)] = group[id(same)] if same is not None else id(fwd)
                 seen.append(fwd)
+            mb.samples_of = group[id(fwd)]
             if fwd.repeated:
                 mb.repeats = True
             elif rows is not None:

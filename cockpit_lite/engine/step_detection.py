@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..backward_end import queue_after_backward
 from ..integrations.hf_loss import ModelLoss
-from ..persample.output_view import first_tensor, observe, target_reason
+from ..persample.output_view import depends_on, first_tensor, observe, target_reason
 from ..replay import is_replaying
 from ..rng import rng_state
 from ..step_context import MicroBatch, ModelCall
@@ -148,10 +148,13 @@ class StepDetection:
         # computed inside forward, as Hugging Face models do with labels=) the loss input's own view is read
         observe(mb, self._last_output, first)
         self._last_output = None
-        moving = [k for k, a in enumerate(args[1:], 1) if (a.requires_grad if isinstance(a, torch.Tensor) else any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(a)))]
-        if moving and mb.replay is None:
-            mb.replay = target_reason(moving[0])
+        graded = [(k, [a] if isinstance(a, torch.Tensor) else tree_leaves(a)) for k, a in enumerate(args[1:], 1)
+                  if (a.requires_grad if isinstance(a, torch.Tensor) else not isinstance(a, (int, float, str)))]
+        if mb.replay is None and graded:  # an argument computed from watched parameters: replays would fix it
+            ids = {id(p) for p in self.watched.params}
+            moving = next((k for k, ts in graded if depends_on(ts, ids)), None)
+            if moving is not None:
+                mb.replay = target_reason(moving)
         if "loss_inputs" in self._needs:
             mb.output = first.detach() if isinstance(first, torch.Tensor) else first
             mb.target = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:])

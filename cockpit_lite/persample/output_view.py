@@ -385,6 +385,32 @@ def computed_reason(output: torch.Tensor, loss_input: torch.Tensor, budget: int 
             "the loss input first, or compute the loss inside forward")
 
 
+def depends_on(tensors, param_ids, budget: int = 4096) -> bool:
+    """Whether any of ``tensors`` is computed from a parameter whose id is in ``param_ids`` (its autograd graph
+    reaches that parameter's accumulator), within ``budget`` nodes; beyond it, True (not established). A target
+    that requires grad without depending on them (an input with requires_grad, an unwatched teacher) is False."""
+    stack, seen = [], set()
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            if t.grad_fn is None:  # a leaf: itself a watched parameter or not
+                if id(t) in param_ids:
+                    return True
+            else:
+                stack.append(t.grad_fn)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if len(seen) > budget:
+            return True
+        var = getattr(node, "variable", None)  # AccumulateGrad
+        if var is not None and id(var) in param_ids:
+            return True
+        stack.extend(f for f, _ in node.next_functions)
+    return False
+
+
 def target_reason(k: int) -> str:
     """Why a loss whose argument ``k`` (after the input) is computed with gradients cannot be re-evaluated: the
     replays keep the step's arguments as constants (GaussianNLLLoss's var, a triplet's positive computed by the

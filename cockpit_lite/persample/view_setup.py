@@ -6,9 +6,10 @@ Functions of the view, ``self`` as their first argument."""
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from ..loss_combine import step_normalised
 from .fallback import owned_parameters
@@ -164,7 +165,10 @@ def _rows_disagree(self, mbs, forwards):
     the model inputs, trusted only where it reproduces the per-sample losses); the reason, else None."""
     if len(mbs) != len(forwards):
         return None
-    bad = [(pos, mb.batch_size, b, _chunked(self.calls_by_forward[k], mb.batch_size))
+    inputs = list(getattr(self.inputs, "model_calls", None) or [])
+    rows_in = [_input_rows(c) for c in inputs] if len(inputs) == len(forwards) else [None] * len(forwards)
+    bad = [(pos, mb.batch_size, b, _chunked(self.calls_by_forward[k], mb.batch_size)
+            if rows_in[pos] == mb.batch_size else None)
            for pos, (k, mb, b) in enumerate(zip(forwards, mbs, self.batch_sizes)) if mb.batch_size and b]
     bad = [x for x in bad if x[1] % x[2] or x[3]]
     if not bad:
@@ -180,9 +184,17 @@ def _rows_disagree(self, mbs, forwards):
             "stacks or splits the batch, e.g. two augmented views concatenated): the layer rules' rows are not samples")
 
 
+def _input_rows(model_call) -> Optional[int]:
+    """Rows along dim 0 of the model call's first tensor argument (its batch), or None."""
+    first = next((a for a in tree_leaves((model_call.args, model_call.kwargs))
+                  if isinstance(a, torch.Tensor) and a.dim() > 0), None)
+    return int(first.shape[0]) if first is not None else None
+
+
 def _chunked(calls, n: int):
     """(module name, calls, their rows) of a module called at least twice in one forward on fewer than the loss's
-    ``n`` samples each, with rows adding up to n (the batch in chunks); else None."""
+    ``n`` samples each, with rows adding up to n (the batch in chunks; asked only where the model's input has n
+    rows: a cell called per time step of [B, T] inputs, its outputs flattened to B * T rows, is not); else None."""
     by_module: Dict[int, list] = {}
     for c in calls:
         by_module.setdefault(id(c.module), []).append(c)

@@ -97,10 +97,14 @@ def _heads_weighted(mbs):
     """Why the step's loss is unknown where loss calls on the same samples (``MicroBatch.repeats``) entered the
     backward pass with different factors (``0.3 * l1 + 0.7 * l2``): each sample's loss is l1_i + l2_i only where
     the factors are equal. None otherwise."""
-    if len(mbs) < 2 or not any(getattr(m, "repeats", False) for m in mbs):
-        return None
-    scales = [float(m.loss_scale) for m in mbs if m.loss_scale is not None and m.loss_scale.numel() == 1]
-    if len(scales) < 2 or max(scales) - min(scales) <= 1e-6 * max(abs(x) for x in scales):
-        return None
-    top = max(abs(x) for x in scales) or 1.0
-    return HEADS_WEIGHTED.format(weights=" : ".join(f"{x / top:.3g}" for x in scales))
+    groups = {}
+    for m in mbs:  # the calls on the same samples (micro-batches of accumulation may be scaled apart)
+        groups.setdefault(getattr(m, "samples_of", None), []).append(m)
+    for calls in groups.values():
+        if len(calls) < 2 or not any(getattr(m, "repeats", False) for m in calls):
+            continue
+        scales = [float(m.loss_scale) for m in calls if m.loss_scale is not None and m.loss_scale.numel() == 1]
+        if len(scales) > 1 and max(scales) - min(scales) > 1e-6 * max(abs(x) for x in scales):
+            top = max(abs(x) for x in scales) or 1.0
+            return HEADS_WEIGHTED.format(weights=" : ".join(f"{x / top:.3g}" for x in scales))
+    return None

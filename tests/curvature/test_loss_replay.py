@@ -164,3 +164,25 @@ def test_copies_of_the_output_are_still_re_evaluated(tmp_path, how):
     H = _dense_hessian(model, lambda fwd, theta: nn.CrossEntropyLoss()(fwd(x.double()), y))
     rec = _one_step(model, crit, loop_loss, tmp_path, ["hess_max_ev"])
     assert rec["values"]["hess_max_ev"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-4)
+
+
+@pytest.mark.parametrize("target", ["input with requires_grad", "unwatched teacher with grad"])
+def test_targets_with_grad_but_not_from_the_watched_parameters(tmp_path, target):
+    """A target that requires grad without depending on the watched parameters is a constant of the loss in
+    them: an autoencoder's input with requires_grad, a teacher network run without torch.no_grad. Its curvature
+    stays exact (the guard above asks whether the target's graph reaches a watched parameter)."""
+    x, _, _ = _data()
+    model, crit = _net(out=4), nn.MSELoss()
+    torch.manual_seed(5)
+    teacher = nn.Linear(4, 4)
+    xi = x.clone().requires_grad_()
+
+    def make_target():
+        return xi if target.startswith("input") else teacher(x)
+
+    with torch.no_grad():
+        y = make_target().detach().double()
+    H = _dense_hessian(model, lambda fwd, theta: nn.MSELoss()(fwd(x.double()), y))
+    rec = _one_step(model, crit, lambda m: crit(m(xi if target.startswith("input") else x), make_target()),
+                    tmp_path, ["hess_max_ev", "hess_trace"])
+    assert rec["values"]["hess_max_ev"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-4)

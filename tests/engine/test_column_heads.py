@@ -81,3 +81,28 @@ def test_one_head_on_a_column_slice_is_one_micro_batch(tmp_path):
     rec = next(iter(cockpit_lite.load(tmp_path / "run")))
     assert rec["samples"] == B and rec["values"]["loss"] == pytest.approx(float(loss), rel=1e-6)
     assert rec["values"]["norm_test"] == pytest.approx(norm_test, rel=1e-4)
+
+
+def test_equal_heads_over_micro_batches_of_unequal_size(tmp_path):
+    """Accumulation over micro-batches of 4 and 2 samples, each scaled by its share n_k / N, two column heads of
+    equal weight in each: the calls on the same samples have equal factors (only micro-batches differ), so the
+    loss is the loop's total sum_k (n_k / N) (L1_k + L2_k), not NaN as 'weighed unequally'."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(6, 4, generator=g)
+    y1, y2 = torch.randint(0, 3, (6,), generator=g), torch.randint(0, 3, (6,), generator=g)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 6))
+    crit = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    total = 0.0
+    with cockpit_lite.watch(net, opt, loss_fn=crit, logdir=tmp_path / "run", quantities=["loss"]):
+        opt.zero_grad()
+        for part in (slice(0, 4), slice(4, 6)):
+            o = net(x[part])
+            share = (part.stop - part.start) / 6
+            loss = share * (crit(o[:, :3], y1[part]) + crit(o[:, 3:], y2[part]))
+            total += float(loss)
+            loss.backward()
+        opt.step()
+    rec = next(iter(cockpit_lite.load(tmp_path / "run")))
+    assert rec["values"]["loss"] == pytest.approx(total, rel=1e-6)

@@ -161,3 +161,43 @@ def test_embedding_bag_on_packed_bags(tmp_path, include_last_offset):
     assert rec["values"]["norm_test/bag.weight"] == "NaN"
     assert "EmbeddingBag ('bag') is called on a 1-D index list" in rec["reasons"]["norm_test/bag.weight"]
     assert rec["values"]["norm_test/head.weight"] == pytest.approx(_norm_test(torch.stack(G)), rel=1e-4)
+
+
+class CellFlat(nn.Module):
+    """A cell looped over the T steps of [B, T, 6] inputs, its outputs flattened inside forward to [B * T, 3]."""
+
+    def __init__(self, chunk=None):
+        super().__init__()
+        self.cell, self.head = nn.Linear(6 + 8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h, outs = x.new_zeros(x.shape[0], 8), []
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.cell(torch.cat([x[:, t], h], 1)))
+            outs.append(self.head(h))
+        return torch.stack(outs, 1).reshape(-1, 3)
+
+
+def test_cell_over_time_flattened_inside_forward_is_not_chunks(tmp_path):
+    """The cell's T calls of B rows add up to the loss's B * T rows, but the model's input has B rows: time steps,
+    not chunks of the batch. Per sequence (sample i's loss: B / N times the sum of its T token losses), exact."""
+    torch.manual_seed(0)
+    model, crit = CellFlat(), nn.CrossEntropyLoss()
+    B, T = 5, 4
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(B, T, 6, generator=g), torch.randint(0, 3, (B * T,), generator=g)
+    m64 = CellFlat().double()
+    m64.load_state_dict(model.state_dict())
+    G = []
+    for i in range(B):
+        m64.zero_grad()
+        (nn.functional.cross_entropy(m64(x[i:i + 1].double()), y[i * T:(i + 1) * T], reduction="sum") / T).backward()
+        G.append(torch.cat([p.grad.reshape(-1) for p in m64.parameters()]))
+    G = torch.stack(G)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "run", quantities=["norm_test"]):
+        opt.zero_grad()
+        crit(model(x), y).backward()
+        opt.step()
+    rec = next(iter(cockpit_lite.load(tmp_path / "run")))
+    assert rec["values"]["norm_test"] == pytest.approx(_norm_test(G), rel=1e-4), rec.get("reasons")
