@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .bincount import count_in_range, fast_range_ok, zero_bin
+from .bincount import count_in_range, fast_range_ok
 
 
 class ParamSamples:
@@ -215,22 +215,27 @@ def _histc(G: torch.Tensor, R: float, bins: int):
     """(counts, max |G|, number outside [-R, R]) with outside values counted in the edge bins."""
     G = G.float()
     if G.device.type == "cpu" and G.numel() and fast_range_ok(R, bins):
-        # one read of G: min/max, clipping, exact zeros and counts per chunk (bincount.py)
-        z_bin = zero_bin(R, bins)
-        res = count_in_range(G, R, bins, zeros=z_bin != bins // 2)
+        # one read of G: min/max, clipping, values below 0 and counts per chunk (bincount.py)
+        res = count_in_range(G, R, bins, negatives=bins % 2 == 0)
         if res is not None:  # None: a NaN or an infinity, counted below
-            c, lo, hi, z, k = res
-            return _zeros_to_middle(c.double(), z_bin, z), max(-lo, hi), k
+            c, lo, hi, neg, k = res
+            return _sign_split(c.double(), neg), max(-lo, hi), k
     return _histc_clamped(G, R, bins)
 
 
-def _zeros_to_middle(counts: torch.Tensor, z_bin: int, zeros) -> torch.Tensor:
-    """Exact zeros (ReLU, unused embedding rows) belong to the bin [0, R/(bins/2)), bins // 2; the float32
-    bin arithmetic puts them in ``z_bin``, one bin lower for some R: move the ``zeros`` counted there."""
-    middle = counts.numel() // 2
-    if z_bin != middle:
-        counts[z_bin] -= zeros
-        counts[middle] += zeros
+def _sign_split(counts: torch.Tensor, negatives) -> torch.Tensor:
+    """The counts with every value below 0 left of the middle edge (0, for even ``bins``) and every other one
+    right of it. The float32 bin arithmetic ((x + R) * bins / 2R) rounds x + R to R for |x| below R * 2^-24:
+    a tiny negative gradient lands in the bin [0, 2R/bins) (17% of the two middle bins' counts of a saturated
+    softmax's gradients), and for some R an exact zero lands one bin lower. The arithmetic is monotone, so only
+    the two middle bins can hold values of the wrong sign: the difference between ``negatives`` and the counts
+    left of the middle moves between them."""
+    mid = counts.numel() // 2
+    if counts.numel() % 2:
+        return counts
+    d = float(negatives) - float(counts[:mid].sum())
+    counts[mid] -= d
+    counts[mid - 1] += d
     return counts
 
 
@@ -252,8 +257,6 @@ def _histc_clamped(G: torch.Tensor, R: float, bins: int):
         def count(X, R, bins):
             return torch.histc(X, bins=bins, min=-R, max=R).double().cpu()
     counts = count(G, R, bins)
-    z_bin = int(count(G.new_zeros(1), R, bins).argmax())
-    if z_bin != bins // 2:
-        z = float(G.numel() - int(torch.count_nonzero(G)))  # exact zeros, in one pass without a mask
-        counts = _zeros_to_middle(counts, z_bin, z)
+    if bins % 2 == 0:  # (clamping kept the signs; a NaN is in no bin and not below 0)
+        counts = _sign_split(counts, int(torch.count_nonzero(G < 0)))
     return counts, m, k

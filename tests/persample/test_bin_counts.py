@@ -1,6 +1,7 @@
 """The CPU histogram count (``samples._histc`` and ``persample/bincount.py``) against an independent
 reference: the float32 bin arithmetic emulated in numpy float64 (each op rounded to float32), truncated and
-clamped to the edge bins, exact zeros in the bin [0, R/(bins/2)), clipped values at the edges.
+clamped to the edge bins, values below 0 left of the middle edge and the others right of it (even bins), clipped
+values at the edges.
 
 The chunk size is shrunk so that small inputs cross chunk boundaries.
 """
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from cockpit_lite.persample import bincount
+from cockpit_lite.persample import samples
 from cockpit_lite.persample.samples import _histc
 
 BINS = 100
@@ -33,7 +35,10 @@ def reference(x: torch.Tensor, R: float, bins: int = BINS):
     t = f32(t * f32(bins))
     t = f32(t / f32(2 * R))
     idx = np.clip(np.trunc(t), 0, bins - 1).astype(np.int64)
-    idx[v == 0] = bins // 2
+    if bins % 2 == 0:  # every value below 0 left of the middle edge (0), every other one right of it
+        mid = bins // 2
+        idx[(v < 0) & (idx >= mid)] = mid - 1
+        idx[(v >= 0) & (idx < mid)] = mid
     return np.bincount(idx, minlength=bins).astype(np.float64), m, clipped
 
 
@@ -115,14 +120,40 @@ def test_exact_zeros_and_many_equal_values(threads):
     check(torch.full((9001,), 1e-12), 1e-12)
 
 
+def _zero_bin(R: float, bins: int) -> int:
+    """The bin the float32 arithmetic gives to an exact zero (not always bins // 2)."""
+    t = float(torch.zeros(1).sub_(-R).mul_(bins).div_(2 * R)[0])
+    return min(max(int(t), 0), bins - 1)
+
+
 def test_every_zero_bin_case_is_moved_to_the_middle_bin():
     # some R put exact zeros one bin low in float32 (t(0) just under bins/2): both cases must be covered
     Rs = [float(r) for r in np.geomspace(1e-9, 1e6, 400)]
-    low = [R for R in Rs if bincount.zero_bin(R, BINS) != BINS // 2]
+    low = [R for R in Rs if _zero_bin(R, BINS) != BINS // 2]
     assert low and len(low) < len(Rs)
     x = torch.tensor([0.0] * 3001 + [1e-30, -1e-30], dtype=torch.float32)
     for R in low[:5] + [R for R in Rs if R not in low][:5]:
         check(x * R * 1e25, R)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_values_next_to_zero_are_counted_on_their_side(threads):
+    """A saturated softmax's gradients: many values within R * 2^-24 of 0, where x + R rounds to R in float32.
+    Exact binning (float64, no edge nearby but 0): below 0 in the bin left of 0, the others right of it. Was:
+    every tiny negative value in the bin [0, 2R/bins)."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(5)
+    tiny = (torch.rand(30000, generator=g) - 0.5) * 2e-7
+    tiny[:500] = 0.0
+    x = torch.cat([tiny, torch.tensor([0.7, -0.7])])
+    for R in (0.7, 1.0, 3.3):
+        counts, _, _ = _histc(x, R, BINS)
+        assert counts[BINS // 2 - 1] == int((x < 0).sum()) - 1  # -0.7 is far left
+        assert counts[BINS // 2] == int((x >= 0).sum()) - 1
+        check(x, R)
+    for bins in (2, 10, 180):  # the GPU's and the wide ranges' kernel (torch.histc / int32 bincount) alike
+        counts, _, _ = samples._histc_clamped(x, 1.0, bins)
+        assert counts[bins // 2 - 1] + counts[: bins // 2 - 1].sum() == int((x < 0).sum())
 
 
 @pytest.mark.parametrize("threads", [1, 2])
