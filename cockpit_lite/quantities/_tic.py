@@ -9,6 +9,11 @@ from . import _curvature as curv
 from . import _noise as noise
 
 
+# probes of the estimate that decides whether tr(H) is far enough from 0 to divide by (curvature/tic.py): their
+# own stream, (seed + DECIDING_SEED, step), which no other (seed, step) of a run reaches
+DECIDING_SEED = 7_777_777
+
+
 def compute(ctx, exact: "curv.ExactDiagonals", probes: int, seed: int) -> TIC:
     return ctx.once(_compute, exact, probes, seed)
 
@@ -38,11 +43,12 @@ def _compute(ctx, exact, probes, seed) -> TIC:
             d, t, abs_terms = tic_of(means, diag)
             return TIC(d, t, how, 0, abs_terms=abs_terms)
         no_exact = how
-        est = curv.hessian_trace_estimate(ctx, probes, seed)
+        est = curv.hessian_trace_estimate(ctx, probes, seed)  # the value (shared with hess_trace's probes)
+        decide = curv.hessian_trace_estimate(ctx, probes, seed + DECIDING_SEED)  # independent: whether to divide
     except CurvatureUnavailable as err:
         return TIC(None, None, "", 0, str(err))
     m_sum = float(sum(float(m.double().sum()) for m in means))
-    t, se, why = trace_ratio(m_sum, est.total, est.stderr)
+    t, se, why = trace_ratio(m_sum, est.total, est.stderr, (decide.total, decide.stderr))
     return TIC(None, None if why else t, "estimate:hutchinson-diag-hessian", probes, None, se,
                diag_reason=("needs the exact Hessian diagonal (an elementwise ratio with a Hutchinson diagonal "
                             f"estimate has no finite variance), which is unavailable: {no_exact}"),
