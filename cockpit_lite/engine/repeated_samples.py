@@ -32,6 +32,8 @@ from typing import Callable, List, Optional
 import torch
 from torch.utils._pytree import tree_leaves
 
+from ..autograd_walk import Upstream
+
 
 class _Forward:
     def __init__(self, first: Optional[torch.Tensor]):
@@ -155,15 +157,12 @@ def _computed_from(loss_input: torch.Tensor, node_ids, read: int) -> set:
     nodes = {n: i for i, n in enumerate(node_ids) if i != read and n is not None}
     if not nodes:
         return set()
-    found, stack, visited = set(), [loss_input.grad_fn], set()
-    while stack and len(visited) < GRAPH_BUDGET and len(found) < len(nodes):
-        node = stack.pop()
-        if node is None or id(node) in visited:
-            continue
-        visited.add(id(node))
+    found = set()
+    for node in Upstream([loss_input.grad_fn], GRAPH_BUDGET):
         if id(node) in nodes:
             found.add(nodes[id(node)])
-        stack.extend(n for n, _ in node.next_functions)
+            if len(found) == len(nodes):
+                break
     return found
 
 

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from ..autograd_walk import Upstream
+
 
 class ViewUnavailable(Exception):
     """The loss elements cannot be assigned to samples (message = reason)."""
@@ -367,19 +369,12 @@ def computed_reason(output: torch.Tensor, loss_input: torch.Tensor, budget: int 
     output, so a temperature, clamp or activation applied to it in the loop would be left out, and another output
     tensor would not be the one read. A check of the re-evaluated loss's value cannot tell: a clamp inactive on
     this batch, or a temperature near 1, gives the same loss and other derivatives."""
-    node = getattr(loss_input, "grad_fn", None)
-    target, stack, seen = getattr(output, "grad_fn", None), [node], set()
-    while stack and target is not None and len(seen) < budget:  # is the output upstream, within a few nodes?
-        n = stack.pop()
-        if n is None or n in seen:
-            continue
-        if n is target:
-            op = type(node).__name__.removesuffix("Backward0").removesuffix("Backward1")
-            return (f"the loss input is computed from the model output in the loop (its last operation: {op}): "
-                    "loss_fn applied to the re-evaluated model output would leave that computation out; do it "
-                    "inside the model's forward (or inside the loss module) to have the step re-evaluated")
-        seen.add(n)
-        stack.extend(f for f, _ in n.next_functions)
+    node, target = getattr(loss_input, "grad_fn", None), getattr(output, "grad_fn", None)
+    if target is not None and any(n is target for n in Upstream([node], budget)):  # the output, a few nodes up
+        op = type(node).__name__.removesuffix("Backward0").removesuffix("Backward1")
+        return (f"the loss input is computed from the model output in the loop (its last operation: {op}): "
+                "loss_fn applied to the re-evaluated model output would leave that computation out; do it "
+                "inside the model's forward (or inside the loss module) to have the step re-evaluated")
     return ("the loss input is neither the model output's first tensor nor a view or copy of it (another output "
             "tensor, or a tensor made elsewhere): a re-evaluation of the step feeds loss_fn the first tensor; return "
             "the loss input first, or compute the loss inside forward")
@@ -389,26 +384,12 @@ def depends_on(tensors, param_ids, budget: int = 4096) -> bool:
     """Whether any of ``tensors`` is computed from a parameter whose id is in ``param_ids`` (its autograd graph
     reaches that parameter's accumulator), within ``budget`` nodes; beyond it, True (not established). A target
     that requires grad without depending on them (an input with requires_grad, an unwatched teacher) is False."""
-    stack, seen = [], set()
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.requires_grad:
-            if t.grad_fn is None:  # a leaf: itself a watched parameter or not
-                if id(t) in param_ids:
-                    return True
-            else:
-                stack.append(t.grad_fn)
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if len(seen) > budget:
-            return True
-        var = getattr(node, "variable", None)  # AccumulateGrad
-        if var is not None and id(var) in param_ids:
-            return True
-        stack.extend(f for f, _ in node.next_functions)
-    return False
+    graded = [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+    if any(t.grad_fn is None and id(t) in param_ids for t in graded):  # a leaf: itself a watched parameter
+        return True
+    walk = Upstream([t.grad_fn for t in graded], budget)
+    # a parameter's accumulator holds it as ``variable``
+    return any(id(getattr(n, "variable", None)) in param_ids for n in walk) or walk.truncated
 
 
 def target_reason(k: int) -> str:
