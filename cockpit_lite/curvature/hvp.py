@@ -21,6 +21,7 @@ output, and J^T by one more backward.
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from typing import List, Sequence
 
@@ -45,6 +46,7 @@ class HessianOperator:
         self._idx = [j for j, t in enumerate(self.trainable) if t]  # frozen parameters: rows/columns of 0
         self.hvps = 0
         self._grad = None
+        self._rows: List[int] = []  # positions in ``_grad`` (trainable parameters) that depend on theta
         self._leaves = None
         if mode == "double_backward":
             self._leaves = [p.detach().requires_grad_(t) for p, t in zip(self.params, self.trainable)]
@@ -53,10 +55,11 @@ class HessianOperator:
                 loss = batch_loss.evaluate(self._leaves)
                 self.loss = loss.detach()
                 self._grad = torch.autograd.grad(loss, live, create_graph=True, allow_unused=True) if live else ()
-            if any(g is None for g in self._grad):
-                self._grad = tuple(g if g is not None else torch.zeros_like(p, requires_grad=True)
-                                   for g, p in zip(self._grad, live))
-            if not any(g.requires_grad for g in self._grad):
+            # only the gradients that depend on theta enter the products: one that does not (None, or a
+            # constant such as the last bias's under a loss linear in its input) has a zero row of H, and
+            # autograd refuses a constant among the outputs it differentiates
+            self._rows = [k for k, g in enumerate(self._grad) if g is not None and g.requires_grad]
+            if not self._rows:
                 self._grad = None  # the loss is linear in theta (H = 0)
 
     def __call__(self, v: Sequence[torch.Tensor]) -> Vector:
@@ -66,8 +69,9 @@ class HessianOperator:
             if self._grad is None:
                 return out
             live = [self._leaves[j] for j in self._idx]
-            with torch.enable_grad():
-                hv = torch.autograd.grad(self._grad, live, [v[j] for j in self._idx], retain_graph=True,
+            with torch.enable_grad(), _second_order("Hessian-vector products"):
+                hv = torch.autograd.grad([self._grad[k] for k in self._rows], live,
+                                         [v[self._idx[k]] for k in self._rows], retain_graph=True,
                                          allow_unused=True)
             for j, h in zip(self._idx, hv):
                 if h is not None:
@@ -75,7 +79,7 @@ class HessianOperator:
             return out
         if len(self._idx) == len(self.params):
             grad_fn = torch.func.grad(lambda ps: self.batch_loss.evaluate(ps))
-            with torch.enable_grad():
+            with torch.enable_grad(), _second_order("Hessian-vector products"):
                 _, hv = torch.func.jvp(grad_fn, (list(self.params),), (list(v),))
             return [h.detach() for h in hv]
 
@@ -84,7 +88,7 @@ class HessianOperator:
             for j, p in zip(self._idx, live):
                 ps[j] = p
             return self.batch_loss.evaluate(ps)
-        with torch.enable_grad():
+        with torch.enable_grad(), _second_order("Hessian-vector products"):
             _, hv = torch.func.jvp(torch.func.grad(loss_of_trainable), ([self.params[j] for j in self._idx],),
                                    ([v[j] for j in self._idx],))
         for j, h in zip(self._idx, hv):
@@ -141,7 +145,7 @@ class GGNOperator:
     def __call__(self, v: Sequence[torch.Tensor]) -> Vector:
         self.hvps += 1
         total = [torch.zeros_like(p) for p in self.params]
-        with torch.enable_grad():
+        with torch.enable_grad(), _second_order("Gauss-Newton-vector products"):
             for out, out_d, g_out, dummy, jt_dummy in self._parts:
                 pairs = [(j, v[k]) for j, k in zip(jt_dummy, self._idx) if j is not None and j.requires_grad]
                 if not pairs:
@@ -168,9 +172,27 @@ def _linear(g_out: torch.Tensor, out_d: torch.Tensor) -> bool:
     if not g_out.requires_grad:
         return True
     r = torch.randn(out_d.shape, generator=torch.Generator().manual_seed(0), dtype=out_d.dtype).to(out_d.device)
-    with torch.enable_grad():
+    with torch.enable_grad(), _second_order("Gauss-Newton-vector products"):
         (h,) = torch.autograd.grad(g_out, out_d, r, retain_graph=True, allow_unused=True)
     return h is None or not bool(h.ne(0).any())
+
+
+_NO_DERIVATIVE = re.compile(r"derivative for (\S+) is not implemented")
+
+
+@contextmanager
+def _second_order(what: str):
+    """Turns autograd's refusal to differentiate an op a second time (``derivative for aten::X is not
+    implemented``, e.g. MultiMarginLoss's backward) into :class:`CurvatureUnavailable` naming the op."""
+    try:
+        yield
+    except RuntimeError as err:
+        m = _NO_DERIVATIVE.search(str(err))
+        if m is None:
+            raise
+        raise CurvatureUnavailable(
+            f"PyTorch has no derivative of {m.group(1)} (a backward op on the path from the loss to the "
+            f"parameters), so {what} of the step's loss cannot be formed") from None
 
 
 @contextmanager

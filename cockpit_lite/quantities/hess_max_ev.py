@@ -79,7 +79,7 @@ class HessMaxEV(Quantity):
             res = top_eigenvalue(lambda x: flatten(op(unflatten(x, params))), n, v0=v0, tol=self.tol * STOP_MARGIN,
                                  max_iter=self.max_iter, generator=generator,
                                  dtype=p0.dtype, device=p0.device)
-        except FloatingPointError as err:
+        except (FloatingPointError, CurvatureUnavailable) as err:  # (a product autograd cannot form)
             self._v = None
             ctx.emit_nan(self.name, str(err))
             return
