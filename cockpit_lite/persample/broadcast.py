@@ -109,6 +109,57 @@ def attach(pending: list, output, batch: int) -> None:
         node.register_prehook(_reader(call, ops, shape))
 
 
+def mark_ambiguous(pending: list, output, batch: int) -> None:
+    """Marks (``LayerCall.ambiguous``, the reason) each call of ``pending`` whose output has ``batch`` rows but
+    reaches a plain addition as its only use (through shape ops at most) with its dim 0 broadcast onto another
+    dim of a result whose dim 0 also has ``batch`` entries: ``pos(arange(T))`` [T, d] added to [B, T, d] token
+    embeddings when T == B. Its rows are then positions in a batch-first model, or samples in a sequence-first
+    one (a per-sample [B, d] vector added to [T, B, d]): nothing in the shapes tells which, and the sums over
+    the rows are .grad either way, so no check of them can (``view_setup`` leaves it to the per-sample replay,
+    or NaN with this reason). Only calls of lower rank than the forward's largest output are looked at: one
+    walk over the forward's graph, and none where every layer output has the same rank (an MLP)."""
+    top = max((out.dim() for _, out in pending), default=0)
+    todo = [(c, out) for c, out in pending if 1 <= out.dim() < top and out.shape[0] == batch
+            and out.grad_fn is not None and not c.broadcast]
+    if not todo or batch < 2:
+        return
+    parents = _consumers(_roots(output))
+    if parents is None:
+        return
+    for call, out in todo:
+        route = _route(parents, out.grad_fn, tuple(out.shape))
+        if route is None:
+            continue
+        node, ops, shape = route
+        try:
+            result = tuple(node._input_metadata[0].shape)
+        except (AttributeError, IndexError, RuntimeError):
+            continue
+        at = _where_rows_go(ops, out.dim()) + len(result) - len(shape)  # broadcasting aligns trailing dims
+        if at != 0 and len(result) > at and result[0] == batch and result[at] == batch:
+            call.ambiguous = (
+                f"its module ('{call.module_name}') returned {list(out.shape)}, which is added to a "
+                f"{list(result)} tensor with its dim 0 on that tensor's dim {at}: with {batch} entries in both, its "
+                "rows are positions broadcast over the batch (a position table on arange(T) with T equal to the "
+                "batch size) or samples in a sequence-first layout, and the sums over them are .grad either way; "
+                "call it with arange(T).expand(B, -1) to make the rows samples")
+
+
+def _where_rows_go(ops, rank: int) -> int:
+    """The dim that the layer output's dim 0 becomes after the shape ops of ``_route``."""
+    at = 0
+    for name, arg in ops:
+        if name == "unsqueeze":
+            at += 1 if arg <= at else 0
+            rank += 1
+        elif name == "permute":
+            at = list(arg).index(at)
+        else:
+            d0, d1 = arg
+            at = d1 if at == d0 else d0 if at == d1 else at
+    return at
+
+
 def taken(call, grad: torch.Tensor) -> torch.Tensor:
     """The output gradient to keep for ``call``: the per-sample one read at the addition (its inputs then
     expanded to the batch, once), else ``grad`` as it arrived."""

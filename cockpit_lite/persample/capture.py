@@ -41,6 +41,8 @@ class LayerCall:
     flat_lead: Optional[tuple] = None
     #: rows picked from the batch by an index (an expert's tokens, a sorted batch; row_order.py): why, else None
     gathered: Optional[str] = None
+    #: rows as many as the batch but broadcast onto another dim of it (broadcast.mark_ambiguous): why, else None
+    ambiguous: Optional[str] = None
 
 
 @dataclass
@@ -123,11 +125,13 @@ class LayerCapture:
         if self.armed and torch.is_grad_enabled():
             pending, self._pending = self._pending, []
             self._rows_known, self._rows_gathered, self._outputs = {}, {}, {}
-            if len({out.shape[0] for _, out in pending}) > 1:  # some layer called without the batch: broadcast.py
-                sizes = [_rows(c) for c in self._captured.calls if c.forward == self._forward]
-                sizes = [n for n in sizes if n is not None]
-                if sizes:
-                    broadcast.attach(pending, output, max(sizes, key=sizes.count))
+            sizes = [_rows(c) for c in self._captured.calls if c.forward == self._forward]
+            sizes = [n for n in sizes if n is not None]
+            if pending and sizes:  # some layer called without the batch, or maybe so: broadcast.py
+                batch = max(sizes, key=sizes.count)
+                if len({out.shape[0] for _, out in pending}) > 1:
+                    broadcast.attach(pending, output, batch)
+                broadcast.mark_ambiguous(pending, output, batch)
             self._forward += 1
         return None
 

@@ -127,6 +127,8 @@ def setup(self, captured) -> None:
                     self._reasons.setdefault(self.names[j], BATCHNORM_REASON)
                 if c.gathered is not None:
                     self._replay.setdefault(j, gathered_reason(c.module_name, c.gathered))
+                elif c.ambiguous is not None:
+                    self._replay.setdefault(j, c.ambiguous)
                 elif id(c) in off_batch:
                     n, b = off_batch[id(c)]
                     self._replay.setdefault(j, (

@@ -20,11 +20,13 @@ NOISE = {"norm_test": "every", "grad_norm": "every"}
 
 
 class PositionModel(nn.Module):
-    """Token + learned position embeddings; ``batched`` says whether the positions carry the batch dim."""
+    """Token + learned position embeddings; ``batched`` says whether the positions carry the batch dim.
+    ``scaled``: the table is multiplied by 1 before the addition, which hides from persample/broadcast.py that
+    it is broadcast over the batch (only the self-check can then tell)."""
 
-    def __init__(self, batched: bool, dropout: float = 0.0):
+    def __init__(self, batched: bool, dropout: float = 0.0, scaled: bool = True):
         super().__init__()
-        self.batched = batched
+        self.batched, self.scaled = batched, scaled
         self.tok, self.pos = nn.Embedding(V, D), nn.Embedding(T, D)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(D, V)
@@ -33,7 +35,8 @@ class PositionModel(nn.Module):
         positions = torch.arange(x.shape[1])
         if self.batched:
             positions = positions.expand(x.shape[0], -1)
-        return self.head(self.drop(torch.tanh(self.tok(x) + self.pos(positions)))).reshape(-1, V)
+        pos = self.pos(positions) * 1.0 if self.scaled else self.pos(positions)
+        return self.head(self.drop(torch.tanh(self.tok(x) + pos))).reshape(-1, V)
 
 
 def batches(steps, seed=1):
@@ -71,6 +74,26 @@ def test_broadcast_position_embedding_with_T_equal_B_is_caught(tmp_path):
     G = per_sample_grads_bruteforce(ref_model, lambda out, t: ce(out, t.reshape(-1)), x, y.view(B, T))
     assert math.isclose(run.series("norm_test")[1][0], norm_test(flat(G)), rel_tol=1e-4)
     assert np.isfinite(run.series("norm_test/pos.weight")[1]).all()
+
+
+def test_a_table_added_directly_at_t_equal_b_goes_to_the_replay_before_the_check(tmp_path):
+    """Added to the batch as it is, the table's rows are seen to be broadcast onto the batch's dim 1
+    (persample/broadcast.mark_ambiguous): its parameter comes from the per-sample replay from the first step, so
+    the check has nothing left to fail."""
+    torch.manual_seed(0)
+    run = train(PositionModel(batched=False, scaled=False), batches(2), tmp_path, NOISE)
+    step, check = check_record(run)
+    assert step == 0 and check["status"] == "passed"
+    torch.manual_seed(0)
+    ref_model = PositionModel(batched=False, scaled=False)
+    x, _ = batches(2)[0]
+    y = batches(2)[0][1]
+    ce = nn.CrossEntropyLoss(reduction="none")
+    G = per_sample_grads_bruteforce(ref_model, lambda out, t: ce(out, t.reshape(-1)), x, y.view(B, T))
+    assert math.isclose(run.series("norm_test")[1][0], norm_test(flat(G)), rel_tol=1e-4)
+    G_pos = per_sample_grads_bruteforce(ref_model, lambda out, t: ce(out, t.reshape(-1)), x, y.view(B, T),
+                                        [ref_model.pos.weight])
+    assert math.isclose(run.series("norm_test/pos.weight")[1][0], norm_test(flat(G_pos)), rel_tol=1e-4)
 
 
 def test_other_parameters_of_a_failed_model_keep_right_values(tmp_path):
