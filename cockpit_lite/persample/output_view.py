@@ -371,13 +371,32 @@ def computed_reason(output: torch.Tensor, loss_input: torch.Tensor, budget: int 
     this batch, or a temperature near 1, gives the same loss and other derivatives."""
     node, target = getattr(loss_input, "grad_fn", None), getattr(output, "grad_fn", None)
     if target is not None and any(n is target for n in Upstream([node], budget)):  # the output, a few nodes up
-        op = type(node).__name__.removesuffix("Backward0").removesuffix("Backward1")
+        op = _last_computation(node, target)
         return (f"the loss input is computed from the model output in the loop (its last operation: {op}): "
                 "loss_fn applied to the re-evaluated model output would leave that computation out; do it "
                 "inside the model's forward (or inside the loss module) to have the step re-evaluated")
     return ("the loss input is neither the model output's first tensor nor a view or copy of it (another output "
             "tensor, or a tensor made elsewhere): a re-evaluation of the step feeds loss_fn the first tensor; return "
             "the loss input first, or compute the loss inside forward")
+
+
+_NOT_COMPUTING = ("View", "Reshape", "UnsafeView", "Transpose", "Permute", "Squeeze", "Unsqueeze", "Slice", "Select",
+             "Expand", "Clone", "ToCopy", "Alias", "T")
+
+
+def _last_computation(node, target) -> str:
+    """The name of the last operation on the way from the model output to the loss input that is not a reshape,
+    a slice or a copy (``(out / 2).view(-1, V)``: Div, not View)."""
+    first = name = type(node).__name__.removesuffix("Backward0").removesuffix("Backward1")
+    for _ in range(16):
+        if name not in _NOT_COMPUTING or node is target:
+            return name if node is not target else first
+        nxt = [n for n, _ in node.next_functions if n is not None]
+        if len(nxt) != 1:
+            return name
+        node = nxt[0]
+        name = type(node).__name__.removesuffix("Backward0").removesuffix("Backward1")
+    return first
 
 
 def depends_on(tensors, param_ids, budget: int = 4096) -> bool:

@@ -96,7 +96,7 @@ def test_loss_argument_computed_by_the_model(tmp_path):
     assert rec["values"]["norm_test"] == pytest.approx(norm_test, rel=1e-4)
 
 
-@pytest.mark.parametrize("how", ["clamp", "constant", "temperature"])
+@pytest.mark.parametrize("how", ["clamp", "constant", "temperature", "constant, then reshaped"])
 def test_loss_input_computed_from_the_output_in_the_loop(tmp_path, how):
     """crit(f(model(x)), y) with f applied in the loop: a clamp active on one element (re-evaluated loss 0.07%
     off, inside the value check), a constant factor 1.004, a learnable temperature at 1.0 (the loss identical):
@@ -111,6 +111,8 @@ def test_loss_input_computed_from_the_output_in_the_loop(tmp_path, how):
     def f(out, m):
         if how == "clamp":
             return out.clamp(max=cut)
+        if how == "constant, then reshaped":  # the reason names the division, not the reshape after it
+            return (out / 1.004).reshape(-1, 3)[:, :].contiguous()
         return out / 1.004 if how == "constant" else out / m.temp
 
     def loop_loss(m):
@@ -121,7 +123,8 @@ def test_loss_input_computed_from_the_output_in_the_loop(tmp_path, how):
     top = float(torch.linalg.eigvalsh(H)[-1])
     rec = _one_step(model, crit, loop_loss, tmp_path, CURVATURE + ["norm_test", "mean_gsnr"])
     _assert_nan(rec, CURVATURE, "computed from the model output in the loop")
-    assert {"clamp": "Clamp", "constant": "Div", "temperature": "Div"}[how] in rec["reasons"]["hess_max_ev"]
+    op = {"clamp": "Clamp", "constant": "Div", "temperature": "Div", "constant, then reshaped": "Div"}[how]
+    assert f"last operation: {op})" in rec["reasons"]["hess_max_ev"], rec["reasons"]["hess_max_ev"]
     assert top > 0  # the reference itself is defined: a wrong finite value would have been comparable
     if how == "temperature":  # its gradient comes from outside forward: no rule, no replay can give it
         for key in ("norm_test/temp", "mean_gsnr/temp"):
