@@ -68,6 +68,22 @@ def _moving_steps(run, th: Thresholds):
     return set(s[g != 0].tolist())
 
 
+def _data_steps(run, key: str, keep) -> set:
+    """The steps whose ``data[key]`` structure passes ``keep`` (a predicate on it)."""
+    return {int(step) for step, d in run.data(key) if isinstance(d, dict) and keep(d)}
+
+
+def _fitted_alpha(run, th: Thresholds, keep=None):
+    """Recent alpha values that measure the step: not the -1 that alpha is by definition where no step was taken
+    or the fitted parabola is not convex (``data.alpha.case``), which says nothing about the step size."""
+    s, a = _only(*_recent(run, "alpha", th), keep)
+    by_definition = _data_steps(run, "alpha", lambda d: d.get("case") in ("no_step", "not_convex"))
+    if by_definition:
+        ok = ~np.isin(s, list(by_definition))
+        s, a = s[ok], a[ok]
+    return _finite(s, a)
+
+
 def _only(steps, values, keep):
     if keep is None:
         return steps, values
@@ -78,7 +94,7 @@ def _only(steps, values, keep):
 # -- learning rate --------------------------------------------------------------------------------
 def lr_too_large(run, th: Thresholds) -> Optional[Diagnosis]:
     evidence = []
-    s, a = _finite(*_recent(run, "alpha", th))
+    s, a = _fitted_alpha(run, th)
     if len(a) >= th.min_points and clearly_above(a, th.alpha_high):  # the median's 95% interval, not the median
         evidence.append(_ev("alpha", s, np.median(a), th.alpha_high, "median >", a))
     s, loss = _recent(run, "loss", th)
@@ -100,8 +116,14 @@ def lr_too_large(run, th: Thresholds) -> Optional[Diagnosis]:
                                     "largest / first median >"))
     if run.header.get("optimizer") == "SGD":
         # every logged value counts, converged or not: a Lanczos Ritz value is a Rayleigh quotient, hence a lower
-        # bound of the top eigenvalue, so "above the stability edge" holds for the true value too
-        s, ev = _finite(*_recent(run, "hess_max_ev", th))
+        # bound of the top eigenvalue, so "above the stability edge" holds for the true value too. Not a value on
+        # a sub-batch (HessMaxEV(subbatch=k)): the top eigenvalue of k samples' Hessian bounds nothing of the batch's
+        s, ev = _only(*_recent(run, "hess_max_ev", th), None)
+        sub = _data_steps(run, "hess_max_ev", lambda d: d.get("subbatch") is not None)
+        if sub:
+            ok = ~np.isin(s, list(sub))
+            s, ev = s[ok], ev[ok]
+        s, ev = _finite(s, ev)
         _, lr = run.series("lr")
         if len(ev) and len(lr):
             momentum = float(run.header.get("optimizer_defaults", {}).get("momentum") or 0.0)
@@ -119,7 +141,7 @@ def lr_too_large(run, th: Thresholds) -> Optional[Diagnosis]:
 def lr_too_small(run, th: Thresholds) -> Optional[Diagnosis]:
     evidence = []
     moving = _moving_steps(run, th)
-    s, a = _finite(*_only(*_recent(run, "alpha", th), moving))
+    s, a = _fitted_alpha(run, th, moving)
     if len(a) >= th.min_points and clearly_below(a, th.alpha_low):
         evidence.append(_ev("alpha", s, np.median(a), th.alpha_low, "median <", a))
     su, upd = _only(*_recent(run, "update_size", th), moving)
@@ -358,11 +380,14 @@ def rising_cost(run, th: Thresholds) -> Optional[Diagnosis]:
     recent loss decrease is below ``stall_rel`` and the earlier one was a real decrease."""
     w = th.window
     key, unit = "energy", "J"
-    s, cost = _finite(*run.series("energy"))
+    ls, loss = _finite(*run.series("loss"))
+    # the cost and the loss of the same steps (a sparse energy schedule or NaN steps in one series would otherwise
+    # divide one stretch's cost by another stretch's loss decrease)
+    s, cost, loss_e = _paired(*_finite(*run.series("energy")), ls, loss)
     if len(cost) < 6 * w:
         key, unit = "time", "s"  # energy unavailable: wall time stands in, and the evidence says so
-        s, cost = _finite(*run.series("time"))
-    _, loss = _finite(*run.series("loss"))
+        s, cost, loss_e = _paired(*_finite(*run.series("time")), ls, loss)
+    loss = loss_e
     if len(cost) < 6 * w or len(loss) < 6 * w:
         return None
     med = [float(np.median(loss[len(loss) - (k + 1) * w: len(loss) - k * w])) for k in range(5, -1, -1)]

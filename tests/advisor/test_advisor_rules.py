@@ -11,8 +11,9 @@ from cockpit_lite.runlog import RunLogWriter
 PARAMS = [{"name": "0.weight", "shape": [4, 4], "numel": 16}, {"name": "1.weight", "shape": [2, 4], "numel": 8}]
 
 
-def log(tmp_path, n=40, optimizer="SGD", momentum=0.0, **series):
-    """series: key -> callable(step) -> value (or None to leave it out)."""
+def log(tmp_path, n=40, optimizer="SGD", momentum=0.0, data=None, **series):
+    """series: key -> callable(step) -> value (or None to leave it out); data: key -> callable(step) -> the
+    step's ``data`` structure (or None)."""
     w = RunLogWriter(tmp_path, {"optimizer": optimizer, "optimizer_defaults": {"momentum": momentum},
                                 "params": PARAMS})
     base = {"loss": lambda t: 2.0 * math.exp(-t / 30) + 0.1, "lr": lambda t: 0.1,
@@ -23,6 +24,9 @@ def log(tmp_path, n=40, optimizer="SGD", momentum=0.0, **series):
     for t in range(n):
         values = {k: f(t) for k, f in base.items() if f is not None and f(t) is not None}
         rec = {"type": "step", "step": t, "values": values, "samples": 32}
+        structures = {k: f(t) for k, f in (data or {}).items() if f(t) is not None}
+        if structures:
+            rec["data"] = structures
         if any(isinstance(v, float) and not math.isfinite(v) for k, v in values.items() if k in ("loss", "grad_norm")):
             rec["flags"] = ["nonfinite_loss"]
         w.write(rec)
@@ -181,3 +185,34 @@ def test_divergence_names_the_earliest_of_a_skipped_and_a_flagged_step(tmp_path)
     w.close({"steps": 60})
     (d,) = [d for d in diagnose(cockpit_lite.load(tmp_path)) if d.rule == "divergence"]
     assert d.step == 10 and "first at step 10" in d.title
+
+
+def test_alpha_of_minus_one_by_definition_is_no_evidence(tmp_path):
+    """alpha = -1 where the fitted parabola is not convex (or no step was taken) is a convention, not a
+    measurement of the step size: it must not make the advisor say "raise the learning rate"."""
+    concave = {"alpha": lambda t: {"case": "not_convex", "w": [1.0, -0.5, -0.9]}}
+    assert "lr_too_small" not in rules(log(tmp_path, alpha=lambda t: -1.0, data=concave))
+    fitted = {"alpha": lambda t: {"case": "fit", "w": [1.0, -0.5, 40.0]}}
+    assert "lr_too_small" in rules(log(tmp_path / "fit", alpha=lambda t: -0.98, data=fitted))
+
+
+def test_an_eigenvalue_of_a_sub_batch_is_not_a_lower_bound(tmp_path):
+    """HessMaxEV(subbatch=k): the top eigenvalue of k samples' Hessian is no lower bound of the batch's, so it is
+    not evidence that the step is past the stability edge 2/lr (it was: the same run read 0.98 on the full batch
+    and 2.65 on sub-batches of 2, above the edge 1.82)."""
+    sub = {"hess_max_ev": lambda t: {"subbatch": 2, "converged": True}}
+    assert "lr_too_large" not in rules(log(tmp_path, hess_max_ev=lambda t: 50.0, data=sub))
+    full = {"hess_max_ev": lambda t: {"subbatch": None, "converged": True}}
+    assert "lr_too_large" in rules(log(tmp_path / "full", hess_max_ev=lambda t: 50.0, data=full))
+
+
+def test_rising_cost_pairs_cost_and_loss_by_step(tmp_path):
+    """Energy logged every 10 steps (a sparse schedule), the loss every step. Paired by position, the energy of steps
+    1080-1190 was divided by the loss decrease of steps 1188-1199: a loss flat over its last 6 steps only read as a
+    stall at the same cost. Paired by step, the steps with an energy value are all still making progress."""
+    run = log(tmp_path, n=1200, loss=lambda t: 5.0 - 0.004 * min(t, 1193), time=None,
+              energy=lambda t: 1.0 if t % 10 == 0 else None)
+    assert "rising_cost" not in rules(run, window=2)
+    stalled = log(tmp_path / "stall", n=1200, loss=lambda t: 5.0 - 0.004 * min(t, 1135), time=None,
+                  energy=lambda t: 1.0 if t % 10 == 0 else None)
+    assert "rising_cost" in rules(stalled, window=2)
