@@ -18,6 +18,12 @@ So a process killed with SIGKILL (or by an unhandled signal such as SIGTERM's de
 the last ``LOG_BATCH`` step records and never corrupts the log (each batch is one ``write`` of whole
 lines; a torn last line is tolerated by the reader as before). ``batch=1`` (what ``fsync=True``
 uses) writes every record at once, as the unbatched writer does.
+
+Only the process that opened the log writes it: in a forked child (a fork-based worker that trains a
+copy of the model inherits the hooks and the waiting records) ``write`` and every flush write nothing,
+neither the child's records nor the parent's waiting ones it inherited, and the child is told once
+(``RunLogWriter.in_forked_child``). The process id is checked before the lock is taken: a fork can
+copy the lock held by the parent's flush thread, and the child must never wait for it.
 """
 
 from __future__ import annotations
@@ -98,6 +104,8 @@ class BatchedWriter:
         """Encode ``record`` now; write it with the waiting ones when a flush is due (see the module)."""
         if self.writer.closed:
             raise RuntimeError("the run log is closed")
+        if os.getpid() != self._pid:
+            return not self.writer.in_forked_child()  # False, said once in this process
         data = self.writer.encode(record)
         now = time.monotonic()
         with self._lock:
@@ -119,6 +127,8 @@ class BatchedWriter:
             return self._flush_locked()
 
     def _flush_if_due(self) -> None:
+        if os.getpid() != self._pid:
+            return
         with self._lock:
             if self._lines and self._since is not None and time.monotonic() - self._since >= self.max_delay:
                 self._flush_locked()
@@ -127,6 +137,8 @@ class BatchedWriter:
         lines, self._lines, self._since = self._lines, [], None
         if not lines or self.writer.closed:
             return not lines
+        if os.getpid() != self._pid:  # a forked child's copy of the waiting records: the parent writes them
+            return not self.writer.in_forked_child()
         return self.writer.write_encoded(lines)
 
     def _start_timer(self) -> None:

@@ -11,6 +11,11 @@ caller's explicit choice, ``if_exists``:
   running process still writes it;
 * ``"increment"``: the run goes to the first free numbered folder ``LOGDIR-2``, ``LOGDIR-3``, ...
 
+A ``LOGDIR`` (or a folder above it) that exists but is not a folder (a file, a link to one, a link that
+points nowhere) is refused with a ``FileExistsError`` saying so, whatever ``if_exists`` says (it chooses
+what to do with an old run log, not with a file in the folder's place); a planted link is never followed
+to create its target.
+
 Reading: only a regular file is read (a link to one is fine). A FIFO, a device (``/dev/zero``), a
 socket or a folder named ``cockpit.jsonl`` is refused with a clear error before a byte is read; the
 file is opened without blocking, so a FIFO cannot hang the reader.
@@ -89,6 +94,36 @@ def _create(path: Path) -> int:
     return fd
 
 
+def _not_a_folder(folder: Path) -> str:
+    """What is in the way of the folder ``folder`` (itself or a folder above it), for the error."""
+    for place in [*reversed(folder.parents), folder]:
+        if not os.path.lexists(place) or place.is_dir():
+            continue
+        if place.is_symlink():
+            target = os.readlink(place)
+            what = (f"a symbolic link to {target!r}, which does not exist (it points nowhere)" if not place.exists()
+                    else f"a symbolic link to {target!r}, which is not a folder")
+        else:
+            mode = os.lstat(place).st_mode
+            what = "a file" if stat.S_ISREG(mode) else _kind(mode)
+        where = "" if place == folder else f" (a folder above the logdir {folder})"
+        return (f"{place} exists and is {what}, not a folder{where}; the logdir must be a folder (or a path "
+                "where one can be created). if_exists does not apply: it chooses what to do with an old run "
+                "log in the folder. Pass another logdir")
+    return ""
+
+
+def _make_folder(folder: Path) -> None:
+    """``mkdir -p folder``; FileExistsError saying what is in the way when something that is not a folder is."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        message = _not_a_folder(folder)
+        if not message:  # gone again since (a race): the system's own error
+            raise
+        raise FileExistsError(message) from None
+
+
 def _exists_message(logdir: Path, path: Path) -> str:
     what = "a symbolic link" if path.is_symlink() else "a run log"
     return (f"{logdir} already holds {what} ({path.name}). Choose what to do with "
@@ -130,7 +165,12 @@ def claim(logdir: Union[str, os.PathLike], name: str, if_exists: str = "error") 
     if if_exists == "increment":
         candidates += [logdir.with_name(f"{logdir.name}-{i}") for i in range(2, MAX_NUMBERED + 1)]
     for folder in candidates:
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            _make_folder(folder)
+        except FileExistsError:
+            if folder is logdir:
+                raise
+            continue  # a numbered name taken by a file: not a free folder
         path = folder / name
         if if_exists == "overwrite" and os.path.lexists(path):
             _remove_old(path)
