@@ -48,6 +48,19 @@ def watch(model, optimizer, loss_fn=None, logdir=None, quantities: QuantitySpec 
     return Cockpit(model, optimizer, loss_fn=loss_fn, logdir=logdir, quantities=quantities, **options)
 
 
+def _checked_sinks(sinks) -> list:
+    """``sinks`` as a list, each with ``write`` and ``close`` (a clear error at watch(), not a later one)."""
+    try:
+        out = list(sinks or ())
+    except TypeError:
+        raise TypeError(f"watch(sinks=...) takes an iterable of sinks, got {type(sinks).__name__}") from None
+    for sink in out:
+        if not (callable(getattr(sink, "write", None)) and callable(getattr(sink, "close", None))):
+            raise TypeError(f"watch(sinks=...): a sink needs write(record) and close() methods, got "
+                            f"{type(sink).__name__}")
+    return out
+
+
 class Cockpit(StepDetection):
     """Observes ``model`` trained by ``optimizer`` and writes one record per tracked step.
 
@@ -111,6 +124,9 @@ class Cockpit(StepDetection):
                 "cannot be told apart, so both logs would mix the two models' losses. Create one loss module "
                 f"per watched model (e.g. a second {type(loss_fn).__name__}(...)) and call each in its own loss"
             )
+        sinks = _checked_sinks(sinks)  # before the run log exists: a bad argument leaves nothing behind
+        if dashboard not in (None, True, False) and not isinstance(dashboard, (str, os.PathLike)):
+            raise TypeError(f"watch(dashboard=...) takes True, False, None or a PNG path, got {type(dashboard).__name__}")
         model = unwrap(model)  # DDP: hooks and parameter names on the user's module
         group = detect(distributed)
         # torch.compile: the hooks stay on the compiled wrapper (they run outside its graph); names and
@@ -288,7 +304,7 @@ class Cockpit(StepDetection):
     def _activate(self) -> List[Quantity]:
         """Quantities active on the current step (decided once per step)."""
         if self._active is None:
-            self._active = [q for q in self.quantities if q.is_active(self.step)]
+            self._active = [q for q in self.quantities if self._scheduled(q)]
             needs = set()
             for q in self._active:
                 needs |= q.needs
@@ -298,6 +314,17 @@ class Cockpit(StepDetection):
                 needs.add("loss_inputs")
             self._needs = frozenset(needs)
         return self._active
+
+    def _scheduled(self, q: Quantity) -> bool:
+        """``q.is_active(step)``; a schedule that raises (a user's callable, one returning a tensor of several
+        values) skips the quantity on this step with a warning, never an error in the user's forward."""
+        try:
+            return bool(q.is_active(self.step))
+        except Exception as err:
+            self._warn_once(f"schedule:{q.name}", (
+                f"cockpit-lite: the schedule of {q.name!r} raised {type(err).__name__}: {err}; the quantity is "
+                f"skipped on step {self.step} and on every step where it raises"))
+            return False
 
     # -- a tracked step -------------------------------------------------------------------------
     def _before_step(self) -> None:

@@ -43,6 +43,8 @@ def combined(elements: torch.Tensor, grad: torch.Tensor) -> Tuple[torch.Tensor, 
     w = grad.detach().reshape(-1)
     if w.numel() != elements.numel():
         return elements.mean(), None, grad
+    if not w.numel():  # an empty batch: its mean is 0/0 as for a mean-reduced loss, and no scale reaches it
+        return elements.mean(), None, w.new_zeros(())
     w0 = w[0]
     if bool((w - w0).abs().le(RTOL * w0.abs()).all()):
         return elements.mean(), None, w0 * w.numel()  # (a scale above 1: see scaled())

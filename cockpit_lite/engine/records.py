@@ -3,6 +3,8 @@ events and once-only warnings, the log header. A failing write or sink never rea
 
 from __future__ import annotations
 
+import math
+
 import os
 import platform
 import time
@@ -86,6 +88,11 @@ class Recorder:
             flags.add("nonfinite_loss")
         if not finite(values.get("grad_norm")) and "grad_norm" in values and "grad_norm" not in ctx.reasons:
             flags.add("nonfinite_grad")
+        unlabelled = [k for k, v in values.items() if not (v == v and abs(v) != math.inf) and k not in ctx.reasons]
+        if unlabelled:  # every NaN carries a reason: the step's own non-finite numbers, where no quantity gave one
+            why = _nonfinite_reason(values, flags)
+            for key in unlabelled:
+                ctx.reasons[key] = why
         for flag in sorted(flags):
             if flag.startswith("nonfinite"):
                 self.warn_once(flag, f"cockpit-lite: {flag.replace('_', ' ')} at step {ctx.step} (logged and flagged)",
@@ -136,6 +143,18 @@ class Recorder:
                 sink.close()
             except Exception as err:
                 warnings.warn(f"cockpit-lite: closing {type(sink).__name__} failed: {err!r}", RuntimeWarning)
+
+
+def _nonfinite_reason(values: Dict[str, float], flags) -> str:
+    """Why a value no quantity explained is not finite: the parameters are, or the step's gradient or loss."""
+    p = values.get("param_norm")
+    if p is not None and not (p == p and abs(p) != math.inf):
+        return "the parameters are not finite (a non-finite update on an earlier step)"
+    if "nonfinite_grad" in flags:
+        return "the step's gradients are not finite (flagged nonfinite_grad)"
+    if "nonfinite_loss" in flags:
+        return "the step's loss is not finite on its batch (flagged nonfinite_loss)"
+    return "not finite on this step (no quantity said why)"
 
 
 class NoLog:

@@ -32,7 +32,13 @@ def changed(before: Optional[torch.Tensor], params: Sequence[torch.Tensor]) -> t
     now = fingerprint(params)
     if before is None or now is None or now.shape != before.shape:
         return torch.zeros(len(params), dtype=torch.bool)
-    return now != before.to(now.device)
+    before = before.to(now.device)
+    return (now != before) & ~(now.isnan() & before.isnan())  # NaN parameters that stay NaN have not moved
+
+
+def differ(a: float, b: float) -> bool:
+    """Whether two norms (floats) differ; NaN parameters that stay NaN have not moved."""
+    return a != b and not (a != a and b != b)
 
 
 def others(watched) -> tuple:

@@ -50,7 +50,7 @@ class UpdateSize(Quantity):
         if pending is not None:
             step, before = pending
             now = norms_of(list(ctx.params)).tolist() if ctx.params else []  # the same kernel as the flushes
-            _amend(ctx, step, list(ctx.names), [a != b for a, b in zip(now, before)])
+            _amend(ctx, step, list(ctx.names), [_moved.differ(a, b) for a, b in zip(now, before)])
 
     def close(self):
         self._after = None
@@ -58,7 +58,7 @@ class UpdateSize(Quantity):
 
 def _compare(ctx, step, names, before, now):
     if now.values is not None:
-        _amend(ctx, step, names, [a != b for a, b in zip(now.values, before)])
+        _amend(ctx, step, names, [_moved.differ(a, b) for a, b in zip(now.values, before)])
 
 
 def _amend(ctx, step, names, moved):
