@@ -27,6 +27,8 @@ class MicroBatch:
     target: Any = None  # the loss function's other arguments, if kept
     loss_scale: Optional[torch.Tensor] = None  # d(backward root)/d(loss): 1/accum, AMP scale, ...
     backpropagated: bool = False
+    #: the gradient that reached the loss, summed over the backward passes through it (retain_graph=True twice)
+    grad_in: Optional[torch.Tensor] = None
     view: Any = None  # persample.output_view.OutputView: the loss input as a view of the model output
     #: "sum" when the loss is already divided by the whole step's count (Hugging Face's num_items_in_batch):
     #: the step's loss is then the sum of its micro-batch losses, not their mean

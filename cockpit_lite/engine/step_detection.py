@@ -163,6 +163,10 @@ class StepDetection:
 
         def on_loss_grad(grad, mb=mb, reaches=self._reaches_params):
             def taken(scale=grad.detach()):
+                # a second backward pass through the same loss (retain_graph=True) adds to .grad and to the layers'
+                # captured output gradients: so the scale adds up too (it read 1 where the loop's was 2)
+                scale = scale if mb.grad_in is None else mb.grad_in + scale
+                mb.grad_in = scale
                 mb.loss_scale = scale
                 mb.backpropagated = True
                 if elements is not None:  # reduction="none": the weights the loop gave the elements
