@@ -40,10 +40,14 @@ def unchecked(run, thresholds: Optional[Dict[str, Any]] = None) -> List[Tuple[st
         finite = int(np.isfinite(values).sum())
         if finite >= th.min_points:
             continue
+        nan = len(values) - finite
+        if not nan:  # a short run: every value is there, but fewer than the rules need
+            out.append((key, f"only {finite} value(s) in the last {len(values)} tracked steps, the rules need "
+                             f"{th.min_points}; not checked: {checks}"))
+            continue
         reasons = {s: r for s, r in run.reasons(key).items() if s in set(steps.tolist())}
         counts = Counter(reasons.values()).most_common(2)
         why = "; ".join(f"{r} ({n}x)" for r, n in counts) if counts else "no reason logged"
-        nan = len(values) - finite
         out.append((key, f"NaN on {nan} of the last {len(values)} tracked steps ({why}); "
                          f"not checked: {checks}"))
     if absent:

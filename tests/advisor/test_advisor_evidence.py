@@ -108,6 +108,14 @@ def test_a_run_whose_checks_were_all_nan_says_what_it_could_not_check(tmp_path):
     assert "early_stopping: not recorded" in text
 
 
+def test_a_short_run_is_not_called_nan(tmp_path):
+    """Two finite values, fewer than the rules need: said as such (was "NaN on 0 of the last 2 tracked steps")."""
+    run = log(tmp_path, n=2, alpha=lambda t: 0.1)
+    text = report(run)
+    assert "alpha: only 2 value(s) in the last 2 tracked steps, the rules need 5" in text
+    assert "NaN on 0" not in text
+
+
 def test_the_dashboard_panel_says_what_could_not_be_checked(tmp_path):
     pytest.importorskip("matplotlib")
     from cockpit_lite import dashboard

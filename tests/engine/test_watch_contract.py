@@ -80,7 +80,7 @@ def test_bad_input_gives_clear_errors(tmp_path):
     assert cockpit_lite.load(tmp_path / "d").finished
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(OSError, match="cannot write its run log"):
+    with pytest.raises(OSError, match="is a file, not a folder .a folder above the logdir"):
         cockpit_lite.watch(model, opt, loss_fn=crit, logdir=blocker / "sub")
     with pytest.raises(FileExistsError, match="already holds a run log"):
         cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "d")
@@ -213,3 +213,16 @@ def test_loss_called_with_keywords_logs_what_a_positional_call_logs(tmp_path):
         s2, v2 = runs[1].series(q)
         assert list(s1) == list(s2) and len(s1) >= 2 and not runs[1].reasons(q), q
         assert list(v1) == list(v2), q
+
+
+@pytest.mark.parametrize("bad, match", [({"sinks": 5}, "sinks=.*iterable"), ({"sinks": [object()]}, "write"),
+                                        ({"dashboard": 5}, "dashboard=")])
+def test_a_bad_sink_or_dashboard_argument_is_named_and_leaves_no_log(tmp_path, bad, match):
+    """Checked before the run log is created: the corrected call on the same logdir then works (a header-only
+    log used to be left behind, refusing it with FileExistsError)."""
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=match):
+        cockpit_lite.watch(model, opt, loss_fn=nn.CrossEntropyLoss(), logdir=tmp_path / "run", **bad)
+    assert not (tmp_path / "run").exists()
+    cockpit_lite.watch(model, opt, loss_fn=nn.CrossEntropyLoss(), logdir=tmp_path / "run").close()
