@@ -62,6 +62,8 @@ def _key_panels(views, keys: List[str], *, title: Optional[str], legend: bool):
     import numpy as np
 
     from cockpit_lite.instruments import PALETTE, draw_line, finish, scale_y
+    from cockpit_lite.instruments._error_band import error_band
+    from cockpit_lite.instruments._nan_note import draw_note, nan_lines
     from .dashboard import _new_figure
 
     if not keys:
@@ -72,21 +74,42 @@ def _key_panels(views, keys: List[str], *, title: Optional[str], legend: bool):
     fig = _new_figure(figsize=(PANEL_W, PANEL_H * len(keys)), layout="constrained")
     axes = fig.subplots(len(keys), 1, squeeze=False)[:, 0]
     for ax, key in zip(axes, keys):
-        drawn = []
+        drawn, banded = [], False
         for i, v in enumerate(views):
             s, values = v.series(key)
             if s.size:
-                draw_line(ax, s, values, label=v.label, color=PALETTE[i % len(PALETTE)])
+                color = PALETTE[i % len(PALETTE)]
+                draw_line(ax, s, values, label=v.label, color=color)
                 drawn.append(values[np.isfinite(values)])
+                band = _error_key(v, key)
+                if band is not None:  # an estimate carries its error: the dashboard's band (exact values: none)
+                    err_key, what = band
+                    who = f"{v.label}: " if len(views) > 1 else ""
+                    banded |= error_band(ax, v, key, err_key, color=color, label=f"{who}{key} {what}")
+        who = (lambda v: "") if len(views) == 1 else (lambda v: f"{v.label}: ")
+        draw_note(ax, [who(v) + line for v in views for line in nan_lines(v, [key])])
         if not drawn:
             ax.text(0.5, 0.5, f"{key}: no values in {'these runs' if len(views) > 1 else 'this run'}",
                     ha="center", va="center", transform=ax.transAxes, color="0.4")
         scale_y(ax, np.concatenate(drawn) if drawn else [])
         ax.set_title(key)
-        finish(ax, "", legend=legend)
+        finish(ax, "", legend=legend or banded)
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _error_key(view, key: str):
+    """``(error key, what the band is)`` of an estimate key: ``<key>/stderr`` (band +- 1 standard error) or,
+    for the top eigenvalue, ``hess_max_ev/error_bound`` (+- the residual bound); None for other keys."""
+    if "/" in key:
+        return None
+    keys = set(view.keys())
+    if key == "hess_max_ev" and "hess_max_ev/error_bound" in keys:
+        return "hess_max_ev/error_bound", "± residual bound"
+    if f"{key}/stderr" in keys:
+        return f"{key}/stderr", "± 1 standard error"
+    return None
 
 
 def run_html(run) -> str:

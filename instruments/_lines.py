@@ -8,6 +8,7 @@ import numpy as np
 
 from . import Instrument
 from ._draw import PALETTE, finish, plot_series, scale_y
+from ._nan_note import nan_note
 
 
 class LinesInstrument(Instrument):
@@ -33,6 +34,7 @@ class LinesInstrument(Instrument):
         scale_y(ax, values)
         ax.set_title(self.title)
         finish(ax, self.ylabel, legend=len(self.keys) > 1 or self.threshold is not None)
+        nan_note(ax, run, self.keys)
 
     def label(self, key: str) -> str:
         return key

@@ -179,9 +179,9 @@ def _entry_column(pairs, name: str):
     over those that hold one: what ``Run.data_field`` answers, for a view's own reads."""
     import numpy as np
 
-    from cockpit_lite.runlog.codec import as_float
+    from cockpit_lite.runlog.codec import entry_number
 
-    hits = [(s, d[name]) for s, d in pairs if isinstance(d, dict) and as_float(d.get(name)) is not None]
+    hits = [(s, v) for s, v in ((s, entry_number(d, name)) for s, d in pairs) if v is not None]
     return (np.array([h[0] for h in hits], dtype=np.int64).reshape(-1),
             np.array([h[1] for h in hits], dtype=np.float64).reshape(-1))
 

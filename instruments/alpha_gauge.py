@@ -11,6 +11,7 @@ robust statistics, which one outlier does not move (a mean would).
 import numpy as np
 
 from ._draw import ALL_COLOR, RECENT_COLOR, recent_window
+from ._nan_note import nan_note
 from . import Instrument
 
 XLIM = 1.5  # alphas beyond ±XLIM are counted in the edge bins
@@ -57,3 +58,4 @@ class AlphaGauge(Instrument):
         ax.set_title(self.title)
         ax.set_xlabel("alpha  (−1: no progress, 0: minimum, 1: overshoot)")
         legend_above_data(ax, loc="upper center", ncol=1)
+        nan_note(ax, run, ("alpha",), loc="lower right")

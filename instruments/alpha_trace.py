@@ -7,6 +7,7 @@ import numpy as np
 
 from ._draw import ALL_COLOR, RECENT_COLOR, draw_line, finish, subsample
 from ._moving import moving_median
+from ._nan_note import nan_note
 from ._tidy import OFF_AXIS_COLOR, mark_off_axis
 from . import Instrument
 
@@ -40,3 +41,4 @@ class AlphaTrace(Instrument):
             ax.set_ylim(-top, top)
         ax.set_title(self.title)
         finish(ax, "alpha", legend=True)
+        nan_note(ax, run, ("alpha",))

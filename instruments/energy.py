@@ -1,8 +1,11 @@
 """Energy per step and cumulative energy / CO2, with each device's measured/estimated label."""
 
+import textwrap
+
 import numpy as np
 
 from ._draw import PALETTE, downsample, draw_line, finish
+from ._nan_note import nan_counts
 from . import Instrument
 
 J_PER_KWH = 3.6e6
@@ -69,6 +72,25 @@ def provenance(details) -> str:
     return "\n".join(lines)
 
 
+def total_error_j(run, steps, finite):
+    """``(bound_j, state)`` of the summed energy over the steps where it is finite: the sum of the records'
+    ``total.error_j`` (a bound per record, so their sum bounds the sum). ``state``: "bound" (a finite
+    bound), "no bound" (some finite step is an estimate whose ``error_j`` is NaN), "not logged" (some
+    finite step has no ``error_j`` at all: an older log). Read as a column (``Run.data_field``), which a run
+    read from its cache answers without decoding every step's structure."""
+    wanted = np.asarray(steps)[finite]
+    if not len(wanted):
+        return float("nan"), "not logged"
+    e_steps, errors = run.data_field("energy", "total.error_j")
+    by_step = dict(zip(np.asarray(e_steps).tolist(), np.asarray(errors).tolist()))  # a step's last record wins
+    values = [by_step.get(int(s)) for s in wanted.tolist()]
+    if any(v is None for v in values):
+        return float("nan"), "not logged"
+    if not all(np.isfinite(v) for v in values):
+        return float("nan"), "no bound"
+    return float(np.sum(np.abs(values))), "bound"
+
+
 class Energy(Instrument):
     name = "energy"
     tab = "energy"
@@ -90,11 +112,16 @@ class Energy(Instrument):
             if d_steps.size and np.isfinite(d_joules).any():
                 d = d_joules / _steps_covered(d_steps, None, table)
                 draw_line(ax, d_steps, d, color=PALETTE[2 + i], lw=0.9, alpha=0.8, label=key.split("/", 1)[1])
-        finite = np.where(np.isfinite(joules), joules, 0.0)
-        cumulative_kwh = np.cumsum(finite) / J_PER_KWH
+        ok = np.isfinite(joules)
+        cumulative_kwh = np.cumsum(np.where(ok, joules, 0.0)) / J_PER_KWH
+        total_kwh = float(cumulative_kwh[-1]) if len(cumulative_kwh) else float("nan")
+        # a step whose energy is NaN (with a reason) cost something unknown, not 0 J: the cumulative line has a
+        # gap there (it resumes at the sum of the finite steps), and the total says over which steps it sums
+        shown = np.where(ok, cumulative_kwh, np.nan)
         twin = ax.twinx()
-        s, c = downsample(steps, cumulative_kwh)
-        twin.plot(s, c, color=PALETTE[1], lw=1.5, label="cumulative")
+        s, c = downsample(steps, shown)
+        twin.plot(s, c, color=PALETTE[1], lw=1.5, label="cumulative",
+                  marker="." if (~ok).any() and len(s) <= 200 else None, ms=3)
         twin.set_ylabel("cumulative kWh", color=PALETTE[1])
         twin.tick_params(axis="y", colors=PALETTE[1], labelsize="small")
         last = run.last_data("energy")
@@ -104,18 +131,34 @@ class Energy(Instrument):
         if co2.size and np.isfinite(co2).any():
             total_co2 = float(np.nansum(co2))
         elif intensity:
-            total_co2 = float(cumulative_kwh[-1] * intensity) if len(cumulative_kwh) else 0.0
+            total_co2 = total_kwh * intensity if len(cumulative_kwh) else 0.0
         else:
             total_co2 = float("nan")
-        total = f"total {cumulative_kwh[-1] * 1e3:.3g} Wh" if len(cumulative_kwh) else "total n/a"
-        total += f", {total_co2:.3g} gCO₂eq" if np.isfinite(total_co2) else ", CO₂ n/a"
+        if len(cumulative_kwh) and ok.any():
+            total = f"total {total_kwh * 1e3:.3g} Wh"
+            bound_j, state = total_error_j(run, steps, ok)
+            if state == "bound":
+                total += f" ± {bound_j / 3.6e3:.2g} Wh"
+            elif state == "no bound":
+                total += " (estimated, no bound)"
+            else:
+                total += " (no error bound logged)"
+            k_nan, _, reason = nan_counts(run, "energy")
+            if k_nan or not ok.all():
+                n_all, n_ok = int(covers.sum()), int(covers[ok].sum())
+                total += (f" over {n_ok} of {n_all} steps; {n_all - n_ok} NaN: "
+                          f"{reason or 'no reason logged'}")
+        else:
+            total = "total n/a"
+        co2_text = f"{total_co2:.3g} gCO₂eq" if np.isfinite(total_co2) else "CO₂ n/a"
         if intensity:
-            total += f" @ {intensity:g} g/kWh"
+            co2_text += f" @ {intensity:g} g/kWh"
+        total = textwrap.fill(total, 56, subsequent_indent="  ", break_on_hyphens=False) + "\n" + co2_text
         # on the twin axes, which is drawn last: the box and legend stay above the cumulative line
         twin.text(0.02, 0.97, f"{label}\n{total}", transform=twin.transAxes, ha="left", va="top",
                 fontsize="small", bbox=dict(boxstyle="round", fc="white", ec="0.8", alpha=0.9), zorder=5)
         top = float(np.nanmax(per_step)) if np.isfinite(per_step).any() else 1.0
-        box_lines = label.count("\n") + 2
+        box_lines = label.count("\n") + total.count("\n") + 1
         ax.set_ylim(bottom=0, top=max(top, 1e-12) * (1.15 + 0.15 * box_lines))  # room for the provenance box
         ax.set_title(self.title)
         finish(ax, "J per step")

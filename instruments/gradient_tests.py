@@ -8,6 +8,7 @@ Points inside pass (the batch is large enough); points outside suggest a larger 
 import numpy as np
 
 from ._draw import RECENT_COLOR, recent_window
+from ._nan_note import nan_note
 from . import Instrument, missing_reason
 
 
@@ -56,6 +57,7 @@ class GradientTests(Instrument):
 
         legend_above_data(ax, loc="upper right", ncol=1)
         ax.set_xlim(ax.get_ylim())  # the same range on both axes: the circle stays a circle
+        nan_note(ax, run, ("inner_test", "ortho_test"))
         bar = ax.figure.colorbar(points, ax=ax, fraction=0.046, pad=0.03)
         bar.set_label("step", fontsize="small")
         bar.ax.tick_params(labelsize="x-small")

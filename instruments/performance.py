@@ -6,6 +6,7 @@ import numpy as np
 
 from ._draw import ALL_COLOR, RECENT_COLOR, draw_line, finish, moving_average, scale_y
 from ._moving import moving_median
+from ._nan_note import nan_note
 from ._tidy import mark_off_axis, robust_limits
 from . import Instrument
 
@@ -38,3 +39,4 @@ class Performance(Instrument):
             mark_off_axis(ax, steps, values, max(limits[0], 0.0) if np.nanmin(shown) >= 0 else limits[0], limits[1])
         ax.set_title(self.title)
         finish(ax, "loss", legend=True)
+        nan_note(ax, run, ("loss",))

@@ -7,6 +7,7 @@ names what it is, not what it proxies."""
 
 from ._draw import PALETTE, finish, plot_series, scale_y
 from ._error_band import error_band
+from ._nan_note import nan_note
 from ._lines import LinesInstrument
 
 import numpy as np
@@ -37,3 +38,4 @@ class Tic(LinesInstrument):
         scale_y(ax, np.concatenate(drawn) if drawn else [])
         ax.set_title(self.title)
         finish(ax, self.ylabel, legend=True)
+        nan_note(ax, run, ("tic_diag", "tic_trace"))

@@ -4,6 +4,7 @@ import numpy as np
 
 from ._draw import PALETTE, draw_line, finish, scale_y
 from ._error_band import error_band
+from ._nan_note import nan_note
 from . import Instrument
 
 
@@ -44,16 +45,33 @@ class Traces(Instrument):
         note_negative(ax, run, "hess_trace")
         ax.set_title(self.title)
         finish(ax, "trace", legend=True)
+        nan_note(ax, run, ("hess_trace", "ggn_trace"))
 
 
-def note_negative(ax, run, key: str) -> int:
+def note_negative(ax, run, key: str, *, k_se: float = 2.0) -> int:
     """A Hessian trace below 0 is not an error: the loss curves down along some directions more than up
     along others (a non-convex region; the GGN trace, positive semi-definite, cannot do this). Said in
-    the legend, with the count, and the zero line drawn."""
-    _, values = run.series(key)
-    negative = int(np.sum(np.isfinite(values) & (values < 0)))
-    if negative:
+    the legend, with the count, and the zero line drawn.
+
+    A step counts only where the sign is established: an exact value (``<key>/stderr`` 0 or not logged)
+    below 0, or an estimate more than ``k_se`` standard errors below 0. An estimate within ``k_se`` s.e.
+    of 0 (-1.4 +- 3.6), or one without a finite standard error, says nothing about the sign; those are
+    counted apart. Returns the count of established negative steps."""
+    steps, values = run.series(key)
+    se_steps, se = run.series(key + "/stderr")
+    lookup = dict(zip(se_steps.tolist(), se.tolist()))
+    e = np.array([lookup.get(s, 0.0) for s in steps.tolist()], dtype=np.float64)  # not logged: exact
+    below = np.isfinite(values) & (values < 0)
+    exact = below & (e == 0)
+    with np.errstate(invalid="ignore"):
+        significant = below & np.isfinite(e) & (e > 0) & (values < -k_se * e)
+    negative = int(np.sum(exact | significant))
+    unsure = int(np.sum(below)) - negative
+    if negative or unsure:
         ax.axhline(0, color="0.3", lw=0.7, ls=":")
+    if negative:
         ax.plot([], [], ls="none", label=f"tr(H) < 0 on {negative} step(s): non-convex region "
                                           "(negative curvature dominates), not an error")
+    if unsure:
+        ax.plot([], [], ls="none", label=f"tr(H) < 0 within {k_se:g} s.e. of 0 on {unsure} step(s): sign not established")
     return negative

@@ -173,7 +173,7 @@ class RunCache:
     #: advisor read of them (the batch size; how many steps an energy record covers). Any other
     #: is read from the records or the structures, which a cached run then builds or unpickles.
     FIELDS = ("samples",)
-    DATA_FIELDS = (("energy", "steps"), ("hess_max_ev", "converged"))
+    DATA_FIELDS = (("energy", "steps"), ("energy", "total.error_j"), ("hess_max_ev", "converged"))
     _STATE = ("header", "skipped", "events", "footer", "bad_lines")
 
     def __init__(self, log_path: Path):

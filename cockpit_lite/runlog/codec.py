@@ -157,6 +157,21 @@ def _decode_line(raw: bytes, text: Optional[str] = None) -> Any:
 _NUMBER = (int, float)  # bool included: a flag reads as 0/1
 
 
+def entry_number(structure: Any, name: str) -> Optional[float]:
+    """The numeric entry ``name`` of a ``data`` structure as a float, or None where it holds none. A dotted
+    ``name`` reaches into nested dicts (``"total.error_j"``); there the strings ``encode_number`` writes count
+    as the numbers they name (an error bound logged as "NaN" is a value: the estimate has none)."""
+    if "." not in name:
+        return as_float(structure.get(name)) if isinstance(structure, dict) else None
+    for part in name.split("."):
+        if not isinstance(structure, dict) or part not in structure:
+            return None
+        structure = structure[part]
+    if isinstance(structure, str) and structure in ("NaN", "Infinity", "-Infinity"):
+        return decode_number(structure)
+    return as_float(structure)
+
+
 def as_float(value: Any) -> Optional[float]:
     """A JSON number (bool included, as 0/1) as a float; None for anything else or too large
     for a float (an integer of 400 digits is no value the log can stand for)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
-from .codec import as_float, decode_number
+from .codec import decode_number, entry_number
 
 
 
@@ -14,7 +14,7 @@ def _entry_column(pairs: Iterable[Tuple[int, Any]], name: str):
     (``[(step, dict), ...]``), over those that hold one."""
     import numpy as np
 
-    hits = [(s, d[name]) for s, d in pairs if isinstance(d, dict) and as_float(d.get(name)) is not None]
+    hits = [(s, v) for s, v in ((s, entry_number(d, name)) for s, d in pairs) if v is not None]
     return (np.array([h[0] for h in hits], dtype=np.int64).reshape(-1),
             np.array([h[1] for h in hits], dtype=np.float64).reshape(-1))
 

@@ -204,6 +204,10 @@ class CockpitPlugin(base_plugin.TBPlugin):
                 if tag.startswith("data/") and docs:
                     step = max(docs)
                     data[tag[len("data/"):]] = {"step": step, "value": docs[step], "steps": len(docs)}
+                    if _unavailable_histogram(docs[step]):  # the tab draws the last one that has bins
+                        valid = [s for s in docs if not _unavailable_histogram(docs[s])]
+                        if valid:
+                            data[tag[len("data/"):]]["last_valid"] = {"step": max(valid), "value": docs[max(valid)]}
                 elif tag.startswith("reasons/"):
                     reasons[tag[len("reasons/"):]] = [{"step": s, "reasons": docs[s]} for s in sorted(docs)][-MAX_REASON_STEPS:]
                     for doc in docs.values():  # every step read, not only the most recent MAX_REASON_STEPS
@@ -219,6 +223,11 @@ class CockpitPlugin(base_plugin.TBPlugin):
                     events = [docs[s] for s in sorted(docs)][-MAX_EVENTS:]
         return {"run": run, "scalars": scalars, "data": data, "reasons": reasons, "flags": flags, "events": events,
                 "reason_counts": reason_counts, "reason_counts_partial": reason_counts_partial, "overflow": overflow}
+
+
+def _unavailable_histogram(doc) -> bool:
+    """The logged 'no histogram on this step' structure: ``{"edges": null, "counts": null, "reason": ...}``."""
+    return isinstance(doc, dict) and "edges" in doc and (doc.get("edges") is None or doc.get("counts") is None)
 
 
 def _last_per_step(datums) -> Dict[int, Any]:

@@ -380,9 +380,17 @@ function histPanel(run) {
   const body = [];
   const h1 = run.data.grad_hist_1d;
   let sub = '';
-  if (h1 && h1.value && Array.isArray(h1.value.edges) && Array.isArray(h1.value.counts)) {
-    body.push(barChart(h1.value.edges.map(num), h1.value.counts.map(Number), { logY: true }));
-    sub = `1D: per-sample gradient elements (${h1.value.scale || 'g'}), step ${h1.step}, log counts`;
+  const drawable = (d) => d && d.value && Array.isArray(d.value.edges) && Array.isArray(d.value.counts);
+  // the latest step may have logged why it has no histogram ({edges: null, counts: null, reason}): say so,
+  // and draw the last valid one (the plugin sends it as last_valid), labelled with its step
+  const shown = drawable(h1) ? h1 : (h1 && drawable(h1.last_valid) ? h1.last_valid : null);
+  if (shown) {
+    body.push(barChart(shown.value.edges.map(num), shown.value.counts.map(Number), { logY: true }));
+    sub = `1D: per-sample gradient elements (${shown.value.scale || 'g'}), step ${shown.step}${shown === h1 ? '' : ' (last valid)'}, log counts`;
+  }
+  if (h1 && h1.value && !drawable(h1)) {
+    const why = typeof h1.value.reason === 'string' ? h1.value.reason : 'no reason logged';
+    body.push(el('p', { class: 'note', 'data-reason': 'grad_hist_1d', text: `grad_hist_1d at step ${h1.step}: no histogram (${why})` }));
   }
   const h2 = run.data.grad_hist_2d;
   if (h2 && h2.value && Array.isArray(h2.value.counts) && h2.value.counts.length) {
@@ -433,6 +441,22 @@ function curvaturePanel(run) {
     { emptyText: 'No data: this run did not log hess_max_ev, hess_trace, ggn_trace or tic.' });
 }
 
+// the error bound of an energy entry (a device, its GPU window, or the total): '± 0.1 J', or, for an estimate
+// whose error_j is NaN, 'estimated, no bound'; nothing when none is logged or the value is unavailable
+function energyError(info, status) {
+  let text = '';
+  if ('error_j' in info && status !== 'unavailable') {
+    const e = num(info.error_j);
+    text += Number.isFinite(e) ? ` ± ${fmt(e)} J` : (status === 'estimated' ? ' · estimated, no bound' : ' · no bound');
+  }
+  const w = info.window;
+  if (w && typeof w === 'object' && Array.isArray(w.window)) {
+    const wj = num(w.window_j), we = num(w.window_error_j);
+    text += ` · window ${w.window[0]}–${w.window[1]}: ${fmt(wj)}${Number.isFinite(we) ? ` ± ${fmt(we)}` : ' (no bound)'} J`;
+  }
+  return text;
+}
+
 function energyPanel(run) {
   const s = series(run, 'energy', COLORS[0], 'energy (J per step)');
   const body = [];
@@ -444,9 +468,12 @@ function energyPanel(run) {
     box.appendChild(el('span', { text: `Provenance (step ${prov.step}): ` }));
     for (const [device, info] of Object.entries(prov.value)) {
       if (!info || typeof info !== 'object') continue;
-      const status = ['measured', 'estimated', 'unavailable'].includes(info.status) ? info.status : 'unavailable';
-      const text = `${device}: ${info.status || 'unknown'}${info.source ? ` · ${info.source}` : ''}${info.reason ? ` · ${info.reason}` : ''}`;
-      box.appendChild(el('span', { class: `badge ${status}`, 'data-status': status, text }));
+      // a device says `status`; the total (the sum of the devices) says `label`
+      const said = device === 'total' ? (info.label ?? info.status) : info.status;
+      if (said === undefined && device !== 'total' && !('error_j' in info)) continue;  // not a device (a model, ...)
+      const status = ['measured', 'estimated', 'unavailable'].includes(said) ? said : 'unavailable';
+      const text = `${device}: ${said || 'unknown'}${energyError(info, status)}${info.source ? ` · ${info.source}` : ''}${info.reason ? ` · ${info.reason}` : ''}`;
+      box.appendChild(el('span', { class: `badge ${status}`, 'data-status': status, 'data-device': device, text }));
     }
     const ci = num(prov.value.carbon_intensity_g_per_kwh);
     if (Number.isFinite(ci)) {
