@@ -61,9 +61,7 @@ def compare(runs: Sequence[RunLike], keys: Sequence[str] = ("loss",), *, labels:
 def _key_panels(views, keys: List[str], *, title: Optional[str], legend: bool):
     import numpy as np
 
-    from cockpit_lite.instruments import PALETTE, draw_line, finish, scale_y
-    from cockpit_lite.instruments._error_band import error_band
-    from cockpit_lite.instruments._nan_note import draw_note, nan_lines
+    from cockpit_lite.instruments import PALETTE, draw_line, draw_note, error_band, finish, nan_lines, scale_y
     from .dashboard import _new_figure
 
     if not keys:

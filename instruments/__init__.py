@@ -49,7 +49,8 @@ from ._run_view import RunView, as_view
 
 #: drawing helpers that the rest of cockpit_lite (notebook plots, the dashboard) uses too: public names,
 #: imported on first use (they import matplotlib)
-_DRAWING = {"PALETTE": "_draw", "draw_line": "_draw", "finish": "_draw", "scale_y": "_draw", "tidy": "_tidy"}
+_DRAWING = {"PALETTE": "_draw", "draw_line": "_draw", "finish": "_draw", "scale_y": "_draw", "tidy": "_tidy",
+            "error_band": "_error_band", "draw_note": "_nan_note", "nan_lines": "_nan_note", "nan_note": "_nan_note"}
 
 
 def __getattr__(name: str):
