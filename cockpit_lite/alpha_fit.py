@@ -96,4 +96,34 @@ def fit_alpha(t: float, f0: float, f1: float, df0: float, df1: float,
     return AlphaFit(2.0 * t / abar - 1.0, w_tuple, "fit")
 
 
-__all__ = ["AlphaFit", "fit_alpha", "fit_parabola", "observation_matrix", "ZERO_VARIANCE_SUBSTITUTE"]
+def alpha_stderr(t: float, w: Tuple[float, float, float], var_fs: Tuple[float, float],
+                 var_dfs: Tuple[float, float], ns: Tuple[int, int]) -> float:
+    """Standard error of a fitted ``alpha`` (case "fit") from the noise of its four observations.
+
+    Each observation is a mean over its batch's n samples, so its variance is var / n (``ns`` = (n0, n1): the
+    batches at tau = 0 and tau = t). The coefficients w = A y with A = (Phi^T W Phi)^-1 Phi^T W (W the fit's
+    weights, 1/var) have the covariance A Sigma A^T, Sigma = diag(var / n) (the sandwich form: W is not
+    Sigma^-1 where n0 != n1). alpha = -2t w2/w1 - 1, so to first order (delta method)
+    se^2 = grad^T Cov(w) grad with grad = (0, 2t w2/w1^2, -2t/w1). Treated as independent: the loss and the
+    slope of one batch are means over the same samples, whose covariance is not measured; and the first-order
+    error is only meaningful while it is small against |w1| (a slope near 0 makes alpha itself unstable).
+    NaN where a batch size is unknown or below 2."""
+    n0, n1 = ns
+    if not (n0 and n1) or min(n0, n1) < 2 or not all(math.isfinite(x) for x in (t, *w, *var_fs, *var_dfs)):
+        return math.nan
+    var = np.array([var_fs[0], var_fs[1], var_dfs[0], var_dfs[1]], dtype=np.float64)
+    sigma = var / np.array([n0, n1, n0, n1], dtype=np.float64)
+    weights = 1.0 / np.where(var == 0.0, ZERO_VARIANCE_SUBSTITUTE, var)
+    phi = observation_matrix(float(t))
+    try:
+        A = np.linalg.solve(phi.T @ (phi * weights[:, None]), phi.T * weights[None, :])
+    except np.linalg.LinAlgError:
+        return math.nan
+    cov = (A * sigma[None, :]) @ A.T
+    w1, w2 = float(w[1]), float(w[2])
+    grad = np.array([0.0, 2.0 * t * w2 / (w1 * w1), -2.0 * t / w1])
+    return float(math.sqrt(max(float(grad @ cov @ grad), 0.0)))
+
+
+__all__ = ["AlphaFit", "alpha_stderr", "fit_alpha", "fit_parabola", "observation_matrix",
+           "ZERO_VARIANCE_SUBSTITUTE"]

@@ -51,6 +51,10 @@ class AlphaGauge(Instrument):
                       label=f"{who}: median {med:+.2f}, quartiles {q1:+.2f}..{q3:+.2f}{off}")
             ax.axvspan(np.clip(q1, -XLIM, XLIM), np.clip(q3, -XLIM, XLIM), ymax=0.66 / 1.05, color=color, alpha=0.08)
             ax.axvline(np.clip(med, -XLIM, XLIM), ymax=0.66 / 1.05, color=color, ls="--", lw=1)
+        _, se = run.series("alpha/stderr")  # each alpha is a fit to noisy observations: its typical error
+        se = se[np.isfinite(se)]
+        if se.size:
+            ax.plot([], [], " ", label=f"one step's alpha ± {np.median(se):.2g} (1 s.e., median over {se.size} steps)")
         ax.set_xlim(-XLIM, XLIM)
         ax.set_ylim(0, height * 1.05)
         ax.set_xticks([-1, -0.5, 0, 0.5, 1])

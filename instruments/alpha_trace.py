@@ -6,6 +6,7 @@ it are drawn as triangles on its edge and counted in the legend ("3 above the ax
 import numpy as np
 
 from ._draw import ALL_COLOR, RECENT_COLOR, draw_line, finish, subsample
+from ._error_band import error_band
 from ._moving import moving_median
 from ._nan_note import nan_note
 from ._tidy import OFF_AXIS_COLOR, mark_off_axis
@@ -33,6 +34,7 @@ class AlphaTrace(Instrument):
         if window > 1:  # a median: one alpha of 93 must not drag the line off the axis for `window` steps
             draw_line(ax, steps, moving_median(alpha, window), color=RECENT_COLOR, lw=1.5,
                       label=f"moving median ({window})")
+        error_band(ax, run, "alpha", "alpha/stderr", color=ALL_COLOR, label="± 1 s.e. of the fit (delta method)")
         ax.axhline(0, color="k", lw=0.8, ls="--")
         if mark_off_axis(ax, steps, alpha, -top, top):
             for y in (-top, top):

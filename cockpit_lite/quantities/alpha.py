@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..alpha_fit import fit_alpha
+from ..alpha_fit import alpha_stderr, fit_alpha
 from ..distributed import mean_and_var, means_and_vars
 from . import _moved
 from .base import Quantity
@@ -308,3 +308,9 @@ class Alpha(Quantity):
             if fit.reason:
                 data["note"] = fit.reason
             ctx.emit_for_step(start.step, "alpha", fit.alpha, data=data)
+            if fit.case == "fit":  # the fit's error from the observations' noise (-1 by definition has none)
+                se = alpha_stderr(t, fit.w, (var_f0, var_f1), (var_df0, var_df1), (start.n, n1))
+                if math.isfinite(se):
+                    ctx.emit_for_step(start.step, "alpha/stderr", se)
+                else:
+                    ctx.emit_for_step(start.step, "alpha/stderr", reason="batch size unknown or below 2")
