@@ -28,6 +28,7 @@ class Recorder:
         #: which the quantity fails as a whole gives each of them NaN with the same reason
         self.parts: Dict[str, set] = {}
         self._logged: set = set()  # every value key written so far
+        self._pid = os.getpid()  # a forked child writes nothing: not the log (runlog/batch.py), not the sinks
 
     def open_sinks(self, run_header: Dict[str, Any]) -> None:
         """Hand the run's header to every sink that asks for it (``open_run``, e.g. its parameter names);
@@ -52,6 +53,8 @@ class Recorder:
                 self.warned.add("log")
                 warnings.warn(f"cockpit-lite: a {record.get('type')} record could not be written to the run log "
                               f"({err!r}); it was dropped (the footer counts it)", RuntimeWarning, stacklevel=4)
+        if os.getpid() != self._pid:  # the sinks' files (TensorBoard's event file) are the parent's
+            return
         for sink in list(self.sinks):
             try:
                 sink.write(record)
@@ -138,6 +141,8 @@ class Recorder:
     def close(self, footer: Dict[str, Any]) -> None:
         """Close the run log with ``footer``, then every sink (a failing sink is said, not raised)."""
         self.writer.close(footer)
+        if os.getpid() != self._pid:  # a forked child's copies of the sinks: closing them would flush into the
+            return  # parent's files
         for sink in self.sinks:
             try:
                 sink.close()

@@ -130,3 +130,47 @@ def test_two_backward_passes_through_one_loss_keep_alpha_exact(tmp_path):
         f1, vf1, df1, vdf1 = _observations(model, thetas[s + 1], x, y, u)
         ref = fit_alpha(t, f0, f1, df0, df1, vf0, vf1, vdf0, vdf1).alpha
         assert recs[s]["values"]["alpha"] == pytest.approx(ref, rel=1e-4, abs=1e-5), (s, ref)
+
+
+def test_a_forked_child_hands_nothing_to_the_sinks(tmp_path):
+    """A forked worker that trains a copy of the watched model inherits the cockpit: its records must not reach
+    the parent's sinks (a TensorBoard sink would write into the parent's event file)."""
+    import os
+
+    class FileSink:
+        def __init__(self, path):
+            self.path = path
+
+        def write(self, record):
+            with open(self.path, "a") as fh:
+                fh.write(f"{os.getpid()} {record.get('type')}\n")
+
+        def close(self):
+            with open(self.path, "a") as fh:
+                fh.write(f"{os.getpid()} close\n")
+
+    model, x, y = _setup()
+    crit = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = tmp_path / "sink.txt"
+    cp = cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "run", quantities=["loss"],
+                            sinks=[FileSink(out)])
+    opt.zero_grad()
+    crit(model(x), y).backward()
+    opt.step()
+    pid = os.fork()
+    if pid == 0:  # the child's records and its close (no torch work here: its OpenMP pool does not survive fork)
+        try:
+            import signal
+
+            signal.alarm(10)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cp._records.emit({"type": "step", "step": 7, "values": {"loss": 1.0}})
+                cp._records.close({"steps": 8})
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    cp.close()
+    writers = {line.split()[0] for line in out.read_text().splitlines()}
+    assert writers == {str(os.getpid())}, out.read_text()
