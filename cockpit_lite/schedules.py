@@ -85,7 +85,13 @@ def log_spaced(per_decade: int = 10) -> LogSpaced:
 
 
 def at(steps: Iterable[int]) -> AtSteps:
-    return AtSteps(frozenset(int(s) for s in steps))
+    chosen = frozenset(int(s) for s in steps)
+    if not chosen:
+        raise ValueError("an 'at' schedule needs at least one step (use 'never' for none)")
+    negative = sorted(s for s in chosen if s < 0)
+    if negative:
+        raise ValueError(f"steps count from 0: an 'at' schedule cannot hold {negative}")
+    return AtSteps(chosen)
 
 
 def parse(spec: ScheduleLike) -> Callable[[int], bool]:

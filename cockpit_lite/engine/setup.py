@@ -65,6 +65,9 @@ def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
 
 def resolve_quantities(spec: QuantitySpec) -> List[Quantity]:
     """Quantity objects for a preset name, a list of names/objects, or a mapping name -> schedule."""
+    if spec is None:
+        raise TypeError("quantities=None: give a preset name ('default', 'economy', 'business', 'full'), a list of "
+                        "quantity names or a mapping name -> schedule")
     if isinstance(spec, str):
         spec = presets.preset(spec)
     out: List[Quantity] = []

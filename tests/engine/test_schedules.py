@@ -29,3 +29,23 @@ def test_never_at_and_errors():
         schedules.parse("every:0")
     with pytest.raises(ValueError):
         schedules.parse("every:x")
+
+
+@pytest.mark.parametrize("spec, match", [("at:", "at least one step"), ("at:-1", "count from 0"),
+                                         ([3, -2], "count from 0"), ([], "at least one step")])
+def test_an_at_schedule_that_could_never_track_is_refused(spec, match):
+    """'at:' and 'at:-1' were accepted and never tracked anything, without a word."""
+    with pytest.raises(ValueError, match=match):
+        schedules.parse(spec)
+
+
+def test_quantities_none_is_a_clear_error():
+    import torch
+    from torch import nn
+
+    import cockpit_lite
+
+    model = nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="quantities=None: give a preset name"):
+        cockpit_lite.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=nn.MSELoss(),
+                           logdir=None, quantities=None)
