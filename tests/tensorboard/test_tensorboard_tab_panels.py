@@ -42,8 +42,9 @@ def run_body(energy, hist):
                    "overflow": []})
 
 
-def render_tab(body):
-    """The tab drawn from ``body`` (the /run answer); returns {panel id: (inner text, HTML attributes)}."""
+def render_tab(body, panel=None):
+    """The tab drawn from ``body`` (the /run answer); returns the energy badges {device: (status, text)}, the
+    histogram panel's text, bar counts and state; with ``panel``, that panel's text only."""
     _need_browser()
     from playwright.sync_api import sync_playwright
 
@@ -71,6 +72,10 @@ def render_tab(body):
             page.route("http://cockpit.test/tab/**", handle)
             page.goto("http://cockpit.test/tab/index.html")
             page.wait_for_selector("body[data-ready=true]")
+            if panel is not None:
+                text = page.inner_text(f"section[data-panel='{panel}']")
+                assert not errors, errors
+                return " ".join(text.split())
             badges = page.eval_on_selector_all(
                 "section[data-panel='energy'] .badge",
                 "bs => bs.map(b => [b.dataset.device, b.dataset.status, b.textContent])")
@@ -125,3 +130,17 @@ def test_plugin_sends_the_last_valid_histogram_after_an_unavailable_one(tmp_path
     h1 = get_json(client, f"{BASE}/run?run=r")["data"]["grad_hist_1d"]
     assert h1["step"] == 3 and h1["value"]["reason"] == REASON
     assert h1["last_valid"] == {"step": 2, "value": _clean(logged[2])}
+
+
+def test_alpha_panel_states_the_error_of_one_step_and_of_the_observations():
+    """alpha/stderr (median over the steps) in the legend; the fit's observed losses with the standard errors of
+    the batch means, sqrt(var / n), from the logged variances."""
+    fit = {"t": 0.5, "f0": 2.0, "f1": 1.7, "df0": -1.0, "df1": -0.2, "var_f0": 0.5, "var_f1": 0.32,
+           "var_df0": 2.0, "var_df1": 1.5, "w": [2.0, -1.0, 0.4], "case": "fit", "n0": 128, "n1": 32}
+    body = run_body(energy_doc("measured", 0.5, 0.2), None)
+    body["scalars"]["alpha"] = {"steps": [0, 1, 2], "values": [-0.2, 0.1, 0.3]}
+    body["scalars"]["alpha/stderr"] = {"steps": [0, 1, 2], "values": [0.05, 0.2, 0.1]}
+    body["data"]["alpha"] = {"step": 2, "value": fit, "steps": 3}
+    text = render_tab(body, panel="alpha")
+    assert "one step's α ± 0.1 (1 s.e., median over 3 steps)" in text, text
+    assert "f(0) = 2 ± 0.0625" in text and "f(t) = 1.7 ± 0.1" in text, text

@@ -354,7 +354,11 @@ function alphaPanel(run) {
       const [q1, med, q3] = [q(0.25), q(0.5), q(0.75)];
       const above = finite.filter((a) => a > hi).length, below = finite.filter((a) => a < lo).length;
       body.push(barChart(edges, counts, { logY: false, markers: [{ x: 0, color: '#188038', dash: '4 3' }, { x: med, color: '#d93025' }] }));
-      body.push(legend([{ name: `median α = ${fmt(med)}, quartiles ${fmt(q1)}..${fmt(q3)} over ${finite.length} steps`, color: '#d93025' }, { name: 'α = 0', color: '#188038' }]));
+      // each α is a fit to noisy observations: its typical standard error (alpha/stderr, delta method)
+      const se = series(run, 'alpha/stderr', COLORS[0]);
+      const ses = se ? se.values.filter(Number.isFinite).sort((a, b) => a - b) : [];
+      const seText = ses.length ? `; one step's α ± ${fmt(ses[Math.floor((ses.length - 1) / 2)])} (1 s.e., median over ${ses.length} steps)` : '';
+      body.push(legend([{ name: `median α = ${fmt(med)}, quartiles ${fmt(q1)}..${fmt(q3)} over ${finite.length} steps${seText}`, color: '#d93025' }, { name: 'α = 0', color: '#188038' }]));
       if (above || below) body.push(el('p', { class: 'note', 'data-offaxis': String(above + below), text: `${below} below -1.5 and ${above} above +1.5, counted in the edge bins (min ${fmt(sorted[0])}, max ${fmt(sorted[sorted.length - 1])})` }));
     }
     const note = nanNote(run, ['alpha']);
@@ -367,7 +371,13 @@ function alphaPanel(run) {
     if ([w0, w1, w2, t].every(Number.isFinite) && t > 0) {
       const xs = Array.from({ length: 41 }, (_, i) => -0.25 * t + (1.5 * t * i) / 40);
       const fitLine = { name: `fit at step ${fit.step}`, steps: xs, values: xs.map((x) => w0 + w1 * x + w2 * x * x), color: COLORS[1] };
-      const obs = { name: 'observed f(0), f(t)', steps: [0, t], values: [num(fit.value.f0), num(fit.value.f1)], color: COLORS[2], dots: true };
+      // the observations are batch means: their standard errors sqrt(var / n) (var_f0, var_f1, n0, n1 are logged)
+      const seOf = (v, n) => (Number.isFinite(num(v)) && Number(n) > 0 ? Math.sqrt(num(v) / Number(n)) : NaN);
+      const [se0, se1] = [seOf(fit.value.var_f0, fit.value.n0), seOf(fit.value.var_f1, fit.value.n1)];
+      const obsName = [se0, se1].every(Number.isFinite)
+        ? `observed f(0) = ${fmt(num(fit.value.f0))} ± ${fmt(se0)}, f(t) = ${fmt(num(fit.value.f1))} ± ${fmt(se1)} (1 s.e. of the batch means)`
+        : 'observed f(0), f(t)';
+      const obs = { name: obsName, steps: [0, t], values: [num(fit.value.f0), num(fit.value.f1)], color: COLORS[2], dots: true };
       const chart = lineChart([fitLine, obs], { xLabel: 'τ along the update d', H: 150 });
       if (chart) { body.push(chart); body.push(legend([fitLine, obs])); }
     }
