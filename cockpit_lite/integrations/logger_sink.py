@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List
 
-from ..sinks.keys import KeySpec
+from ..sinks.keys import KeySpec, path_safe
 from ..sinks.metrics import MetricsSink
 
 
@@ -28,7 +28,9 @@ class LoggerSink(MetricsSink):
 
     def emit(self, metrics: Dict[str, float], step: int) -> None:
         for logger in self.loggers:
-            logger.log_metrics(dict(metrics), step)
+            # MLflow's file store cannot hold cockpit/alpha beside cockpit/alpha/stderr (sinks/keys.path_safe)
+            named = path_safe(metrics, self.prefix) if "mlflow" in type(logger).__name__.lower() else dict(metrics)
+            logger.log_metrics(named, step)
 
     def flush(self) -> None:
         """Let buffering loggers (CSVLogger) write what they hold; the loggers belong to the trainer."""

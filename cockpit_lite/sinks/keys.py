@@ -44,3 +44,12 @@ def parameter_names(header: Any) -> frozenset:
     """The observed parameters' names in a run-log header."""
     params = header.get("params") if isinstance(header, dict) else None
     return frozenset(p.get("name") for p in params or () if isinstance(p, dict) and p.get("name"))
+
+
+def path_safe(metrics: dict, prefix: str) -> dict:
+    """``metrics`` with the sub-key separator after ``prefix`` written as ".": ``cockpit/alpha/stderr`` ->
+    ``cockpit/alpha.stderr``. For stores that keep a metric named ``a/b`` as the file ``b`` in a folder ``a``
+    (MLflow's file store), where ``cockpit/alpha`` (a file) and ``cockpit/alpha/stderr`` (a file inside a
+    folder of the same name) cannot both exist: the second failed and the sink was detached."""
+    n = len(prefix)
+    return {(k[:n] + k[n:].replace("/", ".")) if k.startswith(prefix) else k: v for k, v in metrics.items()}

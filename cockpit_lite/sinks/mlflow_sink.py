@@ -5,13 +5,15 @@
 
 ``tracking_uri`` is set globally (``mlflow.set_tracking_uri``). Without ``run_id`` the values go to the active run (``mlflow.start_run()`` before ``watch``), or to a run
 this sink starts (and ends at ``close``). Values are sent with ``log_metrics(..., step=)`` once per step.
+Sub-keys are named with "." (``cockpit/alpha.stderr``, ``cockpit/grad_norm.fc.weight``): MLflow's file store
+keeps ``a/b`` as a file in a folder ``a``, which cannot exist beside the metric ``a`` (``keys.path_safe``).
 """
 
 from __future__ import annotations
 
 from typing import Dict, Optional
 
-from .keys import KeySpec
+from .keys import KeySpec, path_safe
 from .metrics import MetricsSink, require
 
 
@@ -33,7 +35,7 @@ class MLflowSink(MetricsSink):
             self.run_id = run.info.run_id
 
     def emit(self, metrics: Dict[str, float], step: int) -> None:
-        self._mlflow.log_metrics(metrics, step=step, run_id=self.run_id)  # mlflow >= 2.14 (run_id=)
+        self._mlflow.log_metrics(path_safe(metrics, self.prefix), step=step, run_id=self.run_id)  # mlflow >= 2.14
 
     def close(self) -> None:
         super().close()

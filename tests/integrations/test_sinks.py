@@ -71,7 +71,9 @@ def test_wandb_sink_logs_each_step_with_its_step_key(tmp_path, fake_wandb):
     got = {r["cockpit/step"]: r["cockpit/alpha"] for r in wb.rows if "cockpit/alpha" in r}
     assert [s for s in alpha_steps if not math.isnan(alpha[list(alpha_steps).index(s)])] == \
         [s for s, v in sorted(got.items()) if not math.isnan(v)]
-    assert not any("/" in k[len("cockpit/"):] for r in wb.rows for k in r)  # totals: no grad_norm/<param>
+    params = {p["name"] for p in run.header["params"]}  # totals: no grad_norm/<param>, but alpha/stderr
+    assert not any(k[len("cockpit/"):].partition("/")[2] in params for r in wb.rows for k in r)
+    assert any("cockpit/alpha/stderr" in r for r in wb.rows)
 
 
 def test_wandb_sink_uses_the_active_run_and_leaves_it_open(tmp_path, fake_wandb):
@@ -136,10 +138,16 @@ def test_mlflow_sink_with_a_file_store(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run() as active:
         run = train(tmp_path / "run", [MLflowSink()])
-    history = mlflow.MlflowClient(tracking_uri=uri).get_metric_history(active.info.run_id, "cockpit/loss")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    history = client.get_metric_history(active.info.run_id, "cockpit/loss")
     steps, loss = run.series("loss")
     assert sorted(m.step for m in history) == list(steps)
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(list(loss), rel=1e-6)
+    # a value and its sub-value side by side (alpha, alpha/stderr): the file store keeps "a/b" in a folder "a"
+    se_steps, se = run.series("alpha/stderr")
+    assert len(se_steps)
+    history = client.get_metric_history(active.info.run_id, "cockpit/alpha.stderr")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(list(se), rel=1e-6)
 
 
 @pytest.mark.parametrize("module, cls", [("wandb", "WandbSink"), ("mlflow", "MLflowSink")])
