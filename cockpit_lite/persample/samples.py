@@ -218,8 +218,8 @@ def _histc(G: torch.Tensor, R: float, bins: int):
         # one read of G: min/max, clipping, values below 0 and counts per chunk (bincount.py)
         res = count_in_range(G, R, bins, negatives=bins % 2 == 0)
         if res is not None:  # None: a NaN or an infinity, counted below
-            c, lo, hi, neg, k = res
-            return _sign_split(c.double(), neg), max(-lo, hi), k
+            c, lo, hi, neg, k = res  # neg None: the sign-exact arithmetic split the counts at 0 itself
+            return (c.double() if neg is None else _sign_split(c.double(), neg)), max(-lo, hi), k
     return _histc_clamped(G, R, bins)
 
 

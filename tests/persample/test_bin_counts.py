@@ -23,18 +23,36 @@ def f32(a):
     return np.asarray(a, dtype=np.float64).astype(np.float32).astype(np.float64)
 
 
+def exact_scale(R: float, bins: int):
+    """The sign-exact arithmetic's scale (bincount.py's docstring): float32 (bins/2)/R, rounded down until
+    fl(fl(R) s) <= bins/2; None for odd bins or s < 1 (then the histc arithmetic applies)."""
+    if bins % 2:
+        return None
+    h, Rf = np.float32(bins // 2), np.float32(R)
+    s = np.float32(h / Rf)
+    while np.float32(Rf * s) > h:
+        s = np.nextafter(s, np.float32(0))
+    return s if s >= 1 else None
+
+
 def reference(x: torch.Tensor, R: float, bins: int = BINS):
-    """(counts, max |x|, clipped) of the float32 values of x (finite), computed independently."""
+    """(counts, max |x|, clipped) of the float32 values of x (finite), computed independently: the float32 bin
+    arithmetic the counting kernel uses there (sign-exact floor(x s) + bins/2 for even bins with R <= bins/2 in
+    the fast band, else histc's (x + R) bins / 2R truncated), emulated in numpy."""
     v = x.detach().float().reshape(-1).numpy().astype(np.float64)
     Rf = float(np.float32(R))
     m = float(np.abs(v).max()) if v.size else 0.0
     clipped = int((np.abs(v) > Rf).sum()) if m > R else 0
     if m > R:
         v = np.clip(v, -Rf, Rf)
-    t = f32(v - f32(-R))  # float32 ops: exact in float64, then rounded to float32
-    t = f32(t * f32(bins))
-    t = f32(t / f32(2 * R))
-    idx = np.clip(np.trunc(t), 0, bins - 1).astype(np.int64)
+    s = exact_scale(R, bins) if bincount.fast_range_ok(R, bins) else None
+    if s is not None:
+        t = np.floor(f32(v * np.float64(s))) + bins // 2
+    else:
+        t = f32(v - f32(-R))  # float32 ops: exact in float64, then rounded to float32
+        t = f32(t * f32(bins))
+        t = np.trunc(f32(t / f32(2 * R)))
+    idx = np.clip(t, 0, bins - 1).astype(np.int64)
     if bins % 2 == 0:  # every value below 0 left of the middle edge (0), every other one right of it
         mid = bins // 2
         idx[(v < 0) & (idx >= mid)] = mid - 1
