@@ -1,5 +1,6 @@
 """What a person reads on a matplotlib figure, measured: the text boxes, whether they overlap, whether
-they lie inside the figure, and whether a legend covers data. Shared by the dashboard picture tests."""
+they lie inside the figure, and whether a legend covers data. Shared by the dashboard picture tests; also
+``draw_panel``, one instrument drawn alone on a real (Agg) canvas, which the panel tests share."""
 
 from __future__ import annotations
 
@@ -81,3 +82,21 @@ def data_under_legends(fig) -> List[Tuple[str, str, int]]:
             if inside.any():
                 found.append((ax.get_title(), line.get_label(), int(inside.sum())))
     return found
+
+
+def draw_panel(instrument, run, figsize=(6, 4)):
+    """The axes of ``instrument`` (an Instrument, or a built-in one's name) drawn alone from ``run`` on a fresh
+    Agg figure, rendered once so that errors at draw time surface here."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from cockpit_lite.instruments import RunView, builtin
+
+    if isinstance(instrument, str):
+        [instrument] = [i for i in builtin() if i.name == instrument]
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    instrument.draw(ax, RunView(run))
+    fig.canvas.draw()
+    return ax

@@ -7,12 +7,10 @@ import numpy as np
 import pytest
 
 import cockpit_lite
-from cockpit_lite.instruments import RunView, builtin
 
 pytest.importorskip("matplotlib")
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.collections import PolyCollection  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from picture_checks import draw_panel  # noqa: E402
 
 
 def _write(path, records):
@@ -39,13 +37,7 @@ def _records(n, *, tic_se, ev_bound, converged=True, ev=1.0, lr=0.1):
 
 
 def _draw(name, run):
-    inst = next(i for i in builtin() if i.name == name)
-    fig = Figure(figsize=(5, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    inst.draw(ax, RunView(run))
-    fig.canvas.draw()
-    return ax
+    return draw_panel(name, run, figsize=(5, 4))
 
 
 def _bands(ax):

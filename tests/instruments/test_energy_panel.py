@@ -7,24 +7,18 @@ import numpy as np
 import pytest
 
 import cockpit_lite
-from cockpit_lite.instruments import RunView, builtin
 from cockpit_lite.runlog import RunLogWriter
 from cockpit_lite.testing import write_synthetic_log
 
 pytest.importorskip("matplotlib")
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from picture_checks import draw_panel  # noqa: E402
 
 REASON = "RAPL counter unreadable on this step"
 
 
 def draw_energy(run):
-    fig = Figure(figsize=(7, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    [inst] = [i for i in builtin() if i.name == "energy"]
-    inst.draw(ax, RunView(run))
-    fig.canvas.draw()
+    ax = draw_panel("energy", run, figsize=(7, 4))
+    fig = ax.figure
     texts = " ".join(t.get_text() for a in fig.axes for t in a.texts)
     twin = [a for a in fig.axes if a is not ax][0]
     return ax, twin, texts

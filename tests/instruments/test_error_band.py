@@ -5,13 +5,11 @@ import numpy as np
 import pytest
 
 import cockpit_lite
-from cockpit_lite.instruments import RunView, builtin
 from cockpit_lite.testing import write_synthetic_log
 
 pytest.importorskip("matplotlib")
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.collections import PolyCollection  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from picture_checks import draw_panel  # noqa: E402
 
 STEPS = 5100  # above error_band's max_points (5000)
 
@@ -24,13 +22,7 @@ def long_run(tmp_path_factory):
 
 
 def draw(name, run):
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    [inst] = [i for i in builtin() if i.name == name]
-    inst.draw(ax, RunView(run))
-    fig.canvas.draw()
-    return ax
+    return draw_panel(name, run)
 
 
 @pytest.mark.parametrize("name,key,err_key,words", [

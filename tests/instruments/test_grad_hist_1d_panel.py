@@ -10,9 +10,8 @@ from cockpit_lite.instruments import RunView, builtin
 from cockpit_lite.runlog import RunLogWriter
 
 pytest.importorskip("matplotlib")
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import StepPatch  # noqa: E402
+from picture_checks import draw_panel  # noqa: E402
 
 REASON = "no parameter has per-sample information: 0.weight has no factored form"
 
@@ -33,14 +32,9 @@ def hist_log(path, valid_steps, unavailable_steps):
 
 
 def draw(run):
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
     [inst] = [i for i in builtin() if i.name == "grad_hist_1d"]
     assert inst.missing(RunView(run)) is None
-    inst.draw(ax, RunView(run))
-    fig.canvas.draw()
-    return ax
+    return draw_panel(inst, run)
 
 
 def test_unavailable_last_histogram_shows_its_reason_and_the_last_valid_one(tmp_path):

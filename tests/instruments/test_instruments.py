@@ -17,10 +17,9 @@ from cockpit_lite.instruments._draw import downsample, moving_average, spans_dec
 from cockpit_lite.testing import write_synthetic_log
 
 pytest.importorskip("matplotlib")
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.collections import PathCollection, PolyCollection, QuadMesh  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import StepPatch  # noqa: E402
+from picture_checks import draw_panel  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "third_party_instrument"
 STEPS = 60
@@ -34,12 +33,7 @@ def full_run(tmp_path_factory):
 
 
 def draw(inst, run):
-    fig = Figure(figsize=(5, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    inst.draw(ax, RunView(run))
-    fig.canvas.draw()  # a real render: errors at draw time surface here
-    return ax
+    return draw_panel(inst, run, figsize=(5, 4))  # a real render: errors at draw time surface there
 
 
 def lines_by_label(ax):

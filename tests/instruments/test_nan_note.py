@@ -7,12 +7,10 @@ import numpy as np
 import pytest
 
 import cockpit_lite
-from cockpit_lite.instruments import RunView, builtin
 from cockpit_lite.runlog import RunLogWriter
 
 pytest.importorskip("matplotlib")
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from picture_checks import draw_panel  # noqa: E402
 
 STEPS = 30
 KEYS = ("alpha", "loss", "mean_gsnr", "early_stopping", "hess_max_ev", "hess_trace", "tic_trace", "tic_diag",
@@ -44,12 +42,7 @@ def nan_run(tmp_path_factory):
 
 
 def panel_text(name, run):
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    [inst] = [i for i in builtin() if i.name == name]
-    inst.draw(ax, RunView(run))
-    fig.canvas.draw()
+    ax = draw_panel(name, run)
     return " ".join(" ".join(t.get_text().split()) for t in ax.texts)
 
 

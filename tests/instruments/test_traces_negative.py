@@ -8,12 +8,10 @@ import numpy as np
 import pytest
 
 import cockpit_lite
-from cockpit_lite.instruments import RunView, builtin
 from cockpit_lite.runlog import RunLogWriter
 
 pytest.importorskip("matplotlib")
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from picture_checks import draw_panel  # noqa: E402
 
 
 def trace_log(path, values, stderrs, method):
@@ -26,12 +24,7 @@ def trace_log(path, values, stderrs, method):
 
 
 def legend_texts(run):
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    [inst] = [i for i in builtin() if i.name == "traces"]
-    inst.draw(ax, RunView(run))
-    fig.canvas.draw()
+    ax = draw_panel("traces", run)
     return [t.get_text() for t in ax.get_legend().get_texts()]
 
 
