@@ -85,25 +85,30 @@ def _route(parents: Dict[int, list], node, shape: Tuple[int, ...]):
     return None
 
 
-def attach(pending: list, output, batch: int) -> None:
-    """For each (call, output tensor) of ``pending`` whose output lacks the batch dimension of size ``batch``:
-    where it reaches a broadcasting addition as its only use (through shape ops at most), read its per-sample
-    output gradient there in backward (``LayerCall.broadcast_grad``; ``taken`` then expands the call's inputs
-    to the batch)."""
-    todo = [(c, out) for c, out in pending if _lacks_batch(out, batch) and out.grad_fn is not None]
+def _routes(todo: list, output, batch: int):
+    """(call, output, ``_route``) for each (call, output) of ``todo`` whose output reaches a plain addition as its
+    only use; one walk over the forward's graph, none where ``todo`` is empty or the batch is a single sample."""
     if not todo or batch < 2:
         return
     parents = _consumers(_roots(output))
     if parents is None:
         return
     for call, out in todo:
-        if any(isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] == batch for a in call.inputs) or any(
-                isinstance(v, torch.Tensor) for v in tree_leaves(call.kwargs)):
-            continue  # an input with the batch (or a tensor keyword): the output is not a batch-free table
         route = _route(parents, out.grad_fn, tuple(out.shape))
-        if route is None:
-            continue
-        node, ops, shape = route
+        if route is not None:
+            yield call, out, route
+
+
+def attach(pending: list, output, batch: int) -> None:
+    """For each (call, output tensor) of ``pending`` whose output lacks the batch dimension of size ``batch``:
+    where it reaches a broadcasting addition as its only use (through shape ops at most), read its per-sample
+    output gradient there in backward (``LayerCall.broadcast_grad``; ``taken`` then expands the call's inputs
+    to the batch)."""
+    todo = [(c, out) for c, out in pending if _lacks_batch(out, batch) and out.grad_fn is not None
+            # an input with the batch (or a tensor keyword): the output is not a batch-free table
+            and not any(isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] == batch for a in c.inputs)
+            and not any(isinstance(v, torch.Tensor) for v in tree_leaves(c.kwargs))]
+    for call, out, (node, ops, shape) in _routes(todo, output, batch):
         lead = out.shape[0] != 1  # [T, d]: no batch dimension at all (else [1, T, d])
         call.broadcast = (batch, tuple(out.shape), lead)
         node.register_prehook(_reader(call, ops, shape))
@@ -121,16 +126,7 @@ def mark_ambiguous(pending: list, output, batch: int) -> None:
     top = max((out.dim() for _, out in pending), default=0)
     todo = [(c, out) for c, out in pending if 1 <= out.dim() < top and out.shape[0] == batch
             and out.grad_fn is not None and not c.broadcast]
-    if not todo or batch < 2:
-        return
-    parents = _consumers(_roots(output))
-    if parents is None:
-        return
-    for call, out in todo:
-        route = _route(parents, out.grad_fn, tuple(out.shape))
-        if route is None:
-            continue
-        node, ops, shape = route
+    for call, out, (node, ops, shape) in _routes(todo, output, batch):
         try:
             result = tuple(node._input_metadata[0].shape)
         except (AttributeError, IndexError, RuntimeError):
