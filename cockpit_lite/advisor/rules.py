@@ -68,20 +68,20 @@ def _moving_steps(run, th: Thresholds):
     return set(s[g != 0].tolist())
 
 
-def _data_steps(run, key: str, keep) -> set:
-    """The steps whose ``data[key]`` structure passes ``keep`` (a predicate on it)."""
-    return {int(step) for step, d in run.data(key) if isinstance(d, dict) and keep(d)}
+def _unless(steps, values, key: str, run, leave_out):
+    """``(steps, values)`` without the steps whose ``data[key]`` structure ``leave_out`` (a predicate) holds for."""
+    out = [int(step) for step, d in run.data(key) if isinstance(d, dict) and leave_out(d)]
+    if not out:
+        return steps, values
+    ok = ~np.isin(steps, out)
+    return steps[ok], values[ok]
 
 
 def _fitted_alpha(run, th: Thresholds, keep=None):
-    """Recent alpha values that measure the step: not the -1 that alpha is by definition where no step was taken
-    or the fitted parabola is not convex (``data.alpha.case``), which says nothing about the step size."""
+    """Recent finite alpha values that measure the step: not the -1 that alpha is by definition where no step was
+    taken or the fitted parabola is not convex (``data.alpha.case``), which says nothing about the step size."""
     s, a = _only(*_recent(run, "alpha", th), keep)
-    by_definition = _data_steps(run, "alpha", lambda d: d.get("case") in ("no_step", "not_convex"))
-    if by_definition:
-        ok = ~np.isin(s, list(by_definition))
-        s, a = s[ok], a[ok]
-    return _finite(s, a)
+    return _finite(*_unless(s, a, "alpha", run, lambda d: d.get("case") in ("no_step", "not_convex")))
 
 
 def _only(steps, values, keep):
@@ -118,12 +118,8 @@ def lr_too_large(run, th: Thresholds) -> Optional[Diagnosis]:
         # every logged value counts, converged or not: a Lanczos Ritz value is a Rayleigh quotient, hence a lower
         # bound of the top eigenvalue, so "above the stability edge" holds for the true value too. Not a value on
         # a sub-batch (HessMaxEV(subbatch=k)): the top eigenvalue of k samples' Hessian bounds nothing of the batch's
-        s, ev = _only(*_recent(run, "hess_max_ev", th), None)
-        sub = _data_steps(run, "hess_max_ev", lambda d: d.get("subbatch") is not None)
-        if sub:
-            ok = ~np.isin(s, list(sub))
-            s, ev = s[ok], ev[ok]
-        s, ev = _finite(s, ev)
+        s, ev = _finite(*_unless(*_recent(run, "hess_max_ev", th), "hess_max_ev", run,
+                                 lambda d: d.get("subbatch") is not None))
         _, lr = run.series("lr")
         if len(ev) and len(lr):
             momentum = float(run.header.get("optimizer_defaults", {}).get("momentum") or 0.0)
