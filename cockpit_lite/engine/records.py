@@ -3,8 +3,6 @@ events and once-only warnings, the log header. A failing write or sink never rea
 
 from __future__ import annotations
 
-import math
-
 import os
 import platform
 import time
@@ -91,7 +89,7 @@ class Recorder:
             flags.add("nonfinite_loss")
         if not finite(values.get("grad_norm")) and "grad_norm" in values and "grad_norm" not in ctx.reasons:
             flags.add("nonfinite_grad")
-        unlabelled = [k for k, v in values.items() if not (v == v and abs(v) != math.inf) and k not in ctx.reasons]
+        unlabelled = [k for k, v in values.items() if not finite(v) and k not in ctx.reasons]
         if unlabelled:  # every NaN carries a reason: the step's own non-finite numbers, where no quantity gave one
             why = _nonfinite_reason(values, flags)
             for key in unlabelled:
@@ -152,8 +150,7 @@ class Recorder:
 
 def _nonfinite_reason(values: Dict[str, float], flags) -> str:
     """Why a value no quantity explained is not finite: the parameters are, or the step's gradient or loss."""
-    p = values.get("param_norm")
-    if p is not None and not (p == p and abs(p) != math.inf):
+    if "param_norm" in values and not finite(values["param_norm"]):
         return "the parameters are not finite (a non-finite update on an earlier step)"
     if "nonfinite_grad" in flags:
         return "the step's gradients are not finite (flagged nonfinite_grad)"

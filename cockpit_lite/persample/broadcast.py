@@ -131,7 +131,7 @@ def mark_ambiguous(pending: list, output, batch: int) -> None:
             result = tuple(node._input_metadata[0].shape)
         except (AttributeError, IndexError, RuntimeError):
             continue
-        at = _where_rows_go(ops, out.dim()) + len(result) - len(shape)  # broadcasting aligns trailing dims
+        at = _where_rows_go(ops) + len(result) - len(shape)  # broadcasting aligns trailing dims
         if at != 0 and len(result) > at and result[0] == batch and result[at] == batch:
             call.ambiguous = (
                 f"its module ('{call.module_name}') returned {list(out.shape)}, which is added to a "
@@ -141,13 +141,12 @@ def mark_ambiguous(pending: list, output, batch: int) -> None:
                 "call it with arange(T).expand(B, -1) to make the rows samples")
 
 
-def _where_rows_go(ops, rank: int) -> int:
+def _where_rows_go(ops) -> int:
     """The dim that the layer output's dim 0 becomes after the shape ops of ``_route``."""
     at = 0
     for name, arg in ops:
         if name == "unsqueeze":
             at += 1 if arg <= at else 0
-            rank += 1
         elif name == "permute":
             at = list(arg).index(at)
         else:
