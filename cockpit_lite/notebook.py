@@ -71,6 +71,7 @@ def _key_panels(views, keys: List[str], *, title: Optional[str], legend: bool):
             v.run.series(key)
     fig = _new_figure(figsize=(PANEL_W, PANEL_H * len(keys)), layout="constrained")
     axes = fig.subplots(len(keys), 1, squeeze=False)[:, 0]
+    who = (lambda v: "") if len(views) == 1 else (lambda v: f"{v.label}: ")  # whose band or NaN, beside others
     for ax, key in zip(axes, keys):
         drawn, banded = [], False
         for i, v in enumerate(views):
@@ -82,9 +83,7 @@ def _key_panels(views, keys: List[str], *, title: Optional[str], legend: bool):
                 band = _error_key(v, key)
                 if band is not None:  # an estimate carries its error: the dashboard's band (exact values: none)
                     err_key, what = band
-                    who = f"{v.label}: " if len(views) > 1 else ""
-                    banded |= error_band(ax, v, key, err_key, color=color, label=f"{who}{key} {what}")
-        who = (lambda v: "") if len(views) == 1 else (lambda v: f"{v.label}: ")
+                    banded |= error_band(ax, v, key, err_key, color=color, label=f"{who(v)}{key} {what}")
         draw_note(ax, [who(v) + line for v in views for line in nan_lines(v, [key])])
         if not drawn:
             ax.text(0.5, 0.5, f"{key}: no values in {'these runs' if len(views) > 1 else 'this run'}",

@@ -22,8 +22,7 @@ def error_band(ax, run, key: str, err_key: str, *, color, label: str, factor: fl
     err_steps, err = run.series(err_key)
     if not steps.size or not err_steps.size or not (np.nan_to_num(err) > 0).any():
         return False
-    lookup = dict(zip(err_steps.tolist(), err.tolist()))
-    e = np.array([lookup.get(s, np.nan) for s in steps.tolist()], dtype=float) * factor
+    e = errors_at(steps, err_steps, err, missing=np.nan) * factor
     if sparse(steps, values):
         ok = np.isfinite(values) & np.isfinite(e) & (e > 0)
         s, v, e = steps[ok], values[ok], e[ok]
@@ -39,6 +38,12 @@ def error_band(ax, run, key: str, err_key: str, *, color, label: str, factor: fl
             label = f"{label} (envelope per ≤{_per_bucket(len(values), max_points)} steps)"
         ax.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0, label=label)
     return True
+
+
+def errors_at(steps, err_steps, err, missing: float):
+    """The errors logged at ``err_steps`` (``err``) aligned to ``steps``; ``missing`` where a step has none."""
+    lookup = dict(zip(err_steps.tolist(), err.tolist()))
+    return np.array([lookup.get(s, missing) for s in steps.tolist()], dtype=np.float64)
 
 
 def _per_bucket(n: int, max_points: int) -> int:

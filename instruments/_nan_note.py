@@ -17,6 +17,9 @@ import numpy as np
 NAN_NOTE_GID = "nan-note"
 WIDTH = 64  # characters per line of the box before wrapping
 MAX_CHARS = 2 * WIDTH  # of one key's line, shortened at a word with " …" beyond
+#: how a note on a panel looks (red text in a small white box, above the data)
+NOTE_STYLE = dict(fontsize="x-small", color="#b00020", zorder=6,
+                  bbox=dict(boxstyle="round,pad=0.25", fc="white", ec="#e8b4b8", alpha=0.9))
 
 
 def nan_counts(run, key: str):
@@ -68,6 +71,5 @@ def draw_note(ax, lines: Sequence[str], *, loc: str = "lower left") -> Optional[
                                     subsequent_indent="  ", break_on_hyphens=False) for line in lines)
     x, ha = (0.01, "left") if loc.endswith("left") else (0.99, "right")
     y, va = (0.02, "bottom") if loc.startswith("lower") else (0.98, "top")
-    return ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, fontsize="x-small", color="#b00020",
-                   zorder=6, gid=NAN_NOTE_GID, multialignment="left",
-                   bbox=dict(boxstyle="round,pad=0.25", fc="white", ec="#e8b4b8", alpha=0.9))
+    return ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, gid=NAN_NOTE_GID, multialignment="left",
+                   **NOTE_STYLE)

@@ -5,6 +5,7 @@ import textwrap
 import numpy as np
 
 from ._draw import ALL_COLOR, finish
+from ._nan_note import NOTE_STYLE
 from . import Instrument
 
 
@@ -60,8 +61,6 @@ class GradHist1d(Instrument):
             ax.set_yscale("log")
         finish(ax, "count", xlabel=f"gradient element ({last.get('scale', 'B*g_ij').replace('*', '·')})",
                legend=True)
-        if note:
+        if note:  # the whole reason, in the NaN notes' box
             ax.text(0.01, 0.02, textwrap.fill(note, 56, break_on_hyphens=False), transform=ax.transAxes,
-                    ha="left", va="bottom",
-                    fontsize="x-small", color="#b00020", zorder=6,
-                    bbox=dict(boxstyle="round,pad=0.25", fc="white", ec="#e8b4b8", alpha=0.9))
+                    ha="left", va="bottom", **NOTE_STYLE)

@@ -3,7 +3,7 @@
 import numpy as np
 
 from ._draw import PALETTE, draw_line, finish, scale_y
-from ._error_band import error_band
+from ._error_band import error_band, errors_at
 from ._nan_note import nan_note
 from . import Instrument
 
@@ -58,9 +58,7 @@ def note_negative(ax, run, key: str, *, k_se: float = 2.0) -> int:
     of 0 (-1.4 +- 3.6), or one without a finite standard error, says nothing about the sign; those are
     counted apart. Returns the count of established negative steps."""
     steps, values = run.series(key)
-    se_steps, se = run.series(key + "/stderr")
-    lookup = dict(zip(se_steps.tolist(), se.tolist()))
-    e = np.array([lookup.get(s, 0.0) for s in steps.tolist()], dtype=np.float64)  # not logged: exact
+    e = errors_at(steps, *run.series(key + "/stderr"), missing=0.0)  # not logged: exact
     below = np.isfinite(values) & (values < 0)
     exact = below & (e == 0)
     with np.errstate(invalid="ignore"):
