@@ -12,6 +12,9 @@ from typing import Any, Dict, List, Optional, Union
 FORMAT = "cockpit-lite-log"
 VERSION = 1
 LOG_NAME = "cockpit.jsonl"
+#: the flag the reader puts on a step that has a second record which is not an amendment (two writers, a
+#: step counter that went back): the records are merged, the later line winning, and the reader warns
+DUPLICATE = "duplicate_record"
 
 
 class CorruptLogError(ValueError):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Un
 from ..gc_pause import gc_paused
 from . import codec
 from .cache import RunCache
-from .codec import BadRecordError, CorruptLogError, FORMAT, LOG_NAME, VERSION, _check_step_number, _check_step_record, _decode_line, _short, _text_lines
+from .codec import DUPLICATE, BadRecordError, CorruptLogError, FORMAT, LOG_NAME, VERSION, _check_step_number, _check_step_record, _decode_line, _short, _text_lines
 from .files import open_for_reading
 from .queries import RunQueries
 from .scan import Scan, note_lines
@@ -51,6 +51,8 @@ class Run(RunQueries):
         self.events: List[Dict[str, Any]] = []
         self.footer: Optional[Dict[str, Any]] = None
         self.torn_tail = False
+        # steps with a second record read since the last warning (None while the log is read again)
+        self._duplicates: Optional[List[int]] = []
         self._offset = 0
         self._line_no = 0
         self._columns: Optional[Dict[str, Tuple[Any, Any]]] = None  # key -> (steps, values), on demand
@@ -83,10 +85,14 @@ class Run(RunQueries):
                 self._scan = None
             if state is None:
                 self._redecode()
+                _warn_duplicates(self.path, self.flagged(DUPLICATE))
                 return
             store.adopt(self, state, self._hasher)
             store.store(state)
+            _warn_duplicates(self.path, self.flagged(DUPLICATE))
             return
+        if cached:
+            _warn_duplicates(self.path, self.flagged(DUPLICATE))
         self.refresh()
         decoded = self._offset - (store.covered if cached else 0) if store is not None else 0
         if decoded and decoded >= RunCache.MIN_BYTES:  # nothing decoded: the cache is current
@@ -117,7 +123,11 @@ class Run(RunQueries):
         self._columns = self._steps = self._data_index = None
         self._entries = {}
         self._hasher = self._data_lines = None
-        self.refresh()
+        self._duplicates = None  # said when this run was first read
+        try:
+            self.refresh()
+        finally:
+            self._duplicates = []
 
     @property
     def logdir(self) -> Path:
@@ -178,6 +188,9 @@ class Run(RunQueries):
                 self._entries = {}
             if len(self.bad_lines) > bad_before:
                 self._warn_bad(self.bad_lines[bad_before:])
+            if self._duplicates:
+                _warn_duplicates(self.path, self._duplicates)
+                self._duplicates = []
         self.torn_tail = bool(carry.strip()) or long_line is not None
         if self.torn_tail:
             # an unterminated last line: either still being written or cut by a crash
@@ -278,8 +291,13 @@ class Run(RunQueries):
                 for part in ("values", "reasons", "data"):
                     if part in record:
                         earlier.setdefault(part, {}).update(record[part])
-                if record.get("flags"):
-                    earlier["flags"] = sorted(set(earlier.get("flags", ())) | set(record["flags"]))
+                flags = record.get("flags") or []
+                if not record.get("amends"):  # a second record of the step: flagged (see DUPLICATE)
+                    flags = [*flags, DUPLICATE]
+                    if self._duplicates is not None:
+                        self._duplicates.append(step)
+                if flags:
+                    earlier["flags"] = sorted(set(earlier.get("flags", ())) | set(flags))
             else:
                 if record.get("amends"):  # its step had no record of its own (untracked)
                     record = {k: v for k, v in record.items() if k != "amends"}
@@ -312,6 +330,16 @@ class Run(RunQueries):
     def __repr__(self):
         state = "finished" if self.finished else "running or interrupted"
         return f"Run({str(self.path)!r}, {len(self)} step records, {state})"
+
+
+def _warn_duplicates(path: Path, steps: List[int]) -> None:
+    """Warn that ``steps`` each have more than one (non-amendment) record: merged, the later values winning."""
+    if not steps:
+        return
+    shown = ", ".join(str(s) for s in steps[:5]) + (f" and {len(steps) - 5} more" if len(steps) > 5 else "")
+    warnings.warn(f"{path}: {len(steps)} step(s) have two records that are not amendments ({shown}): two writers "
+                  f"or a step counter that went back; their values were merged, the later line winning, and "
+                  f"the steps are flagged {DUPLICATE!r} (Run.flagged)", RuntimeWarning, stacklevel=3)
 
 
 def _ends_with_footer(path: Path) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import operator
 from typing import Any, Dict, List, Tuple
 
-from .codec import as_float
+from .codec import DUPLICATE, as_float
 from .columns import _decode_table
 
 class _Group:
@@ -58,6 +58,8 @@ class Scan:
                 value = as_float(record.get(name))
                 if value is not None:
                     column[step] = value
+        elif not record.get("amends"):  # a second record of the step (see codec.DUPLICATE)
+            self._flags.setdefault(step, {})[DUPLICATE] = None
         self.add_values(step, record.get("values"))
         reasons = record.get("reasons")
         if reasons and type(reasons) is dict:
