@@ -99,18 +99,53 @@ class TensorBoardSink:
 
     def __init__(self, logdir: Union[str, os.PathLike], flush_secs: float = 5.0):
         self.logdir = os.fspath(logdir)
-        self._writer = EventFileWriter(self.logdir, max_queue_size=1000, flush_secs=flush_secs,
-                                       filename_suffix=FILENAME_SUFFIX)
+        self._flush_secs = flush_secs
         self._last: Dict[str, Tuple[int, Any]] = {}  # tag -> (last step, last document) of JSON tags
         self._last_scalar: Dict[str, int] = {}  # tag -> last step of scalar tags
         self._last_histogram: Dict[str, int] = {}  # tag -> last step of stock histogram tags
         self._events = 0
-        self._described: set = set()  # tags whose metadata was written (TensorBoard reads the first)
         self._warned: set = set()
         self.closed = False
-        # marks the run as a cockpit run even before (or without) any structured data
+        self._open()
+
+    def _open(self) -> None:
+        """A new event file (the folder made where missing), marked as a cockpit run even before (or without)
+        any structured data."""
+        self._writer = EventFileWriter(self.logdir, max_queue_size=1000, flush_secs=self._flush_secs,
+                                       filename_suffix=FILENAME_SUFFIX)
+        self._described: set = set()  # tags whose metadata was written in this file (TensorBoard reads the first)
         self._summary("meta", 0, json_tensor({"writer": "cockpit-lite", "format": 1}), cockpit_metadata("meta"), None)
         self._writer.flush()
+
+    def _reopened(self) -> bool:
+        """Whether the event file was removed (``rm -rf logdir`` mid-run: its writes would reach no file), and
+        if so a new one is open: one ``stat`` per record, a warning once. The records before are lost to
+        TensorBoard (the run log keeps them where it could, ``runlog/writer.py``)."""
+        try:
+            os.stat(self._writer._file_name)
+            return False
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+        old = self._writer._file_name
+        try:
+            # the old writer's thread opens its file by name for every write: with the folder back, what it still
+            # holds (records from before the removal) lands in a file of its old name, removed after it closes
+            os.makedirs(self.logdir, exist_ok=True)
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - its flush may fail (the thread stopped on the missing file)
+            pass
+        try:
+            os.remove(old)
+        except OSError:
+            pass
+        self._open()
+        if "removed" not in self._warned:
+            self._warned.add("removed")
+            warnings.warn(f"TensorBoardSink: the event file in {self.logdir} was removed during the run; a new one "
+                          "was started, and TensorBoard shows the records from here on", RuntimeWarning, stacklevel=3)
+        return True
 
     @property
     def path(self) -> str:
@@ -121,6 +156,7 @@ class TensorBoardSink:
         if self.closed:
             raise RuntimeError("this TensorBoardSink is closed")
         kind = record.get("type")
+        self._reopened()
         if kind == "step":
             self._write_step(record)
         elif kind in ("skipped", "event"):
