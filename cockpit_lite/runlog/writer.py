@@ -51,6 +51,7 @@ class RunLogWriter:
             raise OSError(f"cockpit-lite cannot write its run log in {str(logdir)!r}: {err.strerror or err}") from err
         self.logdir = folder
         self.path = folder / LOG_NAME
+        self._home = os.path.abspath(folder)  # where a removed log is created again, whatever the cwd is by then
         # line-buffered text would split long lines into several writes; write bytes ourselves
         self._fh = open(fd, "ab", buffering=0)
         self.fsync = fsync
@@ -130,7 +131,7 @@ class RunLogWriter:
         except (OSError, ValueError):  # cannot tell: write as before
             return True
         try:
-            folder, fd = claim(self.logdir, LOG_NAME, "error")
+            folder, fd = claim(self._home, LOG_NAME, "error")
         except OSError as err:
             self.last_error = f"the log file was removed and could not be created again: {err}"
             if "recreate" not in self._warned:

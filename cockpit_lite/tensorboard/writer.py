@@ -99,6 +99,7 @@ class TensorBoardSink:
 
     def __init__(self, logdir: Union[str, os.PathLike], flush_secs: float = 5.0):
         self.logdir = os.fspath(logdir)
+        self._home = os.path.abspath(self.logdir)  # a removed folder is made again there, whatever the cwd is by then
         self._flush_secs = flush_secs
         self._last: Dict[str, Tuple[int, Any]] = {}  # tag -> (last step, last document) of JSON tags
         self._last_scalar: Dict[str, int] = {}  # tag -> last step of scalar tags
@@ -111,7 +112,7 @@ class TensorBoardSink:
     def _open(self) -> None:
         """A new event file (the folder made where missing), marked as a cockpit run even before (or without)
         any structured data."""
-        self._writer = EventFileWriter(self.logdir, max_queue_size=1000, flush_secs=self._flush_secs,
+        self._writer = EventFileWriter(self._home, max_queue_size=1000, flush_secs=self._flush_secs,
                                        filename_suffix=FILENAME_SUFFIX)
         self._described: set = set()  # tags whose metadata was written in this file (TensorBoard reads the first)
         self._summary("meta", 0, json_tensor({"writer": "cockpit-lite", "format": 1}), cockpit_metadata("meta"), None)
@@ -132,7 +133,7 @@ class TensorBoardSink:
         try:
             # the old writer's thread opens its file by name for every write: with the folder back, what it still
             # holds (records from before the removal) lands in a file of its old name, removed after it closes
-            os.makedirs(self.logdir, exist_ok=True)
+            os.makedirs(os.path.dirname(old), exist_ok=True)
             self._writer.close()
         except Exception:  # noqa: BLE001 - its flush may fail (the thread stopped on the missing file)
             pass

@@ -74,6 +74,30 @@ def test_a_removed_logdir_is_created_again_with_the_header(tmp_path):
     assert run.footer["dropped_records"] == w.dropped == 3  # the records removed with the old file
 
 
+def test_a_removed_relative_logdir_is_created_again_where_it_was(tmp_path, monkeypatch):
+    """A relative logdir, and the process changes its folder mid-run (os.chdir): the log and the TensorBoard
+    file are made again where they were, not under the new folder."""
+    pytest.importorskip("tensorboard")
+    from cockpit_lite.tensorboard import TensorBoardSink
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    w, tb = RunLogWriter("run", {"model": "m"}), TensorBoardSink("run")
+    w.write(_step(0))
+    tb.write({"type": "step", "step": 0, "values": {"loss": 0.0}})
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    shutil.rmtree(tmp_path / "run")
+    with pytest.warns(RuntimeWarning, match="removed"):
+        assert w.write(_step(1))
+        tb.write({"type": "step", "step": 1, "values": {"loss": 1.0}})
+    tb.close()
+    with pytest.warns(RuntimeWarning, match="1 record"):
+        w.close({"steps": 2})
+    assert not (tmp_path / "elsewhere" / "run").exists()
+    assert cockpit_lite.load(tmp_path / "run").steps().tolist() == [1]
+    assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) == 1
+
+
 def test_a_removed_logdir_that_cannot_be_created_again_keeps_the_records_until_it_can(tmp_path):
     logdir = tmp_path / "run"
     w = RunLogWriter(logdir, {"model": "m"})
