@@ -3,6 +3,7 @@ first write (the header is never dropped), a logdir removed while the run writes
 trains with its parent's writer, and a logdir that is a file or a link that points nowhere."""
 
 import builtins
+import glob
 import json
 import os
 import shutil
@@ -119,12 +120,33 @@ def test_a_removed_logdir_that_cannot_be_created_again_keeps_the_records_until_i
     assert run.steps().tolist() == [1, 2, 3] and run.footer["dropped_records"] == 1
 
 
-def test_a_removed_logdir_during_training_is_noticed_at_the_next_batch(tmp_path):
+def _tensorboard_losses(logdir):
+    """{step: cockpit/loss} over the event files in ``logdir``, and the tags seen."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    steps, tags = {}, set()
+    for path in glob.glob(str(logdir / "events.out.tfevents.*")):
+        for event in EventFileLoader(path).Load():
+            for value in event.summary.value:
+                tags.add(value.tag)
+                if value.tag == "cockpit/loss":  # migrated by the loader from simple_value to a tensor
+                    steps[event.step] = float(tensor_util.make_ndarray(value.tensor))
+    return steps, tags
+
+
+@pytest.mark.parametrize("tensorboard", [False, True])
+def test_a_removed_logdir_during_training_is_noticed_at_the_next_batch(tmp_path, tensorboard):
+    """With ``tensorboard=True`` the sink notices at its next record (its writer's thread used to fail on the
+    missing file, and TensorBoard got nothing more): a new event file holds every record from there on."""
+    if tensorboard:
+        pytest.importorskip("tensorboard")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     crit = nn.CrossEntropyLoss()
-    cockpit = cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "run", quantities=["loss"])
+    cockpit = cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "run", quantities=["loss"],
+                                 tensorboard=tensorboard)
 
     def steps(n):
         for _ in range(n):
@@ -141,6 +163,12 @@ def test_a_removed_logdir_during_training_is_noticed_at_the_next_batch(tmp_path)
     run = cockpit_lite.load(tmp_path / "run")
     assert run.steps().tolist() == list(range(3, LOG_BATCH + 5)) and run.finished
     assert run.footer["dropped_records"] == 3
+    if tensorboard:
+        seen, tags = _tensorboard_losses(tmp_path / "run")
+        assert len(glob.glob(str(tmp_path / "run" / "events.out.tfevents.*"))) == 1 and "meta" in tags
+        assert sorted(seen) == run.steps().tolist()
+        for step, loss in zip(*run.series("loss")):
+            assert seen[int(step)] == pytest.approx(float(loss), rel=1e-6)
 
 
 def test_a_forked_child_writes_nothing_into_the_parents_log(tmp_path):
