@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from ..replay import replaying
 from .samples import DenseSamples, to_float
@@ -63,7 +63,9 @@ def fallback_reason(module, call) -> str:
 
 def fallback_samples(module, call, delta: torch.Tensor, b: int):
     """{parameter name: DenseSamples} for the module's direct parameters."""
-    args = call.inputs
+    # the tensors inside tuple / list / dict arguments are arguments too: LSTMCell's state (h, c), a model
+    # taking a dict (a root module owning a bare parameter); was: theirs unbatched, or StopIteration with none
+    args, spec = tree_flatten(tuple(call.inputs))
     first = next(a for a in args if isinstance(a, torch.Tensor))
     bdim = batch_dim_of(module, first)
     own = dict(owned_parameters(module))
@@ -91,7 +93,8 @@ def fallback_samples(module, call, delta: torch.Tensor, b: int):
         kwargs = dict(kw_fixed)
         kwargs.update({k: v.unsqueeze(1 if k == "hx" else 0) for k, v in kw_b1.items()})
         with replaying():  # a watched model's own hooks must not take this for a training forward
-            out = functional_call(module, params, tuple(full), kwargs, tie_weights=False)  # (param_slots.py)
+            out = functional_call(module, params, tree_unflatten(full, spec), kwargs,
+                                  tie_weights=False)  # (param_slots.py)
         out = next(leaf for leaf in tree_leaves(out) if isinstance(leaf, torch.Tensor))
         return (to_float(out) * delta_i.unsqueeze(bdim)).sum()
 

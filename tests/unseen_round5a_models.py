@@ -1,0 +1,420 @@
+"""Round-5 probe A (brief probe5a): layer and model forms written the usual way that the earlier rounds had not
+put through the float64 brute force, at tiny sizes, in the harness of tests/unseen_models.py (``Unseen`` + the
+float64 ``reference`` that needs no definition of l_i): gradient checkpointing (``checkpoint`` with and without
+reentrancy around a transformer block, ``checkpoint_sequential``), convolution forms (depthwise-separable,
+dilated, channels_last, a multi-width text CNN, causal Conv1d, grouped ConvTranspose1d, strided Conv3d),
+sequence-first ``nn.MultiheadAttention`` with a key padding mask, encoder-decoder transformers with a causal
+target mask, ``nn.EmbeddingBag`` (mean / sum, offsets / 2-D, per-sample weights), ``nn.Embedding(padding_idx)``,
+recurrent cells called in a Python loop over time, and bfloat16 autocast on the CPU."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+from unseen_models import D, V, T, Unseen, flat, labels, seeded_cases, tokens
+
+
+# -- 1. gradient checkpointing -------------------------------------------------------------------------------------
+class Block(nn.Module):
+    """Pre-norm causal self-attention + MLP, written out (no nn.MultiheadAttention)."""
+
+    def __init__(self, d=D, heads=2):
+        super().__init__()
+        self.h = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        B, L, d = x.shape
+        q, k, v = (t.view(B, L, self.h, d // self.h).transpose(1, 2) for t in self.qkv(self.ln1(x)).split(d, -1))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(o.transpose(1, 2).reshape(B, L, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class CheckpointGPT(nn.Module):
+    """Hugging Face's gradient_checkpointing: every block's forward through ``checkpoint``."""
+
+    def __init__(self, reentrant, layers=2):
+        super().__init__()
+        self.reentrant = reentrant
+        self.tok, self.pos = nn.Embedding(V, D), nn.Embedding(T, D)
+        self.blocks = nn.ModuleList(Block() for _ in range(layers))
+        self.lnf, self.head = nn.LayerNorm(D), nn.Linear(D, V)
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        for blk in self.blocks:
+            x = checkpoint(blk, x, use_reentrant=self.reentrant)
+        return self.head(self.lnf(x))
+
+
+class CheckpointSequentialMLP(nn.Module):
+    """``checkpoint_sequential`` over an nn.Sequential MLP in 2 segments. Reentrant checkpointing needs an input
+    with requires_grad for the first segment's parameters to get gradients, so that variant runs a first layer
+    outside (as users do)."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+        self.stem = nn.Linear(5, 6) if reentrant else nn.Identity()
+        self.net = nn.Sequential(nn.Linear(6 if reentrant else 5, 6), nn.Tanh(), nn.Linear(6, 6), nn.ReLU(),
+                                 nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    def forward(self, x):
+        return checkpoint_sequential(self.net, 2, self.stem(x), use_reentrant=self.reentrant)
+
+
+# -- 2. convolution forms ------------------------------------------------------------------------------------------
+class DepthwiseSeparable(nn.Module):
+    """MobileNet's block: a depthwise Conv2d (groups=C) then a pointwise 1x1 Conv2d, BatchNorm left out."""
+
+    def __init__(self, c=4, classes=3):
+        super().__init__()
+        self.stem = nn.Conv2d(2, c, 3, padding=1)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.pw = nn.Conv2d(c, 2 * c, 1)
+        self.dw2 = nn.Conv2d(2 * c, 2 * c, 3, stride=2, padding=1, groups=2 * c, bias=False)
+        self.head = nn.Linear(2 * c, classes)
+
+    def forward(self, x):  # [B, 2, 6, 6]
+        h = F.relu6(self.stem(x))
+        h = F.relu6(self.pw(F.relu6(self.dw(h))))
+        return self.head(F.relu6(self.dw2(h)).mean((2, 3)))
+
+
+class Dilated(nn.Module):
+    """DeepLab-style atrous convolutions: dilation 2 and (2, 1), padding that keeps the size, reflect padding."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.a = nn.Conv2d(2, 4, 3, padding=2, dilation=2)
+        self.b = nn.Conv2d(4, 4, 3, padding=(2, 1), dilation=(2, 1), padding_mode="reflect")
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):  # [B, 2, 6, 6]
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))).amax((2, 3)))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, classes=3):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, stride=2)
+        self.head = nn.Linear(4 * 2 * 2, classes)
+
+    def forward(self, x):  # [B, 2, 6, 6]
+        return self.head(torch.relu(self.c2(torch.relu(self.c1(x)))).flatten(1))
+
+
+class KimCNN(nn.Module):
+    """Kim (2014): Conv1d of widths 2, 3, 4 over [B, C, T] embeddings, max over time, concatenated."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.convs = nn.ModuleList(nn.Conv1d(D, 3, k) for k in (2, 3, 4))
+        self.head = nn.Linear(9, classes)
+
+    def forward(self, idx):
+        e = self.emb(idx).transpose(1, 2)
+        return self.head(torch.cat([F.relu(c(e)).max(dim=2).values for c in self.convs], 1))
+
+
+class CausalConv1d(nn.Conv1d):
+    """WaveNet / TCN: left padding by (k - 1) * dilation with F.pad, then an unpadded conv."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, ((self.kernel_size[0] - 1) * self.dilation[0], 0)))
+
+
+class TCN(nn.Module):
+    """Causal dilated Conv1d stack with residual connections, a per-time-step regression (MSE on [B, 2, T])."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.inp = CausalConv1d(2, c, 2)
+        self.c1 = CausalConv1d(c, c, 2, dilation=2)
+        self.c2 = CausalConv1d(c, c, 3, dilation=1)
+        self.out = nn.Conv1d(c, 2, 1)
+
+    def forward(self, x):  # [B, 2, T]
+        h = torch.tanh(self.inp(x))
+        h = h + torch.tanh(self.c1(h))
+        h = h + torch.tanh(self.c2(h))
+        return self.out(h)
+
+
+class TransposeDecoder(nn.Module):
+    """ConvTranspose1d upsampling with groups, dilation and output_padding (a 1-D decoder)."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.t1 = nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1, output_padding=1)
+        self.t2 = nn.ConvTranspose1d(4, 4, 2, stride=1, groups=2, dilation=2)
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):  # [B, 2, 4]
+        return self.head(torch.tanh(self.t2(torch.tanh(self.t1(x)))).mean(2))
+
+
+class Tiny3d(nn.Module):
+    """Strided grouped Conv3d on [B, 2, 4, 4, 4] (a video / volume stem)."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.a = nn.Conv3d(2, 4, (2, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        self.b = nn.Conv3d(4, 4, 1, groups=2)
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))).mean((2, 3, 4)))
+
+
+# -- 3. sequence-first attention, encoder-decoder ------------------------------------------------------------------
+class SeqFirstMHA(nn.Module):
+    """Tokens [T, B] (torchtext's layout), ``nn.MultiheadAttention(batch_first=False)`` with key_padding_mask
+    [B, T], masked mean over time, a classifier."""
+
+    def __init__(self, pad=0, classes=3):
+        super().__init__()
+        self.pad = pad
+        self.emb = nn.Embedding(V, D)
+        self.attn = nn.MultiheadAttention(D, 2, dropout=0.0)
+        self.ln = nn.LayerNorm(D)
+        self.head = nn.Linear(D, classes)
+
+    def forward(self, idx):  # [T, B]
+        mask = (idx == self.pad).t()  # [B, T]
+        x = self.emb(idx)
+        h = self.ln(x + self.attn(x, x, x, key_padding_mask=mask, need_weights=False)[0])
+        keep = (~mask).t().unsqueeze(-1).to(h.dtype)  # [T, B, 1]
+        return self.head((h * keep).sum(0) / keep.sum(0))
+
+
+class Seq2Seq(nn.Module):
+    """``nn.Transformer`` (1 encoder, 1 decoder layer) with a causal target mask, teacher forcing; batch_first or
+    sequence-first (then the logits are transposed back to [B, T, V] before the loss, as users do)."""
+
+    def __init__(self, batch_first=True):
+        super().__init__()
+        self.bf = batch_first
+        self.src, self.tgt = nn.Embedding(V, D), nn.Embedding(V, D)
+        self.pos = nn.Parameter(0.1 * torch.randn(T, 1, D) if not batch_first else 0.1 * torch.randn(1, T, D))
+        self.tr = nn.Transformer(D, 2, 1, 1, dim_feedforward=2 * D, dropout=0.0, batch_first=batch_first)
+        self.head = nn.Linear(D, V)
+
+    def forward(self, x):
+        src, tgt = x["src"], x["tgt"]  # [B, T] each
+        if not self.bf:
+            src, tgt = src.t(), tgt.t()
+        L = tgt.shape[0 if not self.bf else 1]
+        mask = nn.Transformer.generate_square_subsequent_mask(L)
+        h = self.tr(self.src(src) + self.pos, self.tgt(tgt) + self.pos, tgt_mask=mask, tgt_is_causal=True)
+        out = self.head(h)
+        return out if self.bf else out.transpose(0, 1)
+
+
+class DecoderWithMemory(nn.Module):
+    """A Conv1d encoder producing memory, ``nn.TransformerDecoder`` (post-norm, 2 layers) with cross-attention
+    and a causal mask: an image/audio captioner."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv1d(3, D, 2, stride=2)
+        self.tgt = nn.Embedding(V, D)
+        layer = nn.TransformerDecoderLayer(D, 2, dim_feedforward=2 * D, dropout=0.0, batch_first=True)
+        self.dec = nn.TransformerDecoder(layer, 2)
+        self.head = nn.Linear(D, V)
+
+    def forward(self, x):
+        memory = self.enc(x["feat"]).transpose(1, 2)  # [B, 3, D]
+        L = x["tgt"].shape[1]
+        mask = torch.triu(torch.full((L, L), float("-inf")), 1)
+        return self.head(self.dec(self.tgt(x["tgt"]), memory, tgt_mask=mask))
+
+
+# -- 4. embeddings -------------------------------------------------------------------------------------------------
+class Bag(nn.Module):
+    def __init__(self, mode="mean", weighted=False, classes=3):
+        super().__init__()
+        self.weighted = weighted
+        self.bag = nn.EmbeddingBag(V, D, mode=mode)
+        self.head = nn.Linear(D, classes)
+
+    def forward(self, x):
+        if isinstance(x, dict):
+            return self.head(self.bag(x["tokens"], x["offsets"], per_sample_weights=x.get("w")))
+        return self.head(self.bag(x))
+
+
+class PaddedEmbedding(nn.Module):
+    """``nn.Embedding(padding_idx=2, max_norm=None)`` (a pad id that is not 0), sum over tokens, a classifier."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.emb = nn.Embedding(V, D, padding_idx=2, max_norm=None)
+        self.mix = nn.Linear(D, D)
+        self.head = nn.Linear(D, classes)
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.mix(self.emb(idx).sum(1))))
+
+
+# -- 5. recurrent cells in a loop ----------------------------------------------------------------------------------
+class CellLoop(nn.Module):
+    """GRUCell / LSTMCell called T times per forward on the [B, d] slices, a Linear on the last state (many to one)
+    or on every state stacked (many to many, an LM)."""
+
+    def __init__(self, kind="gru", lm=False):
+        super().__init__()
+        self.kind, self.lm = kind, lm
+        self.emb = nn.Embedding(V, D)
+        self.cell = nn.GRUCell(D, 6) if kind == "gru" else nn.LSTMCell(D, 6)
+        self.head = nn.Linear(6, V if lm else 3)
+
+    def forward(self, idx):
+        e = self.emb(idx)
+        B = idx.shape[0]
+        h = e.new_zeros(B, 6)
+        c = e.new_zeros(B, 6)
+        outs = []
+        for t in range(idx.shape[1]):
+            if self.kind == "gru":
+                h = self.cell(e[:, t], h)
+            else:
+                h, c = self.cell(e[:, t], (h, c))
+            outs.append(h)
+        return self.head(torch.stack(outs, 1)) if self.lm else self.head(h)
+
+
+# -- 6. bfloat16 autocast on the CPU -------------------------------------------------------------------------------
+def autocast_call(m, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return m(x)
+
+
+def autocast_mlp():
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+# -- cases ---------------------------------------------------------------------------------------------------------
+def _take_dim1(x, i):
+    return x[:, i:i + 1]
+
+
+def _bags(B, seed, weighted=False):
+    """Flat tokens with offsets: bag i holds 1 + (i % 3) tokens (the samples); ``take`` cuts bag i out."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [1 + i % 3 for i in range(B)]
+    toks = torch.randint(0, V, (sum(sizes),), generator=g)
+    offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0)[:-1].tolist()])
+    x = {"tokens": toks, "offsets": offsets}
+    if weighted:
+        x["w"] = torch.rand(sum(sizes), generator=g) + 0.5
+    return x
+
+
+def _take_bag(x, i):
+    start = int(x["offsets"][i])
+    stop = int(x["offsets"][i + 1]) if i + 1 < len(x["offsets"]) else len(x["tokens"])
+    out = {"tokens": x["tokens"][start:stop], "offsets": torch.tensor([0])}
+    if "w" in x:
+        out["w"] = x["w"][start:stop]
+    return out
+
+
+def _take_dict(x, i):
+    return {k: v[i:i + 1] for k, v in x.items()}
+
+
+def cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
+    out, add = seeded_cases()
+    ce = nn.CrossEntropyLoss
+
+    # 1. checkpointing
+    for r in (False, True):
+        name = f"checkpoint_gpt_{'reentrant' if r else 'nonreentrant'}"
+        add(name, lambda r=r, name=name: Unseen(name, CheckpointGPT(r), ce(ignore_index=-100), [(*tokens(B), 1.0)],
+                                                flat))
+        name = f"checkpoint_sequential_{'reentrant' if r else 'nonreentrant'}"
+        x5 = torch.randn(B, 5, generator=torch.Generator().manual_seed(21))
+        add(name, lambda r=r, name=name, x5=x5: Unseen(name, CheckpointSequentialMLP(r), ce(), [(x5, labels(B), 1.0)]))
+
+    # 2. convolutions
+    g = torch.Generator().manual_seed(22)
+    img = torch.randn(B, 2, 6, 6, generator=g)
+    add("depthwise_separable", lambda: Unseen("depthwise_separable", DepthwiseSeparable(), ce(), [(img, labels(B), 1.0)]))
+    add("dilated", lambda: Unseen("dilated", Dilated(), ce(), [(img, labels(B), 1.0)]))
+
+    def channels_last():
+        m = SmallCNN().to(memory_format=torch.channels_last)
+        return Unseen("channels_last", m, ce(), [(img.to(memory_format=torch.channels_last), labels(B), 1.0)])
+    add("channels_last", channels_last)
+    g = torch.Generator().manual_seed(23)
+    idx = torch.randint(0, V, (B, 6), generator=g)
+    add("kim_cnn", lambda: Unseen("kim_cnn", KimCNN(), ce(), [(idx, labels(B), 1.0)]))
+    seq, target = torch.randn(B, 2, 7, generator=g), torch.randn(B, 2, 7, generator=g)
+    add("causal_tcn", lambda: Unseen("causal_tcn", TCN(), nn.MSELoss(), [(seq, target, 1.0)]))
+    add("conv_transpose1d", lambda: Unseen("conv_transpose1d", TransposeDecoder(), ce(),
+                                           [(torch.randn(B, 2, 4, generator=g), labels(B), 1.0)]))
+    vol = torch.randn(B, 2, 4, 4, 4, generator=g)
+    add("conv3d_strided_groups", lambda: Unseen("conv3d_strided_groups", Tiny3d(), ce(), [(vol, labels(B), 1.0)]))
+
+    # 3. attention
+    def seq_first():
+        x, _ = tokens(B, seed=24, pad_y=False, pad_x=0)
+        return Unseen("seq_first_mha", SeqFirstMHA(), ce(), [(x.t().contiguous(), labels(B), 1.0)], take=_take_dim1,
+                      size=lambda x: int(x.shape[1]))
+    add("seq_first_mha", seq_first)
+
+    def seq2seq(bf):
+        src, _ = tokens(B, seed=25, pad_y=False)
+        tgt, y = tokens(B, seed=26)
+        name = f"seq2seq_{'batch_first' if bf else 'seq_first'}"
+        return Unseen(name, Seq2Seq(bf), ce(ignore_index=-100), [({"src": src, "tgt": tgt}, y, 1.0)], flat,
+                      take=_take_dict, size=lambda x: int(x["src"].shape[0]))
+    add("seq2seq_batch_first", lambda: seq2seq(True))
+    add("seq2seq_seq_first", lambda: seq2seq(False))
+
+    def decoder_memory():
+        gg = torch.Generator().manual_seed(27)
+        tgt, y = tokens(B, seed=28)
+        x = {"feat": torch.randn(B, 3, 6, generator=gg), "tgt": tgt}
+        return Unseen("decoder_memory", DecoderWithMemory(), ce(ignore_index=-100), [(x, y, 1.0)], flat,
+                      take=_take_dict, size=lambda x: int(x["feat"].shape[0]))
+    add("decoder_memory", decoder_memory)
+
+    # 4. embeddings
+    for mode in ("mean", "sum"):
+        add(f"bag_{mode}_offsets", lambda mode=mode: Unseen(f"bag_{mode}_offsets", Bag(mode), ce(),
+                                                            [(_bags(B, 29), labels(B), 1.0)], take=_take_bag,
+                                                            size=lambda x: len(x["offsets"])))
+        add(f"bag_{mode}_2d", lambda mode=mode: Unseen(f"bag_{mode}_2d", Bag(mode), ce(),
+                                                       [(tokens(B, seed=30)[0], labels(B), 1.0)]))
+    add("bag_sum_weighted", lambda: Unseen("bag_sum_weighted", Bag("sum", True), ce(),
+                                           [(_bags(B, 31, True), labels(B), 1.0)], take=_take_bag,
+                                           size=lambda x: len(x["offsets"])))
+    add("embedding_padding_idx", lambda: Unseen("embedding_padding_idx", PaddedEmbedding(), ce(),
+                                                [(tokens(B, seed=32, pad_x=2)[0], labels(B), 1.0)]))
+
+    # 5. cells in a loop
+    for kind in ("gru", "lstm"):
+        add(f"{kind}_cell_loop", lambda kind=kind: Unseen(f"{kind}_cell_loop", CellLoop(kind), ce(),
+                                                          [(tokens(B, seed=33)[0], labels(B), 1.0)]))
+        add(f"{kind}_cell_loop_lm", lambda kind=kind: Unseen(f"{kind}_cell_loop_lm", CellLoop(kind, True),
+                                                             ce(ignore_index=-100), [(*tokens(B, seed=34), 1.0)], flat))
+
+    # 6. autocast
+    x5 = torch.randn(B, 5, generator=torch.Generator().manual_seed(35))
+    add("autocast_bf16_mlp", lambda: Unseen("autocast_bf16_mlp", autocast_mlp(), ce(), [(x5, labels(B), 1.0)],
+                                            call=autocast_call))
+    add("autocast_bf16_cnn", lambda: Unseen("autocast_bf16_cnn", SmallCNN(), ce(), [(img, labels(B), 1.0)],
+                                            call=autocast_call))
+    return out
