@@ -1,19 +1,25 @@
 """Round-5 probe A (tests/unseen_round5a_models.py): gradient checkpointing, convolution forms, sequence-first and
 encoder-decoder attention, EmbeddingBag / padded Embedding, recurrent cells in a Python loop and bfloat16 autocast
 on the CPU, at tiny sizes. Every logged per-sample value (norm / inner / ortho tests, mean_gsnr, early_stopping,
-total and per parameter), grad_norm and the loss equal the float64 brute force within 1e-4 relative (2e-2 under
-bfloat16 autocast), or are NaN with a reason naming the module or the cause.
+total and per parameter), grad_norm and the loss equal the float64 brute force within 1e-4 relative, or are NaN
+with a reason naming the module or the cause. Under bfloat16 autocast the reference is the brute force of the run's
+own arithmetic (``autocast_reference``), within bfloat16's precision: the float64 one describes another computation.
 
 Found this way (fixed, each with its case below):
 * (NaN made exact) the torch.func fallback passed the tensors inside tuple / dict arguments whole: LSTMCell
   called in a loop, ``cell(x_t, (h, c))``, was NaN ("Input batch size 1 doesn't match hidden0 batch size 4"), and a
   bare parameter on a root module taking a dict (an encoder-decoder's shared position table) was NaN with
   "StopIteration" (``persample/fallback.py`` now splits them as the per-sample replay does).
+Not a bug, documented: bfloat16 autocast values are those of the run's bfloat16 gradients, several percent off a
+float32 run for a small ReLU CNN (its .grad too).
 """
 
 import math
 
 import pytest
+import torch
+
+import reference as R
 
 import unseen_round5a_models as M
 from test_real_models_unseen import QS, compare, run_case
@@ -42,29 +48,21 @@ EXPECT = {
 # a sequence-first model's record leaves `samples` out rather than log T (docs/known-limits.md)
 SAMPLES_LEFT_OUT = {"seq_first_mha", "seq2seq_seq_first"}
 SLOW = set()
-# bfloat16 autocast: per-sample gradients carry bfloat16's rounding (eps 7.8e-3), amplified by rho or a
-# cancellation: norm_test/c1.bias 4.867 for float64's 4.556 (a per-sample bfloat16 loop gives 4.850)
-WRONG = {"autocast_bf16_cnn": "finite values beyond 2e-2 under bfloat16 autocast: no resolution rule for it yet"}
-
-
-def _marks(n):
-    if n in WRONG:
-        return [pytest.mark.xfail(strict=True, reason=WRONG[n])]
-    return [pytest.mark.slow] if n in SLOW else []
 
 
 def test_every_case_has_an_expectation():
     assert sorted(EXPECT) == sorted(M.cases())
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in sorted(EXPECT)])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(EXPECT)])
 def test_exact_or_nan_with_reason(tmp_path, name):
     u = M.cases()[name]()
     before, rec = run_case(u, tmp_path, {q: "every" for q in ["loss", "grad_norm", *QS]})
-    wrong, nan = compare(u, before, rec)
-    wrong += _grad_norm_wrong(u, before, rec)
-    if name.startswith("autocast"):  # bfloat16 forward: the documented tolerance (tests/engine/test_amp_compile.py)
-        wrong = [(k, v, r) for k, v, r in wrong if not math.isclose(v, r, rel_tol=2e-2, abs_tol=1e-3)]
+    if name.startswith("autocast"):
+        wrong, nan = _compare_autocast(u, before, rec)
+    else:
+        wrong, nan = compare(u, before, rec)
+        wrong += _grad_norm_wrong(u, before, rec)
     assert wrong == [], wrong
     assert all(nan.values()), [k for k, r in nan.items() if not r]
     if EXPECT[name] is None:
@@ -73,3 +71,46 @@ def test_exact_or_nan_with_reason(tmp_path, name):
         assert nan and all(EXPECT[name] in r for r in nan.values()), nan
         assert "loss" not in nan and "grad_norm" not in nan
     assert rec.get("samples") == (None if name in SAMPLES_LEFT_OUT else u.B)
+
+
+def _compare_autocast(u, before, rec):
+    """Against the brute force of the run's own arithmetic (``M.autocast_reference``: per-sample backward passes
+    through the batch's bfloat16 autocast graph): within 1e-2 relative, bfloat16's eps (its weight-gradient
+    products are rounded to bfloat16 where cockpit-lite's per-sample sums are float32: measured 6e-3 at most), and
+    early_stopping = 1 - B mean_j(...) within 1e-2 of its term B mean_j(...) (they cancel near 0: measured 5.6e-3
+    of it, -0.7362 for -0.7265 on c1.weight)."""
+    loss, G, names = M.autocast_reference(u, before)
+    vals, reasons = rec["values"], rec.get("reasons", {})
+    wrong, nan = [], {}
+
+    def check(key, ref):
+        v = float(vals.get(key, math.nan))
+        if math.isnan(v):
+            nan[key] = reasons.get(key)
+        elif not math.isclose(v, ref, rel_tol=1e-2, abs_tol=1e-2 * abs(1 - ref) if key.startswith("early") else 0.0):
+            wrong.append((key, v, ref))
+
+    check("loss", loss)
+    means = [g.mean(0) for g in G]
+    check("grad_norm", float(torch.sqrt(sum((g ** 2).sum() for g in means))))
+    for n, g in zip(names, means):
+        check(f"grad_norm/{n}", float(g.norm()))
+    for q, f in QS.items():
+        check(q, f(R.flat(G)))
+        for n, g in zip(names, G):
+            check(f"{q}/{n}", f(R.flat([g])))
+    return wrong, nan
+
+
+def test_bfloat16_autocast_is_the_runs_arithmetic_not_float32s(tmp_path):
+    """A ReLU CNN at B=4 under CPU bfloat16 autocast: the logged values are those of the bfloat16 gradients the run
+    computes (above), which differ from the float64 brute force of the float32 model by more than 2e-2: so does
+    .grad itself (grad_norm/c1.bias 0.01901 for float64's 0.02034, 6.5%; mean_gsnr/c2.bias 0.1218 for 0.1683).
+    Not a per-sample error: documented in docs/known-limits.md ("Mixed precision")."""
+    u = M.cases()["autocast_bf16_cnn"]()
+    before, rec = run_case(u, tmp_path, {q: "every" for q in ["loss", "grad_norm", *QS]})
+    wrong, _ = compare(u, before, rec)
+    wrong += _grad_norm_wrong(u, before, rec)
+    far = {k for k, v, r in wrong if not math.isclose(v, r, rel_tol=2e-2, abs_tol=1e-3)}
+    assert {"grad_norm/c1.bias", "mean_gsnr/c2.bias", "norm_test/c1.bias"} <= far, far
+    assert _compare_autocast(u, before, rec) == ([], {})
