@@ -323,6 +323,207 @@ def autocast_mlp():
     return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
+# -- second round: forms around the first ---------------------------------------------------------------------
+class AlbertCkpt(nn.Module):
+    """ALBERT: one block shared by every layer, each application checkpointed (the block's calls recomputed in
+    backward, twice per forward)."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.r = reentrant
+        self.tok = nn.Embedding(V, D)
+        self.blk = Block()
+        self.head = nn.Linear(D, V)
+
+    def forward(self, idx):
+        x = self.tok(idx)
+        for _ in range(2):
+            x = checkpoint(self.blk, x, use_reentrant=self.r)
+        return self.head(x)
+
+
+class SharedInOut(nn.Module):
+    """A LayerNorm used outside and inside a checkpointed closure (three calls, one recomputed)."""
+    def __init__(self, reentrant):
+        super().__init__()
+        self.r = reentrant
+        self.tok = nn.Embedding(V, D)
+        self.ln = nn.LayerNorm(D)
+        self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+        self.head = nn.Linear(D, V)
+
+    def forward(self, idx):
+        x = self.ln(self.tok(idx))
+        x = x + checkpoint(lambda h: self.mlp(self.ln(h)), x, use_reentrant=self.r)
+        return self.head(self.ln(x))
+
+
+class MaskBlock(nn.Module):
+    """Self-attention with a per-sample [B, 1, 1, T] boolean mask passed positionally (through ``checkpoint``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+
+    def forward(self, x, mask):
+        B, L, d = x.shape
+        q, k, v = (t.view(B, L, 2, d // 2).transpose(1, 2) for t in self.qkv(x).split(d, -1))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return x + self.proj(o.transpose(1, 2).reshape(B, L, d))
+
+
+class HFCkpt(nn.Module):
+    """Hugging Face's gradient checkpointing with an attention mask argument, masked mean pooling."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.r = reentrant
+        self.tok = nn.Embedding(V, D)
+        self.blocks = nn.ModuleList([MaskBlock(), MaskBlock()])
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        idx, am = x["input_ids"], x["attention_mask"]
+        mask = am[:, None, None, :].bool()
+        h = self.tok(idx)
+        for b in self.blocks:
+            h = checkpoint(b, h, mask, use_reentrant=self.r)
+        keep = am.unsqueeze(-1).to(h.dtype)
+        return self.head((h * keep).sum(1) / keep.sum(1))
+
+
+class DWMult(nn.Module):
+    """Grouped Conv2d with a channel multiplier, stride and dilation; grouped dilated ConvTranspose2d with
+    output_padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(2, 4, 3, stride=2, dilation=2, padding=2, groups=2)
+        self.tc = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1, groups=2, dilation=2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.tc(torch.tanh(self.dw(x)))).mean((2, 3)))
+
+
+class SameDilated1d(nn.Module):
+    """Conv1d(padding="same", dilation=2) in each padding mode, a replicate-padded Conv1d, max over time with
+    F.max_pool1d."""
+
+    def __init__(self, mode="zeros"):
+        super().__init__()
+        self.a = nn.Conv1d(2, 4, 3, padding="same", dilation=2, padding_mode=mode)
+        self.b = nn.Conv1d(4, 4, 3, padding=1, padding_mode="replicate")
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(F.max_pool1d(torch.tanh(self.b(torch.tanh(self.a(x)))), x.shape[-1]).squeeze(-1))
+
+
+class SeqFirstEncoder(nn.Module):
+    """Sequence-first ``nn.TransformerEncoder`` on [T, B] tokens with src_key_padding_mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        layer = nn.TransformerEncoderLayer(D, 2, 2 * D, dropout=0.0)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, idx):  # [T, B]
+        mask = (idx == 0).t()
+        h = self.enc(self.emb(idx), src_key_padding_mask=mask)
+        keep = (~mask).t().unsqueeze(-1).to(h.dtype)
+        return self.head((h * keep).sum(0) / keep.sum(0))
+
+
+class MHAForms(nn.Module):
+    """nn.MultiheadAttention without biases and with add_zero_attn; with an additive float attn_mask and a
+    key_padding_mask together; with its per-head attention weights used in the output."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.emb = nn.Embedding(V, D)
+        if kind == "nobias_zero":
+            self.attn = nn.MultiheadAttention(D, 2, bias=False, add_zero_attn=True, batch_first=True)
+        else:
+            self.attn = nn.MultiheadAttention(D, 2, batch_first=True)
+        self.head = nn.Linear(D, V)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        L = idx.shape[1]
+        if self.kind == "float_mask_kpm":
+            am = torch.triu(torch.full((L, L), float("-inf")), 1) + 0.1 * torch.arange(L).float()
+            kpm = idx == 1
+            kpm[:, 0] = False
+            o = self.attn(x, x, x, attn_mask=am, key_padding_mask=kpm)[0]
+        elif self.kind == "weights_used":
+            o, w = self.attn(x, x, x, need_weights=True, average_attn_weights=False)
+            o = o + w.mean(1) @ x
+        else:
+            o = self.attn(x, x, x)[0]
+        return self.head(o + x)
+
+
+class Bag2(nn.Module):
+    """EmbeddingBag on [B, L]: mode "max", padding_idx, per_sample_weights."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        if kind == "max":
+            self.bag = nn.EmbeddingBag(V, D, mode="max")
+        elif kind == "padding":
+            self.bag = nn.EmbeddingBag(V, D, mode="mean", padding_idx=0)
+        else:
+            self.bag = nn.EmbeddingBag(V, D, mode="sum")
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        if self.kind == "weighted_2d":
+            return self.head(self.bag(x, per_sample_weights=(x.to(self.bag.weight.dtype) / V)))
+        return self.head(self.bag(x))
+
+
+class CellForms(nn.Module):
+    """Cells in a loop, other ways: RNNCell from a learned initial state expanded over the batch; two GRUCells
+    (forward and backward in time) started from None; LSTMCell with its state as the keyword hx / from None."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.emb = nn.Embedding(V, D)
+        if kind == "rnn_h0":
+            self.h0 = nn.Parameter(0.1 * torch.randn(1, 6))
+            self.cell = nn.RNNCell(D, 6)
+        elif kind == "bi":
+            self.f, self.b = nn.GRUCell(D, 6), nn.GRUCell(D, 6)
+        else:
+            self.cell = nn.LSTMCell(D, 6)
+        self.head = nn.Linear(12 if kind == "bi" else 6, 3)
+
+    def forward(self, idx):
+        e = self.emb(idx)
+        B, L = idx.shape
+        if self.kind == "rnn_h0":
+            h = self.h0.expand(B, -1)
+            for t in range(L):
+                h = self.cell(e[:, t], h)
+            return self.head(h)
+        if self.kind == "bi":
+            hf = hb = None
+            for t in range(L):
+                hf = self.f(e[:, t], hf)
+                hb = self.b(e[:, L - 1 - t], hb)
+            return self.head(torch.cat([hf, hb], 1))
+        st = None
+        for t in range(L):
+            st = self.cell(e[:, t], hx=st) if self.kind == "lstm_kw" else self.cell(e[:, t], st)
+        return self.head(st[0])
+
+
 # -- cases ---------------------------------------------------------------------------------------------------------
 def _take_dim1(x, i):
     return x[:, i:i + 1]
@@ -436,4 +637,43 @@ def cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
                                             call=autocast_call))
     add("autocast_bf16_cnn", lambda: Unseen("autocast_bf16_cnn", SmallCNN(), ce(), [(img, labels(B), 1.0)],
                                             call=autocast_call))
+    return out
+
+
+def more_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
+    out, add = seeded_cases()
+    ce = nn.CrossEntropyLoss
+    for r in (False, True):
+        sfx = "re" if r else "nonre"
+        add(f"albert_ckpt_{sfx}", lambda r=r: Unseen("a", AlbertCkpt(r), ce(ignore_index=-100), [(*tokens(B), 1.0)], flat))
+        add(f"shared_in_out_{sfx}", lambda r=r: Unseen("s", SharedInOut(r), ce(ignore_index=-100), [(*tokens(B), 1.0)], flat))
+        def hf(r=r):
+            x, _ = tokens(B, seed=3)
+            am = torch.ones(B, T, dtype=torch.long)
+            for i in range(B):
+                am[i, T - i:] = 0
+            return Unseen("hf", HFCkpt(r), ce(), [({"input_ids": x, "attention_mask": am}, labels(B), 1.0)],
+                          take=_take_dict, size=lambda x: int(x["input_ids"].shape[0]))
+        add(f"hf_ckpt_{sfx}", hf)
+        def accum(r=r):
+            x, y = tokens(6, seed=5)
+            return Unseen("acc", AlbertCkpt(r), ce(ignore_index=-100), [(x[:2], y[:2], 2 / 6), (x[2:], y[2:], 4 / 6)], flat)
+        add(f"albert_ckpt_accum_{sfx}", accum)
+    g = torch.Generator().manual_seed(40)
+    img = torch.randn(B, 2, 7, 7, generator=g)
+    add("dw_mult_transpose2d", lambda: Unseen("dw", DWMult(), ce(), [(img, labels(B), 1.0)]))
+    s1 = torch.randn(B, 2, 7, generator=g)
+    for mode in ("zeros", "circular", "reflect"):
+        add(f"same_dilated_1d_{mode}", lambda mode=mode: Unseen("s1", SameDilated1d(mode), ce(), [(s1, labels(B), 1.0)]))
+    def sfe():
+        x, _ = tokens(B, seed=24, pad_y=False, pad_x=0)
+        return Unseen("sfe", SeqFirstEncoder(), ce(), [(x.t().contiguous(), labels(B), 1.0)], take=_take_dim1,
+                      size=lambda x: int(x.shape[1]))
+    add("seq_first_encoder", sfe)
+    for k in ("nobias_zero", "float_mask_kpm", "weights_used"):
+        add(f"mha_{k}", lambda k=k: Unseen(k, MHAForms(k), ce(ignore_index=-100), [(*tokens(B, seed=7), 1.0)], flat))
+    for k in ("max", "padding", "weighted_2d"):
+        add(f"bag2_{k}", lambda k=k: Unseen(k, Bag2(k), ce(), [(tokens(B, seed=8, pad_x=0)[0], labels(B), 1.0)]))
+    for k in ("rnn_h0", "bi", "lstm_kw", "lstm_none"):
+        add(f"cell_{k}", lambda k=k: Unseen(k, CellForms(k), ce(), [(tokens(B, seed=9)[0], labels(B), 1.0)]))
     return out
