@@ -24,6 +24,10 @@ class Unsupported(Exception):
     """The per-sample information of this call's parameters is not available (message = reason)."""
 
 
+class FallbackFailed(Unsupported):
+    """The torch.func fallback could not trace the module (vmap): a per-sample replay of the model may still."""
+
+
 @dataclass(frozen=True)
 class Rule:
     """One layer type's per-sample rule: it ``applies(module, x)`` (x: the call's first input), and
@@ -117,5 +121,5 @@ def layer_samples(call, grad: torch.Tensor, b: int, factor: torch.Tensor):
     try:
         return fallback_samples(m, call, delta, b)
     except Exception as err:  # vmap cannot trace every module
-        raise Unsupported(f"the torch.func per-sample fallback failed for {type(m).__name__} "
+        raise FallbackFailed(f"the torch.func per-sample fallback failed for {type(m).__name__} "
                           f"('{call.module_name}'): {type(err).__name__}: {err}") from None

@@ -11,7 +11,10 @@ Found this way (fixed, each with its case below):
   hidden0 batch size 4"), and a bare parameter on a root module taking a dict (an encoder-decoder's shared position
   table) was NaN with "StopIteration" (``persample/fallback.py`` now splits them as the per-sample replay does);
 * (NaN made exact) a GRUCell / LSTMCell called without a state (the first time step) was NaN: its own zero state
-  is not batched by vmap; the fallback now gives one per sample, as it did for nn.GRU / nn.RNN.
+  is not batched by vmap; the fallback now gives one per sample, as it did for nn.GRU / nn.RNN;
+* (NaN made exact) where the fallback cannot trace a module (vmap), its parameters now come from the per-sample
+  replay of the model (checked against the step's per-sample losses; a loop where vmap fails), as parameters no
+  layer rule serves do: a learned initial state ``h0.expand(B, -1)`` fed to an RNNCell was NaN.
 Not a bug, documented: bfloat16 autocast values are those of the run's bfloat16 gradients, several percent off a
 float32 run for a small ReLU CNN (its .grad too).
 """
@@ -57,9 +60,10 @@ EXPECT = {
     # the broadcast shape [4, 1, 6]" (the cell's own zero state unbatched under vmap); LSTMCell's hx=(h, c) keyword
     # passed whole; now a zero state per sample, keyword tuples split: exact
     "cell_bi": None, "cell_lstm_kw": None, "cell_lstm_none": None,
-    # a learned initial state expanded over the batch into an RNNCell: the root module's own parameter, served by
-    # the torch.func fallback over the whole model, which vmap cannot batch there (the cell's state unbatched)
-    "cell_rnn_h0": "fallback failed for CellForms",
+    # a learned initial state expanded over the batch into an RNNCell: the root module's own parameter, for which
+    # the torch.func fallback over the whole model failed (vmap: "output with shape [1, 6] doesn't match the
+    # broadcast shape [4, 1, 6]", the state unbatched): was NaN; now the per-sample replay's loop serves it: exact
+    "cell_rnn_h0": None,
 }
 # a sequence-first model's record leaves `samples` out rather than log T (docs/known-limits.md)
 SAMPLES_LEFT_OUT = {"seq_first_mha", "seq2seq_seq_first", "seq_first_encoder"}
