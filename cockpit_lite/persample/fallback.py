@@ -17,6 +17,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
+from ..param_slots import written_in_forward
 from ..replay import replaying
 from .samples import DenseSamples, to_float
 
@@ -113,7 +114,8 @@ def fallback_samples(module, call, delta: torch.Tensor, b: int):
         out = next(leaf for leaf in tree_leaves(out) if isinstance(leaf, torch.Tensor))
         return (to_float(out) * delta_i.unsqueeze(bdim)).sum()
 
-    params = {n: own[n].detach() for n in names}
+    copied = written_in_forward(module)  # Embedding(max_norm) renormalises in place: a copy (param_slots.py)
+    params = {n: own[n].detach().clone() if id(own[n]) in copied else own[n].detach() for n in names}
     args_b = [a for flag, a in zip(batched_args, args) if flag]
     # the math attention kernel decomposes into ops that vmap batches (the fused CPU kernel has no rule)
     # outer no_grad: the module's other parameters (a root module owning a bare table) would otherwise link the

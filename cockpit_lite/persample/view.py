@@ -100,7 +100,7 @@ class PerSampleView:
             if isinstance(got, FallbackFailed) and self._replay_instead(call, str(got)):
                 return self._replayed[j]
             if isinstance(got, Exception):
-                self._reasons[self.names[j]] = str(got)
+                self._reasons.setdefault(self.names[j], str(got))  # (a failed replay's reason names both)
                 self._cache[ck] = None
                 return None
             per_pos.setdefault(pos, []).append(got[attr])

@@ -138,3 +138,49 @@ def test_bfloat16_autocast_is_the_runs_arithmetic_not_float32s(tmp_path):
     far = {k for k, v, r in wrong if not math.isclose(v, r, rel_tol=2e-2, abs_tol=1e-3)}
     assert {"grad_norm/c1.bias", "mean_gsnr/c2.bias", "norm_test/c1.bias"} <= far, far
     assert _compare_autocast(u, before, rec) == ([], {})
+
+
+def test_embedding_max_norm_replayed_without_touching_the_parameters(tmp_path):
+    """Embedding(max_norm) renormalises the rows it reads, in place, in every forward. Its per-sample gradients come
+    from the per-sample replay (vmap cannot trace it: was NaN); the replays (per-sample, the first-step self-check's,
+    the curvature's) give it a copy (``param_slots.written_in_forward``): written through a detached alias, its
+    version counter moved and param_norm, distance, update_size and alpha were NaN ("changed in place between the
+    backward pass and optimizer.step()") on every step the replay ran, step 0 already through the self-check."""
+    import warnings
+
+    import cockpit_lite
+    import unseen_round3_models as R3
+    from unseen_models import reference
+
+    u = R3.embedding_cases()["embedding_max_norm_1"]()
+    model, crit = u.model, u.loss_fn
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (x, y, _), = u.micro
+    norms, befores = [], []
+
+    def note(*_):  # the parameters the step's quantities read (returns None: the step's arguments unchanged)
+        norms.append(float(torch.sqrt(sum((p.detach() ** 2).sum() for p in model.parameters()))))
+        befores.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    opt.register_step_pre_hook(note)
+    qs = ["loss", "grad_norm", "param_norm", "distance", "update_size", "alpha", *QS]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "run", quantities={q: "every" for q in qs}):
+            for _ in range(3):
+                opt.zero_grad()
+                crit(model(x), y).backward()
+                opt.step()
+    recs = [r for r in cockpit_lite.load(tmp_path / "run").records if r.get("type") == "step" and not r.get("amends")]
+    assert [r["step"] for r in recs] == [0, 1, 2]
+    for rec, norm, state in zip(recs, norms, befores):
+        vals = rec["values"]
+        before = type(model)()
+        before.load_state_dict(state)
+        assert not any("changed in place" in r for r in rec.get("reasons", {}).values()), rec.get("reasons")
+        assert vals["param_norm"] == pytest.approx(norm, rel=1e-6)
+        assert math.isfinite(vals["distance"]) and math.isfinite(vals["update_size"])
+        ref_loss, G, names = reference(u, before)
+        for q, f in QS.items():
+            assert vals[q] == pytest.approx(f(R.flat(G)), rel=1e-4, abs=1e-4 if q == "early_stopping" else 0), q
+    assert math.isfinite(recs[0]["values"]["alpha"]) and math.isfinite(recs[1]["values"]["alpha"])
