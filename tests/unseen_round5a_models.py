@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
+import unseen_round4_models as R4
 from unseen_models import D, V, T, Unseen, flat, labels, seeded_cases, tokens
 
 
@@ -524,6 +525,54 @@ class CellForms(nn.Module):
         return self.head(st[0])
 
 
+# -- checkpointing around parameters the layer rules do not serve (NaN with the reason) ------------------------------
+class ScaledCkpt(nn.Module):
+    """A bare scale vector on the root multiplied in (not an addition: no broadcast rule) before a checkpointed
+    block: the fallback over the root module runs the checkpoint under torch.func."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.r = reentrant
+        self.tok = nn.Embedding(V, D)
+        self.scale = nn.Parameter(1 + 0.1 * torch.randn(D))
+        self.blk = Block()
+        self.head = nn.Linear(D, V)
+
+    def forward(self, idx):
+        x = checkpoint(self.blk, self.tok(idx) * self.scale, use_reentrant=self.r)
+        return self.head(x)
+
+
+class FunctionalCkpt(nn.Module):
+    """``checkpoint(F.linear, x, W, b)`` with a module's weight passed explicitly, and a checkpointed closure over a
+    bare parameter."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.r = reentrant
+        self.a = nn.Linear(5, 6)
+        self.w = nn.Parameter(0.3 * torch.randn(6, 6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(checkpoint(F.linear, x, self.a.weight, self.a.bias, use_reentrant=self.r))
+        h = checkpoint(lambda t: torch.tanh(t @ self.w), h, use_reentrant=self.r)
+        return self.head(h)
+
+
+class CkptMoELM(R4.MoELM):
+    """Round 4's top-1 MoE LM with its MoE layer checkpointed: the experts' routed rows need the per-sample replay."""
+
+    def __init__(self, reentrant):
+        super().__init__(1)
+        self.r = reentrant
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        x = x + checkpoint(lambda h: self.moe(self.ln(h)), x, use_reentrant=self.r)
+        return self.head(self.lnf(x))
+
+
 # -- cases ---------------------------------------------------------------------------------------------------------
 def _take_dim1(x, i):
     return x[:, i:i + 1]
@@ -674,6 +723,14 @@ def more_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
         add(f"mha_{k}", lambda k=k: Unseen(k, MHAForms(k), ce(ignore_index=-100), [(*tokens(B, seed=7), 1.0)], flat))
     for k in ("max", "padding", "weighted_2d"):
         add(f"bag2_{k}", lambda k=k: Unseen(k, Bag2(k), ce(), [(tokens(B, seed=8, pad_x=0)[0], labels(B), 1.0)]))
+    for r in (False, True):
+        sfx = "re" if r else "nonre"
+        add(f"scaled_ckpt_{sfx}", lambda r=r: Unseen("sc", ScaledCkpt(r), ce(ignore_index=-100), [(*tokens(B), 1.0)],
+                                                     flat))
+        x5 = torch.randn(B, 5, generator=torch.Generator().manual_seed(50))
+        add(f"functional_ckpt_{sfx}", lambda r=r, x5=x5: Unseen("fc", FunctionalCkpt(r), ce(), [(x5, labels(B), 1.0)]))
+        add(f"ckpt_moe_{sfx}", lambda r=r: Unseen("cm", CkptMoELM(r), ce(ignore_index=-100), [(*R4.tokens(B), 1.0)],
+                                                  flat))
     for k in ("rnn_h0", "bi", "lstm_kw", "lstm_none"):
         add(f"cell_{k}", lambda k=k: Unseen(k, CellForms(k), ce(), [(tokens(B, seed=9)[0], labels(B), 1.0)]))
     return out

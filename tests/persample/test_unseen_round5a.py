@@ -32,7 +32,7 @@ from test_unseen_round4 import _grad_norm_wrong
 
 BAG = "1-D index list with offsets"
 SEQ_FIRST = "entries along the batch dimension"
-# case -> a piece of every NaN's reason (None: every value exact)
+# case -> a piece of every NaN's reason, or a tuple of pieces one of which each has (None: every value exact)
 EXPECT = {
     "checkpoint_gpt_nonreentrant": None, "checkpoint_gpt_reentrant": None,
     "checkpoint_sequential_nonreentrant": None, "checkpoint_sequential_reentrant": None,
@@ -64,6 +64,12 @@ EXPECT = {
     # the torch.func fallback over the whole model failed (vmap: "output with shape [1, 6] doesn't match the
     # broadcast shape [4, 1, 6]", the state unbatched): was NaN; now the per-sample replay's loop serves it: exact
     "cell_rnn_h0": None,
+    # checkpointing around parameters the layer rules do not serve: torch.func refuses checkpoint, one sample at a
+    # time its recomputation does not match (docs/known-limits.md, "Gradient checkpointing")
+    "scaled_ckpt_nonre": ("fallback failed for ScaledCkpt", "float32"),
+    "scaled_ckpt_re": ("fallback failed for ScaledCkpt", "float32"),
+    "functional_ckpt_nonre": "disagrees with autograd", "functional_ckpt_re": "no module call",
+    "ckpt_moe_nonre": "picked from the batch", "ckpt_moe_re": "picked from the batch",
 }
 # a sequence-first model's record leaves `samples` out rather than log T (docs/known-limits.md)
 SAMPLES_LEFT_OUT = {"seq_first_mha", "seq2seq_seq_first", "seq_first_encoder"}
@@ -92,7 +98,8 @@ def test_exact_or_nan_with_reason(tmp_path, name):
     if EXPECT[name] is None:
         assert nan == {}, nan
     else:
-        assert nan and all(EXPECT[name] in r for r in nan.values()), nan
+        pieces = EXPECT[name] if isinstance(EXPECT[name], tuple) else (EXPECT[name],)
+        assert nan and all(any(p in r for p in pieces) for r in nan.values()), nan
         assert "loss" not in nan and "grad_norm" not in nan
     assert rec.get("samples") == (None if name in SAMPLES_LEFT_OUT else u.B)
 
