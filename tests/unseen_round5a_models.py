@@ -686,6 +686,8 @@ def cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
                                             call=autocast_call))
     add("autocast_bf16_cnn", lambda: Unseen("autocast_bf16_cnn", SmallCNN(), ce(), [(img, labels(B), 1.0)],
                                             call=autocast_call))
+    add("autocast_bf16_gru_cell_loop", lambda: Unseen("autocast_bf16_gru_cell_loop", CellLoop("gru"), ce(),
+                                                      [(tokens(B, seed=33)[0], labels(B), 1.0)], call=autocast_call))
     return out
 
 
@@ -733,4 +735,6 @@ def more_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
                                                   flat))
     for k in ("rnn_h0", "bi", "lstm_kw", "lstm_none"):
         add(f"cell_{k}", lambda k=k: Unseen(k, CellForms(k), ce(), [(tokens(B, seed=9)[0], labels(B), 1.0)]))
+    add("autocast_bf16_cell_rnn_h0", lambda: Unseen("autocast_bf16_cell_rnn_h0", CellForms("rnn_h0"), ce(),
+                                                    [(tokens(B, seed=9)[0], labels(B), 1.0)], call=autocast_call))
     return out
