@@ -525,6 +525,23 @@ class CellForms(nn.Module):
         return self.head(st[0])
 
 
+class RNNUse(nn.Module):
+    """nn.LSTM / nn.GRU (batch_first) read through h_n only, or through its output and h_n: a call whose later
+    outputs receive gradient (rules.py sends it to the per-sample replay)."""
+
+    def __init__(self, kind, use):
+        super().__init__()
+        self.use = use
+        self.emb = nn.Embedding(V, 8)
+        self.rnn = (nn.LSTM if kind == "lstm" else nn.GRU)(8, 6, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, idx):
+        out, st = self.rnn(self.emb(idx))
+        h_n = st[0] if isinstance(st, tuple) else st
+        return self.head(h_n[-1] if self.use == "h_n" else out[:, -1] + h_n[-1])
+
+
 # -- checkpointing around parameters the layer rules do not serve (NaN with the reason) ------------------------------
 class ScaledCkpt(nn.Module):
     """A bare scale vector on the root multiplied in (not an addition: no broadcast rule) before a checkpointed
@@ -735,6 +752,10 @@ def more_cases(B: int = 4) -> Dict[str, Callable[[], Unseen]]:
                                                   flat))
     for k in ("rnn_h0", "bi", "lstm_kw", "lstm_none"):
         add(f"cell_{k}", lambda k=k: Unseen(k, CellForms(k), ce(), [(tokens(B, seed=9)[0], labels(B), 1.0)]))
+    for kind in ("lstm", "gru"):
+        for use in ("h_n", "both"):
+            add(f"{kind}_{use}", lambda kind=kind, use=use: Unseen(f"{kind}_{use}", RNNUse(kind, use), ce(),
+                                                                   [(tokens(B, seed=70)[0], labels(B), 1.0)]))
     add("autocast_bf16_cell_rnn_h0", lambda: Unseen("autocast_bf16_cell_rnn_h0", CellForms("rnn_h0"), ce(),
                                                     [(tokens(B, seed=9)[0], labels(B), 1.0)], call=autocast_call))
     return out

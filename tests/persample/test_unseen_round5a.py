@@ -76,6 +76,8 @@ EXPECT = {
     # the broadcast shape [4, 1, 6]" (the cell's own zero state unbatched under vmap); LSTMCell's hx=(h, c) keyword
     # passed whole; now a zero state per sample, keyword tuples split: exact
     "cell_bi": None, "cell_lstm_kw": None, "cell_lstm_none": None,
+    # nn.LSTM / nn.GRU read through h_n (and their output): served by the per-sample replay
+    "lstm_h_n": None, "lstm_both": None, "gru_h_n": None, "gru_both": None,
     # a learned initial state expanded over the batch into an RNNCell: the root module's own parameter, for which
     # the torch.func fallback over the whole model failed (vmap: "output with shape [1, 6] doesn't match the
     # broadcast shape [4, 1, 6]", the state unbatched): was NaN; now the per-sample replay's loop serves it: exact
