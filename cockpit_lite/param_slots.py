@@ -9,7 +9,7 @@ is given under both names and stays tied.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Set
 
 from torch import nn
 
@@ -23,3 +23,13 @@ def aliases(model: nn.Module, slot: str, prefix: str = "") -> Dict[int, List[str
             if t is not None:
                 out.setdefault(id(t), []).append(prefix + (f"{path}.{name}" if path else name))
     return out
+
+
+def written_in_forward(model: nn.Module) -> Set[int]:
+    """ids of the parameters a module's own forward writes in place: nn.Embedding / nn.EmbeddingBag with max_norm
+    renormalise the rows they read (``embedding_renorm_``). A re-evaluation gives them a copy: written through a
+    detached alias, the parameter's version counter moved and param_norm, distance, update_size and alpha were NaN
+    on every replayed step ("changed in place between the backward pass and optimizer.step()",
+    engine/param_versions.py); the training forward renormalised those rows already, so the copy's values agree."""
+    return {id(m.weight) for m in model.modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None}

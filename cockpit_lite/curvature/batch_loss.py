@@ -30,7 +30,7 @@ from ..persample.output_view import ViewUnavailable, first_tensor, head_target, 
 from ..replay import replaying
 from ..rng import preserved_rng, set_rng_state
 from ..loss_combine import micro_batch_weights, step_normalised
-from ..param_slots import aliases
+from ..param_slots import aliases, written_in_forward
 
 
 class CurvatureUnavailable(RuntimeError):
@@ -117,7 +117,9 @@ class BatchLoss:
         # loss as a function of the 16-bit values; bfloat16 products left hess_max_ev 0.2% off "converged" and
         # float16 BackPACK diagonals 2.5e-4 off "exact"
         self.dtype = torch.float32 if any(p.dtype in LOW_PRECISION for p in params) else None
-        self.params = [p.detach() if self.dtype is None or not p.is_floating_point() else p.detach().to(self.dtype)
+        copied = written_in_forward(model)  # Embedding(max_norm) renormalises in place: a copy (param_slots.py)
+        self.params = [(p.detach().clone() if id(p) in copied else p.detach())
+                       if self.dtype is None or not p.is_floating_point() else p.detach().to(self.dtype)
                        for p in params]
         self._param_keys = [aliases(model, "_parameters", "model.").get(id(p), [k]) for p, k in zip(params, self.keys)]
         # frozen parameters (requires_grad=False, e.g. in a fine-tuning optimizer's group) are constants of

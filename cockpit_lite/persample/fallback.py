@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
+from ..param_slots import written_in_forward
 from ..replay import replaying
 from .samples import DenseSamples, to_float
 
@@ -61,9 +62,22 @@ def fallback_reason(module, call) -> str:
     return ""
 
 
+def _per_row(v, b: int) -> bool:
+    """A keyword value with the batch along dim 0: a tensor, or a tuple / list of them (LSTMCell's (h, c))."""
+    if isinstance(v, (tuple, list)):
+        return bool(v) and all(_per_row(t, b) for t in v)
+    return isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b
+
+
 def fallback_samples(module, call, delta: torch.Tensor, b: int):
     """{parameter name: DenseSamples} for the module's direct parameters."""
-    args = call.inputs
+    inputs, kw = tuple(call.inputs), dict(call.kwargs)
+    cell = isinstance(module, torch.nn.RNNCellBase)
+    if cell and len(inputs) > 1:  # cell(x, hx): the state as the keyword, split below like one
+        inputs, kw = inputs[:1], {**kw, "hx": inputs[1]}
+    # the tensors inside tuple / list / dict arguments are arguments too (a model taking a dict: a root module
+    # owning a bare parameter); was: theirs unbatched, or StopIteration with none
+    args, spec = tree_flatten(inputs)
     first = next(a for a in args if isinstance(a, torch.Tensor))
     bdim = batch_dim_of(module, first)
     own = dict(owned_parameters(module))
@@ -72,30 +86,36 @@ def fallback_samples(module, call, delta: torch.Tensor, b: int):
     # keywords with the batch along dim 0 are per sample too (position_ids of a learned position embedding);
     # attention's masks other than key_padding_mask are [T, S] (T may equal b): not batched
     mha = isinstance(module, torch.nn.MultiheadAttention)
-    kw_batched = {k for k, v in call.kwargs.items()
-                  if (k == "key_padding_mask" or not mha) and isinstance(v, torch.Tensor) and v.dim() > 0
-                  and v.shape[0] == b}
-    kw_b = {k: call.kwargs[k] for k in kw_batched}
-    kw_fixed = {k: v for k, v in call.kwargs.items() if k not in kw_batched}
+    kw_batched = {k for k, v in kw.items() if (k == "key_padding_mask" or not mha) and _per_row(v, b)}
+    kw_b = {k: kw[k] for k in kw_batched}
+    kw_fixed = {k: v for k, v in kw.items() if k not in kw_batched}
     if isinstance(module, torch.nn.MultiheadAttention):
         kw_fixed["need_weights"] = False
-    if isinstance(module, (torch.nn.GRU, torch.nn.RNN)) and len(args) == 1 and "hx" not in call.kwargs:
+    if isinstance(module, (torch.nn.GRU, torch.nn.RNN)) and len(args) == 1 and "hx" not in kw:
         # their own zero initial state is not batched by vmap: give it, one per sample
         layers = module.num_layers * (2 if module.bidirectional else 1)
         kw_b["hx"] = torch.zeros(b, layers, module.hidden_size, dtype=first.dtype, device=first.device)
+    if cell and kw.get("hx") is None:  # likewise a cell's (GRUCell(x) on the first time step; was NaN)
+        zero = torch.zeros(b, module.hidden_size, dtype=first.dtype, device=first.device)
+        kw_b["hx"] = (zero, zero.clone()) if isinstance(module, torch.nn.LSTMCell) else zero
+        kw_fixed.pop("hx", None)
+    state_dim = 1 if isinstance(module, (torch.nn.GRU, torch.nn.RNN)) else 0  # hx [layers, B, H] / a cell's [B, H]
     delta = to_float(delta)
 
     def inner(params, args_b, kw_b1, delta_i):
         it = iter(args_b)
         full = [next(it).unsqueeze(bdim) if flag else a for flag, a in zip(batched_args, args)]
         kwargs = dict(kw_fixed)
-        kwargs.update({k: v.unsqueeze(1 if k == "hx" else 0) for k, v in kw_b1.items()})
+        kwargs.update({k: tree_map(lambda t, d=state_dim if k == "hx" else 0: t.unsqueeze(d), v)
+                       for k, v in kw_b1.items()})
         with replaying():  # a watched model's own hooks must not take this for a training forward
-            out = functional_call(module, params, tuple(full), kwargs, tie_weights=False)  # (param_slots.py)
+            out = functional_call(module, params, tree_unflatten(full, spec), kwargs,
+                                  tie_weights=False)  # (param_slots.py)
         out = next(leaf for leaf in tree_leaves(out) if isinstance(leaf, torch.Tensor))
         return (to_float(out) * delta_i.unsqueeze(bdim)).sum()
 
-    params = {n: own[n].detach() for n in names}
+    copied = written_in_forward(module)  # Embedding(max_norm) renormalises in place: a copy (param_slots.py)
+    params = {n: own[n].detach().clone() if id(own[n]) in copied else own[n].detach() for n in names}
     args_b = [a for flag, a in zip(batched_args, args) if flag]
     # the math attention kernel decomposes into ops that vmap batches (the fused CPU kernel has no rule)
     # outer no_grad: the module's other parameters (a root module owning a bare table) would otherwise link the

@@ -30,7 +30,7 @@ import torch
 from torch.func import functional_call, grad_and_value, vmap
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from ..param_slots import aliases
+from ..param_slots import aliases, written_in_forward
 from ..replay import replaying
 from ..rng import preserved_rng, set_rng_state
 from .losses import LossUnavailable, elementwise_loss, mean_factor, none_copy
@@ -68,7 +68,15 @@ def replayed_grads(model: torch.nn.Module, loss_fn, call, mb, b: int, reduction:
     # twice holding the replay's tensor afterwards (param_slots.py); tied weights are given under each name
     slots = aliases(model, "_parameters")
     keys = {j: slots[id(p)] for j, p in wanted.items()}
-    state = {k: p.detach() for p in {id(p): p for p in model.parameters()}.values() for k in slots[id(p)]}
+    copied = written_in_forward(model)
+
+    def own(p):  # a parameter forward writes in place: a copy (param_slots.written_in_forward)
+        return p.detach().clone() if id(p) in copied else p.detach()
+
+    state = {}
+    for p in {id(p): p for p in model.parameters()}.values():
+        t = own(p)
+        state.update({k: t for k in slots[id(p)]})
     for buf in {id(b): b for b in model.buffers()}.values():
         clone = buf.clone()
         state.update({k: clone for k in aliases(model, "_buffers").get(id(buf), ())})
@@ -98,7 +106,7 @@ def replayed_grads(model: torch.nn.Module, loss_fn, call, mb, b: int, reduction:
         loss = elems.float().sum() * factor if elems.dtype in (torch.float16, torch.bfloat16) else elems.sum() * factor
         return loss, loss.detach()
 
-    theta = {j: p.detach() for j, p in wanted.items()}
+    theta = {j: own(p) for j, p in wanted.items()}
     t_vals = [t for t, _ in targets]
     t_dims = [0 if flag else None for _, flag in targets]
     f = lambda th, a, k, tv: one_sample(th, a, k, [(x, flag) for x, (_, flag) in zip(tv, targets)])

@@ -24,6 +24,10 @@ class Unsupported(Exception):
     """The per-sample information of this call's parameters is not available (message = reason)."""
 
 
+class FallbackFailed(Unsupported):
+    """The torch.func fallback could not trace the module (vmap): a per-sample replay of the model may still."""
+
+
 @dataclass(frozen=True)
 class Rule:
     """One layer type's per-sample rule: it ``applies(module, x)`` (x: the call's first input), and
@@ -98,6 +102,12 @@ def layer_samples(call, grad: torch.Tensor, b: int, factor: torch.Tensor):
         raise Unsupported(f"{type(m).__name__} ('{call.module_name}') has scale_grad_by_freq=True: its gradient "
                           "divides by each index's count over the whole batch, the samples mix (no per-sample "
                           "gradients add up to .grad)")
+    if any(g is not None for g in call.other_grads or ()):
+        # LSTMCell's (h, c), attention weights used, nn.LSTM's (output, (h_n, c_n)): the rules and the fallback read
+        # the first tensor's gradient only, and a later one's hook gradient also holds what reaches the first through
+        # the module itself (h = o * tanh(c)): neither sum is the sample's gradient (an LSTMCell loop: 36-47% off)
+        raise FallbackFailed(f"{type(m).__name__} ('{call.module_name}') returns several tensors and more than the "
+                             "first received a gradient, which no per-sample rule reads")
     rule = rule_for(m, x)
     if rule is not None:
         served = rule.samples(m, x, grad, factor, call)
@@ -117,5 +127,5 @@ def layer_samples(call, grad: torch.Tensor, b: int, factor: torch.Tensor):
     try:
         return fallback_samples(m, call, delta, b)
     except Exception as err:  # vmap cannot trace every module
-        raise Unsupported(f"the torch.func per-sample fallback failed for {type(m).__name__} "
+        raise FallbackFailed(f"the torch.func per-sample fallback failed for {type(m).__name__} "
                           f"('{call.module_name}'): {type(err).__name__}: {err}") from None

@@ -24,12 +24,12 @@ import torch
 
 from ..distributed import sum_numbers
 from .losses import LossUnavailable, per_sample_losses
-from .rules import Unsupported, layer_samples
+from .rules import FallbackFailed, Unsupported, layer_samples
 from .plan import HIST_BINS, KEEP_FLOATS, hist_range as plan_hist_range, layer_pass, plan_for, sum_parts, summed as _summed
 from .mean_grad import check as check_mean, mean_grad
 from .underflow import underflow_reason
 from .samples import DenseSamples, to_float
-from .view_setup import setup
+from .view_setup import resolve_replays, setup
 
 
 class PerSampleView:
@@ -97,14 +97,25 @@ class PerSampleView:
         per_pos: Dict[int, list] = {}
         for pos, call, attr in self.feeds[j]:
             got = self._call_samples(pos, call)
+            if isinstance(got, FallbackFailed) and self._replay_instead(call, str(got)):
+                return self._replayed[j]
             if isinstance(got, Exception):
-                self._reasons[self.names[j]] = str(got)
+                self._reasons.setdefault(self.names[j], str(got))  # (a failed replay's reason names both)
                 self._cache[ck] = None
                 return None
             per_pos.setdefault(pos, []).append(got[attr])
         out = sorted(per_pos.items())
         self._cache[ck] = out
         return out
+
+    def _replay_instead(self, call, why: str) -> bool:
+        """Whether the parameters fed by ``call``, a module vmap could not trace (a cell fed a state expanded from a
+        learned table), now come from the per-sample replay of the model (``replayed.py``: a loop where vmap fails,
+        checked against the step's per-sample losses); else they carry both reasons."""
+        fed = {j: why for j, feeds in self.feeds.items() if any(c is call for _, c, _ in feeds)
+               and self.names[j] not in self._reasons and j not in self._replayed}
+        resolve_replays(self, fed)
+        return all(j in self._replayed for j in fed)
 
     def _per_forward(self, j: int, single, dense, empty, at: bool = False):
         """Apply ``single(ps)`` (one call in the forward; ``single(ps, pos)`` with ``at``) or ``dense(G)``

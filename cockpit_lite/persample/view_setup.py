@@ -207,12 +207,14 @@ def _chunked(calls, n: int):
     return None
 
 
-def resolve_replays(self) -> None:
-    """Per-sample gradients of the parameters no layer rule covers, by a per-sample replay of the model
-    (``replayed.py``); where it is impossible, NaN with the layer rules' reason and the replay's."""
+def resolve_replays(self, wanted: Optional[Dict[int, str]] = None) -> None:
+    """Per-sample gradients of the parameters no layer rule covers (``wanted``: {index: why}, by default those
+    setup found), by a per-sample replay of the model (``replayed.py``); where it is impossible, NaN with the
+    layer rules' reason and the replay's."""
     from .replayed import ReplayUnavailable, replayed_grads
 
-    wanted = {j: why for j, why in self._replay.items() if self.names[j] not in self._reasons}
+    if wanted is None:
+        wanted = {j: why for j, why in self._replay.items() if self.names[j] not in self._reasons}
     if not wanted:
         return
     calls = list(self.inputs.model_calls or [])

@@ -32,7 +32,8 @@ QS = {"norm_test": R.norm_test, "inner_test": R.inner_test, "ortho_test": R.orth
 # case -> the module whose parameters are NaN with a reason naming it (exact is not reached there)
 NAN_WITH_REASON = {
     "embedding_bag_offsets": "'bag'",  # EmbeddingBag(tokens, offsets): the per-sample fallback cannot split
-    "embedding_max_norm": "'emb'",  # Embedding(max_norm) renormalises its weight in forward: vmap cannot
+    # (embedding_max_norm: Embedding(max_norm) renormalises its weight in forward, which vmap cannot trace: was NaN
+    # naming 'emb'; now the per-sample replay's loop serves it, checked against the step's per-sample losses: exact)
     # (chunked_forward: the batch in two chunks; its calls' rows add up to the loss's samples, so every parameter
     # comes from the per-sample replay: exact, was NaN since the self-check found the rows are not samples)
     # (packed_lstm: an LSTM on a PackedSequence has no rule; since the per-sample replay splits the tensors of a dict
