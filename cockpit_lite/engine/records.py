@@ -109,8 +109,9 @@ class Recorder:
             samples = view.n_local if view is not None and view.sample_dim == 1 else 0
             if not samples:
                 self.warn_once("samples_seq_first", f"cockpit-lite: the record's 'samples' is left out on steps "
-                               f"without per-sample quantities: {ctx.watched.seq_first} reads dim 1 as the batch, "
-                               "so the loss input's dim 0 is not the number of samples", step=ctx.step)
+                               f"where the number of samples cannot be told: {ctx.watched.seq_first} reads dim 1 as "
+                               "the batch, so the loss input's dim 0 need not count samples (it is logged on steps "
+                               "whose per-sample quantities read the batch along dim 1)", step=ctx.step)
         if dist is None:
             if samples:
                 record["samples"] = samples
