@@ -120,7 +120,7 @@ class Recorder:
         elif samples:
             record["samples_local"] = samples  # this process's shard only (no reduction counted the rest)
         if ctx.reasons:
-            record["reasons"] = ctx.reasons
+            record["reasons"] = {k: capped(v) for k, v in ctx.reasons.items()}
         if ctx.data:
             record["data"] = ctx.data
         if flags:
@@ -147,6 +147,20 @@ class Recorder:
                 sink.close()
             except Exception as err:
                 warnings.warn(f"cockpit-lite: closing {type(sink).__name__} failed: {err!r}", RuntimeWarning)
+
+
+#: characters of a logged reason: beyond, its middle is cut (a torch error quoted whole reached 6,000 characters,
+#: once per key and step: a checkpointed model's replay failure)
+MAX_REASON = 1500
+
+
+def capped(reason: Any) -> Any:
+    """``reason`` with its middle cut where it is longer than ``MAX_REASON`` characters: the start says what failed
+    and the end names the last cause (the parameters it also holds for)."""
+    if not isinstance(reason, str) or len(reason) <= MAX_REASON:
+        return reason
+    head, tail = MAX_REASON * 2 // 3, MAX_REASON // 4
+    return f"{reason[:head]} [… {len(reason) - head - tail} characters cut …] {reason[-tail:]}"
 
 
 def _nonfinite_reason(values: Dict[str, float], flags) -> str:
