@@ -83,7 +83,9 @@ class RepeatedSamples:
                 if leaf.requires_grad:
                     leaf.register_hook(functools.partial(_note_grad, fwd, i, reaches))
 
-    def on_loss(self, mb, loss_input) -> None:
+    def on_loss(self, mb, loss_input, others=()) -> None:
+        """``others``: the loss call's other arguments. An output tensor one of them was made from (GaussianNLLLoss's
+        variance returned by the model next to the mean) went through loss_fn: it is not an outside term."""
         fwd = self._forward
         if fwd is None:
             return
@@ -91,6 +93,9 @@ class RepeatedSamples:
         rows, leaf = None, _leaf_read(loss_input, outputs)
         if fwd.hooked and leaf is not None:
             fwd.upstream |= _computed_from(loss_input, fwd.nodes, leaf)
+            for arg in tree_leaves(others):
+                if isinstance(arg, torch.Tensor) and arg.grad_fn is not None:
+                    fwd.upstream |= _computed_from(arg, fwd.nodes, -1)
         if fwd.rows is not None and isinstance(loss_input, torch.Tensor) and 0 < loss_input.dim():
             if int(loss_input.shape[0]) <= fwd.rows and _reads_rows(loss_input, outputs):
                 rows = int(loss_input.shape[0])

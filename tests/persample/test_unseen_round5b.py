@@ -1,0 +1,271 @@
+"""Round-5 probe B (tests/unseen_round5b_models.py): losses, parametrizations and optimizer loops written the usual
+way. Every logged per-sample value (norm / inner / ortho tests, mean_gsnr, early_stopping, total and per parameter),
+grad_norm and the loss equal the float64 brute force within 1e-4 relative, or are NaN with a reason naming the module
+or the cause; curvature values are exact, honest estimates (4 s.e.) or NaN with a reason against dense float64
+Hessians; alpha, update_size and distance of AdamW loops against quantity_truth's brute force.
+
+Bugs found this way (fixed, each with its test below):
+* a square ``orthogonal`` (matrix_exp / cayley) or ``spectral_norm`` Linear with as many output features as the batch
+  has samples: every value of its ``original`` NaN ("the torch.func per-sample fallback failed for
+  ParametrizationList: StopIteration"): the parametrization's call, which has no input, voted as a layer with B rows
+  and went to the fallback; now it neither votes nor is read by the rules and the per-sample replay serves it
+  (``persample/view_setup._has_input``): exact;
+* GaussianNLLLoss with the variance returned by the model next to the mean (``mu, var = model(x);
+  crit(mu, y, var)``, or the raw head passed through softplus in the loop): every per-sample value NaN with a wrong
+  reason ("output tensor 1 ... was back-propagated without going through loss_fn"); an output the loss call's other
+  arguments were made from went through loss_fn (``engine/repeated_samples.on_loss``): exact (the layer rules, from
+  the step's own backward).
+"""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import cockpit_lite
+
+import unseen_round5b_models as M
+from test_real_models_unseen import QS, compare, run_case
+from unseen_models import reference
+
+import test_real_models_unseen
+
+
+def _cases():
+    return {**M.loss_cases(), **M.parametrization_cases(), **M.accumulation_cases()}
+
+
+# case -> a piece of every NaN's reason (None: every value exact)
+EXPECT = {
+    # PyTorch divides a weighted soft-target CE by B, a weighted class-index CE by the targets' weights: both exact
+    "ce_soft_targets_weight": None, "ce_soft_targets_smoothing": None, "ce_soft_targets_weight_smoothing": None,
+    "ce_weight_smoothing_classifier": None, "bce_weight_classes": None, "bce_weight_per_sample": None,
+    "bce_weight_and_pos_weight": None, "kl_log_target": None, "kl_mean_elementwise": None,
+    "kl_distill_temperature": None, "nll_weight": None, "gaussian_nll_given_var": None,
+    "gaussian_nll_full_shared_var": None, "gaussian_nll_one_output": None,
+    # was NaN ("output tensor 1 ... without going through loss_fn"): the variance is loss_fn's third argument
+    "gaussian_nll_predicted_var": None, "gaussian_nll_var_in_loop": None,
+    "seg_ce_ignore_index": None, "seg_ce_weight_ignore_index": None, "seg_ce_weight_ignore_smoothing": None,
+    # was NaN for the square ones ("fallback failed for ParametrizationList: StopIteration", out_features == B)
+    "param_matrix_exp": None, "param_cayley": None, "param_householder": None, "param_spectral_norm": None,
+    "tied_through_parametrization": None, "tied_transpose_parametrization": None,
+    # loss / 4 over micro-batches of 3, 3, 3, 1: the samples' own losses with equal weights (known limit)
+    "accumulate_4_unequal": None, "accumulate_4_unequal_weight": None, "accumulate_4_unequal_soft": None,
+}
+
+
+def _reference(name):
+    return M.spectral_reference if name == "param_spectral_norm" else reference
+
+
+def _grad_norm_wrong(u, before, rec, ref):
+    """grad_norm is ||.grad||: the reference weighted as the loop back-propagated (a factor on the loss, loss / 4
+    over unequal micro-batches)."""
+    _, G, names = ref(u, before, weights="backward") if ref is reference else ref(u, before)
+    means = [g.mean(0) for g in G]
+    vals, wrong = rec["values"], []
+    total = float(torch.sqrt(sum((g ** 2).sum() for g in means)))
+    if not math.isclose(float(vals["grad_norm"]), total, rel_tol=1e-4):
+        wrong.append(("grad_norm", vals["grad_norm"], total))
+    for n, g in zip(names, means):
+        if not math.isclose(float(vals[f"grad_norm/{n}"]), float(g.norm()), rel_tol=1e-4, abs_tol=1e-7):
+            wrong.append((f"grad_norm/{n}", vals[f"grad_norm/{n}"], float(g.norm())))
+    return wrong
+
+
+def test_every_case_has_an_expectation():
+    assert sorted(EXPECT) == sorted(_cases())
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides the total loss")  # KLDivLoss(reduction="mean")
+@pytest.mark.parametrize("name", sorted(EXPECT))
+def test_exact_or_nan_with_reason(tmp_path, name, monkeypatch):
+    u = _cases()[name]()
+    before, rec = run_case(u, tmp_path, {q: "every" for q in ["loss", "grad_norm", *QS]})
+    monkeypatch.setattr(test_real_models_unseen, "reference", _reference(name))
+    wrong, nan = compare(u, before, rec)
+    if name != "param_spectral_norm":  # (its reference copy runs the power iteration: per-sample values only)
+        wrong += _grad_norm_wrong(u, before, rec, _reference(name))
+    assert wrong == [], wrong
+    assert all(nan.values()), [k for k, r in nan.items() if not r]
+    if EXPECT[name] is None:
+        assert nan == {}, nan
+    else:
+        assert nan and all(EXPECT[name] in r for r in nan.values()), nan
+    assert rec.get("samples") == u.B
+
+
+def test_a_real_auxiliary_output_is_still_outside_loss_fn(tmp_path):
+    """The other side of the GaussianNLLLoss fix: the variance head's output back-propagated as a penalty of its own
+    (``crit(mu, y, var.detach()) + var.mean()``) is a term outside loss_fn: NaN with that reason, not exact."""
+    torch.manual_seed(0)
+    model, crit = M.TwoHeads(), nn.GaussianNLLLoss()
+    x, y = torch.randn(6, 5), torch.randn(6, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "run",
+                                quantities={q: "every" for q in ["loss", *QS]}):
+            opt.zero_grad()
+            mu, var = model(x)
+            (crit(mu, y, var.detach()) + var.mean()).backward()
+            opt.step()
+    (rec,) = [r for r in cockpit_lite.load(tmp_path / "run").records if not r.get("amends")]
+    assert math.isnan(float(rec["values"]["norm_test"]))
+    assert "without going through loss_fn" in rec["reasons"]["norm_test"]
+
+
+def test_spectral_norm_keeps_one_power_iteration_per_forward(tmp_path):
+    """spectral_norm updates its vector u in place on each training forward; the watch's per-sample replay and the
+    curvature's re-evaluations must not add iterations (they would change the weight the next step trains)."""
+    u = M.parametrization_cases()["param_spectral_norm"]()
+    plain = copy.deepcopy(u.model)
+    (x, y, _), = u.micro
+    plain(x)
+    run_case(u, tmp_path, {q: "every" for q in ["loss", *QS, "hess_trace", "hess_max_ev"]})
+    got = u.model.mid.parametrizations.weight[0]._u
+    assert torch.equal(got, plain.mid.parametrizations.weight[0]._u)
+
+
+# -- curvature ------------------------------------------------------------------------------------------------------
+def _curvature_cases():
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(61)
+    X = torch.randn(6, 5, generator=g)
+    Y = torch.randint(0, 3, (6,), generator=g)
+    soft = torch.softmax(2 * torch.randn(6, 3, generator=g), -1)
+    w = torch.tensor([0.3, 1.0, 2.5])
+    multi = (torch.rand(6, 4, generator=g) > 0.5).float()
+    bw = torch.tensor([0.2, 1.0, 3.0, 0.5])
+    seg_x = torch.randn(4, 2, 3, 3, generator=g)
+    seg_y = torch.randint(0, 3, (4, 3, 3), generator=g)
+    seg_y[torch.rand(4, 3, 3, generator=g) < 0.3] = 255
+    torch.manual_seed(7)
+    teacher = F.log_softmax(M.MLP()(X).detach() / 2, -1)
+    CE = nn.CrossEntropyLoss
+    # name: (model builder, loss_fn, float64 loss, x, y, options); tic only where a sample's loss alone is its l_i
+    # (a weighted mean's l_i is B w_y ce / sum w, not the sample's own weighted mean)
+    return {
+        "ce_weight": (M.MLP, CE(weight=w), CE(weight=w.double()), X, Y, {"tic": False}),
+        "ce_label_smoothing": (M.MLP, CE(label_smoothing=0.1), CE(label_smoothing=0.1), X, Y, {}),
+        "ce_soft_targets_weight": (M.MLP, CE(weight=w), CE(weight=w.double()), X, soft, {}),
+        "kl_log_target": (M.LogSoftmaxMLP, nn.KLDivLoss(reduction="batchmean", log_target=True),
+                          nn.KLDivLoss(reduction="batchmean", log_target=True), X, teacher, {"split": "none"}),
+        "bce_weight": (lambda: M.MLP(d_out=4), nn.BCEWithLogitsLoss(weight=bw),
+                       nn.BCEWithLogitsLoss(weight=bw.double()), X, multi, {}),
+        "nll_weight": (M.LogSoftmaxMLP, nn.NLLLoss(weight=w), nn.NLLLoss(weight=w.double()), X, Y,
+                       {"split": "none", "tic": False}),
+        "seg_ce_weight_ignore_index": (M.SegNet, CE(weight=w, ignore_index=255), CE(weight=w.double(), ignore_index=255),
+                                       seg_x, seg_y, {"tic": False}),
+        "param_matrix_exp": (lambda: M.ParamMLP("matrix_exp"), CE(), CE(), X, Y, {}),
+        "param_spectral_norm": (lambda: M.ParamMLP("spectral_norm"), CE(), CE(), X, Y, {}),
+        "tied_through_parametrization": (M.TiedParamLM, CE(), CE(), torch.randint(0, 7, (6, 3), generator=g),
+                                         torch.randint(0, 7, (6,), generator=g), {}),
+    }
+
+
+CURVATURE_SLOW = {"param_matrix_exp", "tied_through_parametrization"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in CURVATURE_SLOW else n
+                                  for n in sorted(_curvature_cases())])
+def test_curvature_against_dense_hessians(tmp_path, name):
+    """hess_trace / ggn_trace within 4 s.e. of the dense float64 traces (or NaN: a GGN split at a loss linear in its
+    input), hess_max_ev within its bound of the top eigenvalue, TIC as tests/unseen_curvature_models.check says.
+    spectral_norm: the dense reference in eval mode, at the vector u the step's forward left."""
+    import unseen_curvature_models as U
+
+    build, loss_fn, loss64, x, y, opts = _curvature_cases()[name]
+    model = U.seeded(build)
+    steps = [[(x, y)]]
+    tic = opts.get("tic", True)
+    run, thetas = U.train(model, loss_fn, steps, tmp_path / "r", U.quantities(tic))
+    ref = copy.deepcopy(model).eval() if name == "param_spectral_norm" else model
+    bad, paths = U.check(run, thetas, steps, ref, loss64, split=opts.get("split"), tic=tic)
+    assert bad == [], bad
+    assert paths["hess_trace"] == "estimate" and paths["hess_max_ev"] == "lanczos", paths
+    if opts.get("split") == "none":  # NLLLoss / KLDivLoss are linear in their input: the GGN there is 0
+        assert "linear in its input" in run.reasons("ggn_trace")[0]
+    else:
+        assert paths["ggn_trace"] == "estimate", paths
+
+
+# -- optimizer set-ups: alpha, update_size, distance against quantity_truth's brute force ---------------------------
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _steps(sizes, n):
+    g = torch.Generator().manual_seed(1)
+    return [[(torch.randn(b, 5, generator=g), torch.randint(0, 3, (b,), generator=g)) for b in sizes] for _ in range(n)]
+
+
+def _setup(name):
+    """(model, optimizer, steps, divide, hook(k) before step k, the watched parameters' names or None)."""
+    m = _net()
+    if name == "adamw_two_groups":  # different lr and weight decay per group
+        opt = torch.optim.AdamW([{"params": m[0].parameters(), "lr": 0.01, "weight_decay": 0.3},
+                                 {"params": [*m[2].parameters(), *m[4].parameters()], "lr": 0.05, "weight_decay": 0.0}])
+        return m, opt, _steps([6], 4), "sizes", None, None
+    if name.startswith("frozen_mid"):  # the middle layer frozen; in the optimizer (AdamW skips it) or filtered out
+        m[2].requires_grad_(False)
+        ps = m.parameters() if name == "frozen_mid_in_optimizer" else [p for p in m.parameters() if p.requires_grad]
+        watched = None if name == "frozen_mid_in_optimizer" else {n for n, _ in m.named_parameters() if n[0] != "2"}
+        return m, torch.optim.AdamW(ps, lr=0.02, weight_decay=0.1), _steps([6], 4), "sizes", None, watched
+    if name == "add_param_group_after_3":  # the first layer unfrozen and added at step 3 (not watched: warned)
+        m[0].requires_grad_(False)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.02)
+
+        def hook(k):
+            if k == 3:
+                m[0].requires_grad_(True)
+                opt.add_param_group({"params": list(m[0].parameters()), "lr": 0.005, "weight_decay": 0.0})
+        return m, opt, _steps([6], 6), "sizes", hook, {n for n, _ in m.named_parameters() if n[0] != "0"}
+    # gradient accumulation over micro-batches of 3, 3, 3, 1: loss / 4 (.grad weighs the last sample 3x) or weighed
+    # by the micro-batch sizes
+    return m, torch.optim.AdamW(m.parameters(), lr=0.02), _steps([3, 3, 3, 1], 3), name.split("_")[-1], None, None
+
+
+SETUPS = ["adamw_two_groups", "frozen_mid_in_optimizer", "frozen_mid_filtered", "add_param_group_after_3",
+          "accumulate_4_unequal_count", "accumulate_4_unequal_sizes"]
+
+
+@pytest.mark.parametrize("name", SETUPS)
+def test_optimizer_setups_against_brute_force(tmp_path, name):
+    """Every logged value (alpha, update_size, distance, param_norm, grad_norm, lr, the gradient tests, ...) within
+    1e-4 of quantity_truth's float64 brute force (alpha 1e-3 absolute) or NaN with a reason. The loss is the samples'
+    mean (the project's convention for any factor the loop puts on a micro-batch), grad_norm that of .grad."""
+    from quantity_truth import CE, all_mismatches, watched
+
+    m, opt, steps, divide, hook, names = _setup(name)
+    crit = nn.CrossEntropyLoss()
+
+    def loop(t):
+        for k, mbs in enumerate(steps):
+            if hook is not None:
+                hook(k)
+            t.begin(lambda m64, mbs=mbs: torch.cat([CE(m64(x.double()), y) for x, y in mbs]))
+            opt.zero_grad()
+            n = sum(len(x) for x, _ in mbs)
+            for x, y in mbs:
+                loss = crit(m(x), y)
+                (loss / len(mbs) if divide == "count" else loss * len(x) / n).backward()
+            t.note_loss(float(sum(CE(m(x), y).sum() for x, y in mbs)) / n)
+            t.note_grad()
+            opt.step()
+            t.stepped()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run, truth = watched(tmp_path, m, opt, loop, crit, observed=names)
+    assert all_mismatches(run, truth, m) == []
+    alpha = [float(r["values"]["alpha"]) for r in list(run)[:-1]]
+    if name == "add_param_group_after_3":  # the unwatched first layer moves from step 3 on
+        assert all(math.isfinite(a) for a in alpha[:3]) and all(math.isnan(a) for a in alpha[3:])
+    else:
+        assert all(math.isfinite(a) for a in alpha), alpha
