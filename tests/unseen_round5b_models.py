@@ -13,6 +13,7 @@ a parametrization and another reads raw."""
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable, Dict
 
 import torch
@@ -85,6 +86,65 @@ class ParamMLP(nn.Module):
             mid = nn.utils.parametrizations.spectral_norm(mid)
         self.mid = mid
         self.b = nn.Linear(mid.out_features, C)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.mid(torch.tanh(self.a(x)))))
+
+
+class LoRAParam(nn.Module):
+    """minLoRA-style: weight = original + B A, A and B the parametrization's own parameters."""
+
+    def __init__(self, out_f, in_f, r=2):
+        super().__init__()
+        self.A = nn.Parameter(0.3 * torch.randn(r, in_f))
+        self.B = nn.Parameter(0.3 * torch.randn(out_f, r))
+
+    def forward(self, w):
+        return w + self.B @ self.A
+
+
+class LoRAMLP(nn.Module):
+    """The first Linear's weight parametrized by LoRAParam (its original frozen or trained); 6 rows, as many as B."""
+
+    def __init__(self, freeze=True):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, C)
+        parametrize.register_parametrization(self.a, "weight", LoRAParam(6, 5))
+        self.a.parametrizations.weight.original.requires_grad_(not freeze)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+class CachedTwice(nn.Module):
+    """An orthogonal Linear applied twice under ``parametrize.cached()`` (its weight computed once per forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 6)
+        self.mid = nn.utils.parametrizations.orthogonal(nn.Linear(6, 6))
+        self.b = nn.Linear(6, C)
+
+    def forward(self, x):
+        with parametrize.cached():
+            h = torch.tanh(self.mid(torch.tanh(self.a(x))))
+            return self.b(torch.tanh(self.mid(h)))
+
+
+class HookNormMLP(nn.Module):
+    """The old hook-based ``torch.nn.utils.spectral_norm`` / ``weight_norm`` (or the parametrization's weight_norm, the
+    reference twin): ``weight`` recomputed from ``weight_orig`` (``weight_g``, ``weight_v``) before each call, u
+    updated in place in training mode."""
+
+    def __init__(self, kind="spectral_norm"):
+        super().__init__()
+        self.a = nn.Linear(5, 6)
+        wrap = {"spectral_norm": torch.nn.utils.spectral_norm, "weight_norm": torch.nn.utils.weight_norm,
+                "parametrized_weight_norm": nn.utils.parametrizations.weight_norm}[kind]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the hook-based ones are deprecated
+            self.mid = wrap(nn.Linear(6, 6))
+        self.b = nn.Linear(6, C)
 
     def forward(self, x):
         return self.b(torch.tanh(self.mid(torch.tanh(self.a(x)))))
@@ -229,6 +289,13 @@ def parametrization_cases(B: int = 6) -> Dict[str, Callable[[], Unseen]]:
     for kind in ("matrix_exp", "cayley", "householder", "spectral_norm"):
         add(f"param_{kind}", lambda kind=kind: Unseen(f"param_{kind}", ParamMLP(kind), nn.CrossEntropyLoss(),
                                                       [(x, labels(B), 1.0)]))
+    for freeze in (True, False):
+        add(f"lora_parametrization_{'frozen' if freeze else 'trained'}", lambda freeze=freeze: Unseen(
+            "lora_parametrization", LoRAMLP(freeze), nn.CrossEntropyLoss(), [(x, labels(B), 1.0)]))
+    add("orthogonal_cached_twice", lambda: Unseen("orthogonal_cached_twice", CachedTwice(), nn.CrossEntropyLoss(),
+                                                  [(x, labels(B), 1.0)]))
+    add("hook_spectral_norm", lambda: Unseen("hook_spectral_norm", HookNormMLP(), nn.CrossEntropyLoss(),
+                                             [(x, labels(B), 1.0)]))
     add("tied_through_parametrization", lambda: Unseen("tied_through_parametrization", TiedParamLM(),
                                                        nn.CrossEntropyLoss(), [(idx, labels(B, 7), 1.0)]))
     add("tied_transpose_parametrization", lambda: Unseen("tied_transpose_parametrization", TiedAutoencoder(),

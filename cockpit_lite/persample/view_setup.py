@@ -15,6 +15,7 @@ from ..loss_combine import step_normalised
 from .fallback import owned_parameters
 from .norm import BATCHNORM_REASON, batchnorm_mixes_samples
 from .row_order import reason as gathered_reason
+from .rules import rule_for
 from .samples import DenseSamples
 
 
@@ -130,6 +131,11 @@ def setup(self, captured) -> None:
                     self._replay.setdefault(j, gathered_reason(c.module_name, c.gathered))
                 elif c.ambiguous is not None:
                     self._replay.setdefault(j, c.ambiguous)
+                elif _not_the_rules(c, attr):
+                    self._replay.setdefault(j, (
+                        f"'{c.module_name}' ({type(c.module).__name__}) computes with a '{attr}' that its layer rule "
+                        "does not read (a hook-based reparametrization, torch.nn.utils.spectral_norm / weight_norm: "
+                        "the rule's per-sample gradients are those of the weight computed from it)"))
                 elif not _has_input(c):
                     self._replay.setdefault(j, (
                         f"its module ('{c.module_name}', {type(c.module).__name__}) is called without a tensor input "
@@ -242,6 +248,17 @@ def resolve_replays(self) -> None:
     except ReplayUnavailable as err:
         for j, why in wanted.items():
             self._reasons[self.names[j]] = f"{why}; a per-sample replay of the model was not possible: {err}"
+
+
+def _not_the_rules(call, attr: str) -> bool:
+    """Whether a stock layer's rule serves the call but not its parameter ``attr``: the rules of Linear, convolutions,
+    Embedding and the norms read ``weight`` and ``bias``; the old hook-based ``spectral_norm`` / ``weight_norm`` leave
+    ``weight`` a tensor computed before each call from ``weight_orig`` (``weight_g``, ``weight_v``), which the rule
+    does not serve (was: a KeyError in every per-sample quantity, its per-parameter values NaN without a reason)."""
+    if attr in ("weight", "bias"):
+        return False
+    rule = rule_for(call.module, call.inputs[0] if call.inputs else None)
+    return rule is not None and rule.name != "attention"
 
 
 def _has_input(call) -> bool:

@@ -14,7 +14,12 @@ Bugs found this way (fixed, each with its test below):
   crit(mu, y, var)``, or the raw head passed through softplus in the loop): every per-sample value NaN with a wrong
   reason ("output tensor 1 ... was back-propagated without going through loss_fn"); an output the loss call's other
   arguments were made from went through loss_fn (``engine/repeated_samples.on_loss``): exact (the layer rules, from
-  the step's own backward).
+  the step's own backward);
+* the old hook-based ``torch.nn.utils.spectral_norm``: its ``weight_orig`` was a KeyError in every per-sample quantity
+  (the Linear rule serves ``weight``, a tensor computed from it), all totals NaN with "KeyError" as the reason and
+  the per-parameter values NaN without one; a parameter a stock layer's rule does not read now goes to the per-sample
+  replay (``view_setup._not_the_rules``; the old weight_norm's weight_g / weight_v are replayed exactly, spectral_norm's
+  in-place power iteration is not replayable: NaN with the reason), the other parameters exact.
 """
 
 import copy
@@ -29,7 +34,7 @@ import cockpit_lite
 
 import unseen_round5b_models as M
 from test_real_models_unseen import QS, compare, run_case
-from unseen_models import reference
+from unseen_models import Unseen, reference
 
 import test_real_models_unseen
 
@@ -52,13 +57,17 @@ EXPECT = {
     # was NaN for the square ones ("fallback failed for ParametrizationList: StopIteration", out_features == B)
     "param_matrix_exp": None, "param_cayley": None, "param_householder": None, "param_spectral_norm": None,
     "tied_through_parametrization": None, "tied_transpose_parametrization": None,
+    "lora_parametrization_frozen": None, "lora_parametrization_trained": None, "orthogonal_cached_twice": None,
+    # the old hook-based spectral_norm: weight_orig was a KeyError in every per-sample quantity (its per-parameter
+    # values NaN without a reason); now sent to the replay, which cannot replay its in-place power iteration
+    "hook_spectral_norm": "hook-based reparametrization",
     # loss / 4 over micro-batches of 3, 3, 3, 1: the samples' own losses with equal weights (known limit)
     "accumulate_4_unequal": None, "accumulate_4_unequal_weight": None, "accumulate_4_unequal_soft": None,
 }
 
 
 def _reference(name):
-    return M.spectral_reference if name == "param_spectral_norm" else reference
+    return M.spectral_reference if "spectral_norm" in name else reference
 
 
 def _grad_norm_wrong(u, before, rec, ref):
@@ -87,7 +96,7 @@ def test_exact_or_nan_with_reason(tmp_path, name, monkeypatch):
     before, rec = run_case(u, tmp_path, {q: "every" for q in ["loss", "grad_norm", *QS]})
     monkeypatch.setattr(test_real_models_unseen, "reference", _reference(name))
     wrong, nan = compare(u, before, rec)
-    if name != "param_spectral_norm":  # (its reference copy runs the power iteration: per-sample values only)
+    if "spectral_norm" not in name:  # (its reference copy runs the power iteration: per-sample values only)
         wrong += _grad_norm_wrong(u, before, rec, _reference(name))
     assert wrong == [], wrong
     assert all(nan.values()), [k for k, r in nan.items() if not r]
@@ -116,6 +125,42 @@ def test_a_real_auxiliary_output_is_still_outside_loss_fn(tmp_path):
     (rec,) = [r for r in cockpit_lite.load(tmp_path / "run").records if not r.get("amends")]
     assert math.isnan(float(rec["values"]["norm_test"]))
     assert "without going through loss_fn" in rec["reasons"]["norm_test"]
+
+
+def test_hook_weight_norm_replayed_exactly(tmp_path, monkeypatch):
+    """The old hook-based ``torch.nn.utils.weight_norm`` (weight_g, weight_v; its module cannot be deep-copied, so
+    the reference is a twin with ``parametrizations.weight_norm`` holding the same g and v): every value exact, the
+    two parameters from the per-sample replay."""
+    torch.manual_seed(0)
+    model, twin = M.HookNormMLP("weight_norm"), M.HookNormMLP("parametrized_weight_norm")
+    with torch.no_grad():
+        twin.a.load_state_dict(model.a.state_dict())
+        twin.b.load_state_dict(model.b.state_dict())
+        twin.mid.bias.copy_(model.mid.bias)
+        twin.mid.parametrizations.weight.original0.copy_(model.mid.weight_g)
+        twin.mid.parametrizations.weight.original1.copy_(model.mid.weight_v)
+    g = torch.Generator().manual_seed(71)
+    x, y = torch.randn(6, 5, generator=g), torch.randint(0, M.C, (6,), generator=g)
+    crit = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "run",
+                                quantities={q: "every" for q in ["loss", *QS]}):
+            opt.zero_grad()
+            crit(model(x), y).backward()
+            opt.step()
+    (rec,) = [r for r in cockpit_lite.load(tmp_path / "run").records if not r.get("amends")]
+    renamed = {"mid.parametrizations.weight.original0": "mid.weight_g", "mid.parametrizations.weight.original1": "mid.weight_v"}
+
+    def ref(u, m):
+        loss, G, names = reference(u, m)
+        return loss, G, [renamed.get(n, n) for n in names]
+
+    monkeypatch.setattr(test_real_models_unseen, "reference", ref)
+    wrong, nan = compare(Unseen("hook_weight_norm", twin, crit, [(x, y, 1.0)]), twin, rec)
+    assert wrong == [] and nan == {}, (wrong, nan)
+    assert "norm_test/mid.weight_g" in rec["values"]
 
 
 def test_spectral_norm_keeps_one_power_iteration_per_forward(tmp_path):
@@ -226,13 +271,25 @@ def _setup(name):
                 m[0].requires_grad_(True)
                 opt.add_param_group({"params": list(m[0].parameters()), "lr": 0.005, "weight_decay": 0.0})
         return m, opt, _steps([6], 6), "sizes", hook, {n for n, _ in m.named_parameters() if n[0] != "0"}
+    if name == "adamw_class_weights":
+        return m, torch.optim.AdamW(m.parameters(), lr=0.02), _steps([6], 4), "sizes", None, None
     # gradient accumulation over micro-batches of 3, 3, 3, 1: loss / 4 (.grad weighs the last sample 3x) or weighed
     # by the micro-batch sizes
     return m, torch.optim.AdamW(m.parameters(), lr=0.02), _steps([3, 3, 3, 1], 3), name.split("_")[-1], None, None
 
 
 SETUPS = ["adamw_two_groups", "frozen_mid_in_optimizer", "frozen_mid_filtered", "add_param_group_after_3",
-          "accumulate_4_unequal_count", "accumulate_4_unequal_sizes"]
+          "accumulate_4_unequal_count", "accumulate_4_unequal_sizes", "adamw_class_weights",
+          "accumulate_4_class_weights_count"]
+W = torch.tensor([0.3, 1.0, 2.5])
+
+
+def _per_sample_losses(crit, x, y, m64):
+    """l_i of one micro-batch: its share of the mean times b (a weighted mean's l_i is b w_y ce / sum w)."""
+    if crit.weight is None:
+        return nn.functional.cross_entropy(m64(x.double()), y, reduction="none")
+    w = crit.weight.double()
+    return len(x) * nn.functional.cross_entropy(m64(x.double()), y, weight=w, reduction="none") / w[y].sum()
 
 
 @pytest.mark.parametrize("name", SETUPS)
@@ -240,22 +297,22 @@ def test_optimizer_setups_against_brute_force(tmp_path, name):
     """Every logged value (alpha, update_size, distance, param_norm, grad_norm, lr, the gradient tests, ...) within
     1e-4 of quantity_truth's float64 brute force (alpha 1e-3 absolute) or NaN with a reason. The loss is the samples'
     mean (the project's convention for any factor the loop puts on a micro-batch), grad_norm that of .grad."""
-    from quantity_truth import CE, all_mismatches, watched
+    from quantity_truth import all_mismatches, watched
 
     m, opt, steps, divide, hook, names = _setup(name)
-    crit = nn.CrossEntropyLoss()
+    crit = nn.CrossEntropyLoss(weight=W if "class_weights" in name else None)
 
     def loop(t):
         for k, mbs in enumerate(steps):
             if hook is not None:
                 hook(k)
-            t.begin(lambda m64, mbs=mbs: torch.cat([CE(m64(x.double()), y) for x, y in mbs]))
+            t.begin(lambda m64, mbs=mbs: torch.cat([_per_sample_losses(crit, x, y, m64) for x, y in mbs]))
             opt.zero_grad()
             n = sum(len(x) for x, _ in mbs)
             for x, y in mbs:
                 loss = crit(m(x), y)
                 (loss / len(mbs) if divide == "count" else loss * len(x) / n).backward()
-            t.note_loss(float(sum(CE(m(x), y).sum() for x, y in mbs)) / n)
+            t.note_loss(float(sum(len(x) * crit(m(x), y) for x, y in mbs)) / n)
             t.note_grad()
             opt.step()
             t.stepped()
