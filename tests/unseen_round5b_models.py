@@ -64,10 +64,10 @@ class RawTwoHeads(TwoHeads):
 class SegNet(nn.Module):
     """Per-pixel classifier: [B, 2, H, W] -> [B, C, H, W] logits."""
 
-    def __init__(self):
+    def __init__(self, classes=C):
         super().__init__()
         self.c1 = nn.Conv2d(2, 4, 3, padding=1)
-        self.c2 = nn.Conv2d(4, C, 1)
+        self.c2 = nn.Conv2d(4, classes, 1)
 
     def forward(self, x):
         return self.c2(torch.tanh(self.c1(x)))
@@ -278,6 +278,58 @@ def loss_cases(B: int = 6) -> Dict[str, Callable[[], Unseen]]:
     add("seg_ce_weight_ignore_smoothing", lambda: Unseen(
         "seg_ce_weight_ignore_smoothing", SegNet(), ce(weight=w, ignore_index=255, label_smoothing=0.1),
         [(seg_x, seg_y, 1.0)]))
+    return out
+
+
+class SeqLM(nn.Module):
+    """[B, T] tokens -> [B, T, V] log-probabilities (a student for KL distillation on unflattened outputs)."""
+
+    def __init__(self, V=7, D=4):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(V, D), nn.Linear(D, V)
+
+    def forward(self, idx):
+        return F.log_softmax(self.head(torch.tanh(self.emb(idx))), -1)
+
+
+def more_loss_cases(B: int = 6) -> Dict[str, Callable[[], Unseen]]:
+    """Shapes and broadcasts: KLDivLoss(batchmean) on [B, T, V] (divides by B, not B * T), MSELoss of a [B, 1] output
+    against a [B] target (broadcast to [B, B]: every output meets every target), GaussianNLLLoss with one variance per
+    sample for a [B, 2] mean, BCEWithLogitsLoss(pos_weight) on [B, 1, H, W] masks, CE with probability targets on
+    [B, C, H, W], a sample whose pixels are all ignored, MultiLabelSoftMarginLoss(weight), PoissonNLLLoss."""
+    out, add = seeded_cases()
+    g = torch.Generator().manual_seed(54)
+    x = torch.randn(B, 5, generator=g)
+    idx = torch.randint(0, 7, (B, 4), generator=g)
+    teacher = torch.softmax(torch.randn(B, 4, 7, generator=g), -1)
+    yreg = torch.randn(B, 2, generator=g)
+    var_b = 0.5 + torch.rand(B, generator=g)
+    seg_x = torch.randn(B, 2, 3, 4, generator=g)
+    masks = (torch.rand(B, 1, 3, 4, generator=g) > 0.6).float()
+    soft_seg = torch.softmax(torch.randn(B, C, 3, 4, generator=g), 1)
+    seg_y = torch.randint(0, C, (B, 3, 4), generator=g)
+    seg_y[2] = 255  # every pixel of sample 2 ignored
+    multi = (torch.rand(B, 4, generator=g) > 0.5).float()
+    counts = torch.poisson(2 * torch.rand(B, 3, generator=g))
+
+    add("kl_batchmean_3d", lambda: Unseen("kl_batchmean_3d", SeqLM(), nn.KLDivLoss(reduction="batchmean"),
+                                          [(idx, teacher, 1.0)], lambda o, y: (o, y.to(o.dtype))))
+    add("mse_broadcast_b1_b", lambda: Unseen("mse_broadcast_b1_b", MLP(d_out=1), nn.MSELoss(), [(x, yreg[:, 0], 1.0)],
+                                             lambda o, y: (o, y.to(o.dtype))))
+    add("gaussian_nll_var_per_sample", lambda: Unseen(
+        "gaussian_nll_var_per_sample", MLP(d_out=2), nn.GaussianNLLLoss(), [(x, (yreg, var_b), 1.0)],
+        lambda o, y: (o, y[0].to(o.dtype), y[1].to(o.dtype))))
+    add("seg_bce_pos_weight", lambda: Unseen("seg_bce_pos_weight", SegNet(1), nn.BCEWithLogitsLoss(
+        pos_weight=torch.tensor([3.0]).view(1, 1, 1)), [(seg_x, masks, 1.0)]))
+    add("seg_ce_soft_targets", lambda: Unseen("seg_ce_soft_targets", SegNet(), nn.CrossEntropyLoss(label_smoothing=0.1),
+                                              [(seg_x, soft_seg, 1.0)]))
+    add("seg_ce_sample_all_ignored", lambda: Unseen("seg_ce_sample_all_ignored", SegNet(),
+                                                    nn.CrossEntropyLoss(weight=torch.tensor([0.3, 1.0, 2.5]),
+                                                                        ignore_index=255), [(seg_x, seg_y, 1.0)]))
+    add("multilabel_soft_margin_weight", lambda: Unseen(
+        "multilabel_soft_margin_weight", MLP(d_out=4),
+        nn.MultiLabelSoftMarginLoss(weight=torch.tensor([0.2, 1.0, 3.0, 0.5])), [(x, multi, 1.0)]))
+    add("poisson_nll", lambda: Unseen("poisson_nll", MLP(), nn.PoissonNLLLoss(), [(x, counts, 1.0)]))
     return out
 
 
