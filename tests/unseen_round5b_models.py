@@ -197,6 +197,13 @@ class TiedAutoencoder(nn.Module):
         return self.dec(torch.tanh(self.enc(x)))
 
 
+def sequential_spectral_norm(hook=False):
+    """nn.Sequential with a spectral-normalised middle Linear (a GAN discriminator's form)."""
+    wrap = torch.nn.utils.spectral_norm if hook else nn.utils.parametrizations.spectral_norm
+    mid = wrap(nn.Linear(6, 6))
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), mid, nn.Tanh(), nn.Linear(6, C))
+
+
 def spectral_reference(u: Unseen, model: nn.Module):
     """spectral_norm in training mode runs one power iteration per forward and divides by the sigma of the updated
     vectors: the reference is taken in eval mode from a copy that ran the step's one training forward."""
