@@ -204,6 +204,21 @@ def sequential_spectral_norm(hook=False):
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), mid, nn.Tanh(), nn.Linear(6, C))
 
 
+class EMACenter(nn.Module):
+    """Centres by a running mean that the training forward updates (with the detached batch mean) before using it."""
+
+    def __init__(self, d, momentum=0.5):
+        super().__init__()
+        self.m = momentum
+        self.register_buffer("mean", torch.zeros(d))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.mean.mul_(1 - self.m).add_(self.m * x.mean(0))
+        return x - self.mean
+
+
 def spectral_reference(u: Unseen, model: nn.Module):
     """spectral_norm in training mode runs one power iteration per forward and divides by the sigma of the updated
     vectors: the reference is taken in eval mode from a copy that ran the step's one training forward."""
