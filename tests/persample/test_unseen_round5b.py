@@ -424,3 +424,63 @@ def test_curvature_of_a_forward_that_updates_a_buffer_before_reading_it(tmp_path
     for key, M_ in (("hess_trace", H), ("ggn_trace", G)):
         got, se = U._at(run, key, 0), U._at(run, f"{key}/stderr", 0)
         assert se > 0 and abs(got - float(torch.trace(M_))) <= 4 * se, (key, got, float(torch.trace(M_)), se)
+
+
+def _loss_setup(name):
+    """(model, loss_fn, steps [[(x, y)]], l_i(model64, x, y) of one micro-batch) for alpha through each loss's l_i."""
+    F = nn.functional
+    g = torch.Generator().manual_seed(5)
+    if name == "soft_targets_smoothing":
+        steps = [[(torch.randn(6, 5, generator=g), torch.softmax(2 * torch.randn(6, 3, generator=g), -1))]
+                 for _ in range(4)]
+        return _net(), nn.CrossEntropyLoss(label_smoothing=0.1), steps, lambda m, x, y: F.cross_entropy(
+            m(x.double()), y.double(), label_smoothing=0.1, reduction="none")
+    if name == "kl_log_target":
+        torch.manual_seed(0)
+        student = nn.Sequential(_net(), nn.LogSoftmax(-1))
+        steps = [[(torch.randn(6, 5, generator=g), F.log_softmax(torch.randn(6, 3, generator=g), -1))] for _ in range(4)]
+        return student, nn.KLDivLoss(reduction="batchmean", log_target=True), steps, lambda m, x, y: F.kl_div(
+            m(x.double()), y.double(), reduction="none", log_target=True).sum(1)
+    # segmentation: CE(weight, ignore_index) over pixels, micro-batches of 3 and 1 weighed by their sizes
+    torch.manual_seed(0)
+    w = torch.tensor([0.3, 1.0, 2.5])
+
+    def seg_batch(b):
+        y = torch.randint(0, 3, (b, 3, 4), generator=g)
+        y[torch.rand(b, 3, 4, generator=g) < 0.3] = 255
+        return torch.randn(b, 2, 3, 4, generator=g), y
+
+    def per_sample(m, x, y):
+        el = F.cross_entropy(m(x.double()), y, weight=w.double(), ignore_index=255, reduction="none")
+        norm = torch.where(y == 255, torch.zeros_like(el), w.double()[y.clamp(max=2)]).sum()
+        return len(x) * el.flatten(1).sum(1) / norm
+    return M.SegNet(), nn.CrossEntropyLoss(weight=w, ignore_index=255), [[seg_batch(3), seg_batch(1)] for _ in range(4)], \
+        per_sample
+
+
+@pytest.mark.parametrize("name", ["soft_targets_smoothing", "kl_log_target", "segmentation_weight_ignore"])
+def test_alpha_through_the_losses_per_sample_terms(tmp_path, name):
+    """alpha's variances are those of the per-sample losses l_i (a weighted pixel mean's l_i: b * the sample's
+    weighted sum / the micro-batch's weight sum): AdamW, every logged value against quantity_truth's brute force."""
+    from quantity_truth import all_mismatches, watched
+
+    m, crit, steps, per_sample = _loss_setup(name)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.02)
+
+    def loop(t):
+        for mbs in steps:
+            t.begin(lambda m64, mbs=mbs: torch.cat([per_sample(m64, x, y) for x, y in mbs]))
+            opt.zero_grad()
+            n = sum(len(x) for x, _ in mbs)
+            for x, y in mbs:
+                (crit(m(x), y) * len(x) / n).backward()
+            t.note_loss(float(sum(len(x) * crit(m(x), y) for x, y in mbs)) / n)
+            t.note_grad()
+            opt.step()
+            t.stepped()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run, truth = watched(tmp_path, m, opt, loop, crit)
+    assert all_mismatches(run, truth, m) == []
+    assert all(math.isfinite(float(r["values"]["alpha"])) for r in list(run)[:-1])
