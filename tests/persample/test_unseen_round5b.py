@@ -484,3 +484,39 @@ def test_alpha_through_the_losses_per_sample_terms(tmp_path, name):
         run, truth = watched(tmp_path, m, opt, loop, crit)
     assert all_mismatches(run, truth, m) == []
     assert all(math.isfinite(float(r["values"]["alpha"])) for r in list(run)[:-1])
+
+
+def test_spectral_norm_with_accumulation(tmp_path):
+    """Two micro-batches (4 and 2 samples) through a spectral-normalised layer: each forward advances u, so the
+    micro-batches' functions differ; the per-sample values and the curvature re-evaluate each micro-batch from the u its
+    forward found (forward_buffers.py). References per micro-batch in eval mode at that u; every per-sample value
+    exact, hess_max_ev within its bound of the dense top eigenvalue, hess_trace within 4 s.e."""
+    import reference as R
+    import unseen_curvature_models as U
+
+    g = torch.Generator().manual_seed(66)
+    xs = [torch.randn(b, 5, generator=g) for b in (4, 2)]
+    ys = [torch.randint(0, 3, (b,), generator=g) for b in (4, 2)]
+    torch.manual_seed(0)
+    model = M.ParamMLP("spectral_norm")
+    u = Unseen("spectral_norm_accumulation", model, nn.CrossEntropyLoss(), [(x, y, len(x) / 6) for x, y in zip(xs, ys)])
+    refs, m = [], copy.deepcopy(model)
+    for x in xs:
+        with torch.no_grad():
+            m(x)
+        refs.append(copy.deepcopy(m).eval())
+    before, rec = run_case(u, tmp_path, {q: "every" for q in ["loss", *QS, "hess_trace", "hess_max_ev"]})
+    parts = [reference(Unseen("k", r, nn.CrossEntropyLoss(), [(x, y, 1.0)]), r) for r, x, y in zip(refs, xs, ys)]
+    names = parts[0][2]
+    G = [torch.cat([p[1][j] for p in parts]) for j in range(len(names))]
+    for q, f in QS.items():
+        for key, GG in [(q, G)] + [(f"{q}/{n}", [g_]) for n, g_ in zip(names, G)]:
+            tol = 1e-4 if q == "early_stopping" else 1e-7
+            assert math.isclose(float(rec["values"][key]), f(R.flat(GG)), rel_tol=1e-4, abs_tol=tol), key
+    theta = {n: p.detach() for n, p in before.named_parameters()}
+    H = sum(U.dense(r, nn.CrossEntropyLoss(), [(x, y)], theta, "none")[0] * len(x) / 6 for r, x, y in zip(refs, xs, ys))
+    top = float(torch.linalg.eigvalsh(H)[-1])
+    ev, bound = float(rec["values"]["hess_max_ev"]), rec["data"]["hess_max_ev"]["error_bound"]
+    assert abs(ev - top) <= bound + 1e-6 * abs(top), (ev, top, bound)
+    tr, se = float(rec["values"]["hess_trace"]), float(rec["values"]["hess_trace/stderr"])
+    assert se > 0 and abs(tr - float(torch.trace(H))) <= 4 * se, (tr, float(torch.trace(H)), se)
