@@ -146,7 +146,7 @@ class StepDetection:
             loss=output.detach().mean(),
             batch_size=int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else None,
         )
-        self._repeats.on_loss(mb, first, args[1:])  # a second head's loss on the same samples (repeated_samples.py)
+        self._repeats.on_loss(mb, first, args[1:], output)  # a second head's loss on the same samples (repeated_samples.py)
         if isinstance(module, ModelLoss):  # a loss divided by the step's count is a part of the step's loss
             mb.combine = module.combine
         # a view of the model output: its rows are the samples (B, not B*T); without a kept output (a loss

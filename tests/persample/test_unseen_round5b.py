@@ -13,8 +13,9 @@ Bugs found this way (fixed, each with its test below):
 * GaussianNLLLoss with the variance returned by the model next to the mean (``mu, var = model(x);
   crit(mu, y, var)``, or the raw head passed through softplus in the loop): every per-sample value NaN with a wrong
   reason ("output tensor 1 ... was back-propagated without going through loss_fn"); an output the loss call's other
-  arguments were made from went through loss_fn (``engine/repeated_samples.on_loss``): exact (the layer rules, from
-  the step's own backward);
+  arguments were made from, whose gradient in backward is loss_fn's alone (d loss / d output times the backward
+  scale, ``engine/repeated_samples._explained``), is not an outside term: exact (the layer rules, from the step's own
+  backward); a penalty on that output as well stays NaN with the reason;
 * the old hook-based ``torch.nn.utils.spectral_norm``: its ``weight_orig`` was a KeyError in every per-sample quantity
   (the Linear rule serves ``weight``, a tensor computed from it), all totals NaN with "KeyError" as the reason and
   the per-parameter values NaN without one; a parameter a stock layer's rule does not read now goes to the per-sample
@@ -116,9 +117,11 @@ def test_exact_or_nan_with_reason(tmp_path, name, monkeypatch):
     assert rec.get("samples") == u.B
 
 
-def test_a_real_auxiliary_output_is_still_outside_loss_fn(tmp_path):
+@pytest.mark.parametrize("var_in_loss", ["detached", "also_in_loss"])
+def test_a_real_auxiliary_output_is_still_outside_loss_fn(tmp_path, var_in_loss):
     """The other side of the GaussianNLLLoss fix: the variance head's output back-propagated as a penalty of its own
-    (``crit(mu, y, var.detach()) + var.mean()``) is a term outside loss_fn: NaN with that reason, not exact."""
+    (``crit(mu, y, var.detach()) + var.mean()``, or ``crit(mu, y, var) + var.mean()``: the gradient that reached var
+    is not loss_fn's alone) is a term outside loss_fn: NaN with that reason, not finite values of another objective."""
     torch.manual_seed(0)
     model, crit = M.TwoHeads(), nn.GaussianNLLLoss()
     x, y = torch.randn(6, 5), torch.randn(6, 2)
@@ -129,7 +132,7 @@ def test_a_real_auxiliary_output_is_still_outside_loss_fn(tmp_path):
                                 quantities={q: "every" for q in ["loss", *QS]}):
             opt.zero_grad()
             mu, var = model(x)
-            (crit(mu, y, var.detach()) + var.mean()).backward()
+            (crit(mu, y, var.detach() if var_in_loss == "detached" else var) + var.mean()).backward()
             opt.step()
     (rec,) = [r for r in cockpit_lite.load(tmp_path / "run").records if not r.get("amends")]
     assert math.isnan(float(rec["values"]["norm_test"]))
