@@ -65,6 +65,8 @@ class ModelCall:
     kwargs: dict
     rng_state: Any  # (cpu_state, cuda_states or None): restore it to replay dropout exactly
     autocast: Any = None  # (device type, dtype) of an enclosing torch.autocast, else None
+    # {id(buffer): its value before this forward} for the buffers the forward changed in place (forward_buffers.py)
+    buffers: Any = None
 
 
 @dataclass

@@ -9,7 +9,8 @@ of the whole step (all micro-batches, combined as the loss reduction implies) wi
 * dropout is replayed exactly by restoring each forward's RNG state; the RNG state found on entry
   is restored on exit, so training continues bitwise as without the cockpit;
 * buffers (BatchNorm running statistics) are passed as clones, so the re-evaluation leaves them
-  untouched; the model runs in its current (training) mode, i.e. with batch statistics, as trained;
+  untouched, each as the step's forward found it (``forward_buffers.py``: spectral_norm's power-iteration vectors
+  are not advanced twice); the model runs in its current (training) mode, i.e. with batch statistics, as trained;
 * scaled-dot-product attention runs on its math kernel (the fused ones cannot be differentiated twice);
 * the model is called through its ``forward`` inside a wrapper and the loss through ``loss_fn.forward``,
   so the cockpit's own forward hooks on the model and the loss do not fire again; a model that calls
@@ -27,6 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..persample.output_view import ViewUnavailable, first_tensor, head_target, replay as replay_view
+from ..forward_buffers import start_values
 from ..replay import replaying
 from ..rng import preserved_rng, set_rng_state
 from ..loss_combine import micro_batch_weights, step_normalised
@@ -87,6 +89,7 @@ class Call:
     batch_size: Optional[int]
     view: Any = None  # the loss input as a view of the model output (persample/output_view.py)
     batch: Optional[tuple] = None  # (b, m): a sub-batch of the first m of b samples
+    buffers: Optional[dict] = None  # {id(buffer): value before the forward} where it changed it (forward_buffers.py)
 
 
 def twice_differentiable_attention():
@@ -135,15 +138,16 @@ class BatchLoss:
         sizes = [c.batch_size for c in self.calls]
         return sum(sizes) if all(s is not None for s in sizes) else None
 
-    def _state(self, params: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def _state(self, params: Sequence[torch.Tensor], before: Optional[dict] = None) -> Dict[str, torch.Tensor]:
         """Every (module, attribute) slot of each parameter and buffer, for ``functional_call(tie_weights=False)``:
         with the default ``tie_weights=True``, torch 2.14 leaves a submodule registered twice (``nn.Sequential(l,
         act, l)``) holding the temporary tensor afterwards instead of its parameter, so the user's model no longer
         trains that layer. Listing the slots ourselves keeps tied parameters (``c.weight = a.weight``) tied."""
         state = {}
-        for b in {id(b): b for b in self.buffers.values()}.values():
+        # each buffer as the step's forward found it (``before``: spectral_norm's u, v before its power iteration)
+        for key, b in start_values({id(b): b for b in self.buffers.values()}.values(), before or {}).items():
             clone = b.clone() if self.dtype is None else cast(b, self.dtype).clone()  # running stats stay untouched
-            for k in self._buffer_keys.get(id(b), ()):
+            for k in self._buffer_keys.get(key, ()):
                 state[k] = clone
         for keys, p in zip(self._param_keys, params):
             for k in keys:
@@ -159,7 +163,7 @@ class BatchLoss:
         if self.dtype is not None:
             args, target = tuple(cast(a, self.dtype) for a in args), tuple(cast(t, self.dtype) for t in target)
             kwargs = {k: cast(v, self.dtype) for k, v in kwargs.items()}
-        return functional_call(self.wrapper, self._state(params), (args, kwargs, target, c.view, c.batch),
+        return functional_call(self.wrapper, self._state(params, c.buffers), (args, kwargs, target, c.view, c.batch),
                                tie_weights=False)
 
     def outputs_and_losses(self, params: Sequence[torch.Tensor]):
@@ -222,7 +226,7 @@ def rebuild(step, subbatch: Optional[int] = None) -> BatchLoss:
             args, kwargs = _head(args, s, subbatch), {k: _head1(v, s, subbatch) for k, v in kwargs.items()}
             target = tuple(head_target(view, t, s, subbatch) for t in target)
             s, batch = subbatch, (s, subbatch)
-        calls.append(Call(args, kwargs, target, mc.rng_state, w, s, view, batch))
+        calls.append(Call(args, kwargs, target, mc.rng_state, w, s, view, batch, getattr(mc, "buffers", None)))
     if subbatch is not None and reduction == "mean" and not step_normalised(mbs):
         tot = sum(c.batch_size for c in calls if c.batch_size)
         if tot:

@@ -47,6 +47,10 @@ class _Forward:
         self.upstream: set = set()  # positions of its output tensors that a tensor loss_fn read was computed from
         self.hooked = False  # grad_leaves is being noted (a tracked step, several output tensors)
         self.nodes: List[Optional[int]] = []  # id of each output tensor's autograd node, where hooked
+        # outputs a loss call's other arguments were made from (GaussianNLLLoss's variance): {position: [(micro-batch,
+        # d loss / d output)]}, and the gradient that reached them in backward, to tell whether only loss_fn did
+        self.via_args: dict = {}
+        self.grads: dict = {}
 
     def same_input(self, other: "_Forward") -> bool:
         mine, theirs = self.input() if self.input else None, other.input() if other.input else None
@@ -83,7 +87,10 @@ class RepeatedSamples:
                 if leaf.requires_grad:
                     leaf.register_hook(functools.partial(_note_grad, fwd, i, reaches))
 
-    def on_loss(self, mb, loss_input) -> None:
+    def on_loss(self, mb, loss_input, others=(), loss=None) -> None:
+        """``others``: the loss call's other arguments, ``loss`` its result. An output tensor one of them was made from
+        (GaussianNLLLoss's variance returned by the model next to the mean) goes through loss_fn; whether nothing else
+        reached it is checked at the step's end against d loss / d output (``_explained``)."""
         fwd = self._forward
         if fwd is None:
             return
@@ -91,6 +98,13 @@ class RepeatedSamples:
         rows, leaf = None, _leaf_read(loss_input, outputs)
         if fwd.hooked and leaf is not None:
             fwd.upstream |= _computed_from(loss_input, fwd.nodes, leaf)
+            made_from = set()
+            for arg in tree_leaves(others):
+                if isinstance(arg, torch.Tensor) and arg.grad_fn is not None:
+                    made_from |= _computed_from(arg, fwd.nodes, leaf)
+            made_from -= fwd.upstream
+            if made_from and isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                _note_via_args(fwd, mb, loss, outputs, made_from)
         if fwd.rows is not None and isinstance(loss_input, torch.Tensor) and 0 < loss_input.dim():
             if int(loss_input.shape[0]) <= fwd.rows and _reads_rows(loss_input, outputs):
                 rows = int(loss_input.shape[0])
@@ -131,7 +145,7 @@ class RepeatedSamples:
                     read.setdefault(id(fwd), set()).add(leaf)
         for key, (fwd, mbs) in calls.items():
             # (a returned hidden state the logits were computed from gets its gradient through them)
-            other = sorted(fwd.grad_leaves - read.get(key, set()) - fwd.upstream)
+            other = sorted(fwd.grad_leaves - read.get(key, set()) - fwd.upstream - _explained(fwd))
             if read.get(key) and other:
                 why = (f"output tensor {other[0]} of the model's forward (of {len(fwd.outputs)}) was back-propagated "
                        "without going through loss_fn (a second loss module, or an auxiliary loss the model returns): "
@@ -143,6 +157,37 @@ class RepeatedSamples:
 def _note_grad(fwd: _Forward, i: int, reaches, grad) -> None:
     if reaches():
         fwd.grad_leaves.add(i)
+        if i in fwd.via_args:  # (summed over backward passes)
+            g = grad.detach()
+            fwd.grads[i] = g if i not in fwd.grads else fwd.grads[i] + g
+
+
+def _note_via_args(fwd: _Forward, mb, loss: torch.Tensor, outputs, positions) -> None:
+    """d loss / d output for the outputs at ``positions`` (a backward through the loss call only, retained)."""
+    pos = sorted(i for i in positions if outputs[i] is not None and outputs[i].requires_grad)
+    if not pos:
+        return
+    try:
+        grads = torch.autograd.grad(loss, [outputs[i] for i in pos], retain_graph=True, allow_unused=True)
+    except RuntimeError:
+        return  # (left unexplained: NaN with the outside reason)
+    for i, g in zip(pos, grads):
+        fwd.via_args.setdefault(i, []).append((mb, None if g is None else g.detach()))
+
+
+def _explained(fwd: _Forward) -> set:
+    """Outputs that only loss_fn's other arguments reached: the gradient that arrived at each equals the sum of the
+    loss calls' d loss / d output times their backward scales (a penalty on the same output, ``crit(mu, y, var) +
+    var.mean()``, breaks the equality: outside loss_fn, NaN)."""
+    out = set()
+    for i, parts in fwd.via_args.items():
+        got = fwd.grads.get(i)
+        if got is None or any(g is None or mb.loss_scale is None or mb.loss_scale.numel() != 1 for mb, g in parts):
+            continue
+        want = sum(g * mb.loss_scale.to(g.dtype) for mb, g in parts)
+        if bool(torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()) + 1e-30)):
+            out.add(i)
+    return out
 
 
 GRAPH_BUDGET = 256  # autograd nodes visited at most, from the loss input towards the model's inputs

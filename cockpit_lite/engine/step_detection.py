@@ -20,6 +20,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from ..backward_end import queue_after_backward
+from ..forward_buffers import before_forward, changed_by_forward
 from ..integrations.hf_loss import ModelLoss
 from ..persample.output_view import depends_on, first_tensor, observe, target_reason
 from ..replay import is_replaying
@@ -63,6 +64,7 @@ class StepDetection:
                 rng_state=rng_state(), autocast=autocast_state())
             self._model_calls.append(call)
             self._open_forwards[-1]["call"] = call
+            self._open_forwards[-1]["buffers"] = before_forward(module)
         return None
 
     def _arm_layer_capture(self) -> None:
@@ -82,8 +84,11 @@ class StepDetection:
     def _on_model_forward(self, module, args, output):
         if not torch.is_grad_enabled() or is_replaying() or self._quiet:
             return None
-        if self._open_forwards and self._open_forwards.pop()["nested"]:
+        opened = self._open_forwards.pop() if self._open_forwards else None
+        if opened is not None and opened["nested"]:
             return None  # a redirection around the real forward (see _on_model_forward_pre)
+        if opened is not None and opened["call"] is not None:
+            opened["call"].buffers = changed_by_forward(opened.get("buffers"))
         self._repeats.on_forward(output, self._reaches_params if "layer_io" in self._needs else None)
         if self._needs:  # a tracked step: how the loss reads the output says what a sample is (its count)
             # held until the loss call (then dropped): a weak reference dies in an inline
@@ -141,7 +146,7 @@ class StepDetection:
             loss=output.detach().mean(),
             batch_size=int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else None,
         )
-        self._repeats.on_loss(mb, first)  # a second head's loss on the same samples (repeated_samples.py)
+        self._repeats.on_loss(mb, first, args[1:], output)  # a second head's loss on the same samples (repeated_samples.py)
         if isinstance(module, ModelLoss):  # a loss divided by the step's count is a part of the step's loss
             mb.combine = module.combine
         # a view of the model output: its rows are the samples (B, not B*T); without a kept output (a loss

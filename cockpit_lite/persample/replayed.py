@@ -30,6 +30,7 @@ import torch
 from torch.func import functional_call, grad_and_value, vmap
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
+from ..forward_buffers import start_values
 from ..param_slots import aliases, written_in_forward
 from ..replay import replaying
 from ..rng import preserved_rng, set_rng_state
@@ -77,9 +78,11 @@ def replayed_grads(model: torch.nn.Module, loss_fn, call, mb, b: int, reduction:
     for p in {id(p): p for p in model.parameters()}.values():
         t = own(p)
         state.update({k: t for k in slots[id(p)]})
-    for buf in {id(b): b for b in model.buffers()}.values():
+    # each buffer as the step's forward found it (forward_buffers.py: spectral_norm's u, v not advanced twice)
+    starts = start_values({id(b): b for b in model.buffers()}.values(), getattr(call, "buffers", None) or {})
+    for key, buf in starts.items():
         clone = buf.clone()
-        state.update({k: clone for k in aliases(model, "_buffers").get(id(buf), ())})
+        state.update({k: clone for k in aliases(model, "_buffers").get(key, ())})
 
     # the tensors inside a dict / list / tuple argument too (model({"idx": x, "lengths": n}))
     arg_leaves, arg_spec = tree_flatten(tuple(call.args))

@@ -15,6 +15,7 @@ from ..loss_combine import step_normalised
 from .fallback import owned_parameters
 from .norm import BATCHNORM_REASON, batchnorm_mixes_samples
 from .row_order import reason as gathered_reason
+from .rules import rule_for
 from .samples import DenseSamples
 
 
@@ -34,8 +35,9 @@ def setup(self, captured) -> None:
     off_batch = {}  # id(call) -> (its size, the forward's batch size): a module called without the batch dimension
     for k in forwards:
         sizes = [_batch_size(c) for c in self.calls_by_forward[k]]
-        # calls on rows gathered by an index (row_order.py) do not vote: many experts' calls would outnumber the rest
-        votes = [n for c, n in zip(self.calls_by_forward[k], sizes) if c.gathered is None] or sizes
+        # calls on rows gathered by an index (row_order.py) do not vote: many experts' calls would outnumber the rest;
+        # nor do calls without a tensor input (a parametrization's weight: its rows are the weight's, not samples)
+        votes = [n for c, n in zip(self.calls_by_forward[k], sizes) if c.gathered is None and _has_input(c)] or sizes
         # the batch: where attention declares its batch dimension (batch_first), its size (the layers
         # around a sequence-first attention see T along dim 0); else the size most calls agree on
         # (ties: the first call's)
@@ -129,6 +131,15 @@ def setup(self, captured) -> None:
                     self._replay.setdefault(j, gathered_reason(c.module_name, c.gathered))
                 elif c.ambiguous is not None:
                     self._replay.setdefault(j, c.ambiguous)
+                elif _not_the_rules(c, attr):
+                    self._replay.setdefault(j, (
+                        f"'{c.module_name}' ({type(c.module).__name__}) computes with a '{attr}' that its layer rule "
+                        "does not read (a hook-based reparametrization, torch.nn.utils.spectral_norm / weight_norm: "
+                        "the rule's per-sample gradients are those of the weight computed from it)"))
+                elif not _has_input(c):
+                    self._replay.setdefault(j, (
+                        f"its module ('{c.module_name}', {type(c.module).__name__}) is called without a tensor input "
+                        "(a parametrization computing a weight from it): its output has no batch dimension"))
                 elif id(c) in off_batch:
                     n, b = off_batch[id(c)]
                     self._replay.setdefault(j, (
@@ -239,6 +250,25 @@ def resolve_replays(self, wanted: Optional[Dict[int, str]] = None) -> None:
     except ReplayUnavailable as err:
         for j, why in wanted.items():
             self._reasons[self.names[j]] = f"{why}; a per-sample replay of the model was not possible: {err}"
+
+
+def _not_the_rules(call, attr: str) -> bool:
+    """Whether a stock layer's rule serves the call but not its parameter ``attr``: the rules of Linear, convolutions,
+    Embedding and the norms read ``weight`` and ``bias``; the old hook-based ``spectral_norm`` / ``weight_norm`` leave
+    ``weight`` a tensor computed before each call from ``weight_orig`` (``weight_g``, ``weight_v``), which the rule
+    does not serve (was: a KeyError in every per-sample quantity, its per-parameter values NaN without a reason)."""
+    if attr in ("weight", "bias"):
+        return False
+    rule = rule_for(call.module, call.inputs[0] if call.inputs else None)
+    return rule is not None and rule.name != "attention"
+
+
+def _has_input(call) -> bool:
+    """Whether the call had a tensor among its positional inputs. A ``ParametrizationList`` (``orthogonal``,
+    ``spectral_norm``, ``weight_norm``) computes the weight from its own ``original`` with no input: where the weight
+    has B rows its output looked batched, and the fallback, given no input to batch, failed (NaN for a square
+    orthogonal or spectral-norm Linear with B == out_features)."""
+    return any(isinstance(a, torch.Tensor) for a in call.inputs)
 
 
 def _batch_size(call) -> int:
