@@ -23,6 +23,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Union
 import torch
 
 from ..distributed import detect, unwrap
+from ..forward_buffers import ForwardBuffers
 from ..persample import scratch
 from ..quantities._moved import since_grad_reason
 from ..quantities.base import Quantity, Watched
@@ -193,6 +194,7 @@ class Cockpit(StepDetection):
         self.step = 0
         self.closed = False
         self._open_forwards: List[dict] = []  # forwards of the model begun and not yet returned (kept across steps)
+        self._forward_buffers = ForwardBuffers()  # buffers as each forward found them (for re-evaluations)
         self._rule_check_failures = 0  # steps on which the per-sample self-check failed (retried up to 3)
         start_loop_trackers(self, params)  # extra backward passes, repeated samples, other optimizers (loop_trackers.py)
         self._quiet = 0  # > 0 while the hooks ignore what runs (later closure evaluations of one step)

@@ -20,7 +20,6 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from ..backward_end import queue_after_backward
-from ..forward_buffers import before_forward, changed_by_forward
 from ..integrations.hf_loss import ModelLoss
 from ..persample.output_view import depends_on, first_tensor, observe, target_reason
 from ..replay import is_replaying
@@ -64,7 +63,7 @@ class StepDetection:
                 rng_state=rng_state(), autocast=autocast_state())
             self._model_calls.append(call)
             self._open_forwards[-1]["call"] = call
-            self._open_forwards[-1]["buffers"] = before_forward(module)
+            self._open_forwards[-1]["buffers"] = self._forward_buffers.before(module)
         return None
 
     def _arm_layer_capture(self) -> None:
@@ -88,7 +87,7 @@ class StepDetection:
         if opened is not None and opened["nested"]:
             return None  # a redirection around the real forward (see _on_model_forward_pre)
         if opened is not None and opened["call"] is not None:
-            opened["call"].buffers = changed_by_forward(opened.get("buffers"))
+            opened["call"].buffers = self._forward_buffers.after(opened.get("buffers"))
         self._repeats.on_forward(output, self._reaches_params if "layer_io" in self._needs else None)
         if self._needs:  # a tracked step: how the loss reads the output says what a sample is (its count)
             # held until the loss call (then dropped): a weak reference dies in an inline
