@@ -264,11 +264,12 @@ def _not_the_rules(call, attr: str) -> bool:
 
 
 def _has_input(call) -> bool:
-    """Whether the call had a tensor among its positional inputs. A ``ParametrizationList`` (``orthogonal``,
+    """Whether the call had a tensor among its inputs. A ``ParametrizationList`` (``orthogonal``,
     ``spectral_norm``, ``weight_norm``) computes the weight from its own ``original`` with no input: where the weight
     has B rows its output looked batched, and the fallback, given no input to batch, failed (NaN for a square
     orthogonal or spectral-norm Linear with B == out_features)."""
-    return any(isinstance(a, torch.Tensor) for a in call.inputs)
+    # (inside a dict / tuple argument or a keyword too: a root module taking {"src": ..., "tgt": ...} has inputs)
+    return any(isinstance(a, torch.Tensor) for a in tree_leaves((call.inputs, call.kwargs)))
 
 
 def _batch_size(call) -> int:
