@@ -399,3 +399,28 @@ def seeded_cases():
             return f()
         out[name] = build
     return out, add
+
+
+def grad_norm_wrong(rec, G, names) -> list:
+    """[(key, logged, reference)] where the logged grad_norm (total and per parameter) differs from the norm of the
+    mean of the reference's per-sample gradients ``G`` (rel 1e-4)."""
+    means = [g.mean(0) for g in G]
+    vals, wrong = rec["values"], []
+    total = float(torch.sqrt(sum((g ** 2).sum() for g in means)))
+    if not math.isclose(float(vals["grad_norm"]), total, rel_tol=1e-4):
+        wrong.append(("grad_norm", vals["grad_norm"], total))
+    for n, g in zip(names, means):
+        if not math.isclose(float(vals[f"grad_norm/{n}"]), float(g.norm()), rel_tol=1e-4, abs_tol=1e-7):
+            wrong.append((f"grad_norm/{n}", vals[f"grad_norm/{n}"], float(g.norm())))
+    return wrong
+
+
+def assert_nan_as_expected(nan: Dict[str, str], expect) -> None:
+    """Every NaN has a reason; ``expect`` None: no NaN at all; else a piece (or a tuple of pieces, one of which)
+    every reason holds."""
+    assert all(nan.values()), [k for k, r in nan.items() if not r]
+    if expect is None:
+        assert nan == {}, nan
+    else:
+        pieces = expect if isinstance(expect, tuple) else (expect,)
+        assert nan and all(any(p in r for p in pieces) for r in nan.values()), nan

@@ -40,7 +40,7 @@ import cockpit_lite
 
 import unseen_round5b_models as M
 from test_real_models_unseen import QS, compare, run_case
-from unseen_models import Unseen, reference
+from unseen_models import Unseen, assert_nan_as_expected, grad_norm_wrong, reference
 
 import test_real_models_unseen
 
@@ -83,15 +83,7 @@ def _grad_norm_wrong(u, before, rec, ref):
     """grad_norm is ||.grad||: the reference weighted as the loop back-propagated (a factor on the loss, loss / 4
     over unequal micro-batches)."""
     _, G, names = ref(u, before, weights="backward") if ref is reference else ref(u, before)
-    means = [g.mean(0) for g in G]
-    vals, wrong = rec["values"], []
-    total = float(torch.sqrt(sum((g ** 2).sum() for g in means)))
-    if not math.isclose(float(vals["grad_norm"]), total, rel_tol=1e-4):
-        wrong.append(("grad_norm", vals["grad_norm"], total))
-    for n, g in zip(names, means):
-        if not math.isclose(float(vals[f"grad_norm/{n}"]), float(g.norm()), rel_tol=1e-4, abs_tol=1e-7):
-            wrong.append((f"grad_norm/{n}", vals[f"grad_norm/{n}"], float(g.norm())))
-    return wrong
+    return grad_norm_wrong(rec, G, names)
 
 
 def test_every_case_has_an_expectation():
@@ -109,12 +101,21 @@ def test_exact_or_nan_with_reason(tmp_path, name, monkeypatch):
     if "spectral_norm" not in name:  # (its reference copy runs the power iteration: per-sample values only)
         wrong += _grad_norm_wrong(u, before, rec, _reference(name))
     assert wrong == [], wrong
-    assert all(nan.values()), [k for k, r in nan.items() if not r]
-    if EXPECT[name] is None:
-        assert nan == {}, nan
-    else:
-        assert nan and all(EXPECT[name] in r for r in nan.values()), nan
+    assert_nan_as_expected(nan, EXPECT[name])
     assert rec.get("samples") == u.B
+
+
+def _one_watched_step(tmp_path, model, opt, crit, loss):
+    """The record of one step that back-propagates ``loss()``, watched with the per-sample quantities."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "run",
+                                quantities={q: "every" for q in ["loss", *QS]}):
+            opt.zero_grad()
+            loss().backward()
+            opt.step()
+    (rec,) = [r for r in cockpit_lite.load(tmp_path / "run").records if not r.get("amends")]
+    return rec
 
 
 @pytest.mark.parametrize("var_in_loss", ["detached", "also_in_loss"])
@@ -126,15 +127,12 @@ def test_a_real_auxiliary_output_is_still_outside_loss_fn(tmp_path, var_in_loss)
     model, crit = M.TwoHeads(), nn.GaussianNLLLoss()
     x, y = torch.randn(6, 5), torch.randn(6, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "run",
-                                quantities={q: "every" for q in ["loss", *QS]}):
-            opt.zero_grad()
-            mu, var = model(x)
-            (crit(mu, y, var.detach() if var_in_loss == "detached" else var) + var.mean()).backward()
-            opt.step()
-    (rec,) = [r for r in cockpit_lite.load(tmp_path / "run").records if not r.get("amends")]
+
+    def loss():
+        mu, var = model(x)
+        return crit(mu, y, var.detach() if var_in_loss == "detached" else var) + var.mean()
+
+    rec = _one_watched_step(tmp_path, model, opt, crit, loss)
     assert math.isnan(float(rec["values"]["norm_test"]))
     assert "without going through loss_fn" in rec["reasons"]["norm_test"]
 
@@ -155,14 +153,7 @@ def test_hook_weight_norm_replayed_exactly(tmp_path, monkeypatch):
     x, y = torch.randn(6, 5, generator=g), torch.randint(0, M.C, (6,), generator=g)
     crit = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "run",
-                                quantities={q: "every" for q in ["loss", *QS]}):
-            opt.zero_grad()
-            crit(model(x), y).backward()
-            opt.step()
-    (rec,) = [r for r in cockpit_lite.load(tmp_path / "run").records if not r.get("amends")]
+    rec = _one_watched_step(tmp_path, model, opt, crit, lambda: crit(model(x), y))
     renamed = {"mid.parametrizations.weight.original0": "mid.weight_g", "mid.parametrizations.weight.original1": "mid.weight_v"}
 
     def ref(u, m):
@@ -306,6 +297,27 @@ def _per_sample_losses(crit, x, y, m64):
     return len(x) * nn.functional.cross_entropy(m64(x.double()), y, weight=w, reduction="none") / w[y].sum()
 
 
+def _accumulating_loop(m, opt, crit, steps, per_sample, divide="share", hook=None):
+    """quantity_truth's loop: each step's micro-batches back-propagated with loss / count (``divide="count"``) or
+    loss * b_k / n, the truth told the samples' losses (``per_sample(m64, x, y)``), the mean loss and .grad."""
+    def loop(t):
+        for k, mbs in enumerate(steps):
+            if hook is not None:
+                hook(k)
+            t.begin(lambda m64, mbs=mbs: torch.cat([per_sample(m64, x, y) for x, y in mbs]))
+            opt.zero_grad()
+            n = sum(len(x) for x, _ in mbs)
+            for x, y in mbs:
+                loss = crit(m(x), y)
+                (loss / len(mbs) if divide == "count" else loss * len(x) / n).backward()
+            t.note_loss(float(sum(len(x) * crit(m(x), y) for x, y in mbs)) / n)
+            t.note_grad()
+            opt.step()
+            t.stepped()
+
+    return loop
+
+
 @pytest.mark.parametrize("name", SETUPS)
 def test_optimizer_setups_against_brute_force(tmp_path, name):
     """Every logged value (alpha, update_size, distance, param_norm, grad_norm, lr, the gradient tests, ...) within
@@ -316,20 +328,7 @@ def test_optimizer_setups_against_brute_force(tmp_path, name):
     m, opt, steps, divide, hook, names = _setup(name)
     crit = nn.CrossEntropyLoss(weight=W if "class_weights" in name else None)
 
-    def loop(t):
-        for k, mbs in enumerate(steps):
-            if hook is not None:
-                hook(k)
-            t.begin(lambda m64, mbs=mbs: torch.cat([_per_sample_losses(crit, x, y, m64) for x, y in mbs]))
-            opt.zero_grad()
-            n = sum(len(x) for x, _ in mbs)
-            for x, y in mbs:
-                loss = crit(m(x), y)
-                (loss / len(mbs) if divide == "count" else loss * len(x) / n).backward()
-            t.note_loss(float(sum(len(x) * crit(m(x), y) for x, y in mbs)) / n)
-            t.note_grad()
-            opt.step()
-            t.stepped()
+    loop = _accumulating_loop(m, opt, crit, steps, lambda m64, x, y: _per_sample_losses(crit, x, y, m64), divide, hook)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -470,17 +469,7 @@ def test_alpha_through_the_losses_per_sample_terms(tmp_path, name):
     m, crit, steps, per_sample = _loss_setup(name)
     opt = torch.optim.AdamW(m.parameters(), lr=0.02)
 
-    def loop(t):
-        for mbs in steps:
-            t.begin(lambda m64, mbs=mbs: torch.cat([per_sample(m64, x, y) for x, y in mbs]))
-            opt.zero_grad()
-            n = sum(len(x) for x, _ in mbs)
-            for x, y in mbs:
-                (crit(m(x), y) * len(x) / n).backward()
-            t.note_loss(float(sum(len(x) * crit(m(x), y) for x, y in mbs)) / n)
-            t.note_grad()
-            opt.step()
-            t.stepped()
+    loop = _accumulating_loop(m, opt, crit, steps, per_sample)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
