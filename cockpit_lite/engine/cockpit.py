@@ -234,10 +234,12 @@ class Cockpit(StepDetection):
         return load(self.logdir)
 
     def flush(self) -> None:
-        """Write the step records still waiting for their batch (``cockpit_lite.runlog.batch``) now."""
+        """Write the step records still waiting for their batch (``cockpit_lite.runlog.batch``) now, and have the
+        sinks write theirs (TensorBoard's event file is written by a thread of its own)."""
         flush = getattr(self._writer, "flush", None)
         if flush is not None and not self._writer.closed:
             flush()
+            self._records.flush_sinks()
 
     def close(self) -> None:
         """Remove every hook, flush and close the run log. A second call does nothing (``with watch(...)``

@@ -62,6 +62,22 @@ class Recorder:
                                f"cockpit-lite: {type(sink).__name__} failed ({err!r}) and was detached; "
                                "the run log is unaffected", step=record.get("step", 0))
 
+    def flush_sinks(self) -> None:
+        """Ask every sink that can to write what it holds (TensorBoard's event file); a failing one is detached."""
+        if os.getpid() != self._pid:
+            return
+        for sink in list(self.sinks):
+            flush = getattr(sink, "flush", None)
+            if not callable(flush):
+                continue
+            try:
+                flush()
+            except Exception as err:
+                self.sinks.remove(sink)
+                self.warn_once(f"sink:{type(sink).__name__}",
+                               f"cockpit-lite: {type(sink).__name__} failed ({err!r}) and was detached; "
+                               "the run log is unaffected", step=0)
+
     def event(self, step: int, level: str, message: str, **fields: Any) -> None:
         if not self.writer.closed:
             self.emit({"type": "event", "step": step, "wall": time.time(), "level": level,

@@ -174,3 +174,37 @@ def test_a_forked_child_hands_nothing_to_the_sinks(tmp_path):
     cp.close()
     writers = {line.split()[0] for line in out.read_text().splitlines()}
     assert writers == {str(os.getpid())}, out.read_text()
+
+
+def test_flush_reaches_the_sinks_and_a_failing_flush_detaches_its_sink(tmp_path):
+    """``cockpit.flush()`` (and ``cockpit.load()``) also has the sinks write what they hold (TensorBoard's event file
+    is written by a thread of its own); a sink whose flush raises is detached with a warning, training goes on."""
+    class Counting:
+        def __init__(self, fail=False):
+            self.flushes, self.records, self.fail = 0, 0, fail
+
+        def write(self, record):
+            self.records += 1
+
+        def flush(self):
+            self.flushes += 1
+            if self.fail:
+                raise OSError("disk gone")
+
+        def close(self):
+            pass
+
+    model, x, y = _setup()
+    crit = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    good, bad = Counting(), Counting(fail=True)
+    cp = cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "run", quantities=["loss"], sinks=[good, bad])
+    opt.zero_grad()
+    crit(model(x), y).backward()
+    opt.step()
+    with pytest.warns(RuntimeWarning, match="Counting failed .*disk gone.* detached"):
+        cp.flush()
+    assert good.flushes == 1 and bad.flushes == 1 and good.records >= 1
+    cp.load()
+    assert good.flushes == 2 and bad.flushes == 1  # detached
+    cp.close()

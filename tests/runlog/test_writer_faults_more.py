@@ -86,6 +86,7 @@ def test_a_removed_relative_logdir_is_created_again_where_it_was(tmp_path, monke
     w, tb = RunLogWriter("run", {"model": "m"}), TensorBoardSink("run")
     w.write(_step(0))
     tb.write({"type": "step", "step": 0, "values": {"loss": 0.0}})
+    tb.flush()  # (its thread writes by the file's name: not while rmtree empties the folder)
     monkeypatch.chdir(tmp_path / "elsewhere")
     shutil.rmtree(tmp_path / "run")
     with pytest.warns(RuntimeWarning, match="removed"):
