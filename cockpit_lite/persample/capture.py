@@ -43,10 +43,9 @@ class LayerCall:
     gathered: Optional[str] = None
     #: rows as many as the batch but broadcast onto another dim of it (broadcast.mark_ambiguous): why, else None
     ambiguous: Optional[str] = None
-    #: the output's other tensors that require grad (LSTMCell's c, attention weights): their positions among the
-    #: output's tensor leaves and the gradients they received (None: none); such a call has no per-sample rule
-    other_at: Tuple[int, ...] = ()
-    other_grads: Optional[List[Optional[torch.Tensor]]] = None
+    #: whether one of the output's other tensors (LSTMCell's c, attention weights used) received a gradient in
+    #: backward: such a call has no per-sample rule (``rules.layer_samples``)
+    other_grad: bool = False
 
 
 @dataclass
@@ -198,25 +197,19 @@ class LayerCapture:
 
 
 def _keep_other_grads(call: LayerCall, output, out: torch.Tensor, capture) -> None:
-    """Keep the gradients of the output's tensors after the first (LSTMCell's ``(h, c)``): where one arrives, the
+    """Note whether a tensor of the output after the first (LSTMCell's ``(h, c)``) gets a gradient: where one does, the
     first tensor's gradient alone does not give the call's per-sample gradients (``rules.layer_samples``)."""
     if isinstance(output, torch.Tensor):  # the common case: one tensor, nothing to do (no pytree walk)
         return
-    leaves = [leaf for leaf in tree_leaves(output) if isinstance(leaf, torch.Tensor)]
-    at = tuple(i for i, leaf in enumerate(leaves)
-               if leaf is not out and leaf.requires_grad and leaf.is_floating_point())
-    if not at:
-        return
-    call.other_at = at
-    call.other_grads = [None] * len(at)
-    for k, i in enumerate(at):
-        def keep(grad, call=call, k=k):
-            if capture.reaches is not None and not capture.reaches():
-                return None
-            g = grad.detach()
-            call.other_grads[k] = g if call.other_grads[k] is None else call.other_grads[k] + g
-            return None
-        leaves[i].register_hook(keep)
+
+    def note(grad):
+        if capture.reaches is None or capture.reaches():
+            call.other_grad = True
+        return None
+
+    for leaf in tree_leaves(output):
+        if isinstance(leaf, torch.Tensor) and leaf is not out and leaf.requires_grad and leaf.is_floating_point():
+            leaf.register_hook(note)
 
 
 def _rows(call: LayerCall) -> Optional[int]:

@@ -102,7 +102,7 @@ def layer_samples(call, grad: torch.Tensor, b: int, factor: torch.Tensor):
         raise Unsupported(f"{type(m).__name__} ('{call.module_name}') has scale_grad_by_freq=True: its gradient "
                           "divides by each index's count over the whole batch, the samples mix (no per-sample "
                           "gradients add up to .grad)")
-    if any(g is not None for g in call.other_grads or ()):
+    if call.other_grad:
         # LSTMCell's (h, c), attention weights used, nn.LSTM's (output, (h_n, c_n)): the rules and the fallback read
         # the first tensor's gradient only, and a later one's hook gradient also holds what reaches the first through
         # the module itself (h = o * tanh(c)): neither sum is the sample's gradient (an LSTMCell loop: 36-47% off)
