@@ -51,32 +51,25 @@ class Recorder:
                 self.warned.add("log")
                 warnings.warn(f"cockpit-lite: a {record.get('type')} record could not be written to the run log "
                               f"({err!r}); it was dropped (the footer counts it)", RuntimeWarning, stacklevel=4)
-        if os.getpid() != self._pid:  # the sinks' files (TensorBoard's event file) are the parent's
-            return
-        for sink in list(self.sinks):
-            try:
-                sink.write(record)
-            except Exception as err:
-                self.sinks.remove(sink)
-                self.warn_once(f"sink:{type(sink).__name__}",
-                               f"cockpit-lite: {type(sink).__name__} failed ({err!r}) and was detached; "
-                               "the run log is unaffected", step=record.get("step", 0))
+        self._each_sink(lambda sink: sink.write(record), record.get("step", 0))
 
     def flush_sinks(self) -> None:
         """Ask every sink that can to write what it holds (TensorBoard's event file); a failing one is detached."""
+        self._each_sink(lambda sink: sink.flush() if callable(getattr(sink, "flush", None)) else None, 0)
+
+    def _each_sink(self, act, step: int) -> None:
+        """``act(sink)`` for every sink; one that raises is detached with a warning (the run log is unaffected).
+        Nothing in a forked child: the sinks' files (TensorBoard's event file) are the parent's."""
         if os.getpid() != self._pid:
             return
         for sink in list(self.sinks):
-            flush = getattr(sink, "flush", None)
-            if not callable(flush):
-                continue
             try:
-                flush()
+                act(sink)
             except Exception as err:
                 self.sinks.remove(sink)
                 self.warn_once(f"sink:{type(sink).__name__}",
                                f"cockpit-lite: {type(sink).__name__} failed ({err!r}) and was detached; "
-                               "the run log is unaffected", step=0)
+                               "the run log is unaffected", step=step)
 
     def event(self, step: int, level: str, message: str, **fields: Any) -> None:
         if not self.writer.closed:
