@@ -118,18 +118,18 @@ class TensorBoardSink:
         self._summary("meta", 0, json_tensor({"writer": "cockpit-lite", "format": 1}), cockpit_metadata("meta"), None)
         self._writer.flush()
 
-    def _reopened(self) -> bool:
-        """Whether the event file was removed (``rm -rf logdir`` mid-run: its writes would reach no file), and
-        if so a new one is open: one ``stat`` per record, a warning once. The records before are lost to
+    def _reopen_if_removed(self) -> None:
+        """Open a new event file where this one was removed (``rm -rf logdir`` mid-run: its writes would reach no
+        file): one ``stat`` per record, a warning once. The records before are lost to
         TensorBoard (the run log keeps them where it could, ``runlog/writer.py``)."""
+        old = self._writer._file_name
         try:
-            os.stat(self._writer._file_name)
-            return False
+            os.stat(old)
+            return
         except FileNotFoundError:
             pass
         except OSError:
-            return False
-        old = self._writer._file_name
+            return
         try:
             # the old writer's thread opens its file by name for every write: with the folder back, what it still
             # holds (records from before the removal) lands in a file of its old name, removed after it closes
@@ -146,7 +146,6 @@ class TensorBoardSink:
             self._warned.add("removed")
             warnings.warn(f"TensorBoardSink: the event file in {self.logdir} was removed during the run; a new one "
                           "was started, and TensorBoard shows the records from here on", RuntimeWarning, stacklevel=3)
-        return True
 
     @property
     def path(self) -> str:
@@ -157,7 +156,7 @@ class TensorBoardSink:
         if self.closed:
             raise RuntimeError("this TensorBoardSink is closed")
         kind = record.get("type")
-        self._reopened()
+        self._reopen_if_removed()
         if kind == "step":
             self._write_step(record)
         elif kind in ("skipped", "event"):
