@@ -111,3 +111,15 @@ class Probe(Quantity):
             self.m2 = [m.clone() for m in v.second_moment()]
             self.sums = [s.clone() for s in v.sum_grads()]
             self.cheap = [None if c is None else float(c) for c in v.cheap_max_abs_per_param()]
+
+
+def written_run(logdir, values: List[Dict[str, Any]], data: Optional[Dict[str, Any]] = None):
+    """The run of a log written by hand into ``logdir``: steps 0, 1, ... with ``values[step]`` (and ``data``, the
+    same on every step, when given), closed."""
+    from cockpit_lite.runlog import RunLogWriter
+
+    w = RunLogWriter(logdir, {})
+    for step, vals in enumerate(values):
+        w.write({"type": "step", "step": step, "values": vals, **({"data": data} if data is not None else {})})
+    w.close()
+    return cockpit_lite.load(logdir)

@@ -19,6 +19,7 @@ from cockpit_lite.testing import write_synthetic_log
 pytest.importorskip("matplotlib")
 from matplotlib.collections import PathCollection, PolyCollection, QuadMesh  # noqa: E402
 from matplotlib.patches import StepPatch  # noqa: E402
+from helpers import written_run  # noqa: E402
 from picture_checks import draw_panel  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "third_party_instrument"
@@ -212,14 +213,9 @@ def test_traces_draw_both_traces_with_standard_error_bands(full_run):
 
 
 def test_exact_traces_have_no_error_band(tmp_path):
-    from cockpit_lite.runlog import RunLogWriter
-
-    w = RunLogWriter(tmp_path, {})
-    for step in range(5):
-        w.write({"type": "step", "step": step, "values": {"hess_trace": 3.0 + step, "hess_trace/stderr": 0.0},
-                 "data": {"hess_trace": {"method": "exact:backpack-diag-hessian", "probes": 0}}})
-    w.close()
-    ax = draw(by_name()["traces"], cockpit_lite.load(tmp_path))
+    run = written_run(tmp_path, [{"hess_trace": 3.0 + step, "hess_trace/stderr": 0.0} for step in range(5)],
+                      data={"hess_trace": {"method": "exact:backpack-diag-hessian", "probes": 0}})
+    ax = draw(by_name()["traces"], run)
     assert not [c for c in ax.collections if isinstance(c, PolyCollection)]
     assert [l.get_label() for l in ax.get_lines()] == ["hess trace (exact:backpack-diag-hessian)"]
     np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [3, 4, 5, 6, 7])
@@ -413,17 +409,11 @@ def test_prefetch_handles_mixed_records_null_and_infinite_values(tmp_path):
 
 
 def test_long_series_are_drawn_as_bucket_means_with_a_min_max_band(tmp_path):
-    from cockpit_lite.runlog import RunLogWriter
-
     n = 5000
     rng = np.random.default_rng(0)
     values = 1.0 + 0.1 * rng.standard_normal(n)
     values[3333] = 40.0  # a spike must stay visible
-    w = RunLogWriter(tmp_path, {})
-    for step in range(n):
-        w.write({"type": "step", "step": step, "values": {"grad_norm": float(values[step])}})
-    w.close()
-    ax = draw(by_name()["grad_norm"], cockpit_lite.load(tmp_path))
+    ax = draw(by_name()["grad_norm"], written_run(tmp_path, [{"grad_norm": float(v)} for v in values]))
     line = lines_by_label(ax)["grad_norm"]
     xs, ys = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
     assert len(xs) <= 1000

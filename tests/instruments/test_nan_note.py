@@ -8,6 +8,7 @@ import pytest
 
 import cockpit_lite
 from cockpit_lite.runlog import RunLogWriter
+from helpers import written_run
 
 pytest.importorskip("matplotlib")
 from picture_checks import draw_panel  # noqa: E402
@@ -68,10 +69,6 @@ def test_panel_counts_nan_steps_and_gives_the_first_reason(nan_run, name, keys):
 
 
 def test_note_only_where_values_are_nan(nan_run, tmp_path):
-    w = RunLogWriter(tmp_path, {})
-    for s in range(10):
-        w.write({"type": "step", "step": s, "values": {"loss": 1.0 + s, "mean_gsnr": 0.5}})
-    w.close()
-    clean = cockpit_lite.load(tmp_path)
+    clean = written_run(tmp_path, [{"loss": 1.0 + s, "mean_gsnr": 0.5} for s in range(10)])
     assert "NaN" not in panel_text("performance", clean) and "NaN" not in panel_text("gsnr", clean)
     assert expected(nan_run, "loss") in panel_text("performance", nan_run)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import cockpit_lite
-from cockpit_lite.runlog import RunLogWriter
+from helpers import written_run
 from cockpit_lite.testing import write_synthetic_log
 
 pytest.importorskip("matplotlib")
@@ -55,11 +55,7 @@ def test_plot_draws_the_error_of_an_estimate(runs, key, err_key, words, which):
 
 
 def test_compare_draws_each_runs_error_and_none_for_exact_values(runs, tmp_path):
-    w = RunLogWriter(tmp_path, {})
-    for s in range(6):
-        w.write({"type": "step", "step": s, "values": {"hess_trace": 2.0 + s, "hess_trace/stderr": 0.0}})
-    w.close()
-    exact = cockpit_lite.load(tmp_path)
+    exact = written_run(tmp_path, [{"hess_trace": 2.0 + s, "hess_trace/stderr": 0.0} for s in range(6)])
     fig = cockpit_lite.compare([runs[0], exact], keys=["hess_trace"], labels=["estimate", "exact"])
     ax = fig.axes[0]
     labels = [str(c.get_label()) for c in list(ax.collections) + list(ax.containers)]
