@@ -48,12 +48,17 @@ def observation_matrix(t: float) -> np.ndarray:
     return np.array([[1.0, 0.0, 0.0], [1.0, t, t * t], [0.0, 1.0, 0.0], [0.0, 1.0, 2.0 * t]])
 
 
+def _fit_weights(var_fs: Tuple[float, float], var_dfs: Tuple[float, float]) -> Tuple[np.ndarray, np.ndarray]:
+    """(the observations' variances [4], the fit's weights 1 / var, a zero variance counted as
+    ``ZERO_VARIANCE_SUBSTITUTE``), in the order of ``observation_matrix``'s rows."""
+    var = np.array([var_fs[0], var_fs[1], var_dfs[0], var_dfs[1]], dtype=np.float64)
+    return var, 1.0 / np.where(var == 0.0, ZERO_VARIANCE_SUBSTITUTE, var)
+
+
 def fit_parabola(t: float, fs: Tuple[float, float], dfs: Tuple[float, float],
                  var_fs: Tuple[float, float], var_dfs: Tuple[float, float]) -> np.ndarray:
     """Weighted least-squares coefficients w[3] = (w0, w1, w2); needs t > 0 and finite inputs."""
-    variances = np.array([var_fs[0], var_fs[1], var_dfs[0], var_dfs[1]], dtype=np.float64)
-    variances = np.where(variances == 0.0, ZERO_VARIANCE_SUBSTITUTE, variances)
-    weights = 1.0 / variances
+    _, weights = _fit_weights(var_fs, var_dfs)
     phi = observation_matrix(float(t))
     y = np.array([fs[0], fs[1], dfs[0], dfs[1]], dtype=np.float64)
     # the same minimiser as Cockpit's normal equations (Phi^T W Phi) w = Phi^T W y, solved as the
@@ -111,9 +116,8 @@ def alpha_stderr(t: float, w: Tuple[float, float, float], var_fs: Tuple[float, f
     n0, n1 = ns
     if not (n0 and n1) or min(n0, n1) < 2 or not all(math.isfinite(x) for x in (t, *w, *var_fs, *var_dfs)):
         return math.nan
-    var = np.array([var_fs[0], var_fs[1], var_dfs[0], var_dfs[1]], dtype=np.float64)
+    var, weights = _fit_weights(var_fs, var_dfs)
     sigma = var / np.array([n0, n1, n0, n1], dtype=np.float64)
-    weights = 1.0 / np.where(var == 0.0, ZERO_VARIANCE_SUBSTITUTE, var)
     phi = observation_matrix(float(t))
     try:
         A = np.linalg.solve(phi.T @ (phi * weights[:, None]), phi.T * weights[None, :])
