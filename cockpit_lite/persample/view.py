@@ -81,7 +81,10 @@ class PerSampleView:
             try:
                 out = layer_samples(call, call.output_grad, self.batch_sizes[pos], factor)
             except Unsupported as err:
-                out = err
+                # kept without its traceback (as engine/calls.Outcome.fail does): the traceback holds this frame and
+                # so this view, which holds the error: a reference cycle that kept each step's layer calls (their
+                # inputs and output gradients) alive until the cyclic collector ran (an LSTMCell loop: 6 per step)
+                out = err.with_traceback(None)
             self._samples[key] = out
         return self._samples[key]
 

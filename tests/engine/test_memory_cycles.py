@@ -226,3 +226,53 @@ def test_failing_quantity_leaves_no_cyclic_garbage(tmp_path):
         cockpit.close()
     reasons = cockpit.load().reasons("failing")
     assert reasons and all("injected failure" in why for why in reasons.values())
+
+
+class _CellLoop(nn.Module):
+    """An LSTMCell called per time step: its (h, c) output has no per-sample rule (the replay serves it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.head = nn.LSTMCell(3, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = c = torch.zeros(x.shape[0], 5)
+        for t in range(x.shape[1]):
+            h, c = self.cell(x[:, t], (h, c))
+        return self.head(h)
+
+
+class _FreqEmbedding(nn.Module):
+    """An embedding with scale_grad_by_freq: no per-sample gradients (NaN with the reason)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(10, 4, scale_grad_by_freq=True), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+@pytest.mark.parametrize("model_cls,data", [
+    (_CellLoop, lambda: torch.randn(6, 4, 3)), (_FreqEmbedding, lambda: torch.randint(0, 10, (6, 5)))])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_layer_rule_that_refuses_leaves_no_cyclic_garbage(tmp_path, model_cls, data):
+    """A layer rule's refusal (``rules.Unsupported``) is kept by the per-sample view for the step: kept with its
+    traceback, whose frames hold the view, it kept every layer call of the step (inputs, output gradients) alive
+    until the collector ran (6 per step on the LSTMCell loop)."""
+    torch.manual_seed(0)
+    model, crit = model_cls(), nn.CrossEntropyLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    cockpit = cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "run",
+                                 quantities=["loss", "norm_test", "mean_gsnr"])
+
+    def step():
+        opt.zero_grad()
+        crit(model(data()), torch.randint(0, 3, (6,))).backward()
+        opt.step()
+
+    try:
+        step()
+        _assert_no_cyclic_garbage(step)
+    finally:
+        cockpit.close()
