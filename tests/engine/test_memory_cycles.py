@@ -92,15 +92,18 @@ def _training(model_name, optimizer, preset, logdir, schedule="every"):
     crit = nn.CrossEntropyLoss()
     cockpit = cockpit_lite.watch(model, opt, loss_fn=crit, logdir=logdir,
                                  quantities=presets.preset(preset, schedule))
+    return cockpit, _step_of(model, opt, crit, data)
 
+
+def _step_of(model, opt, crit, data, batch=8):
+    """One plain training step on a fresh batch ``data(batch)``."""
     def step():
-        x, y = data(8)
+        x, y = data(batch)
         opt.zero_grad()
-        loss = crit(model(x), y)
-        loss.backward()
+        crit(model(x), y).backward()
         opt.step()
 
-    return cockpit, step
+    return step
 
 
 def _own_or_tensor(obj) -> bool:
@@ -175,6 +178,16 @@ def _assert_no_cyclic_garbage(step, steps=2):
             gc.garbage.clear()
 
 
+def _assert_no_cyclic_garbage_after_the_first(cockpit, step):
+    """``_assert_no_cyclic_garbage`` after a first step (lazy imports and one-off set-up may leave garbage of their
+    own); the cockpit closed in any case."""
+    try:
+        step()
+        _assert_no_cyclic_garbage(step)
+    finally:
+        cockpit.close()
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_failing_self_check_leaves_no_cyclic_garbage(tmp_path, monkeypatch):
     """A failure kept for the processes' agreement (``_bracket``) must not keep its traceback: the
@@ -186,12 +199,7 @@ def test_failing_self_check_leaves_no_cyclic_garbage(tmp_path, monkeypatch):
         raise RuntimeError("injected self-check failure")
 
     monkeypatch.setattr(selfcheck, "run", failing_check)
-    cockpit, step = _training("mlp", "sgd", "economy", tmp_path / "run")
-    try:
-        step()
-        _assert_no_cyclic_garbage(step)
-    finally:
-        cockpit.close()
+    _assert_no_cyclic_garbage_after_the_first(*_training("mlp", "sgd", "economy", tmp_path / "run"))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -212,18 +220,7 @@ def test_failing_quantity_leaves_no_cyclic_garbage(tmp_path):
     crit = nn.CrossEntropyLoss()
     cockpit = cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "run",
                                  quantities=["grad_norm", Failing("every")])
-
-    def step():
-        x, y = data(8)
-        opt.zero_grad()
-        crit(model(x), y).backward()
-        opt.step()
-
-    try:
-        step()
-        _assert_no_cyclic_garbage(step)
-    finally:
-        cockpit.close()
+    _assert_no_cyclic_garbage_after_the_first(cockpit, _step_of(model, opt, crit, data))
     reasons = cockpit.load().reasons("failing")
     assert reasons and all("injected failure" in why for why in reasons.values())
 
@@ -253,10 +250,10 @@ class _FreqEmbedding(nn.Module):
         return self.head(self.emb(ids).mean(1))
 
 
-@pytest.mark.parametrize("model_cls,data", [
-    (_CellLoop, lambda: torch.randn(6, 4, 3)), (_FreqEmbedding, lambda: torch.randint(0, 10, (6, 5)))])
+@pytest.mark.parametrize("model_cls,inputs", [
+    (_CellLoop, lambda b: torch.randn(b, 4, 3)), (_FreqEmbedding, lambda b: torch.randint(0, 10, (b, 5)))])
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_a_layer_rule_that_refuses_leaves_no_cyclic_garbage(tmp_path, model_cls, data):
+def test_a_layer_rule_that_refuses_leaves_no_cyclic_garbage(tmp_path, model_cls, inputs):
     """A layer rule's refusal (``rules.Unsupported``) is kept by the per-sample view for the step: kept with its
     traceback, whose frames hold the view, it kept every layer call of the step (inputs, output gradients) alive
     until the collector ran (6 per step on the LSTMCell loop)."""
@@ -265,14 +262,5 @@ def test_a_layer_rule_that_refuses_leaves_no_cyclic_garbage(tmp_path, model_cls,
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     cockpit = cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "run",
                                  quantities=["loss", "norm_test", "mean_gsnr"])
-
-    def step():
-        opt.zero_grad()
-        crit(model(data()), torch.randint(0, 3, (6,))).backward()
-        opt.step()
-
-    try:
-        step()
-        _assert_no_cyclic_garbage(step)
-    finally:
-        cockpit.close()
+    data = lambda b: (inputs(b), torch.randint(0, 3, (b,)))  # noqa: E731
+    _assert_no_cyclic_garbage_after_the_first(cockpit, _step_of(model, opt, crit, data, batch=6))
