@@ -115,7 +115,24 @@ def _reshaped(loss_input) -> Optional[OutputView]:
     size = tuple(loss_input.shape)
     if not shape or math.prod(shape) != math.prod(size) or shape == size:
         return None
+    if _layer_unflatten(node, shape, size):
+        return None
     return OutputView(shape, _contiguous_strides(shape), size, _contiguous_strides(size), 0, "reshape")
+
+
+_PRODUCT_NODES = ("AddmmBackward0", "MmBackward0")
+
+
+def _layer_unflatten(node, shape, size) -> bool:
+    """Whether the reshape is a layer's own: ``F.linear`` with a bias on a [B, T, in] input computes ``addmm`` on
+    its [B*T, in] rows and views the result back to [B, T, out]. That view splits dim 0 of a matrix product; the
+    loss input's own dim 0 is then the batch, not the product's B*T rows (was: per-sample losses and the
+    self-check unavailable for Phi, GPT-J, CodeGen heads and a biased head whose loss is computed in forward)."""
+    k = len(size) - len(shape) + 1
+    if k < 2 or tuple(size[k:]) != tuple(shape[1:]) or math.prod(size[:k]) != shape[0]:
+        return False
+    source = next((f for f, _ in node.next_functions if f is not None), None)
+    return type(source).__name__ in _PRODUCT_NODES
 
 
 _COPY_NODES = ("Clone", "View", "UnsafeView", "Transpose", "Permute", "ToCopy", "ReshapeAlias", "Slice", "Select",
