@@ -101,3 +101,32 @@ def cabs(G: torch.Tensor, lr: float, loss: float) -> float:
     B = G.shape[0]
     g = G.mean(0)
     return float(lr * ((G ** 2).sum(0) - B * g ** 2).sum() / (B * loss))
+
+
+def losses_and_grads(model, shares: Callable) -> tuple:
+    """(l [B], G [B, P]) in float64 from ``shares(model64)``: the list of per-sample losses l_i, each computed
+    from sample i alone (its share of the batch's loss, so that mean_i l_i is the loss), differentiated alone."""
+    import copy
+
+    m = copy.deepcopy(model).double()
+    params = list(m.parameters())
+    losses, rows = [], []
+    for share in shares(m):
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(share, params)]))
+        losses.append(share.detach())
+    return torch.stack(losses), torch.stack(rows)
+
+
+def alpha(losses0, losses1, G0, G1, d) -> float:
+    """alpha of QUANTITIES.md: the weighted quadratic fit of the per-sample losses and their slopes along the
+    update d at theta_t (losses0, G0) and theta_{t+1} (losses1, G1), on the same batch, all float64."""
+    import numpy as np
+
+    t = float(d.norm())
+    obs = [(float(ls.mean()), float(ls.var()), float((G @ (d / t)).mean()), float((G @ (d / t)).var()))
+           for ls, G in ((losses0, G0), (losses1, G1))]
+    (f0, vf0, df0, vd0), (f1, vf1, df1, vd1) = obs
+    Phi = np.array([[1, 0, 0], [1, t, t * t], [0, 1, 0], [0, 1, 2 * t]], dtype=np.float64)
+    w = np.sqrt(1.0 / np.array([vf0, vf1, vd0, vd1]))
+    w0, w1, w2 = np.linalg.lstsq(Phi * w[:, None], np.array([f0, f1, df0, df1]) * w, rcond=None)[0]
+    return -1.0 if w2 <= 0 else 2 * t / (-w1 / w2) - 1

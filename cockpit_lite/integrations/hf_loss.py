@@ -49,6 +49,10 @@ class ModelLoss(torch.nn.Module):
         self.reduction = "mean"  # a mean over some count; its normaliser is recovered from the logged loss
         self.form: Optional[LossForm] = None
         self._handover: Optional[torch.Tensor] = None
+        #: (key, view): where the model's output holds the loss input (``"logits"``; an index for a tuple output)
+        #: and how the loss read it (``output_view.OutputView``), for the per-sample replay
+        #: (``persample/replayed.py``: the model re-run without its labels); None if not found
+        self.output_key: Any = None
         #: "sum" while the handed-over loss is divided by the whole step's count (num_items_in_batch)
         self.combine: Optional[str] = None
 
@@ -197,6 +201,7 @@ class ModelLossObserver:
         self._opaque = None
         if len(calls) == 1 and calls[0].value is loss:
             self.module.hand_over(calls[0].form, calls[0].positional, loss, calls[0].combine)
+            self.module.output_key = _output_key(output, calls[0].positional[0] if calls[0].positional else None)
             if calls[0].form.order and self._global is not None:
                 # the model computes its loss with loss_function: the global hook (which puts every module
                 # call of the process on torch's slow path) is not needed
@@ -211,6 +216,7 @@ class ModelLossObserver:
             warnings.warn(f"cockpit-lite: {reason}; 'loss' is logged, per-sample quantities and curvature are NaN",
                           RuntimeWarning, stacklevel=2)
         self._opaque = reason
+        self.module.output_key = None
         failures = getattr(getattr(self, "watched", None), "rule_failures", None)
         if failures is not None:  # every per-sample value of the rest of the run: NaN with this reason
             for name in self.watched.names:
@@ -241,6 +247,23 @@ def _returned_loss(output) -> Optional[torch.Tensor]:
     else:
         return None
     return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+
+
+def _output_key(output, loss_input) -> Any:
+    """(key or tuple index, view): the entry of ``output`` that the loss function's input is, or is a view of
+    (``logits.view(-1, n)`` in BERT's heads); None when it is neither (a copy, a tensor computed from it)."""
+    from ..persample.output_view import describe
+
+    if not isinstance(loss_input, torch.Tensor):
+        return None
+    items = output.items() if isinstance(output, dict) else enumerate(output) if isinstance(output, (tuple, list)) else ()
+    for key, value in items:  # the same storage first: describe() of another tensor walks the autograd graph
+        if (isinstance(value, torch.Tensor) and value.dim() > 0 and value.device == loss_input.device
+                and value.untyped_storage().data_ptr() == loss_input.untyped_storage().data_ptr()):
+            view = describe(value, loss_input)
+            if view is not None and view.kind not in ("copy", "cast", "strided"):
+                return key, view
+    return None
 
 
 def observe_model_loss(model: torch.nn.Module) -> Optional[ModelLossObserver]:

@@ -54,7 +54,9 @@ def replayed_grads(model: torch.nn.Module, loss_fn, call, mb, b: int, reduction:
         raise ReplayUnavailable("the loss inputs of this step were not kept")
     if getattr(mb, "replay", None):
         raise ReplayUnavailable(mb.replay)
-    view = getattr(mb, "view", None)
+    view, out_key = getattr(mb, "view", None), None
+    if getattr(loss_fn, "output_key", None) is not None:  # a model computing its loss in forward (ModelLoss)
+        out_key, view = loss_fn.output_key
     if view is None:
         raise ReplayUnavailable("the loss input is neither the model output nor read from it by a view or a copy, "
                                 "so the loss of one sample cannot be re-evaluated from the model alone")
@@ -103,7 +105,10 @@ def replayed_grads(model: torch.nn.Module, loss_fn, call, mb, b: int, reduction:
         kwargs = tree_unflatten(_merge(k_b, kw_fixed, kw_flags, dim), kw_spec)
         with replaying():
             out = functional_call(model, st, tuple(args), kwargs, tie_weights=False)
-        leaf = out if isinstance(out, torch.Tensor) else next(x for x in tree_leaves(out) if isinstance(x, torch.Tensor))
+        if out_key is not None:  # a model computing its loss in forward: the entry its loss read (out.logits)
+            leaf = out[out_key]
+        else:
+            leaf = out if isinstance(out, torch.Tensor) else next(x for x in tree_leaves(out) if isinstance(x, torch.Tensor))
         L = replay_view(view, leaf.movedim(dim, 0) if dim else leaf, (b, 1))
         elems = fn(L, *(t.unsqueeze(0) if flag == 1 else t for t, flag in t_b))
         loss = elems.float().sum() * factor if elems.dtype in (torch.float16, torch.bfloat16) else elems.sum() * factor

@@ -11,37 +11,14 @@ alpha (QUANTITIES.md's fit at theta_t and theta_{t+1} on the same batch), the se
 import copy
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import cockpit_lite
+from reference import alpha, losses_and_grads
 
 B, T, D = 4, 6, 5
-
-
-def _alpha(losses0, losses1, G0, G1, d) -> float:
-    """alpha of QUANTITIES.md from float64 per-sample losses and gradients at both ends of the step."""
-    t = float(d.norm())
-    obs = [(float(ls.mean()), float(ls.var()), float((G @ (d / t)).mean()), float((G @ (d / t)).var()))
-           for ls, G in ((losses0, G0), (losses1, G1))]
-    (f0, vf0, df0, vd0), (f1, vf1, df1, vd1) = obs
-    Phi = np.array([[1, 0, 0], [1, t, t * t], [0, 1, 0], [0, 1, 2 * t]], dtype=np.float64)
-    w = np.sqrt(1.0 / np.array([vf0, vf1, vd0, vd1]))
-    w0, w1, w2 = np.linalg.lstsq(Phi * w[:, None], np.array([f0, f1, df0, df1]) * w, rcond=None)[0]
-    return -1.0 if w2 <= 0 else 2 * t / (-w1 / w2) - 1
-
-
-def _brute(model, shares):
-    """(losses [B], per-sample gradients [B, P]) in float64, each sample alone."""
-    m = copy.deepcopy(model).double()
-    params = [p for p in m.parameters()]
-    losses, rows = [], []
-    for share in shares(m):
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(share, params)]))
-        losses.append(share.detach())
-    return torch.stack(losses), torch.stack(rows)
 
 
 class LossInForward(nn.Module):
@@ -120,6 +97,6 @@ def test_alpha_and_the_self_check_against_brute_force(tmp_path, case):
     ends = []
     for state in snaps:
         ref.load_state_dict(state)
-        ends.append((_brute(ref, shares), torch.cat([p.detach().double().reshape(-1) for p in ref.parameters()])))
+        ends.append((losses_and_grads(ref, shares), torch.cat([p.detach().double().reshape(-1) for p in ref.parameters()])))
     ((l0, G0), th0), ((l1, G1), th1) = ends
-    assert run.series("alpha")[1][0] == pytest.approx(_alpha(l0, l1, G0, G1, th1 - th0), abs=1e-3)
+    assert run.series("alpha")[1][0] == pytest.approx(alpha(l0, l1, G0, G1, th1 - th0), abs=1e-3)
