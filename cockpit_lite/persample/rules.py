@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
@@ -82,10 +83,40 @@ def rule_for(module: torch.nn.Module, x) -> Optional[Rule]:
     """The rule that serves a call of ``module`` with first input ``x``, or None (the fallback's). A subclass
     that replaces ``forward`` (Hugging Face's learned position embeddings compute their indices from the
     attention mask or the input's shape; a Linear that scales its output) is not the layer the rule knows:
-    the fallback differentiates its own forward."""
-    if not stock_forward(module):
+    the fallback differentiates its own forward, unless it is a norm whose forward gives the stock one's output
+    (``same_as_stock``)."""
+    if not stock_forward(module) and not same_as_stock(module, x):
         return None
     return next((r for r in RULES if r.applies(module, x)), None)
+
+
+#: norms whose subclasses often re-route ``forward`` to the same functional (timm's GroupNorm1 and LayerNorm call
+#: F.group_norm / F.layer_norm themselves, with a switch to a fused kernel)
+_NORMS = tuple(c for c in (torch.nn.LayerNorm, torch.nn.GroupNorm, _RMSNorm) if c is not None)
+_SAME_AS_STOCK: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def same_as_stock(module: torch.nn.Module, x) -> bool:
+    """Whether ``module``, a subclass of a stock norm with its own ``forward``, gives the stock forward's output on
+    ``x`` (to float32 rounding; checked on its first call, then remembered). Such a subclass is served by the stock
+    rule: exact like the fallback, without its per-sample replay of the module, and with the terms the rounding check
+    reads (PoolFormer's GroupNorm1 bias, whose gradient the pooling token mixer cancels to 0: the fallback's
+    per-sample values were its rounding noise, logged as values). The first step's self-check compares the rule's
+    sums with ``.grad`` as for any rule."""
+    base = next((c for c in _NORMS if isinstance(module, c)), None)
+    if base is None or not isinstance(x, torch.Tensor):
+        return False
+    verdict = _SAME_AS_STOCK.get(module)
+    if verdict is None:
+        try:
+            with torch.no_grad():  # forward itself, not __call__: no hooks (the user's or a cockpit's) run
+                own, stock = type(module).forward(module, x), base.forward(module, x)
+            verdict = (isinstance(own, torch.Tensor) and own.shape == stock.shape and own.dtype == stock.dtype
+                       and bool(torch.allclose(own, stock, rtol=1e-5, atol=1e-6)))
+        except Exception:
+            verdict = False
+        _SAME_AS_STOCK[module] = verdict
+    return verdict
 
 
 def stock_forward(module: torch.nn.Module) -> bool:
