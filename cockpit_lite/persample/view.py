@@ -41,6 +41,9 @@ class PerSampleView:
         self.names: List[str] = list(inputs.names)
         self._index = {id(p): j for j, p in enumerate(self.params)}
         self._reasons: Dict[str, str] = {}
+        #: the parameters among them whose only reason is a gradient too small for float32 statistics (underflow.py):
+        #: the gradient tests' totals may leave them out (quantities/_noise.tiny_left_out)
+        self.tiny: Dict[str, str] = {}
         self._global_reason: Optional[str] = None
         self._cache: Dict[object, object] = {}
         self._samples = {}  # (call order) -> {param index: ParamSamples}
@@ -271,8 +274,8 @@ class PerSampleView:
             keep_left = self._cache.setdefault("keep_left", [KEEP_FLOATS])
         got = layer_pass(parts, self.batch_sizes, wanted, v, R, self._zeros, p, d, keep_left)
         why = underflow_reason(self, j)
-        if why is not None:
-            self._reasons.setdefault(self.names[j], why)
+        if why is not None and self.names[j] not in self._reasons:
+            self._reasons[self.names[j]] = self.tiny[self.names[j]] = why
         if "blocks" in got:
             self._cache[("kept", j)] = got.pop("blocks")
         have.update(got)

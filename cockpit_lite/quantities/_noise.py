@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..distributed import sum_numbers, sum_tensors
+from ..persample.dense_grads import grad_norms
 from . import _resolution
 
 
@@ -156,12 +157,17 @@ def _resolution_reasons(ctx, sensitivity: float):
 
 
 def emit_total_and_parts(ctx, name: str, total: Optional[torch.Tensor], parts, per_param: bool = True,
-                         resolved: Optional[Tuple[Dict[int, str], Optional[str]]] = None) -> None:
+                         resolved: Optional[Tuple[Dict[int, str], Optional[str]]] = None, tiny_ok: bool = False) -> None:
     """Emit ``name`` and ``name/<param>`` (``parts``: a list of 0-d tensors or a 1-d tensor); unavailable
     parameters (and the total, if any is) as NaN with the reason; non-finite results (e.g. a zero
     gradient) as NaN with that reason; ``resolved`` (``resolution(ctx)``): values float32 does not
-    resolve, NaN with that reason."""
+    resolve, NaN with that reason. ``tiny_ok``: a total of sums over the samples (the norm, inner-product and
+    orthogonality tests) is kept where the only unavailable parameters are too small for float32 statistics and
+    their share of it is below float32's rounding (``tiny_left_out``)."""
     reasons = ctx.per_sample.unsupported()
+    blocking = reasons
+    if tiny_ok and reasons and total is not None and math.isfinite(float(total)) and tiny_left_out(ctx):
+        blocking = {n: r for n, r in reasons.items() if n not in ctx.per_sample.tiny}
     frozen = ctx.per_sample.frozen
     coarse, coarse_total = resolved or ({}, None)
     if per_param and len(ctx.names) > 1:
@@ -177,14 +183,32 @@ def emit_total_and_parts(ctx, name: str, total: Optional[torch.Tensor], parts, p
                 ctx.emit_nan(key, coarse[j])
             else:
                 _emit_checked(ctx, key, v)
-    if reasons:
-        first = next(iter(reasons))
-        more = f" (and {len(reasons) - 1} more parameter(s))" if len(reasons) > 1 else ""
-        ctx.emit_nan(name, f"per-sample information unavailable for {first}: {reasons[first]}{more}")
+    if blocking:
+        first = next(iter(blocking))
+        more = f" (and {len(blocking) - 1} more parameter(s))" if len(blocking) > 1 else ""
+        ctx.emit_nan(name, f"per-sample information unavailable for {first}: {blocking[first]}{more}")
     elif coarse_total is not None:
         ctx.emit_nan(name, coarse_total)
     else:
         _emit_checked(ctx, name, total)
+
+
+#: the gradient norm of the other parameters above which those with ||g|| < underflow.TINY_ABS (1e-15) hold less than
+#: 1e-12 of ||g||^2: their float32 statistics (off by percents of their own size) move a total of sums over the samples
+#: by far less than its rounding
+TINY_TOTAL_FLOOR = 1e-9
+
+
+def tiny_left_out(ctx) -> bool:
+    """Whether every parameter too small for float32 statistics (``PerSampleView.tiny``, found on this process) is a
+    negligible part of the step's gradient: one process only (a data-parallel run keeps the totals NaN). CaiT's
+    LayerScale (1e-5), BART's and EdgeNeXt's tiny gradients made every total NaN though the rest was exact."""
+    view = ctx.per_sample
+    if not view.tiny or ctx.watched.dist is not None:
+        return False
+    norms = grad_norms(view)
+    rest = math.fsum(x * x for name, x in zip(view.names, norms) if name not in view.tiny and math.isfinite(x))
+    return math.sqrt(rest) >= TINY_TOTAL_FLOOR
 
 
 def _emit_checked(ctx, key, v):

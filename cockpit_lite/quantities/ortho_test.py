@@ -38,4 +38,4 @@ class OrthoTest(Quantity):
                                              float(sums["dots2_total"][0] / gg.sum()), "sum_i ||g_i||^2 and sum_i p_i^2 / ||g||^2")
         cancelled = ({j: r for j, r in cancelled[0].items() if not single[j]}, cancelled[1])
         noise.emit_total_and_parts(ctx, self.name, total, parts,
-                                   resolved=_resolution.merged(noise.resolution(ctx), cancelled))
+                                   resolved=_resolution.merged(noise.resolution(ctx), cancelled), tiny_ok=True)
