@@ -1,0 +1,159 @@
+"""Curvature of the per-sample rounds' model forms (tests/unseen_*models.py builders, ``Unseen``) against dense
+float64 references, for tests/curvature/test_unseen_curvature_round6.py.
+
+The reference knows nothing of cockpit_lite: the step's loss is sum_k w_k loss_fn(*loss_input(call(model, x_k), y_k))
+over its micro-batches (w_k = b_k / B for a mean reduction, 1 for a sum: the project's convention for the loop's
+factors, ``loss_combine.py``), each micro-batch's forward run from the RNG state and the buffers its training
+forward found (caught by a forward pre-hook on the model: dropout masks, spectral_norm's u, v), differentiated
+twice by ``torch.autograd.functional`` in float64. The GGN is split at the loss function's input (at the logits
+where that input is an ``nn.LogSoftmax``'s output); M_j = (1/B) sum_i g_ij^2 from ``unseen_models.reference``'s
+per-sample loop."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import List
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import cockpit_lite
+import unseen_curvature_models as U
+from curvature_reference import split_flat
+from unseen_models import reference, to_double
+
+
+class _Caller(nn.Module):
+    """``call(model, x)`` as a module, so that ``functional_call`` can swap the model's parameters and buffers."""
+
+    def __init__(self, call, model):
+        super().__init__()
+        self.call, self.m = call, model
+
+    def forward(self, x):
+        return self.call(self.m, x)
+
+
+def train(u, logdir, steps: int = 2, lr: float = 0.1, quantities=None):
+    """``steps`` SGD steps of case ``u`` watched by cockpit-lite; returns (run, [per step: (theta_t, [per
+    micro-batch: (buffers, rng state) its forward found]), the model before training]."""
+    model = u.model
+    before = copy.deepcopy(model)
+    seen: List[tuple] = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a: seen.append(({n: b.detach().clone() for n, b in m.named_buffers()}, torch.get_rng_state())))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    states = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with cockpit_lite.watch(model, opt, loss_fn=u.loss_fn, logdir=logdir,
+                                    quantities=quantities if quantities is not None else U.quantities(True)):
+                for _ in range(steps):
+                    opt.zero_grad()
+                    theta = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                    seen.clear()
+                    for x, y, c in u.micro:
+                        (c * u.loss_fn(*u.loss_input(u.call(model, x), y))).backward()
+                    states.append((theta, list(seen[:len(u.micro)])))
+                    opt.step()
+    finally:
+        hook.remove()
+    return cockpit_lite.load(logdir), states, before
+
+
+def _weights(u):
+    sizes = [u.size(x) for x, _, _ in u.micro]
+    if getattr(u.loss_fn, "reduction", "mean") == "sum":
+        return [1.0] * len(sizes)
+    return [s / sum(sizes) for s in sizes]
+
+
+def dense(u, model, theta, found, tail=None, with_ggn=True):
+    """(H, G) in float64 at ``theta`` (the other parameters held at ``model``'s values); ``found``: the buffers and
+    RNG state of each micro-batch's forward; ``tail(m)``: a module whose input is the GGN's split (else the loss
+    input). G is None where ``with_ggn`` is False."""
+    m = copy.deepcopy(model).double()
+    m.load_state_dict({k: v for k, v in theta.items()}, strict=False)
+    caller = _Caller(u.call, m)
+    fn = copy.deepcopy(u.loss_fn).double()
+    names = list(theta)
+    shapes = [tuple(theta[n].shape) for n in names]
+    flat = torch.cat([theta[n].reshape(-1) for n in names]).double()
+    ws = _weights(u)
+    outer = torch.get_rng_state()
+
+    def state(f, bufs):
+        s = {"m." + k: v for k, v in split_flat(f, names, shapes).items()}
+        s.update({"m." + k: (b.double() if b.is_floating_point() else b).clone() for k, b in bufs.items()})
+        return s
+
+    def loss_of(f, k):
+        x, y, _ = u.micro[k]
+        bufs, rng = found[k]
+        torch.set_rng_state(rng)
+        out = functional_call(caller, state(f, bufs), (to_double(x),))
+        return fn(*u.loss_input(out, to_double(y)))
+
+    try:
+        with U._math_attention():
+            H = torch.autograd.functional.hessian(lambda f: sum(w * loss_of(f, k) for k, w in enumerate(ws)), flat)
+            if not with_ggn:
+                return H, None
+            G = 0
+            for k, w in enumerate(ws):
+                x, y, _ = u.micro[k]
+                bufs, rng = found[k]
+                seen = []
+
+                def split_out(f, k=k, bufs=bufs, rng=rng):
+                    torch.set_rng_state(rng)
+                    seen.clear()
+                    hook = tail(m).register_forward_hook(lambda mod, a, o: seen.append(a[0])) if tail else None
+                    try:
+                        out = functional_call(caller, state(f, bufs), (to_double(x),))
+                    finally:
+                        if hook:
+                            hook.remove()
+                    first, *rest = u.loss_input(out, to_double(y))
+                    return seen[-1] if tail else first, rest
+
+                z, rest = split_out(flat)
+                rest = [r.detach() if isinstance(r, torch.Tensor) else r for r in rest]
+                J = torch.autograd.functional.jacobian(lambda f: split_out(f)[0], flat).reshape(z.numel(), -1)
+                t = tail(m) if tail else (lambda o: o)
+                HL = torch.autograd.functional.hessian(lambda o: w * fn(t(o.view_as(z)), *rest), z.detach().reshape(-1))
+                G = G + J.T @ HL @ J
+    finally:
+        torch.set_rng_state(outer)
+    return H, G
+
+
+def second_moment(u, model, theta):
+    """M_j = (1/B) sum_i g_ij^2 with the project's g_i (``unseen_models.reference``; a sum reduction's g_i is the
+    gradient of sample i's own loss)."""
+    m = copy.deepcopy(model)
+    m.load_state_dict(theta, strict=False)
+    _, G, _ = reference(u, m)
+    if getattr(u.loss_fn, "reduction", "mean") == "sum":
+        G = [g / u.B for g in G]
+    return torch.cat([(g ** 2).mean(0).reshape(-1) for g in G])
+
+
+def truths(u, states, before, tic=True, tail=None, ggn=True):
+    """Per step: {quantity: dense value}, and the Hessian's eigenvalues."""
+    out = []
+    for theta, found in states:
+        H, G = dense(u, before, theta, found, tail, ggn)
+        ev = torch.linalg.eigvalsh(H)
+        truth = {"hess_trace": float(torch.trace(H)), "hess_max_ev": float(ev[-1])}
+        if G is not None:
+            truth["ggn_trace"] = float(torch.trace(G))
+        if tic:
+            M, c = second_moment(u, before, theta), torch.diagonal(H)
+            truth["tic_diag"] = float((M / (c + U.EPS)).sum())
+            truth["tic_trace"] = float(M.sum() / (c.sum() + U.EPS))
+        out.append((truth, ev))
+    return out
