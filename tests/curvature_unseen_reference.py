@@ -5,7 +5,7 @@ The reference knows nothing of cockpit_lite: the step's loss is sum_k w_k loss_f
 over its micro-batches (w_k = b_k / B for a mean reduction, 1 for a sum: the project's convention for the loop's
 factors, ``loss_combine.py``), each micro-batch's forward run from the RNG state and the buffers its training
 forward found (caught by a forward pre-hook on the model: dropout masks, spectral_norm's u, v), differentiated
-twice by ``torch.autograd.functional`` in float64. The GGN is split at the loss function's input (at the logits
+twice by ``torch.autograd.functional`` in float64 (weight norm by its formula, ``_PlainWeightNorm``). The GGN is split at the loss function's input (at the logits
 where that input is an ``nn.LogSoftmax``'s output); M_j = (1/B) sum_i g_ij^2 from ``unseen_models.reference``'s
 per-sample loop."""
 
@@ -18,11 +18,26 @@ from typing import List
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
 import cockpit_lite
 import unseen_curvature_models as U
 from curvature_reference import split_flat
 from unseen_models import reference, to_double
+
+
+class _PlainWeightNorm(TorchFunctionMode):
+    """``torch._weight_norm`` as its definition w = v g / ||v|| (norm over every dim but ``dim``): the fused kernel's
+    double backward is wrong in PyTorch (CPU, torch 2.14), so a reference through it would be wrong too."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch._weight_norm:
+            v, g, *rest = args
+            dim = rest[0] if rest else kwargs.get("dim", 0)
+            dims = [d for d in range(v.dim()) if d != dim % v.dim()] if dim != -1 else list(range(v.dim()))
+            return v * g / torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+        return func(*args, **kwargs)
 
 
 class _Caller(nn.Module):
@@ -98,7 +113,7 @@ def dense(u, model, theta, found, tail=None, with_ggn=True):
         return fn(*u.loss_input(out, to_double(y)))
 
     try:
-        with U._math_attention():
+        with U._math_attention(), _PlainWeightNorm():
             H = torch.autograd.functional.hessian(lambda f: sum(w * loss_of(f, k) for k, w in enumerate(ws)), flat)
             if not with_ggn:
                 return H, None
