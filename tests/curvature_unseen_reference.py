@@ -92,6 +92,9 @@ def dense(u, model, theta, found, tail=None, with_ggn=True):
     input). G is None where ``with_ggn`` is False."""
     m = copy.deepcopy(model).double()
     m.load_state_dict({k: v for k, v in theta.items()}, strict=False)
+    for e in m.modules():  # the loss's Hessian: these flags change the gradient's form (and its derivative), not the loss
+        if isinstance(e, nn.Embedding):
+            e.scale_grad_by_freq = e.sparse = False
     caller = _Caller(u.call, m)
     fn = copy.deepcopy(u.loss_fn).double()
     names = list(theta)
@@ -101,7 +104,7 @@ def dense(u, model, theta, found, tail=None, with_ggn=True):
     outer = torch.get_rng_state()
 
     def state(f, bufs):
-        s = {"m." + k: v for k, v in split_flat(f, names, shapes).items()}
+        s = {"m." + k: v.clone() for k, v in split_flat(f, names, shapes).items()}  # Embedding(max_norm) writes it
         s.update({"m." + k: (b.double() if b.is_floating_point() else b).clone() for k, b in bufs.items()})
         return s
 

@@ -12,7 +12,7 @@ of the whole step (all micro-batches, combined as the loss reduction implies) wi
   untouched, each as the step's forward found it (``forward_buffers.py``: spectral_norm's power-iteration vectors
   are not advanced twice); the model runs in its current (training) mode, i.e. with batch statistics, as trained;
 * scaled-dot-product attention runs on its math kernel (the fused ones cannot be differentiated twice), and
-  weight normalisation on its unfused formula (the fused kernel's double backward is wrong: ``weight_norm.py``);
+  weight normalisation on its unfused formula, embeddings without scale_grad_by_freq / sparse (``plain_ops.py``);
 * the model is called through its ``forward`` inside a wrapper and the loss through ``loss_fn.forward``,
   so the cockpit's own forward hooks on the model and the loss do not fire again; a model that calls
   the loss module itself inside ``forward`` (Hugging Face style) is replayed with that call's input and
@@ -34,7 +34,7 @@ from ..replay import replaying
 from ..rng import preserved_rng, set_rng_state
 from ..loss_combine import micro_batch_weights, step_normalised
 from ..param_slots import aliases, written_in_forward
-from .weight_norm import unfused_weight_norm, uses_weight_norm
+from .plain_ops import needs_plain_ops, plain_ops
 
 
 class CurvatureUnavailable(RuntimeError):
@@ -134,7 +134,7 @@ class BatchLoss:
         self._buffer_keys = aliases(model, "_buffers", "model.")
         self.calls = calls
         self.subbatch = subbatch
-        self._weight_norm = uses_weight_norm(model)  # its fused kernel's double backward is wrong (weight_norm.py)
+        self._plain = needs_plain_ops(model)  # weight norm, Embedding(scale_grad_by_freq / sparse): plain_ops.py
 
     @property
     def num_samples(self) -> Optional[int]:
@@ -172,7 +172,7 @@ class BatchLoss:
     def outputs_and_losses(self, params: Sequence[torch.Tensor]):
         """[(model output, weighted loss)] per micro-batch, in the training RNG states."""
         out = []
-        with preserved_rng(), twice_differentiable_attention(), unfused_weight_norm(self._weight_norm):
+        with preserved_rng(), twice_differentiable_attention(), plain_ops(self._plain):
             for i, c in enumerate(self.calls):
                 y, loss = self.replay(params, i)
                 if loss.numel() != 1:  # reduction='none' that the loop averaged (rebuild refuses the rest:
