@@ -21,6 +21,7 @@ of the whole step (all micro-batches, combined as the loss reduction implies) wi
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -169,10 +170,20 @@ class BatchLoss:
         return functional_call(self.wrapper, self._state(params, c.buffers), (args, kwargs, target, c.view, c.batch),
                                tie_weights=False)
 
+    def kernels(self) -> ExitStack:
+        """The re-evaluation's choice of ops (attention's math kernel, ``plain_ops``), also needed around the
+        backward passes through it: a checkpointed segment recomputes its forward there, and under another kernel
+        its saved tensors differ (torch.utils.checkpoint's CheckpointError "Recomputed values ... have different
+        metadata": every curvature value of a checkpointed transformer was NaN)."""
+        stack = ExitStack()
+        stack.enter_context(twice_differentiable_attention())
+        stack.enter_context(plain_ops(self._plain))
+        return stack
+
     def outputs_and_losses(self, params: Sequence[torch.Tensor]):
         """[(model output, weighted loss)] per micro-batch, in the training RNG states."""
         out = []
-        with preserved_rng(), twice_differentiable_attention(), plain_ops(self._plain):
+        with preserved_rng(), self.kernels():
             for i, c in enumerate(self.calls):
                 y, loss = self.replay(params, i)
                 if loss.numel() != 1:  # reduction='none' that the loop averaged (rebuild refuses the rest:
