@@ -161,7 +161,7 @@ def second_moment(u, model, theta):
 
 
 def truths(u, states, before, tic=True, tail=None, ggn=True):
-    """Per step: {quantity: dense value}, and the Hessian's eigenvalues."""
+    """Per step: {quantity: dense value}, and the Hessian's eigenvalues (TIC only where ``tic``, the GGN where ``ggn``)."""
     out = []
     for theta, found in states:
         H, G = dense(u, before, theta, found, tail, ggn)
