@@ -154,10 +154,32 @@ def second_moment(u, model, theta):
     gradient of sample i's own loss)."""
     m = copy.deepcopy(model)
     m.load_state_dict(theta, strict=False)
+    dim = int(u.notes.get("batch_dim", 0))
+    if dim:
+        return _second_moment_along(u, m, dim)
     _, G, _ = reference(u, m)
     if getattr(u.loss_fn, "reduction", "mean") == "sum":
         G = [g / u.B for g in G]
     return torch.cat([(g ** 2).mean(0).reshape(-1) for g in G])
+
+
+def _second_moment_along(u, model, dim):
+    """``second_moment`` for a model whose samples lie along ``dim`` of its input and output (sequence-first, one
+    micro-batch, a mean loss): g_i = B grad L with the other samples' outputs detached."""
+    m = copy.deepcopy(model).double()
+    fn = copy.deepcopy(u.loss_fn).double()
+    params = [p for p in m.parameters() if p.requires_grad]
+    (x, y, _), = u.micro
+    B = u.size(x)
+    with torch.no_grad():
+        full = u.call(m, to_double(x))
+    rows = []
+    for i in range(B):
+        out = torch.cat([full.narrow(dim, 0, i), u.call(m, u.take(to_double(x), i)), full.narrow(dim, i + 1, B - i - 1)],
+                        dim)
+        g = torch.autograd.grad(B * fn(*u.loss_input(out, y)), params, allow_unused=True)
+        rows.append(torch.cat([(a if a is not None else torch.zeros_like(p)).reshape(-1) for a, p in zip(g, params)]))
+    return (torch.stack(rows) ** 2).mean(0)
 
 
 def truths(u, states, before, tic=True, tail=None, ggn=True):

@@ -74,7 +74,8 @@ def _unseen(build):
         c = build()
         d = c.batch_dim
         return Unseen(c.name, c.model, c.loss_fn, [(c.x, c.y, 1.0)], c.loss_input,
-                      take=(lambda x, i: x.narrow(d, i, 1)) if d else narrow, size=lambda x: int(x.shape[d]))
+                      take=(lambda x, i: x.narrow(d, i, 1)) if d else narrow, size=lambda x: int(x.shape[d]),
+                      notes={"batch_dim": str(d)})
     return f
 
 
