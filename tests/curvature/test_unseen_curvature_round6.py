@@ -204,17 +204,24 @@ class _DropoutNet(nn.Module):
 
     def __init__(self, kind="dropout"):
         super().__init__()
+        self.kind = kind
         self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
         if kind == "dropout":
             self.drop = nn.Dropout(0.3)
-        else:
+        elif kind == "stochastic_depth":
             from torchvision.ops import StochasticDepth
 
             self.drop = StochasticDepth(0.5, "row")
+        else:  # a noisy top-1 router (Shazeer et al. 2017) over two experts, b and e
+            self.gate, self.e = nn.Linear(6, 2), nn.Linear(6, 6)
 
     def forward(self, x):
         h = torch.tanh(self.a(x))
-        return self.c(h + self.drop(torch.tanh(self.b(h))))
+        if self.kind != "noisy_router":
+            return self.c(h + self.drop(torch.tanh(self.b(h))))
+        logits = self.gate(h) + torch.randn(h.shape[0], 2)
+        pick = torch.nn.functional.one_hot(logits.argmax(1), 2).to(h.dtype) * torch.softmax(logits, 1)
+        return self.c(h + pick[:, :1] * torch.tanh(self.b(h)) + pick[:, 1:] * torch.tanh(self.e(h)))
 
 
 def _masked_second_moment(u, before, theta, found):
@@ -232,16 +239,16 @@ def _masked_second_moment(u, before, theta, found):
     return (torch.stack(rows) ** 2).mean(0)
 
 
-@pytest.mark.parametrize("form", ["sequential", "custom_forward", "stochastic_depth"])
+@pytest.mark.parametrize("form", ["sequential", "custom_forward", "stochastic_depth", "noisy_router"])
 def test_dropout_masks_replayed(tmp_path, form):
-    """Dropout(0.3) in training mode (or stochastic depth), three SGD steps: the re-evaluation restores each forward's RNG state, so the
+    """Dropout(0.3) in training mode (or stochastic depth, or a router adding noise), three SGD steps: the re-evaluation restores each forward's RNG state, so the
     curvature is that of the step's own masks: BackPACK's diagonals (nn.Sequential) exact, TIC included (against
     per-sample gradients under the same masks), hess_max_ev within its bound; the estimators' values within 4 s.e."""
     torch.manual_seed(1)
     if form == "stochastic_depth":
         pytest.importorskip("torchvision")
     model = (nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(0.3), nn.Linear(6, 3)) if form == "sequential"
-             else _DropoutNet("dropout" if form == "custom_forward" else "stochastic_depth"))
+             else _DropoutNet("dropout" if form == "custom_forward" else form))
     x, y = U.batch(1)
     u = Unseen(form, model, nn.CrossEntropyLoss(), [(x, y, 1.0)])
     run, states, before = R.train(u, tmp_path / "r", steps=3)
