@@ -171,6 +171,9 @@ def _expected_nan(name):
 
 @pytest.mark.parametrize("name", FAST + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW])
 def test_curvature_against_dense_float64(tmp_path, name):
+    """Each step's values against the dense float64 Hessian / GGN of that step's loss (the TIC reference only where a
+    TIC value is finite: the per-sample loop is the costly part); the curvature NaN only where NAN says, with that
+    reason, and finite on every step elsewhere (a regression to NaN fails too)."""
     u = _builders()[name]()
     run, states, before = R.train(u, tmp_path / "r", steps=2)
     nan = _expected_nan(name)
@@ -187,7 +190,7 @@ def test_curvature_against_dense_float64(tmp_path, name):
         assert paths[key] == "nan", (key, paths)
         assert all(piece in r for r in run.reasons(key).values()), run.reasons(key)
     for key in {"hess_trace", "ggn_trace", "hess_max_ev"} - set(nan):
-        assert paths[key] in ("exact", "estimate", "lanczos"), (key, paths, run.reasons(key))
+        assert all(v == v for v in run.series(key)[1]), (key, run.reasons(key))
 
 
 def test_every_case_is_listed():
