@@ -17,6 +17,7 @@ from typing import List
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
@@ -28,7 +29,8 @@ from unseen_models import reference, to_double
 
 class _PlainWeightNorm(TorchFunctionMode):
     """``torch._weight_norm`` as its definition w = v g / ||v|| (norm over every dim but ``dim``): the fused kernel's
-    double backward is wrong in PyTorch (CPU, torch 2.14), so a reference through it would be wrong too."""
+    double backward is wrong in PyTorch (CPU, torch 2.14), so a reference through it would be wrong too; and
+    ``F.embedding_bag`` bag by bag (its backward has no derivative)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -37,7 +39,32 @@ class _PlainWeightNorm(TorchFunctionMode):
             dim = rest[0] if rest else kwargs.get("dim", 0)
             dims = [d for d in range(v.dim()) if d != dim % v.dim()] if dim != -1 else list(range(v.dim()))
             return v * g / torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+        if func is F.embedding_bag:
+            return _bags_one_by_one(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _bags_one_by_one(input, weight, offsets=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, mode="mean",
+                     sparse=False, per_sample_weights=None, include_last_offset=False, padding_idx=None):
+    """F.embedding_bag as a loop over the bags (PyTorch cannot differentiate its backward): rows picked by indexing,
+    reduced one bag at a time (an empty bag, or one of padding only, gives zeros)."""
+    if input.dim() == 2:
+        bags = list(input)
+        ws = list(per_sample_weights) if per_sample_weights is not None else [None] * len(bags)
+    else:
+        starts = offsets.tolist()[:-1] if include_last_offset else offsets.tolist()
+        ends = starts[1:] + [offsets.tolist()[-1] if include_last_offset else input.numel()]
+        bags = [input[a:b] for a, b in zip(starts, ends)]
+        ws = [per_sample_weights[a:b] if per_sample_weights is not None else None for a, b in zip(starts, ends)]
+    out = []
+    for idx, w in zip(bags, ws):
+        keep = [k for k in range(idx.numel()) if padding_idx is None or int(idx[k]) != padding_idx]
+        rows = weight[idx[keep]] * (w[keep].unsqueeze(1) if w is not None else 1.0)
+        if not keep:
+            out.append(weight.new_zeros(weight.shape[1]))
+        else:
+            out.append(rows.sum(0) if mode == "sum" else rows.mean(0) if mode == "mean" else rows.max(0).values)
+    return torch.stack(out)
 
 
 class _Caller(nn.Module):

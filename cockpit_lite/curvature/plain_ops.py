@@ -14,6 +14,8 @@ autograd's own, and dense.
   steps and an unchecked value on others). With ``sparse=True`` the products are sparse tensors that the solvers
   cannot flatten (hess_max_ev failed with "reshape is not implemented for sparse tensors"). Both flags only change
   the gradient's form, never the loss: the re-evaluation looks the rows up without them.
+* ``F.embedding_bag`` (``nn.EmbeddingBag``): PyTorch has no derivative of its backward (every curvature value was
+  NaN): F.embedding and a sum / mean / max over each bag instead.
 """
 
 from __future__ import annotations
@@ -35,19 +37,49 @@ class _PlainOps(TorchFunctionMode):
             return v * (g / torch.norm_except_dim(v, 2, dim))
         if func is F.embedding:  # (input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
             return func(*args[:5], **{**kwargs, "scale_grad_by_freq": False, "sparse": False})
+        if func is F.embedding_bag:
+            return _embedding_bag(*args, **kwargs)
         return func(*args, **kwargs)
 
 
+def _embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, mode="mean",
+                   sparse=False, per_sample_weights=None, include_last_offset=False, padding_idx=None):
+    """F.embedding_bag from F.embedding and a segment reduction (same values): PyTorch has no derivative of
+    ``_embedding_bag_backward``, so the products through the fused op failed (every curvature value NaN)."""
+    if input.dim() == 2:  # [B, L]: one bag per row
+        b, n = input.shape
+        flat = input.reshape(-1)
+        bag = torch.arange(b, device=input.device).repeat_interleave(n)
+        per_sample_weights = None if per_sample_weights is None else per_sample_weights.reshape(-1)
+    else:
+        flat, b = input, offsets.numel() - (1 if include_last_offset else 0)
+        ends = torch.cat([offsets[1:b], offsets.new_tensor([flat.numel()])])
+        bag = torch.repeat_interleave(torch.arange(b, device=input.device), ends - offsets[:b])
+    rows = F.embedding(flat, weight, None, max_norm, norm_type)
+    keep = torch.ones_like(flat, dtype=torch.bool) if padding_idx is None else flat != padding_idx
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights.unsqueeze(1)
+    out = rows.new_zeros(b, weight.shape[1])
+    if mode == "max":
+        idx = bag[keep].unsqueeze(1).expand(-1, weight.shape[1])
+        return out.scatter_reduce(0, idx, rows[keep], "amax", include_self=False)
+    out = out.index_add(0, bag[keep], rows[keep])
+    if mode == "mean":
+        count = torch.zeros(b, dtype=rows.dtype, device=rows.device).index_add(0, bag, keep.to(rows.dtype))
+        out = out / count.clamp(min=1).unsqueeze(1)
+    return out
+
+
 def needs_plain_ops(model: nn.Module) -> bool:
-    """Whether ``model`` holds a weight-normalised module (parametrization or the old forward pre-hook) or an
-    Embedding with ``scale_grad_by_freq`` or ``sparse``."""
+    """Whether ``model`` holds a weight-normalised module (parametrization or the old forward pre-hook), an
+    Embedding with ``scale_grad_by_freq`` or ``sparse``, or an EmbeddingBag."""
     from torch.nn.utils.parametrizations import _WeightNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
     for m in model.modules():
         if isinstance(m, _WeightNorm) or any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values()):
             return True
-        if isinstance(m, nn.Embedding) and (m.scale_grad_by_freq or m.sparse):
+        if isinstance(m, nn.Embedding) and (m.scale_grad_by_freq or m.sparse) or isinstance(m, nn.EmbeddingBag):
             return True
     return False
 

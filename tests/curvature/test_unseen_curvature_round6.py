@@ -12,12 +12,15 @@ Found this way (fixed, each case below):
   (``r4.weight_norm``). The re-evaluation now uses the unfused formula (curvature/plain_ops.py);
 * ``Embedding(scale_grad_by_freq=True)``: asymmetric products (NaN on some steps, finite on others: hess_trace 0.98
   for a dense 1.20); ``Embedding(sparse=True)``: hess_max_ev failed on sparse products. Re-evaluated without the flags;
+* ``nn.EmbeddingBag`` (ten forms: offsets, 2-d, sum / mean / max, padding_idx, per_sample_weights): every curvature
+  value NaN (PyTorch has no derivative of ``_embedding_bag_backward``); re-evaluated as F.embedding and a reduction
+  per bag, the reference as a loop over the bags;
 * non-reentrant gradient checkpointing around attention (GPT, ALBERT, Hugging Face-style blocks): every curvature
   value NaN (CheckpointError: the backward's recomputation ran another attention kernel); the backward passes now run
   under the re-evaluation's kernels (BatchLoss.kernels);
 * bfloat16 autocast: tic_diag / tic_trace logged exact 0.04% / 0.26% off (the per-sample second moment carries the
   autocast rounding, the Hessian diagonal is float32): NaN with the reason, as for 16-bit parameters.
-Left NaN with the reason (known limits): EmbeddingBag (PyTorch has no double backward), reentrant checkpointing
+Left NaN with the reason (known limits): reentrant checkpointing
 (refuses autograd.grad), a loss input copied or computed from the output in the loop, loss arguments computed from
 the model, a GGN split at a loss linear in its input.
 """
@@ -80,12 +83,9 @@ def _unseen(build):
 
 
 COPY, LOOP, ARGS = "copy of the model output", "computed from the model output in the loop", "computed with gradients"
-BAG, REENTRANT, LINEAR = "_embedding_bag_backward", "use_reentrant=True", "linear in its input"
+REENTRANT, LINEAR = "use_reentrant=True", "linear in its input"
 # case -> the reason (a piece of it) of NaN hess_trace, ggn_trace and hess_max_ev: a string for all three, a dict for some
 NAN = {
-    "u.embedding_bag_2d": BAG, "u.embedding_bag_offsets": BAG, "r5a.bag_mean_offsets": BAG, "r5a.bag_mean_2d": BAG,
-    "r5a.bag_sum_offsets": BAG, "r5a.bag_sum_2d": BAG, "r5a.bag_sum_weighted": BAG, "r5a.bag2_max": BAG,
-    "r5a.bag2_padding": BAG, "r5a.bag2_weighted_2d": BAG,
     "mo.hf_shift_inline": COPY, "mo.hf_shift_kept": COPY, "mo.prompt_3": COPY, "mo.prompt_4": COPY,
     "r3.transformer_seq_first": COPY,
     "mo.temperature_gpt_biased_tie": LOOP, "r3.kl_batchmean_lm": LOOP, "r3.info_nce": LOOP, "r3.cdist": LOOP,
@@ -338,3 +338,29 @@ def test_backpack_layer_settings(tmp_path, name):
     bad, paths = U.check(run, thetas, steps, model, loss_fn, summed=loss_fn.reduction == "sum")
     assert bad == [], bad
     assert paths["hess_trace"] == paths["ggn_trace"] == path, paths
+
+
+def test_embedding_bag_formula_matches_the_fused_op():
+    """curvature/plain_ops._embedding_bag gives F.embedding_bag's values for every mode, padding_idx, offsets with and
+    without include_last_offset (an empty bag among them), a 2-d input and per_sample_weights."""
+    import itertools
+
+    from torch.nn import functional as F
+
+    from cockpit_lite.curvature.plain_ops import _embedding_bag
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(11, 4, dtype=torch.float64, generator=g)
+    x2, x1 = torch.randint(0, 11, (4, 5), generator=g), torch.randint(0, 11, (9,), generator=g)
+    offsets = torch.tensor([0, 1, 4, 4, 6])  # bag 2 is empty
+    psw1, psw2 = torch.rand(9, dtype=torch.float64, generator=g), torch.rand(4, 5, dtype=torch.float64, generator=g)
+    checked = 0
+    for mode, pad, last in itertools.product(["sum", "mean", "max"], [None, 0, 3], [False, True]):
+        for x, off, psw in [(x2, None, None), (x1, offsets, None), (x2, None, psw2), (x1, offsets, psw1)]:
+            if (psw is not None and mode != "sum") or (off is None and last):
+                continue
+            off = torch.cat([off, torch.tensor([9])]) if last else off
+            kw = dict(mode=mode, per_sample_weights=psw, include_last_offset=last, padding_idx=pad)
+            assert torch.allclose(_embedding_bag(x, w, off, **kw), F.embedding_bag(x, w, off, **kw)), kw
+            checked += 1
+    assert checked == 36
