@@ -5,9 +5,11 @@ The reference knows nothing of cockpit_lite: the step's loss is sum_k w_k loss_f
 over its micro-batches (w_k = b_k / B for a mean reduction, 1 for a sum: the project's convention for the loop's
 factors, ``loss_combine.py``), each micro-batch's forward run from the RNG state and the buffers its training
 forward found (caught by a forward pre-hook on the model: dropout masks, spectral_norm's u, v), differentiated
-twice by ``torch.autograd.functional`` in float64 (weight norm by its formula, ``_PlainWeightNorm``). The GGN is split at the loss function's input (at the logits
-where that input is an ``nn.LogSoftmax``'s output); M_j = (1/B) sum_i g_ij^2 from ``unseen_models.reference``'s
-per-sample loop."""
+twice by ``torch.autograd.functional`` in float64; ops whose double backward PyTorch gets wrong or lacks are written
+out (``PlainOps``: weight norm by its formula, EmbeddingBag bag by bag), Embedding's scale_grad_by_freq / sparse
+flags are dropped (they change the gradient's form, not the loss). The GGN is split at the loss function's input
+(or at the input of ``tail(model)``); M_j = (1/B) sum_i g_ij^2 from ``unseen_models.reference``'s per-sample loop
+(along the batch dim of a sequence-first case)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from curvature_reference import split_flat
 from unseen_models import reference, to_double
 
 
-class _PlainWeightNorm(TorchFunctionMode):
+class PlainOps(TorchFunctionMode):
     """``torch._weight_norm`` as its definition w = v g / ||v|| (norm over every dim but ``dim``): the fused kernel's
     double backward is wrong in PyTorch (CPU, torch 2.14), so a reference through it would be wrong too; and
     ``F.embedding_bag`` bag by bag (its backward has no derivative)."""
@@ -143,7 +145,7 @@ def dense(u, model, theta, found, tail=None, with_ggn=True):
         return fn(*u.loss_input(out, to_double(y)))
 
     try:
-        with U._math_attention(), _PlainWeightNorm():
+        with U._math_attention(), PlainOps():
             H = torch.autograd.functional.hessian(lambda f: sum(w * loss_of(f, k) for k, w in enumerate(ws)), flat)
             if not with_ggn:
                 return H, None

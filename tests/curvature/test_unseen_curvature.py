@@ -513,7 +513,7 @@ def test_weight_norm_curvature_through_its_formula(tmp_path):
     estimates cover the dense Hessian of w = v g / ||v||, hess_max_ev within its bound of its top eigenvalue."""
     from torch.nn.utils.parametrizations import weight_norm
 
-    from curvature_unseen_reference import _PlainWeightNorm
+    from curvature_unseen_reference import PlainOps
 
     def build():
         m = U.mlp()
@@ -525,7 +525,7 @@ def test_weight_norm_curvature_through_its_formula(tmp_path):
     run, thetas = U.train(model, CE(), [[(x, y)]], tmp_path / "r", U.quantities(tic=False))
     H, _ = U.dense(model, CE(), [(x, y)], thetas[0])
     assert float((H - H.T).abs().max()) > 0.1  # through the fused kernel: not a Hessian
-    with _PlainWeightNorm():
+    with PlainOps():
         H, G = U.dense(model, CE(), [(x, y)], thetas[0])
     assert float((H - H.T).abs().max()) < 1e-12
     for key, ref in (("hess_trace", float(torch.trace(H))), ("ggn_trace", float(torch.trace(G)))):
