@@ -125,7 +125,7 @@ def _data(run, key, step) -> dict:
 
 def check(run, thetas, steps, model, loss64, *, split=None, summed=False, tic=True) -> Tuple[List[str], dict]:
     """(violations of the rule, {key: path}) over every step; path is 'exact', 'estimate' or 'nan'."""
-    bad, paths = [], {}
+    truths = []
     for t, micro in enumerate(steps):
         H, G = dense(model, loss64, micro, thetas[t], split, summed)
         ev = torch.linalg.eigvalsh(H)
@@ -136,6 +136,15 @@ def check(run, thetas, steps, model, loss64, *, split=None, summed=False, tic=Tr
             M, c = second_moment(model, loss64, micro, thetas[t]), torch.diagonal(H)
             truth["tic_diag"] = float((M / (c + EPS)).sum())
             truth["tic_trace"] = float(M.sum() / (c.sum() + EPS))
+        truths.append((truth, ev))
+    return judge(run, truths, tic)
+
+
+def judge(run, truths, tic=True) -> Tuple[List[str], dict]:
+    """``check``'s rule on references computed elsewhere: ``truths`` is [(per step: {key: dense value}, the Hessian's
+    eigenvalues)]; a key missing from a step's truth has no reference (a finite value there is a violation)."""
+    bad, paths = [], {}
+    for t, (truth, ev) in enumerate(truths):
         for key in ("hess_trace", "ggn_trace", "hess_max_ev") + (("tic_diag", "tic_trace") if tic else ()):
             got = _at(run, key, t)
             if got is None:

@@ -11,7 +11,8 @@ of the whole step (all micro-batches, combined as the loss reduction implies) wi
 * buffers (BatchNorm running statistics) are passed as clones, so the re-evaluation leaves them
   untouched, each as the step's forward found it (``forward_buffers.py``: spectral_norm's power-iteration vectors
   are not advanced twice); the model runs in its current (training) mode, i.e. with batch statistics, as trained;
-* scaled-dot-product attention runs on its math kernel (the fused ones cannot be differentiated twice);
+* scaled-dot-product attention runs on its math kernel (the fused ones cannot be differentiated twice), and
+  weight normalisation on its unfused formula, embeddings without scale_grad_by_freq / sparse (``plain_ops.py``);
 * the model is called through its ``forward`` inside a wrapper and the loss through ``loss_fn.forward``,
   so the cockpit's own forward hooks on the model and the loss do not fire again; a model that calls
   the loss module itself inside ``forward`` (Hugging Face style) is replayed with that call's input and
@@ -20,6 +21,7 @@ of the whole step (all micro-batches, combined as the loss reduction implies) wi
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -33,6 +35,7 @@ from ..replay import replaying
 from ..rng import preserved_rng, set_rng_state
 from ..loss_combine import micro_batch_weights, step_normalised
 from ..param_slots import aliases, written_in_forward
+from .plain_ops import needs_plain_ops, plain_ops
 
 
 class CurvatureUnavailable(RuntimeError):
@@ -132,6 +135,7 @@ class BatchLoss:
         self._buffer_keys = aliases(model, "_buffers", "model.")
         self.calls = calls
         self.subbatch = subbatch
+        self._plain = needs_plain_ops(model)  # weight norm, Embedding(scale_grad_by_freq / sparse): plain_ops.py
 
     @property
     def num_samples(self) -> Optional[int]:
@@ -166,10 +170,20 @@ class BatchLoss:
         return functional_call(self.wrapper, self._state(params, c.buffers), (args, kwargs, target, c.view, c.batch),
                                tie_weights=False)
 
+    def kernels(self) -> ExitStack:
+        """The re-evaluation's choice of ops (attention's math kernel, ``plain_ops``), also needed around the
+        backward passes through it: a checkpointed segment recomputes its forward there, and under another kernel
+        its saved tensors differ (torch.utils.checkpoint's CheckpointError "Recomputed values ... have different
+        metadata": every curvature value of a checkpointed transformer was NaN)."""
+        stack = ExitStack()
+        stack.enter_context(twice_differentiable_attention())
+        stack.enter_context(plain_ops(self._plain))
+        return stack
+
     def outputs_and_losses(self, params: Sequence[torch.Tensor]):
         """[(model output, weighted loss)] per micro-batch, in the training RNG states."""
         out = []
-        with preserved_rng(), twice_differentiable_attention():
+        with preserved_rng(), self.kernels():
             for i, c in enumerate(self.calls):
                 y, loss = self.replay(params, i)
                 if loss.numel() != 1:  # reduction='none' that the loop averaged (rebuild refuses the rest:

@@ -51,7 +51,7 @@ class HessianOperator:
         if mode == "double_backward":
             self._leaves = [p.detach().requires_grad_(t) for p, t in zip(self.params, self.trainable)]
             live = [self._leaves[j] for j in self._idx]
-            with torch.enable_grad():
+            with torch.enable_grad(), batch_loss.kernels():
                 loss = batch_loss.evaluate(self._leaves)
                 self.loss = loss.detach()
                 self._grad = torch.autograd.grad(loss, live, create_graph=True, allow_unused=True) if live else ()
@@ -69,7 +69,7 @@ class HessianOperator:
             if self._grad is None:
                 return out
             live = [self._leaves[j] for j in self._idx]
-            with torch.enable_grad(), _second_order("Hessian-vector products"):
+            with torch.enable_grad(), self.batch_loss.kernels(), _second_order("Hessian-vector products"):
                 hv = torch.autograd.grad([self._grad[k] for k in self._rows], live,
                                          [v[self._idx[k]] for k in self._rows], retain_graph=True,
                                          allow_unused=True)
@@ -79,7 +79,7 @@ class HessianOperator:
             return out
         if len(self._idx) == len(self.params):
             grad_fn = torch.func.grad(lambda ps: self.batch_loss.evaluate(ps))
-            with torch.enable_grad(), _second_order("Hessian-vector products"):
+            with torch.enable_grad(), self.batch_loss.kernels(), _second_order("Hessian-vector products"):
                 _, hv = torch.func.jvp(grad_fn, (list(self.params),), (list(v),))
             return [h.detach() for h in hv]
 
@@ -88,7 +88,7 @@ class HessianOperator:
             for j, p in zip(self._idx, live):
                 ps[j] = p
             return self.batch_loss.evaluate(ps)
-        with torch.enable_grad(), _second_order("Hessian-vector products"):
+        with torch.enable_grad(), self.batch_loss.kernels(), _second_order("Hessian-vector products"):
             _, hv = torch.func.jvp(torch.func.grad(loss_of_trainable), ([self.params[j] for j in self._idx],),
                                    ([v[j] for j in self._idx],))
         for j, h in zip(self._idx, hv):
@@ -112,6 +112,7 @@ class GGNOperator:
 
     def __init__(self, batch_loss: BatchLoss):
         self.params = batch_loss.params
+        self.batch_loss = batch_loss
         self.hvps = 0
         # frozen parameters (requires_grad=False) are constants: their rows/columns of G are 0
         trainable = getattr(batch_loss, "trainable", [True] * len(self.params))
@@ -122,7 +123,7 @@ class GGNOperator:
         self.loss = 0.0  # the re-evaluated step loss
         self.split = "loss input"
         loss_fn = batch_loss.wrapper.loss_fn
-        with torch.enable_grad(), _log_softmax_outputs(batch_loss.wrapper.model) as seen:
+        with torch.enable_grad(), _log_softmax_outputs(batch_loss.wrapper.model) as seen, batch_loss.kernels():
             for out, _, call in batch_loss.outputs_and_losses(self._leaves):
                 tail = next((m for m, x, y in seen if y is out), None)
                 if tail is not None:  # split at the logits: the loss is loss_fn(log_softmax(z))
@@ -145,7 +146,7 @@ class GGNOperator:
     def __call__(self, v: Sequence[torch.Tensor]) -> Vector:
         self.hvps += 1
         total = [torch.zeros_like(p) for p in self.params]
-        with torch.enable_grad(), _second_order("Gauss-Newton-vector products"):
+        with torch.enable_grad(), self.batch_loss.kernels(), _second_order("Gauss-Newton-vector products"):
             for out, out_d, g_out, dummy, jt_dummy in self._parts:
                 pairs = [(j, v[k]) for j, k in zip(jt_dummy, self._idx) if j is not None and j.requires_grad]
                 if not pairs:
