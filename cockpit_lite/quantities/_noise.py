@@ -132,11 +132,17 @@ def mean_loss(ctx) -> Tuple[Optional[torch.Tensor], Optional[str]]:
     return losses.double().mean(), None
 
 
-def precheck(ctx, name: str) -> bool:
-    """Emit NaN with a reason for ``name`` when nothing per-sample can be computed; True if it can."""
+def precheck(ctx, name: str, per_param: bool = True) -> bool:
+    """Emit NaN with a reason for ``name`` (and, where ``emit_total_and_parts`` would give them, its
+    per-parameter keys: a last batch of one sample left them out of the record) when nothing per-sample can
+    be computed; True if it can."""
     view = ctx.per_sample
     if view.n < 2:
-        ctx.emit_nan(name, f"needs at least 2 samples per step, got {view.n}")
+        why = f"needs at least 2 samples per step, got {view.n}"
+        ctx.emit_nan(name, why)
+        if per_param and len(ctx.names) > 1:
+            for pname in ctx.names:
+                ctx.emit_nan(f"{name}/{pname}", why)
         return False
     return True
 
