@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..distributed import sum_numbers, sum_tensors
-from . import _resolution
+from . import _resolution, _snr_resolution
 
 
 FROZEN = ("the parameter has no gradient on this step (frozen with requires_grad=False, or left out of "
@@ -225,7 +225,8 @@ def snr_sums(ctx, a: float, b: float, eps: float, exact: bool = False):
         torch._foreach_mul_(r, grads)
         parts = stack([t.sum() for t in r]).double()  # torch's pairwise float32 sums (a float64 sum is 3x slower)
         # sum_j r_j a m2_j / v_j = sum_j r_j (v_j + b g_j^2 - eps) / v_j <= sum_j r_j + b sum_j r_j^2: one norm
-        errs = parts + b * stack(torch._foreach_norm(r)).double() ** 2
+        # (the cancellation's term b r_j^2 counted ``_snr_resolution.ROUNDING`` times)
+        errs = parts + _snr_resolution.ROUNDING * b * stack(torch._foreach_norm(r)).double() ** 2
         maxes = getattr(torch, "_foreach_max", None)
         tops = (stack(maxes(r)).double() if maxes is not None and all(t.numel() for t in r)
                 else stack([t.max().double() if t.numel() else t.new_zeros((), dtype=torch.float64) for t in r]))
@@ -243,7 +244,8 @@ def snr_sums(ctx, a: float, b: float, eps: float, exact: bool = False):
             r = gd.mul_(gd).div_(v)  # g_j^2 / v_j, in the copy's memory
             sums_.append(r.sum())
             tops_.append(r.max())
-            errs_.append(r.mul_(big).div_(v).sum())
+            extra = (_snr_resolution.ROUNDING - 1.0) * b * r.square().sum()  # the cancellation's b r_j^2 again
+            errs_.append(r.mul_(big).div_(v).sum() + extra)
             owner.append(j)
     k = len(grads)
     if not owner:

@@ -8,10 +8,12 @@ output bias has r_j = 1.4e4: mean_gsnr 8.4e-4 relative off the float64 brute for
 1.7e-3 (the float32-rounded per-sample gradients themselves, summed in float64, are within 4e-7: the error is
 the float32 sums). A value whose estimated error exceeds ``MAX_REL`` of itself is NaN with the reason.
 
-The estimate counts the sums' rounding at 2 eps (``ROUNDING``): the per-sample gradients themselves carry the
-float32 forward's and backward's rounding, squared in m2. With 1 eps, values up to 1.9 times the estimate off
-were logged (mean_gsnr / early_stopping of a bias whose samples agree, GSNR ~1e3: 1.1-1.3e-4 relative, on
-MLPs, CNNs and a GPT block at B = 2-8, where a last batch of another size lands).
+The estimate's cancellation term (b g_j^2 of a m2_j = v_j + b g_j^2, i.e. b r_j^2 per element) counts the rounding
+at 2 eps (``ROUNDING``): the per-sample gradients carry the float32 forward's and backward's rounding as well,
+squared in m2 and in g^2. With eps, values 1.9 times the estimate off were logged (mean_gsnr / early_stopping of
+a bias whose samples agree, GSNR ~1e3: 1.1-1.3e-4 relative, MLPs, CNNs and a GPT block at B = 2-8, where a last
+batch of another size lands). Where the samples do not agree (r_j < 1) the estimate stays ~ eps sum_j r_j, which
+adds the elements' errors as if they had one sign (measured 0.2-0.7 of it there).
 
 Gradients in 16 bits (a model converted with ``.to(torch.bfloat16)``): the per-sample gradients are the run's
 rounded output gradients, whose rounding (2^-8 relative in bfloat16) is the variance's where the samples agree:
@@ -33,7 +35,7 @@ from ._resolution import _eps
 
 MAX_REL = 1e-4  # of the estimate: the logged value stays within ~5e-5 of the float64 brute force (measured)
 HALF_MAX_REL = 2e-2  # the same for 16-bit gradients, whose values are held to 2e-2
-ROUNDING = 2.0  # the sums' relative rounding in units of eps
+ROUNDING = 2.0  # the cancellation term's rounding in units of eps (``_noise.snr_sums``)
 
 REASON = ("the gradient variance{where} is the difference of nearly equal {dtype} sums (the samples agree: GSNR "
           "up to {top:.3g} on an element), resolved to about {err:.1g} relative, too coarse (at most {max:g})")
@@ -67,7 +69,7 @@ def _judge(eps: float, value: float, err: float, top: float, where: str, most: f
            dtype: str = "float32") -> Optional[str]:
     if not (math.isfinite(value) and math.isfinite(err)) or err <= 0.0:
         return None
-    rel = ROUNDING * eps * err / abs(value) if value != 0.0 else math.inf
+    rel = eps * err / abs(value) if value != 0.0 else math.inf
     if rel <= most:
         return None
     return REASON.format(where=where, top=top, err=rel, max=most, dtype=dtype)

@@ -70,7 +70,11 @@ EXPECT = {
     "shared_in_out_nonre": None, "shared_in_out_re": None, "hf_ckpt_nonre": None, "hf_ckpt_re": None,
     "dw_mult_transpose2d": None, "same_dilated_1d_zeros": None, "same_dilated_1d_circular": None,
     "same_dilated_1d_reflect": None, "seq_first_encoder": SEQ_FIRST, "mha_nobias_zero": None,
-    "mha_float_mask_kpm": None, "mha_weights_used": None, "bag2_max": None, "bag2_padding": None,
+    "mha_float_mask_kpm": None, "bag2_max": None, "bag2_padding": None,
+    # head.bias: one element whose samples agree (GSNR 577) decides mean_gsnr / early_stopping's variance; since
+    # round 6 its rounding counts twice (_snr_resolution.dominant): NaN with the reason (it was 2.2e-5 off here,
+    # others like it 1.3e-4)
+    "mha_weights_used": "too coarse",
     "bag2_weighted_2d": None,
     # was: GRUCell / LSTMCell started from None (hx=None, or no state) NaN: "output with shape [1, 6] doesn't match
     # the broadcast shape [4, 1, 6]" (the cell's own zero state unbatched under vmap); LSTMCell's hx=(h, c) keyword
@@ -220,4 +224,6 @@ def test_a_module_whose_later_outputs_get_gradient_goes_to_the_replay_without_th
     u = _cases()[name]()
     before, rec = run_case(u, tmp_path)
     wrong, nan = compare(u, before, rec)
-    assert wrong == [] and nan == {}, (wrong, nan)
+    # (mha_weights_used: head.bias's variance too coarse in float32, see EXPECT; the attention's own values exact)
+    coarse = {k for k, r in nan.items() if "too coarse" in r and (k.endswith("head.bias") or "/" not in k)}
+    assert wrong == [] and set(nan) == coarse, (wrong, nan)
