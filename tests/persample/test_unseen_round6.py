@@ -111,3 +111,79 @@ def test_pure_bfloat16_model(tmp_path, name):
     problems, records = _check(loop, tmp_path, {k: ("16-bit sums",) for k in range(len(loop.steps))})
     assert problems == [], problems
     assert any("16-bit sums" in r for rec in records for r in rec.get("reasons", {}).values())
+
+
+# -- curvature on steps whose shapes change ---------------------------------------------------------------------------
+def _curvature_cases():
+    from torch import nn
+
+    import unseen_curvature_models as U
+
+    g = torch.Generator().manual_seed(3)
+
+    def classes(sizes, d=4):
+        return [[(torch.randn(b, d, generator=g), torch.randint(0, 3, (b,), generator=g))] for b in sizes]
+
+    def counts(sizes):
+        return [[(torch.randn(b, 4, generator=g), torch.poisson(2 * torch.rand(b, 3, generator=g), generator=g))]
+                for b in sizes]
+
+    cnn = (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                                 nn.Linear(12, 3)))
+    images = [[(torch.randn(4, 2, s, s, generator=g), torch.randint(0, 3, (4,), generator=g))] for s in (6, 5, 4, 6)]
+    mlp = (lambda: nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)))
+    CE = nn.CrossEntropyLoss
+    # name: (model, loss_fn, float64 loss, steps (micro-batches of (x, y)), tic)
+    return {
+        "mlp_batch_sizes_8_3_2_6": (mlp, CE(), CE(), classes((8, 3, 2, 6)), True),
+        "mlp_two_batches_per_step": (mlp, CE(), CE(), [[*classes((4,))[0], *classes((2,))[0]], *classes((6,)),
+                                                        [*classes((3,))[0], *classes((3,))[0]]], True),
+        "cnn_adaptive_pool_image_sizes": (cnn, CE(), CE(), images, True),
+        "poisson_nll_batch_sizes": (mlp, nn.PoissonNLLLoss(), nn.PoissonNLLLoss(), counts((6, 4, 6)), True),
+    }, U
+
+
+@pytest.mark.parametrize("name", ["mlp_batch_sizes_8_3_2_6", "mlp_two_batches_per_step", "cnn_adaptive_pool_image_sizes",
+                                  "poisson_nll_batch_sizes"])
+def test_curvature_on_steps_whose_shapes_change(tmp_path, name):
+    """hess_trace / ggn_trace (exact, or within 4 s.e.), hess_max_ev within its bound and TIC of every step against
+    dense float64 Hessians at that step's parameters (SGD lr 0.1 moves them), batch sizes and image sizes changing."""
+    cases, U = _curvature_cases()
+    build, loss_fn, loss64, steps, tic = cases[name]
+    model = U.seeded(build)
+    run, thetas = U.train(model, loss_fn, steps, tmp_path / "r", U.quantities(tic),
+                          optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    bad, paths = U.check(run, thetas, steps, model, loss64, tic=tic)
+    assert bad == [], bad
+    assert paths["hess_max_ev"] == "lanczos" and paths["hess_trace"] in ("exact", "estimate"), paths
+
+
+def test_curvature_of_pair_losses_on_batches_of_changing_size(tmp_path):
+    """MarginRankingLoss and CosineEmbeddingLoss read two rows of each sample's output (a loss_fn module around them):
+    hess_trace and hess_max_ev against dense float64 Hessians; MarginRankingLoss is piecewise linear in its input,
+    so its GGN is NaN with that reason."""
+    from torch import nn
+
+    import unseen_curvature_models as U
+
+    class Ranked(nn.Module):
+        def __init__(self, loss):
+            super().__init__()
+            self.loss = loss
+
+        def forward(self, o, y):
+            return self.loss(o[:, 0, 0], o[:, 1, 0], y) if o.shape[-1] == 1 else self.loss(o[:, 0], o[:, 1], y)
+
+    g = torch.Generator().manual_seed(4)
+    steps = [[(torch.randn(b, 2, 4, generator=g), torch.randint(0, 2, (b,), generator=g).float() * 2 - 1)]
+             for b in (6, 4, 6)]
+    for out, loss in ((1, nn.MarginRankingLoss(margin=0.1)), (3, nn.CosineEmbeddingLoss(margin=0.1))):
+        model = U.seeded(lambda: nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, out)))
+        run, thetas = U.train(model, Ranked(loss), steps, tmp_path / f"r{out}", U.quantities(False),
+                              optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        bad, paths = U.check(run, thetas, steps, model, Ranked(loss), tic=False)
+        assert bad == [], bad
+        if out == 1:
+            assert paths["ggn_trace"] == "nan" and "linear in its input" in run.reasons("ggn_trace")[0]
+        else:
+            assert paths["ggn_trace"] == "estimate"
