@@ -33,40 +33,51 @@ import torch
 import unseen_round6_models as M
 
 ONE = "needs at least 2 samples per step, got 1"
-COARSE = "too coarse"  # _resolution / _snr_resolution: float32 (or 16-bit) does not resolve the value
+# the resolution rules (_resolution, _snr_resolution): float32 does not resolve the value where a small batch's
+# samples agree (an output bias, GSNR ~1e3); any step of any case may meet them
+COARSE = ("too coarse",)
 
 
 def _cases():
     return {**M.shape_cases(), **M.layout_cases(), **M.loss_cases(), **M.loop_cases()}
 
 
-# case -> {step: the pieces one of which each NaN's reason holds}; a step not named has no NaN at all
+# case -> the pieces besides COARSE one of which each NaN's reason holds
 EXPECT = {
-    "mlp_last_batches_8_3_1_2_8": {1: (COARSE,), 2: (ONE,), 3: (COARSE,)},
+    "mlp_last_batches_8_3_1_2_8": (ONE,),  # the step of one sample
+    # o[:, 0] - o[:, 1]: the last bias cancels from every sample's loss (its gradient is rounding)
+    "margin_ranking": ("cancel to 0 of their terms",),
 }
 
 
-def test_every_case_has_an_expectation_or_none():
+def test_every_expectation_names_a_case():
     assert set(EXPECT) <= set(_cases())
 
 
-def _check(loop, tmp_path, expect):
+def _check(loop, tmp_path, pieces):
+    """(problems, records): every checked step's wrong values, NaN without a reason or with one holding none of
+    ``pieces`` (or COARSE), the moved quantities' mismatches, and a run where fewer than half the per-sample values
+    came out finite."""
     befores, records = M.run(loop, tmp_path / "run")
     assert [r.get("samples") for r in records] == [sum(loop.u.size(x) for x, _, _ in micro) for micro in loop.steps]
-    problems = []
+    problems, finite, total = [], 0, 0
     for k in (loop.checked if loop.checked is not None else range(len(records))):
         wrong, nan = M.step_problems(loop, k, befores[k], records[k])
         problems += [(k, *w) for w in wrong]
         problems += [(k, key, "NaN without a reason") for key, r in nan.items() if not r]
-        pieces = expect.get(k, ())
-        problems += [(k, key, r[:160]) for key, r in nan.items() if r and not any(p in r for p in pieces)]
+        problems += [(k, key, r) for key, r in nan.items() if r and not any(p in r for p in (*pieces, *COARSE))]
+        keys = [key for key in records[k]["values"] if key.split("/")[0] in M.QS]
+        total += len(keys)
+        finite += len(keys) - len([key for key in keys if key in nan])
     problems += M.moved_problems(loop, befores, records)
+    if finite < total / 2:
+        problems.append(f"{finite} of {total} per-sample values finite")
     return problems, records
 
 
 @pytest.mark.parametrize("name", sorted(_cases()))
 def test_every_step_exact_or_nan_with_reason(tmp_path, name):
-    problems, _ = _check(_cases()[name](), tmp_path, EXPECT.get(name, {}))
+    problems, _ = _check(_cases()[name](), tmp_path, EXPECT.get(name, ()))
     assert problems == [], problems
 
 
@@ -93,7 +104,7 @@ def test_train_eval_changing_between_steps(tmp_path, name):
     """Eval steps exact whatever the steps before them did; train steps NaN with the reason where BatchNorm's batch
     statistics mix the samples or dropout keeps the per-sample replay from running."""
     loop = M.mode_cases()[name]()
-    problems, records = _check(loop, tmp_path, {})
+    problems, records = _check(loop, tmp_path, ())
     assert problems == [], problems
     for k, mode in enumerate(loop.modes):
         if mode == "train":
@@ -108,7 +119,7 @@ def test_pure_bfloat16_model(tmp_path, name):
     """Within 2e-2 of the float64 brute force of the same bfloat16 weights, or NaN where bfloat16's rounding of the
     per-sample gradients decides the variance (was: mean_gsnr/2.bias 169.1 for 153.2)."""
     loop = M.bf16_cases()[name]()
-    problems, records = _check(loop, tmp_path, {k: ("16-bit sums",) for k in range(len(loop.steps))})
+    problems, records = _check(loop, tmp_path, ("16-bit sums",))
     assert problems == [], problems
     assert any("16-bit sums" in r for rec in records for r in rec.get("reasons", {}).values())
 
