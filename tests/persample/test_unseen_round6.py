@@ -75,7 +75,11 @@ def _check(loop, tmp_path, pieces):
     return problems, records
 
 
-@pytest.mark.parametrize("name", sorted(_cases()))
+# over ~5 s on the shared 2-core VM (float64 per-sample brute force of 32x32 convolutions, a float64 GPT block)
+SLOW = {"cnn_adaptive_pool_image_sizes", "cnn_channels_last_image_sizes", "double_gpt"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(_cases())])
 def test_every_step_exact_or_nan_with_reason(tmp_path, name):
     problems, _ = _check(_cases()[name](), tmp_path, EXPECT.get(name, ()))
     assert problems == [], problems
@@ -114,7 +118,7 @@ def test_train_eval_changing_between_steps(tmp_path, name):
             assert MODE_EXPECT[name] in records[k]["reasons"][key]
 
 
-@pytest.mark.parametrize("name", sorted(M.bf16_cases()))
+@pytest.mark.parametrize("name", [pytest.param("bf16_cnn", marks=pytest.mark.slow), "bf16_mlp"])
 def test_pure_bfloat16_model(tmp_path, name):
     """Within 2e-2 of the float64 brute force of the same bfloat16 weights, or NaN where bfloat16's rounding of the
     per-sample gradients decides the variance (was: mean_gsnr/2.bias 169.1 for 153.2)."""
@@ -154,8 +158,8 @@ def _curvature_cases():
     }, U
 
 
-@pytest.mark.parametrize("name", ["mlp_batch_sizes_8_3_2_6", "mlp_two_batches_per_step", "cnn_adaptive_pool_image_sizes",
-                                  "poisson_nll_batch_sizes"])
+@pytest.mark.parametrize("name", ["mlp_batch_sizes_8_3_2_6", "mlp_two_batches_per_step", "poisson_nll_batch_sizes",
+                                  pytest.param("cnn_adaptive_pool_image_sizes", marks=pytest.mark.slow)])
 def test_curvature_on_steps_whose_shapes_change(tmp_path, name):
     """hess_trace / ggn_trace (exact, or within 4 s.e.), hess_max_ev within its bound and TIC of every step against
     dense float64 Hessians at that step's parameters (SGD lr 0.1 moves them), batch sizes and image sizes changing."""
