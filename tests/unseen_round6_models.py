@@ -111,6 +111,9 @@ def step_problems(loop: Loop, k: int, before: nn.Module, rec: dict):
     for q, f in QS.items():
         check(q, lambda loss_, G_, f=f: f(R.flat(G_)))
         for j, n in enumerate(names):
+            if q == "ortho_test" and G[j][0].numel() == 1:  # no direction orthogonal to g: 0 by definition
+                check(f"{q}/{n}", lambda loss_, G_: 0.0)
+                continue
             check(f"{q}/{n}", lambda loss_, G_, f=f, j=j: f(R.flat([G_[j]])))
     if loop.tol <= 1e-4:
         wrong += grad_norm_wrong(rec, Gb, names)
@@ -395,6 +398,43 @@ def loop_cases() -> Dict[str, Callable[[], Loop]]:
                 head.step()
         return Loop(Unseen("mlp", m, ce, []), steps, body, params=lambda model: model[0].parameters())
 
+    def dcgan(two_backward):
+        """The discriminator watched; real and fake (detached) samples back-propagated separately (DCGAN's
+        errD_real.backward(); errD_fake.backward()) or as one batch; the generator's step back-propagates through D
+        after D's step (its .grad filled, then zeroed by D's next step). Last batches of 4 and 3."""
+        torch.manual_seed(1)
+        gen = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 5))
+        opt_g = torch.optim.Adam(gen.parameters(), lr=0.01)
+        g = _gen(55)
+        data = [(torch.randn(b, 5, generator=g), torch.randn(b, 3, generator=g)) for b in (6, 6, 4, 6, 3)]
+        crit = nn.BCEWithLogitsLoss()
+        steps = [None] * len(data)
+
+        def body(d, k):
+            real, z = data[k]
+            b = real.shape[0]
+            if k > 0:  # the generator's step after D's last one
+                opt_g.zero_grad()
+                _, zp = data[k - 1]
+                crit(d(gen(zp)), torch.ones(len(zp), 1)).backward()
+                opt_g.step()
+                d.zero_grad()
+            fake = gen(z).detach()
+            ones, zeros = torch.ones(b, 1), torch.zeros(b, 1)
+            if two_backward:
+                crit(d(real), ones).backward()
+                crit(d(fake), zeros).backward()
+                steps[k] = [(real, ones, 1.0), (fake, zeros, 1.0)]
+            else:
+                x, y = torch.cat([real, fake]), torch.cat([ones, zeros])
+                crit(d(x), y).backward()
+                steps[k] = [(x, y, 1.0)]
+        d = nn.Sequential(nn.Linear(5, 8), nn.LeakyReLU(0.2), nn.Linear(8, 1))
+        return Loop(Unseen("D", d, crit, []), steps, body,
+                    optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.5, 0.999)))
+
+    add("dcgan_discriminator_two_backward", lambda: dcgan(True))
+    add("dcgan_discriminator_real_and_fake_batch", lambda: dcgan(False))
     add("parameters_split_over_two_optimizers", lambda: split(True))
     add("parameters_split_other_never_steps", lambda: split(False))
     return out
