@@ -205,3 +205,21 @@ def test_curvature_of_pair_losses_on_batches_of_changing_size(tmp_path):
             assert paths["ggn_trace"] == "nan" and "linear in its input" in run.reasons("ggn_trace")[0]
         else:
             assert paths["ggn_trace"] == "estimate"
+
+
+def test_curvature_of_a_pure_bfloat16_model(tmp_path):
+    """A model converted with .to(torch.bfloat16): hess_trace / ggn_trace / hess_max_ev against dense float64 Hessians
+    at its bfloat16 weights (the re-evaluation runs in float32), batch sizes 6, 3, 6; TIC NaN with the reason."""
+    from torch import nn
+
+    import unseen_curvature_models as U
+
+    g = torch.Generator().manual_seed(3)
+    steps = [[(torch.randn(b, 4, generator=g).bfloat16(), torch.randint(0, 3, (b,), generator=g))] for b in (6, 3, 6)]
+    model = U.seeded(lambda: nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).bfloat16())
+    run, thetas = U.train(model, nn.CrossEntropyLoss(), steps, tmp_path / "r", U.quantities(True),
+                          optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    bad, paths = U.check(run, thetas, steps, model, nn.CrossEntropyLoss(), tic=True)
+    assert bad == [], bad
+    assert paths["hess_trace"] == "exact" and paths["tic_trace"] == "nan", paths
+    assert "bfloat16" in run.reasons("tic_trace")[0]
