@@ -29,12 +29,9 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-import torch
-
-from ._resolution import _eps
+from ._resolution import HALF_MAX_REL, _eps, _half_eps
 
 MAX_REL = 1e-4  # of the estimate: the logged value stays within ~5e-5 of the float64 brute force (measured)
-HALF_MAX_REL = 2e-2  # the same for 16-bit gradients, whose values are held to 2e-2
 ROUNDING = 2.0  # the cancellation term's rounding in units of eps (``_noise.snr_sums``)
 
 REASON = ("the gradient variance{where} is the difference of nearly equal {dtype} sums (the samples agree: GSNR "
@@ -56,13 +53,6 @@ def reasons(ctx, parts: np.ndarray, parts_err: np.ndarray, total: float, total_e
         if why is not None:
             out[j] = why
     return out, _judge(eps, float(total), float(total_err), float(top.max()) if len(top) else 0.0, "", most, dtype)
-
-
-def _half_eps(ctx) -> Optional[float]:
-    """The eps of the coarsest 16-bit gradient dtype of the step, or None (no 16-bit gradients)."""
-    dtypes = {p.grad.dtype for p in ctx.params if getattr(p, "grad", None) is not None}
-    half = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
-    return float(torch.finfo(half[0]).eps) if half else None
 
 
 def _judge(eps: float, value: float, err: float, top: float, where: str, most: float = MAX_REL,
