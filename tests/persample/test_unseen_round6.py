@@ -17,7 +17,9 @@ Found this way (fixed, each with its case below):
   within 4e-5, became NaN with the reason as the price);
 * a model converted with ``.to(torch.bfloat16)``: its 16-bit gradients were not judged at all, and mean_gsnr /
   early_stopping of an output bias whose samples agree (GSNR ~150, B = 3) were 10% off (169.1 for 153.2), also off a
-  brute force of the run's own bfloat16 arithmetic; now judged with bfloat16's eps against 2e-2: NaN with the reason;
+  brute force of the run's own bfloat16 arithmetic; now judged with bfloat16's eps against 2e-2: NaN with the reason.
+  Where its samples agree (inputs 0.03 apart, one class), inner_test was logged 6% off at cond 1.2e4 and 100% off at
+  cond 1.5e6: the norm / inner / ortho tests' cancellation is judged in 16 bits too (``_resolution.HALF_CANCEL``);
 * a step of one sample (the last batch) logged the totals NaN ("needs at least 2 samples") but left every
   per-parameter key out of the record: now NaN with the same reason (``_noise.precheck``).
 Probed and exact (no change): the position table's T == B at a later step (the addition's ambiguity is judged on
