@@ -23,7 +23,7 @@ import torch
 
 from ..distributed import sum_numbers, sum_tensors
 from ..persample.dense_grads import grad_norms
-from . import _resolution
+from . import _resolution, _snr_resolution
 
 
 FROZEN = ("the parameter has no gradient on this step (frozen with requires_grad=False, or left out of "
@@ -133,11 +133,17 @@ def mean_loss(ctx) -> Tuple[Optional[torch.Tensor], Optional[str]]:
     return losses.double().mean(), None
 
 
-def precheck(ctx, name: str) -> bool:
-    """Emit NaN with a reason for ``name`` when nothing per-sample can be computed; True if it can."""
+def precheck(ctx, name: str, per_param: bool = True) -> bool:
+    """Emit NaN with a reason for ``name`` (and, where ``emit_total_and_parts`` would give them, its
+    per-parameter keys: a last batch of one sample left them out of the record) when nothing per-sample can
+    be computed; True if it can."""
     view = ctx.per_sample
     if view.n < 2:
-        ctx.emit_nan(name, f"needs at least 2 samples per step, got {view.n}")
+        why = f"needs at least 2 samples per step, got {view.n}"
+        ctx.emit_nan(name, why)
+        if per_param and len(ctx.names) > 1:
+            for pname in ctx.names:
+                ctx.emit_nan(f"{name}/{pname}", why)
         return False
     return True
 
@@ -243,7 +249,8 @@ def snr_sums(ctx, a: float, b: float, eps: float, exact: bool = False):
         torch._foreach_mul_(r, grads)
         parts = stack([t.sum() for t in r]).double()  # torch's pairwise float32 sums (a float64 sum is 3x slower)
         # sum_j r_j a m2_j / v_j = sum_j r_j (v_j + b g_j^2 - eps) / v_j <= sum_j r_j + b sum_j r_j^2: one norm
-        errs = parts + b * stack(torch._foreach_norm(r)).double() ** 2
+        # (the cancellation's term b r_j^2 counted ``_snr_resolution.ROUNDING`` times)
+        errs = parts + _snr_resolution.ROUNDING * b * stack(torch._foreach_norm(r)).double() ** 2
         maxes = getattr(torch, "_foreach_max", None)
         tops = (stack(maxes(r)).double() if maxes is not None and all(t.numel() for t in r)
                 else stack([t.max().double() if t.numel() else t.new_zeros((), dtype=torch.float64) for t in r]))
@@ -261,7 +268,8 @@ def snr_sums(ctx, a: float, b: float, eps: float, exact: bool = False):
             r = gd.mul_(gd).div_(v)  # g_j^2 / v_j, in the copy's memory
             sums_.append(r.sum())
             tops_.append(r.max())
-            errs_.append(r.mul_(big).div_(v).sum())
+            extra = (_snr_resolution.ROUNDING - 1.0) * b * r.square().sum()  # the cancellation's b r_j^2 again
+            errs_.append(r.mul_(big).div_(v).sum() + extra)
             owner.append(j)
     k = len(grads)
     if not owner:

@@ -20,7 +20,9 @@ float32's relative rounding; where the difference is cond times smaller than the
 by about eps * cond / 2 (measured on Hugging Face BERT heads against float64: 7.3e-4 at eps * cond 1.3e-3,
 2.7e-3 at 4.5e-3, 6.7e-6 at 1.4e-5; the orthogonality test of a one-element bias, exactly 0, came out 7e-5).
 ``cancellation`` makes those values NaN where eps * cond / 2 exceeds ``CANCEL_MAX_REL`` = 1e-4 (float32: an ortho
-test below about 1/40 of the norm test, an inner test below about 0.002 at n = 128).
+test below about 1/40 of the norm test). The inner-product test's terms p_i^2 carry more rounding (g_i's and g's,
+squared): its estimate is 2 eps * cond (measured up to 1.9 eps * cond on small MLPs / a GPT block at B = 2-8,
+where eps * cond / 2 let values 1.4e-4 off through), NaN for an inner test below about 0.004 at n = 128.
 
 Not seen by these rules: per-sample gradients that are themselves below float32's resolution (a regression
 fitted to residuals ~1e-6 of targets ~1, every sample's gradient then rounding noise); docs/known-limits.md.
@@ -35,6 +37,12 @@ import numpy as np
 import torch
 
 MAX_REL = 1e-3  # largest eps * rho (the tests' expected float32 error) logged as a value
+HALF_MAX_REL = 2e-2  # 16-bit gradients: the 2e-2 the project holds their values to
+# 16-bit gradients (a model .to(torch.bfloat16)): the sums are float32 over the run's rounded per-sample data, whose
+# rounding enters a difference cond times smaller than its sums about as eps16 * sqrt(cond) (the elements' errors
+# partly cancel): measured up to 0.11 eps16 * sqrt(cond) on a bfloat16 MLP whose samples agree (B = 8, cond up to
+# 3e7; inner_test logged 100% off at cond 1.5e6, 6% at 1.2e4); judged at twice that
+HALF_CANCEL = 0.2
 CANCEL_MAX_REL = 1e-4  # largest eps * cond / 2 (a difference's error, halved by the square root) logged as a value
 
 REASON = ("the mean gradient{where} is {rho:.3g} times smaller than the samples' gradients (rms): {dtype} sums "
@@ -51,6 +59,13 @@ def _eps(ctx) -> Optional[float]:
 
 def _eps_of_step(ctx) -> Optional[float]:
     return _eps_of(ctx.params)
+
+
+def _half_eps(ctx) -> Optional[float]:
+    """The eps of the coarsest 16-bit gradient dtype of the step, or None (no 16-bit gradients)."""
+    dtypes = {p.grad.dtype for p in ctx.params if getattr(p, "grad", None) is not None}
+    half = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
+    return float(torch.finfo(half[0]).eps) if half else None
 
 
 def _eps_of(params) -> Optional[float]:
@@ -82,31 +97,38 @@ FORMS = {0.5: "the square root of", 1.0: "proportional to"}
 
 
 def cancellation(ctx, name: str, whole: np.ndarray, part: np.ndarray, whole_total: float, part_total: float,
-                 what: str) -> Tuple[Dict[int, str], Optional[str]]:
+                 what: str, rounding: float = 1.0) -> Tuple[Dict[int, str], Optional[str]]:
     """Like ``reasons`` for a test whose square is proportional to ``whole - part`` (float64 [params] sums, and
-    the totals): where eps * whole / (whole - part) / 2 exceeds ``CANCEL_MAX_REL`` the value is too coarse."""
-    eps = _eps(ctx)
+    the totals): where rounding * eps * whole / (whole - part) / 2 exceeds ``CANCEL_MAX_REL`` the value is too
+    coarse. ``rounding``: the relative rounding of ``whole``'s terms in units of eps (the inner-product test's
+    p_i^2 carry more than one eps, ``inner_test.CANCEL_ROUNDING``)."""
+    eps, half = _eps(ctx), False
     if eps is None:
-        return {}, None
+        eps, half = _half_eps(ctx), True
+        if eps is None:
+            return {}, None
     out: Dict[int, str] = {}
     for j, (w, p) in enumerate(zip(whole.tolist(), part.tolist())):
-        why = _cancelled(eps, name, w, p, what, f" of {ctx.names[j]!r}")
+        why = _cancelled(eps, name, w, p, what, f" of {ctx.names[j]!r}", rounding=rounding, half=half)
         if why is not None:
             out[j] = why
-    return out, _cancelled(eps, name, whole_total, part_total, what, "")
+    return out, _cancelled(eps, name, whole_total, part_total, what, "", rounding=rounding, half=half)
 
 
-def _cancelled(eps: float, name: str, w: float, p: float, what: str, where: str, power: float = 0.5) -> Optional[str]:
+def _cancelled(eps: float, name: str, w: float, p: float, what: str, where: str, power: float = 0.5,
+               rounding: float = 1.0, half: bool = False) -> Optional[str]:
     """The reason a value proportional to (w - p) ** ``power`` is too coarse (its relative error about
-    power * eps * w / (w - p)), or None."""
+    power * rounding * eps * w / (w - p); ``half``: 16-bit gradients, ``HALF_CANCEL`` * eps * sqrt(cond)), or None."""
     if not (math.isfinite(w) and math.isfinite(p)) or w <= 0.0:
         return None
     cond = w / (w - p) if w > p else math.inf
-    if power * eps * cond <= CANCEL_MAX_REL:
+    err = HALF_CANCEL * eps * math.sqrt(cond) if half else power * rounding * eps * cond
+    most = HALF_MAX_REL if half else CANCEL_MAX_REL
+    if err <= most:
         return None
-    return CANCELLED.format(name=name, where=where, form=FORMS[power], cond=cond, what=what,
-                            dtype="float32" if eps > 1e-10 else "float64", err=min(power * eps * cond, 1.0),
-                            max=CANCEL_MAX_REL)
+    dtype = "16-bit" if half else "float32" if eps > 1e-10 else "float64"
+    return CANCELLED.format(name=name, where=where, form=FORMS[power], cond=cond, what=what, dtype=dtype,
+                            err=min(err, 1.0), max=most)
 
 
 ROUNDED = ("the per-sample gradients of {name!r} are sums over positions that cancel to {ratio:.2g} of their terms "

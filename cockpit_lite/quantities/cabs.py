@@ -30,7 +30,7 @@ class CABS(Quantity):
         if reason:
             ctx.emit_nan(self.name, reason)
             return
-        if not noise.precheck(ctx, self.name):
+        if not noise.precheck(ctx, self.name, per_param=False):
             return
         view = ctx.per_sample
         n = view.n

@@ -41,6 +41,7 @@ from test_real_models_unseen import QS, compare, run_case
 from test_unseen_round4 import _grad_norm_wrong
 
 BAG = "1-D index list with offsets"
+COARSE = "too coarse"  # _resolution / _snr_resolution: float32 does not resolve the value
 SEQ_FIRST = "entries along the batch dimension"
 # case -> a piece of every NaN's reason, or a tuple of pieces one of which each has (None: every value exact)
 EXPECT = {
@@ -54,7 +55,9 @@ EXPECT = {
     # was: 'pos' (a bare parameter of the root, whose input is a dict) NaN with "StopIteration"; now exact
     "seq2seq_batch_first": None, "decoder_memory": None,
     # EmbeddingBag(tokens, offsets): packed bags, no rule splits them (documented); the head stays exact
-    "bag_mean_offsets": BAG, "bag_sum_offsets": BAG, "bag_sum_weighted": BAG, "bag_mean_2d": None, "bag_sum_2d": None,
+    # (bag_sum_offsets: early_stopping/head.weight near 0, its variance's estimate just over 1e-4 since round 6,
+    # _snr_resolution.ROUNDING)
+    "bag_mean_offsets": BAG, "bag_sum_offsets": (BAG, COARSE), "bag_sum_weighted": BAG, "bag_mean_2d": None, "bag_sum_2d": None,
     "embedding_padding_idx": None,
     # was: LSTMCell NaN ("Input batch size 1 doesn't match hidden0 batch size 4": its (h, c) tuple not split)
     "gru_cell_loop": None, "gru_cell_loop_lm": None, "lstm_cell_loop": None, "lstm_cell_loop_lm": None,
@@ -66,18 +69,25 @@ EXPECT = {
     # h0 / the RNNCell: the per-sample replay under autocast does not reproduce the step's per-sample losses to 1e-3
     "autocast_bf16_cell_rnn_h0": "does not reproduce the step's per-sample losses",
     # second round (more_cases)
-    "albert_ckpt_nonre": None, "albert_ckpt_re": None, "albert_ckpt_accum_nonre": None, "albert_ckpt_accum_re": None,
+    # early_stopping/tok.weight (-0.0035; GSNR up to 2.2): the variance's rounding estimate 1e-4 of it since round 6
+    # (its cancellation term counted at 2 eps, _snr_resolution.ROUNDING; measured 1.8e-5 off): NaN with the reason
+    "albert_ckpt_nonre": COARSE, "albert_ckpt_re": COARSE, "albert_ckpt_accum_nonre": None, "albert_ckpt_accum_re": None,
     "shared_in_out_nonre": None, "shared_in_out_re": None, "hf_ckpt_nonre": None, "hf_ckpt_re": None,
     "dw_mult_transpose2d": None, "same_dilated_1d_zeros": None, "same_dilated_1d_circular": None,
     "same_dilated_1d_reflect": None, "seq_first_encoder": SEQ_FIRST, "mha_nobias_zero": None,
-    "mha_float_mask_kpm": None, "mha_weights_used": None, "bag2_max": None, "bag2_padding": None,
+    "mha_float_mask_kpm": None, "bag2_max": None, "bag2_padding": None,
+    # head.bias: one element whose samples agree (GSNR 577) decides mean_gsnr / early_stopping's variance; since
+    # round 6 its rounding counts twice (_snr_resolution.dominant): NaN with the reason (it was 2.2e-5 off here,
+    # others like it 1.3e-4)
+    "mha_weights_used": "too coarse",
     "bag2_weighted_2d": None,
     # was: GRUCell / LSTMCell started from None (hx=None, or no state) NaN: "output with shape [1, 6] doesn't match
     # the broadcast shape [4, 1, 6]" (the cell's own zero state unbatched under vmap); LSTMCell's hx=(h, c) keyword
     # passed whole; now a zero state per sample, keyword tuples split: exact
     "cell_bi": None, "cell_lstm_kw": None, "cell_lstm_none": None,
     # nn.LSTM / nn.GRU read through h_n (and their output): served by the per-sample replay
-    "lstm_h_n": None, "lstm_both": None, "gru_h_n": None, "gru_both": None,
+    # (gru_both: early_stopping 0.0056, GSNR up to 6.5, judged too coarse since round 6 as albert_ckpt above)
+    "lstm_h_n": None, "lstm_both": None, "gru_h_n": None, "gru_both": COARSE,
     # a learned initial state expanded over the batch into an RNNCell: the root module's own parameter, for which
     # the torch.func fallback over the whole model failed (vmap: "output with shape [1, 6] doesn't match the
     # broadcast shape [4, 1, 6]", the state unbatched): was NaN; now the per-sample replay's loop serves it: exact
@@ -220,4 +230,6 @@ def test_a_module_whose_later_outputs_get_gradient_goes_to_the_replay_without_th
     u = _cases()[name]()
     before, rec = run_case(u, tmp_path)
     wrong, nan = compare(u, before, rec)
-    assert wrong == [] and nan == {}, (wrong, nan)
+    # (mha_weights_used: head.bias's variance too coarse in float32, see EXPECT; the attention's own values exact)
+    coarse = {k for k, r in nan.items() if "too coarse" in r and (k.endswith("head.bias") or "/" not in k)}
+    assert wrong == [] and set(nan) == coarse, (wrong, nan)
