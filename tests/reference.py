@@ -130,3 +130,18 @@ def alpha(losses0, losses1, G0, G1, d) -> float:
     w = np.sqrt(1.0 / np.array([vf0, vf1, vd0, vd1]))
     w0, w1, w2 = np.linalg.lstsq(Phi * w[:, None], np.array([f0, f1, df0, df1]) * w, rcond=None)[0]
     return -1.0 if w2 <= 0 else 2 * t / (-w1 / w2) - 1
+
+
+def alpha_of_step(model, states, shares: Callable) -> tuple:
+    """(alpha, losses [B], G [B, P]) for a step from ``states[0]`` to ``states[1]`` (``model.state_dict()`` copies
+    at theta_t and theta_{t+1}) on the batch ``shares`` evaluates: ``alpha`` above, from float64 brute force at both
+    ends (``losses_and_grads``); the losses and gradients are theta_t's."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    ends = []
+    for state in states:
+        ref.load_state_dict(state)
+        ends.append((*losses_and_grads(ref, shares), torch.cat([p.detach().double().reshape(-1) for p in ref.parameters()])))
+    (l0, G0, th0), (l1, G1, th1) = ends
+    return alpha(l0, l1, G0, G1, th1 - th0), l0, G0

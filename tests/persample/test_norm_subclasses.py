@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-import cockpit_lite
 import reference as R
 from cockpit_lite.persample.rules import same_as_stock
+from helpers import watched_training
 
 
 class GroupNorm1(nn.GroupNorm):
@@ -67,16 +67,12 @@ def _run(tmp_path, norm):
         return F.cross_entropy(functional_call(m64, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
 
     G = vmap(grad(loss_i), in_dims=(None, 0, 0))(params, x.double(), y)
-    crit = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with cockpit_lite.watch(model, opt, loss_fn=crit, logdir=tmp_path / "run",
-                                quantities={"norm_test": "every", "inner_test": "every"}):
-            opt.zero_grad()
-            crit(model(x), y).backward()
-            opt.step()
-    return model, G, cockpit_lite.load(tmp_path / "run").records[0]
+        trained = watched_training(model, opt, nn.CrossEntropyLoss(), [(x, y)], tmp_path / "run",
+                                   quantities={"norm_test": "every", "inner_test": "every"})
+    return model, G, trained.run.records[0]
 
 
 def test_a_subclass_giving_the_stock_output_is_served_by_the_rule(tmp_path):
