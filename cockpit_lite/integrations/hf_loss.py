@@ -257,12 +257,15 @@ def _output_key(output, loss_input) -> Any:
     if not isinstance(loss_input, torch.Tensor):
         return None
     items = output.items() if isinstance(output, dict) else enumerate(output) if isinstance(output, (tuple, list)) else ()
-    for key, value in items:  # the same storage first: describe() of another tensor walks the autograd graph
-        if (isinstance(value, torch.Tensor) and value.dim() > 0 and value.device == loss_input.device
-                and value.untyped_storage().data_ptr() == loss_input.untyped_storage().data_ptr()):
-            view = describe(value, loss_input)
-            if view is not None and view.kind not in ("copy", "cast", "strided"):
-                return key, view
+    try:  # (a tensor without storage, a subclass: no key, the replay says why; never an error in forward)
+        for key, value in items:  # the same storage first: describe() of another tensor walks the autograd graph
+            if (isinstance(value, torch.Tensor) and value.dim() > 0 and value.device == loss_input.device
+                    and value.untyped_storage().data_ptr() == loss_input.untyped_storage().data_ptr()):
+                view = describe(value, loss_input)
+                if view is not None and view.kind not in ("copy", "cast", "strided"):
+                    return key, view
+    except Exception:
+        return None
     return None
 
 
