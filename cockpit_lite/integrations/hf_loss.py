@@ -51,7 +51,8 @@ class ModelLoss(torch.nn.Module):
         self._handover: Optional[torch.Tensor] = None
         #: (key, view): where the model's output holds the loss input (``"logits"``; an index for a tuple output)
         #: and how the loss read it (``output_view.OutputView``), for the per-sample replay
-        #: (``persample/replayed.py``: the model re-run without its labels); None if not found
+        #: (``persample/replayed.py``: the model re-run per sample with its own arguments, labels included, and the
+        #: loss form evaluated on that entry); None if not found
         self.output_key: Any = None
         #: "sum" while the handed-over loss is divided by the whole step's count (num_items_in_batch)
         self.combine: Optional[str] = None

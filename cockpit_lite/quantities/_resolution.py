@@ -63,13 +63,27 @@ def _eps_of_step(ctx) -> Optional[float]:
 
 def _half_eps(ctx) -> Optional[float]:
     """The eps of the coarsest 16-bit gradient dtype of the step, or None (no 16-bit gradients)."""
-    dtypes = {p.grad.dtype for p in ctx.params if getattr(p, "grad", None) is not None}
+    dtypes = _grad_dtypes(ctx.params)
     half = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
     return float(torch.finfo(half[0]).eps) if half else None
 
 
+def _judged_eps(ctx) -> Tuple[Optional[float], bool]:
+    """(eps, half): the step's float32 / float64 eps (``_eps``), else its 16-bit gradients' (half True); (None,
+    False) where it has neither."""
+    eps = _eps(ctx)
+    if eps is not None:
+        return eps, False
+    eps = _half_eps(ctx)
+    return eps, eps is not None
+
+
+def _grad_dtypes(params) -> set:
+    return {p.grad.dtype for p in params if getattr(p, "grad", None) is not None}
+
+
 def _eps_of(params) -> Optional[float]:
-    dtypes = {p.grad.dtype for p in params if getattr(p, "grad", None) is not None}
+    dtypes = _grad_dtypes(params)
     if not dtypes or not dtypes <= {torch.float32, torch.float64}:
         return None
     return float(torch.finfo(torch.float32 if torch.float32 in dtypes else torch.float64).eps)
@@ -102,11 +116,9 @@ def cancellation(ctx, name: str, whole: np.ndarray, part: np.ndarray, whole_tota
     the totals): where rounding * eps * whole / (whole - part) / 2 exceeds ``CANCEL_MAX_REL`` the value is too
     coarse. ``rounding``: the relative rounding of ``whole``'s terms in units of eps (the inner-product test's
     p_i^2 carry more than one eps, ``inner_test.CANCEL_ROUNDING``)."""
-    eps, half = _eps(ctx), False
+    eps, half = _judged_eps(ctx)
     if eps is None:
-        eps, half = _half_eps(ctx), True
-        if eps is None:
-            return {}, None
+        return {}, None
     out: Dict[int, str] = {}
     for j, (w, p) in enumerate(zip(whole.tolist(), part.tolist())):
         why = _cancelled(eps, name, w, p, what, f" of {ctx.names[j]!r}", rounding=rounding, half=half)

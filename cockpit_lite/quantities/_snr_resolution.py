@@ -29,7 +29,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from ._resolution import HALF_MAX_REL, _eps, _half_eps
+from ._resolution import HALF_MAX_REL, _judged_eps
 
 MAX_REL = 1e-4  # of the estimate: the logged value stays within ~5e-5 of the float64 brute force (measured)
 ROUNDING = 2.0  # the cancellation term's rounding in units of eps (``_noise.snr_sums``)
@@ -42,11 +42,10 @@ def reasons(ctx, parts: np.ndarray, parts_err: np.ndarray, total: float, total_e
             top: np.ndarray) -> Tuple[Dict[int, str], Optional[str]]:
     """({parameter index: reason}, reason for the total or None) from the values, their absolute error
     estimates in units of eps (float64) and the largest element ratio per parameter (``top``)."""
-    eps, most, dtype = _eps(ctx), MAX_REL, "float32"
+    eps, half = _judged_eps(ctx)
     if eps is None:
-        eps, most, dtype = _half_eps(ctx), HALF_MAX_REL, "16-bit"
-        if eps is None:
-            return {}, None
+        return {}, None
+    most, dtype = (HALF_MAX_REL, "16-bit") if half else (MAX_REL, "float32")
     out: Dict[int, str] = {}
     for j, (v, e, t) in enumerate(zip(parts.tolist(), parts_err.tolist(), top.tolist())):
         why = _judge(eps, v, e, t, f" of {ctx.names[j]!r}", most, dtype)
